@@ -1,0 +1,137 @@
+"""The command-line app: Hydra composes the config, ``action=`` picks what to do.
+
+Config mistakes end as one readable block on stderr and exit code 2, with no
+Python traceback unless ``debug=true`` or ``HYDRA_FULL_ERROR=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from mimo_spec.errors import ConfigError
+
+ACTIONS = ("summary", "validate", "list", "print")
+EXIT_CONFIG_ERROR = 2
+
+
+def format_error(err: ConfigError) -> str:
+    lines = ["mimo-spec: config error" + ("s:" if len(err.problems) > 1 else ":")]
+    for p in err.problems:
+        lines.append(f"  {p.path}: {p.message}" if p.path else f"  {p.message}")
+        if p.hint:
+            lines.append(f"      hint: {p.hint}")
+    return "\n".join(lines)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that it is either complete or absent (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_run_record(cfg, overrides: list[str], spec, out_dir: Path) -> None:
+    """Resolved config, overrides, spec tree and versions: enough to rebuild the same model."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import mimo_spec
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    write_text_atomic(out_dir / "resolved_config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    write_text_atomic(out_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    write_text_atomic(out_dir / "spec.yaml", spec.to_yaml())
+    versions = {"mimo_spec": mimo_spec.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+    write_text_atomic(out_dir / "versions.json", json.dumps(versions, indent=2) + "\n")
+
+
+def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
+    """Carry out ``cfg.action``; returns the exit code."""
+    from omegaconf import OmegaConf
+
+    action = cfg.get("action", "summary")
+    if action not in ACTIONS:
+        from mimo_spec.errors import did_you_mean
+
+        raise ConfigError(f"unknown action {action!r}", path="action", hint=did_you_mean(action, ACTIONS))
+    if action == "list":
+        from mimo_spec.summary import render_registry
+
+        print(render_registry())
+        return 0
+    if action == "print":
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved.pop("hydra", None)
+        print(OmegaConf.to_yaml(OmegaConf.create(resolved)), end="")
+        return 0
+    from mimo_spec.builders import build_model
+
+    model = build_model(cfg, device="meta", dtype=cfg.get("dtype"))
+    if out_dir is not None:
+        write_run_record(cfg, overrides, model.spec, out_dir)
+    if action == "validate":
+        print(f"config is valid: {sum(p.numel() for p in model.parameters()):,} parameters")
+        return 0
+    from mimo_spec.builders.build import parse_dtype
+    from mimo_spec.summary import render_summary
+
+    print(render_summary(model, parse_dtype(cfg.get("dtype")) or _float32(), depth=cfg.get("summary", {}).get("depth", 3)))
+    return 0
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from mimo_spec.config import apply_module_swaps
+
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    apply_module_swaps(cfg, overrides)
+    code = run(cfg, overrides, Path(hc.runtime.output_dir))
+    if code:
+        sys.exit(code)
+
+
+def _is_debug(argv: list[str]) -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
+        a.lower() in ("debug=true", "debug=1", "+debug=true") for a in argv)
+
+
+def main() -> None:
+    """Console entry point (``mimo-spec`` and ``python cli.py``)."""
+    import hydra
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mimo_spec.config import translate_hydra_error
+
+    argv = sys.argv[1:]
+    debug = _is_debug(argv)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we decide how to show them
+    from mimo_spec.config import CONF_DIR
+
+    task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
+    try:
+        task()
+    except (ConfigError, HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
+        if debug:
+            raise
+        err = e if isinstance(e, ConfigError) else translate_hydra_error(e, [a for a in argv if not a.startswith("-")])
+        print(format_error(err), file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Cross-checks between components: sizes, special tokens, modality structure.
+
+They run on modules built on the meta device (cheap), so a component states its
+sizes once, as attributes, instead of in a second description.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from mimo_spec.errors import ProblemCollector
+from mimo_spec.spec import MimoSpec
+
+
+def cross_check(spec: MimoSpec, lm: nn.Module, modalities: dict[str, nn.Module]) -> None:
+    problems = ProblemCollector()
+    hidden, vocab = getattr(lm, "hidden_size", None), getattr(lm, "vocab_size", None)
+    token_owner: dict[int, str] = {}
+    for name, mod in modalities.items():
+        node = spec.modalities[name]
+        p = node.path
+        subs = node.submodules
+        enc_names = list(getattr(mod, "encoders", {}).keys())
+        proj_names = list(getattr(mod, "input_projections", {}).keys())
+        if not enc_names and getattr(mod, "decoder", None) is None:
+            problems.add(f"{p}.submodules", "a modality needs encoders (input) or a decoder (output)",
+                         f"add {p}.submodules.encoders")
+        if enc_names:
+            if mod.special_token_id is None:
+                problems.add(f"{p}.params.special_token_id", "missing: every input modality needs a special "
+                             "(placeholder) token id", f"set {p}.params.special_token_id to an unused token id")
+            if mod.combine == "per_item":
+                for e in enc_names:
+                    if e not in proj_names:
+                        problems.add(f"{p}.submodules.input_projections.{e}",
+                                     f"missing: with combine=per_item each encoder needs a projector of the same "
+                                     f"name", f"add input_projections.{e} (encoders: {', '.join(enc_names)})")
+                for q in proj_names:
+                    if q not in enc_names:
+                        problems.add(f"{p}.submodules.input_projections.{q}",
+                                     "no encoder of this name (combine=per_item pairs projectors with encoders)",
+                                     f"encoders: {', '.join(enc_names)}")
+            elif len(proj_names) != 1:
+                problems.add(f"{p}.submodules.input_projections",
+                             f"combine=concat needs exactly one projector, got {len(proj_names)}")
+        if getattr(mod, "decoder", None) is not None and mod.generation_token_id is None:
+            problems.add(f"{p}.params.generation_token_id", "missing: an output modality needs a generation "
+                         "token id", f"set {p}.params.generation_token_id")
+        for key in ("special_token_id", "generation_token_id"):
+            tok = getattr(mod, key, None)
+            if tok is None:
+                continue
+            path = f"{p}.params.{key}"
+            if vocab is not None and not 0 <= tok < vocab:
+                problems.add(path, f"token id {tok} is outside the vocabulary [0, {vocab})",
+                             "use an id below model.params.vocab_size, or grow the vocabulary")
+            if tok in token_owner:
+                problems.add(path, f"token id {tok} is already used by {token_owner[tok]}",
+                             "every modality needs its own distinct token ids")
+            else:
+                token_owner[tok] = path
+        _check_sizes(p, subs, mod, hidden, problems)
+    problems.raise_if_any()
+
+
+def _check_sizes(p: str, subs: dict, mod: nn.Module, hidden: int | None, problems: ProblemCollector) -> None:
+    encoders = getattr(mod, "encoders", {})
+    projections = getattr(mod, "input_projections", {})
+    if not encoders:
+        pass
+    elif mod.combine == "concat" and len(projections) == 1:
+        (qname, proj), = projections.items()
+        want = sum(getattr(e, "out_features", 0) for e in encoders.values())
+        _expect(problems, f"{p}.submodules.input_projections.{qname}.params.in_features",
+                getattr(proj, "in_features", None), want,
+                "sum of the encoders' output sizes (" + " + ".join(f"{n} {e.out_features}" for n, e in encoders.items()) + ")")
+    else:
+        for ename, enc in encoders.items():
+            if ename in projections:
+                _expect(problems, f"{p}.submodules.input_projections.{ename}.params.in_features",
+                        getattr(projections[ename], "in_features", None), getattr(enc, "out_features", None),
+                        f"encoder {ename}'s output size")
+    for qname, proj in projections.items():
+        path = f"{p}.submodules.input_projections.{qname}.params.out_features"
+        _expect(problems, path, getattr(proj, "out_features", None), hidden, "the language model's hidden_size")
+    out_proj, decoder = getattr(mod, "output_projection", None), getattr(mod, "decoder", None)
+    width = hidden
+    if out_proj is not None:
+        _expect(problems, f"{p}.submodules.output_projection.params.in_features",
+                getattr(out_proj, "in_features", None), hidden, "the language model's hidden_size")
+        width = getattr(out_proj, "out_features", None) or hidden
+    if decoder is not None:
+        _expect(problems, f"{p}.submodules.decoder.params.in_features", getattr(decoder, "in_features", None),
+                width, "the output projection's out_features" if out_proj is not None
+                else "the language model's hidden_size")
+
+
+def _expect(problems: ProblemCollector, path: str, got, want, what: str) -> None:
+    if got is None or want is None or got == want:
+        return
+    problems.add(path, f"size mismatch: expected {want} ({what}), got {got}", f"set it to {want}")

@@ -1,0 +1,1 @@
+"""Model components: plain nn.Modules with explicit constructor arguments."""

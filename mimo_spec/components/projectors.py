@@ -1,0 +1,129 @@
+"""Projectors: encoder features -> the language model's hidden size."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from mimo_spec.registry import register
+
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+
+
+def activation_module(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "silu":
+        return nn.SiLU()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "quick_gelu":
+        return _QuickGELU()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+@register("projector", "identity")
+class IdentityProjector(nn.Module):
+    """Passes encoder features through unchanged (encoder width must equal the LM's)."""
+
+    def __init__(self, in_features: int | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = in_features
+
+    def tokens_out(self, tokens_in: int) -> int:
+        return tokens_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@register("projector", "linear")
+class LinearProjector(nn.Module):
+    """One affine map: (N, T, in_features) -> (N, T, out_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.proj = nn.Linear(in_features, out_features, bias=bias)
+
+    def tokens_out(self, tokens_in: int) -> int:
+        return tokens_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@register("projector", "mlp")
+class MLPProjector(nn.Module):
+    """LLaVA-1.5 style MLP: Linear, activation, Linear (depth configurable).
+
+    (N, T, in_features) -> (N, T, out_features); hidden width defaults to out_features.
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None,
+                 num_layers: int = 2, activation: Activation = "gelu", bias: bool = True):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.in_features, self.out_features = in_features, out_features
+        hidden = hidden_features or out_features
+        widths = [in_features] + [hidden] * (num_layers - 1) + [out_features]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+            if i < num_layers - 1:
+                layers.append(activation_module(activation))
+        self.layers = nn.Sequential(*layers)
+
+    def tokens_out(self, tokens_in: int) -> int:
+        return tokens_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@register("projector", "pixel_shuffle_mlp")
+class PixelShuffleMLPProjector(nn.Module):
+    """Token-reducing projector (InternVL style): merge each s x s patch neighbourhood
+    into one token (pixel unshuffle), normalise, then a 2-layer MLP.
+
+    (N, T, C) with T = g*g  ->  (N, T / s^2, out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale_factor: int = 2,
+                 hidden_features: int | None = None, activation: Activation = "gelu", norm: bool = True):
+        super().__init__()
+        if scale_factor < 1:
+            raise ValueError(f"scale_factor must be >= 1, got {scale_factor}")
+        self.in_features, self.out_features, self.scale_factor = in_features, out_features, scale_factor
+        merged = in_features * scale_factor * scale_factor
+        self.norm = nn.LayerNorm(merged) if norm else nn.Identity()
+        hidden = hidden_features or out_features
+        self.mlp = nn.Sequential(nn.Linear(merged, hidden), activation_module(activation), nn.Linear(hidden, out_features))
+
+    def tokens_out(self, tokens_in: int) -> int:
+        grid = math.isqrt(tokens_in)
+        s = self.scale_factor
+        if grid * grid != tokens_in or grid % s:
+            raise ValueError(f"pixel_shuffle_mlp needs a square token grid divisible by scale_factor {s}, "
+                             f"got {tokens_in} tokens")
+        return tokens_in // (s * s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        g, s = math.isqrt(t), self.scale_factor
+        # (N, g, g, C) -> (N, g/s, s, g/s, s, C) -> (N, g/s, g/s, s, s, C): neighbours become channels
+        x = x.reshape(n, g // s, s, g // s, s, c).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(n, (g // s) * (g // s), s * s * c)
+        return self.mlp(self.norm(x))

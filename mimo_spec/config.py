@@ -1,0 +1,140 @@
+"""Composing run configs with Hydra, and turning Hydra's errors into ConfigErrors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from mimo_spec.errors import ConfigError, Problem, did_you_mean
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config",
+                   config_dir: str | Path | None = None):
+    """Compose the run config from the shipped presets plus Hydra-style overrides.
+
+    Extra config folders join through Hydra's search path, e.g.
+    ``compose_config(["hydra.searchpath=[file:///my/conf]", "modality=[my_modality]"])``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir or CONF_DIR), version_base=None):
+            cfg = compose(config_name, overrides=overrides)
+    except Exception as e:  # Hydra/OmegaConf/YAML errors -> one readable ConfigError
+        raise translate_hydra_error(e, overrides) from None
+    apply_module_swaps(cfg, overrides)
+    return cfg
+
+
+def apply_module_swaps(cfg, overrides: Sequence[str]) -> None:
+    """Swapping a node's ``module`` from the command line replaces the whole node.
+
+    ``modalities.images.submodules.encoders.clip.module=whisper_encoder`` keeps none of
+    the old component's params: only those given on the same command line survive
+    (the merge bug that torchtune and LightningCLI users hit).
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    parsed = [_split_override(o) for o in overrides]
+    swaps = [key[: -len(".module")] for key, _ in parsed if key and key.endswith(".module")]
+    for node_path in swaps:
+        node = OmegaConf.select(cfg, node_path)
+        if node is None or not OmegaConf.is_dict(node):
+            continue
+        prefix = f"{node_path}.params."
+        kept = {k[len(prefix):] for k, _ in parsed if k and k.startswith(prefix)}
+        with open_dict(cfg):
+            params = node.get("params") or {}
+            node["params"] = {k: params[k] for k in params if k in kept} if params else {}
+            sub_prefix = f"{node_path}.submodules."
+            if not any(k and k.startswith(sub_prefix) for k, _ in parsed):
+                node["submodules"] = {}
+
+
+def _split_override(text: str) -> tuple[str | None, str]:
+    m = re.match(r"^[+~]{0,2}([\w.\-@/]+)=(.*)$", text)
+    return (m.group(1), m.group(2)) if m else (None, text)
+
+
+def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> ConfigError:
+    """A Hydra / OmegaConf / YAML exception as a ConfigError naming the path and a hint."""
+    import yaml
+
+    if isinstance(e, ConfigError):
+        return e
+    if isinstance(e, yaml.YAMLError):
+        return yaml_error_in_configs(e, overrides)
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, yaml.YAMLError):
+        return yaml_error_in_configs(cause, overrides)
+    text = str(e).strip()
+    full_key = getattr(cause, "full_key", None) or getattr(e, "full_key", None)
+    m = re.search(r"Could not find '([^']+)'", text)
+    if m:
+        group, _, option = m.group(1).rpartition("/")
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        hint = did_you_mean(option, options) if options else f"check the {group} group's options"
+        if options and "did you mean" in hint:
+            hint += f" available: {', '.join(options)}"
+        return ConfigError(Problem(group or option, f"no config option {option!r} in group {group!r}", hint))
+    m = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text)
+    if m and full_key is not None:
+        key = str(full_key)
+        cause_text = str(cause).splitlines()[0] if cause else text.splitlines()[-1]
+        if "not in struct" in cause_text:
+            siblings = _siblings(key, overrides)
+            hint = did_you_mean(key.rsplit(".", 1)[-1], siblings) if siblings else f"prefix with + to add a new key"
+            return ConfigError(Problem(key, "unknown key", hint))
+        return ConfigError(Problem(key, cause_text, "check the override's value"))
+    if "Error parsing override" in text or "mismatched input" in text or "no viable alternative" in text:
+        return ConfigError(Problem("overrides", text.splitlines()[0] if text else "cannot parse override",
+                                   "write overrides as key=value, e.g. model.params.num_layers=4"))
+    if full_key:
+        return ConfigError(Problem(str(full_key), text.splitlines()[0], "check this key in the config"))
+    first = text.splitlines()[0] if text else type(e).__name__
+    return ConfigError(Problem("config", first, "run with debug=true for the full traceback"))
+
+
+def _siblings(key: str, overrides: Sequence[str]) -> list[str]:
+    """Keys that exist beside ``key`` in the config composed without the failing override."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")
+            and ("=" in o and o.split("=", 1)[0].lstrip("+~") != key)]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=[o for o in rest if not o.startswith("hydra.")])
+        parent = OmegaConf.select(cfg, key.rsplit(".", 1)[0]) if "." in key else cfg
+        return [str(k) for k in parent.keys()] if OmegaConf.is_dict(parent) else []
+    except Exception:
+        return []
+
+
+def yaml_error_in_configs(err, overrides: Sequence[str] = (), extra_dirs: Sequence[str] = ()) -> ConfigError:
+    """Find which config file has the YAML syntax error and name its line and column."""
+    import yaml
+
+    dirs = [CONF_DIR] + [Path(d) for d in extra_dirs]
+    for o in overrides:
+        if o.startswith("hydra.searchpath="):
+            dirs += [Path(p.strip().removeprefix("file://")) for p in o.split("=", 1)[1].strip("[]").split(",")]
+    for d in dirs:
+        for f in sorted(Path(d).rglob("*.yaml")) if Path(d).is_dir() else []:
+            try:
+                yaml.safe_load(f.read_text())
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{f}:{mark.line + 1}:{mark.column + 1}" if mark else str(f)
+                return ConfigError(Problem(where, f"YAML syntax error: {getattr(e, 'problem', None) or e}",
+                                           "fix the YAML syntax in this file"))
+    return ConfigError(Problem("config", f"YAML syntax error: {err}", "fix the YAML syntax"))

@@ -1,0 +1,85 @@
+"""One error type for every mistake a user can make in a config or an input."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: where (a config path or an input name), what, and how to fix it."""
+
+    path: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        line = f"{self.path}: {self.message}" if self.path else self.message
+        if self.hint:
+            line += f" ({self.hint})"
+        return line
+
+
+class ConfigError(ValueError):
+    """All problems found in a config (or an input), reported together.
+
+    Each problem names the full config path, what was expected and what was given.
+    """
+
+    def __init__(self, problems: Iterable[Problem] | Problem | str, *, path: str = "", hint: str = ""):
+        if isinstance(problems, str):
+            problems = [Problem(path, problems, hint)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        if len(self.problems) == 1:
+            return str(self.problems[0])
+        head = f"{len(self.problems)} problems in the config:"
+        return "\n".join([head] + [f"  - {p}" for p in self.problems])
+
+
+class InputError(ConfigError):
+    """A runtime input (a batch, a data file, a checkpoint) does not match the model."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The closest spelling of ``name`` among ``choices``, or None."""
+    matches = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """A hint naming the closest choice, or listing the available ones."""
+    choices = sorted(choices)
+    best = closest(name, choices)
+    if best is not None:
+        return f"did you mean {best}?"
+    if not choices:
+        return "nothing is available"
+    shown = ", ".join(choices[:20]) + (" ..." if len(choices) > 20 else "")
+    return f"available: {shown}"
+
+
+class ProblemCollector:
+    """Collects problems over a whole tree so they can be raised at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, message: str, hint: str = "") -> None:
+        self.problems.append(Problem(path, message, hint))
+
+    def extend(self, err: ConfigError) -> None:
+        self.problems.extend(err.problems)
+
+    def raise_if_any(self, cls: type[ConfigError] = ConfigError) -> None:
+        if self.problems:
+            raise cls(self.problems)
+
+    def __bool__(self) -> bool:
+        return bool(self.problems)

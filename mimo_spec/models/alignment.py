@@ -1,0 +1,87 @@
+"""Placing modality embeddings at their placeholder tokens, per sample, in order.
+
+The hot path (``align_modality_embeddings``) is vectorised with static shapes and
+never syncs the host: the k-th placeholder of a modality (counting row by row)
+takes the k-th embedding. Count checks live in ``check_placeholder_counts``,
+which runs on the host where counting is cheap (input preparation).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mimo_spec.errors import InputError
+
+
+def align_modality_embeddings(text_embeds: torch.Tensor, input_ids: torch.Tensor,
+                              modality_embeds: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Replace placeholder positions with modality embeddings.
+
+    text_embeds: (B, S, H); input_ids: (B, S);
+    modality_embeds: (placeholder token id, (N, H) embeddings in sample-then-item order).
+    Returns (B, S, H).
+    """
+    b, s, h = text_embeds.shape
+    out = text_embeds
+    for token_id, embeds in modality_embeds:
+        mask = input_ids == token_id  # (B, S)
+        flat = mask.reshape(-1)
+        # index of each placeholder among all placeholders of this modality, row-major
+        index = (torch.cumsum(flat, 0) - 1).clamp_(0, max(embeds.shape[0] - 1, 0))
+        # async: raises on the device if counts differ, without making the host wait
+        torch._assert_async(flat.sum() == embeds.shape[0], "placeholder count != modality embeddings")
+        gathered = embeds.to(out.dtype).index_select(0, index).view(b, s, h)
+        out = torch.where(mask.unsqueeze(-1), gathered, out)
+    return out
+
+
+def gather_positions(hidden: torch.Tensor, input_ids: torch.Tensor, token_id: int, count: int) -> torch.Tensor:
+    """Hidden states at the first ``count`` positions holding ``token_id`` (row-major), no host sync.
+
+    hidden: (B, S, H) -> (count, H)
+    """
+    flat = (input_ids == token_id).reshape(-1)
+    # stable sort puts the matching positions first, in order, with a static output shape
+    order = torch.argsort((~flat).to(torch.int8), stable=True)[:count]
+    torch._assert_async(flat.sum() == count, "generation token count != output targets")
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, order)
+
+
+def check_placeholder_counts(input_ids: torch.Tensor, expected: dict[str, tuple[int, list[int]]]) -> None:
+    """Host-side check that each sample has exactly the placeholders its items produce.
+
+    expected: modality -> (placeholder token id, per-sample embedding counts).
+    Raises InputError naming the modality, the sample and both counts.
+    """
+    ids = input_ids.detach().cpu()
+    for name, (token_id, per_sample) in expected.items():
+        found = (ids == token_id).sum(dim=1).tolist()
+        if len(per_sample) != len(found):
+            raise InputError(f"items are given for {len(per_sample)} samples but the batch has {len(found)}",
+                             path=f"modality_inputs.{name}")
+        for i, (have, want) in enumerate(zip(found, per_sample)):
+            if have != want:
+                raise InputError(
+                    f"sample {i} has {have} placeholder tokens (id {token_id}) but its items produce "
+                    f"{want} embeddings", path=f"modality_inputs.{name}",
+                    hint="expand each item to exactly one placeholder per embedding")
+
+
+def split_items_by_placeholders(input_ids: torch.Tensor, token_id: int, tokens_per_item: int,
+                                num_items: int, name: str) -> list[int]:
+    """Per-sample embedding counts implied by the placeholders, checked against the item total."""
+    found = (input_ids.detach().cpu() == token_id).sum(dim=1).tolist()
+    for i, have in enumerate(found):
+        if tokens_per_item and have % tokens_per_item:
+            raise InputError(f"sample {i} has {have} placeholder tokens (id {token_id}), not a multiple of "
+                             f"the {tokens_per_item} embeddings each item produces",
+                             path=f"modality_inputs.{name}",
+                             hint="expand each item to exactly one placeholder per embedding")
+    total = sum(found)
+    if total != num_items * tokens_per_item:
+        raise InputError(f"the batch has {total} placeholder tokens (id {token_id}) but its {num_items} items "
+                         f"produce {num_items * tokens_per_item} embeddings", path=f"modality_inputs.{name}",
+                         hint="one placeholder per embedding; per sample: " + ", ".join(map(str, found)))
+    return found

@@ -1,0 +1,218 @@
+"""MimoModel: a language model plus modalities, merged at placeholder tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mimo_spec.errors import InputError
+from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts,
+                                        gather_positions, split_items_by_placeholders)
+from mimo_spec.registry import register
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MimoOutput:
+    """What a forward pass returns.
+
+    logits: (B, S, V). loss: the total (LM loss + weighted output-modality losses)
+    when labels or output targets are given. modality_outputs / modality_losses:
+    per output modality, the decoded items and their loss.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    modality_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross entropy over positions whose label is not -100 (and loss_mask != 0).
+
+    logits: (B, S, V); labels, loss_mask: (B, S), aligned with the inputs (shifted here).
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="none")
+    weight = (shift_labels != IGNORE_INDEX).float().reshape(-1)
+    if loss_mask is not None:
+        weight = weight * loss_mask[:, 1:].float().reshape(-1)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+@register("model", "mimo")
+class MimoModel(nn.Module):
+    """A language model with any number of input/output modalities.
+
+    ``forward(input_ids, modality_inputs)`` with
+    ``modality_inputs = {modality: {encoder_name: {kwarg: tensor}}}``; items are
+    ordered sample by sample, and each placeholder token in ``input_ids`` takes
+    one embedding.
+    """
+
+    def __init__(self, language_model: nn.Module, modalities: dict[str, nn.Module] | None = None,
+                 check_inputs: bool = False):
+        super().__init__()
+        self.language_model = language_model
+        self.modalities = nn.ModuleDict(modalities or {})
+        self.check_inputs = check_inputs
+
+    # ---- input preparation (host side, cheap) ---------------------------------------------
+    def _validate(self, input_ids, modality_inputs, labels, loss_mask, output_targets) -> dict[str, int]:
+        if input_ids.dim() != 2:
+            raise InputError(f"expected input_ids of shape (batch, seq), got {tuple(input_ids.shape)}",
+                             path="input_ids")
+        seq = input_ids.shape[1]
+        max_len = getattr(self.language_model, "max_seq_len", None)
+        if max_len is not None and seq > max_len:
+            raise InputError(f"sequence length {seq} exceeds the language model's max_seq_len {max_len}",
+                             path="input_ids", hint="truncate the input or raise model.params.max_seq_len")
+        for name, t in (("labels", labels), ("loss_mask", loss_mask)):
+            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+                raise InputError(f"expected shape {tuple(input_ids.shape)} (same as input_ids), "
+                                 f"got {tuple(t.shape)}", path=name)
+        counts: dict[str, int] = {}
+        for name, inputs in (modality_inputs or {}).items():
+            if name not in self.modalities or not self.modalities[name].has_input:
+                known = [n for n, m in self.modalities.items() if m.has_input]
+                raise InputError(f"unknown input modality {name!r}", path=f"modality_inputs.{name}",
+                                 hint=f"this model's input modalities are: {', '.join(known) or 'none'}")
+            counts[name] = self.modalities[name].validate_inputs(inputs, f"modality_inputs.{name}")
+        for name in (output_targets or {}):
+            if name not in self.modalities or not self.modalities[name].has_output:
+                known = [n for n, m in self.modalities.items() if m.has_output]
+                raise InputError(f"unknown output modality {name!r}", path=f"output_targets.{name}",
+                                 hint=f"this model's output modalities are: {', '.join(known) or 'none'}")
+        return counts
+
+    def prepare_inputs(self, input_ids: torch.Tensor, modality_inputs: dict | None = None,
+                       items_per_sample: dict[str, list[int]] | None = None) -> None:
+        """Check on the host that every sample has exactly as many placeholders as its items produce.
+
+        ``items_per_sample[modality]`` (the data pipeline knows it) gives the item count of each
+        sample; without it, counts are inferred from the placeholders and checked in total.
+        Raises InputError naming the modality, the sample and both counts.
+        """
+        modality_inputs = modality_inputs or {}
+        self._validate(input_ids, modality_inputs, None, None, None)
+        expected = {}
+        for name, mod in self.modalities.items():
+            if not mod.has_input:
+                continue
+            if name not in modality_inputs:
+                expected[name] = (mod.special_token_id, [0] * input_ids.shape[0])
+                continue
+            inputs = modality_inputs[name]
+            per_item = mod.tokens_per_item(inputs)
+            n_items = next(iter(next(iter(inputs.values())).values())).shape[0]
+            if items_per_sample and name in items_per_sample:
+                counts = list(items_per_sample[name])
+                if sum(counts) != n_items:
+                    raise InputError(f"items_per_sample sums to {sum(counts)} but {n_items} items are given",
+                                     path=f"items_per_sample.{name}")
+                expected[name] = (mod.special_token_id, [c * per_item for c in counts])
+            else:
+                split_items_by_placeholders(input_ids, mod.special_token_id, per_item, n_items, name)
+        check_placeholder_counts(input_ids, expected)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, modality_inputs: dict | None = None, *,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
+                check_inputs: bool | None = None) -> MimoOutput:
+        """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss."""
+        modality_inputs = modality_inputs or {}
+        output_targets = output_targets or {}
+        self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets)
+        if check_inputs if check_inputs is not None else self.check_inputs:
+            self.prepare_inputs(input_ids, modality_inputs)
+        lm = self.language_model
+        embeds = lm.embed_tokens(input_ids)
+        merged = []
+        for name, mod in self.modalities.items():
+            if not mod.has_input:
+                continue
+            if name in modality_inputs:
+                merged.append((mod.special_token_id, mod.encode(modality_inputs[name])))
+            else:  # no item of this modality in the batch: there must be no placeholder either
+                merged.append((mod.special_token_id, embeds.new_zeros(0, embeds.shape[-1])))
+        embeds = align_modality_embeddings(embeds, input_ids, merged)
+        hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids)
+        logits = lm.logits(hidden)
+        out = MimoOutput(logits=logits)
+        total = None
+        if labels is not None:
+            out.lm_loss = total = causal_lm_loss(logits, labels, loss_mask)
+        for name, target in output_targets.items():
+            mod = self.modalities[name]
+            n_gen = mod.num_generation_tokens
+            states = gather_positions(hidden, input_ids, mod.generation_token_id, target.shape[0] * n_gen)
+            pred = mod.decode(states.view(target.shape[0], n_gen, -1))
+            loss = mod.output_loss_fn(pred, target)
+            out.modality_outputs[name] = pred
+            out.modality_losses[name] = loss
+            weighted = mod.output_loss_weight * loss
+            total = weighted if total is None else total + weighted
+        out.loss = total
+        return out
+
+    # ---- smoke-test inputs -----------------------------------------------------------------
+    def example_inputs(self, batch_size: int = 2, *, text_tokens: int = 8, seed: int = 0,
+                       device: torch.device | str | None = None) -> dict:
+        """A valid keyword batch (with labels) for whatever modalities this model has.
+
+        Sample i carries one item of every input modality and, for output
+        modalities, one item to generate. Placeholders get label -100.
+        """
+        g = torch.Generator().manual_seed(seed)
+        lm = self.language_model
+        specials = {m.special_token_id for m in self.modalities.values() if m.special_token_id is not None}
+        specials |= {m.generation_token_id for m in self.modalities.values() if m.generation_token_id is not None}
+        allowed = torch.tensor([i for i in range(min(lm.vocab_size, 4096 + len(specials))) if i not in specials])
+
+        def text(n: int) -> torch.Tensor:
+            return allowed[torch.randint(len(allowed), (n,), generator=g)]
+
+        modality_inputs, targets, pieces = {}, {}, [[] for _ in range(batch_size)]
+        for b in range(batch_size):
+            pieces[b].append(text(text_tokens // 2))
+        for name, mod in self.modalities.items():
+            if mod.has_input:
+                modality_inputs[name] = mod.example_inputs(batch_size, generator=g)
+                per_item = mod.tokens_per_item(modality_inputs[name])
+                for b in range(batch_size):
+                    pieces[b].append(torch.full((per_item,), mod.special_token_id))
+        for b in range(batch_size):
+            pieces[b].append(text(text_tokens - text_tokens // 2))
+        for name, mod in self.modalities.items():
+            if mod.has_output:
+                targets[name] = mod.decoder.example_targets(batch_size, generator=g)
+                for b in range(batch_size):
+                    pieces[b].append(torch.full((mod.num_generation_tokens,), mod.generation_token_id))
+        input_ids = torch.stack([torch.cat(p) for p in pieces]).long()
+        labels = input_ids.clone()
+        for tok in specials:
+            labels[input_ids == tok] = IGNORE_INDEX
+        batch = {"input_ids": input_ids, "modality_inputs": modality_inputs, "labels": labels}
+        if targets:
+            batch["output_targets"] = targets
+        param = next(self.parameters(), None)
+        dev = device if device is not None else (param.device if param is not None else "cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        return _to(batch, dev, dtype)
+
+
+def _to(obj, device, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj

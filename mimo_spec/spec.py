@@ -1,0 +1,222 @@
+"""Specs: the typed tree a YAML config describes, before anything is built.
+
+A ``ModuleSpec`` is one node of the one shape used everywhere::
+
+    module: clip_vit                 # registry name, allowlisted dotted path, or a class
+    params: {hidden_size: 1024}      # constructor arguments
+    submodules: {...}                # named child specs (a spec, a dict of specs, or a list)
+
+Every node remembers its config path (``modalities.images.submodules.encoders.clip``)
+so errors can name it. ``MimoSpec`` is the whole model: the language model, the
+modalities and the parallel layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from mimo_spec.errors import ConfigError, ProblemCollector
+
+NODE_KEYS = ("module", "params", "submodules")
+# Top-level keys that describe the model; the rest of a run config (action,
+# train, data, hydra, ...) is ignored by from_config.
+MODEL_KEYS = ("model", "modalities", "parallel", "freeze", "allow_imports")
+
+SubmoduleValue = Union["ModuleSpec", list["ModuleSpec"], dict[str, "ModuleSpec"]]
+
+
+@dataclass
+class ModuleSpec:
+    """One component: what to build (``module``), with which arguments and children."""
+
+    module: Any
+    params: dict[str, Any] = field(default_factory=dict)
+    submodules: dict[str, SubmoduleValue] = field(default_factory=dict)
+    path: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        module = self.module
+        if isinstance(module, type):
+            module = f"{module.__module__}.{module.__qualname__}"
+        out: dict[str, Any] = {"module": module}
+        if self.params:
+            out["params"] = dict(self.params)
+        if self.submodules:
+            out["submodules"] = {k: _sub_to_dict(v) for k, v in self.submodules.items()}
+        return out
+
+    def walk(self):
+        """Yield every node of this subtree (self first)."""
+        yield self
+        for value in self.submodules.values():
+            for child in _children(value):
+                yield from child.walk()
+
+
+def _children(value: SubmoduleValue) -> list[ModuleSpec]:
+    if isinstance(value, ModuleSpec):
+        return [value]
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value)
+
+
+def _sub_to_dict(value: SubmoduleValue) -> Any:
+    if isinstance(value, ModuleSpec):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: v.to_dict() for k, v in value.items()}
+    return [v.to_dict() for v in value]
+
+
+@dataclass
+class MimoSpec:
+    """A whole multimodal model: language model, modalities, parallel layout."""
+
+    language_model: ModuleSpec
+    modalities: dict[str, ModuleSpec] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)
+    allow_imports: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.language_model.to_dict(),
+            "modalities": {k: v.to_dict() for k, v in self.modalities.items()},
+            "parallel": dict(self.parallel),
+            "freeze": list(self.freeze),
+            "allow_imports": list(self.allow_imports),
+        }
+
+    def to_yaml(self) -> str:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+    def nodes(self):
+        """Every ModuleSpec in the tree, parents before children."""
+        yield from self.language_model.walk()
+        for spec in self.modalities.values():
+            yield from spec.walk()
+
+
+def _node_from(value: Any, path: str, problems: ProblemCollector) -> ModuleSpec | None:
+    if isinstance(value, ModuleSpec):
+        return value
+    if not isinstance(value, dict):
+        problems.add(path, f"expected a component node (a mapping with module/params/submodules), "
+                           f"got {type(value).__name__} {value!r}",
+                     "write it as {module: <name>, params: {...}}")
+        return None
+    unknown = [k for k in value if k not in NODE_KEYS]
+    for key in unknown:
+        from mimo_spec.errors import did_you_mean
+
+        problems.add(f"{path}.{key}", "unknown key in a component node", did_you_mean(key, NODE_KEYS))
+    if "module" not in value or value["module"] in (None, ""):
+        problems.add(f"{path}.module", "missing: every component node names its module",
+                     "add module: <registry name>")
+        return None
+    params = value.get("params") or {}
+    if not isinstance(params, dict):
+        problems.add(f"{path}.params", f"expected a mapping of parameters, got {params!r}")
+        params = {}
+    subs_raw = value.get("submodules") or {}
+    if not isinstance(subs_raw, dict):
+        problems.add(f"{path}.submodules", f"expected a mapping of named children, got {subs_raw!r}")
+        subs_raw = {}
+    subs: dict[str, SubmoduleValue] = {}
+    for name, sub in subs_raw.items():
+        sub_path = f"{path}.submodules.{name}"
+        if isinstance(sub, list):
+            items = [_node_from(s, f"{sub_path}.{i}", problems) for i, s in enumerate(sub)]
+            subs[name] = [s for s in items if s is not None]
+        elif isinstance(sub, dict) and "module" not in sub and all(isinstance(v, dict) for v in sub.values()):
+            items = {k: _node_from(s, f"{sub_path}.{k}", problems) for k, s in sub.items()}
+            subs[name] = {k: s for k, s in items.items() if s is not None}
+        elif sub is None:
+            continue
+        else:
+            node = _node_from(sub, sub_path, problems)
+            if node is not None:
+                subs[name] = node
+    return ModuleSpec(value["module"], dict(params), subs, path=path)
+
+
+def load_config(cfg: Any) -> dict[str, Any]:
+    """A plain, resolved dict from a DictConfig, dict, YAML path or YAML text file."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(cfg, (str, Path)):
+        path = Path(cfg)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}", path=str(path))
+        cfg = load_yaml_file(path)
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"expected a DictConfig, dict, YAML path or MimoSpec, got {type(cfg).__name__}")
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(msg, path=str(key), hint="check the ${...} interpolation") from None
+
+
+def load_yaml_file(path: Path):
+    """Load YAML safely (no object construction); syntax errors name file, line and column."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    text = Path(path).read_text()
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax error: {problem}", path=where, hint="fix the YAML syntax") from None
+    return OmegaConf.create(text)
+
+
+def from_config(cfg: Any) -> MimoSpec:
+    """Turn a composed config into a MimoSpec (shape only: no registry lookups yet)."""
+    if isinstance(cfg, MimoSpec):
+        return cfg
+    data = load_config(cfg)
+    problems = ProblemCollector()
+    if "model" not in data or data["model"] is None:
+        problems.add("model", "missing: the config must describe a language model",
+                     "choose a preset, e.g. model=llama_tiny")
+        problems.raise_if_any()
+    lm = _node_from(data["model"], "model", problems)
+    modalities: dict[str, ModuleSpec] = {}
+    raw_mods = data.get("modalities") or {}
+    if not isinstance(raw_mods, dict):
+        problems.add("modalities", f"expected a mapping of modality name to node, got {raw_mods!r}")
+        raw_mods = {}
+    for name, node in raw_mods.items():
+        spec = _node_from(node, f"modalities.{name}", problems)
+        if spec is not None:
+            modalities[name] = spec
+    parallel = data.get("parallel") or {}
+    freeze = data.get("freeze") or []
+    if isinstance(freeze, str):
+        freeze = [freeze]
+    if not isinstance(freeze, list) or not all(isinstance(f, str) for f in freeze):
+        problems.add("freeze", f"expected a list of module path globs, got {freeze!r}",
+                     "e.g. freeze: ['modalities.*.encoders.*']")
+        freeze = []
+    allow = data.get("allow_imports") or []
+    if isinstance(allow, str):
+        allow = [allow]
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        problems.add("allow_imports", f"expected a list of module prefixes, got {allow!r}")
+        allow = []
+    problems.raise_if_any()
+    assert lm is not None
+    return MimoSpec(lm, modalities, dict(parallel), list(freeze), list(allow))

@@ -1,0 +1,116 @@
+"""Human-readable views of a model: the module tree with parameter counts, and the registry."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def _fmt(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _counts(module: nn.Module, seen: set[int] | None = None) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts, each shared tensor counted once."""
+    seen = set() if seen is None else seen
+    trainable = frozen = 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return trainable, frozen
+
+
+def _label(module: nn.Module) -> str:
+    return getattr(module, "_registry_name", None) or type(module).__name__
+
+
+def summary_rows(model: nn.Module, depth: int = 3) -> list[tuple[str, str, int, int]]:
+    """(indented name, component, trainable, frozen) rows down to ``depth`` levels."""
+    rows: list[tuple[str, str, int, int]] = []
+
+    def visit(module: nn.Module, name: str, level: int) -> None:
+        t, f = _counts(module)
+        rows.append(("  " * level + name, _label(module), t, f))
+        if level + 1 >= depth:
+            return
+        children = list(module.named_children())
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and children:
+            kinds = {type(c) for _, c in children}
+            if len(kinds) == 1 and len(children) > 1:  # collapse repeated blocks
+                t1, f1 = _counts(children[0][1])
+                rows.append(("  " * (level + 1) + f"[0..{len(children) - 1}]",
+                             f"{len(children)} x {_label(children[0][1])}", t1, f1))
+                return
+        for child_name, child in children:
+            if isinstance(child, nn.ModuleDict):  # show dict entries directly: encoders.clip
+                for key, grandchild in child.items():
+                    visit(grandchild, f"{child_name}.{key}", level + 1)
+            elif any(True for _ in child.parameters()):
+                visit(child, child_name, level + 1)
+
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleDict):
+            for key, grandchild in child.items():
+                visit(grandchild, f"{name}.{key}", 0)
+        else:
+            visit(child, name, 0)
+    return rows
+
+
+def render_summary(model: nn.Module, dtype: torch.dtype = torch.float32, depth: int = 3) -> str:
+    """The module tree with parameter counts (trainable / frozen) and bytes at ``dtype``."""
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    rows = summary_rows(model, depth)
+    width = max([len(r[0]) for r in rows] + [20]) + 2
+    kind_w = max([len(r[1]) for r in rows] + [10]) + 2
+    head = f"{'module':<{width}}{'component':<{kind_w}}{'params':>10}{'trainable':>12}{'frozen':>10}{'bytes':>13}"
+    lines = [head, "-" * len(head)]
+    for name, kind, t, f in rows:
+        lines.append(f"{name:<{width}}{kind:<{kind_w}}{_fmt(t + f):>10}{_fmt(t):>12}{_fmt(f):>10}"
+                     f"{_bytes((t + f) * itemsize):>13}")
+    t, f = _counts(model)
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<{width}}{'':<{kind_w}}{_fmt(t + f):>10}{_fmt(t):>12}{_fmt(f):>10}"
+                 f"{_bytes((t + f) * itemsize):>13}")
+    lines.append(f"exact: {t + f:,} parameters ({t:,} trainable, {f:,} frozen) at {str(dtype).removeprefix('torch.')}")
+    return "\n".join(lines)
+
+
+def render_registry() -> str:
+    """Every registered component per kind: parameters with types and defaults, docstring's first line."""
+    from mimo_spec.builders.binding import signature_of, type_name
+    from mimo_spec.registry import REGISTRIES, load_builtins
+
+    load_builtins()
+    out = []
+    for kind, reg in REGISTRIES.items():
+        names = reg.names()
+        if not names:
+            continue
+        out.append(f"{kind}:")
+        for name in names:
+            cls = reg.get(name)
+            doc = (cls.__doc__ or "").strip().splitlines()
+            out.append(f"  {name}  ({cls.__module__}.{cls.__qualname__})  {doc[0] if doc else ''}")
+            params, subs, _ = signature_of(cls)
+            for pname, (hint, default) in params.items():
+                d = "required" if default is ... else f"default {default!r}"
+                out.append(f"      {pname}: {type_name(hint)}  [{d}]")
+            for sname, skind in subs.items():
+                out.append(f"      submodules.{sname}: {skind or 'component'}")
+    return "\n".join(out)
