@@ -93,6 +93,10 @@ def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> Config
             hint = did_you_mean(key.rsplit(".", 1)[-1], siblings) if siblings else f"prefix with + to add a new key"
             return ConfigError(Problem(key, "unknown key", hint))
         return ConfigError(Problem(key, cause_text, "check the override's value"))
+    m = re.search(r"An item is already at '([^']+)'", text)
+    if m:
+        return ConfigError(Problem(m.group(1), "already exists, so '+' cannot add it",
+                                   "set it without '+', or use '++' to set or add"))
     if "Error parsing override" in text or "mismatched input" in text or "no viable alternative" in text:
         return ConfigError(Problem("overrides", text.splitlines()[0] if text else "cannot parse override",
                                    "write overrides as key=value, e.g. model.params.num_layers=4"))

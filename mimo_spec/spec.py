@@ -27,6 +27,13 @@ MODEL_KEYS = ("model", "modalities", "parallel", "freeze", "allow_imports")
 SubmoduleValue = Union["ModuleSpec", list["ModuleSpec"], dict[str, "ModuleSpec"]]
 
 
+class Unresolved:
+    """Stands in for a value whose ${...} interpolation failed (already reported)."""
+
+    def __repr__(self) -> str:
+        return "<unresolved>"
+
+
 @dataclass
 class ModuleSpec:
     """One component: what to build (``module``), with which arguments and children."""
@@ -145,8 +152,12 @@ def _node_from(value: Any, path: str, problems: ProblemCollector) -> ModuleSpec 
     return ModuleSpec(value["module"], dict(params), subs, path=path)
 
 
-def load_config(cfg: Any) -> dict[str, Any]:
-    """A plain, resolved dict from a DictConfig, dict, YAML path or YAML text file."""
+def load_config(cfg: Any, problems: ProblemCollector | None = None) -> dict[str, Any]:
+    """A plain, resolved dict from a DictConfig, dict, YAML path or YAML text file.
+
+    With ``problems``, failed interpolations are recorded there and their values
+    become ``Unresolved`` so that the rest of the tree can still be checked.
+    """
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -159,12 +170,32 @@ def load_config(cfg: Any) -> dict[str, Any]:
         cfg = OmegaConf.create(cfg)
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"expected a DictConfig, dict, YAML path or MimoSpec, got {type(cfg).__name__}")
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or ""
-        msg = str(e).splitlines()[0]
-        raise ConfigError(msg, path=str(key), hint="check the ${...} interpolation") from None
+    cfg = cfg.copy()
+    for _ in range(100):
+        try:
+            return _mark_unresolved(OmegaConf.to_container(cfg, resolve=True))
+        except OmegaConfBaseException as e:
+            key = str(getattr(e, "full_key", "") or "")
+            msg = str(e).splitlines()[0]
+            if problems is None or not key:
+                raise ConfigError(msg, path=key, hint="check the ${...} interpolation") from None
+            problems.add(key, msg, "check the ${...} interpolation")
+            from omegaconf import open_dict
+
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, _UNRESOLVED, force_add=True)
+    raise ConfigError("too many unresolved interpolations", path="config")
+
+
+_UNRESOLVED = "\x00unresolved"
+
+
+def _mark_unresolved(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _mark_unresolved(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_mark_unresolved(v) for v in data]
+    return Unresolved() if data == _UNRESOLVED else data
 
 
 def load_yaml_file(path: Path):
@@ -183,16 +214,21 @@ def load_yaml_file(path: Path):
     return OmegaConf.create(text)
 
 
-def from_config(cfg: Any) -> MimoSpec:
-    """Turn a composed config into a MimoSpec (shape only: no registry lookups yet)."""
+def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
+    """Turn a composed config into a MimoSpec (shape only: no registry lookups yet).
+
+    Problems raise a ConfigError, unless a ``problems`` collector is passed: then
+    they are added to it and the (partial) spec is still returned.
+    """
     if isinstance(cfg, MimoSpec):
         return cfg
-    data = load_config(cfg)
-    problems = ProblemCollector()
+    collect = problems is not None
+    problems = problems if collect else ProblemCollector()
+    data = load_config(cfg, problems)
     if "model" not in data or data["model"] is None:
         problems.add("model", "missing: the config must describe a language model",
                      "choose a preset, e.g. model=llama_tiny")
-        problems.raise_if_any()
+        raise ConfigError(problems.problems)
     lm = _node_from(data["model"], "model", problems)
     modalities: dict[str, ModuleSpec] = {}
     raw_mods = data.get("modalities") or {}
@@ -217,6 +253,6 @@ def from_config(cfg: Any) -> MimoSpec:
     if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
         problems.add("allow_imports", f"expected a list of module prefixes, got {allow!r}")
         allow = []
-    problems.raise_if_any()
-    assert lm is not None
+    if not collect or lm is None:
+        problems.raise_if_any()
     return MimoSpec(lm, modalities, dict(parallel), list(freeze), list(allow))

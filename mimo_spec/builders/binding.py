@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 from mimo_spec.registry import REGISTRIES, RegistryError, resolve
-from mimo_spec.spec import ModuleSpec
+from mimo_spec.spec import ModuleSpec, Unresolved
 
 
 @lru_cache(maxsize=None)
@@ -78,8 +78,22 @@ def _kind_for(name: str, kind: str | None) -> str:
     return next((k for k, reg in REGISTRIES.items() if name in reg), "encoder")
 
 
-def bind_node(spec: ModuleSpec, kind: str, allow_imports: list[str], problems: ProblemCollector) -> type | None:
-    """Check one node and its subtree; returns the node's class (None if unknown)."""
+def bind_node(spec: ModuleSpec, kind: str, allow_imports: list[str], problems: ProblemCollector,
+              failed: set[str] | None = None) -> type | None:
+    """Check one node and its subtree; returns the node's class (None if unknown).
+
+    Paths of nodes that cannot be built (their own problems or a child's) go into ``failed``.
+    """
+    failed = set() if failed is None else failed
+    before = len(problems.problems)
+    cls = _bind_one(spec, kind, allow_imports, problems, failed)
+    if cls is None or len(problems.problems) > before:
+        failed.add(spec.path)
+    return cls
+
+
+def _bind_one(spec: ModuleSpec, kind: str, allow_imports: list[str], problems: ProblemCollector,
+              failed: set[str]) -> type | None:
     try:
         cls = resolve(kind, spec.module, allow_imports=allow_imports)
     except RegistryError as e:
@@ -101,7 +115,9 @@ def bind_node(spec: ModuleSpec, kind: str, allow_imports: list[str], problems: P
         problems.add(f"{spec.path}.params.{name}",
                      f"missing required parameter of {_label(spec, cls)} (expected {type_name(params[name][0])})",
                      f"set {spec.path}.params.{name}")
-    known = {k: v for k, v in spec.params.items() if k in params}
+    if any(isinstance(v, Unresolved) for v in spec.params.values()):
+        failed.add(spec.path)  # already reported; the node cannot be built
+    known = {k: v for k, v in spec.params.items() if k in params and not isinstance(v, Unresolved)}
     try:
         _params_model(cls).model_validate(known)
     except pydantic.ValidationError as e:
@@ -121,7 +137,7 @@ def bind_node(spec: ModuleSpec, kind: str, allow_imports: list[str], problems: P
         child_kind = _kind_for(name, subs[name])
         children = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
         for child in children:
-            bind_node(child, child_kind, allow_imports, problems)
+            bind_node(child, child_kind, allow_imports, problems, failed)
     return cls
 
 

@@ -26,8 +26,14 @@ def parse_dtype(dtype: Any, path: str = "dtype") -> torch.dtype | None:
     raise ConfigError(f"unknown dtype {dtype!r}", path=path, hint=did_you_mean(str(dtype), DTYPES))
 
 
-def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemCollector) -> nn.Module | None:
-    """Build children first, then the node; constructor errors are attributed to the node's path."""
+def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemCollector,
+               skip: set[str] = frozenset()) -> nn.Module | None:
+    """Build children first, then the node; constructor errors are attributed to the node's path.
+
+    Nodes in ``skip`` (already reported as invalid) are not built.
+    """
+    if spec.path in skip and not _has_buildable_child(spec, skip):
+        return None
     cls = resolve(kind, spec.module, allow_imports=allow)
     _, sub_kinds, _ = signature_of(cls)
     kwargs: dict[str, Any] = dict(spec.params)
@@ -37,22 +43,26 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
 
         child_kind = _kind_for(name, sub_kinds.get(name))
         if isinstance(value, ModuleSpec):
-            built: Any = _construct(value, child_kind, allow, problems)
+            built: Any = _construct(value, child_kind, allow, problems, skip)
             failed |= built is None
         elif isinstance(value, dict):
-            built = {k: _construct(v, child_kind, allow, problems) for k, v in value.items()}
+            built = {k: _construct(v, child_kind, allow, problems, skip) for k, v in value.items()}
             failed |= any(b is None for b in built.values())
         else:
-            built = [_construct(v, child_kind, allow, problems) for v in value]
+            built = [_construct(v, child_kind, allow, problems, skip) for v in value]
             failed |= any(b is None for b in built)
         kwargs[name] = built
-    if failed:
+    if failed or spec.path in skip:
         return None
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
         problems.add(spec.path, str(e), "fix the parameters of this node")
         return None
+
+
+def _has_buildable_child(spec: ModuleSpec, skip: set[str]) -> bool:
+    return any(node.path not in skip for node in spec.walk() if node is not spec)
 
 
 def build_module(spec: ModuleSpec | dict, *, kind: str = "encoder", allow_imports: list[str] = (),
@@ -75,14 +85,19 @@ def build_module(spec: ModuleSpec | dict, *, kind: str = "encoder", allow_import
 
 
 def validate_spec(cfg: Any) -> MimoSpec:
-    """Bind every node of a config's model tree; raise one ConfigError listing all problems."""
-    spec = from_config(cfg)
-    problems = ProblemCollector()
-    bind_node(spec.language_model, "language_model", spec.allow_imports, problems)
+    """Check the whole model tree (bindings, constructors, cross-checks) on the meta device.
+
+    Raises one ConfigError listing every problem; returns the MimoSpec when valid.
+    """
+    return build_model(cfg, device="meta").spec
+
+
+def _bind_all(spec: MimoSpec, problems: ProblemCollector) -> set[str]:
+    failed: set[str] = set()
+    bind_node(spec.language_model, "language_model", spec.allow_imports, problems, failed)
     for m in spec.modalities.values():
-        bind_node(m, "modality", spec.allow_imports, problems)
-    problems.raise_if_any()
-    return spec
+        bind_node(m, "modality", spec.allow_imports, problems, failed)
+    return failed
 
 
 def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | None = None):
@@ -94,18 +109,26 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
     from mimo_spec.builders.checks import cross_check
     from mimo_spec.models.mimo import MimoModel
 
-    spec = validate_spec(cfg)
-    dtype = parse_dtype(dtype)
     problems = ProblemCollector()
+    if isinstance(cfg, MimoSpec):
+        spec = cfg
+    else:
+        spec = from_config(cfg, problems)
+    failed = _bind_all(spec, problems)
+    dtype = parse_dtype(dtype)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    on_meta = str(device) == "meta"
+    on_meta = str(device) == "meta" or bool(problems)
     with rng, _default_dtype(dtype), torch.device(device if device is not None else "cpu"), _skip_init(on_meta):
         if seed is not None:
             torch.manual_seed(seed)
-        lm = _construct(spec.language_model, "language_model", spec.allow_imports, problems)
-        mods = {name: _construct(m, "modality", spec.allow_imports, problems) for name, m in spec.modalities.items()}
+        # with problems already found, build the valid parts on meta only, to cross-check them
+        build_device = torch.device("meta") if problems else None
+        with build_device or contextlib.nullcontext():
+            lm = _construct(spec.language_model, "language_model", spec.allow_imports, problems, failed)
+            mods = {name: _construct(m, "modality", spec.allow_imports, problems, failed)
+                    for name, m in spec.modalities.items()}
+        cross_check(spec, lm, {k: v for k, v in mods.items() if v is not None}, problems)
         problems.raise_if_any()
-        cross_check(spec, lm, mods)
         model = MimoModel(language_model=lm, modalities=mods)
     model.spec = spec
     apply_freeze(model, spec.freeze)
