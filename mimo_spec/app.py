@@ -97,8 +97,14 @@ def _task(cfg) -> None:
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
-    apply_module_swaps(cfg, overrides)
-    code = run(cfg, overrides, Path(hc.runtime.output_dir))
+    try:
+        apply_module_swaps(cfg, overrides)
+        code = run(cfg, overrides, Path(hc.runtime.output_dir))
+    except ConfigError as e:
+        if _is_debug(sys.argv[1:]):
+            raise
+        print(format_error(e), file=sys.stderr)
+        code = EXIT_CONFIG_ERROR
     if code:
         sys.exit(code)
 

@@ -16,6 +16,10 @@ def cross_check(spec: MimoSpec, lm: nn.Module | None, modalities: dict[str, nn.M
                 problems: ProblemCollector) -> None:
     """Add every inconsistency between the built components to ``problems``."""
     hidden, vocab = getattr(lm, "hidden_size", None), getattr(lm, "vocab_size", None)
+    if lm is None:  # the LM could not be built: fall back to what its params say
+        params = spec.language_model.params
+        hidden = params.get("hidden_size") if isinstance(params.get("hidden_size"), int) else None
+        vocab = params.get("vocab_size") if isinstance(params.get("vocab_size"), int) else None
     token_owner: dict[int, str] = {}
     for name, mod in modalities.items():
         node = spec.modalities[name]

@@ -28,8 +28,11 @@ def align_modality_embeddings(text_embeds: torch.Tensor, input_ids: torch.Tensor
     for token_id, embeds in modality_embeds:
         mask = input_ids == token_id  # (B, S)
         flat = mask.reshape(-1)
+        if embeds.shape[0] == 0:  # no item in the batch: there must be no placeholder either
+            torch._assert_async(~flat.any(), "placeholder count != modality embeddings (no items given)")
+            continue
         # index of each placeholder among all placeholders of this modality, row-major
-        index = (torch.cumsum(flat, 0) - 1).clamp_(0, max(embeds.shape[0] - 1, 0))
+        index = (torch.cumsum(flat, 0) - 1).clamp_(0, embeds.shape[0] - 1)
         # async: raises on the device if counts differ, without making the host wait
         torch._assert_async(flat.sum() == embeds.shape[0], "placeholder count != modality embeddings")
         gathered = embeds.to(out.dtype).index_select(0, index).view(b, s, h)
@@ -79,9 +82,20 @@ def split_items_by_placeholders(input_ids: torch.Tensor, token_id: int, tokens_p
                              f"the {tokens_per_item} embeddings each item produces",
                              path=f"modality_inputs.{name}",
                              hint="expand each item to exactly one placeholder per embedding")
-    total = sum(found)
-    if total != num_items * tokens_per_item:
-        raise InputError(f"the batch has {total} placeholder tokens (id {token_id}) but its {num_items} items "
-                         f"produce {num_items * tokens_per_item} embeddings", path=f"modality_inputs.{name}",
+    # items are consumed in order, sample by sample: name the first sample that runs short
+    remaining = num_items
+    for i, have in enumerate(found):
+        need = have // tokens_per_item if tokens_per_item else 0
+        if need > remaining:
+            raise InputError(
+                f"sample {i} has {have} placeholder tokens (id {token_id}) but its items produce "
+                f"{remaining * tokens_per_item} embeddings ({num_items} items for the batch, "
+                f"{num_items - remaining} used by earlier samples)", path=f"modality_inputs.{name}",
+                hint="one placeholder per embedding; per sample: " + ", ".join(map(str, found)))
+        remaining -= need
+    if remaining:
+        raise InputError(f"{remaining} of the {num_items} items have no placeholders (the batch has "
+                         f"{sum(found)} placeholder tokens, id {token_id}, {tokens_per_item} per item)",
+                         path=f"modality_inputs.{name}",
                          hint="one placeholder per embedding; per sample: " + ", ".join(map(str, found)))
     return found

@@ -1,0 +1,229 @@
+"""Decoder-only language model covering GPT-2, Llama/Vicuna/Mistral and Qwen2 layouts.
+
+The model takes *embeddings* (the framework splices modality tokens into the text
+embeddings before calling ``forward``), so the token lookup is a separate method.
+
+State-dict keys::
+
+    token_embedding.weight            (V, H)
+    position_embedding.weight         (max_seq_len, H)       position_embedding="learned" only
+    layers.{i}.attn_norm.{weight,bias}
+    layers.{i}.attn.qkv.{weight,bias} rows [q; k; v]
+    layers.{i}.attn.out.{weight,bias}
+    layers.{i}.mlp_norm.{weight,bias}
+    layers.{i}.mlp.fc1.{weight,bias}  swiglu: rows [gate; up]
+    layers.{i}.mlp.fc2.{weight,bias}
+    norm.{weight,bias}
+    lm_head.weight                    (V, H)                 absent when tie_embeddings
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mimo_spec.components.layers import (
+    ActivationName,
+    Backend,
+    KVCache,
+    RotaryEmbedding,
+    TransformerBlock,
+    build_attention_mask,
+    build_norm,
+    check_backend,
+    get_activation,
+    init_transformer_weights,
+)
+from mimo_spec.errors import InputError
+from mimo_spec.registry import register
+
+
+@register("language_model", "gpt")
+class GPT(nn.Module):
+    """Causal transformer LM.
+
+    Args:
+        vocab_size, hidden_size, num_layers, num_heads: the usual sizes.
+        num_kv_heads: key/value heads for GQA/MQA (None = num_heads).
+        ffn_hidden_size: MLP inner size (None = 4 * hidden_size).
+        norm, norm_eps: "rmsnorm" (no bias) or "layernorm" (with bias).
+        position_embedding: "rope", "learned" (GPT-2) or "none".
+        rope_theta: RoPE base. max_seq_len: table size for learned positions.
+        mlp: "swiglu" (gated, fused gate/up) or "gelu" (2-layer).
+        activation: MLP activation (None = silu for swiglu, gelu for gelu).
+        attention_bias: bias on q/k/v. attention_out_bias: bias on the output
+            projection (None = attention_bias; Qwen2 has True/False).
+        mlp_bias: bias on the MLP linears. tie_embeddings: lm head = token embedding.
+        dropout: embedding, attention and residual dropout.
+        head_dim: per-head size (None = hidden_size / num_heads).
+        backend: "local", "te" or "auto" (see layers.check_backend).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        ffn_hidden_size: int | None = None,
+        norm: Literal["layernorm", "rmsnorm"] = "rmsnorm",
+        norm_eps: float = 1e-5,
+        position_embedding: Literal["rope", "learned", "none"] = "rope",
+        rope_theta: float = 10000.0,
+        max_seq_len: int = 2048,
+        mlp: Literal["swiglu", "gelu"] = "swiglu",
+        activation: ActivationName | None = None,
+        attention_bias: bool = False,
+        attention_out_bias: bool | None = None,
+        mlp_bias: bool = False,
+        tie_embeddings: bool = False,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        backend: Backend = "local",
+    ):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
+                            ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
+            if value < 1:
+                raise ValueError(f"{name} ({value}) must be >= 1")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
+                                 "(or set head_dim)")
+            head_dim = hidden_size // num_heads
+        if position_embedding == "rope" and head_dim % 2:
+            raise ValueError(f"head_dim ({head_dim}) must be even for position_embedding 'rope'")
+        if position_embedding not in ("rope", "learned", "none"):
+            raise ValueError(f"position_embedding ({position_embedding!r}) must be 'rope', 'learned' or 'none'")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
+        activation = activation or ("silu" if mlp == "swiglu" else "gelu")
+        get_activation(activation)  # fail early on a bad name
+        self.backend = check_backend(backend)  # only local layers exist so far; "te" runs them too
+
+        self.vocab_size, self.hidden_size, self.max_seq_len = vocab_size, hidden_size, max_seq_len
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
+        self.position_embedding_kind = position_embedding
+        self.tie_embeddings = tie_embeddings
+
+        self.token_embedding = nn.Embedding(vocab_size, hidden_size)
+        if position_embedding == "learned":
+            self.position_embedding = nn.Embedding(max_seq_len, hidden_size)
+        self.rope = RotaryEmbedding(head_dim, rope_theta) if position_embedding == "rope" else None
+        self.embed_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        out_bias = attention_bias if attention_out_bias is None else attention_out_bias
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                hidden_size, num_heads, ffn_hidden_size or 4 * hidden_size,
+                num_kv_heads=num_kv_heads, head_dim=head_dim, norm=norm, norm_eps=norm_eps,
+                mlp=mlp, activation=activation, qkv_bias=attention_bias, out_bias=out_bias,
+                mlp_bias=mlp_bias, dropout=dropout, layer_idx=i,
+            )
+            for i in range(num_layers)
+        )
+        self.norm = build_norm(norm, hidden_size, norm_eps)
+        self.lm_head = None if tie_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Random init for training from scratch (checkpoints overwrite it)."""
+        init_transformer_weights(self, num_layers=self.num_layers)
+
+    # ------------------------------------------------------------------ API
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, S) int -> (B, S, H). Token embedding only (positions are added in forward)."""
+        return self.token_embedding(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, S, H) -> logits (B, S, V)."""
+        weight = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def new_kv_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for up to ``max_len`` positions; pass it to every ``forward`` call.
+
+        ``dtype`` must be the dtype attention computes in (default: the weights'; pass
+        torch.bfloat16 when decoding under bf16 autocast with fp32 weights).
+        """
+        if dtype is None:
+            dtype = self.token_embedding.weight.dtype
+        if device is None:
+            device = self.token_embedding.weight.device
+        return KVCache(self.num_layers, batch_size, max_len, self.num_kv_heads, self.head_dim, device, dtype)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, S, H) -> hidden states (B, S, H) after the final norm.
+
+        position_ids (B, S): default arange, offset by the cache length.
+        attention_mask (B, S): 1 = real token, 0 = padding (masks keys).
+        document_ids (B, S): packed sequences; attention never crosses documents.
+        kv_cache: from :meth:`new_kv_cache`; filled and advanced by this call.
+
+        Any mask forces SDPA's memory-efficient kernel instead of flash. An all-ones
+        mask is dropped (one host sync in eager mode), so pass ``attention_mask=None``
+        when there is no padding, and for right-padded training batches (exact for
+        every real token: causal attention never looks right).
+        """
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.hidden_size:
+            raise InputError(f"expected shape (B, S, {self.hidden_size}), got {tuple(inputs_embeds.shape)}",
+                             path="inputs_embeds")
+        B, S, _ = inputs_embeds.shape
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            # No padding after all: drop the mask to keep the flash kernel (as HF does).
+            # Costs one host sync in eager mode; callers that know avoid it by passing None.
+            attention_mask = None
+        past = 0 if kv_cache is None else kv_cache.length
+        if self.position_embedding_kind == "learned" and past + S > self.max_seq_len:
+            raise InputError(f"sequence length {past + S} exceeds max_seq_len {self.max_seq_len}",
+                             path="inputs_embeds", hint="truncate the input or raise max_seq_len")
+        if kv_cache is not None:
+            if past + S > kv_cache.max_len:
+                raise InputError(f"sequence length {past + S} exceeds the KV cache size {kv_cache.max_len}",
+                                 path="kv_cache", hint="create the cache with a larger max_len")
+            if document_ids is not None:
+                raise InputError("document_ids (sequence packing) cannot be combined with a KV cache",
+                                 path="document_ids")
+
+        if position_ids is None and self.position_embedding_kind != "none":
+            position_ids = torch.arange(past, past + S, device=inputs_embeds.device)[None].expand(B, S)
+        x = inputs_embeds
+        if self.position_embedding_kind == "learned":
+            x = x + self.position_embedding(position_ids)
+        rope = self.rope(position_ids, x.dtype) if self.rope is not None else None
+        x = self.embed_dropout(x)
+
+        # Decide the attention pattern from shapes and Python state only (compile-friendly).
+        key_mask = attention_mask
+        if kv_cache is not None:
+            if attention_mask is not None:
+                kv_cache.key_mask[:, past : past + S] = attention_mask.to(torch.bool)
+                kv_cache.has_padding = True
+            key_mask = kv_cache.key_mask[:, : past + S] if kv_cache.has_padding else None
+        attn_mask = None
+        if key_mask is not None or document_ids is not None or (past > 0 and S > 1):
+            attn_mask = build_attention_mask(S, past + S, device=x.device, offset=past,
+                                             key_mask=key_mask, document_ids=document_ids)
+        is_causal = attn_mask is None and past == 0  # one new token after a cache sees every key
+
+        for layer in self.layers:
+            x = layer(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(S)
+        return self.norm(x)

@@ -1,0 +1,356 @@
+"""Shared transformer building blocks: norms, activations, RoPE, attention, MLP, block.
+
+Everything here is plain PyTorch and ``torch.compile(fullgraph=True)``-friendly:
+branches depend only on constructor arguments and tensor *shapes*, never on
+tensor values. Parallelism (FSDP, TP, activation checkpointing) is applied from
+the outside, per :class:`TransformerBlock`.
+
+Tensor layout inside attention: ``(B, S, heads, head_dim)`` straight out of the
+fused QKV projection, transposed to ``(B, heads, S, head_dim)`` (a view) for SDPA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Backend = Literal["local", "te", "auto"]
+NormKind = Literal["layernorm", "rmsnorm"]
+ActivationName = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+
+
+def check_backend(backend: str) -> str:
+    """Resolve a ``backend`` argument to the layer implementation to use.
+
+    ``"local"``: these plain PyTorch layers. ``"auto"``: Transformer Engine when it
+    imports and CUDA is available, else local. ``"te"``: Transformer Engine or a
+    ValueError saying why not.
+    """
+    if backend == "local":
+        return "local"
+    if backend not in ("te", "auto"):
+        raise ValueError(f"backend ({backend!r}) must be one of 'local', 'te', 'auto'")
+    te_ok = importlib.util.find_spec("transformer_engine") is not None
+    if te_ok:
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+        except Exception:  # a broken install counts as absent
+            te_ok = False
+    if te_ok and torch.cuda.is_available():
+        return "te"
+    if backend == "auto":
+        return "local"
+    missing = "transformer-engine" if not te_ok else "CUDA"
+    raise ValueError(
+        f"backend 'te' needs transformer-engine and CUDA; {missing} is not available here: "
+        "use backend: local or auto"
+    )
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def build_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:
+    """``"layernorm"`` (optionally without bias) or ``"rmsnorm"`` over the last dim."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    if kind == "rmsnorm":
+        # torch's RMSNorm dispatches to a fused kernel and accumulates in fp32.
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm ({kind!r}) must be 'layernorm' or 'rmsnorm'")
+
+
+# --------------------------------------------------------------------- activations
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's sigmoid approximation of GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation ({name!r}) must be one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (the "rotate half" layout Hugging Face Llama uses).
+
+    ``forward(position_ids)`` returns ``(cos, sin)`` of shape ``(B, S, 1, head_dim)``,
+    computed in fp32 from the positions on every call (once per model forward,
+    shared by all layers). Computing from positions instead of slicing a cached
+    table means no stale or meta-initialised buffers, no bound on positions, and
+    no ``.max().item()`` to size a cache, so it compiles with ``fullgraph=True``.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim ({head_dim}) must be even for rope")
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Not a buffer: a buffer would be cast to bf16 by model.to(dtype) and lose precision.
+        exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32)
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))  # (D/2,)
+        freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, S, 1, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, S, heads, D) by ``cos``/``sin`` (B, S, 1, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------- attention
+
+
+def build_attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    device: torch.device,
+    offset: int = 0,
+    causal: bool = True,
+    key_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, q_len, k_len); True = may attend.
+
+    Query ``i`` sits at absolute position ``offset + i`` (``offset`` = KV-cache length).
+    ``key_mask`` (B, k_len): False marks padding keys. ``document_ids`` (B, q_len == k_len):
+    attention stays inside one document (block-diagonal). Every query may always
+    attend to itself, so no row is fully masked: padded queries then produce finite
+    garbage instead of NaNs that would poison the backward pass.
+    """
+    q_pos = torch.arange(q_len, device=device) + offset
+    k_pos = torch.arange(k_len, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None]) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    mask = mask[None, None]  # (1, 1, Sq, Sk)
+    if key_mask is not None:
+        mask = mask & key_mask.to(torch.bool)[:, None, None, :]
+    if document_ids is not None:
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (MHA / GQA / MQA).
+
+    ``qkv.weight`` rows are ``[q (num_heads*D); k (num_kv_heads*D); v (num_kv_heads*D)]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        dropout: float = 0.0,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+            head_dim = hidden_size // num_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.dropout = dropout
+        self.layer_idx = layer_idx  # which slot of a KV cache this layer owns
+        self.qkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: "KVCache | None" = None,
+    ) -> torch.Tensor:
+        """x (B, S, hidden) -> (B, S, hidden). ``attn_mask`` (B|1, 1, S, S_k) bool, True = attend."""
+        B, S, _ = x.shape
+        h, hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)
+        qk = qkv[..., : (h + hkv) * D].unflatten(-1, (h + hkv, D))  # (B, S, h+hkv, D)
+        v = qkv[..., (h + hkv) * D :].unflatten(-1, (hkv, D))
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # q and k rotated in one pass
+        q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, heads, S, D)
+        v = v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        gqa = hkv != h
+        if gqa and attn_mask is not None:
+            # Masked SDPA runs on the memory-efficient kernel, which lacks enable_gqa
+            # (it would fall back to the slow math kernel): expand K/V instead.
+            k = k[:, :, None].expand(B, hkv, h // hkv, k.shape[2], D).flatten(1, 2)
+            v = v[:, :, None].expand(B, hkv, h // hkv, v.shape[2], D).flatten(1, 2)
+            gqa = False
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and attn_mask is None,
+            enable_gqa=gqa,
+        )
+        return self.out(y.transpose(1, 2).flatten(2))
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding (one slot per layer).
+
+    ``GPT.forward`` writes each layer's new K/V at ``[length, length + S)`` and then
+    calls :meth:`advance`. ``key_mask`` remembers padding of every cached position.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0  # a Python int: positions are never read back from the device
+        self.has_padding = False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, hkv, S, D) after the cached ones; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+        self.has_padding = False
+        self.key_mask.fill_(True)
+
+
+# ---------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Module):
+    """Feed-forward: ``"gelu"`` = fc2(act(fc1(x))); ``"swiglu"`` = fc2(act(gate) * up).
+
+    For ``"swiglu"``, ``fc1`` is the fused ``[gate; up]`` projection (2*ffn rows), so
+    one GEMM replaces two.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, kind: str = "gelu",
+                 activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        if kind not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp ({kind!r}) must be 'gelu' or 'swiglu'")
+        self.gated = kind == "swiglu"
+        self.act = get_activation(activation)
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size * (2 if self.gated else 1), bias=bias)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., hidden) -> (..., hidden)."""
+        h = self.fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.fc2(h)
+
+
+# -------------------------------------------------------------------------- block
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        ffn_hidden_size: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        mlp: str = "gelu",
+        activation: str = "gelu",
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        mlp_bias: bool = True,
+        dropout: float = 0.0,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        self.attn_norm = build_norm(norm, hidden_size, norm_eps)
+        self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout, layer_idx)
+        self.mlp_norm = build_norm(norm, hidden_size, norm_eps)
+        self.mlp = MLP(hidden_size, ffn_hidden_size, mlp, activation, mlp_bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, S, hidden) -> (B, S, hidden)."""
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope=rope, attn_mask=attn_mask,
+                                       is_causal=is_causal, kv_cache=kv_cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+def init_transformer_weights(module: nn.Module, std: float = 0.02, num_layers: int = 1) -> None:
+    """GPT-2 style init: N(0, std) weights, zero biases, unit norms; residual output
+    projections (``attn.out``, ``mlp.fc2``) scaled by 1/sqrt(2*num_layers) so the
+    residual stream does not grow with depth."""
+    out_std = std / math.sqrt(2 * num_layers)
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            is_out = name.endswith("attn.out") or name.endswith("mlp.fc2")
+            nn.init.normal_(m.weight, mean=0.0, std=out_std if is_out else std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.reset_parameters()

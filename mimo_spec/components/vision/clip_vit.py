@@ -1,0 +1,213 @@
+"""Vision transformer encoder in the CLIP / SigLIP layout.
+
+CLIP:   class token, pre-norm (``pre_layrnorm``), quick_gelu, conv without bias.
+SigLIP: no class token, no pre-norm, gelu_tanh, conv with bias, post-norm on the output.
+
+Only the blocks up to ``feature_layer`` are built: with 24 layers and
+``feature_layer=-2`` (LLaVA) the model has 23 blocks and never runs the last.
+
+State-dict keys::
+
+    patch_embed.{weight,bias}    conv (H, C, p, p); bias only with patch_bias
+    class_embedding              (H,)                  class_token only
+    pos_embed                    (num_positions, H)    class position first
+    pre_norm.{weight,bias}       pre_norm only
+    layers.{i}.attn_norm / attn.qkv / attn.out / mlp_norm / mlp.fc1 / mlp.fc2
+    post_norm.{weight,bias}      post_norm only
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mimo_spec.components.layers import (
+    ActivationName,
+    Backend,
+    TransformerBlock,
+    check_backend,
+    get_activation,
+    init_transformer_weights,
+)
+from mimo_spec.errors import InputError
+from mimo_spec.registry import register
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
+    """Hugging Face ``hidden_states`` index -> number of blocks to run (0 = embeddings)."""
+    blocks = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= blocks <= num_layers:
+        raise ValueError(f"feature_layer ({feature_layer}) is out of range for num_layers ({num_layers}): "
+                         f"use {-(num_layers + 1)}..{num_layers}")
+    return blocks
+
+
+@register("encoder", "clip_vit")
+class ClipViT(nn.Module):
+    """Image encoder: pixel_values (N, C, H, W) -> features (N, T, hidden_size).
+
+    Args:
+        image_size, patch_size, num_channels: input geometry (square images).
+        hidden_size, num_layers, num_heads, ffn_hidden_size: transformer sizes
+            (num_layers = the checkpoint's depth, even if fewer blocks are built).
+        activation: "quick_gelu" (CLIP) or "gelu_tanh" (SigLIP), or any layers name.
+        layer_norm_eps: epsilon of every LayerNorm.
+        class_token: prepend a learned class token (CLIP).
+        pre_norm: LayerNorm on the embeddings (CLIP's pre_layrnorm).
+        post_norm: LayerNorm on the output features (SigLIP's last_hidden_state).
+        patch_bias: bias on the patch conv (SigLIP).
+        feature_layer: HF hidden_states index of the output (0 = embeddings,
+            i = after block i, negative from the end; LLaVA uses -2).
+        feature_select: "patch" drops the class token, "all" keeps it.
+        dynamic_image_size: accept any H, W that are multiples of patch_size by
+            bicubic interpolation of the patch position embeddings.
+        backend: "local", "te" or "auto".
+    """
+
+    input_name = "pixel_values"
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        ffn_hidden_size: int,
+        num_channels: int = 3,
+        activation: ActivationName = "quick_gelu",
+        layer_norm_eps: float = 1e-5,
+        class_token: bool = True,
+        pre_norm: bool = True,
+        post_norm: bool = False,
+        patch_bias: bool = False,
+        feature_layer: int = -1,
+        feature_select: Literal["patch", "all"] = "patch",
+        dynamic_image_size: bool = False,
+        backend: Backend = "local",
+    ):
+        super().__init__()
+        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers), ("num_heads", num_heads),
+                            ("ffn_hidden_size", ffn_hidden_size), ("num_channels", num_channels)):
+            if value < 1:
+                raise ValueError(f"{name} ({value}) must be >= 1")
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if feature_select not in ("patch", "all"):
+            raise ValueError(f"feature_select ({feature_select!r}) must be 'patch' or 'all'")
+        get_activation(activation)
+        self.backend = check_backend(backend)
+        num_blocks = resolve_feature_layer(feature_layer, num_layers)
+
+        self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
+        self.hidden_size = self.out_features = hidden_size
+        self.num_layers, self.feature_layer, self.feature_select = num_layers, feature_layer, feature_select
+        self.dynamic_image_size = dynamic_image_size
+        self.grid = image_size // patch_size
+        self.num_patches = self.grid**2
+
+        self.patch_embed = nn.Conv2d(num_channels, hidden_size, patch_size, stride=patch_size, bias=patch_bias)
+        self.class_embedding = nn.Parameter(torch.zeros(hidden_size)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(self.num_patches + int(class_token), hidden_size))
+        self.pre_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if pre_norm else None
+        self.layers = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, ffn_hidden_size, norm="layernorm", norm_eps=layer_norm_eps,
+                             mlp="gelu", activation=activation, qkv_bias=True, out_bias=True, mlp_bias=True,
+                             layer_idx=i)
+            for i in range(num_blocks)
+        )
+        self.post_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if post_norm else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        init_transformer_weights(self, num_layers=max(len(self.layers), 1))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding, std=0.02)
+
+    # -------------------------------------------------------- framework hooks
+
+    def tokens_per_item(self, pixel_values_shape: tuple) -> int:
+        """Output tokens per image for an input of this shape (only H, W are read)."""
+        h, w = pixel_values_shape[-2:]
+        if not self.dynamic_image_size:
+            h = w = self.image_size
+        cls = int(self.class_embedding is not None and self.feature_select == "all")
+        return (h // self.patch_size) * (w // self.patch_size) + cls
+
+    def example_inputs(self, num_items: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Random images at the native size: {"pixel_values": (N, C, image_size, image_size)}."""
+        shape = (num_items, self.num_channels, self.image_size, self.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
+
+    def validate_inputs(self, inputs: dict, path: str) -> None:
+        """Raise InputError (naming ``path``) unless ``inputs`` is {"pixel_values": (N, C, H, W)}."""
+        for key in inputs:
+            if key != "pixel_values":
+                raise InputError(f"unexpected input {key!r}", path=_join(path, key),
+                                 hint="this encoder takes only pixel_values")
+        if "pixel_values" not in inputs:
+            raise InputError("missing input 'pixel_values'", path=_join(path, "pixel_values"),
+                             hint=f"got {sorted(inputs)}")
+        x = inputs["pixel_values"]
+        where = _join(path, "pixel_values")
+        size = "H, W" if self.dynamic_image_size else f"{self.image_size}, {self.image_size}"
+        expected = f"expected shape (N, {self.num_channels}, {size})"
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise InputError(f"{expected} as a floating-point tensor, got {type(x).__name__}"
+                             f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}", path=where)
+        shape = tuple(x.shape)
+        if x.dim() != 4 or shape[1] != self.num_channels:
+            raise InputError(f"{expected}, got {shape}", path=where,
+                             hint="images must be batched as (N, channels, height, width)")
+        h, w = shape[2:]
+        if self.dynamic_image_size:
+            if h < self.patch_size or w < self.patch_size or h % self.patch_size or w % self.patch_size:
+                raise InputError(f"{expected} with H and W multiples of patch_size {self.patch_size}, got {shape}",
+                                 path=where, hint="resize or pad the images")
+        elif (h, w) != (self.image_size, self.image_size):
+            raise InputError(f"{expected}, got {shape}", path=where,
+                             hint="resize the images, or set dynamic_image_size: true")
+
+    # ----------------------------------------------------------------- model
+
+    def _patch_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Patch position embeddings (h*w, H), bicubically resized when the grid differs."""
+        pos = self.pos_embed[1:] if self.class_embedding is not None else self.pos_embed
+        if (h, w) == (self.grid, self.grid):
+            return pos
+        grid = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, H, g, g)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        return grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, C, H, W) -> (N, T, hidden_size); T = tokens_per_item."""
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (N, H, h, w)
+        h, w = x.shape[-2:]
+        if not self.dynamic_image_size and (h, w) != (self.grid, self.grid):
+            raise InputError(f"expected images of {self.image_size}x{self.image_size}, got "
+                             f"{tuple(pixel_values.shape)}", path="pixel_values",
+                             hint="resize the images, or set dynamic_image_size: true")
+        x = x.flatten(2).transpose(1, 2) + self._patch_pos_embed(h, w)  # (N, h*w, H)
+        if self.class_embedding is not None:
+            cls = (self.class_embedding + self.pos_embed[0]).expand(x.shape[0], 1, -1)
+            x = torch.cat((cls, x), dim=1)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for layer in self.layers:
+            x = layer(x)
+        if self.post_norm is not None:
+            x = self.post_norm(x)
+        if self.class_embedding is not None and self.feature_select == "patch":
+            x = x[:, 1:]
+        return x

@@ -1,0 +1,332 @@
+"""Hugging Face <-> mimo_spec weight conversion, and constructor kwargs from HF configs.
+
+Every conversion is one table: ``our key -> [(HF key, rows), ...]``. A single
+entry is a rename; several are concatenated along dim 0 on import (fused QKV,
+fused gate/up) and split by ``rows`` on export. An HF key of ``None`` is a part
+HF does not store (Whisper's key bias): zeros on import, dropped on export.
+
+``*_from_hf(hf_state_dict, params)`` take our constructor kwargs ``params`` (as
+returned by ``*_params_from_hf`` and possibly edited), find the component's
+prefix in the HF state dict on their own (LLaVA-style checkpoints hold several
+components; pass ``prefix=`` when that is ambiguous), ignore HF keys they do not
+need, and raise KeyError naming any HF key that is missing. ``*_to_hf`` go back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from mimo_spec.components.vision.clip_vit import resolve_feature_layer
+
+Table = dict[str, list[tuple[str | None, int | None]]]
+
+# HF activation names -> ours.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+
+
+def _activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Hugging Face activation {name!r} is not supported: use one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ------------------------------------------------------------------- engine
+
+
+def _find_prefix(sd: Mapping[str, Any], anchor: str, prefix: str | None) -> str:
+    if prefix is not None:
+        return prefix
+    found = sorted({k[: -len(anchor)] for k in sd if k == anchor or k.endswith("." + anchor)})
+    if len(found) != 1:
+        raise KeyError(f"cannot locate the component: keys ending in {anchor!r} have prefixes {found}; pass prefix=")
+    return found[0]
+
+
+def _import(sd: Mapping[str, torch.Tensor], table: Table, prefix: str, transposed: tuple[str, ...] = ()):
+    out: dict[str, torch.Tensor] = {}
+    for ours, parts in table.items():
+        tensors = []
+        for hf_key, rows in parts:
+            if hf_key is None:  # a part HF does not store
+                ref = sd[prefix + next(k for k, _ in parts if k is not None)]
+                tensors.append(torch.zeros(rows, dtype=ref.dtype, device=ref.device))
+                continue
+            if prefix + hf_key not in sd:
+                raise KeyError(f"Hugging Face state dict has no {prefix + hf_key!r} (needed for {ours!r})")
+            t = sd[prefix + hf_key]
+            tensors.append(t.t() if hf_key.endswith(transposed) else t)
+        out[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+    return out
+
+
+def _export(sd: Mapping[str, torch.Tensor], table: Table, prefix: str, transposed: tuple[str, ...] = ()):
+    out: dict[str, torch.Tensor] = {}
+    for ours, parts in table.items():
+        t = sd[ours]
+        pieces = [t] if len(parts) == 1 else t.split([rows for _, rows in parts], dim=0)
+        for (hf_key, _), piece in zip(parts, pieces):
+            if hf_key is not None:
+                out[prefix + hf_key] = (piece.t() if hf_key.endswith(transposed) else piece).contiguous()
+    return out
+
+
+def _one(key: str) -> list[tuple[str | None, int | None]]:
+    return [(key, None)]
+
+
+def _add_layer_tables(table: Table, layer_table: Table, num_layers: int, ours: str, hf: str) -> None:
+    for i in range(num_layers):
+        for k, parts in layer_table.items():
+            table[f"{ours}{i}.{k}"] = [(None if h is None else f"{hf}{i}.{h}", r) for h, r in parts]
+
+
+# ---------------------------------------------------------------------- GPT
+
+
+def gpt_params_from_hf(config: Any) -> dict[str, Any]:
+    """GPT kwargs from a LlamaConfig / MistralConfig / Qwen2Config / GPT2Config."""
+    mt = config.model_type
+    if mt == "gpt2":
+        return dict(vocab_size=config.vocab_size, hidden_size=config.n_embd, num_layers=config.n_layer,
+                    num_heads=config.n_head, ffn_hidden_size=config.n_inner or 4 * config.n_embd,
+                    norm="layernorm", norm_eps=config.layer_norm_epsilon, position_embedding="learned",
+                    max_seq_len=config.n_positions, mlp="gelu", activation=_activation(config.activation_function),
+                    attention_bias=True, mlp_bias=True, tie_embeddings=True)
+    if mt not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, qwen2 or gpt2")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (only plain RoPE)")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    bias = bool(getattr(config, "attention_bias", False))
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        ffn_hidden_size=config.intermediate_size, norm="rmsnorm", norm_eps=config.rms_norm_eps,
+        position_embedding="rope", rope_theta=float(theta), max_seq_len=config.max_position_embeddings,
+        mlp="swiglu", activation=_activation(config.hidden_act),
+        # Qwen2: bias on q/k/v only.
+        attention_bias=True if mt == "qwen2" else bias, attention_out_bias=False if mt == "qwen2" else bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)), tie_embeddings=bool(config.tie_word_embeddings),
+        head_dim=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim,
+    )
+
+
+def _gpt_sizes(p: Mapping[str, Any]) -> tuple[int, int, int, bool, bool, bool]:
+    heads = p["num_heads"]
+    kv = p.get("num_kv_heads") or heads
+    hd = p.get("head_dim") or p["hidden_size"] // heads
+    ffn = p.get("ffn_hidden_size") or 4 * p["hidden_size"]
+    qkv_bias = p.get("attention_bias", False)
+    out_bias = qkv_bias if p.get("attention_out_bias") is None else p["attention_out_bias"]
+    return heads * hd, kv * hd, ffn, qkv_bias, out_bias, p.get("mlp_bias", False)
+
+
+def _llama_table(p: Mapping[str, Any]) -> Table:
+    q, kv, ffn, qkv_bias, out_bias, mlp_bias = _gpt_sizes(p)
+    layer: Table = {
+        "attn_norm.weight": _one("input_layernorm.weight"),
+        "attn.qkv.weight": [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                            ("self_attn.v_proj.weight", kv)],
+        "attn.out.weight": _one("self_attn.o_proj.weight"),
+        "mlp_norm.weight": _one("post_attention_layernorm.weight"),
+        "mlp.fc1.weight": [("mlp.gate_proj.weight", ffn), ("mlp.up_proj.weight", ffn)],
+        "mlp.fc2.weight": _one("mlp.down_proj.weight"),
+    }
+    if qkv_bias:
+        layer["attn.qkv.bias"] = [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv),
+                                  ("self_attn.v_proj.bias", kv)]
+    if out_bias:
+        layer["attn.out.bias"] = _one("self_attn.o_proj.bias")
+    if mlp_bias:
+        layer["mlp.fc1.bias"] = [("mlp.gate_proj.bias", ffn), ("mlp.up_proj.bias", ffn)]
+        layer["mlp.fc2.bias"] = _one("mlp.down_proj.bias")
+    table: Table = {"token_embedding.weight": _one("embed_tokens.weight"), "norm.weight": _one("norm.weight")}
+    _add_layer_tables(table, layer, p["num_layers"], "layers.", "layers.")
+    return table
+
+
+# GPT-2 stores its linears as Conv1D, i.e. transposed (in, out).
+_GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _gpt2_table(p: Mapping[str, Any]) -> Table:
+    layer: Table = {}
+    for ours, hf in (("attn_norm", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"),
+                     ("mlp_norm", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+        for leaf in ("weight", "bias"):
+            layer[f"{ours}.{leaf}"] = _one(f"{hf}.{leaf}")
+    table: Table = {"token_embedding.weight": _one("wte.weight"), "position_embedding.weight": _one("wpe.weight"),
+                    "norm.weight": _one("ln_f.weight"), "norm.bias": _one("ln_f.bias")}
+    _add_layer_tables(table, layer, p["num_layers"], "layers.", "h.")
+    return table
+
+
+def gpt_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+                           prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """A Llama/Mistral/Qwen2 (or, for learned positions, GPT-2) causal-LM state dict -> GPT's."""
+    if params.get("position_embedding") == "learned":
+        pre = _find_prefix(hf_sd, "wte.weight", prefix)
+        out = _import(hf_sd, _gpt2_table(params), pre, _GPT2_TRANSPOSED)
+    else:
+        pre = _find_prefix(hf_sd, "embed_tokens.weight", prefix)
+        out = _import(hf_sd, _llama_table(params), pre)
+    if not params.get("tie_embeddings", False):
+        heads = [k for k in hf_sd if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
+        if len(heads) != 1:
+            raise KeyError(f"expected one lm_head.weight for untied embeddings, found {heads}")
+        out["lm_head.weight"] = hf_sd[heads[0]]
+    return out
+
+
+def gpt_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """GPT's state dict -> a LlamaForCausalLM-style one (GPT2LMHeadModel for learned positions).
+
+    ``lm_head.weight`` is always written (the tied embedding when tied), as HF's
+    ``state_dict()`` lists it either way.
+    """
+    if params.get("position_embedding") == "learned":
+        out = _export(sd, _gpt2_table(params), "transformer.", _GPT2_TRANSPOSED)
+    else:
+        out = _export(sd, _llama_table(params), "model.")
+    out["lm_head.weight"] = sd["token_embedding.weight" if params.get("tie_embeddings", False) else "lm_head.weight"]
+    return out
+
+
+# ------------------------------------------------------------------ ClipViT
+
+
+def clip_vit_params_from_hf(config: Any, feature_layer: int = -1, feature_select: str = "patch") -> dict[str, Any]:
+    """ClipViT kwargs from a CLIPVisionConfig / SiglipVisionConfig (or their CLIPConfig / SiglipConfig)."""
+    config = getattr(config, "vision_config", None) or config
+    siglip = config.model_type.startswith("siglip")
+    if not siglip and not config.model_type.startswith("clip"):
+        raise ValueError(f"model_type {config.model_type!r} is not supported: use a CLIP or SigLIP vision config")
+    return dict(
+        image_size=config.image_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+        ffn_hidden_size=config.intermediate_size, num_channels=config.num_channels,
+        activation=_activation(config.hidden_act), layer_norm_eps=config.layer_norm_eps,
+        class_token=not siglip, pre_norm=not siglip, post_norm=siglip, patch_bias=siglip,
+        feature_layer=feature_layer, feature_select=feature_select,
+    )
+
+
+def _vit_table(p: Mapping[str, Any]) -> Table:
+    h = p["hidden_size"]
+    layer: Table = {}
+    for leaf in ("weight", "bias"):
+        layer[f"attn_norm.{leaf}"] = _one(f"layer_norm1.{leaf}")
+        layer[f"attn.qkv.{leaf}"] = [(f"self_attn.{x}_proj.{leaf}", h) for x in "qkv"]
+        layer[f"attn.out.{leaf}"] = _one(f"self_attn.out_proj.{leaf}")
+        layer[f"mlp_norm.{leaf}"] = _one(f"layer_norm2.{leaf}")
+        layer[f"mlp.fc1.{leaf}"] = _one(f"mlp.fc1.{leaf}")
+        layer[f"mlp.fc2.{leaf}"] = _one(f"mlp.fc2.{leaf}")
+    table: Table = {"patch_embed.weight": _one("embeddings.patch_embedding.weight"),
+                    "pos_embed": _one("embeddings.position_embedding.weight")}
+    if p.get("patch_bias", False):
+        table["patch_embed.bias"] = _one("embeddings.patch_embedding.bias")
+    if p.get("class_token", True):
+        table["class_embedding"] = _one("embeddings.class_embedding")
+    for leaf in ("weight", "bias"):
+        if p.get("pre_norm", True):
+            table[f"pre_norm.{leaf}"] = _one(f"pre_layrnorm.{leaf}")
+        if p.get("post_norm", False):
+            table[f"post_norm.{leaf}"] = _one(f"post_layernorm.{leaf}")
+    # Only the blocks up to the feature layer exist in ours; later HF blocks are skipped.
+    blocks = resolve_feature_layer(p.get("feature_layer", -1), p["num_layers"])
+    _add_layer_tables(table, layer, blocks, "layers.", "encoder.layers.")
+    return table
+
+
+def clip_vit_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+                                prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """CLIPVisionModel / SiglipVisionModel (or a VLM holding one) -> ClipViT's state dict.
+
+    Blocks past the feature layer, CLIP's unused post_layernorm and SigLIP's pooling head are ignored.
+    """
+    pre = _find_prefix(hf_sd, "embeddings.patch_embedding.weight", prefix)
+    return _import(hf_sd, _vit_table(params), pre)
+
+
+def clip_vit_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+                              prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
+    """ClipViT's state dict -> HF vision-model keys (only the blocks and norms ours has)."""
+    return _export(sd, _vit_table(params), prefix)
+
+
+# ----------------------------------------------------------------- Whisper
+
+
+def whisper_encoder_params_from_hf(config: Any) -> dict[str, Any]:
+    """WhisperEncoder kwargs from a WhisperConfig."""
+    if config.model_type != "whisper":
+        raise ValueError(f"model_type {config.model_type!r} is not supported: use a WhisperConfig")
+    return dict(num_mel_bins=config.num_mel_bins, hidden_size=config.d_model, num_layers=config.encoder_layers,
+                num_heads=config.encoder_attention_heads, ffn_hidden_size=config.encoder_ffn_dim,
+                max_source_positions=config.max_source_positions,
+                activation=_activation(config.activation_function), layer_norm_eps=1e-5)
+
+
+def _whisper_table(p: Mapping[str, Any]) -> Table:
+    h = p["hidden_size"]
+    layer: Table = {
+        "attn.qkv.weight": [(f"self_attn.{x}_proj.weight", h) for x in "qkv"],
+        # Whisper's k_proj has no bias: a zero part, exact (see whisper.py).
+        "attn.qkv.bias": [("self_attn.q_proj.bias", h), (None, h), ("self_attn.v_proj.bias", h)],
+    }
+    for leaf in ("weight", "bias"):
+        layer[f"attn_norm.{leaf}"] = _one(f"self_attn_layer_norm.{leaf}")
+        layer[f"attn.out.{leaf}"] = _one(f"self_attn.out_proj.{leaf}")
+        layer[f"mlp_norm.{leaf}"] = _one(f"final_layer_norm.{leaf}")
+        layer[f"mlp.fc1.{leaf}"] = _one(f"fc1.{leaf}")
+        layer[f"mlp.fc2.{leaf}"] = _one(f"fc2.{leaf}")
+    table: Table = {"pos_embed": _one("embed_positions.weight")}
+    for leaf in ("weight", "bias"):
+        table[f"conv1.{leaf}"] = _one(f"conv1.{leaf}")
+        table[f"conv2.{leaf}"] = _one(f"conv2.{leaf}")
+        table[f"norm.{leaf}"] = _one(f"layer_norm.{leaf}")
+    _add_layer_tables(table, layer, p["num_layers"], "layers.", "layers.")
+    return table
+
+
+def whisper_encoder_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+                                       prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """HF WhisperEncoder / WhisperModel / WhisperForConditionalGeneration -> WhisperEncoder's state dict."""
+    pre = _find_prefix(hf_sd, "conv1.weight", prefix)
+    return _import(hf_sd, _whisper_table(params), pre)
+
+
+def whisper_encoder_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+                                     prefix: str = "") -> dict[str, torch.Tensor]:
+    """WhisperEncoder's state dict -> HF WhisperEncoder keys (``prefix="model.encoder."`` for the full model)."""
+    return _export(sd, _whisper_table(params), prefix)
+
+
+# ---------------------------------------------------------------- dispatch
+
+# registry name -> (params from config, HF -> ours, ours -> HF)
+CONVERTERS = {
+    "gpt": (gpt_params_from_hf, gpt_state_dict_from_hf, gpt_state_dict_to_hf),
+    "clip_vit": (clip_vit_params_from_hf, clip_vit_state_dict_from_hf, clip_vit_state_dict_to_hf),
+    "whisper_encoder": (whisper_encoder_params_from_hf, whisper_encoder_state_dict_from_hf,
+                        whisper_encoder_state_dict_to_hf),
+}
+
+_MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt", "clip": "clip_vit",
+                "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
+                "whisper": "whisper_encoder"}
+
+
+def params_from_hf(config: Any) -> tuple[str, dict[str, Any]]:
+    """(registry name, constructor kwargs) for an HF config, e.g. ("gpt", {...}) for a LlamaConfig."""
+    name = _MODEL_TYPES.get(config.model_type)
+    if name is None:
+        raise ValueError(f"model_type {config.model_type!r} is not supported: use one of {', '.join(_MODEL_TYPES)}")
+    return name, CONVERTERS[name][0](config)

@@ -1,0 +1,185 @@
+"""MimoModel: per-sample alignment, several encoders, mixed batches, output modalities, input errors."""
+
+import copy
+
+import pytest
+import torch
+
+from mimo_spec import build_model
+from mimo_spec.errors import InputError
+
+from conftest import tiny_config
+
+IMG = 250
+
+
+def two_encoder_config(combine="per_item"):
+    cfg = tiny_config()
+    mod = cfg["modalities"]["images"]
+    enc_b = {"module": "clip_vit", "params": {"image_size": 16, "patch_size": 8, "hidden_size": 8, "num_layers": 1,
+                                              "num_heads": 2, "ffn_hidden_size": 16, "class_token": False,
+                                              "pre_norm": False}}
+    mod["submodules"]["encoders"]["dino"] = enc_b
+    mod["params"]["combine"] = combine
+    if combine == "per_item":
+        mod["submodules"]["input_projections"]["dino"] = {"module": "linear",
+                                                          "params": {"in_features": 8, "out_features": 32}}
+    else:
+        mod["submodules"]["input_projections"] = {"merged": {"module": "mlp",
+                                                             "params": {"in_features": 24, "out_features": 32}}}
+    return cfg
+
+
+def capture_lm_inputs(model):
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["embeds"] = args[0].detach().clone()
+
+    model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_two_encoders_per_item_land_in_their_own_samples():
+    model = build_model(two_encoder_config("per_item"), seed=0).eval()
+    mod = model.modalities["images"]
+    assert mod.tokens_per_item({"clip": {"pixel_values": images(1)}, "dino": {"pixel_values": images(1)}}) == 8
+    # sample 0: two images, sample 1: none, sample 2: one image, at different offsets
+    ids = torch.randint(0, 200, (3, 30), generator=torch.Generator().manual_seed(1))
+    ids[0, 2:18] = IMG
+    ids[2, 10:18] = IMG
+    px = images(3)
+    inputs = {"images": {"clip": {"pixel_values": px}, "dino": {"pixel_values": px}}}
+    model.prepare_inputs(ids, inputs, items_per_sample={"images": [2, 0, 1]})
+    seen = capture_lm_inputs(model)
+    model(ids, inputs)
+    with torch.no_grad():
+        a = mod.input_projections["clip"](mod.encoders["clip"](px))   # (3, 4, 32)
+        b = mod.input_projections["dino"](mod.encoders["dino"](px))   # (3, 4, 32)
+        per_image = torch.cat([a, b], dim=1)                           # image i: A's tokens then B's
+        text = model.language_model.embed_tokens(ids)
+    got = seen["embeds"]
+    torch.testing.assert_close(got[0, 2:10], per_image[0])
+    torch.testing.assert_close(got[0, 10:18], per_image[1])
+    torch.testing.assert_close(got[2, 10:18], per_image[2])
+    torch.testing.assert_close(got[1], text[1])                        # text-only sample untouched
+    keep = ids != IMG
+    torch.testing.assert_close(got[keep], text[keep])
+
+
+def test_concat_combine_is_channel_concatenation_before_one_projector():
+    model = build_model(two_encoder_config("concat"), seed=0).eval()
+    mod = model.modalities["images"]
+    ids = torch.randint(0, 200, (2, 12))
+    ids[0, 1:5] = IMG
+    ids[1, 6:10] = IMG
+    px = images(2)
+    seen = capture_lm_inputs(model)
+    model(ids, {"images": {"clip": {"pixel_values": px}, "dino": {"pixel_values": px}}})
+    with torch.no_grad():
+        feats = torch.cat([mod.encoders["clip"](px), mod.encoders["dino"](px)], dim=-1)
+        want = mod.input_projections["merged"](feats)
+    torch.testing.assert_close(seen["embeds"][0, 1:5], want[0])
+    torch.testing.assert_close(seen["embeds"][1, 6:10], want[1])
+
+
+def test_batch_without_any_item_of_a_modality():
+    model = build_model(tiny_config(), seed=0)
+    ids = torch.randint(0, 200, (2, 10))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+
+
+def test_count_errors_name_modality_sample_and_counts():
+    model = build_model(tiny_config(), seed=0)
+    ids = torch.randint(0, 200, (2, 16))
+    ids[0, 0:4] = IMG
+    ids[1, 0:3] = IMG
+    inputs = {"images": {"clip": {"pixel_values": images(2)}}}
+    with pytest.raises(InputError, match=r"modality_inputs.images: sample 1 has 3 placeholder tokens .* not a "
+                                         r"multiple of the 4 embeddings"):
+        model.prepare_inputs(ids, inputs)
+    ids[1, 3] = IMG
+    with pytest.raises(InputError, match=r"1 of the 3 items have no placeholders"):
+        model.prepare_inputs(ids, {"images": {"clip": {"pixel_values": images(3)}}})
+    with pytest.raises(InputError, match=r"sample 0 has 4 placeholder tokens \(id 250\) but its items produce 8"):
+        model.prepare_inputs(ids, inputs, items_per_sample={"images": [2, 0]})
+    with pytest.raises(InputError, match=r"sample 1 has 4 placeholder tokens \(id 250\) but its items produce 0 emb"):
+        model(ids, {"images": {"clip": {"pixel_values": images(1)}}}, check_inputs=True)
+    # placeholders present but the modality's inputs missing: an error, never silent zeros
+    with pytest.raises(InputError, match="sample 0 has 4 placeholder tokens .* produce 0"):
+        model.prepare_inputs(ids, {})
+    with pytest.raises(RuntimeError, match="placeholder count"):
+        model(ids, {})
+
+
+def test_bad_modality_inputs():
+    model = build_model(two_encoder_config(), seed=0)
+    ids = torch.randint(0, 200, (1, 12))
+    ids[0, :8] = IMG
+    px = images(1)
+    with pytest.raises(InputError, match="modality_inputs.images.dino: missing inputs for encoder 'dino'"):
+        model(ids, {"images": {"clip": {"pixel_values": px}}})
+    with pytest.raises(InputError, match="modality_inputs.video: unknown input modality 'video'"):
+        model(ids, {"video": {}})
+    with pytest.raises(InputError, match="modality_inputs.images.sig: unknown encoder 'sig'"):
+        model(ids, {"images": {"clip": {"pixel_values": px}, "dino": {"pixel_values": px}, "sig": {}}})
+    with pytest.raises(InputError, match="modality_inputs.images.clip"):
+        model(ids, {"images": {"clip": {"pixel_values": px[0]}, "dino": {"pixel_values": px}}})
+    with pytest.raises(InputError, match="modality_inputs.images.clip"):
+        model(ids, {"images": {"clip": {"pixel_values": px[:, :1]}, "dino": {"pixel_values": px}}})
+    with pytest.raises(InputError, match=r"labels: expected shape \(1, 12\)"):
+        model(ids, {"images": {"clip": {"pixel_values": px}, "dino": {"pixel_values": px}}}, labels=ids[:, :5])
+    with pytest.raises(InputError, match="sequence length 200 exceeds the language model's max_seq_len 128"):
+        model(torch.zeros(1, 200, dtype=torch.long))
+
+
+def test_forward_and_backward_compile_fullgraph_without_host_sync():
+    model = build_model(tiny_config(), seed=0)
+    batch = model.example_inputs(2)
+    eager = model(**batch)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, eager.loss)
+    assert model.modalities["images"].encoders["clip"].patch_embed.weight.grad is not None
+
+
+def test_frozen_encoder_builds_no_graph():
+    cfg = tiny_config(freeze=["modalities.images.encoders.*"])
+    model = build_model(cfg, seed=0)
+    batch = model.example_inputs(2)
+    seen = {}
+    enc = model.modalities["images"].encoders["clip"]
+    enc.register_forward_hook(lambda m, a, out: seen.update(grad=out.requires_grad))
+    model(**batch).loss.backward()
+    assert seen["grad"] is False
+    assert model.modalities["images"].input_projections["clip"].layers[0].weight.grad is not None
+
+
+def test_output_modality_decodes_and_adds_its_loss():
+    cfg = tiny_config()
+    cfg["modalities"]["image_out"] = {"module": "modality", "params": {
+        "generation_token_id": 251, "output_loss": "mse", "output_loss_weight": 0.5},
+        "submodules": {"decoder": {"module": "patch_image_decoder", "params": {
+            "in_features": 32, "image_size": 8, "patch_size": 4}}}}
+    model = build_model(cfg, seed=0)
+    batch = model.example_inputs(2)
+    assert batch["output_targets"]["image_out"].shape == (2, 3, 8, 8)
+    assert (batch["input_ids"] == 251).sum() == 8
+    out = model(**batch)
+    assert out.modality_outputs["image_out"].shape == (2, 3, 8, 8)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.modality_losses["image_out"])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        o = model(**batch)
+        o.loss.backward()
+        opt.step()
+        first = first if first is not None else o.modality_losses["image_out"].item()
+    assert o.modality_losses["image_out"].item() < 0.5 * first
