@@ -32,10 +32,26 @@ class MimoOutput:
     modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 at every document boundary of a packed row.
+
+    document_ids: (B, S) -> position_ids (B, S); vectorised, no host sync.
+    """
+    b, s = document_ids.shape
+    idx = torch.arange(s, device=document_ids.device).expand(b, s)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - first
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross entropy over positions whose label is not -100 (and loss_mask != 0).
 
-    logits: (B, S, V); labels, loss_mask: (B, S), aligned with the inputs (shifted here).
+    logits: (B, S, V); labels, loss_mask, document_ids: (B, S), aligned with the inputs
+    (shifted here). In packed rows the first token of a document is never predicted
+    from the previous document, so the loss equals the unpacked batch's.
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
@@ -44,6 +60,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     weight = (shift_labels != IGNORE_INDEX).float().reshape(-1)
     if loss_mask is not None:
         weight = weight * loss_mask[:, 1:].float().reshape(-1)
+    if document_ids is not None:
+        weight = weight * (document_ids[:, 1:] == document_ids[:, :-1]).float().reshape(-1)
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
 
 
@@ -65,7 +83,8 @@ class MimoModel(nn.Module):
         self.check_inputs = check_inputs
 
     # ---- input preparation (host side, cheap) ---------------------------------------------
-    def _validate(self, input_ids, modality_inputs, labels, loss_mask, output_targets) -> dict[str, int]:
+    def _validate(self, input_ids, modality_inputs, labels, loss_mask, output_targets,
+                  document_ids=None) -> dict[str, int]:
         if input_ids.dim() != 2:
             raise InputError(f"expected input_ids of shape (batch, seq), got {tuple(input_ids.shape)}",
                              path="input_ids")
@@ -74,7 +93,7 @@ class MimoModel(nn.Module):
         if max_len is not None and seq > max_len:
             raise InputError(f"sequence length {seq} exceeds the language model's max_seq_len {max_len}",
                              path="input_ids", hint="truncate the input or raise model.params.max_seq_len")
-        for name, t in (("labels", labels), ("loss_mask", loss_mask)):
+        for name, t in (("labels", labels), ("loss_mask", loss_mask), ("document_ids", document_ids)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise InputError(f"expected shape {tuple(input_ids.shape)} (same as input_ids), "
                                  f"got {tuple(t.shape)}", path=name)
@@ -131,7 +150,7 @@ class MimoModel(nn.Module):
         """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss."""
         modality_inputs = modality_inputs or {}
         output_targets = output_targets or {}
-        self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets)
+        self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets, document_ids)
         if check_inputs if check_inputs is not None else self.check_inputs:
             self.prepare_inputs(input_ids, modality_inputs)
         lm = self.language_model
@@ -145,12 +164,14 @@ class MimoModel(nn.Module):
             else:  # no item of this modality in the batch: there must be no placeholder either
                 merged.append((mod.special_token_id, embeds.new_zeros(0, embeds.shape[-1])))
         embeds = align_modality_embeddings(embeds, input_ids, merged)
+        if document_ids is not None and position_ids is None:
+            position_ids = positions_from_document_ids(document_ids)
         hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids)
         logits = lm.logits(hidden)
         out = MimoOutput(logits=logits)
         total = None
         if labels is not None:
-            out.lm_loss = total = causal_lm_loss(logits, labels, loss_mask)
+            out.lm_loss = total = causal_lm_loss(logits, labels, loss_mask, document_ids)
         for name, target in output_targets.items():
             mod = self.modalities[name]
             n_gen = mod.num_generation_tokens

@@ -1,0 +1,101 @@
+"""Training-step time of a LLaVA-shaped MimoModel vs Hugging Face's LlavaForConditionalGeneration.
+
+Same shapes (CLIP-style ViT hidden 256, 4 layers, 64x64 images, patch 8;
+Llama-style LM hidden 512, 4 layers, 8 heads, 4 KV heads, FFN 1408, vocab 4096;
+batch 4, sequence 256, one image per sample; AdamW), same threads, fp32, in one
+process, steps interleaved so machine noise hits both alike. Reports median step
+times and the ratio (target: ours <= 0.85x Hugging Face's).
+
+    .venv/bin/python benchmarks/train_step_vs_hf.py --steps 10 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+VOCAB, IMG_TOKEN, SEQ, BATCH = 4096, 4000, 256, 4
+
+
+def ours(feature_layer: int):
+    from mimo_spec import build_model
+
+    cfg = {
+        "model": {"module": "gpt", "params": {
+            "vocab_size": VOCAB, "hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
+            "ffn_hidden_size": 1408, "max_seq_len": 1024}},
+        "modalities": {"images": {"module": "modality", "params": {"special_token_id": IMG_TOKEN}, "submodules": {
+            "encoders": {"clip": {"module": "clip_vit", "params": {
+                "image_size": 64, "patch_size": 8, "hidden_size": 256, "num_layers": 4, "num_heads": 4,
+                "ffn_hidden_size": 1024, "feature_layer": feature_layer, "feature_select": "patch"}}},
+            "input_projections": {"clip": {"module": "mlp", "params": {"in_features": 256, "out_features": 512}}}}}},
+    }
+    return build_model(cfg, seed=0)
+
+
+def hf(feature_layer: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                       num_attention_heads=4, image_size=64, patch_size=8),
+        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+        image_token_index=IMG_TOKEN, vision_feature_layer=feature_layer, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(cfg)
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 3000, (BATCH, SEQ), generator=g)
+    ids[:, 4:68] = IMG_TOKEN  # 64 patches per 64x64 image at patch 8
+    labels = ids.clone()
+    labels[ids == IMG_TOKEN] = -100
+    return ids, labels, torch.randn(BATCH, 3, 64, 64, generator=g)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--feature-layer", type=int, default=-2, help="LLaVA reads -2; -1 runs every ViT layer in both")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ids, labels, px = batch()
+    m_ours, m_hf = ours(args.feature_layer), hf(args.feature_layer)
+    o_ours = torch.optim.AdamW(m_ours.parameters(), lr=1e-4)
+    o_hf = torch.optim.AdamW(m_hf.parameters(), lr=1e-4)
+
+    def step_ours():
+        o_ours.zero_grad(set_to_none=True)
+        m_ours(ids, {"images": {"clip": {"pixel_values": px}}}, labels=labels).loss.backward()
+        o_ours.step()
+
+    def step_hf():
+        o_hf.zero_grad(set_to_none=True)
+        m_hf(input_ids=ids, pixel_values=px, labels=labels).loss.backward()
+        o_hf.step()
+
+    times = {"mimo-spec": [], "hf": []}
+    for i in range(args.warmup + args.steps):
+        for name, fn in (("mimo-spec", step_ours), ("hf", step_hf)):
+            t = time.perf_counter()
+            fn()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    ours_s, hf_s = statistics.median(times["mimo-spec"]), statistics.median(times["hf"])
+    n_ours = sum(p.numel() for p in m_ours.parameters())
+    n_hf = sum(p.numel() for p in m_hf.parameters())
+    print(f"threads={args.threads} feature_layer={args.feature_layer} steps={args.steps}")
+    print(f"mimo-spec  {ours_s * 1000:8.1f} ms/step  ({n_ours:,} params)")
+    print(f"HF LLaVA   {hf_s * 1000:8.1f} ms/step  ({n_hf:,} params)")
+    print(f"ratio mimo-spec / HF: {ours_s / hf_s:.2f}x (target <= 0.85x)")
+
+
+if __name__ == "__main__":
+    main()
