@@ -10,11 +10,15 @@ returned by ``*_params_from_hf`` and possibly edited), find the component's
 prefix in the HF state dict on their own (LLaVA-style checkpoints hold several
 components; pass ``prefix=`` when that is ambiguous), ignore HF keys they do not
 need, and raise KeyError naming any HF key that is missing. ``*_to_hf`` go back.
+
+``*_import_plan(hf_keys, params)`` give the same conversion as data, from key
+names alone (``Plan``: our key -> HF parts), so a checkpoint can be checked
+against the model and streamed shard by shard (``mimo_spec.interop.checkpoint``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -36,7 +40,7 @@ def _activation(name: str) -> str:
 # ------------------------------------------------------------------- engine
 
 
-def _find_prefix(sd: Mapping[str, Any], anchor: str, prefix: str | None) -> str:
+def _find_prefix(sd: Mapping[str, Any] | Iterable[str], anchor: str, prefix: str | None) -> str:
     if prefix is not None:
         return prefix
     found = sorted({k[: -len(anchor)] for k in sd if k == anchor or k.endswith("." + anchor)})
@@ -45,21 +49,33 @@ def _find_prefix(sd: Mapping[str, Any], anchor: str, prefix: str | None) -> str:
     return found[0]
 
 
-def _import(sd: Mapping[str, torch.Tensor], table: Table, prefix: str, transposed: tuple[str, ...] = ()):
-    out: dict[str, torch.Tensor] = {}
-    for ours, parts in table.items():
-        tensors = []
-        for hf_key, rows in parts:
-            if hf_key is None:  # a part HF does not store
-                ref = sd[prefix + next(k for k, _ in parts if k is not None)]
-                tensors.append(torch.zeros(rows, dtype=ref.dtype, device=ref.device))
-                continue
-            if prefix + hf_key not in sd:
-                raise KeyError(f"Hugging Face state dict has no {prefix + hf_key!r} (needed for {ours!r})")
-            t = sd[prefix + hf_key]
-            tensors.append(t.t() if hf_key.endswith(transposed) else t)
-        out[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-    return out
+# One part of one of our tensors: (full HF key, or None for a zero part HF does not store; rows; transposed).
+Part = tuple[str | None, int | None, bool]
+# our key -> its parts, in order (several are concatenated along dim 0)
+Plan = dict[str, list[Part]]
+
+
+def _plan(table: Table, prefix: str, transposed: tuple[str, ...] = ()) -> Plan:
+    return {ours: [(None if h is None else prefix + h, rows, h is not None and h.endswith(transposed))
+                   for h, rows in parts] for ours, parts in table.items()}
+
+
+def materialize(parts: list[Part], get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """One of our tensors from its HF parts; ``get(hf_key)`` returns an HF tensor (meta tensors work too,
+    which is how shapes are checked before any data is read)."""
+    loaded = [None if key is None else (get(key).t() if transpose else get(key)) for key, _, transpose in parts]
+    ref = next(t for t in loaded if t is not None)
+    tensors = [ref.new_zeros((rows, *ref.shape[1:])) if t is None else t
+               for t, (_, rows, _) in zip(loaded, parts)]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+
+
+def _import(sd: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    for ours, parts in plan.items():
+        for key, _, _ in parts:
+            if key is not None and key not in sd:
+                raise KeyError(f"Hugging Face state dict has no {key!r} (needed for {ours!r})")
+    return {ours: materialize(parts, sd.__getitem__) for ours, parts in plan.items()}
 
 
 def _export(sd: Mapping[str, torch.Tensor], table: Table, prefix: str, transposed: tuple[str, ...] = ()):
@@ -168,21 +184,25 @@ def _gpt2_table(p: Mapping[str, Any]) -> Table:
     return table
 
 
+def gpt_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any], prefix: str | None = None) -> Plan:
+    """Which HF tensors make each GPT tensor (see ``gpt_state_dict_from_hf``)."""
+    keys = list(hf_keys)
+    if params.get("position_embedding") == "learned":
+        plan = _plan(_gpt2_table(params), _find_prefix(keys, "wte.weight", prefix), _GPT2_TRANSPOSED)
+    else:
+        plan = _plan(_llama_table(params), _find_prefix(keys, "embed_tokens.weight", prefix))
+    if not params.get("tie_embeddings", False):
+        heads = [k for k in keys if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
+        if len(heads) > 1:
+            raise KeyError(f"expected one lm_head.weight for untied embeddings, found {heads}")
+        plan["lm_head.weight"] = [(heads[0] if heads else "lm_head.weight", None, False)]
+    return plan
+
+
 def gpt_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                            prefix: str | None = None) -> dict[str, torch.Tensor]:
     """A Llama/Mistral/Qwen2 (or, for learned positions, GPT-2) causal-LM state dict -> GPT's."""
-    if params.get("position_embedding") == "learned":
-        pre = _find_prefix(hf_sd, "wte.weight", prefix)
-        out = _import(hf_sd, _gpt2_table(params), pre, _GPT2_TRANSPOSED)
-    else:
-        pre = _find_prefix(hf_sd, "embed_tokens.weight", prefix)
-        out = _import(hf_sd, _llama_table(params), pre)
-    if not params.get("tie_embeddings", False):
-        heads = [k for k in hf_sd if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
-        if len(heads) != 1:
-            raise KeyError(f"expected one lm_head.weight for untied embeddings, found {heads}")
-        out["lm_head.weight"] = hf_sd[heads[0]]
-    return out
+    return _import(hf_sd, gpt_import_plan(hf_sd.keys(), params, prefix))
 
 
 def gpt_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -202,8 +222,13 @@ def gpt_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, An
 # ------------------------------------------------------------------ ClipViT
 
 
-def clip_vit_params_from_hf(config: Any, feature_layer: int = -1, feature_select: str = "patch") -> dict[str, Any]:
-    """ClipViT kwargs from a CLIPVisionConfig / SiglipVisionConfig (or their CLIPConfig / SiglipConfig)."""
+def clip_vit_params_from_hf(config: Any, feature_layer: int = -1, feature_select: str = "patch",
+                            keep_unused_layers: bool = False) -> dict[str, Any]:
+    """ClipViT kwargs from a CLIPVisionConfig / SiglipVisionConfig (or their CLIPConfig / SiglipConfig).
+
+    SigLIP gets ``post_norm=True`` (its ``last_hidden_state``); a VLM reading
+    ``hidden_states[k]`` (LLaVA) must set it False, as HF applies no post-norm there.
+    """
     config = getattr(config, "vision_config", None) or config
     siglip = config.model_type.startswith("siglip")
     if not siglip and not config.model_type.startswith("clip"):
@@ -214,7 +239,7 @@ def clip_vit_params_from_hf(config: Any, feature_layer: int = -1, feature_select
         ffn_hidden_size=config.intermediate_size, num_channels=config.num_channels,
         activation=_activation(config.hidden_act), layer_norm_eps=config.layer_norm_eps,
         class_token=not siglip, pre_norm=not siglip, post_norm=siglip, patch_bias=siglip,
-        feature_layer=feature_layer, feature_select=feature_select,
+        feature_layer=feature_layer, feature_select=feature_select, keep_unused_layers=keep_unused_layers,
     )
 
 
@@ -234,30 +259,37 @@ def _vit_table(p: Mapping[str, Any]) -> Table:
         table["patch_embed.bias"] = _one("embeddings.patch_embedding.bias")
     if p.get("class_token", True):
         table["class_embedding"] = _one("embeddings.class_embedding")
+    keep = p.get("keep_unused_layers", False)
     for leaf in ("weight", "bias"):
         if p.get("pre_norm", True):
             table[f"pre_norm.{leaf}"] = _one(f"pre_layrnorm.{leaf}")
-        if p.get("post_norm", False):
+        if p.get("post_norm", False) or keep:
             table[f"post_norm.{leaf}"] = _one(f"post_layernorm.{leaf}")
-    # Only the blocks up to the feature layer exist in ours; later HF blocks are skipped.
-    blocks = resolve_feature_layer(p.get("feature_layer", -1), p["num_layers"])
+    # Unless kept, only the blocks up to the feature layer exist in ours; later HF blocks are skipped.
+    blocks = p["num_layers"] if keep else resolve_feature_layer(p.get("feature_layer", -1), p["num_layers"])
     _add_layer_tables(table, layer, blocks, "layers.", "encoder.layers.")
     return table
+
+
+def clip_vit_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any], prefix: str | None = None) -> Plan:
+    """Which HF tensors make each ClipViT tensor (see ``clip_vit_state_dict_from_hf``)."""
+    return _plan(_vit_table(params), _find_prefix(hf_keys, "embeddings.patch_embedding.weight", prefix))
 
 
 def clip_vit_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                                 prefix: str | None = None) -> dict[str, torch.Tensor]:
     """CLIPVisionModel / SiglipVisionModel (or a VLM holding one) -> ClipViT's state dict.
 
-    Blocks past the feature layer, CLIP's unused post_layernorm and SigLIP's pooling head are ignored.
+    Unless ``keep_unused_layers``, blocks past the feature layer and CLIP's unused
+    post_layernorm are ignored; SigLIP's pooling head always is.
     """
-    pre = _find_prefix(hf_sd, "embeddings.patch_embedding.weight", prefix)
-    return _import(hf_sd, _vit_table(params), pre)
+    return _import(hf_sd, clip_vit_import_plan(hf_sd.keys(), params, prefix))
 
 
 def clip_vit_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                               prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
-    """ClipViT's state dict -> HF vision-model keys (only the blocks and norms ours has)."""
+    """ClipViT's state dict -> HF vision-model keys (only the blocks and norms ours has:
+    all of them with ``keep_unused_layers``)."""
     return _export(sd, _vit_table(params), prefix)
 
 
@@ -296,11 +328,16 @@ def _whisper_table(p: Mapping[str, Any]) -> Table:
     return table
 
 
+def whisper_encoder_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any],
+                                prefix: str | None = None) -> Plan:
+    """Which HF tensors make each WhisperEncoder tensor (see ``whisper_encoder_state_dict_from_hf``)."""
+    return _plan(_whisper_table(params), _find_prefix(hf_keys, "conv1.weight", prefix))
+
+
 def whisper_encoder_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                                        prefix: str | None = None) -> dict[str, torch.Tensor]:
     """HF WhisperEncoder / WhisperModel / WhisperForConditionalGeneration -> WhisperEncoder's state dict."""
-    pre = _find_prefix(hf_sd, "conv1.weight", prefix)
-    return _import(hf_sd, _whisper_table(params), pre)
+    return _import(hf_sd, whisper_encoder_import_plan(hf_sd.keys(), params, prefix))
 
 
 def whisper_encoder_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
@@ -318,6 +355,9 @@ CONVERTERS = {
     "whisper_encoder": (whisper_encoder_params_from_hf, whisper_encoder_state_dict_from_hf,
                         whisper_encoder_state_dict_to_hf),
 }
+
+# registry name -> import plan (key names only; for streaming checkpoints)
+PLANS = {"gpt": gpt_import_plan, "clip_vit": clip_vit_import_plan, "whisper_encoder": whisper_encoder_import_plan}
 
 _MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt", "clip": "clip_vit",
                 "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",

@@ -142,6 +142,20 @@ class MimoModel(nn.Module):
         check_placeholder_counts(input_ids, expected)
 
     # ---- forward ---------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, modality_inputs: dict | None = None) -> torch.Tensor:
+        """Text embeddings with every modality's embeddings at its placeholders: (B, S) -> (B, S, H)."""
+        modality_inputs = modality_inputs or {}
+        embeds = self.language_model.embed_tokens(input_ids)
+        merged = []
+        for name, mod in self.modalities.items():
+            if not mod.has_input:
+                continue
+            if name in modality_inputs:
+                merged.append((mod.special_token_id, mod.encode(modality_inputs[name])))
+            else:  # no item of this modality in the batch: there must be no placeholder either
+                merged.append((mod.special_token_id, embeds.new_zeros(0, embeds.shape[-1])))
+        return align_modality_embeddings(embeds, input_ids, merged)
+
     def forward(self, input_ids: torch.Tensor, modality_inputs: dict | None = None, *,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -154,16 +168,7 @@ class MimoModel(nn.Module):
         if check_inputs if check_inputs is not None else self.check_inputs:
             self.prepare_inputs(input_ids, modality_inputs)
         lm = self.language_model
-        embeds = lm.embed_tokens(input_ids)
-        merged = []
-        for name, mod in self.modalities.items():
-            if not mod.has_input:
-                continue
-            if name in modality_inputs:
-                merged.append((mod.special_token_id, mod.encode(modality_inputs[name])))
-            else:  # no item of this modality in the batch: there must be no placeholder either
-                merged.append((mod.special_token_id, embeds.new_zeros(0, embeds.shape[-1])))
-        embeds = align_modality_embeddings(embeds, input_ids, merged)
+        embeds = self.embed_inputs(input_ids, modality_inputs)
         if document_ids is not None and position_ids is None:
             position_ids = positions_from_document_ids(document_ids)
         hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids)

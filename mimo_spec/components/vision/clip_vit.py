@@ -5,6 +5,9 @@ SigLIP: no class token, no pre-norm, gelu_tanh, conv with bias, post-norm on the
 
 Only the blocks up to ``feature_layer`` are built: with 24 layers and
 ``feature_layer=-2`` (LLaVA) the model has 23 blocks and never runs the last.
+``keep_unused_layers=True`` builds the later blocks and the post-norm too (never
+run, frozen), so a checkpoint round-trips to Hugging Face tensor for tensor and
+the parameter count matches HF's (LLaVA-1.5-7B: 7,063,427,072).
 
 State-dict keys::
 
@@ -13,7 +16,7 @@ State-dict keys::
     pos_embed                    (num_positions, H)    class position first
     pre_norm.{weight,bias}       pre_norm only
     layers.{i}.attn_norm / attn.qkv / attn.out / mlp_norm / mlp.fc1 / mlp.fc2
-    post_norm.{weight,bias}      post_norm only
+    post_norm.{weight,bias}      post_norm, or keep_unused_layers (then unused unless post_norm)
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ class ClipViT(nn.Module):
         feature_select: "patch" drops the class token, "all" keeps it.
         dynamic_image_size: accept any H, W that are multiples of patch_size by
             bicubic interpolation of the patch position embeddings.
+        keep_unused_layers: also build the blocks past ``feature_layer`` and a
+            post-norm that forward does not use (CLIP's ``post_layernorm`` feeds
+            only the pooled output), so every tensor of the HF checkpoint has a
+            home. They are frozen and never run.
         backend: "local", "te" or "auto".
     """
 
@@ -91,6 +98,7 @@ class ClipViT(nn.Module):
         feature_layer: int = -1,
         feature_select: Literal["patch", "all"] = "patch",
         dynamic_image_size: bool = False,
+        keep_unused_layers: bool = False,
         backend: Backend = "local",
     ):
         super().__init__()
@@ -113,6 +121,9 @@ class ClipViT(nn.Module):
         self.hidden_size = self.out_features = hidden_size
         self.num_layers, self.feature_layer, self.feature_select = num_layers, feature_layer, feature_select
         self.dynamic_image_size = dynamic_image_size
+        self.num_blocks = num_blocks  # blocks forward runs; len(self.layers) may be larger
+        self.keep_unused_layers = keep_unused_layers
+        self.apply_post_norm = post_norm
         self.grid = image_size // patch_size
         self.num_patches = self.grid**2
 
@@ -124,13 +135,19 @@ class ClipViT(nn.Module):
             TransformerBlock(hidden_size, num_heads, ffn_hidden_size, norm="layernorm", norm_eps=layer_norm_eps,
                              mlp="gelu", activation=activation, qkv_bias=True, out_bias=True, mlp_bias=True,
                              layer_idx=i)
-            for i in range(num_blocks)
+            for i in range(num_layers if keep_unused_layers else num_blocks)
         )
-        self.post_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if post_norm else None
+        keep_norm = post_norm or keep_unused_layers
+        self.post_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if keep_norm else None
         self.init_weights()
+        # Never run, so never trained: frozen, which also keeps DDP's unused-parameter check quiet.
+        for layer in self.layers[num_blocks:]:
+            layer.requires_grad_(False)
+        if self.post_norm is not None and not post_norm:
+            self.post_norm.requires_grad_(False)
 
     def init_weights(self) -> None:
-        init_transformer_weights(self, num_layers=max(len(self.layers), 1))
+        init_transformer_weights(self, num_layers=max(self.num_blocks, 1))
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.class_embedding is not None:
             nn.init.normal_(self.class_embedding, std=0.02)
@@ -204,9 +221,9 @@ class ClipViT(nn.Module):
             x = torch.cat((cls, x), dim=1)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        for layer in self.layers:
+        for layer in self.layers[: self.num_blocks]:
             x = layer(x)
-        if self.post_norm is not None:
+        if self.apply_post_norm:
             x = self.post_norm(x)
         if self.class_embedding is not None and self.feature_select == "patch":
             x = x[:, 1:]

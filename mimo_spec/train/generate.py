@@ -1,0 +1,90 @@
+"""Generation: greedy or top-k/top-p sampling with a KV cache; output modalities are decoded too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Generation:
+    """What ``generate`` produced: new token ids and decoded output-modality items."""
+
+    tokens: list[int]
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0,
+              top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if strategy == "greedy":
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None, *, max_new_tokens: int = 32,
+             strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None, use_cache: bool = True, seed: int = 0) -> Generation:
+    """Continue one prompt (input_ids (1, S)) by up to ``max_new_tokens`` tokens.
+
+    When the LM emits an output modality's generation token, the rest of that
+    item's generation tokens are fed in, and the LM hidden states at all of them
+    are decoded into the item (e.g. an image). ``use_cache=False`` recomputes the
+    whole sequence every step (the reference the cache must match).
+    """
+    model.eval()
+    lm = model.language_model
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    outputs_by_token = {m.generation_token_id: (name, m) for name, m in model.modalities.items() if m.has_output}
+    extra = sum(m.num_generation_tokens for _, m in outputs_by_token.values())
+    embeds = model.embed_inputs(input_ids, modality_inputs)  # (1, S, H)
+    max_len = embeds.shape[1] + max_new_tokens + extra
+    cache = lm.new_kv_cache(1, max_len) if use_cache else None
+    hidden = lm(embeds, kv_cache=cache)
+    result = Generation(tokens=[])
+    while len(result.tokens) < max_new_tokens:
+        next_id = pick_next(lm.logits(hidden[:, -1]), strategy, temperature, top_k, top_p, gen)
+        token = int(next_id[0])
+        if token in outputs_by_token:
+            name, mod = outputs_by_token[token]
+            chunk = torch.full((1, mod.num_generation_tokens), token, dtype=torch.long, device=input_ids.device)
+            result.tokens.extend(chunk[0].tolist())
+        else:
+            chunk = next_id.view(1, 1)
+            result.tokens.append(token)
+        new_embeds = lm.embed_tokens(chunk)
+        if cache is not None:
+            hidden = lm(new_embeds, kv_cache=cache)
+        else:
+            embeds = torch.cat([embeds, new_embeds], dim=1)
+            hidden = lm(embeds)
+        if token in outputs_by_token:
+            states = hidden[:, -chunk.shape[1]:]  # (1, n_gen, H): the item's generation tokens
+            result.outputs.setdefault(name, []).append(mod.decode(states)[0])
+        if eos_id is not None and token == eos_id:
+            break
+    return result
+
+
+def save_image(tensor: torch.Tensor, path) -> None:
+    """(C, H, W) floats (about [0, 1]) -> PNG."""
+    from PIL import Image
+
+    arr = (tensor.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = arr.permute(1, 2, 0).cpu().numpy()
+    if arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    Image.fromarray(arr).save(path)

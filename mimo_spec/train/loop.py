@@ -1,0 +1,317 @@
+"""The training job: data -> forward/backward -> optimizer, with metrics and checkpoints.
+
+Resuming restores model, optimizer, schedule (a function of the step), RNG and
+the data position, so a run stopped at step k and resumed reproduces the
+uninterrupted run's losses exactly on CPU. SIGTERM saves a checkpoint and
+ends the run cleanly (exit 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mimo_spec.errors import ConfigError, InputError
+from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mimo_spec.train.metrics import MetricsWriter, plot_loss, read_metrics
+from mimo_spec.train.optim import build_optimizer, set_lr
+
+FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "eval_loss", "eval_ppl"]
+
+
+def _plain(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+class DataStream:
+    """Deterministic sample order: epoch e is a permutation seeded by (seed, e).
+
+    The position (samples consumed so far) is all a checkpoint needs to resume it.
+    """
+
+    def __init__(self, dataset, seed: int, position: int = 0):
+        if len(dataset) == 0:
+            raise InputError("the training set is empty", path="data", hint="check data.path / data.num_samples")
+        self.dataset, self.seed, self.position = dataset, seed, position
+        self._epoch, self._order = -1, None
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            epoch, offset = divmod(self.position, len(self.dataset))
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._order, self._epoch = torch.randperm(len(self.dataset), generator=g).tolist(), epoch
+            out.append(self.dataset[self._order[offset]])
+            self.position += 1
+        return out
+
+
+def _autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_kwargs(batch: dict, device: torch.device) -> dict:
+    """The collated batch as MimoModel.forward keyword arguments, on ``device``."""
+    def to(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, dict):
+            return {k: to(v) for k, v in x.items()}
+        return x
+
+    kw = {"input_ids": to(batch["input_ids"]), "labels": to(batch["labels"]),
+          "modality_inputs": to(batch.get("modality_inputs") or {})}
+    if batch.get("output_targets"):
+        kw["output_targets"] = to(batch["output_targets"])
+    return kw
+
+
+def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | None, precision: str = "fp32",
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Token-weighted loss and perplexity over (the first ``max_batches`` batches of) ``dataset``."""
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    n = len(dataset)
+    batches = range(0, n, batch_size)
+    with torch.no_grad(), _autocast(precision):
+        for b, start in enumerate(batches):
+            if max_batches and b >= max_batches:
+                break
+            batch = collate_fn([dataset[i] for i in range(start, min(n, start + batch_size))])
+            out = model(**model_kwargs(batch, device))
+            tokens = int(batch["num_tokens"])
+            total_nll += float(out.lm_loss) * tokens
+            total_tokens += tokens
+    model.train()
+    loss = total_nll / max(total_tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
+
+
+def _resume_source(resume: str, out_dir: Path) -> Path | None:
+    if resume in (None, "", "none", False):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume)
+    if (path / "state.json").exists():
+        return path
+    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found:
+        raise ConfigError(f"no checkpoint found in {path}", path="train.resume",
+                          hint="give a run directory, a checkpoints/step_NNNNNN folder, 'auto' or 'none'")
+    return found[-1]
+
+
+class _StopFlag:
+    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, Any]:
+    """Run the training job of ``cfg`` in ``out_dir``; returns the final metrics (also in metrics.json)."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.train.data import build_dataset, collate
+    from mimo_spec.train.tokenizer import build_tokenizer
+
+    out_dir = Path(out_dir)
+    tc = _plain(cfg["train"])
+    seed = int(tc.get("seed", cfg.get("seed", 0)))
+    if tc.get("num_threads"):
+        torch.set_num_threads(int(tc["num_threads"]))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    device = torch.device(tc.get("device") or "cpu")
+    model = build_model(cfg, seed=seed, device=device)
+    model.train()
+    tokenizer = build_tokenizer(cfg["data"], model)
+    train_set = build_dataset(cfg["data"], model, tokenizer, "train")
+    eval_set = build_dataset(cfg["data"], model, tokenizer, "eval")
+    collate_fn = lambda samples: collate(samples, tokenizer.pad_id)  # noqa: E731
+    optimizer = build_optimizer(model, tc)
+    batch_size, accum = int(tc["batch_size"]), int(tc.get("grad_accum", 1))
+    steps, precision = int(tc["steps"]), tc.get("precision", "fp32")
+    ckpt_cfg = tc.get("checkpoint", {})
+    ckpt_every, keep_last = int(ckpt_cfg.get("every", 0)), int(ckpt_cfg.get("keep_last", 2))
+
+    start_step, position = 0, 0
+    source = _resume_source(tc.get("resume", "auto"), out_dir)
+    if source is not None:
+        state = load_checkpoint(source, model, optimizer)
+        start_step, position = int(state["step"]), int(state["data_position"])
+        _say(console, f"resumed from {source} at step {start_step}")
+    stream = DataStream(train_set, seed, position)
+    metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None)
+    if source is not None:
+        _truncate_metrics(metrics, start_step)
+
+    def save(step: int) -> Path:
+        extra = {"data_position": stream.position, "config": _plain(cfg) if isinstance(cfg, dict) else
+                 OmegaConf.to_container(cfg, resolve=True)}
+        extra["config"].pop("hydra", None)
+        return save_checkpoint(out_dir / "checkpoints", step, model, optimizer, extra, keep_last)
+
+    dropped = getattr(train_set, "num_dropped", 0)
+    if dropped:
+        _say(console, f"data: dropped {dropped} samples ({getattr(train_set, 'drop_reasons', {})})")
+    status, last_loss, tokens_per_s = "completed", float("nan"), 0.0
+    t_start, tokens_seen = time.perf_counter(), 0
+    progress = _progress(console, steps, start_step)
+    with _StopFlag() as stop, progress:
+        for step in range(start_step, steps):
+            lr = set_lr(optimizer, step, tc)
+            optimizer.zero_grad(set_to_none=True)
+            micro = [collate_fn(stream.take(batch_size)) for _ in range(accum)]
+            total_tokens = max(1, sum(int(b["num_tokens"]) for b in micro))
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for batch in micro:
+                model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
+                                     items_per_sample=batch.get("items_per_sample"))
+                with _autocast(precision):
+                    out = model(**model_kwargs(batch, device))
+                # one global token count normalises every micro-batch's gradient
+                weight = int(batch["num_tokens"]) / total_tokens
+                (out.loss * weight).backward()
+                step_loss += float(out.loss.detach()) * weight
+            grad_norm = _clip(model, tc.get("grad_clip"))
+            optimizer.step()
+            elapsed = time.perf_counter() - t0
+            real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens_seen += real_tokens
+            tokens_per_s = real_tokens / max(elapsed, 1e-9)
+            last_loss = step_loss
+            done = step + 1
+            row = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                   "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3)}
+            eval_every = int(tc.get("eval_every", 0))
+            if len(eval_set) and ((eval_every and done % eval_every == 0) or done == steps):
+                row.update({k: v for k, v in evaluate(model, eval_set, collate_fn, batch_size,
+                                                      tc.get("eval_batches"), precision, device).items()
+                            if k != "eval_tokens"})
+            metrics.log(row)
+            progress.update(done, step_loss, tokens_per_s)
+            if done % int(tc.get("log_every", 10)) == 0 or done == steps:
+                _say(console, " ".join(f"{k}={v}" for k, v in row.items()))
+            if stop.signal is not None:
+                save(done)
+                status = "interrupted"
+                _say(console, f"received signal {stop.signal}: saved checkpoint at step {done}, stopping")
+                break
+            if (ckpt_every and done % ckpt_every == 0) or done == steps:
+                save(done)
+    metrics.close()
+    plot_loss(metrics.path, out_dir / "loss.png")
+    rows = read_metrics(metrics.path)
+    result = {
+        "status": status, "steps": int(rows[-1]["step"]) if rows else start_step,
+        "final_loss": last_loss, "first_loss": float(rows[0]["loss"]) if rows else float("nan"),
+        "eval_loss": next((float(r["eval_loss"]) for r in reversed(rows) if r.get("eval_loss")), None),
+        "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "wall_time_s": time.perf_counter() - t_start, "dropped_samples": dropped,
+    }
+    tmp = out_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out_dir / "metrics.json")
+    return result
+
+
+def _truncate_metrics(metrics: MetricsWriter, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be redone)."""
+    metrics._file.close()
+    rows = [r for r in read_metrics(metrics.path) if int(r["step"]) <= step]
+    import csv
+
+    with open(metrics.path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=metrics.fields)
+        w.writeheader()
+        w.writerows(rows)
+    metrics._file = open(metrics.path, "a", newline="")
+    metrics._csv = csv.DictWriter(metrics._file, fieldnames=metrics.fields, extrasaction="ignore")
+
+
+def _clip(model, max_norm) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, float(max_norm)))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text, highlight=False)
+    else:
+        print(text, flush=True)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *a):
+        pass
+
+
+class _RichProgress:
+    """step, loss, tokens/s and ETA on one live line (rich)."""
+
+    def __init__(self, console, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                           TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+        self._task = self._p.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+
+    def __enter__(self):
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._p.__exit__(*exc)
+
+    def update(self, done: int, loss: float, tps: float) -> None:
+        self._p.update(self._task, completed=done, loss=loss, tps=tps)
+
+
+def _progress(console, total: int, start: int):
+    if console is None:
+        return _NoProgress()
+    return _RichProgress(console, total, start)
