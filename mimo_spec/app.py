@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mimo_spec.errors import ConfigError
 
-ACTIONS = ("summary", "validate", "list", "print")
+ACTIONS = ("train", "eval", "generate", "summary", "validate", "list", "print", "import")
 EXIT_CONFIG_ERROR = 2
 
 
@@ -50,11 +50,34 @@ def write_run_record(cfg, overrides: list[str], spec, out_dir: Path) -> None:
     write_text_atomic(out_dir / "versions.json", json.dumps(versions, indent=2) + "\n")
 
 
+def use_imported_model(cfg) -> None:
+    """Replace the model description with the one in ``init_from``/config.yaml."""
+    from omegaconf import OmegaConf, open_dict
+
+    from mimo_spec.spec import load_yaml_file
+
+    folder = Path(cfg.init_from)
+    if not (folder / "config.yaml").exists() or not (folder / "model.safetensors").exists():
+        raise ConfigError(f"{folder} has no config.yaml + model.safetensors", path="init_from",
+                          hint="point at a folder written by action=import")
+    imported = load_yaml_file(folder / "config.yaml")
+    if "model" not in imported:
+        raise ConfigError(f"{folder / 'config.yaml'} describes a single component, not a whole model",
+                          path="init_from", hint="import a language model or a LLaVA checkpoint")
+    with open_dict(cfg):
+        cfg.model = imported.model
+        cfg.modalities = imported.get("modalities") or {}
+        if imported.get("dtype"):
+            cfg.dtype = imported.dtype
+
+
 def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
     """Carry out ``cfg.action``; returns the exit code."""
     from omegaconf import OmegaConf
 
-    action = cfg.get("action", "summary")
+    action = cfg.get("action", "train")
+    if cfg.get("init_from"):
+        use_imported_model(cfg)
     if action not in ACTIONS:
         from mimo_spec.errors import did_you_mean
 
@@ -71,12 +94,20 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         return 0
     from mimo_spec.builders import build_model
 
+    if action == "import":  # the config to check is the one being imported
+        from mimo_spec import jobs
+
+        return jobs.run_import(cfg, out_dir or Path("."))
     model = build_model(cfg, device="meta", dtype=cfg.get("dtype"))
     if out_dir is not None:
         write_run_record(cfg, overrides, model.spec, out_dir)
     if action == "validate":
         print(f"config is valid: {sum(p.numel() for p in model.parameters()):,} parameters")
         return 0
+    if action in ("train", "eval", "generate", "import"):
+        from mimo_spec import jobs
+
+        return getattr(jobs, f"run_{action}")(cfg, out_dir or Path("."))
     from mimo_spec.builders.build import parse_dtype
     from mimo_spec.summary import render_summary
 

@@ -16,12 +16,12 @@ def _run_dir(cwd: Path) -> Path:
 
 
 def test_default_run_prints_summary_and_writes_a_rebuildable_record(cli):
-    r = cli("model.params.num_layers=3", "freeze=[modalities.images.encoders.*]")
+    r = cli("action=summary", "model.params.num_layers=3", "freeze=[modalities.images.encoders.*]")
     assert r.returncode == 0, r.stderr
     assert "language_model" in r.stdout and "modalities.images" in r.stdout and "encoders.clip" in r.stdout
     assert "trainable" in r.stdout and "frozen" in r.stdout
     run = _run_dir(cli.cwd)
-    assert OmegaConf.load(run / "overrides.yaml") == ["model.params.num_layers=3",
+    assert OmegaConf.load(run / "overrides.yaml") == ["action=summary", "model.params.num_layers=3",
                                                       "freeze=[modalities.images.encoders.*]"]
     versions = json.loads((run / "versions.json").read_text())
     assert versions["torch"] == torch.__version__ and versions["mimo_spec"]
@@ -35,7 +35,7 @@ def test_default_run_prints_summary_and_writes_a_rebuildable_record(cli):
 
 
 def test_summary_of_a_70b_config_on_meta(cli):
-    r = cli("model=llama3_70b", "modality=[vision_clip,audio_whisper]", "dtype=bfloat16")
+    r = cli("action=summary", "model=llama3_70b", "modality=[vision_clip,audio_whisper]", "dtype=bfloat16")
     assert r.returncode == 0, r.stderr
     assert "80 x TransformerBlock" in r.stdout and "GiB" in r.stdout and "at bfloat16" in r.stdout
 
@@ -66,14 +66,14 @@ def test_config_errors_exit_2_without_traceback(cli, tmp_path):
         ("model=llama_tiy",): "no config option 'llama_tiy' in group 'model'",
         ("action=summry",): "did you mean summary?",
         ("modalities.images.submodules.encoders.clip.module=clip_vt",): "did you mean clip_vit?",
-        ("model.params.num_layers=two",): "model.params.num_layers: expected int, got str 'two'",
+        ("action=validate", "model.params.num_layers=two"): "model.params.num_layers: expected int, got str 'two'",
     }
     for args, expected in cases.items():
         r = cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert expected in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and "hint:" in r.stderr
-    r = cli("model.params.hiden_size=3")
+    r = cli("action=validate", "model.params.hiden_size=3")
     assert "did you mean hidden_size?" in r.stderr
 
 
@@ -82,16 +82,16 @@ def test_malformed_yaml_names_file_line_and_column(cli, tmp_path):
     conf.mkdir(parents=True)
     bad = conf / "broken.yaml"
     bad.write_text("# @package modalities.broken\nmodule: modality\nparams: {special_token_id: 1002\n")
-    r = cli(f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "modality=[broken]")
+    r = cli("action=validate", f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "modality=[broken]")
     assert r.returncode == 2, r.stderr
     assert f"{bad}:4:1" in r.stderr and "YAML syntax error" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_debug_switch_shows_the_traceback(cli):
-    r = cli("model.params.num_layers=two", "debug=true")
+    r = cli("action=validate", "model.params.num_layers=two", "debug=true")
     assert r.returncode != 0 and "Traceback" in r.stderr
-    r = cli("model.params.num_layers=two", env={"HYDRA_FULL_ERROR": "1"})
+    r = cli("action=validate", "model.params.num_layers=two", env={"HYDRA_FULL_ERROR": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 

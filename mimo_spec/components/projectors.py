@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 import torch.nn as nn
 
+from mimo_spec.components.layers import ActivationName, get_activation
 from mimo_spec.registry import register
 
-Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+class Activation(nn.Module):
+    """An activation from components.layers by name, as a module (so nn.Sequential can hold it)."""
 
+    def __init__(self, name: ActivationName):
+        super().__init__()
+        self.name = name
+        self.fn = get_activation(name)
 
-def activation_module(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "silu":
-        return nn.SiLU()
-    if name == "relu":
-        return nn.ReLU()
-    if name == "quick_gelu":
-        return _QuickGELU()
-    raise ValueError(f"unknown activation {name!r}")
-
-
-class _QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
 
 
 @register("projector", "identity")
@@ -72,7 +64,7 @@ class MLPProjector(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None,
-                 num_layers: int = 2, activation: Activation = "gelu", bias: bool = True):
+                 num_layers: int = 2, activation: ActivationName = "gelu", bias: bool = True):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -83,7 +75,7 @@ class MLPProjector(nn.Module):
         for i in range(num_layers):
             layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
             if i < num_layers - 1:
-                layers.append(activation_module(activation))
+                layers.append(Activation(activation))
         self.layers = nn.Sequential(*layers)
 
     def tokens_out(self, tokens_in: int) -> int:
@@ -102,7 +94,7 @@ class PixelShuffleMLPProjector(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, scale_factor: int = 2,
-                 hidden_features: int | None = None, activation: Activation = "gelu", norm: bool = True):
+                 hidden_features: int | None = None, activation: ActivationName = "gelu", norm: bool = True):
         super().__init__()
         if scale_factor < 1:
             raise ValueError(f"scale_factor must be >= 1, got {scale_factor}")
@@ -110,7 +102,7 @@ class PixelShuffleMLPProjector(nn.Module):
         merged = in_features * scale_factor * scale_factor
         self.norm = nn.LayerNorm(merged) if norm else nn.Identity()
         hidden = hidden_features or out_features
-        self.mlp = nn.Sequential(nn.Linear(merged, hidden), activation_module(activation), nn.Linear(hidden, out_features))
+        self.mlp = nn.Sequential(nn.Linear(merged, hidden), Activation(activation), nn.Linear(hidden, out_features))
 
     def tokens_out(self, tokens_in: int) -> int:
         grid = math.isqrt(tokens_in)

@@ -346,6 +346,30 @@ def whisper_encoder_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Map
     return _export(sd, _whisper_table(params), prefix)
 
 
+# ------------------------------------------------------- LLaVA projector
+
+# LLaVA's multi_modal_projector (linear_1, GELU, linear_2) is MLPProjector(num_layers=2): layers.0 / layers.2.
+_LLAVA_PROJECTOR = {"layers.0": "linear_1", "layers.2": "linear_2"}
+
+
+def llava_projector_import_plan(hf_keys: Iterable[str], bias: bool = True, prefix: str | None = None) -> Plan:
+    """Which HF tensors make each MLPProjector tensor of a LLaVA checkpoint."""
+    pre = _find_prefix(hf_keys, "multi_modal_projector.linear_1.weight", prefix) + "multi_modal_projector."
+    leaves = ("weight", "bias") if bias else ("weight",)
+    return {f"{ours}.{leaf}": [(f"{pre}{hf}.{leaf}", None, False)] for ours, hf in _LLAVA_PROJECTOR.items()
+            for leaf in leaves}
+
+
+def llava_projector_state_dict_to_hf(sd: Mapping[str, torch.Tensor],
+                                     prefix: str = "multi_modal_projector.") -> dict[str, torch.Tensor]:
+    """MLPProjector(num_layers=2) state dict -> LLaVA's multi_modal_projector keys."""
+    out = {}
+    for key, t in sd.items():
+        layer, leaf = key.rsplit(".", 1)
+        out[f"{prefix}{_LLAVA_PROJECTOR[layer]}.{leaf}"] = t
+    return out
+
+
 # ---------------------------------------------------------------- dispatch
 
 # registry name -> (params from config, HF -> ours, ours -> HF)

@@ -99,20 +99,69 @@ def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | Non
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
 
 
-def _resume_source(resume: str, out_dir: Path) -> Path | None:
+# keys that may change between a run and its resumption
+RESUMABLE_CHANGES = ("action", "debug", "summary", "eval", "generate", "import_hf", "train.steps", "train.resume",
+                     "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint", "train.num_threads",
+                     "train.device", "hydra")
+
+
+def _resume_candidates(resume: str, out_dir: Path) -> list[Path]:
+    """Checkpoints to try, newest first."""
     if resume in (None, "", "none", False):
-        return None
+        return []
     if resume == "auto":
-        found = list_checkpoints(out_dir / "checkpoints")
-        return found[-1] if found else None
+        return list_checkpoints(out_dir / "checkpoints")[::-1]
     path = Path(resume)
     if (path / "state.json").exists():
-        return path
+        return [path]
     found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
     if not found:
         raise ConfigError(f"no checkpoint found in {path}", path="train.resume",
                           hint="give a run directory, a checkpoints/step_NNNNNN folder, 'auto' or 'none'")
-    return found[-1]
+    return found[::-1]
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (ignoring RESUMABLE_CHANGES)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}{key}"
+        if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def _resume(resume, out_dir: Path, model, optimizer, current: dict, console):
+    """Load the newest good checkpoint; a damaged one is reported and the previous one used."""
+    import json
+
+    damaged: list[str] = []
+    for path in _resume_candidates(resume, out_dir):
+        try:
+            saved = json.loads((path / "state.json").read_text()).get("config", {})
+        except (OSError, json.JSONDecodeError) as e:
+            _say(console, f"warning: skipping damaged checkpoint {path}: {e}")
+            damaged.append(str(path))
+            continue
+        changes = config_changes(saved, {k: v for k, v in current.items() if k != "hydra"})
+        if changes:
+            raise ConfigError(f"cannot resume from {path}: the config changed: " + "; ".join(changes[:10]),
+                              path="train.resume", hint="resume with the original config, or start fresh with "
+                              "train.resume=none (or a new run directory)")
+        try:
+            return path, load_checkpoint(path, model, optimizer)
+        except InputError as e:
+            _say(console, f"warning: skipping damaged checkpoint {path}: {e}")
+            damaged.append(str(path))
+    if damaged:  # the model may hold half-loaded weights: never train on from there
+        raise InputError(f"every checkpoint is damaged: {', '.join(damaged)}", path="train.resume",
+                         hint="start fresh with train.resume=none")
+    return None, None
 
 
 class _StopFlag:
@@ -153,6 +202,10 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     random.seed(seed)
     device = torch.device(tc.get("device") or "cpu")
     model = build_model(cfg, seed=seed, device=device)
+    if cfg.get("init_from"):  # start from imported weights (a resumed checkpoint then overrides them)
+        from mimo_spec.weights import load_weights
+
+        load_weights(model, Path(cfg["init_from"]) / "model.safetensors")
     model.train()
     tokenizer = build_tokenizer(cfg["data"], model)
     train_set = build_dataset(cfg["data"], model, tokenizer, "train")
@@ -165,9 +218,9 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     ckpt_every, keep_last = int(ckpt_cfg.get("every", 0)), int(ckpt_cfg.get("keep_last", 2))
 
     start_step, position = 0, 0
-    source = _resume_source(tc.get("resume", "auto"), out_dir)
+    current = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    source, state = _resume(tc.get("resume", "auto"), out_dir, model, optimizer, current, console)
     if source is not None:
-        state = load_checkpoint(source, model, optimizer)
         start_step, position = int(state["step"]), int(state["data_position"])
         _say(console, f"resumed from {source} at step {start_step}")
     stream = DataStream(train_set, seed, position)

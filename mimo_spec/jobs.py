@@ -1,0 +1,117 @@
+"""The run actions beyond inspecting a config: train, eval, generate, import."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mimo_spec.errors import ConfigError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def run_train(cfg: DictConfig, out_dir: Path) -> int:
+    from mimo_spec.train.loop import train
+
+    console = _console()
+    result = train(cfg, out_dir, console=console)
+    console.print(f"{result['status']}: {result['steps']} steps, loss {result['first_loss']:.4f} -> "
+                  f"{result['final_loss']:.4f}" + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"]
+                                                   else "") + f"; outputs in {out_dir}")
+    return 0
+
+
+def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
+    """The checkpoint folder a run dir or folder names, and the config it was trained with."""
+    from mimo_spec.train.checkpoint import list_checkpoints
+
+    if not source:
+        raise ConfigError("missing: which checkpoint to use", path=f"{key}.checkpoint",
+                          hint=f"set {key}.checkpoint to a run directory or its checkpoints/step_NNNNNN folder")
+    path = Path(source)
+    if not (path / "state.json").exists():
+        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if not found:
+            raise ConfigError(f"no checkpoint found in {path}", path=f"{key}.checkpoint",
+                              hint="give a run directory or a checkpoints/step_NNNNNN folder")
+        path = found[-1]
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path / 'state.json'}: {e}", path=f"{key}.checkpoint") from None
+    return path, OmegaConf.create(state["config"])
+
+
+def _load_trained(cfg: DictConfig, key: str):
+    from mimo_spec.builders import build_model
+    from mimo_spec.train.checkpoint import load_checkpoint
+    from mimo_spec.train.tokenizer import build_tokenizer
+
+    path, trained_cfg = checkpoint_config(cfg[key].get("checkpoint"), key)
+    model = build_model(trained_cfg, seed=0)
+    load_checkpoint(path, model)
+    tokenizer = build_tokenizer(trained_cfg["data"], model)
+    return path, trained_cfg, model, tokenizer
+
+
+def run_eval(cfg: DictConfig, out_dir: Path) -> int:
+    from mimo_spec.train.data import build_dataset, collate
+    from mimo_spec.train.loop import evaluate
+
+    path, trained_cfg, model, tokenizer = _load_trained(cfg, "eval")
+    dataset = build_dataset(trained_cfg["data"], model, tokenizer, "eval")
+    if len(dataset) == 0:
+        raise ConfigError("the held-out split is empty", path="data", hint="set data.eval_samples / eval_fraction")
+    result = evaluate(model, dataset, lambda s: collate(s, tokenizer.pad_id), int(trained_cfg.train.batch_size),
+                      cfg.eval.get("batches"), trained_cfg.train.get("precision", "fp32"))
+    result["checkpoint"] = str(path)
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.2f}  "
+          f"({result['eval_tokens']} tokens, {path})")
+    return 0
+
+
+def run_generate(cfg: DictConfig, out_dir: Path) -> int:
+    from mimo_spec.train.data import encode_prompt
+    from mimo_spec.train.generate import generate, save_image
+
+    g = cfg.generate
+    path, trained_cfg, model, tokenizer = _load_trained(cfg, "generate")
+    input_ids, modality_inputs = encode_prompt(g.prompt, model, tokenizer, trained_cfg["data"],
+                                               images=list(g.images), audio=list(g.audio))
+    out = generate(model, input_ids, modality_inputs, max_new_tokens=int(g.max_new_tokens), strategy=g.strategy,
+                   temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
+                   eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed))
+    specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}
+    text = tokenizer.decode([t for t in out.tokens if t not in specials and t < tokenizer.vocab_size])
+    print(text)
+    record = {"prompt": g.prompt, "tokens": out.tokens, "text": text, "outputs": {}}
+    for name, items in out.outputs.items():
+        for i, item in enumerate(items):
+            if item.dim() == 3:
+                file = out_dir / f"generated_{name}_{i}.png"
+                save_image(item, file)
+                record["outputs"].setdefault(name, []).append(str(file))
+                print(f"{name}: wrote {file}")
+    (out_dir / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def run_import(cfg: DictConfig, out_dir: Path) -> int:
+    from mimo_spec.interop import import_hf_to_dir
+
+    spec = cfg.import_hf
+    if not spec.get("source"):
+        raise ConfigError("missing: the Hugging Face checkpoint directory to import", path="import_hf.source",
+                          hint="set import_hf.source=/path/to/hf_model")
+    output = Path(spec.get("output") or out_dir / "imported")
+    yaml_path, weights_path = import_hf_to_dir(spec.source, output)
+    print(f"wrote {yaml_path} and {weights_path}")
+    print(f"use it: mimo-spec init_from={output.resolve()} action=summary   (or build_model('{yaml_path}'))")
+    return 0

@@ -1,0 +1,234 @@
+"""Synthetic multimodal data that follows whatever modalities the model has.
+
+Every sample is a short chat whose answer is learnable:
+
+- **items** (input modalities): each item is drawn from a small set of classes
+  and rendered so that its class is visible: images are a coloured shape
+  (``a red circle``: 4 colours x 4 shapes), audio features a band of energy at a
+  pitch with a temporal pattern (``a high beep``: 2 pitches x 3 patterns). The
+  user turn holds 1..``max_items_per_sample`` items (placeholder runs of
+  ``tokens_per_item``), the answer names them in order: ``a red circle and a high beep``.
+  Encoders of an unknown input kind get random inputs and the caption ``an item``.
+- **text only** (``text_only_fraction``): counting, repeating words, successors.
+- **generation** (output modalities, ``generation_fraction``): ``draw a red circle``
+  answered with the modality's generation tokens (trained, so the LM learns to
+  emit them), with the rendered image (values in [0, 1]) as the decoder's target.
+
+Sample ``i`` of a split depends only on (seed, split, i).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from mimo_spec.errors import ConfigError
+from mimo_spec.train.preprocess import modality_kind, normalize
+from mimo_spec.train.tokenizer import Tag, encode_conversation, reserved_token_ids
+
+COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
+SHAPES = ("square", "circle", "cross", "ring")
+PITCHES = {"low": 0.2, "high": 0.65}  # centre of the energy band, as a fraction of the mel bins
+SOUNDS = ("hum", "beep", "chirp")
+QUESTIONS = {"image": "What is shown?", "audio": "What do you hear?"}
+WORDS = ("red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "one", "two")
+# a sample's text (besides the template and its items) stays below this many tokens (bytes) ...
+TEXT_BUDGET = 64
+# ... plus at most this many per item (its caption, " and ", a newline)
+ITEM_TEXT = 24
+
+
+def _seed(seed: int, split: str, index: int) -> int:
+    """A per-sample seed, stable across processes (unlike hash())."""
+    digest = hashlib.blake2b(f"{seed}:{split}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _pick(g: torch.Generator, n: int) -> int:
+    return int(torch.randint(n, (1,), generator=g))
+
+
+def render_image(color: str, shape: str, size: int, channels: int = 3, *, noise: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """A ``color`` ``shape`` on a dark background: (channels, size, size) in [0, 1].
+
+    The shape is shifted a little at random (with ``generator``) so samples differ.
+    """
+    shift = (torch.rand(2, generator=generator) - 0.5) * 0.3 if generator is not None else torch.zeros(2)
+    axis = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(axis - shift[0], axis - shift[1], indexing="ij")
+    mask = {
+        "square": torch.maximum(x.abs(), y.abs()) < 0.55,
+        "circle": x**2 + y**2 < 0.65**2,
+        "cross": ((x.abs() < 0.22) | (y.abs() < 0.22)) & (torch.maximum(x.abs(), y.abs()) < 0.85),
+        "ring": ((x**2 + y**2).sqrt() - 0.6).abs() < 0.18,
+    }[shape]
+    rgb = torch.tensor(COLORS[color])
+    fg = rgb.repeat((channels + 2) // 3)[:channels] if channels != 1 else rgb.mean().view(1)
+    img = torch.where(mask, fg.view(-1, 1, 1), torch.full((channels, 1, 1), 0.1))
+    if noise:
+        img = img + noise * torch.randn(img.shape, generator=generator)
+    return img.clamp(0, 1)
+
+
+def render_audio(pitch: str, sound: str, mel_bins: int, frames: int, *, noise: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Log-mel-like features (mel_bins, frames) in Whisper's range: a band of energy at ``pitch``;
+    ``hum`` is steady, ``beep`` switches on and off, ``chirp`` rises."""
+    t = torch.arange(frames).float()
+    centre = torch.full((frames,), PITCHES[pitch] * mel_bins)
+    on = torch.ones(frames, dtype=torch.bool)
+    if sound == "beep":
+        on = (t // max(1, frames // 8)) % 2 == 0
+    elif sound == "chirp":
+        centre = centre + (t / max(1, frames - 1) - 0.5) * 0.3 * mel_bins
+    bins = torch.arange(mel_bins).float().view(-1, 1)
+    band = ((bins - centre.view(1, -1)).abs() <= max(1.0, mel_bins / 12)) & on.view(1, -1)
+    x = torch.where(band, torch.tensor(1.0), torch.tensor(-0.5))
+    if noise:
+        x = x + noise * torch.randn(x.shape, generator=generator)
+    return x
+
+
+def _stats(values, channels: int) -> list[float]:
+    """Per-channel mean/std for ``channels`` (averaged when the config's count does not match)."""
+    values = list(values)
+    return values if len(values) in (1, channels) else [sum(values) / len(values)]
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """``num_samples`` (train) or ``eval_samples`` (eval) generated samples for ``model``."""
+
+    def __init__(self, cfg, model, tokenizer, split: str = "train"):
+        from mimo_spec.train.data import max_length
+
+        # only shapes and ids are kept from the model, so the dataset pickles cheaply into DataLoader workers
+        self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
+        self.num_dropped, self.drop_reasons = 0, {}  # nothing is ever dropped; the trainer may ask
+        self.template = cfg.template.build()
+        self.max_len = max_length(cfg, model)
+        self.length = cfg.num_samples if split == "train" else cfg.eval_samples
+        self.reserved = set(reserved_token_ids(model))
+        empty = encode_conversation(tokenizer, [("user", ""), ("assistant", "")], {}, self.template)
+        self.text_budget = TEXT_BUDGET + len(empty.input_ids)  # the template's own tokens count too
+        self.inputs, self.outputs, self.tags = {}, {}, {}
+        for name, mod in model.modalities.items():
+            if mod.has_input:
+                # shapes of one item per encoder, from the encoder itself
+                example = mod.example_inputs(1)
+                shapes = {e: {k: tuple(v.shape[1:]) for k, v in kws.items()} for e, kws in example.items()}
+                per_item = mod.tokens_per_item(example)
+                self.inputs[name] = {"kind": modality_kind(mod), "shapes": shapes, "cost": per_item + ITEM_TEXT}
+                self.tags[f"<{name}>"] = Tag(name, mod.special_token_id, per_item)
+                self._check_fits(per_item + ITEM_TEXT, f"one {name} item takes {per_item} placeholder tokens")
+            if mod.has_output:
+                shape = tuple(mod.decoder.example_targets(1).shape[1:])
+                n = mod.num_generation_tokens
+                self.outputs[name] = {"shape": shape, "tokens": n}
+                self.tags[f"<gen:{name}>"] = Tag(name, mod.generation_token_id, n, trainable=True)
+                self._check_fits(n, f"generating one {name} item takes {n} tokens")
+
+    def _check_fits(self, tokens: int, what: str) -> None:
+        if tokens + self.text_budget > self.max_len:
+            raise ConfigError(f"{what}; with ~{self.text_budget} text tokens that exceeds the maximum length "
+                              f"{self.max_len}", path="data.max_seq_len",
+                              hint="raise data.max_seq_len / model.params.max_seq_len")
+
+    def __len__(self) -> int:
+        return self.length
+
+    # ------------------------------------------------------------------------ sample parts
+    def _item(self, name: str, g: torch.Generator) -> tuple[dict, str]:
+        """One item of input modality ``name``: ({encoder: {kwarg: (1, ...)}}, caption)."""
+        spec, noise = self.inputs[name], self.cfg.noise
+        if spec["kind"] == "image":
+            color, shape = list(COLORS)[_pick(g, len(COLORS))], SHAPES[_pick(g, len(SHAPES))]
+            out = {}
+            for enc, kws in spec["shapes"].items():
+                c, h, _ = kws["pixel_values"]
+                img = render_image(color, shape, h, c, noise=noise, generator=g)
+                img = normalize(img, _stats(self.cfg.image_mean, c), _stats(self.cfg.image_std, c))
+                out[enc] = {"pixel_values": img.unsqueeze(0)}
+            return out, f"a {color} {shape}"
+        if spec["kind"] == "audio":
+            pitch, sound = list(PITCHES)[_pick(g, len(PITCHES))], SOUNDS[_pick(g, len(SOUNDS))]
+            out = {enc: {"input_features": render_audio(pitch, sound, *kws["input_features"], noise=noise,
+                                                        generator=g).unsqueeze(0)}
+                   for enc, kws in spec["shapes"].items()}
+            return out, f"a {pitch} {sound}"
+        # an encoder of unknown kind: random inputs of its example shapes (nothing to learn from them)
+        return {enc: {kw: torch.randn((1, *shape), generator=g) for kw, shape in kws.items()}
+                for enc, kws in spec["shapes"].items()}, "an item"
+
+    def _text_task(self, g: torch.Generator) -> tuple[str, str]:
+        task = _pick(g, 3)
+        if task == 0:
+            a = _pick(g, 6)
+            b = a + 2 + _pick(g, 5)
+            return f"count from {a} to {b}", " ".join(str(i) for i in range(a, b + 1))
+        if task == 1:
+            words = " ".join(WORDS[_pick(g, len(WORDS))] for _ in range(1 + _pick(g, 3)))
+            return f"repeat: {words}", words
+        n = _pick(g, 99)
+        return f"what comes after {n}?", str(n + 1)
+
+    def _generation(self, g: torch.Generator) -> tuple[str, str, dict]:
+        name = list(self.outputs)[_pick(g, len(self.outputs))]
+        shape = self.outputs[name]["shape"]
+        if len(shape) == 3:  # an image (C, H, W)
+            color, kind = list(COLORS)[_pick(g, len(COLORS))], SHAPES[_pick(g, len(SHAPES))]
+            target = render_image(color, kind, shape[1], shape[0], generator=g)
+            prompt = f"draw a {color} {kind}"
+        else:
+            target = torch.rand(shape, generator=g)
+            prompt = f"make a {name} item"
+        return prompt, f"<gen:{name}>", {name: target.unsqueeze(0)}
+
+    # ----------------------------------------------------------------------------- sample
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} samples")
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, self.split, index))
+        r = float(torch.rand(1, generator=g))
+        gen_p = self.cfg.generation_fraction if self.outputs else 0.0
+        text_p = self.cfg.text_only_fraction if self.inputs else 1.0
+        counts = {name: 0 for name in self.inputs}
+        targets, user, answer = {}, "", ""
+        if r < gen_p:
+            user, answer, targets = self._generation(g)
+        elif r < gen_p + (1 - gen_p) * text_p:
+            user, answer = self._text_task(g)
+        else:
+            counts = {name: _pick(g, self.cfg.max_items_per_sample + 1) for name in self.inputs}
+            if not any(counts.values()):
+                counts[list(self.inputs)[_pick(g, len(self.inputs))]] = 1
+            # fewer items until they fit (one always does: checked at init); cost: placeholders + caption
+            while sum(c * self.inputs[n]["cost"] for n, c in counts.items()) + self.text_budget > self.max_len:
+                biggest = max(counts, key=lambda n: counts[n] * self.inputs[n]["cost"])
+                counts[biggest] -= 1
+        return self._sample(counts, user, answer, targets, g)
+
+    def _sample(self, counts: dict, user: str, answer: str, targets: dict, g: torch.Generator) -> dict:
+        items, captions, tags = {}, [], []
+        for name, n in counts.items():
+            parts = [self._item(name, g) for _ in range(n)]
+            if parts:
+                items[name] = {enc: {kw: torch.cat([p[0][enc][kw] for p in parts]) for kw in kws}
+                               for enc, kws in parts[0][0].items()}
+                captions += [p[1] for p in parts]
+                tags += [f"<{name}>"] * n
+        if captions:
+            kinds = {self.inputs[n]["kind"] for n, c in counts.items() if c}
+            question = QUESTIONS.get(kinds.pop() if len(kinds) == 1 else "mixed", "Describe these.")
+            user = "\n".join(tags) + "\n" + question
+            answer = " and ".join(captions)
+        enc = encode_conversation(self.tokenizer, [("user", user), ("assistant", answer)], self.tags,
+                                  self.template, reserved=self.reserved, where=f"synthetic[{self.split}]")
+        if len(enc.input_ids) > self.max_len:  # only a tokenizer far wordier than bytes gets here
+            raise ConfigError(f"a synthetic sample takes {len(enc.input_ids)} tokens, more than {self.max_len}",
+                              path="data.max_seq_len", hint="raise it or lower data.max_items_per_sample")
+        return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                "labels": torch.tensor(enc.labels, dtype=torch.long),
+                "items": items, "num_items": dict(counts),
+                "targets": {m: t.float() for m, t in targets.items()}}

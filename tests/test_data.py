@@ -1,0 +1,399 @@
+"""Data: tokenizers, the data config, synthetic and LLaVA-JSON datasets, collation, bad input."""
+
+import json
+import pickle
+import time
+import wave
+
+import pytest
+import torch
+
+from mimo_spec import build_model
+from mimo_spec.config import compose_config
+from mimo_spec.errors import ConfigError, InputError
+from mimo_spec.train.data import build_dataset, collate, encode_prompt, validate_data_config
+from mimo_spec.train.preprocess import CLIP_MEAN, CLIP_STD, log_mel
+from mimo_spec.train.synthetic import render_image
+from mimo_spec.train.tokenizer import ByteTokenizer, build_tokenizer
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    """The default tiny model: llama_tiny + vision_clip (16 placeholders per image, id 1000)."""
+    return build_model(compose_config([]), seed=0)
+
+
+@pytest.fixture(scope="module")
+def av_model():  # + audio_whisper: 32 placeholders per clip, id 1001
+    return build_model(compose_config(["modality=[vision_clip,audio_whisper]"]), seed=0)
+
+
+def synth(model, split="train", **kw):
+    cfg = {"source": "synthetic", "num_samples": 256, "eval_samples": 32, **kw}
+    tok = build_tokenizer(cfg, model)
+    return build_dataset(cfg, model, tok, split), tok
+
+
+def human(text):
+    return {"from": "human", "value": text}
+
+
+def gpt(text):
+    return {"from": "gpt", "value": text}
+
+
+@pytest.fixture
+def fixture_dir(tmp_path):
+    """A small real-data fixture: PNGs, a WAV file and a LLaVA-style JSON."""
+    (tmp_path / "img").mkdir(), (tmp_path / "wav").mkdir()
+    for color, shape in (("red", "square"), ("blue", "circle")):
+        img = (render_image(color, shape, 40) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        PIL.fromarray(img).save(tmp_path / "img" / f"{color}.png")
+    PIL.fromarray((torch.ones(20, 60, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "img" / "wide.png")
+    with wave.open(str(tmp_path / "wav" / "tone.wav"), "wb") as f:  # 0.5 s of 440 Hz, 16-bit, 16 kHz
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
+        f.writeframes((0.3 * torch.sin(torch.arange(8000) * 2 * torch.pi * 440 / 16000) * 32767).short().numpy())
+    records = [
+        {"id": "a", "image": "red.png", "conversations": [human("<image>\nWhat is it?"), gpt("A red square.")]},
+        {"id": "b", "images": ["red.png", "blue.png"],
+         "conversations": [human("<image>\n<image>\nCompare."), gpt("Red, then blue."),
+                           human("And now?"), gpt("Still two.")]},
+        {"id": "c", "image": "wide.png", "conversations": [human("Colour?"), gpt("White.")]},  # no tag: prepended
+        {"id": "d", "conversations": [{"from": "system", "value": "Be brief."}, human("Hi"), gpt("Hello.")]},
+        {"id": "e", "audio": "tone.wav", "image": "blue.png",
+         "conversations": [human("<image> <audio> Both?"), gpt("A circle and a tone.")]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records, indent=1))
+    return tmp_path
+
+
+def llava(model, d, split="train", **kw):
+    cfg = {"source": "llava_json", "path": str(d / "data.json"), "image_folder": str(d / "img"),
+           "audio_folder": str(d / "wav"), "eval_fraction": 0.0, **kw}
+    tok = build_tokenizer(cfg, model)
+    return build_dataset(cfg, model, tok, split), tok
+
+
+def check_batch(model, batch):  # the model accepts the batch: host-side placeholder check, finite loss
+    model.prepare_inputs(batch["input_ids"], batch["modality_inputs"], items_per_sample=batch["items_per_sample"])
+    out = model(batch["input_ids"], batch["modality_inputs"], labels=batch["labels"],
+                attention_mask=batch["attention_mask"], output_targets=batch.get("output_targets"))
+    assert torch.isfinite(out.loss)
+    return out
+
+
+# ------------------------------------------------------------------------------ tokenizers
+def test_byte_tokenizer_and_vocabulary_fit(vlm):
+    tok = ByteTokenizer(300)
+    ids = tok.encode("héllo <image>")
+    assert ids[:2] == [104, 195] and max(ids) < 256
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (300, 301, 302, 303)
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id]) == "héllo <image>"
+    assert tok.decode([tok.bos_id, 104, tok.eos_id], skip_special_tokens=False) == "<bos>h<eos>"
+    with pytest.raises(ConfigError, match=r"data.tokenizer: the tokenizer has 1025 ids .* vocabulary is 1024"):
+        build_tokenizer({"special_tokens_start": 1022}, vlm)
+    with pytest.raises(ConfigError, match=r"data.special_tokens_start: byte tokenizer id 1000 is also "
+                                          r"modalities.images.params.special_token_id"):
+        build_tokenizer({"special_tokens_start": 998}, vlm)
+
+
+def save_hf_tokenizer(directory, words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(str(directory))
+
+
+def test_local_hf_tokenizer_and_its_errors(tmp_path, vlm, fixture_dir):
+    pytest.importorskip("transformers")
+    words = "USER: ASSISTANT: What is it? A red square. Compare. Red, then blue. And now? Still two. Colour? " \
+            "White. Hi Hello.".split()
+    save_hf_tokenizer(tmp_path / "tok", words)
+    ds, tok = llava(vlm, fixture_dir, tokenizer=str(tmp_path / "tok"), max_samples=4)  # no audio
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, 4 + len(set(words)))
+    assert tok.decode(tok.encode("A red square.")) == "A red square."
+    answer = [t for t in ds[0]["labels"].tolist() if t != -100]
+    assert tok.decode(answer, skip_special_tokens=False) == "A red square. </s>"
+    check_batch(vlm, collate([ds[i] for i in range(len(ds))], tok.pad_id))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"data.tokenizer: .*empty holds no tokenizer files \(expected one of"):
+        build_tokenizer({"tokenizer": str(tmp_path / "empty")}, vlm)
+    with pytest.raises(ConfigError, match=r"data.tokenizer: no such tokenizer directory"):
+        build_tokenizer({"tokenizer": str(tmp_path / "nope")}, vlm)
+    save_hf_tokenizer(tmp_path / "big", [f"w{i}" for i in range(1100)])
+    with pytest.raises(ConfigError, match=r"data.tokenizer: the tokenizer has 1104 ids"):
+        build_tokenizer({"tokenizer": str(tmp_path / "big")}, vlm)
+
+
+# --------------------------------------------------------------------------------- config
+def test_data_config_validation():
+    cfg = validate_data_config(compose_config([]).data)  # the shipped YAML files validate
+    assert cfg.source == "synthetic" and cfg.tokenizer == "byte"
+    cfg = validate_data_config(compose_config(["data=llava_json", "data.path=x.json"]).data)
+    assert (cfg.source, cfg.path, cfg.truncation) == ("llava_json", "x.json", "drop")
+    with pytest.raises(ConfigError, match=r"data.num_sampels: unknown key .*did you mean num_samples\?"):
+        validate_data_config({"source": "synthetic", "num_sampels": 3})
+    with pytest.raises(ConfigError, match=r"data.source: unknown data source 'llava' \(did you mean llava_json\?"):
+        validate_data_config({"source": "llava"})
+    with pytest.raises(ConfigError, match=r"data.path: required for source 'llava_json' \(set data.path=...\)"):
+        validate_data_config(compose_config(["data=llava_json"]).data)  # path: ??? in the YAML
+    with pytest.raises(ConfigError) as e:
+        validate_data_config({"source": "llava_json", "truncation": "cut", "template": {"user_prefx": "U"}})
+    text = str(e.value)
+    assert "data.path: required for source 'llava_json'" in text
+    assert "data.truncation: " in text and "'cut'" in text
+    assert "data.template.user_prefx: unknown key" in text and "did you mean user_prefix?" in text
+
+
+# ------------------------------------------------------------------------------ synthetic
+def test_synthetic_is_deterministic_and_captions_match(vlm):
+    a, tok = synth(vlm)
+    b, _ = synth(vlm)
+    for i in (0, 7, 255):
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"])
+        for m, enc in a[i]["items"].items():
+            assert torch.equal(enc["clip"]["pixel_values"], b[i]["items"][m]["clip"]["pixel_values"])
+    other, _ = synth(vlm, seed=1)
+    ev, _ = synth(vlm, "eval")
+    assert len(ev) == 32
+    assert any(not torch.equal(a[i]["input_ids"], other[i]["input_ids"]) for i in range(8))
+    assert any(not torch.equal(a[i]["input_ids"], ev[i]["input_ids"]) for i in range(8))
+    # the caption names what the image shows: the colour dominates at the shape's centre (or edge: ring)
+    s = next(a[i] for i in range(64) if a[i]["num_items"]["images"] == 1)
+    _, color, shape = tok.decode(t for t in s["labels"].tolist() if t != -100).split()
+    img = s["items"]["images"]["clip"]["pixel_values"][0]
+    unnorm = img * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    centre_or_edge = unnorm[:, 16, 16] if shape != "ring" else unnorm[:, 16, 4:28].max(dim=1).values
+    assert int(centre_or_edge.argmax()) == {"red": 0, "green": 1, "blue": 2, "yellow": 0}[color]
+    tight, _ = synth(vlm, max_seq_len=140)  # two images no longer fit: samples get at most one
+    assert max(len(tight[i]["input_ids"]) for i in range(64)) <= 140
+    assert {tight[i]["num_items"]["images"] for i in range(64)} == {0, 1}
+    with pytest.raises(ConfigError, match=r"data.max_seq_len: one images item takes 16 placeholder tokens"):
+        synth(vlm, max_seq_len=60)
+
+
+def test_synthetic_follows_the_modalities():
+    any_model = build_model(compose_config(["modality=[vision_clip,audio_whisper,image_gen]"]), seed=0)
+    ds, tok = synth(any_model)
+    mods = any_model.modalities
+    per_item = {n: mods[n].tokens_per_item(mods[n].example_inputs(1)) for n in ("images", "audio")}
+    assert per_item == {"images": 16, "audio": 32}
+    kinds, counts = set(), {"images": set(), "audio": set()}
+    for i in range(len(ds)):
+        s = ds[i]
+        for n in per_item:
+            counts[n].add(s["num_items"][n])
+            assert int((s["input_ids"] == mods[n].special_token_id).sum()) == s["num_items"][n] * per_item[n]
+            assert (s["labels"][s["input_ids"] == mods[n].special_token_id] == -100).all()
+        gen = int((s["input_ids"] == mods["image_out"].generation_token_id).sum())
+        assert gen == 16 * len(s["targets"].get("image_out", []))
+        kinds.add("gen" if gen else "text" if not any(s["num_items"].values()) else "items")
+        assert s["input_ids"][0] == tok.bos_id and s["labels"][-1] == tok.eos_id
+    assert kinds == {"gen", "text", "items"} and counts == {"images": {0, 1, 2}, "audio": {0, 1, 2}}
+    out = check_batch(any_model, collate([ds[i] for i in range(16)], tok.pad_id))
+    assert "image_out" in out.modality_losses
+
+
+def test_default_model_learns_the_synthetic_data():
+    """A plain AdamW loop (lr 1e-3, batch 8, 150 steps; ~5 s on 2 cores) cuts the loss clearly,
+    and the model reads each image's colour (the caption's first letter after "a ") from its pixels."""
+    model = build_model(compose_config([]), seed=0)
+    ds, tok = synth(model, num_samples=1200)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, t0, threads = [], time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and immune to a busy machine's oversubscription
+    try:
+        for step in range(150):
+            batch = collate([ds[step * 8 + j] for j in range(8)], tok.pad_id)
+            loss = model(batch["input_ids"], batch["modality_inputs"], labels=batch["labels"],
+                         attention_mask=batch["attention_mask"]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    print(f"loss first5={first:.3f} last10={last:.3f} curve={[round(x, 2) for x in losses[::10]]} "
+          f"time={time.perf_counter() - t0:.1f}s")
+    assert last < 0.4 * first
+    ev, _ = synth(model, "eval", eval_samples=64)
+    singles = [ev[i] for i in range(len(ev)) if ev[i]["num_items"]["images"] == 1]
+    batch = collate(singles, tok.pad_id)
+    with torch.no_grad():
+        pred = model(batch["input_ids"], batch["modality_inputs"]).logits.argmax(-1)
+    right = 0
+    for row, s in enumerate(singles):
+        colour_at = int((s["labels"] != -100).nonzero()[0]) + 2  # "a " then the colour's first letter
+        right += int(pred[row, colour_at - 1] == s["labels"][colour_at])
+    print(f"colour read from the image: {right}/{len(singles)}")
+    assert len(singles) >= 10 and right >= 0.8 * len(singles)
+
+
+# -------------------------------------------------------------------------------- collate
+def test_collate_pads_and_groups_items(vlm):
+    ds, tok = synth(vlm)
+    picks = [next(i for i in range(256) if ds[i]["num_items"]["images"] == n) for n in (2, 0, 1)]
+    samples = [ds[i] for i in picks]
+    b = collate(samples, tok.pad_id)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert b["input_ids"].shape == (3, max(lengths)) and b["input_ids"].dtype == torch.long
+    assert b["attention_mask"].sum(1).tolist() == lengths
+    for i, n in enumerate(lengths):
+        assert (b["input_ids"][i, n:] == tok.pad_id).all() and (b["labels"][i, n:] == -100).all()
+    assert b["items_per_sample"] == {"images": [2, 0, 1]}
+    pixels = b["modality_inputs"]["images"]["clip"]["pixel_values"]
+    assert pixels.shape == (3, 3, 32, 32)  # sample by sample: two of sample 0, one of sample 2
+    assert torch.equal(pixels[2], samples[2]["items"]["images"]["clip"]["pixel_values"][0])
+    assert b["num_tokens"] == int((b["labels"][:, 1:] != -100).sum()) > 0 and "output_targets" not in b
+    text_only = collate([samples[1]], tok.pad_id)
+    assert text_only["modality_inputs"] == {} and text_only["items_per_sample"] == {"images": [0]}
+    check_batch(vlm, b)
+
+
+# ----------------------------------------------------------------------------- llava_json
+def test_llava_json_samples(av_model, fixture_dir):
+    ds, tok = llava(av_model, fixture_dir)
+    assert len(ds) == 5 and ds.num_dropped == 0
+    img_id, aud_id = (av_model.modalities[m].special_token_id for m in ("images", "audio"))
+    expect = {"a": (1, 0), "b": (2, 0), "c": (1, 0), "d": (0, 0), "e": (1, 1)}
+    for i, (images, audio) in enumerate(expect.values()):
+        s = ds[i]
+        assert s["num_items"] == {"images": images, "audio": audio}
+        assert int((s["input_ids"] == img_id).sum()) == 16 * images
+        assert int((s["input_ids"] == aud_id).sum()) == 32 * audio
+    trained = tok.decode([t for t in ds[1]["labels"].tolist() if t != -100], skip_special_tokens=False)
+    assert trained == "Red, then blue.<eos>Still two.<eos>"
+    assert tok.decode(ds[1]["input_ids"]) == ("USER: \n\nCompare. ASSISTANT: Red, then blue."
+                                           "USER: And now? ASSISTANT: Still two.")
+    assert tok.decode(ds[3]["input_ids"].tolist()) == "Be brief. USER: Hi ASSISTANT: Hello."
+    red = ds[0]["items"]["images"]["clip"]["pixel_values"][0]
+    expect_red = (torch.tensor([0.9, 0.1, 0.1]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert red.shape == (3, 32, 32) and torch.allclose(red[:, 16, 16], expect_red, atol=0.03)
+    wide = ds[2]["items"]["images"]["clip"]["pixel_values"][0]  # padded to square with the mean colour
+    assert torch.allclose(wide[:, 0, 16], torch.zeros(3), atol=0.02) and wide[0, 16, 16] > 1.5
+    assert ds[4]["items"]["audio"]["whisper"]["input_features"].shape == (1, 80, 64)
+    check_batch(av_model, collate([ds[i] for i in range(5)], tok.pad_id))
+
+
+def test_prompt_matches_the_training_layout(av_model, fixture_dir):
+    cfg = {"source": "synthetic"}
+    tok = build_tokenizer(cfg, av_model)
+    ids, inputs = encode_prompt("What is shown?", av_model, tok, cfg, images=[fixture_dir / "img" / "red.png"])
+    assert tok.decode(ids[0]) == "USER: \nWhat is shown? ASSISTANT: " and int((ids == 1000).sum()) == 16
+    ds, _ = synth(av_model)
+    s = next(ds[i] for i in range(64) if ds[i]["num_items"] == {"images": 1, "audio": 0})
+    assert torch.equal(ids[0], s["input_ids"][: ids.shape[1]])  # the prompt is the sample up to its answer
+    assert inputs["images"]["clip"]["pixel_values"].shape == (1, 3, 32, 32)
+    ids, inputs = encode_prompt("<audio> then <image>?", av_model, tok, cfg, images=[fixture_dir / "img" / "red.png"],
+                                audio=[fixture_dir / "wav" / "tone.wav"])
+    assert ids[0].tolist().index(1001) < ids[0].tolist().index(1000) and set(inputs) == {"images", "audio"}
+    av_model.prepare_inputs(ids, inputs)
+    with pytest.raises(InputError, match=r"prompt: 2 <image> tag\(s\) in the prompt but 1 file\(s\)"):
+        encode_prompt("<image><image>", av_model, tok, cfg, images=[fixture_dir / "img" / "red.png"])
+
+
+def test_llava_eval_split_and_pickling(av_model, fixture_dir):
+    tr, _ = llava(av_model, fixture_dir, eval_fraction=0.4, seed=3)
+    ev, _ = llava(av_model, fixture_dir, "eval", eval_fraction=0.4, seed=3)
+    assert len(ev) == 2 and len(tr) == 3 and not {s["where"] for s in tr.samples} & {s["where"] for s in ev.samples}
+    (fixture_dir / "held.json").write_text(json.dumps([{"conversations": [human("x"), gpt("y")]}]))
+    ev2, _ = llava(av_model, fixture_dir, "eval", eval_path=str(fixture_dir / "held.json"))
+    assert len(ev2) == 1 and ev2.samples[0]["where"] == "held.json: sample 0"
+    syn, _ = synth(av_model)
+    for d in (tr, syn):  # datasets keep ids and shapes, not the model: cheap to send to DataLoader workers
+        blob = pickle.dumps(d)
+        assert len(blob) < 200_000 and torch.equal(pickle.loads(blob)[1]["input_ids"], d[1]["input_ids"])
+
+
+def test_audio_features_and_wav_formats(tmp_path):
+    from mimo_spec.train.preprocess import read_wav, resample
+
+    transformers = pytest.importorskip("transformers")
+    wav = 0.3 * torch.sin(2 * torch.pi * 440 * torch.arange(16000) / 16000) + 0.01 * torch.randn(16000)
+    ref = transformers.WhisperFeatureExtractor(feature_size=80)(wav.numpy(), sampling_rate=16000,
+                                                                 return_tensors="pt")["input_features"][0]
+    assert torch.allclose(log_mel(wav, 80, 3000), ref, atol=1e-4)
+    values = [0, 2**23 - 1, -(2**23), -1]  # 24-bit stereo: left, right pairs
+    with wave.open(str(tmp_path / "s24.wav"), "wb") as f:
+        f.setnchannels(2), f.setsampwidth(3), f.setframerate(8000)
+        f.writeframes(b"".join(v.to_bytes(3, "little", signed=True) for v in values))
+    x, rate = read_wav(tmp_path / "s24.wav")
+    assert rate == 8000 and torch.allclose(x, torch.tensor([0.5, -0.5]), atol=1e-6)  # channels averaged
+    assert resample(torch.ones(80), 8000, 16000).shape == (160,)
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    with pytest.raises(InputError, match=r"s3: cannot read WAV file .*bad.wav.*\(only uncompressed PCM WAV"):
+        read_wav(tmp_path / "bad.wav", where="s3")
+
+
+def write_json(d, records):
+    (d / "data.json").write_text(json.dumps(records))
+
+
+def long_sample_file(d, *turns):
+    write_json(d, [{"id": "long", "images": ["red.png", "blue.png"], "conversations": list(turns)},
+                   {"id": "short", "conversations": [human("Hi"), gpt("Hello.")]}])
+
+
+def test_truncation_never_cuts_placeholders(vlm, fixture_dir):
+    # layout: bos + "USER: " (7 ids) | image run 16 | "\n" | image run 16 | ...: runs at 7..22 and 24..39
+    long_sample_file(fixture_dir, human("<image>\n<image>" + " word" * 30), gpt("An answer."))
+    ds, _ = llava(vlm, fixture_dir, max_seq_len=30)
+    assert len(ds) == 1 and ds.num_dropped == 1 and ds.drop_reasons == {"too_long": 1}
+    ds, _ = llava(vlm, fixture_dir, max_seq_len=30, truncation="truncate")  # cut at 30: inside run 2
+    assert ds.drop_reasons == {"cut_inside_placeholders": 1} and ds.dropped[0][0].endswith("(id 'long')")
+    with pytest.raises(InputError, match=r"sample 0 \(id 'long'\): no trainable tokens left after truncating"):
+        llava(vlm, fixture_dir, max_seq_len=60, truncation="truncate")  # both runs fit, the answer does not
+    long_sample_file(fixture_dir, human("<image> Q?"), gpt("Red" + "." * 60), human("<image> And?"), gpt("Blue."))
+    ds, tok = llava(vlm, fixture_dir, max_seq_len=100, truncation="truncate")
+    s = ds[0]  # the second image's run lies past the cut: it and its image are gone
+    assert len(s["input_ids"]) == 100 and s["num_items"] == {"images": 1} and ds.num_truncated == 1
+    assert int((s["input_ids"] == 1000).sum()) == 16 and tok.decode(s["labels"][s["labels"] >= 0]).startswith("Red.")
+    check_batch(vlm, collate([ds[0], ds[1]], tok.pad_id))
+    long_sample_file(fixture_dir, human("<image>\n<image>" + " word" * 30), gpt("An answer."))
+    write_json(fixture_dir, json.loads((fixture_dir / "data.json").read_text())[:1])
+    with pytest.raises(InputError, match=r"data.path: no training samples in .*all 1 dropped \(too_long: 1\)"):
+        llava(vlm, fixture_dir, max_seq_len=60)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_is_named_with_file_sample_and_path(vlm, fixture_dir):
+    with pytest.raises(InputError, match=r"data.path: data file not found: .*nope.json"):
+        build_dataset({"source": "llava_json", "path": str(fixture_dir / "nope.json")}, vlm, ByteTokenizer())
+    (fixture_dir / "data.json").write_text('[\n  {"conversations": []},\n  {"id": 2,, }\n]')
+    with pytest.raises(InputError, match=r"data.json: not valid JSON at line 3, column 12: Expecting property name"):
+        llava(vlm, fixture_dir)
+    (fixture_dir / "data.jsonl").write_text('{"conversations": []}\n{"id": \n')
+    with pytest.raises(InputError, match=r"data.jsonl: not valid JSON at line 2"):
+        llava(vlm, fixture_dir, path=str(fixture_dir / "data.jsonl"))
+    write_json(fixture_dir, [
+        {"id": "ok", "image": "red.png", "conversations": [human("<image>"), gpt("Red.")]},
+        {"id": "gone", "image": "missing.png", "conversations": [human("<image>"), gpt("?")]},
+        {"id": "tags", "image": "red.png", "conversations": [human("<image><image>"), gpt("?")]},
+        {"id": "mute", "conversations": [human("Hi"), gpt("  ")]},
+        {"id": "role", "conversations": [{"from": "bot", "value": "x"}]},
+    ])
+    with pytest.raises(InputError) as e:
+        llava(vlm, fixture_dir)
+    text = str(e.value)
+    assert text.startswith("4 problems")
+    assert "sample 1 (id 'gone'): image file not found: " in text and "missing.png (check data.image_folder" in text
+    assert "sample 2 (id 'tags'): 2 <image> tag(s) in the text but 1 image file(s)" in text
+    assert "sample 3 (id 'mute'): no assistant answer" in text
+    assert "sample 4 (id 'role'): conversations[0] must be" in text
+    (fixture_dir / "img" / "broken.png").write_bytes(b"\x89PNG not really")
+    write_json(fixture_dir, [{"id": "x", "image": "broken.png", "conversations": [human("<image>"), gpt("?")]}])
+    ds, _ = llava(vlm, fixture_dir)
+    with pytest.raises(InputError, match=r"data.json: sample 0 \(id 'x'\): cannot read image .*broken.png"):
+        ds[0]
+    write_json(fixture_dir, [{"id": "y", "audio": "tone.wav", "conversations": [human("<audio>"), gpt("?")]}])
+    with pytest.raises(InputError, match=r"sample 0 \(id 'y'\): the sample has audio input but the model has no "
+                                         r"audio modality \(add one, e.g. modality=\[audio_whisper\]"):
+        llava(vlm, fixture_dir)
