@@ -27,6 +27,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         "${PIP[@]}" "${MIMO_TORCH:-torch==2.13.0}"
     fi
 fi
-echo "setup: installing mimo-spec and its test extras into $VENV" >&2
-"${PIP[@]}" -e ".[test,hf]"
+echo "setup: installing mimo-spec with its train, test and hf extras into $VENV" >&2
+"${PIP[@]}" -e ".[train,test,hf]"
 echo "$WANT" > "$STAMP"

@@ -101,6 +101,7 @@ def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | Non
 
 # keys that may change between a run and its resumption
 RESUMABLE_CHANGES = ("action", "debug", "summary", "eval", "generate", "import_hf", "train.steps", "train.resume",
+                     "train.stop_after_steps",
                      "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint", "train.num_threads",
                      "train.device", "hydra")
 
@@ -214,6 +215,7 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     optimizer = build_optimizer(model, tc)
     batch_size, accum = int(tc["batch_size"]), int(tc.get("grad_accum", 1))
     steps, precision = int(tc["steps"]), tc.get("precision", "fp32")
+    stop_after = int(tc.get("stop_after_steps") or 0)
     ckpt_cfg = tc.get("checkpoint", {})
     ckpt_every, keep_last = int(ckpt_cfg.get("every", 0)), int(ckpt_cfg.get("keep_last", 2))
 
@@ -275,11 +277,12 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
             metrics.log(row)
             progress.update(done, step_loss, tokens_per_s)
             if done % int(tc.get("log_every", 10)) == 0 or done == steps:
-                _say(console, " ".join(f"{k}={v}" for k, v in row.items()))
-            if stop.signal is not None:
+                _say(console, _log_line(row, steps))
+            if stop.signal is not None or (stop_after and done - start_step >= stop_after and done < steps):
                 save(done)
                 status = "interrupted"
-                _say(console, f"received signal {stop.signal}: saved checkpoint at step {done}, stopping")
+                why = f"received signal {stop.signal}" if stop.signal is not None else f"stop_after_steps={stop_after}"
+                _say(console, f"{why}: saved checkpoint at step {done}, stopping (resume with train.resume)")
                 break
             if (ckpt_every and done % ckpt_every == 0) or done == steps:
                 save(done)
@@ -299,6 +302,14 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out_dir / "metrics.json")
     return result
+
+
+def _log_line(row: dict, steps: int) -> str:
+    line = (f"step {row['step']}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
+            f"{row['tokens_per_s']:.0f} tok/s")
+    if "eval_loss" in row:
+        line += f"  eval loss {row['eval_loss']:.4f} (ppl {row['eval_ppl']:.2f})"
+    return line
 
 
 def _truncate_metrics(metrics: MetricsWriter, step: int) -> None:

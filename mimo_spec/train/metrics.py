@@ -12,6 +12,7 @@ class MetricsWriter:
 
     def __init__(self, out_dir: Path, fields: list[str], resume: bool = False):
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.csv"
         self.fields = fields
         new = not (resume and self.path.exists())

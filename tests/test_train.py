@@ -1,0 +1,170 @@
+"""The training job: loss falls, run files, exact resume, SIGTERM, eval/generate from checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimo_spec import build_model
+from mimo_spec.config import compose_config
+from mimo_spec.errors import ConfigError, InputError
+from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint
+from mimo_spec.train.loop import train
+from mimo_spec.train.metrics import read_metrics
+from mimo_spec.train.optim import lr_factor, param_groups
+
+from conftest import ROOT
+
+SMALL = ["data.num_samples=256", "data.eval_samples=16", "train.eval_batches=2", "train.log_every=1000"]
+
+
+def cfg(*overrides):
+    return compose_config([*SMALL, *overrides])
+
+
+def losses(run: Path) -> list[float]:
+    return [float(r["loss"]) for r in read_metrics(run / "metrics.csv")]
+
+
+def test_resume_is_exact_and_the_loss_falls(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    c = cfg("train.steps=40", "train.checkpoint.every=10", "train.eval_every=20")
+    result = train(c, whole)
+    assert result["status"] == "completed" and result["steps"] == 40
+    curve = losses(whole)
+    assert sum(curve[-5:]) / 5 < 0.6 * sum(curve[:5]) / 5, curve
+    for name in ("metrics.csv", "metrics.json", "loss.png"):
+        assert (whole / name).stat().st_size > 0
+    assert any((whole / "tb").iterdir())
+    assert [p.name for p in list_checkpoints(whole / "checkpoints")] == ["step_000030", "step_000040"]  # keep_last 2
+    rows = read_metrics(whole / "metrics.csv")
+    assert rows[19]["eval_loss"] and rows[39]["eval_loss"] and not rows[10]["eval_loss"]
+
+    first = train(cfg("train.steps=40", "train.checkpoint.every=10", "train.eval_every=20",
+                      "train.stop_after_steps=17"), split)
+    assert first["status"] == "interrupted" and first["steps"] == 17
+    resumed = train(cfg("train.steps=40", "train.checkpoint.every=10", "train.eval_every=20"), split)
+    assert resumed["status"] == "completed"
+    assert losses(split) == curve  # bit for bit, including the steps redone after the checkpoint
+    a = build_model(c)
+    b = build_model(c)
+    load_checkpoint(whole / "checkpoints" / "step_000040", a)
+    load_checkpoint(split / "checkpoints" / "step_000040", b)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_gradient_accumulation_matches_the_big_batch(tmp_path):
+    one = train(cfg("train.steps=3", "train.batch_size=8", "train.grad_accum=1", "train.eval_every=0"), tmp_path / "a")
+    two = train(cfg("train.steps=3", "train.batch_size=4", "train.grad_accum=2", "train.eval_every=0"), tmp_path / "b")
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert one["final_loss"] == pytest.approx(two["final_loss"], rel=1e-5)
+
+
+def test_sgd_bf16_and_schedules(tmp_path):
+    r = train(cfg("train.steps=4", "train.optimizer=sgd", "train.precision=bf16", "train.schedule=linear",
+                  "train.eval_every=0"), tmp_path)
+    assert r["status"] == "completed" and r["final_loss"] == r["final_loss"]  # finite
+    tc = {"steps": 100, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1}
+    assert lr_factor(0, tc) == pytest.approx(0.1) and lr_factor(9, tc) == pytest.approx(1.0)
+    assert lr_factor(99, tc) == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(55, {**tc, "schedule": "linear"}) == pytest.approx(0.55)
+    assert lr_factor(70, {**tc, "schedule": "constant"}) == 1.0
+
+
+def test_per_module_learning_rates_and_llava_stages():
+    c = compose_config(["train=llava_stage2"])
+    model = build_model(c)
+    groups = param_groups(model, c.train)
+    by_name = {g["name"]: g["lr"] for g in groups}
+    assert by_name["modalities.*.input_projections.*"] == 1e-3 and by_name["language_model"] == 2e-5
+    assert all(not p.requires_grad for p in model.modalities["images"].encoders.parameters())
+    stage1 = compose_config(["train=llava_stage1"])
+    m1 = build_model(stage1)
+    trainable = {n.split(".")[0] + "." + n.split(".")[2] if n.startswith("modalities") else n.split(".")[0]
+                 for n, p in m1.named_parameters() if p.requires_grad}
+    assert trainable == {"modalities.input_projections"}
+    with pytest.raises(ConfigError, match=r"train.param_groups.0.modules: 'modalities.\*.projector' matches no"):
+        param_groups(model, {**c.train, "param_groups": [{"modules": "modalities.*.projector", "lr": 1.0}]})
+
+
+def test_resume_refuses_a_changed_config_and_skips_a_damaged_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    train(cfg("train.steps=6", "train.checkpoint.every=2", "train.checkpoint.keep_last=3", "train.eval_every=0"), run)
+    with pytest.raises(ConfigError, match=r"the config changed: train.lr: 0.002 -> 0.01"):
+        train(cfg("train.steps=8", "train.lr=0.01", "train.eval_every=0"), run)
+    # a half-written newest checkpoint: the previous good one is used
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = subprocess.run([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, 'tests'); from test_train import cfg; from mimo_spec.train.loop import train; "
+        f"r = train(cfg('train.steps=8', 'train.checkpoint.every=2', 'train.checkpoint.keep_last=3', "
+        f"'train.eval_every=0'), {str(run)!r}); print(r['status'])")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "skipping damaged checkpoint" in out.stdout and "step_000006" in out.stdout
+    assert "resumed from" in out.stdout and "step_000004" in out.stdout
+
+
+def test_checkpoint_from_a_different_model_names_the_tensors(tmp_path):
+    train(cfg("train.steps=2", "train.eval_every=0"), tmp_path)
+    other = build_model(cfg("model.params.num_layers=3"))
+    with pytest.raises(InputError, match=r"missing tensors: language_model.layers.2"):
+        load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1], other)
+    wider = build_model(cfg("model.params.ffn_hidden_size=512"))
+    with pytest.raises(InputError, match=r"shape mismatch: language_model.layers.0.mlp.fc1.weight: file"):
+        load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1], wider)
+
+
+def test_cli_default_job_then_eval_generate_and_sigterm(cli, tmp_path):
+    r = cli("train.steps=30", "data.num_samples=256", "train.eval_every=0")
+    assert r.returncode == 0, r.stderr
+    run = next(p.parent for p in cli.cwd.glob("outputs/*/*/metrics.json"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["final_loss"] < 0.6 * metrics["first_loss"]
+    for name in ("resolved_config.yaml", "overrides.yaml", "versions.json", "loss.png", "metrics.csv"):
+        assert (run / name).exists(), name
+    assert "loss" in r.stdout and "completed: 30 steps" in r.stdout
+
+    r = cli("action=eval", f"eval.checkpoint={run}")
+    assert r.returncode == 0, r.stderr
+    assert "eval loss" in r.stdout and "perplexity" in r.stdout
+
+    from mimo_spec.train.synthetic import render_image
+    from PIL import Image
+
+    img = render_image("red", "circle", 32)
+    png = tmp_path / "red.png"
+    Image.fromarray((img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()).save(png)
+    r = cli("action=generate", f"generate.checkpoint={run}", f"generate.images=[{png}]",
+            "generate.prompt=What is in the picture?", "generate.max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    gen_run = sorted(cli.cwd.glob("outputs/*/*/generation.json"))[-1]
+    record = json.loads(gen_run.read_text())
+    assert len(record["tokens"]) >= 1 and record["text"] == r.stdout.strip().splitlines()[0]
+
+    r = cli("action=eval")
+    assert r.returncode == 2 and "eval.checkpoint: missing" in r.stderr and "Traceback" not in r.stderr
+
+    # SIGTERM: a checkpoint is saved and the run ends cleanly
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train.steps=5000", "train.eval_every=0",
+                             "data.num_samples=256", "hydra.run.dir=sig"], cwd=cli.cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    csv = cli.cwd / "sig" / "metrics.csv"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not csv.exists() or len(csv.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    saved = list_checkpoints(cli.cwd / "sig" / "checkpoints")
+    assert saved and json.loads((cli.cwd / "sig" / "metrics.json").read_text())["status"] == "interrupted"
+    assert f"saved checkpoint at step {int(saved[-1].name[5:])}" in out
