@@ -102,6 +102,13 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
     if out_dir is not None:
         write_run_record(cfg, overrides, model.spec, out_dir)
     if action == "validate":
+        from mimo_spec.jobs import check_run_config
+
+        check_run_config(cfg)
+        if "data" in cfg:  # the tokenizer must fit the LM's vocabulary and miss the placeholders
+            from mimo_spec.train.tokenizer import build_tokenizer
+
+            build_tokenizer(cfg.data, model)
         print(f"config is valid: {sum(p.numel() for p in model.parameters()):,} parameters")
         return 0
     if action in ("train", "eval", "generate", "import"):
@@ -132,12 +139,15 @@ def _task(cfg) -> None:
         apply_module_swaps(cfg, overrides)
         code = run(cfg, overrides, Path(hc.runtime.output_dir))
     except ConfigError as e:
-        if _is_debug(sys.argv[1:]):
+        if _DEBUG["on"]:
             raise
         print(format_error(e), file=sys.stderr)
         code = EXIT_CONFIG_ERROR
     if code:
         sys.exit(code)
+
+
+_DEBUG = {"on": False}  # set by main() from the user's switches, before HYDRA_FULL_ERROR is forced
 
 
 def _is_debug(argv: list[str]) -> bool:
@@ -155,7 +165,8 @@ def main() -> None:
     from mimo_spec.config import translate_hydra_error
 
     argv = sys.argv[1:]
-    debug = _is_debug(argv)
+    debug = _DEBUG["on"] = _is_debug(argv)
+    saved = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we decide how to show them
     from mimo_spec.config import CONF_DIR
 
@@ -168,6 +179,11 @@ def main() -> None:
         err = e if isinstance(e, ConfigError) else translate_hydra_error(e, [a for a in argv if not a.startswith("-")])
         print(format_error(err), file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
 
 
 if __name__ == "__main__":

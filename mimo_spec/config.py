@@ -76,10 +76,10 @@ def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> Config
         return yaml_error_in_configs(cause, overrides)
     text = str(e).strip()
     full_key = getattr(cause, "full_key", None) or getattr(e, "full_key", None)
-    m = re.search(r"Could not find '([^']+)'", text)
+    m = re.search(r"Could not (?:find|load) '([^']+)'", text)
     if m:
         group, _, option = m.group(1).rpartition("/")
-        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M) or _group_options(group, overrides)
         hint = did_you_mean(option, options) if options else f"check the {group} group's options"
         if options and "did you mean" in hint:
             hint += f" available: {', '.join(options)}"
@@ -98,12 +98,36 @@ def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> Config
         return ConfigError(Problem(m.group(1), "already exists, so '+' cannot add it",
                                    "set it without '+', or use '++' to set or add"))
     if "Error parsing override" in text or "mismatched input" in text or "no viable alternative" in text:
-        return ConfigError(Problem("overrides", text.splitlines()[0] if text else "cannot parse override",
-                                   "write overrides as key=value, e.g. model.params.num_layers=4"))
+        bad = _unparsable_override(overrides)
+        where = f"cannot parse {bad!r}: " if bad else ""
+        return ConfigError(Problem("overrides", where + (text.splitlines()[-1] if text else "syntax error"),
+                                   "write overrides as key=value, e.g. model.params.num_layers=4; quote values "
+                                   "with brackets or spaces"))
     if full_key:
         return ConfigError(Problem(str(full_key), text.splitlines()[0], "check this key in the config"))
     first = text.splitlines()[0] if text else type(e).__name__
     return ConfigError(Problem("config", first, "run with debug=true for the full traceback"))
+
+
+def _unparsable_override(overrides: Sequence[str]) -> str | None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_override(o)
+        except Exception:  # noqa: BLE001 - any parse failure marks the culprit
+            return o
+    return None
+
+
+def _group_options(group: str, overrides: Sequence[str]) -> list[str]:
+    """Option names of a config group, from the shipped tree and any search-path folders."""
+    dirs = [CONF_DIR]
+    for o in overrides:
+        if o.startswith("hydra.searchpath="):
+            dirs += [Path(p.strip().removeprefix("file://")) for p in o.split("=", 1)[1].strip("[]").split(",")]
+    return sorted({f.stem for d in dirs for f in (Path(d) / group).glob("*.yaml")})
 
 
 def _siblings(key: str, overrides: Sequence[str]) -> list[str]:

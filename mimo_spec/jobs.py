@@ -19,12 +19,29 @@ def _console():
 def run_train(cfg: DictConfig, out_dir: Path) -> int:
     from mimo_spec.train.loop import train
 
+    check_run_config(cfg)
     console = _console()
     result = train(cfg, out_dir, console=console)
     console.print(f"{result['status']}: {result['steps']} steps, loss {result['first_loss']:.4f} -> "
                   f"{result['final_loss']:.4f}" + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"]
                                                    else "") + f"; outputs in {out_dir}")
     return 0
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """The train and data sections, checked together (one error listing every problem)."""
+    from mimo_spec.errors import ProblemCollector
+    from mimo_spec.train.data import validate_data_config
+    from mimo_spec.train.schema import validate_train_config
+
+    problems = ProblemCollector()
+    for section, check in (("train", validate_train_config), ("data", validate_data_config)):
+        if section in cfg:
+            try:
+                check(cfg[section])
+            except ConfigError as e:
+                problems.extend(e)
+    problems.raise_if_any()
 
 
 def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:

@@ -144,7 +144,8 @@ def _problem(err: dict, cls: type[BaseModel]) -> Problem:
                        did_you_mean(loc[-1], fields))
     if err["type"] == "missing":
         return Problem(path, f"required for source {cls.model_fields['source'].default!r}", f"set {path}=...")
-    return Problem(path, f"{err['msg']}, got {err.get('input')!r}")
+    return Problem(path, f"{err['msg'].lower()}, got {err.get('input')!r}",
+                   f"see mimo_spec/conf/data/{cls.model_fields['source'].default}.yaml for the expected values")
 
 
 # ----------------------------------------------------------------------------------- datasets

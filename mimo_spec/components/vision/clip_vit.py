@@ -182,7 +182,8 @@ class ClipViT(nn.Module):
         expected = f"expected shape (N, {self.num_channels}, {size})"
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise InputError(f"{expected} as a floating-point tensor, got {type(x).__name__}"
-                             f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}", path=where)
+                             f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}", path=where,
+                             hint="pass images as float tensors, e.g. pixel_values.float() / 255")
         shape = tuple(x.shape)
         if x.dim() != 4 or shape[1] != self.num_channels:
             raise InputError(f"{expected}, got {shape}", path=where,
