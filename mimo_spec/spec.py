@@ -240,6 +240,10 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
         if spec is not None:
             modalities[name] = spec
     parallel = data.get("parallel") or {}
+    if not isinstance(parallel, dict):
+        problems.add("parallel", f"expected a parallel layout (a mapping), got {parallel!r}",
+                     "choose one with parallel=<layout>, e.g. parallel=single")
+        parallel = {}
     freeze = data.get("freeze") or []
     if isinstance(freeze, str):
         freeze = [freeze]

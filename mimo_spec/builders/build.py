@@ -59,6 +59,10 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
     except (ValueError, TypeError) as e:
         problems.add(spec.path, str(e), "fix the parameters of this node")
         return None
+    except RuntimeError as e:  # torch refusing the sizes, e.g. a negative dimension
+        problems.add(spec.path, f"cannot build {spec.module}: {str(e).splitlines()[0]}",
+                     "check this node's sizes (they must be positive)")
+        return None
 
 
 def _has_buildable_child(spec: ModuleSpec, skip: set[str]) -> bool:
@@ -128,6 +132,9 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
             mods = {name: _construct(m, "modality", spec.allow_imports, problems, failed)
                     for name, m in spec.modalities.items()}
         cross_check(spec, lm, {k: v for k, v in mods.items() if v is not None}, problems)
+        from mimo_spec.parallel.layout import check_parallel_config
+
+        check_parallel_config(spec, lm, {k: v for k, v in mods.items() if v is not None}, problems)
         problems.raise_if_any()
         model = MimoModel(language_model=lm, modalities=mods)
     model.spec = spec

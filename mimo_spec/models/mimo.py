@@ -224,6 +224,11 @@ class MimoModel(nn.Module):
                 for b in range(batch_size):
                     pieces[b].append(torch.full((mod.num_generation_tokens,), mod.generation_token_id))
         input_ids = torch.stack([torch.cat(p) for p in pieces]).long()
+        max_len = getattr(lm, "max_seq_len", None)
+        if max_len is not None and input_ids.shape[1] > max_len:
+            raise InputError(f"one item of every modality plus {text_tokens} text tokens needs "
+                             f"{input_ids.shape[1]} positions, more than max_seq_len {max_len}",
+                             path="model.params.max_seq_len", hint="raise max_seq_len or use fewer tokens per item")
         labels = input_ids.clone()
         for tok in specials:
             labels[input_ids == tok] = IGNORE_INDEX
