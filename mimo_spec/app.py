@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mimo_spec.errors import ConfigError
 
-ACTIONS = ("train", "eval", "generate", "summary", "validate", "list", "print", "import")
+ACTIONS = ("train", "eval", "generate", "summary", "validate", "list", "print", "import", "layout")
 EXIT_CONFIG_ERROR = 2
 
 
@@ -98,6 +98,10 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         from mimo_spec import jobs
 
         return jobs.run_import(cfg, out_dir or Path("."))
+    if action == "layout":  # the rank map for any world size, without starting a process
+        from mimo_spec.parallel.layout import run_layout_action
+
+        return run_layout_action(cfg)
     model = build_model(cfg, device="meta", dtype=cfg.get("dtype"))
     if out_dir is not None:
         write_run_record(cfg, overrides, model.spec, out_dir)
@@ -128,13 +132,18 @@ def _float32():
     return torch.float32
 
 
-def _task(cfg) -> None:
+def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from mimo_spec.config import apply_module_swaps
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
+    if hc.mode == RunMode.MULTIRUN:  # one job of a sweep: record a failure, don't end the sweep
+        from mimo_spec.sweep import run_sweep_job
+
+        return run_sweep_job(cfg, overrides, Path(hc.runtime.output_dir))
     try:
         apply_module_swaps(cfg, overrides)
         code = run(cfg, overrides, Path(hc.runtime.output_dir))
@@ -173,12 +182,24 @@ def main() -> None:
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
     try:
         task()
+        from mimo_spec.sweep import sweep_exit_code
+
+        code = sweep_exit_code()  # a multirun with failed jobs: 1, or 2 when all failures were config errors
+        if code:
+            sys.exit(code)
     except (ConfigError, HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         if debug:
             raise
         err = e if isinstance(e, ConfigError) else translate_hydra_error(e, [a for a in argv if not a.startswith("-")])
         print(format_error(err), file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    except Exception as e:  # a sweep stopped midway (a lost submitit job, no finished Optuna trial)?
+        from mimo_spec.sweep import end_broken_sweep
+
+        code = None if debug else end_broken_sweep(e)
+        if code is None:
+            raise
+        sys.exit(code)
     finally:
         if saved is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -103,6 +103,10 @@ def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> Config
         return ConfigError(Problem("overrides", where + (text.splitlines()[-1] if text else "syntax error"),
                                    "write overrides as key=value, e.g. model.params.num_layers=4; quote values "
                                    "with brackets or spaces"))
+    m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", str(cause or ""))
+    if m and full_key:  # e.g. hydra.launcher.nodes=two against a typed (structured) config
+        return ConfigError(Problem(str(full_key), f"expected {m.group(3).lower()}, got {m.group(2)} {m.group(1)!r}",
+                                   "give a value of the type this option expects"))
     if full_key:
         return ConfigError(Problem(str(full_key), text.splitlines()[0], "check this key in the config"))
     first = text.splitlines()[0] if text else type(e).__name__

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install mimo-spec with its test and Hugging Face extras.
+# Create .venv and install mimo-spec with its test, Hugging Face and sweep (submitit, Optuna) extras.
 # Re-runs are cheap: nothing is reinstalled unless pyproject.toml changed.
 #
 # torch: on a machine without an NVIDIA GPU this installs the pinned CPU build
@@ -27,6 +27,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         "${PIP[@]}" "${MIMO_TORCH:-torch==2.13.0}"
     fi
 fi
-echo "setup: installing mimo-spec with its train, test and hf extras into $VENV" >&2
-"${PIP[@]}" -e ".[train,test,hf]"
+echo "setup: installing mimo-spec with its train, test, hf, slurm and sweep extras into $VENV" >&2
+"${PIP[@]}" -e ".[train,test,hf,slurm,sweep]"
 echo "$WANT" > "$STAMP"

@@ -166,6 +166,15 @@ class Attention(nn.Module):
     ``qkv.weight`` rows are ``[q (num_heads*D); k (num_kv_heads*D); v (num_kv_heads*D)]``.
     """
 
+    # Tensor parallelism, read by mimo_spec.parallel.tp: heads split over the TP ranks;
+    # the fused projection shards q, k and v each (tp_fused_parts), not their concatenation.
+    tp_plan = {"qkv": "colwise", "out": "rowwise"}
+    tp_split = ("num_heads", "num_kv_heads")  # divide by tp; each rank keeps its share
+
+    def tp_fused_parts(self) -> dict[str, list[int]]:
+        d = self.head_dim
+        return {"qkv": [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]}
+
     def __init__(
         self,
         hidden_size: int,
@@ -272,12 +281,19 @@ class MLP(nn.Module):
     one GEMM replaces two.
     """
 
+    tp_plan = {"fc1": "colwise", "fc2": "rowwise"}  # see Attention.tp_plan
+    tp_split = ("ffn_hidden_size",)
+
+    def tp_fused_parts(self) -> dict[str, list[int]]:
+        return {"fc1": [self.ffn_hidden_size] * 2} if self.gated else {}
+
     def __init__(self, hidden_size: int, ffn_hidden_size: int, kind: str = "gelu",
                  activation: str = "gelu", bias: bool = True):
         super().__init__()
         if kind not in ("gelu", "swiglu"):
             raise ValueError(f"mlp ({kind!r}) must be 'gelu' or 'swiglu'")
         self.gated = kind == "swiglu"
+        self.ffn_hidden_size = ffn_hidden_size
         self.act = get_activation(activation)
         self.fc1 = nn.Linear(hidden_size, ffn_hidden_size * (2 if self.gated else 1), bias=bias)
         self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)

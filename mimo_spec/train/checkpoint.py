@@ -8,6 +8,12 @@ Layout of ``<run>/checkpoints/step_000050/``:
 Each checkpoint is written to a hidden temporary folder and renamed into place,
 so a crash mid-save never leaves a half checkpoint; older ones are removed only
 after the new one exists. Nothing is ever unpickled.
+
+Runs with more than one process write the same folder with
+torch.distributed.checkpoint instead (``.metadata`` + one ``__<rank>_0.distcp``
+file per rank, and the same state.json / rng.safetensors): every rank writes its
+own shards, tensors are stored in the single-process layout, and the folder
+loads under any other layout or in one process (resharding on load).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +87,13 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as e:  # e.g. a full disk: the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(ckpt_dir)
+        raise InputError(f"cannot write checkpoint {final.name}: {e.strerror or e}; "
+                         + (f"the last good checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"),
+                         path=str(ckpt_dir), hint="free disk space (or move the run), then resume with "
+                         "train.resume=auto") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,7 +121,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load_checkpoint(path: Path, model, optimizer=None) -> dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer=None, *, drun=None) -> dict[str, Any]:
     """Restore model (and optimizer, RNG) from a checkpoint folder; returns its state.json."""
     from safetensors.torch import load_file
 
@@ -120,14 +134,22 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict[str, Any]:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"corrupt state.json: {e}", path=str(state_file)) from None
-    load_weights(model, path / "model.safetensors")
-    if optimizer is not None:
+    if (path / ".metadata").exists():
+        _load_distributed(path, model, optimizer, drun)
+    else:
+        if drun is not None:
+            raise InputError(f"{path} was written by a single-process run; multi-process runs resume from "
+                             "torch.distributed.checkpoint folders only", path="train.resume",
+                             hint="start the parallel run with init_from or train.resume=none")
+        load_weights(model, path / "model.safetensors")
+    if optimizer is not None and not (path / ".metadata").exists():
         try:
             tensors = load_file(str(path / "optimizer.safetensors"))
         except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
             raise InputError(f"cannot read optimizer state: {e}", path=str(path / "optimizer.safetensors"),
                              hint="the checkpoint is damaged; resume from an earlier one") from None
         _restore_optimizer(optimizer, tensors, state["optimizer"])
+    if optimizer is not None:
         rng = load_file(str(path / "rng.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
         if torch.cuda.is_available():
@@ -137,3 +159,106 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict[str, Any]:
         version, internal, gauss = state["python_rng"]
         random.setstate((version, tuple(internal), gauss))
     return state
+
+
+# ------------------------------------------------------------------ distributed (DCP)
+
+
+def _canonical_states(model, optimizer, fused: dict):
+    """Model and optimizer state dicts keyed by parameter name; fused TP weights as full tensors in the
+    single-process row order (everything else keeps its DTensor shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from mimo_spec.parallel.tp import canonical
+
+    msd = {k: canonical(k, v, fused) if k in fused else v for k, v in model.state_dict().items()}
+    osd = None
+    if optimizer is not None:
+        osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        osd = {k: _canonical_opt(k, v, fused) for k, v in osd.items()}
+    return msd, osd
+
+
+def _canonical_opt(key: str, value, fused: dict):
+    from mimo_spec.parallel.tp import canonical
+
+    fqn = key.split(".", 1)[1].rsplit(".", 1)[0] if key.startswith("state.") else None
+    if fqn in fused and isinstance(value, torch.Tensor) and value.dim() > 0:
+        return canonical(fqn, value, fused)
+    return value
+
+
+def save_distributed_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str, Any], keep_last: int,
+                                drun) -> Path:
+    """Every rank writes its shards of checkpoint ``step`` (collective); rank 0 renames it into place."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final = ckpt_dir / f"{PREFIX}{step:06d}"
+    tmp = ckpt_dir / f".tmp-{PREFIX}{step:06d}"
+    if drun.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    msd, osd = _canonical_states(model, optimizer, drun.fused)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+    if drun.rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        state = {"step": step, "format": "dcp", "world_size": drun.world_size, "layout": drun.layout.name,
+                 "python_rng": _py_rng_state(), **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _load_distributed(path: Path, model, optimizer, drun) -> None:
+    """Load a DCP folder into ``model`` (and ``optimizer``) under this run's layout, or in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_optimizer_state_dict)
+
+    fused = drun.fused if drun is not None else {}
+    msd, osd = _canonical_states(model, optimizer, fused)
+    target = {"model": msd} if osd is None else {"model": msd, "optimizer": osd}
+    try:
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, checkpoint_id=str(path))
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged or mismatched checkpoint
+        raise InputError(f"cannot read distributed checkpoint: {e}".splitlines()[0], path=str(path),
+                         hint="the checkpoint is damaged or was written for another model") from None
+    model.load_state_dict({k: _from_canonical(k, v, model, fused) for k, v in msd.items()})
+    if osd is not None:
+        params = dict(model.named_parameters())
+        osd = {k: _opt_from_canonical(k, v, params, fused) for k, v in osd.items()}
+        set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
+def _reshard_like(full: torch.Tensor, like):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements)
+    return full
+
+
+def _from_canonical(fqn: str, value, model, fused: dict):
+    if fqn not in fused:
+        return value
+    param = model.get_parameter(fqn)
+    return _reshard_like(value[fused[fqn]], param)
+
+
+def _opt_from_canonical(key: str, value, params: dict, fused: dict):
+    fqn = key.split(".", 1)[1].rsplit(".", 1)[0] if key.startswith("state.") else None
+    if fqn in fused and isinstance(value, torch.Tensor) and value.dim() > 0:
+        return _reshard_like(value[fused[fqn]], params[fqn])
+    return value

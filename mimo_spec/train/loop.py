@@ -103,7 +103,7 @@ def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | Non
 RESUMABLE_CHANGES = ("action", "debug", "summary", "eval", "generate", "import_hf", "train.steps", "train.resume",
                      "train.stop_after_steps",
                      "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint", "train.num_threads",
-                     "train.device", "hydra")
+                     "train.device", "hydra", "parallel")
 
 
 def _resume_candidates(resume: str, out_dir: Path) -> list[Path]:
@@ -137,7 +137,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _resume(resume, out_dir: Path, model, optimizer, current: dict, console):
+def _resume(resume, out_dir: Path, model, optimizer, current: dict, console, drun=None):
     """Load the newest good checkpoint; a damaged one is reported and the previous one used."""
     import json
 
@@ -155,7 +155,7 @@ def _resume(resume, out_dir: Path, model, optimizer, current: dict, console):
                               path="train.resume", hint="resume with the original config, or start fresh with "
                               "train.resume=none (or a new run directory)")
         try:
-            return path, load_checkpoint(path, model, optimizer)
+            return path, load_checkpoint(path, model, optimizer, drun=drun)
         except InputError as e:
             _say(console, f"warning: skipping damaged checkpoint {path}: {e}")
             damaged.append(str(path))
@@ -207,6 +207,12 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
         from mimo_spec.weights import load_weights
 
         load_weights(model, Path(cfg["init_from"]) / "model.safetensors")
+    from mimo_spec.parallel.apply import start_parallel
+
+    drun = start_parallel(_plain(cfg.get("parallel") or {}), tc, model)  # None: one process, the plain loop
+    main = drun is None or drun.rank == 0
+    if not main:
+        console = _Silent()
     model.train()
     tokenizer = build_tokenizer(cfg["data"], model)
     train_set = build_dataset(cfg["data"], model, tokenizer, "train")
@@ -221,19 +227,23 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
 
     start_step, position = 0, 0
     current = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    source, state = _resume(tc.get("resume", "auto"), out_dir, model, optimizer, current, console)
+    source, state = _resume(tc.get("resume", "auto"), out_dir, model, optimizer, current, console, drun)
     if source is not None:
         start_step, position = int(state["step"]), int(state["data_position"])
         _say(console, f"resumed from {source} at step {start_step}")
     stream = DataStream(train_set, seed, position)
-    metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None)
-    if source is not None:
+    metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None) if main else _NullMetrics()
+    if source is not None and main:
         _truncate_metrics(metrics, start_step)
 
     def save(step: int) -> Path:
         extra = {"data_position": stream.position, "config": _plain(cfg) if isinstance(cfg, dict) else
                  OmegaConf.to_container(cfg, resolve=True)}
         extra["config"].pop("hydra", None)
+        if drun is not None:
+            from mimo_spec.train.checkpoint import save_distributed_checkpoint
+
+            return save_distributed_checkpoint(out_dir / "checkpoints", step, model, optimizer, extra, keep_last, drun)
         return save_checkpoint(out_dir / "checkpoints", step, model, optimizer, extra, keep_last)
 
     dropped = getattr(train_set, "num_dropped", 0)
@@ -251,6 +261,8 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
             t0 = time.perf_counter()
             step_loss = 0.0
             for batch in micro:
+                if drun is not None:
+                    batch = drun.local_batch(batch, model)
                 model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                                      items_per_sample=batch.get("items_per_sample"))
                 with _autocast(precision):
@@ -259,7 +271,12 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
                 weight = int(batch["num_tokens"]) / total_tokens
                 (out.loss * weight).backward()
                 step_loss += float(out.loss.detach()) * weight
-            grad_norm = _clip(model, tc.get("grad_clip"))
+            if drun is not None:
+                drun.sync_grads(model)
+                step_loss = drun.all_sum(step_loss)
+                grad_norm = drun.clip_grad_norm(model, tc.get("grad_clip"))
+            else:
+                grad_norm = _clip(model, tc.get("grad_clip"))
             optimizer.step()
             elapsed = time.perf_counter() - t0
             real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
@@ -278,6 +295,8 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
             progress.update(done, step_loss, tokens_per_s)
             if done % int(tc.get("log_every", 10)) == 0 or done == steps:
                 _say(console, _log_line(row, steps))
+            if drun is not None and drun.any_rank(stop.signal is not None) and stop.signal is None:
+                stop.signal = signal.SIGTERM  # another rank was signalled: stop together (the save is collective)
             if stop.signal is not None or (stop_after and done - start_step >= stop_after and done < steps):
                 save(done)
                 status = "interrupted"
@@ -287,8 +306,9 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
             if (ckpt_every and done % ckpt_every == 0) or done == steps:
                 save(done)
     metrics.close()
-    plot_loss(metrics.path, out_dir / "loss.png")
-    rows = read_metrics(metrics.path)
+    if main:
+        plot_loss(metrics.path, out_dir / "loss.png")
+    rows = read_metrics(metrics.path) if main else metrics.rows
     result = {
         "status": status, "steps": int(rows[-1]["step"]) if rows else start_step,
         "final_loss": last_loss, "first_loss": float(rows[0]["loss"]) if rows else float("nan"),
@@ -298,10 +318,31 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "wall_time_s": time.perf_counter() - t_start, "dropped_samples": dropped,
     }
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out_dir / "metrics.json")
+    if main:
+        tmp = out_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out_dir / "metrics.json")
     return result
+
+
+class _Silent:
+    def print(self, *a, **k):
+        pass
+
+
+class _NullMetrics:
+    """Ranks other than 0 write no files; they keep their rows in memory."""
+
+    path = None
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        self.rows.append({k: str(v) for k, v in row.items()})
+
+    def close(self) -> None:
+        pass
 
 
 def _log_line(row: dict, steps: int) -> str:
@@ -376,6 +417,6 @@ class _RichProgress:
 
 
 def _progress(console, total: int, start: int):
-    if console is None:
+    if console is None or isinstance(console, _Silent):
         return _NoProgress()
     return _RichProgress(console, total, start)

@@ -62,6 +62,11 @@ class GPT(nn.Module):
         backend: "local", "te" or "auto" (see layers.check_backend).
     """
 
+    # Tensor parallelism (mimo_spec.parallel.tp): vocabulary-sharded embedding and head
+    # (the head's logits are gathered); the blocks declare their own plans.
+    tp_plan = {"token_embedding": "embedding", "lm_head": "colwise_gather"}
+    tp_divides = ("vocab_size",)
+
     def __init__(
         self,
         vocab_size: int,
@@ -144,8 +149,9 @@ class GPT(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, S, H) -> logits (B, S, V)."""
-        weight = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:
+            return F.linear(hidden, self.token_embedding.weight)
+        return self.lm_head(hidden)  # a module call, so FSDP/TP hooks see it
 
     def new_kv_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> KVCache:

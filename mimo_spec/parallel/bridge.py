@@ -1,0 +1,65 @@
+"""Moving modality embeddings between modules with different data-parallel layouts (colocated).
+
+A modality whose data-parallel degree differs from the language model's encodes its own
+share of the global batch's items, all-gathers the embeddings over its data-parallel
+group (autograd-aware: the backward reduce-scatters the gradients back to the encoding
+rank) and hands the language model the items of its local samples. Several ranks of
+that group can consume the same item (TP peers of the language model): each scales its
+gradient by 1/consumers, so summing them gives the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _take(inputs: dict, lo: int, hi: int, pad_to: int) -> dict:
+    """Items [lo, hi) of {encoder: {kwarg: (N, ...)}}, padded with copies of item 0 to ``pad_to`` items."""
+    out = {}
+    for enc, kws in inputs.items():
+        out[enc] = {}
+        for kw, t in kws.items():
+            part = t[lo:hi]
+            if part.shape[0] < pad_to:
+                part = torch.cat([part, t[:1].expand(pad_to - part.shape[0], *t.shape[1:])])
+            out[enc][kw] = part
+    return out
+
+
+class ModalityBridge:
+    """Replaces ``modality.encode`` on this rank; the run sets :attr:`pending` every micro-batch."""
+
+    def __init__(self, modality: nn.Module, group, my_index: int, consumers: int):
+        self.encode_items = modality.encode
+        self.group, self.my_index, self.consumers = group, my_index, consumers
+        self.size = torch.distributed.get_world_size(group)
+        self.pending: tuple[dict, int, int] | None = None  # global inputs, local item range [lo, hi)
+
+    def __call__(self, local_inputs: dict) -> torch.Tensor:
+        """-> (local items * tokens_per_item, H), the same as ``encode(local_inputs)`` in one process."""
+        from torch.distributed.nn.functional import all_gather
+
+        if self.pending is None:  # outside training steps (evaluation): every rank encodes the same items
+            return self.encode_items(local_inputs)
+        (global_inputs, lo, hi), self.pending = self.pending, None
+        n = next(iter(next(iter(global_inputs.values())).values())).shape[0]
+        chunk = math.ceil(n / self.size)
+        start = min(n, self.my_index * chunk)
+        mine = self.encode_items(_take(global_inputs, start, min(n, start + chunk), chunk))  # (chunk*T, H)
+        tokens = mine.shape[0] // chunk
+        everything = torch.cat(all_gather(mine.contiguous(), group=self.group))[: n * tokens]
+        return _ScaleGrad.apply(everything[lo * tokens: hi * tokens], 1.0 / self.consumers)

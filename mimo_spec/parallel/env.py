@@ -1,0 +1,79 @@
+"""Process-group start-up from the launcher's environment: torchrun, else SLURM (submitit).
+
+``init_distributed()`` is the one place a process group starts: gloo on CPU,
+nccl on CUDA. Under SLURM with no torchrun variables, rank, world size and the
+rendezvous address come from SLURM's own variables, so a job launched by
+submitit needs no wrapper script.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-005,007],cpu1`` -> ``gpu003``."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        return nodelist
+    prefix, ranges = head.group(1), head.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def read_env(environ: dict | None = None) -> DistEnv | None:
+    """The launcher's view of this process, or None when not launched by torchrun or SLURM."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = first_slurm_host(nodelist) if nodelist else env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR", addr), port)
+    return None
+
+
+def init_distributed(timeout_s: float = 300.0) -> DistEnv:
+    """Start the default process group (once) from torchrun's or SLURM's environment.
+
+    Returns this process's DistEnv; a process not launched by either is a world of one
+    (no process group is started).
+    """
+    import torch
+    import torch.distributed as dist
+
+    env = read_env()
+    if env is None or env.world_size == 1 and not dist.is_initialized():
+        return env or DistEnv(0, 1, 0, "127.0.0.1", 0)
+    if dist.is_initialized():
+        return env
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=env.rank,
+                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+    return env
+
+
+def device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,406 @@
+"""Parallel layouts: the YAML schema, its checks (no process group needed) and the rank map.
+
+A layout gives every module of the model (``language`` and each modality by
+name) a rank span and parallel degrees; modules it does not name take
+``default``::
+
+    name: hetero_split
+    default: {dp_shard: -1}                 # every module not named below
+    modules:
+      images:   {ranks: {offset: 0, size: 2}, dp_shard: -1}
+      language: {ranks: {offset: 2, size: 2}, tp: 2}
+
+Within a span, ranks are laid out row-major over ``(pp, dp_replicate, dp_shard,
+tp)`` (tp innermost, so a TP group is neighbouring ranks). One degree may be
+``-1``: the rest of the span. Spans are identical (colocated) or disjoint
+(split) and together cover the world.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
+
+DEGREES = ("pp", "dp_replicate", "dp_shard", "tp")  # mesh order, outermost first
+MODULE_KEYS = DEGREES + ("cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches")
+TOP_KEYS = ("name", "world_size", "default", "modules")
+TP_PLANS = ("default", "none")
+AC_MODES = ("none", "full", "every")
+FSDP_KEYS = ("reshard_after_forward", "param_dtype", "reduce_dtype")
+DTYPES = ("float32", "bfloat16", "float16")
+LANGUAGE = "language"
+
+
+@dataclass
+class ModuleLayout:
+    """One module's placement: its ranks and degrees, resolved for a world size."""
+
+    name: str
+    offset: int
+    size: int
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    cp: int = 1
+    tp_plan: str = "default"
+    fsdp: dict[str, Any] = field(default_factory=dict)
+    activation_checkpoint: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
+    compile: bool = False
+    microbatches: int = 1
+    path: str = ""  # where in the config this module's layout comes from (for errors)
+    origin: dict[str, str] = field(default_factory=dict)  # key -> the config path that set it
+
+    def at(self, key: str) -> str:
+        return self.origin.get(key, f"{self.path}.{key}")
+
+    @property
+    def ranks(self) -> range:
+        return range(self.offset, self.offset + self.size)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, d) for d in DEGREES)
+
+    def coords(self, rank: int) -> dict[str, int] | None:
+        """This rank's coordinates in the module's mesh, or None when the rank does not hold it."""
+        if rank not in self.ranks:
+            return None
+        local, out = rank - self.offset, {}
+        for name, size in zip(reversed(DEGREES), reversed(self.shape)):
+            local, out[name] = divmod(local, size)
+        return {d: out[d] for d in DEGREES}
+
+
+@dataclass
+class Layout:
+    name: str
+    world_size: int
+    modules: dict[str, ModuleLayout]
+
+    @property
+    def is_single(self) -> bool:
+        return self.world_size == 1
+
+    def holders(self, rank: int) -> list[str]:
+        return [n for n, m in self.modules.items() if rank in m.ranks]
+
+    @property
+    def colocated(self) -> bool:
+        return len({(m.offset, m.size) for m in self.modules.values()}) == 1
+
+
+def _int(value: Any, path: str, problems: ProblemCollector, minimum: int = 1, allow_rest: bool = False) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or (value < minimum and not (allow_rest and value == -1)):
+        problems.add(path, f"expected an integer >= {minimum}" + (" or -1 (the rest of the span)" if allow_rest else "")
+                     + f", got {value!r}")
+        return None
+    return value
+
+
+def _module_raw(parallel: dict, name: str) -> tuple[dict, str, dict[str, str]]:
+    """A module's layout: ``default`` overlaid by ``modules.<name>`` (key by key), its path,
+    and where each key came from."""
+    modules = parallel.get("modules") or {}
+    default = parallel.get("default") or {}
+    own = modules.get(name) or {}
+    if not isinstance(default, dict) or not isinstance(own, dict):
+        bad = "parallel.default" if not isinstance(default, dict) else f"parallel.modules.{name}"
+        return None, bad, {}
+    origin = {k: f"parallel.default.{k}" for k in default}
+    origin.update({k: f"parallel.modules.{name}.{k}" for k in own})
+    return {**default, **own}, f"parallel.modules.{name}" if name in modules else "parallel.default", origin
+
+
+def parse_layout(parallel: dict, module_names: list[str], world_size: int | None,
+                 problems: ProblemCollector) -> Layout | None:
+    """Resolve the layout for ``world_size`` (None: the layout's ``world_size``, else the smallest fitting one).
+
+    Schema and rank checks only; model-dependent checks are in :func:`check_model`.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(parallel, DictConfig) or any(isinstance(v, DictConfig) for v in (parallel or {}).values()):
+        parallel = OmegaConf.to_container(OmegaConf.create(dict(parallel)), resolve=True)
+    parallel = dict(parallel or {})
+    for key in parallel:
+        if key not in TOP_KEYS:
+            problems.add(f"parallel.{key}", "unknown key", did_you_mean(key, TOP_KEYS))
+    modules = parallel.get("modules") or {}
+    if not isinstance(modules, dict):
+        problems.add("parallel.modules", f"expected a mapping of module name to layout, got {modules!r}")
+        return None
+    for name in modules:
+        if name not in module_names:
+            problems.add(f"parallel.modules.{name}", "no such module in this model",
+                         did_you_mean(name, module_names))
+    if world_size is None and parallel.get("world_size") is not None:
+        world_size = _int(parallel["world_size"], "parallel.world_size", problems)
+    raw: dict[str, tuple[dict, str, dict]] = {}
+    for name in module_names:
+        node, path, origin = _module_raw(parallel, name)
+        if node is None:
+            problems.add(path, "expected a mapping of layout keys")
+            continue
+        for key in node:
+            if key not in MODULE_KEYS:
+                problems.add(origin[key], "unknown key", did_you_mean(key, MODULE_KEYS))
+        raw[name] = (node, path, origin)
+    if world_size is None:  # nothing says: the smallest world the layout fits
+        world_size = _smallest_world(raw)
+    out: dict[str, ModuleLayout] = {}
+    for name, (node, path, origin) in raw.items():
+        m = _resolve_module(name, node, path, origin, world_size, problems)
+        if m is not None:
+            out[name] = m
+    _dedupe(problems)
+    if problems:
+        return None
+    _check_spans(out, raw, world_size, problems)
+    return Layout(str(parallel.get("name", "custom")), world_size, out)
+
+
+def _dedupe(problems: ProblemCollector) -> None:
+    """Modules that share ``parallel.default`` would report its problems once each."""
+    seen, kept = set(), []
+    for p in problems.problems:
+        if (p.path, p.message) not in seen:
+            seen.add((p.path, p.message))
+            kept.append(p)
+    problems.problems[:] = kept
+
+
+def _smallest_world(raw: dict[str, tuple[dict, str, dict]]) -> int:
+    need = 1
+    for node, _, _ in raw.values():
+        ranks = node.get("ranks") or {}
+        if isinstance(ranks, dict) and isinstance(ranks.get("offset"), int) and isinstance(ranks.get("size"), int):
+            need = max(need, ranks["offset"] + ranks["size"])
+        else:
+            fixed = [node.get(d, 1) for d in DEGREES]
+            need = max(need, math.prod(v for v in fixed if isinstance(v, int) and v > 0))
+    return need
+
+
+def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], world: int,
+                    problems: ProblemCollector) -> ModuleLayout | None:
+    n0 = len(problems.problems)
+
+    def at(key: str) -> str:
+        head, _, rest = key.partition(".")
+        where = origin.get(head, f"{path}.{head}")
+        return f"{where}.{rest}" if rest else where
+
+    ranks = node.get("ranks") or {}
+    offset, size = 0, world
+    if ranks:
+        if not isinstance(ranks, dict) or set(ranks) - {"offset", "size"}:
+            problems.add(at("ranks"), f"expected {{offset: int, size: int}}, got {ranks!r}")
+        else:
+            offset = _int(ranks.get("offset", 0), at("ranks.offset"), problems, minimum=0) or 0
+            size = _int(ranks.get("size", world - offset), at("ranks.size"), problems) or 1
+    degrees = {d: _int(node.get(d, 1), at(d), problems, allow_rest=True) for d in DEGREES}
+    rest = [d for d, v in degrees.items() if v == -1]
+    if len(rest) > 1:
+        problems.add(at(rest[1]), f"only one degree may be -1 (already {rest[0]})")
+    elif None not in degrees.values():
+        fixed = math.prod(v for v in degrees.values() if v != -1)
+        if rest:
+            if size % fixed:
+                problems.add(at(rest[0]), f"-1 cannot fill the span: {size} ranks do not divide by the "
+                             f"other degrees ({fixed})", f"make the span a multiple of {fixed}")
+            else:
+                degrees[rest[0]] = size // fixed
+        elif fixed != size:
+            shown = " x ".join(f"{d}={v}" for d, v in degrees.items() if v != 1) or "all 1"
+            problems.add(path, f"degrees ({shown}, product {fixed}) do not match the span of {size} ranks "
+                         f"(world size {world})", f"use -1 on one degree to take the rest of the span, or run with "
+                         f"{fixed} processes")
+    cp = _int(node.get("cp", 1), at("cp"), problems)
+    if cp and cp > 1:
+        problems.add(at("cp"), "context parallelism is not supported",
+                     "torch's context parallel needs CUDA attention kernels (no CPU/gloo rule); remove cp")
+    tp_plan = node.get("tp_plan", "default")
+    if tp_plan not in TP_PLANS:
+        problems.add(at("tp_plan"), f"unknown TP plan {tp_plan!r}", did_you_mean(str(tp_plan), TP_PLANS))
+    fsdp = node.get("fsdp") or {}
+    if not isinstance(fsdp, dict):
+        problems.add(at("fsdp"), f"expected a mapping, got {fsdp!r}", f"keys: {', '.join(FSDP_KEYS)}")
+        fsdp = {}
+    for key, value in fsdp.items():
+        if key not in FSDP_KEYS:
+            problems.add(at(f"fsdp.{key}"), "unknown key", did_you_mean(key, FSDP_KEYS))
+        elif key != "reshard_after_forward" and value is not None and value not in DTYPES:
+            problems.add(at(f"fsdp.{key}"), f"unknown dtype {value!r}", did_you_mean(str(value), DTYPES))
+    ac = node.get("activation_checkpoint") or {"mode": "none"}
+    if isinstance(ac, str):
+        ac = {"mode": ac}
+    if not isinstance(ac, dict) or ac.get("mode", "none") not in AC_MODES:
+        problems.add(at("activation_checkpoint"), f"expected {{mode: none|full|every, every: n}}, got {ac!r}",
+                     did_you_mean(str(ac.get("mode") if isinstance(ac, dict) else ac), AC_MODES))
+        ac = {"mode": "none"}
+    elif ac.get("mode") == "every":
+        _int(ac.get("every"), at("activation_checkpoint.every"), problems)
+    compile_ = node.get("compile", False)
+    if not isinstance(compile_, bool):
+        problems.add(at("compile"), f"expected true or false, got {compile_!r}")
+    micro = _int(node.get("microbatches", 1), at("microbatches"), problems)
+    if len(problems.problems) > n0:
+        return None
+    return ModuleLayout(name, offset, size, degrees["pp"], degrees["dp_replicate"], degrees["dp_shard"],
+                        degrees["tp"], cp or 1, tp_plan, dict(fsdp), dict(ac), compile_, micro or 1, path, dict(origin))
+
+
+def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, problems: ProblemCollector) -> None:
+    covered: set[int] = set()
+    for (a, ma), (b, mb) in itertools.combinations(modules.items(), 2):
+        same = (ma.offset, ma.size) == (mb.offset, mb.size)
+        overlap = set(ma.ranks) & set(mb.ranks)
+        if overlap and not same:
+            problems.add(raw[b][2].get("ranks", f"{raw[b][1]}.ranks"), f"ranks {ma.offset}-{ma.offset + ma.size - 1} ({a}) and "
+                         f"{mb.offset}-{mb.offset + mb.size - 1} ({b}) overlap without being the same span",
+                         "spans must be identical (colocated) or disjoint (split)")
+    for name, m in modules.items():
+        if m.offset + m.size > world:
+            problems.add(raw[name][2].get("ranks", f"{raw[name][1]}.ranks"), f"ranks {m.offset}-{m.offset + m.size - 1} lie outside the world "
+                         f"of {world} ranks", f"run with at least {m.offset + m.size} processes")
+        covered |= set(m.ranks)
+    idle = sorted(set(range(world)) - covered)
+    if idle and not problems:
+        problems.add("parallel.modules", f"ranks {idle} hold no module (world size {world})",
+                     "spans must cover every rank")
+
+
+def check_model(layout: Layout, model, problems: ProblemCollector, device_type: str = "cpu") -> None:
+    """Model-dependent checks: sizes that TP shards divide by tp, layers cover PP stages, platform support.
+
+    ``model`` may live on the meta device: only attributes and TP declarations are read.
+    """
+    from mimo_spec.parallel.tp import tp_divisibility
+
+    for name, m in layout.modules.items():
+        module = model.language_model if name == LANGUAGE else model.modalities[name]
+        if m.tp > 1 and m.tp_plan != "none":
+            for where, attr, value in tp_divisibility(module):
+                if value % m.tp:
+                    problems.add(m.at("tp"), f"{where}.{attr} = {value} does not divide by tp={m.tp}",
+                                 f"choose a tp that divides {value}")
+            if name == LANGUAGE and getattr(module, "tie_embeddings", False):
+                problems.add(m.at("tp"), "tied embeddings cannot be tensor-parallel here",
+                             "set model.params.tie_embeddings=false or tp: 1")
+        if m.pp > 1:
+            layers = len(getattr(module, "layers", []))
+            if name != LANGUAGE or layers == 0:
+                problems.add(m.at("pp"), "pipeline stages split a language model's layers",
+                             "use pp only on the language module (split modalities with ranks: instead)")
+            elif m.pp > layers:
+                problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layers",
+                             f"use pp <= {layers}")
+            if m.microbatches < m.pp:
+                problems.add(m.at("microbatches"), f"{m.microbatches} microbatches cannot fill {m.pp} stages",
+                             f"use microbatches >= {m.pp}")
+    if layout.world_size > 1 and device_type == "cpu":
+        backend = getattr(model.language_model, "backend", "local")
+        if backend == "te":
+            problems.add("model.params.backend", "transformer-engine needs CUDA", "use backend: local")
+
+
+def check_batch(layout: Layout, batch_size: int, grad_accum: int, problems: ProblemCollector) -> None:
+    """The global batch (``train.batch_size`` samples) splits evenly over every module's data-parallel ranks."""
+    for name, m in layout.modules.items():
+        if batch_size % m.dp:
+            problems.add("train.batch_size", f"{batch_size} samples do not split over {name}'s {m.dp} "
+                         "data-parallel ranks", f"use a multiple of {m.dp}")
+        elif m.pp > 1 and (batch_size // m.dp) % m.microbatches:
+            problems.add(f"parallel.modules.{name}.microbatches", f"the per-rank batch of {batch_size // m.dp} "
+                         f"does not split into {m.microbatches} microbatches",
+                         f"make train.batch_size a multiple of {m.dp * m.microbatches}")
+
+
+def resolve(parallel: dict, model, world_size: int | None, *, device_type: str = "cpu",
+            train: dict | None = None) -> Layout:
+    """Parse and check a layout against a (meta) model; raises one ConfigError with every problem."""
+    problems = ProblemCollector()
+    names = [LANGUAGE] + list(model.modalities.keys())
+    layout = parse_layout(parallel, names, world_size, problems)
+    if layout is not None:
+        check_model(layout, model, problems, device_type)
+        if train is not None:
+            check_batch(layout, int(train.get("batch_size", 1)), int(train.get("grad_accum", 1)), problems)
+    _dedupe(problems)
+    problems.raise_if_any()
+    return layout
+
+
+def render_rank_map(layout: Layout) -> str:
+    """A table: for every rank, the modules it holds with their (pp, dp_replicate, dp_shard, tp) coordinates."""
+    lines = [f"layout {layout.name}: world size {layout.world_size}"]
+    for name, m in layout.modules.items():
+        degrees = ", ".join(f"{d}={getattr(m, d)}" for d in DEGREES)
+        extra = [f"fsdp={m.fsdp}" if m.fsdp else "", f"ac={m.activation_checkpoint['mode']}"
+                 if m.activation_checkpoint.get("mode", "none") != "none" else "", "compile" if m.compile else ""]
+        extra_s = "  ".join(e for e in extra if e)
+        lines.append(f"  {name}: ranks {m.offset}-{m.offset + m.size - 1}  {degrees}" + (f"  {extra_s}" if extra_s else ""))
+    lines.append("rank  " + "  ".join(f"{n:<28}" for n in layout.modules))
+    for r in range(layout.world_size):
+        cells = []
+        for m in layout.modules.values():
+            c = m.coords(r)
+            cells.append(f"{'-':<28}" if c is None else f"{'pp%d dpr%d dps%d tp%d' % tuple(c[d] for d in DEGREES):<28}")
+        lines.append(f"{r:>4}  " + "  ".join(cells))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def world_size_from_env() -> int | None:
+    """WORLD_SIZE (torchrun) or SLURM_NTASKS, when launched by one of them."""
+    import os
+
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
+def check_parallel_config(spec, lm, modalities: dict, problems: ProblemCollector,
+                          world_size: int | None = None) -> Layout | None:
+    """The hook ``build_model`` runs on the meta-built modules: layout problems join the other config problems.
+
+    The world size is the launcher's (torchrun/SLURM) when there is one, else the layout's own.
+    """
+    from types import SimpleNamespace
+
+    if not spec.parallel:
+        return None
+    names = [LANGUAGE] + list(spec.modalities.keys())
+    n0 = len(problems.problems)
+    layout = parse_layout(spec.parallel, names, world_size or world_size_from_env(), problems)
+    if layout is not None and len(problems.problems) == n0 and lm is not None and len(modalities) == len(spec.modalities):
+        found = ProblemCollector()
+        check_model(layout, SimpleNamespace(language_model=lm, modalities=modalities), found)
+        _dedupe(found)
+        problems.problems.extend(found.problems)
+    return layout
+
+
+def run_layout_action(cfg) -> int:
+    """``action=layout [world_size=N]``: check the layout against the model (on meta) and print the rank map."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from mimo_spec.builders import build_model
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    world = plain.get("world_size")
+    if world is not None and (isinstance(world, bool) or not isinstance(world, int) or world < 1):
+        raise ConfigError(f"expected a positive integer, got {world!r}", path="world_size")
+    model = build_model(cfg, device="meta", dtype=cfg.get("dtype"))
+    layout = resolve(plain.get("parallel") or {}, model, world or world_size_from_env(), train=plain.get("train"))
+    print(render_rank_map(layout))
+    return 0

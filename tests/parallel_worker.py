@@ -1,0 +1,44 @@
+"""Run by tests/test_parallel_run.py under torchrun: several layouts in one process group.
+
+Usage: torchrun --nproc-per-node N tests/parallel_worker.py OUT_DIR SCENARIO[,SCENARIO...]
+A scenario is ``<layout>`` (train 3 steps), ``fsdp_ac`` (fsdp with activation checkpointing), ``resume:<from>:<layout>`` (one more step from
+<from>'s checkpoint under <layout>) or ``fail`` (rank 1 raises mid-run).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mimo_spec.config import compose_config
+from mimo_spec.train.loop import train
+
+COMMON = ["train.steps=3", "train.batch_size=4", "train.eval_every=0", "train.eval_batches=1",
+          "train.checkpoint.every=0", "train.log_every=100", "data.num_samples=64", "data.eval_samples=4",
+          "model.params.num_layers=2"]
+
+
+def config(layout: str, extra=()):
+    return compose_config([f"parallel={layout}", *COMMON, *extra])
+
+
+def main() -> None:
+    out, scenarios = Path(sys.argv[1]), sys.argv[2].split(",")
+    torch.set_num_threads(1)
+    for sc in scenarios:
+        if sc == "fail":
+            if int(os.environ["RANK"]) == 1:
+                raise RuntimeError("rank 1 fails on purpose")
+            train(config("ddp", ["train.steps=50"]), out / "fail")
+        elif sc.startswith("resume:"):
+            _, source, layout = sc.split(":")
+            train(config(layout, ["train.steps=4", f"train.resume={out / source}"]), out / f"resume_{source}_{layout}")
+        elif sc == "fsdp_ac":  # activation checkpointing of every 2nd block, under FSDP
+            train(config("fsdp", ["+parallel.default.activation_checkpoint={mode: every, every: 2}"]), out / sc)
+        else:
+            train(config(sc), out / sc)
+
+
+if __name__ == "__main__":
+    main()

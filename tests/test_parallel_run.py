@@ -1,0 +1,115 @@
+"""Shipped layouts under torchrun (gloo, CPU): 3 optimizer steps equal the single-process run,
+distributed checkpoints resume under another layout (and in one process), a failing rank ends the job."""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parallel_worker import config  # noqa: E402
+
+RTOL = 1e-5
+# Weights after 3 AdamW steps: Adam's normalised update turns reduction-order noise in near-zero
+# gradients into differences of ~1e-5 of a tensor's scale; 3e-5 still catches any real mistake
+# (a wrong shard or a missing reduction is off by >1e-3).
+WEIGHT_TOL = 3e-5
+
+
+def torchrun(nproc, *args, timeout=300, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The last checkpoint's weights, loaded in this (single) process whatever layout wrote them."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint
+
+    model = build_model(config("single"), seed=0)
+    load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1], model)
+    return model.state_dict()
+
+
+def assert_same_weights(got, ref):
+    assert got.keys() == ref.keys()
+    for k in ref:
+        scale = ref[k].abs().max().clamp(min=1e-6)
+        diff = float((got[k] - ref[k]).abs().max() / scale)
+        assert diff <= WEIGHT_TOL, f"{k}: max difference {diff:.2e} of the tensor's scale"
+
+
+def test_two_rank_layouts_match_single_process_and_checkpoints_reshard(tmp_path):
+    """One torchrun (2 processes) trains every 2-rank layout for 3 steps and resumes across layouts
+    (one test, so pytest-xdist never starts that group twice); then the single-process references."""
+    from mimo_spec.train.loop import train
+
+    out = tmp_path
+    layouts = ["ddp", "fsdp", "tp2", "tp2_fsdp", "hetero_colocated", "fsdp_ac"]
+    scenarios = ",".join(layouts + ["resume:tp2:fsdp", "resume:fsdp:tp2"])
+    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", out, scenarios)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    train(config("single"), out / "single")
+    train(config("single", ["train.steps=4"]), out / "single4")
+    train(config("single", ["train.steps=4", f"train.resume={out / 'tp2'}"]), out / "single_from_tp2")
+
+    ref, ref_weights = losses(out / "single"), final_weights(out / "single")
+    for layout in layouts:  # 3 optimizer steps: same losses and weights as one process
+        assert losses(out / layout) == pytest.approx(ref, rel=RTOL), layout
+        assert_same_weights(final_weights(out / layout), ref_weights)
+        files = sorted(p.name for p in (out / layout / "checkpoints" / "step_000003").iterdir())
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(files), layout  # one shard file per rank
+    # a checkpoint written under one layout resumes under another, and in one process, with the same next loss
+    next_loss = losses(out / "single4")[-1]
+    for source, target in [("tp2", "fsdp"), ("fsdp", "tp2")]:
+        assert losses(out / f"resume_{source}_{target}")[-1] == pytest.approx(next_loss, rel=RTOL), (source, target)
+    assert losses(out / "single_from_tp2")[-1] == pytest.approx(next_loss, rel=RTOL)
+    assert_same_weights(final_weights(out / "single_from_tp2"), final_weights(out / "single4"))
+
+
+def test_four_ranks_tp_with_data_parallel(tmp_path):
+    """2-D meshes on 4 processes: TP 2 x FSDP 2, TP 2 x replicated DP 2, and the heterogeneous colocated
+    layout (LM TP 2 x FSDP 2, images FSDP 4: embeddings cross between the two data-parallel layouts)."""
+    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path, "tp2_fsdp,tp2,hetero_colocated")
+    assert r.returncode == 0, r.stderr[-6000:]
+    from mimo_spec.train.loop import train
+
+    train(config("single"), tmp_path / "single")
+    for layout in ("tp2_fsdp", "tp2", "hetero_colocated"):
+        assert losses(tmp_path / layout) == pytest.approx(losses(tmp_path / "single"), rel=RTOL)
+        assert_same_weights(final_weights(tmp_path / layout), final_weights(tmp_path / "single"))
+
+
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    t0 = time.monotonic()
+    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, "fail", timeout=120)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "rank 1 fails on purpose" in r.stderr
+
+
+def test_cli_under_torchrun(tmp_path):
+    r = torchrun(2, ROOT / "cli.py", "parallel=fsdp", "train.steps=2", "train.batch_size=4", "data.num_samples=32",
+                 "data.eval_samples=4", "train.eval_batches=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(losses(tmp_path / "run")) == 2
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / ".metadata").exists()
+    r = torchrun(2, ROOT / "cli.py", "parallel=single", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
+    # every rank ends with the one-line config error (exit 2) before any process group starts
+    assert r.returncode != 0 and "mimo-spec: config error" in r.stderr
+    assert "parallel.default: degrees (all 1, product 1) do not match the span of 2 ranks" in r.stderr
+    assert "exitcode  : 2" in r.stderr
