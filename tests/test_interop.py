@@ -341,3 +341,33 @@ def test_core_does_not_import_transformers():
     code = ("import sys, mimo_spec, mimo_spec.interop; from mimo_spec.builders import build_model; "
             "assert 'transformers' not in sys.modules and 'safetensors' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_import_then_summary_and_training_from_the_imported_weights(tmp_path):
+    """action=import writes config.yaml + model.safetensors; init_from builds and trains from them."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import run_cli
+    from mimo_spec.train.checkpoint import list_checkpoints
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=1100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "imported"
+    r = run_cli(["action=import", f"import_hf.source={tmp_path / 'hf'}", f"import_hf.output={out}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.yaml").exists() and (out / "model.safetensors").exists()
+    r = run_cli(["action=summary", f"init_from={out}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    exact = sum(p.numel() for p in hf.parameters())
+    assert f"exact: {exact:,} parameters" in r.stdout
+    r = run_cli([f"init_from={out}", "modality=[]", "train.steps=2", "train.eval_every=0", "data.num_samples=16",
+                 "data.eval_samples=4", "hydra.run.dir=run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"
+    assert list_checkpoints(tmp_path / "run" / "checkpoints")
+    r = run_cli(["action=import", f"import_hf.source={tmp_path / 'nothing'}"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "config.json" in r.stderr

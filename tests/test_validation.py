@@ -144,3 +144,11 @@ def test_choosing_a_group_option_replaces_the_node():
 def test_validate_spec_returns_the_spec_for_a_valid_config():
     spec = validate_spec(tiny_config())
     assert spec.modalities["images"].submodules["encoders"]["clip"].path == ENC
+
+
+def test_te_backend_where_it_cannot_run_is_a_config_error_naming_the_node():
+    cfg = with_(tiny_config(), "model.params.backend", "te")
+    cfg = with_(cfg, f"{ENC}.params.backend", "auto")  # auto falls back to the local layers
+    probs, _ = problems_of(cfg)
+    assert set(probs) == {"model"}
+    assert "backend 'te'" in probs["model"].message and "use backend: local or auto" in probs["model"].message

@@ -42,7 +42,12 @@ def check_backend(backend: str) -> str:
         except Exception:  # a broken install counts as absent
             te_ok = False
     if te_ok and torch.cuda.is_available():
-        return "te"
+        # Transformer Engine is usable here, but this version has no TE layer implementations
+        # yet: say so rather than silently running the local layers under the name "te".
+        if backend == "auto":
+            return "local"
+        raise ValueError("backend 'te': transformer-engine layers are not implemented in this version of "
+                         "mimo-spec yet; use backend: local (or auto, which picks local)")
     if backend == "auto":
         return "local"
     missing = "transformer-engine" if not te_ok else "CUDA"
