@@ -47,6 +47,11 @@ class InputError(ConfigError):
     """A runtime input (a batch, a data file, a checkpoint) does not match the model."""
 
 
+def join_path(path: str, key: str) -> str:
+    """``path.key``, or just ``key`` at the root."""
+    return f"{path}.{key}" if path else key
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The closest spelling of ``name`` among ``choices``, or None."""
     matches = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)

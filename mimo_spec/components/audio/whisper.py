@@ -34,11 +34,8 @@ from mimo_spec.components.layers import (
     init_transformer_weights,
 )
 from mimo_spec.errors import InputError
+from mimo_spec.errors import join_path as _join
 from mimo_spec.registry import register
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:

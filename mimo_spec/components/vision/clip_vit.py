@@ -36,11 +36,8 @@ from mimo_spec.components.layers import (
     init_transformer_weights,
 )
 from mimo_spec.errors import InputError
+from mimo_spec.errors import join_path as _join
 from mimo_spec.registry import register
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
