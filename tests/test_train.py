@@ -168,3 +168,22 @@ def test_cli_default_job_then_eval_generate_and_sigterm(cli, tmp_path):
     saved = list_checkpoints(cli.cwd / "sig" / "checkpoints")
     assert saved and json.loads((cli.cwd / "sig" / "metrics.json").read_text())["status"] == "interrupted"
     assert f"saved checkpoint at step {int(saved[-1].name[5:])}" in out
+
+
+def test_generate_writes_output_modality_images(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from mimo_spec import jobs
+    from mimo_spec.components.language.gpt import GPT
+
+    train(cfg("modality=[vision_clip,image_gen]", "train.steps=2", "train.eval_every=0"), tmp_path / "run")
+    plain = GPT.logits  # make the LM emit the image generation token (id 1002) first
+    monkeypatch.setattr(GPT, "logits", lambda self, h: plain(self, h).index_fill(-1, torch.tensor([1002]), 1e4))
+    gen_cfg = compose_config(["action=generate", f"generate.checkpoint={tmp_path / 'run'}",
+                              "generate.prompt=draw a red circle", "generate.max_new_tokens=16"])
+    assert jobs.run_generate(gen_cfg, tmp_path) == 0
+    record = json.loads((tmp_path / "generation.json").read_text())
+    png = Path(record["outputs"]["image_out"][0])
+    assert Image.open(png).size == (32, 32) and record["tokens"][:16] == [1002] * 16
+    assert OmegaConf.is_config(gen_cfg)
