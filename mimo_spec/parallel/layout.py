@@ -279,6 +279,12 @@ def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, proble
                      "spans must cover every rank")
 
 
+def _constructor_params(cls: type) -> dict:
+    from mimo_spec.builders.binding import signature_of
+
+    return signature_of(cls)[0]
+
+
 def check_model(layout: Layout, model, problems: ProblemCollector, device_type: str = "cpu") -> None:
     """Model-dependent checks: sizes that TP shards divide by tp, layers cover PP stages, platform support.
 
@@ -291,8 +297,11 @@ def check_model(layout: Layout, model, problems: ProblemCollector, device_type: 
         if m.tp > 1 and m.tp_plan != "none":
             for where, attr, value in tp_divisibility(module):
                 if value % m.tp:
-                    problems.add(m.at("tp"), f"{where}.{attr} = {value} does not divide by tp={m.tp}",
-                                 f"choose a tp that divides {value}")
+                    owner = "language_model" if name == LANGUAGE else f"modalities.{name}"
+                    hint = f"choose a tp that divides {value}"
+                    if name == LANGUAGE and attr in _constructor_params(type(module)):
+                        hint += f", or change model.params.{attr}"
+                    problems.add(m.at("tp"), f"{owner}.{where}.{attr} = {value} does not divide by tp={m.tp}", hint)
             if name == LANGUAGE and getattr(module, "tie_embeddings", False):
                 problems.add(m.at("tp"), "tied embeddings cannot be tensor-parallel here",
                              "set model.params.tie_embeddings=false or tp: 1")
