@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mimo_spec.errors import ConfigError, InputError
 from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from mimo_spec.train.metrics import MetricsWriter, plot_loss, read_metrics
+from mimo_spec.train.metrics import MetricsWriter, NullMetrics, plot_loss, read_metrics, truncate_metrics
+from mimo_spec.train.progress import Silent, log_line, progress_display, say
 from mimo_spec.train.optim import build_optimizer, set_lr
 
 FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "eval_loss", "eval_ppl"]
@@ -146,7 +147,7 @@ def _resume(resume, out_dir: Path, model, optimizer, current: dict, console, dru
         try:
             saved = json.loads((path / "state.json").read_text()).get("config", {})
         except (OSError, json.JSONDecodeError) as e:
-            _say(console, f"warning: skipping damaged checkpoint {path}: {e}")
+            say(console, f"warning: skipping damaged checkpoint {path}: {e}")
             damaged.append(str(path))
             continue
         changes = config_changes(saved, {k: v for k, v in current.items() if k != "hydra"})
@@ -157,7 +158,7 @@ def _resume(resume, out_dir: Path, model, optimizer, current: dict, console, dru
         try:
             return path, load_checkpoint(path, model, optimizer, drun=drun)
         except InputError as e:
-            _say(console, f"warning: skipping damaged checkpoint {path}: {e}")
+            say(console, f"warning: skipping damaged checkpoint {path}: {e}")
             damaged.append(str(path))
     if damaged:  # the model may hold half-loaded weights: never train on from there
         raise InputError(f"every checkpoint is damaged: {', '.join(damaged)}", path="train.resume",
@@ -212,7 +213,7 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     drun = start_parallel(_plain(cfg.get("parallel") or {}), tc, model)  # None: one process, the plain loop
     main = drun is None or drun.rank == 0
     if not main:
-        console = _Silent()
+        console = Silent()
     model.train()
     tokenizer = build_tokenizer(cfg["data"], model)
     train_set = build_dataset(cfg["data"], model, tokenizer, "train")
@@ -230,11 +231,11 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     source, state = _resume(tc.get("resume", "auto"), out_dir, model, optimizer, current, console, drun)
     if source is not None:
         start_step, position = int(state["step"]), int(state["data_position"])
-        _say(console, f"resumed from {source} at step {start_step}")
+        say(console, f"resumed from {source} at step {start_step}")
     stream = DataStream(train_set, seed, position)
-    metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None) if main else _NullMetrics()
+    metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None) if main else NullMetrics()
     if source is not None and main:
-        _truncate_metrics(metrics, start_step)
+        truncate_metrics(metrics, start_step)
 
     def save(step: int) -> Path:
         extra = {"data_position": stream.position, "config": _plain(cfg) if isinstance(cfg, dict) else
@@ -248,10 +249,10 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
 
     dropped = getattr(train_set, "num_dropped", 0)
     if dropped:
-        _say(console, f"data: dropped {dropped} samples ({getattr(train_set, 'drop_reasons', {})})")
+        say(console, f"data: dropped {dropped} samples ({getattr(train_set, 'drop_reasons', {})})")
     status, last_loss, tokens_per_s = "completed", float("nan"), 0.0
     t_start, tokens_seen = time.perf_counter(), 0
-    progress = _progress(console, steps, start_step)
+    progress = progress_display(console, steps, start_step)
     with _StopFlag() as stop, progress:
         for step in range(start_step, steps):
             lr = set_lr(optimizer, step, tc)
@@ -294,14 +295,14 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
             metrics.log(row)
             progress.update(done, step_loss, tokens_per_s)
             if done % int(tc.get("log_every", 10)) == 0 or done == steps:
-                _say(console, _log_line(row, steps))
+                say(console, log_line(row, steps))
             if drun is not None and drun.any_rank(stop.signal is not None) and stop.signal is None:
                 stop.signal = signal.SIGTERM  # another rank was signalled: stop together (the save is collective)
             if stop.signal is not None or (stop_after and done - start_step >= stop_after and done < steps):
                 save(done)
                 status = "interrupted"
                 why = f"received signal {stop.signal}" if stop.signal is not None else f"stop_after_steps={stop_after}"
-                _say(console, f"{why}: saved checkpoint at step {done}, stopping (resume with train.resume)")
+                say(console, f"{why}: saved checkpoint at step {done}, stopping (resume with train.resume)")
                 break
             if (ckpt_every and done % ckpt_every == 0) or done == steps:
                 save(done)
@@ -325,48 +326,6 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     return result
 
 
-class _Silent:
-    def print(self, *a, **k):
-        pass
-
-
-class _NullMetrics:
-    """Ranks other than 0 write no files; they keep their rows in memory."""
-
-    path = None
-
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def log(self, row: dict) -> None:
-        self.rows.append({k: str(v) for k, v in row.items()})
-
-    def close(self) -> None:
-        pass
-
-
-def _log_line(row: dict, steps: int) -> str:
-    line = (f"step {row['step']}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
-            f"{row['tokens_per_s']:.0f} tok/s")
-    if "eval_loss" in row:
-        line += f"  eval loss {row['eval_loss']:.4f} (ppl {row['eval_ppl']:.2f})"
-    return line
-
-
-def _truncate_metrics(metrics: MetricsWriter, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be redone)."""
-    metrics._file.close()
-    rows = [r for r in read_metrics(metrics.path) if int(r["step"]) <= step]
-    import csv
-
-    with open(metrics.path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=metrics.fields)
-        w.writeheader()
-        w.writerows(rows)
-    metrics._file = open(metrics.path, "a", newline="")
-    metrics._csv = csv.DictWriter(metrics._file, fieldnames=metrics.fields, extrasaction="ignore")
-
-
 def _clip(model, max_norm) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
@@ -374,49 +333,3 @@ def _clip(model, max_norm) -> float:
     if max_norm:
         return float(torch.nn.utils.clip_grad_norm_(params, float(max_norm)))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
-
-
-def _say(console, text: str) -> None:
-    if console is not None:
-        console.print(text, highlight=False)
-    else:
-        print(text, flush=True)
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, *a):
-        pass
-
-
-class _RichProgress:
-    """step, loss, tokens/s and ETA on one live line (rich)."""
-
-    def __init__(self, console, total: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                           TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
-        self._task = self._p.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
-
-    def __enter__(self):
-        self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._p.__exit__(*exc)
-
-    def update(self, done: int, loss: float, tps: float) -> None:
-        self._p.update(self._task, completed=done, loss=loss, tps=tps)
-
-
-def _progress(console, total: int, start: int):
-    if console is None or isinstance(console, _Silent):
-        return _NoProgress()
-    return _RichProgress(console, total, start)

@@ -73,3 +73,30 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(png_path)
     return png_path
+
+
+class NullMetrics:
+    """Ranks other than 0 write no files; they keep their rows in memory."""
+
+    path = None
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        self.rows.append({k: str(v) for k, v in row.items()})
+
+    def close(self) -> None:
+        pass
+
+
+def truncate_metrics(metrics: MetricsWriter, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be redone)."""
+    metrics._file.close()
+    rows = [r for r in read_metrics(metrics.path) if int(r["step"]) <= step]
+    with open(metrics.path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=metrics.fields)
+        w.writeheader()
+        w.writerows(rows)
+    metrics._file = open(metrics.path, "a", newline="")
+    metrics._csv = csv.DictWriter(metrics._file, fieldnames=metrics.fields, extrasaction="ignore")
