@@ -22,6 +22,11 @@ def run_train(cfg: DictConfig, out_dir: Path) -> int:
     check_run_config(cfg)
     console = _console()
     result = train(cfg, out_dir, console=console)
+    from mimo_spec.parallel.env import read_env
+
+    launched = read_env()
+    if launched is not None and launched.rank != 0:  # the summary line comes from rank 0 only
+        return 0
     console.print(f"{result['status']}: {result['steps']} steps, loss {result['first_loss']:.4f} -> "
                   f"{result['final_loss']:.4f}" + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"]
                                                    else "") + f"; outputs in {out_dir}")

@@ -101,13 +101,10 @@ _CONFIG_CLASSES = {"synthetic": SyntheticDataConfig, "llava_json": LlavaJsonData
 def _plain(cfg) -> dict:
     if isinstance(cfg, BaseModel):
         return cfg.model_dump()
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):

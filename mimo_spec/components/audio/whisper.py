@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimo_spec.components.encoder_inputs import the_only_input
 from mimo_spec.components.layers import (
     ActivationName,
     Backend,
@@ -34,7 +35,6 @@ from mimo_spec.components.layers import (
     init_transformer_weights,
 )
 from mimo_spec.errors import InputError
-from mimo_spec.errors import join_path as _join
 from mimo_spec.registry import register
 
 
@@ -129,19 +129,9 @@ class WhisperEncoder(nn.Module):
 
     def validate_inputs(self, inputs: dict, path: str) -> None:
         """Raise InputError (naming ``path``) unless inputs is {"input_features": (N, mel, frames)}."""
-        for key in inputs:
-            if key != "input_features":
-                raise InputError(f"unexpected input {key!r}", path=_join(path, key),
-                                 hint="this encoder takes only input_features")
-        if "input_features" not in inputs:
-            raise InputError("missing input 'input_features'", path=_join(path, "input_features"),
-                             hint=f"got {sorted(inputs)}")
-        x = inputs["input_features"]
-        where = _join(path, "input_features")
         expected = f"expected shape (N, {self.num_mel_bins}, frames) with 1 <= frames <= {self.max_frames}"
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise InputError(f"{expected} as a floating-point tensor, got {type(x).__name__}"
-                             f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}", path=where)
+        x, where = the_only_input(inputs, "input_features", path, expected,
+                                  hint="pass log-mel features as a float tensor")
         shape = tuple(x.shape)
         if x.dim() != 3 or shape[1] != self.num_mel_bins or not 1 <= shape[2] <= self.max_frames:
             raise InputError(f"{expected}, got {shape}", path=where,

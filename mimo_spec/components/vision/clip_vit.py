@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimo_spec.components.encoder_inputs import the_only_input
 from mimo_spec.components.layers import (
     ActivationName,
     Backend,
@@ -36,7 +37,6 @@ from mimo_spec.components.layers import (
     init_transformer_weights,
 )
 from mimo_spec.errors import InputError
-from mimo_spec.errors import join_path as _join
 from mimo_spec.registry import register
 
 
@@ -166,21 +166,10 @@ class ClipViT(nn.Module):
 
     def validate_inputs(self, inputs: dict, path: str) -> None:
         """Raise InputError (naming ``path``) unless ``inputs`` is {"pixel_values": (N, C, H, W)}."""
-        for key in inputs:
-            if key != "pixel_values":
-                raise InputError(f"unexpected input {key!r}", path=_join(path, key),
-                                 hint="this encoder takes only pixel_values")
-        if "pixel_values" not in inputs:
-            raise InputError("missing input 'pixel_values'", path=_join(path, "pixel_values"),
-                             hint=f"got {sorted(inputs)}")
-        x = inputs["pixel_values"]
-        where = _join(path, "pixel_values")
         size = "H, W" if self.dynamic_image_size else f"{self.image_size}, {self.image_size}"
         expected = f"expected shape (N, {self.num_channels}, {size})"
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise InputError(f"{expected} as a floating-point tensor, got {type(x).__name__}"
-                             f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}", path=where,
-                             hint="pass images as float tensors, e.g. pixel_values.float() / 255")
+        x, where = the_only_input(inputs, "pixel_values", path, expected,
+                                  hint="pass images as float tensors, e.g. pixel_values.float() / 255")
         shape = tuple(x.shape)
         if x.dim() != 4 or shape[1] != self.num_channels:
             raise InputError(f"{expected}, got {shape}", path=where,
