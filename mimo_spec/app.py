@@ -164,6 +164,32 @@ def _is_debug(argv: list[str]) -> bool:
         a.lower() in ("debug=true", "debug=1", "+debug=true") for a in argv)
 
 
+_HYDRA_FLAGS = ("-m", "--multirun", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+
+
+def _plain_run(argv: list[str]) -> bool:
+    """True when Hydra's first, mode-probing compose can only answer "not set".
+
+    Hydra composes the whole config twice for a plain run: once to read
+    ``hydra.mode`` (which a YAML file could set to MULTIRUN), then for the job.
+    When nothing on the command line asks for another mode or another config
+    tree, and no shipped YAML mentions MULTIRUN, the probe's answer is known
+    (None, i.e. a single run) and costs a tenth of a second for nothing.
+    """
+    from mimo_spec.config import CONF_DIR
+
+    if any(a.split("=")[0] in _HYDRA_FLAGS or a.startswith(("hydra.mode", "hydra.searchpath", "+hydra.searchpath"))
+           for a in argv):
+        return False
+    return not any("MULTIRUN" in f.read_text() for f in CONF_DIR.rglob("*.yaml"))
+
+
+def _skip_mode_probe() -> None:
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_mode = lambda self, config_name, overrides: None
+
+
 def main() -> None:
     """Console entry point (``mimo-spec`` and ``python cli.py``)."""
     import hydra
@@ -179,6 +205,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we decide how to show them
     from mimo_spec.config import CONF_DIR
 
+    if _plain_run(argv):
+        _skip_mode_probe()
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
     try:
         task()
@@ -194,6 +222,10 @@ def main() -> None:
         print(format_error(err), file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     except Exception as e:  # a sweep stopped midway (a lost submitit job, no finished Optuna trial)?
+        if not debug and isinstance(e, ValueError) and str(e).startswith(("Only one of --run", "The --resolve")):
+            err = ConfigError(str(e), path="command line", hint="give one of -m, --cfg, --info per command")
+            print(format_error(err), file=sys.stderr)  # Hydra's own check of its flags
+            sys.exit(EXIT_CONFIG_ERROR)
         from mimo_spec.sweep import end_broken_sweep
 
         code = None if debug else end_broken_sweep(e)

@@ -265,3 +265,18 @@ def test_summary_sorts_by_any_objective_and_flags_jobs_that_never_finished(tmp_p
     assert [r["job"] for r in out["rows"]] == ["1", "0", "2", "10"]
     out = summarize(tmp_path, "final_los", "minimize")
     assert out["best"] is None and "did you mean final_loss?" in out["text"]
+
+
+def test_hydra_mode_multirun_still_sweeps_without_dash_m(cli, tmp_path):
+    """A plain run skips Hydra's mode-probing compose; asking for MULTIRUN any other way still sweeps."""
+    r = cli("hydra.mode=MULTIRUN", "action=validate", "model=tiny,small")
+    assert r.returncode == 0, r.stderr
+    assert {row["model"] for row in _summary(_sweep_dir(cli.cwd))} == {"tiny", "small"}
+
+    extra = tmp_path / "extra"
+    (extra / "preset").mkdir(parents=True)
+    (extra / "preset" / "swept.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      model: tiny,small\n")
+    r = cli("--config-dir", str(extra), "preset=swept", "action=validate")
+    assert r.returncode == 0, r.stderr
+    assert len(list(cli.cwd.glob("multirun/*/*/*/resolved_config.yaml"))) == 4
