@@ -70,12 +70,19 @@ def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
     return path, OmegaConf.create(state["config"])
 
 
-def _load_trained(cfg: DictConfig, key: str):
+def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
+    """The checkpoint's model (built from the config it was trained with) and tokenizer.
+
+    ``own_layout``: the job runs under this command's ``parallel`` layout, not the training run's
+    (a checkpoint loads under any layout), so the model is checked against it.
+    """
     from mimo_spec.builders import build_model
     from mimo_spec.train.checkpoint import load_checkpoint
     from mimo_spec.train.tokenizer import build_tokenizer
 
     path, trained_cfg = checkpoint_config(cfg[key].get("checkpoint"), key)
+    if own_layout:
+        trained_cfg.parallel = OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True)
     model = build_model(trained_cfg, seed=0)
     load_checkpoint(path, model)
     tokenizer = build_tokenizer(trained_cfg["data"], model)
@@ -101,15 +108,18 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> int:
 
 def run_generate(cfg: DictConfig, out_dir: Path) -> int:
     from mimo_spec.train.data import encode_prompt
-    from mimo_spec.train.generate import generate, save_image
+    from mimo_spec.train.generate import generate, save_image, start_parallel_generation
 
     g = cfg.generate
-    path, trained_cfg, model, tokenizer = _load_trained(cfg, "generate")
+    path, trained_cfg, model, tokenizer = _load_trained(cfg, "generate", own_layout=True)
+    main = start_parallel_generation(model, cfg.get("parallel"))  # under torchrun: every rank generates
     input_ids, modality_inputs = encode_prompt(g.prompt, model, tokenizer, trained_cfg["data"],
                                                images=list(g.images), audio=list(g.audio))
     out = generate(model, input_ids, modality_inputs, max_new_tokens=int(g.max_new_tokens), strategy=g.strategy,
                    temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
                    eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed))
+    if not main:  # rank 0 prints and writes the outputs
+        return 0
     specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}
     text = tokenizer.decode([t for t in out.tokens if t not in specials and t < tokenizer.vocab_size])
     print(text)

@@ -34,6 +34,11 @@ def main() -> None:
         elif sc.startswith("resume:"):
             _, source, layout = sc.split(":")
             train(config(layout, ["train.steps=4", f"train.resume={out / source}"]), out / f"resume_{source}_{layout}")
+        elif sc == "split2":  # images on rank 0, the language model on rank 1
+            train(config("hetero_split", ["parallel.default.ranks.size=1", "parallel.modules.language.tp=1",
+                                          "parallel.modules.language.ranks={offset: 1, size: 1}"]), out / sc)
+        elif sc == "pp2_gpipe":  # the other pipeline schedule
+            train(config("pp2", ["parallel.default.pp_schedule=gpipe"]), out / sc)
         elif sc == "fsdp_ac":  # activation checkpointing of every 2nd block, under FSDP
             train(config("fsdp", ["+parallel.default.activation_checkpoint={mode: every, every: 2}"]), out / sc)
         else:

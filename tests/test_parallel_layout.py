@@ -163,13 +163,34 @@ def test_activation_checkpointing_keeps_names_and_gradients():
         torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
-@pytest.mark.parametrize("name,path", [("pp2", "parallel.modules.language.pp"), ("hetero_split", "parallel.modules")])
-def test_layouts_that_cannot_train_yet_are_refused_before_any_process_group(name, path, meta_model, monkeypatch):
-    from mimo_spec.parallel.apply import start_parallel
+def test_split_layout_checks(meta_model):
+    """Modalities on their own ranks are data parallel only and never share ranks with the LM."""
+    p = problems({"default": {"ranks": {"offset": 0, "size": 2}, "tp": 2},
+                  "modules": {"language": {"ranks": {"offset": 2, "size": 2}, "tp": 1, "pp": 2,
+                                           "microbatches": 2}}},
+                 meta_model, 4)
+    assert "a modality on its own ranks is data parallel only (tp must be 1)" in p["parallel.default.tp"].message
+    assert "pp > 1 on top of it is not supported" in p["parallel.modules.language.pp"].message
+    any2any = build_model(compose_config(["modality=[vision_clip,image_gen]"]), device="meta")
+    p = problems(compose_config(["parallel=hetero_split"]).parallel, any2any, 4)
+    assert "an output modality must sit with the language model" in p["parallel.default"].message
 
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    parallel = {k: v for k, v in compose_config([f"parallel={name}"]).parallel.items()}
-    with pytest.raises(ConfigError) as e:
-        start_parallel(parallel, {"batch_size": 8}, meta_model)
-    assert [p.path for p in e.value.problems] == [path] and "cannot train yet" in str(e.value)
-    assert not torch.distributed.is_initialized()
+
+def test_pipeline_checks(meta_model):
+    """A modality next to a pipelined LM runs in its first stage: it must share the LM's degrees;
+    output modalities and tied embeddings cannot be split over stages; the schedule is a known one."""
+    p = problems({"default": {"dp_replicate": -1}, "modules": {"language": {"pp": 2, "microbatches": 2}}},
+                 meta_model, 2)
+    assert "runs in its first stage" in p["parallel.default"].message
+    assert "pp=2, dp_replicate=1, dp_shard=1, tp=1" in p["parallel.default"].message
+    p = problems({"default": {"pp": 2, "microbatches": 2, "pp_schedule": "1f1f"}}, meta_model, 2)
+    assert "unknown pipeline schedule '1f1f'" in p["parallel.default.pp_schedule"].message
+    assert "did you mean 1f1b" in p["parallel.default.pp_schedule"].hint
+    tied = build_model(compose_config(["model.params.tie_embeddings=true"]), device="meta")
+    p = problems({"default": {"pp": 2, "microbatches": 2}}, tied, 2)
+    assert "tied embeddings cannot be split over pipeline stages" in p["parallel.default.pp"].message
+    any2any = build_model(compose_config(["modality=[vision_clip,image_gen]"]), device="meta")
+    p = problems({"default": {"pp": 2, "microbatches": 2}}, any2any, 2)
+    assert any("output modality cannot run under pipeline" in q.message for q in p.values())
+    layout = layout_of("pp2", 2, meta_model, train={"batch_size": 4})
+    assert layout.modules["language"].pp == 2 and layout.modules["images"].shape == layout.modules["language"].shape

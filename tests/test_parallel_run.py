@@ -59,8 +59,8 @@ def test_two_rank_layouts_match_single_process_and_checkpoints_reshard(tmp_path)
     from mimo_spec.train.loop import train
 
     out = tmp_path
-    layouts = ["ddp", "fsdp", "tp2", "tp2_fsdp", "hetero_colocated", "fsdp_ac"]
-    scenarios = ",".join(layouts + ["resume:tp2:fsdp", "resume:fsdp:tp2"])
+    layouts = ["ddp", "fsdp", "tp2", "tp2_fsdp", "hetero_colocated", "fsdp_ac", "pp2", "pp2_gpipe", "split2"]
+    scenarios = ",".join(layouts + ["resume:tp2:fsdp", "resume:fsdp:tp2", "resume:tp2:pp2", "resume:pp2:fsdp"])
     r = torchrun(2, ROOT / "tests" / "parallel_worker.py", out, scenarios)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(config("single"), out / "single")
@@ -75,21 +75,24 @@ def test_two_rank_layouts_match_single_process_and_checkpoints_reshard(tmp_path)
         assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(files), layout  # one shard file per rank
     # a checkpoint written under one layout resumes under another, and in one process, with the same next loss
     next_loss = losses(out / "single4")[-1]
-    for source, target in [("tp2", "fsdp"), ("fsdp", "tp2")]:
+    for source, target in [("tp2", "fsdp"), ("fsdp", "tp2"), ("tp2", "pp2"), ("pp2", "fsdp")]:
         assert losses(out / f"resume_{source}_{target}")[-1] == pytest.approx(next_loss, rel=RTOL), (source, target)
     assert losses(out / "single_from_tp2")[-1] == pytest.approx(next_loss, rel=RTOL)
     assert_same_weights(final_weights(out / "single_from_tp2"), final_weights(out / "single4"))
 
 
 def test_four_ranks_tp_with_data_parallel(tmp_path):
-    """2-D meshes on 4 processes: TP 2 x FSDP 2, TP 2 x replicated DP 2, and the heterogeneous colocated
-    layout (LM TP 2 x FSDP 2, images FSDP 4: embeddings cross between the two data-parallel layouts)."""
-    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path, "tp2_fsdp,tp2,hetero_colocated")
+    """2-D meshes on 4 processes: TP 2 x FSDP 2, TP 2 x replicated DP 2, the heterogeneous colocated
+    layout (LM TP 2 x FSDP 2, images FSDP 4: embeddings cross between the two data-parallel layouts)
+    2 pipeline stages x 2 data-parallel replicas, and the split layout (images FSDP on ranks 0-1 feeding
+    the LM, TP 2 on ranks 2-3)."""
+    layouts = ("tp2_fsdp", "tp2", "hetero_colocated", "pp2", "hetero_split")
+    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path, ",".join(layouts))
     assert r.returncode == 0, r.stderr[-6000:]
     from mimo_spec.train.loop import train
 
     train(config("single"), tmp_path / "single")
-    for layout in ("tp2_fsdp", "tp2", "hetero_colocated"):
+    for layout in layouts:
         assert losses(tmp_path / layout) == pytest.approx(losses(tmp_path / "single"), rel=RTOL)
         assert_same_weights(final_weights(tmp_path / layout), final_weights(tmp_path / "single"))
 

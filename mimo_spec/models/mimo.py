@@ -32,6 +32,23 @@ class MimoOutput:
     modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _read_logits(self: MimoOutput) -> torch.Tensor:
+    """Full (B, S, V) logits. Under tensor parallelism the model holds them sharded on the vocabulary
+    and they are gathered on first read (a collective: every TP rank must read them), so a training
+    step that only needs the loss never gathers them."""
+    from mimo_spec.parallel.tp import full_logits
+
+    self._logits = full_logits(self._logits)
+    return self._logits
+
+
+def _write_logits(self: MimoOutput, value: torch.Tensor) -> None:
+    self._logits = value
+
+
+MimoOutput.logits = property(_read_logits, _write_logits, doc=_read_logits.__doc__)
+
+
 def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 at every document boundary of a packed row.
 
@@ -51,12 +68,19 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
 
     logits: (B, S, V); labels, loss_mask, document_ids: (B, S), aligned with the inputs
     (shifted here). In packed rows the first token of a document is never predicted
-    from the previous document, so the loss equals the unpacked batch's.
+    from the previous document, so the loss equals the unpacked batch's. Logits sharded on
+    the vocabulary (tensor parallelism) take the vocab-parallel cross entropy: the full
+    logits are never gathered, and the result is the same.
     """
+    from mimo_spec.parallel.tp import is_vocab_sharded, vocab_parallel_cross_entropy
+
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="none")
+    if is_vocab_sharded(shift_logits):
+        per_token = vocab_parallel_cross_entropy(shift_logits, shift_labels, IGNORE_INDEX).reshape(-1)
+    else:
+        per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="none")
     weight = (shift_labels != IGNORE_INDEX).float().reshape(-1)
     if loss_mask is not None:
         weight = weight * loss_mask[:, 1:].float().reshape(-1)
@@ -142,12 +166,20 @@ class MimoModel(nn.Module):
         check_placeholder_counts(input_ids, expected)
 
     # ---- forward ---------------------------------------------------------------------------
-    def embed_inputs(self, input_ids: torch.Tensor, modality_inputs: dict | None = None) -> torch.Tensor:
-        """Text embeddings with every modality's embeddings at its placeholders: (B, S) -> (B, S, H)."""
-        modality_inputs = modality_inputs or {}
+    def embed_inputs(self, input_ids: torch.Tensor, modality_inputs: dict | None = None,
+                     modality_embeddings: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Text embeddings with every modality's embeddings at its placeholders: (B, S) -> (B, S, H).
+
+        ``modality_embeddings`` {modality: (items * tokens_per_item, H)} are already-encoded items
+        (cached features, or encoders that ran on other ranks); they replace that modality's encoders.
+        """
+        modality_inputs, modality_embeddings = modality_inputs or {}, modality_embeddings or {}
         embeds = self.language_model.embed_tokens(input_ids)
         merged = []
         for name, mod in self.modalities.items():
+            if name in modality_embeddings:
+                merged.append((mod.special_token_id, modality_embeddings[name].to(embeds.dtype)))
+                continue
             if not mod.has_input:
                 continue
             if name in modality_inputs:
@@ -160,7 +192,8 @@ class MimoModel(nn.Module):
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
-                check_inputs: bool | None = None) -> MimoOutput:
+                check_inputs: bool | None = None,
+                modality_embeddings: dict[str, torch.Tensor] | None = None) -> MimoOutput:
         """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss."""
         modality_inputs = modality_inputs or {}
         output_targets = output_targets or {}
@@ -168,7 +201,7 @@ class MimoModel(nn.Module):
         if check_inputs if check_inputs is not None else self.check_inputs:
             self.prepare_inputs(input_ids, modality_inputs)
         lm = self.language_model
-        embeds = self.embed_inputs(input_ids, modality_inputs)
+        embeds = self.embed_inputs(input_ids, modality_inputs, modality_embeddings)
         if document_ids is not None and position_ids is None:
             position_ids = positions_from_document_ids(document_ids)
         hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids)

@@ -20,8 +20,9 @@ from mimo_spec.parallel.layout import DEGREES, LANGUAGE, Layout, ModuleLayout
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks this rank holds (a pipeline stage drops the others to None)."""
     layers = getattr(module, "layers", None)
-    return list(layers) if isinstance(layers, nn.ModuleList) else []
+    return [b for b in layers if b is not None] if isinstance(layers, nn.ModuleList) else []
 
 
 def _fsdp_units(module: nn.Module) -> list[nn.Module]:
@@ -32,19 +33,32 @@ def _fsdp_units(module: nn.Module) -> list[nn.Module]:
     ``forward`` (``embed_tokens``, ``logits``, ``encode``), where a parent-level unshard would not run.
     """
     units: list[nn.Module] = []
+    tied = _tied_children(module)
 
     def visit(parent: nn.Module) -> None:
         for child in parent.children():
             if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
                 visit(child)
-            elif any(True for _ in child.parameters()):
+            elif child not in tied and any(True for _ in child.parameters()):
                 units.extend(b for b in _blocks(child) if b not in units)
                 units.append(child)
     units.extend(_blocks(module))
     visit(module)
-    if any(True for _ in module.parameters(recurse=False)):
+    if tied or any(True for _ in module.parameters(recurse=False)):
         units.append(module)
     return list(dict.fromkeys(units))
+
+
+def _tied_children(module: nn.Module) -> set[nn.Module]:
+    """Children whose weight the module also uses outside their forward: the token embedding of a
+    language model whose head is tied to it (``GPT.logits`` multiplies by the embedding weight).
+    FSDP keeps them in the module's own unit, unsharded by the methods that use them
+    (:data:`TIED_METHODS`, registered with ``register_fsdp_forward_method``)."""
+    emb = getattr(module, "token_embedding", None)
+    return {emb} if getattr(module, "tie_embeddings", False) and emb is not None else set()
+
+
+TIED_METHODS = ("embed_tokens", "logits")  # the methods of a tied language model that read the embedding
 
 
 def _checkpointed(block: nn.Module, forward):
@@ -77,12 +91,9 @@ def check_executable(layout: Layout) -> None:
 
     problems = ProblemCollector()
     if not layout.colocated:
-        problems.add("parallel.modules", "split layouts (modules on different ranks) are validated and drawn "
-                     "(action=layout) but cannot train yet", "use a colocated layout, e.g. parallel=hetero_colocated")
-    for m in layout.modules.values():
-        if m.pp > 1:
-            problems.add(m.at("pp"), "pipeline stages are validated and drawn (action=layout) but cannot train yet",
-                         "use pp: 1 (tp and dp_shard for a large language model)")
+        from mimo_spec.parallel.split import check_split
+
+        check_split(layout, None, problems)
     problems.raise_if_any()
 
 
@@ -100,13 +111,23 @@ class DistributedRun:
         self.world_size = dist.get_world_size()
         meshes: dict[tuple, Any] = {}
         self.meshes = {}
-        for name, m in layout.modules.items():
-            if m.shape not in meshes:
-                meshes[m.shape] = init_device_mesh(device_type(), m.shape, mesh_dim_names=DEGREES)
-            self.meshes[name] = meshes[m.shape]
+        for name, m in layout.modules.items():  # every rank builds every mesh (its groups are collective)
+            key = (m.offset, m.size, m.shape)
+            if key not in meshes:
+                if m.size == self.world_size:
+                    meshes[key] = init_device_mesh(device_type(), m.shape, mesh_dim_names=DEGREES)
+                else:  # a split layout: this module's span only
+                    from torch.distributed.device_mesh import DeviceMesh
+
+                    ranks = torch.arange(m.offset, m.offset + m.size).view(m.shape)
+                    meshes[key] = DeviceMesh(device_type(), ranks, mesh_dim_names=DEGREES)
+            self.meshes[name] = meshes[key]
         lm = layout.modules[LANGUAGE]
-        coords = lm.coords(rank)
-        self.dp_size = lm.dp
+        coords = lm.coords(rank) or {d: 0 for d in DEGREES}  # 0s on ranks that only encode (split)
+        self.dp_size, self.pp = lm.dp, lm.pp
+        self.split = None  # a SplitRunner when modules sit on different ranks
+        self.pp_stage = coords["pp"]
+        self.pipeline = None  # a PipelineRunner once start_pipeline() ran (pp > 1)
         self.dp_rank = coords["dp_replicate"] * lm.dp_shard + coords["dp_shard"]
         self.fused: dict[str, torch.Tensor] = {}
         self.bridges: dict[str, Any] = {}  # modalities whose data-parallel layout differs from the LM's
@@ -116,14 +137,26 @@ class DistributedRun:
         """TP, activation checkpointing, compile and FSDP2 on every module, per its layout."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if self.pp > 1:  # this rank keeps only its stage; the other modules' parts are dropped
+            from mimo_spec.parallel.pipeline import keep_stage
+
+            keep_stage(model, self.pp_stage, self.pp)
+        if not self.layout.colocated:  # this rank keeps only the modules whose span it is in
+            from mimo_spec.parallel.split import SplitRunner, drop_unheld
+
+            drop_unheld(model, self.layout, self.rank)
+            self.split = SplitRunner(self, model)
         for name, m in self.layout.modules.items():
-            module, prefix = (model.language_model, "language_model") if name == LANGUAGE else \
-                (model.modalities[name], f"modalities.{name}")
+            if self.rank not in m.ranks:
+                continue
+            module, prefix = self._module(model, name), "language_model" if name == LANGUAGE else f"modalities.{name}"
+            if module is None:
+                continue
             mesh = self.meshes[name]
             if m.tp > 1 and m.tp_plan != "none":
                 from mimo_spec.parallel.tp import apply_tp
 
-                self.fused.update(apply_tp(module, mesh["tp"], prefix))
+                self.fused.update(apply_tp(module, mesh["tp"], prefix, loss_parallel=m.loss_parallel))
             apply_activation_checkpointing(module, m.activation_checkpoint)
             if m.compile:
                 for block in _blocks(module):
@@ -135,13 +168,35 @@ class DistributedRun:
                 kw = {"mesh": dp_mesh, "mp_policy": mp, "reshard_after_forward": m.fsdp.get("reshard_after_forward", True)}
                 for unit in _fsdp_units(module):
                     fully_shard(unit, **kw)
+                if _tied_children(module):
+                    from torch.distributed.fsdp import register_fsdp_forward_method
+
+                    for method in TIED_METHODS:
+                        register_fsdp_forward_method(module, method)
                 for sub in module.modules():
                     if hasattr(sub, "set_gradient_divide_factor"):
                         sub.set_gradient_divide_factor(1.0)  # a sum: losses carry the global token weight
                         sub.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum
-            if name != LANGUAGE and self._needs_bridge(m):
+            if name != LANGUAGE and self.layout.colocated and self._needs_bridge(m):
                 self._bridge(name, model.modalities[name], m)
         return model
+
+    @staticmethod
+    def _module(model: nn.Module, name: str) -> nn.Module | None:
+        """The model part a layout entry places, or None when this rank does not hold it (a later pipeline stage)."""
+        if name == LANGUAGE:
+            return model.language_model
+        return model.modalities[name] if name in model.modalities else None
+
+    def start_pipeline(self, model: nn.Module, seq_len: int, pad_id: int) -> None:
+        """Build this rank's pipeline stage and schedule (pp > 1); batches are padded to ``seq_len``."""
+        from mimo_spec.parallel.env import device_type
+        from mimo_spec.parallel.pipeline import PipelineRunner
+
+        lm = self.layout.modules[LANGUAGE]
+        device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+        self.pipeline = PipelineRunner(model, self.pp_stage, self.pp, lm.microbatches, lm.pp_schedule,
+                                       self.meshes[LANGUAGE]["pp"].get_group(), device, seq_len, pad_id)
 
     def _needs_bridge(self, m: ModuleLayout) -> bool:
         lm = self.layout.modules[LANGUAGE]
@@ -211,9 +266,9 @@ class DistributedRun:
         from torch.distributed.tensor import DTensor
 
         for name, m in self.layout.modules.items():
-            if m.dp_shard > 1 or m.dp_replicate == 1:
+            module = self._module(model, name)
+            if m.dp_shard > 1 or m.dp_replicate == 1 or module is None:
                 continue
-            module = model.language_model if name == LANGUAGE else model.modalities[name]
             grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                      for p in module.parameters() if p.grad is not None]
             if not grads:
@@ -226,12 +281,14 @@ class DistributedRun:
                 offset += g.numel()
 
     def all_sum(self, value: float) -> float:
-        """Sum of a per-data-parallel-shard value (each shard's value is held by world/dp ranks)."""
+        """Sum of a per-data-parallel-shard value. Each shard's value is held by its world/dp ranks, or
+        under a pipeline by its last stage's ranks only (the others pass 0)."""
         import torch.distributed as dist
 
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t) / (self.world_size // self.dp_size)
+        lm = self.layout.modules[LANGUAGE]
+        return float(t) / (lm.size // self.dp_size // self.pp)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (e.g. a signal only some ranks received)."""
@@ -246,7 +303,7 @@ class DistributedRun:
         from torch.distributed.tensor import DTensor
 
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
+        if not grads and self.pp == 1 and self.layout.colocated:
             return 0.0
         sq = torch.zeros((), dtype=torch.float64)
         for g in grads:
@@ -254,6 +311,16 @@ class DistributedRun:
             if isinstance(n, DTensor):
                 n = n.full_tensor()
             sq += n.double() ** 2
+        if self.pp > 1:  # every stage holds other parameters
+            import torch.distributed as dist
+
+            dist.all_reduce(sq, group=self.meshes[LANGUAGE]["pp"].get_group())
+        elif not self.layout.colocated:  # every span holds other modules: each span's ranks add 1/size of its share
+            import torch.distributed as dist
+
+            span = next(m.size for m in self.layout.modules.values() if self.rank in m.ranks)
+            sq /= span
+            dist.all_reduce(sq)
         total = float(sq.sqrt())
         if max_norm and total > float(max_norm):
             coef = float(max_norm) / (total + 1e-6)

@@ -26,7 +26,9 @@ from typing import Any
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 
 DEGREES = ("pp", "dp_replicate", "dp_shard", "tp")  # mesh order, outermost first
-MODULE_KEYS = DEGREES + ("cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches")
+MODULE_KEYS = DEGREES + ("cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches",
+                         "pp_schedule", "loss_parallel")
+PP_SCHEDULES = ("1f1b", "gpipe")
 TOP_KEYS = ("name", "world_size", "default", "modules")
 TP_PLANS = ("default", "none")
 AC_MODES = ("none", "full", "every")
@@ -52,8 +54,10 @@ class ModuleLayout:
     activation_checkpoint: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     compile: bool = False
     microbatches: int = 1
+    pp_schedule: str = "1f1b"
     path: str = ""  # where in the config this module's layout comes from (for errors)
     origin: dict[str, str] = field(default_factory=dict)  # key -> the config path that set it
+    loss_parallel: bool = True  # under TP: the LM's logits stay vocab-sharded and the loss is vocab-parallel
 
     def at(self, key: str) -> str:
         return self.origin.get(key, f"{self.path}.{key}")
@@ -253,10 +257,20 @@ def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], wo
     if not isinstance(compile_, bool):
         problems.add(at("compile"), f"expected true or false, got {compile_!r}")
     micro = _int(node.get("microbatches", 1), at("microbatches"), problems)
+    loss_parallel = node.get("loss_parallel", True)
+    if not isinstance(loss_parallel, bool):
+        problems.add(at("loss_parallel"), f"expected true or false, got {loss_parallel!r}",
+                     "true: under tp the logits stay sharded over the TP ranks for a vocab-parallel loss; "
+                     "false: every TP rank gathers the full logits")
+    schedule = node.get("pp_schedule", "1f1b")
+    if schedule not in PP_SCHEDULES:
+        problems.add(at("pp_schedule"), f"unknown pipeline schedule {schedule!r}",
+                     did_you_mean(str(schedule), PP_SCHEDULES) or f"expected one of {', '.join(PP_SCHEDULES)}")
     if len(problems.problems) > n0:
         return None
     return ModuleLayout(name, offset, size, degrees["pp"], degrees["dp_replicate"], degrees["dp_shard"],
-                        degrees["tp"], cp or 1, tp_plan, dict(fsdp), dict(ac), compile_, micro or 1, path, dict(origin))
+                        degrees["tp"], cp or 1, tp_plan, dict(fsdp), dict(ac), compile_, micro or 1, schedule, path,
+                        dict(origin), loss_parallel=loss_parallel)
 
 
 def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, problems: ProblemCollector) -> None:
@@ -302,24 +316,46 @@ def check_model(layout: Layout, model, problems: ProblemCollector, device_type: 
                     if name == LANGUAGE and attr in _constructor_params(type(module)):
                         hint += f", or change model.params.{attr}"
                     problems.add(m.at("tp"), f"{owner}.{where}.{attr} = {value} does not divide by tp={m.tp}", hint)
-            if name == LANGUAGE and getattr(module, "tie_embeddings", False):
-                problems.add(m.at("tp"), "tied embeddings cannot be tensor-parallel here",
-                             "set model.params.tie_embeddings=false or tp: 1")
-        if m.pp > 1:
+        lm_layout = layout.modules[LANGUAGE]
+        if name != LANGUAGE and (m.pp > 1 or lm_layout.pp > 1):
+            _check_pipelined_modality(name, m, lm_layout, module, problems)
+        if m.pp > 1 and name == LANGUAGE:
             layers = len(getattr(module, "layers", []))
-            if name != LANGUAGE or layers == 0:
-                problems.add(m.at("pp"), "pipeline stages split a language model's layers",
-                             "use pp only on the language module (split modalities with ranks: instead)")
+            if layers == 0:
+                problems.add(m.at("pp"), "pipeline stages split a language model's layers; this one has none")
             elif m.pp > layers:
                 problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layers",
                              f"use pp <= {layers}")
             if m.microbatches < m.pp:
                 problems.add(m.at("microbatches"), f"{m.microbatches} microbatches cannot fill {m.pp} stages",
                              f"use microbatches >= {m.pp}")
+            if getattr(module, "tie_embeddings", False):
+                problems.add(m.at("pp"), "tied embeddings cannot be split over pipeline stages (the embedding "
+                             "lives in the first stage, the LM head in the last)", "set model.params.tie_embeddings=false")
+    if not layout.colocated:
+        from mimo_spec.parallel.split import check_split
+
+        check_split(layout, model, problems)
     if layout.world_size > 1 and device_type == "cpu":
         backend = getattr(model.language_model, "backend", "local")
         if backend == "te":
             problems.add("model.params.backend", "transformer-engine needs CUDA", "use backend: local")
+
+
+def _check_pipelined_modality(name: str, m: ModuleLayout, lm: ModuleLayout, module, problems) -> None:
+    """A modality next to a pipelined language model runs inside its first stage."""
+    if lm.pp == 1:
+        problems.add(m.at("pp"), "pipeline stages split a language model's layers",
+                     "use pp only on the language module (split modalities with ranks: instead)")
+        return
+    if (m.offset, m.size) != (lm.offset, lm.size) or m.shape != lm.shape:
+        want = ", ".join(f"{d}={getattr(lm, d)}" for d in DEGREES)
+        problems.add(m.path, f"a modality next to a pipelined language model runs in its first stage, so it "
+                     f"needs the language model's ranks and degrees ({want})",
+                     "put pp / dp_* / tp in parallel.default, or give this modality the same values")
+    if getattr(module, "has_output", False):
+        problems.add(m.path, "an output modality cannot run under pipeline parallelism (its decoder needs "
+                     "the last stage's hidden states)", "use pp: 1 for this model")
 
 
 def check_batch(layout: Layout, batch_size: int, grad_accum: int, problems: ProblemCollector) -> None:

@@ -1,4 +1,9 @@
-"""Generation: greedy or top-k/top-p sampling with a KV cache; output modalities are decoded too."""
+"""Generation: greedy or top-k/top-p sampling with a KV cache; output modalities are decoded too.
+
+Under torchrun/SLURM every rank runs the same generation on its shard of the model
+(:func:`start_parallel_generation`): tensor-parallel logits are gathered for the choice of the
+next token, and rank 0's choice is broadcast so that no rank can drift from the others.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,25 @@ def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _agree(next_id: torch.Tensor) -> torch.Tensor:
+    """Rank 0's token on every rank. The ranks compute the same logits, but a sampled choice (or an
+    argmax tie) that differed by rounding would feed different tokens to collectives that must match."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return next_id
+    next_id = next_id.contiguous()
+    dist.broadcast(next_id, src=0)
+    return next_id
+
+
+def next_token_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's logits for the last position (B, V), gathered when the head keeps them vocab-sharded (TP)."""
+    from mimo_spec.parallel.tp import full_logits
+
+    return full_logits(lm.logits(hidden[:, -1]))
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None, *, max_new_tokens: int = 32,
              strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -56,7 +80,7 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     hidden = lm(embeds, kv_cache=cache)
     result = Generation(tokens=[])
     while len(result.tokens) < max_new_tokens:
-        next_id = pick_next(lm.logits(hidden[:, -1]), strategy, temperature, top_k, top_p, gen)
+        next_id = _agree(pick_next(next_token_logits(lm, hidden), strategy, temperature, top_k, top_p, gen))
         token = int(next_id[0])
         if token in outputs_by_token:
             name, mod = outputs_by_token[token]
@@ -77,6 +101,44 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
         if eos_id is not None and token == eos_id:
             break
     return result
+
+
+def start_parallel_generation(model, parallel) -> bool:
+    """Shard a loaded ``model`` over the launcher's processes by the layout ``parallel`` (nothing for one
+    process); returns whether this process writes the outputs (rank 0, or the only process).
+
+    Weights are loaded before this: sharding splits (and, for TP's fused projections, reorders)
+    whatever the full model holds, so any checkpoint, single-process or distributed, works.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from mimo_spec.parallel.apply import start_parallel
+
+    plain = OmegaConf.to_container(parallel, resolve=True) if isinstance(parallel, DictConfig) else dict(parallel or {})
+    _refuse_unsupported(plain, model)
+    drun = start_parallel(plain, None, model)
+    return drun is None or drun.rank == 0
+
+
+def _refuse_unsupported(parallel: dict, model) -> None:
+    """Generation runs the whole model on every rank, token by token: pipeline stages (a slice of the
+    layers each) and split layouts (modules on different ranks) cannot decode. Raised before any
+    process group starts, like every other layout problem."""
+    from mimo_spec.errors import ConfigError
+    from mimo_spec.parallel.env import device_type
+    from mimo_spec.parallel.layout import resolve, world_size_from_env
+
+    world = world_size_from_env()
+    if not world or world == 1:
+        return
+    layout = resolve(parallel, model, world, device_type=device_type())
+    hint = "generate under a colocated layout without pp (e.g. parallel=tp2, fsdp or ddp); checkpoints load under any"
+    if not layout.colocated:
+        raise ConfigError("generation cannot run under a split layout (modules on different ranks)",
+                          path="parallel.modules", hint=hint)
+    for m in layout.modules.values():
+        if m.pp > 1:
+            raise ConfigError("generation cannot run over pipeline stages", path=m.at("pp"), hint=hint)
 
 
 def save_image(tensor: torch.Tensor, path) -> None:

@@ -208,6 +208,10 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
         from mimo_spec.weights import load_weights
 
         load_weights(model, Path(cfg["init_from"]) / "model.safetensors")
+    # the data follows the whole model's modalities: built before a pipeline stage drops some of them
+    tokenizer = build_tokenizer(cfg["data"], model)
+    train_set = build_dataset(cfg["data"], model, tokenizer, "train")
+    eval_set = build_dataset(cfg["data"], model, tokenizer, "eval")
     from mimo_spec.parallel.apply import start_parallel
 
     drun = start_parallel(_plain(cfg.get("parallel") or {}), tc, model)  # None: one process, the plain loop
@@ -215,10 +219,9 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     if not main:
         console = Silent()
     model.train()
-    tokenizer = build_tokenizer(cfg["data"], model)
-    train_set = build_dataset(cfg["data"], model, tokenizer, "train")
-    eval_set = build_dataset(cfg["data"], model, tokenizer, "eval")
     collate_fn = lambda samples: collate(samples, tokenizer.pad_id)  # noqa: E731
+    if drun is not None and drun.pp > 1:  # stage-to-stage shapes are fixed: pad to the longest sample
+        drun.start_pipeline(model, int(getattr(train_set, "max_len", model_max_len(model))), tokenizer.pad_id)
     optimizer = build_optimizer(model, tc)
     batch_size, accum = int(tc["batch_size"]), int(tc.get("grad_accum", 1))
     steps, precision = int(tc["steps"]), tc.get("precision", "fp32")
@@ -262,8 +265,16 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
             t0 = time.perf_counter()
             step_loss = 0.0
             for batch in micro:
+                if drun is not None and drun.split is not None:  # encoders on their own ranks (global batch)
+                    with _autocast(precision):
+                        step_loss += drun.split.run(batch, total_tokens, train=True)
+                    continue
                 if drun is not None:
                     batch = drun.local_batch(batch, model)
+                if drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
+                    with _autocast(precision):
+                        step_loss += drun.pipeline.train_batch(batch, total_tokens)
+                    continue
                 model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                                      items_per_sample=batch.get("items_per_sample"))
                 with _autocast(precision):
@@ -289,9 +300,17 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
                    "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3)}
             eval_every = int(tc.get("eval_every", 0))
             if len(eval_set) and ((eval_every and done % eval_every == 0) or done == steps):
-                row.update({k: v for k, v in evaluate(model, eval_set, collate_fn, batch_size,
-                                                      tc.get("eval_batches"), precision, device).items()
-                            if k != "eval_tokens"})
+                if drun is not None and drun.split is not None:
+                    from mimo_spec.parallel.split import evaluate_split
+
+                    scores = evaluate_split(drun, eval_set, collate_fn, batch_size, tc.get("eval_batches"))
+                elif drun is not None and drun.pipeline is not None:
+                    from mimo_spec.parallel.pipeline import evaluate_pipelined
+
+                    scores = evaluate_pipelined(drun, eval_set, collate_fn, batch_size, tc.get("eval_batches"))
+                else:
+                    scores = evaluate(model, eval_set, collate_fn, batch_size, tc.get("eval_batches"), precision, device)
+                row.update({k: v for k, v in scores.items() if k != "eval_tokens"})
             metrics.log(row)
             progress.update(done, step_loss, tokens_per_s)
             if done % int(tc.get("log_every", 10)) == 0 or done == steps:
@@ -324,6 +343,10 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(out_dir / "metrics.json")
     return result
+
+
+def model_max_len(model) -> int:
+    return int(getattr(model.language_model, "max_seq_len", 0) or 2048)
 
 
 def _clip(model, max_norm) -> float:

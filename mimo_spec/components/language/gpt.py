@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mimo_spec.components.layers import (
     ActivationName,
@@ -38,6 +37,7 @@ from mimo_spec.components.layers import (
     init_transformer_weights,
 )
 from mimo_spec.errors import InputError
+from mimo_spec.parallel.tp import tied_logits
 from mimo_spec.registry import register
 
 
@@ -62,10 +62,13 @@ class GPT(nn.Module):
         backend: "local", "te" or "auto" (see layers.check_backend).
     """
 
-    # Tensor parallelism (mimo_spec.parallel.tp): vocabulary-sharded embedding and head
-    # (the head's logits are gathered); the blocks declare their own plans.
-    tp_plan = {"token_embedding": "embedding", "lm_head": "colwise_gather"}
+    # Tensor parallelism (mimo_spec.parallel.tp): vocabulary-sharded embedding and head (the logits
+    # stay sharded for the vocab-parallel loss; a tied head uses the sharded embedding weight);
+    # the blocks declare their own plans. The KV cache holds this rank's kv heads only.
+    tp_plan = {"token_embedding": "embedding", "lm_head": "vocab_head"}
     tp_divides = ("vocab_size",)
+    tp_split = ("num_kv_heads",)
+    tp_gather_logits = False  # set by apply_tp: the layout's loss_parallel is off
 
     def __init__(
         self,
@@ -148,9 +151,9 @@ class GPT(nn.Module):
         return self.token_embedding(input_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, S, H) -> logits (B, S, V)."""
+        """hidden (B, S, H) -> logits (B, S, V); under TP a DTensor sharded on V (tp.full_logits gathers it)."""
         if self.lm_head is None:
-            return F.linear(hidden, self.token_embedding.weight)
+            return tied_logits(hidden, self.token_embedding.weight, gather=self.tp_gather_logits)
         return self.lm_head(hidden)  # a module call, so FSDP/TP hooks see it
 
     def new_kv_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
@@ -209,13 +212,30 @@ class GPT(nn.Module):
 
         if position_ids is None and self.position_embedding_kind != "none":
             position_ids = torch.arange(past, past + S, device=inputs_embeds.device)[None].expand(B, S)
+        x = self.add_positions(inputs_embeds, position_ids)
+        rope, attn_mask, is_causal = self.attention_inputs(x, position_ids, attention_mask, document_ids, kv_cache)
+        for layer in self.layers:
+            x = layer(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(S)
+        return self.norm(x)
+
+    # The two halves of ``forward`` before the layers, public so that pipeline stages (which
+    # run a slice of ``layers`` each) compute exactly what one process computes.
+    def add_positions(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Learned position embeddings (when configured) and embedding dropout: (B, S, H) -> (B, S, H)."""
         x = inputs_embeds
         if self.position_embedding_kind == "learned":
             x = x + self.position_embedding(position_ids)
-        rope = self.rope(position_ids, x.dtype) if self.rope is not None else None
-        x = self.embed_dropout(x)
+        return self.embed_dropout(x)
 
-        # Decide the attention pattern from shapes and Python state only (compile-friendly).
+    def attention_inputs(self, x: torch.Tensor, position_ids: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
+                         kv_cache: KVCache | None = None):
+        """(rope, attn_mask, is_causal) every layer takes, from shapes and Python state only (compile-friendly)."""
+        S = x.shape[1]
+        past = 0 if kv_cache is None else kv_cache.length
+        rope = self.rope(position_ids, x.dtype) if self.rope is not None else None
         key_mask = attention_mask
         if kv_cache is not None:
             if attention_mask is not None:
@@ -227,9 +247,4 @@ class GPT(nn.Module):
             attn_mask = build_attention_mask(S, past + S, device=x.device, offset=past,
                                              key_mask=key_mask, document_ids=document_ids)
         is_causal = attn_mask is None and past == 0  # one new token after a cache sees every key
-
-        for layer in self.layers:
-            x = layer(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(S)
-        return self.norm(x)
+        return rope, attn_mask, is_causal

@@ -1,0 +1,207 @@
+"""Split layouts: modalities on some ranks, the language model on others, as two pipeline stages.
+
+Every rank reads the same global batch. The ranks of a modality (its own data-parallel
+layout, e.g. FSDP) each encode one contiguous chunk of the batch's items and send it
+point to point to every language-model rank; each language-model rank puts the items
+of its local samples at their placeholders (``MimoModel.forward(modality_embeddings=)``)
+and runs forward and backward. The gradient of each received chunk goes back to the
+rank that encoded it, scaled by 1/tp (the tensor-parallel peers of a data-parallel
+slice all consume the same items), and the encoder rank runs its backward with the
+sum. With the global token count in every loss weight this gives the single-process
+gradients on both sides.
+
+Each rank keeps only the modules it holds: the others' parameters are dropped after
+the (identically seeded) full build, so checkpoint keys stay the single-process ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mimo_spec.parallel.layout import LANGUAGE, Layout
+from mimo_spec.parallel.pipeline import filler_sample
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def check_split(layout: Layout, model, problems) -> None:
+    """What a split layout must satisfy to run (``model`` None: the layout-only part)."""
+    lm = layout.modules[LANGUAGE]
+    if lm.pp > 1:
+        problems.add(lm.at("pp"), "a split layout already pipelines the encoders into the language model; "
+                     "pp > 1 on top of it is not supported", "use pp: 1, or a colocated layout such as parallel=pp2")
+    for name, m in layout.modules.items():
+        if name == LANGUAGE:
+            continue
+        if (m.offset, m.size) == (lm.offset, lm.size):  # partial overlaps are reported with the spans
+            problems.add(m.path, f"in a split layout every modality sits apart from the language model, but "
+                         f"{name} shares its ranks", "give it a span of its own (ranks: {offset: .., size: ..})")
+        for key in ("pp", "tp"):
+            if getattr(m, key) > 1:
+                problems.add(m.at(key), f"a modality on its own ranks is data parallel only ({key} must be 1)",
+                             "use dp_replicate / dp_shard for the encoder ranks")
+        if model is not None and getattr(model.modalities[name], "has_output", False):
+            problems.add(m.path, "an output modality must sit with the language model (its decoder reads the "
+                         "language model's hidden states)", "use a colocated layout for this model")
+
+
+def drop_unheld(model: nn.Module, layout: Layout, rank: int) -> None:
+    """Remove the parameters of every module this rank does not hold (a modality keeps its empty shell,
+    whose placeholder token the language model still needs)."""
+    for name, m in layout.modules.items():
+        if rank in m.ranks:
+            continue
+        module = model.language_model if name == LANGUAGE else model.modalities[name]
+        for child, _ in list(module.named_children()):
+            setattr(module, child, nn.ModuleDict() if isinstance(getattr(module, child), nn.ModuleDict) else None)
+
+
+def _chunk(inputs: dict, index: int, parts: int) -> tuple[dict, int, int, int]:
+    """Rank ``index`` of ``parts``'s items [lo, hi) of {encoder: {kwarg: (N, ...)}}, padded to the chunk size
+    with copies of item 0; returns (items, lo, hi, chunk size)."""
+    n = next(iter(next(iter(inputs.values())).values())).shape[0]
+    size = math.ceil(n / parts)
+    lo, hi = min(n, index * size), min(n, (index + 1) * size)
+    out = {}
+    for enc, kws in inputs.items():
+        out[enc] = {}
+        for kw, t in kws.items():
+            part = t[lo:hi]
+            if part.shape[0] < size:
+                part = torch.cat([part, t[:1].expand(size - part.shape[0], *t.shape[1:])])
+            out[enc][kw] = part
+    return out, lo, hi, size
+
+
+class SplitRunner:
+    """One rank's side of a split layout: encoder ranks encode and send, language-model ranks receive."""
+
+    def __init__(self, drun, model: nn.Module):
+        self.drun, self.model, self.layout, self.rank = drun, model, drun.layout, drun.rank
+        lm = self.layout.modules[LANGUAGE]
+        self.lm_ranks = list(lm.ranks)
+        self.is_lm = self.rank in lm.ranks
+        self.tp = lm.tp
+        # modalities in a fixed order, with the ranks that encode them
+        self.encoders = [(name, m) for name, m in self.layout.modules.items()
+                         if name != LANGUAGE and model.modalities[name].special_token_id is not None]
+
+    # ---- encoder side -------------------------------------------------------------------
+    def _encode_and_send(self, batch: dict, train: bool) -> list[tuple[torch.Tensor, int]]:
+        """Encode this rank's chunk of every held modality's items and send it; (embeddings, real rows) per
+        modality with items. Every rank of a modality encodes the same number of items (padded with copies
+        of item 0), so FSDP's collectives run on all of them."""
+        sent = []
+        for name, m in self.encoders:
+            if self.rank not in m.ranks:
+                continue
+            items = (batch.get("modality_inputs") or {}).get(name)
+            if items is None:  # no item of this modality in the batch: nothing is sent (the LM side knows)
+                continue
+            c = m.coords(self.rank)
+            mine, lo, hi, size = _chunk(items, c["dp_replicate"] * m.dp_shard + c["dp_shard"], m.dp)
+            with torch.set_grad_enabled(train):
+                emb = self.model.modalities[name].encode(mine)
+            rows = emb.shape[0] // size * (hi - lo)
+            self._send_tensor(emb[:rows])
+            sent.append((emb, rows))
+        return sent
+
+    def _send_tensor(self, t: torch.Tensor) -> None:
+        head = torch.tensor([t.shape[0], t.shape[1], _DTYPES.index(t.dtype)])
+        for r in self.lm_ranks:
+            dist.send(head, r)
+            if t.shape[0]:
+                dist.send(t.detach().contiguous(), r)
+
+    def _receive_grads(self, sent) -> None:
+        """Sum every language-model rank's gradient for the rows this rank sent, then backward."""
+        for emb, rows in sent:
+            total = torch.zeros_like(emb)
+            if rows:
+                buf = torch.empty_like(emb[:rows])
+                for r in self.lm_ranks:
+                    dist.recv(buf, r)
+                    total[:rows] += buf
+            if emb.requires_grad:  # padding rows get zeros; an empty chunk still runs FSDP's backward
+                emb.backward(total)
+
+    # ---- language-model side ------------------------------------------------------------
+    def _receive(self, global_batch: dict, lo_sample: int, hi_sample: int, train: bool):
+        """{modality: embeddings of the local samples' items}, and the received leaves (for gradients)."""
+        embeddings, leaves = {}, []
+        for name, m in self.encoders:
+            if name not in (global_batch.get("modality_inputs") or {}):
+                continue  # the encoder ranks sent nothing either
+            chunks = []
+            for src in m.ranks:
+                head = torch.empty(3, dtype=torch.long)
+                dist.recv(head, src)
+                if head[0] > 0:
+                    buf = torch.empty(int(head[0]), int(head[1]), dtype=_DTYPES[int(head[2])])
+                    dist.recv(buf, src)
+                    buf.requires_grad_(train)
+                    chunks.append((src, buf))
+            counts = global_batch["items_per_sample"][name]
+            n = sum(counts)
+            everything = torch.cat([b for _, b in chunks])
+            tokens = everything.shape[0] // n
+            lo, hi = sum(counts[:lo_sample]), sum(counts[:hi_sample])
+            embeddings[name] = everything[lo * tokens: hi * tokens]
+            leaves.extend(chunks)
+        return embeddings, leaves
+
+    def _send_grads(self, leaves) -> None:
+        for src, buf in leaves:
+            grad = buf.grad if buf.grad is not None else torch.zeros_like(buf)
+            dist.send((grad / self.tp).contiguous(), src)
+
+    # ---- one batch -----------------------------------------------------------------------
+    def run(self, batch: dict, total_tokens: int, train: bool) -> float:
+        """The global ``batch`` through both sides. Language-model ranks return their (weighted) loss, else 0."""
+        from mimo_spec.train.loop import model_kwargs
+
+        if not self.is_lm:
+            if self.encoders and any(self.rank in m.ranks for _, m in self.encoders):
+                self.model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
+                                          items_per_sample=batch.get("items_per_sample"))
+            sent = self._encode_and_send(batch, train)
+            if train:
+                self._receive_grads(sent)
+            return 0.0
+        per = batch["input_ids"].shape[0] // self.drun.dp_size
+        lo, hi = self.drun.dp_rank * per, (self.drun.dp_rank + 1) * per
+        local = self.drun.local_batch(batch, self.model)
+        embeddings, leaves = self._receive(batch, lo, hi, train)
+        kwargs = model_kwargs(local, "cpu")
+        kwargs["modality_inputs"] = {}
+        with torch.set_grad_enabled(train):
+            out = self.model(**kwargs, modality_embeddings=embeddings)
+        if not train:
+            return float(out.lm_loss) * int(local["num_tokens"])
+        weight = int(local["num_tokens"]) / total_tokens
+        (out.loss * weight).backward()
+        self._send_grads(leaves)
+        return float(out.loss.detach()) * weight
+
+
+def evaluate_split(drun, dataset, collate_fn, batch_size: int, max_batches: int | None) -> dict[str, float]:
+    """Token-weighted held-out loss under a split layout (every data-parallel LM rank its share)."""
+    runner, nll, tokens = drun.split, 0.0, 0
+    runner.model.eval()
+    n = len(dataset)
+    for b, start in enumerate(range(0, n, batch_size)):
+        if max_batches and b >= max_batches:
+            break
+        samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        batch = collate_fn(samples + [filler_sample(samples[0])] * (-len(samples) % drun.dp_size))
+        tokens += int(batch["num_tokens"])
+        with torch.no_grad():
+            nll += runner.run(batch, 1, train=False)
+    runner.model.train()
+    loss = drun.all_sum(nll) / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}

@@ -1,0 +1,154 @@
+"""Tensor parallelism under torchrun (gloo, CPU), against single-process numbers: the vocab-parallel
+loss (the LM head's logits stay sharded on the vocabulary, never gathered for the loss), TP with
+tied embeddings (one vocab-sharded weight for the embedding and the head, saved and resumed through
+DCP), and ``action=generate`` under tp2 / fsdp / ddp giving the single-process tokens."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parallel_worker import config  # noqa: E402
+from test_parallel_run import RTOL, assert_same_weights, losses, torchrun  # noqa: E402
+from tp_worker import TIED  # noqa: E402
+
+WORKER = ROOT / "tests" / "tp_worker.py"
+
+
+def eval_loss(run_dir: Path) -> float:
+    with open(run_dir / "metrics.csv") as f:
+        return float(list(csv.DictReader(f))[-1]["eval_loss"])
+
+
+def final_weights(run_dir: Path, extra=()) -> dict[str, torch.Tensor]:
+    """The last checkpoint's weights loaded in this (single) process, whatever layout wrote them."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint
+
+    model = build_model(config("single", list(extra)), seed=0)
+    load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1], model)
+    return model.state_dict()
+
+
+def generated(folder: Path) -> list[int]:
+    return json.loads((folder / "generation.json").read_text())["tokens"]
+
+
+def single_generation(out: Path, source: str) -> list[int]:
+    """``action=generate`` in this process from ``out/source``'s checkpoint (the reference tokens)."""
+    from mimo_spec.config import compose_config
+    from mimo_spec.jobs import run_generate
+
+    target = out / f"gen_single_{source}"
+    target.mkdir()
+    run_generate(compose_config(["action=generate", f"generate.checkpoint={out / source}",
+                                 "generate.max_new_tokens=12", "generate.prompt=Describe the shape."]), target)
+    return generated(target)
+
+
+def check_loss(result: dict, sharded: bool) -> None:
+    """One step's loss, gradients and (gathered) logits equal the unsharded model's; sharded logits
+    never cross ranks whole (no all-gather; nothing larger than the hidden states is reduced)."""
+    assert result["loss"] == pytest.approx(result["ref_loss"], rel=RTOL)
+    assert result["grad_rel_diff"] < 1e-5 and result["logits_diff"] < 1e-5, result
+    b_s_v = result["logits_shape"][0] * result["logits_shape"][1] * result["vocab"]
+    if sharded:
+        assert result["vocab_sharded"] and result["local_vocab"] == result["vocab"] // 2
+        assert result["all_gathers"] == 0 and result["largest_all_reduce"] < b_s_v // 2, result
+    else:  # loss_parallel: false gathers the full logits on every TP rank, as before
+        assert not result["vocab_sharded"] and result["largest_all_gather"] == b_s_v
+
+
+def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
+    """One torchrun (2 processes) for every check (one test, so pytest-xdist never starts it twice)."""
+    from mimo_spec.train.loop import train
+
+    out = tmp_path
+    scenarios = ["loss:tp2", "loss:tp2:tied", "loss:tp2:gather",
+                 "train:tp2:tied", "train:fsdp:tied", "resume:train_tp2_tied:tp2:tied", "train:tp2",
+                 "generate:tp2:train_tp2", "generate:fsdp:train_tp2", "generate:ddp:train_tp2",
+                 "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied"]
+    r = torchrun(2, WORKER, out, ",".join(scenarios))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+    # 1. the vocab-parallel loss: same loss and gradients (ignored labels, loss mask, packed documents)
+    check_loss(json.loads((out / "loss_tp2.json").read_text()), sharded=True)
+    check_loss(json.loads((out / "loss_tp2_tied.json").read_text()), sharded=True)
+    check_loss(json.loads((out / "loss_tp2_gather.json").read_text()), sharded=False)
+
+    # 2. tied embeddings under TP (and FSDP): 3 steps and the held-out loss as in one process; the
+    # DCP checkpoint holds the one tied weight, loads in one process and resumes under TP
+    train(config("single", [TIED]), out / "single_tied")
+    train(config("single", [TIED, "train.steps=4"]), out / "single_tied4")
+    ref_weights = final_weights(out / "single_tied", [TIED])
+    assert "language_model.lm_head.weight" not in ref_weights
+    for run in ("train_tp2_tied", "train_fsdp_tied"):
+        assert losses(out / run) == pytest.approx(losses(out / "single_tied"), rel=RTOL), run
+        assert eval_loss(out / run) == pytest.approx(eval_loss(out / "single_tied"), rel=RTOL), run
+        assert_same_weights(final_weights(out / run, [TIED]), ref_weights)
+    resumed = out / "resume_train_tp2_tied_tp2"
+    assert losses(resumed)[-1] == pytest.approx(losses(out / "single_tied4")[-1], rel=RTOL)
+    assert_same_weights(final_weights(resumed, [TIED]), final_weights(out / "single_tied4", [TIED]))
+
+    # 3. generation under parallel layouts: the single-process tokens, and only rank 0 writes
+    for source, layouts in (("train_tp2", ("tp2", "fsdp", "ddp")), ("train_tp2_tied", ("tp2", "fsdp"))):
+        ref = single_generation(out, source)
+        assert len(ref) == 12 and (source == "train_tp2_tied" or len(set(ref)) > 1)  # a telling sequence
+        for layout in layouts:
+            folder = out / f"gen_{layout}_{source}"
+            assert generated(folder / "rank0") == ref, (source, layout)
+            assert not any((folder / "rank1").iterdir()), (source, layout)
+
+
+def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):
+    """2-D mesh: TP 2 x FSDP 2 with tied embeddings (the embedding is vocab-sharded over TP and
+    sharded again by FSDP, the head reads it through the language model's FSDP unit)."""
+    from mimo_spec.train.loop import train
+
+    r = torchrun(4, WORKER, tmp_path, "train:tp2_fsdp:tied")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    train(config("single", [TIED]), tmp_path / "single_tied")
+    assert losses(tmp_path / "train_tp2_fsdp_tied") == pytest.approx(losses(tmp_path / "single_tied"), rel=RTOL)
+    assert_same_weights(final_weights(tmp_path / "train_tp2_fsdp_tied", [TIED]),
+                        final_weights(tmp_path / "single_tied", [TIED]))
+
+
+def test_loss_parallel_key_and_tied_embeddings_in_layouts():
+    """``loss_parallel`` is validated like every layout key; tied embeddings are no longer refused under TP."""
+    from omegaconf import OmegaConf
+
+    from mimo_spec.builders import build_model
+    from mimo_spec.errors import ConfigError
+    from mimo_spec.parallel.layout import resolve
+
+    cfg = config("tp2", ["+parallel.default.loss_parallel=maybe"])
+    model = build_model(config("single", [TIED]), device="meta")
+    with pytest.raises(ConfigError) as e:
+        resolve(OmegaConf.to_container(cfg.parallel), model, 2)
+    (problem,) = e.value.problems
+    assert problem.path == "parallel.default.loss_parallel" and "expected true or false" in problem.message
+    layout = resolve(OmegaConf.to_container(config("tp2", ["+parallel.default.loss_parallel=false"]).parallel),
+                     model, 2)
+    assert layout.modules["language"].loss_parallel is False and layout.modules["language"].tp == 2  # tied: fine
+
+
+@pytest.mark.parametrize("layout, world, path", [("pp2", 2, "parallel.default.pp"),
+                                                  ("hetero_split", 4, "parallel.modules")])
+def test_generation_refuses_layouts_that_cannot_decode_before_any_process_group(monkeypatch, layout, world, path):
+    """Pipeline stages and split layouts do not hold the whole model on a rank: a config error, not a hang."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.errors import ConfigError
+    from mimo_spec.train.generate import start_parallel_generation
+
+    model = build_model(config("single"), device="meta")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError) as e:
+        start_parallel_generation(model, config(layout).parallel)
+    assert e.value.problems[0].path == path and "generation cannot run" in e.value.problems[0].message
+    assert not torch.distributed.is_initialized()

@@ -1,0 +1,170 @@
+"""Run by tests/test_parallel_tp.py under torchrun: vocab-parallel loss, tied embeddings under TP and
+generation under parallel layouts, all in one process group (each launch costs seconds on CPU).
+
+Usage: torchrun --nproc-per-node 2 tests/tp_worker.py OUT_DIR SCENARIO[,SCENARIO...]
+Scenarios:
+  loss:<layout>[:tied][:gather]  one forward/backward of a batch with ignored labels, a loss mask and
+                                 packed documents, against an unsharded copy on the same rank; writes
+                                 loss_<...>.json (losses, gradient and logits differences, collectives)
+  train:<layout>[:tied]          train 3 steps (tests/parallel_worker.py's config) into OUT_DIR/train_<...>
+  resume:<run>:<layout>[:tied]   one more step (4 in all) from OUT_DIR/<run>'s checkpoint,
+                                 into OUT_DIR/resume_<run>_<layout>
+  generate:<layout>:<run>        action=generate from OUT_DIR/<run>'s checkpoint,
+                                 into OUT_DIR/gen_<layout>_<run>/rank<r>
+"""
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parallel_worker import config  # noqa: E402
+
+TIED = "model.params.tie_embeddings=true"
+
+
+def packed_batch(model) -> dict:
+    """A batch that exercises every weighting of causal_lm_loss: ignored labels (-100 at the
+    placeholders and a few more), a loss mask, and two packed documents per row."""
+    batch = model.example_inputs(batch_size=4, text_tokens=12, seed=1)
+    b, s = batch["input_ids"].shape
+    batch["labels"][:, -2:] = -100
+    batch["loss_mask"] = (torch.arange(s) % 5 != 0).long().expand(b, s).clone()
+    batch["document_ids"] = (torch.arange(s) >= s // 2).long().expand(b, s).clone()
+    return batch
+
+
+class Collectives:
+    """Records every collective issued while active (kind -> [element counts]), DTensor's included:
+    DTensor ops are let through (NotImplemented) so the collectives they lower to are seen."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen: dict[str, list[int]] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                from torch.distributed.tensor import DTensor
+
+                if isinstance(func, torch._ops.HigherOrderOperator):
+                    return func(*args, **(kwargs or {}))
+                if any(t is DTensor for t in types):
+                    return NotImplemented
+                out = func(*args, **(kwargs or {}))
+                if "c10d" in func.namespace and isinstance(out, torch.Tensor):
+                    seen.setdefault(func._opname, []).append(out.numel())
+                return out
+
+        self.seen, self.mode = seen, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def largest(self, kind: str) -> int:
+        return max((n for op, sizes in self.seen.items() if kind in op for n in sizes), default=0)
+
+    def count(self, kind: str) -> int:
+        return sum(len(sizes) for op, sizes in self.seen.items() if kind in op)
+
+
+def run_loss(out: Path, layout: str, flags: list[str]) -> None:
+    """Sharded forward/backward vs. the same model unsharded on this rank: losses, every parameter's
+    gradient, the gathered logits, and which collectives the sharded step issued."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.parallel.apply import start_parallel
+    from mimo_spec.parallel.tp import is_vocab_sharded
+
+    extra = [TIED] if "tied" in flags else []
+    extra += ["+parallel.default.loss_parallel=false"] if "gather" in flags else []
+    cfg = config(layout, extra)
+    model = build_model(cfg, seed=0)
+    ref = copy.deepcopy(model)
+    batch = packed_batch(model)
+    ref_out = ref(**batch)
+    ref_out.loss.backward()
+    drun = start_parallel(dict(cfg.parallel), {"batch_size": 4}, model)
+    with Collectives() as comm:
+        got = model(**batch)
+        held = got._logits  # what the model holds, before MimoOutput.logits gathers it
+        got.loss.backward()
+    logits = got.logits
+    result = {"loss": float(got.loss), "ref_loss": float(ref_out.loss),
+              "grad_rel_diff": grad_difference(model, ref, drun.fused),
+              "logits_diff": float((logits - ref_out.logits).abs().max()), "logits_shape": list(logits.shape),
+              "vocab_sharded": is_vocab_sharded(held), "vocab": model.language_model.vocab_size,
+              "local_vocab": (held.to_local() if is_vocab_sharded(held) else held).shape[-1],
+              "all_gathers": comm.count("all_gather"), "largest_all_gather": comm.largest("all_gather"),
+              "largest_all_reduce": comm.largest("all_reduce"),
+              "collectives": {k: len(v) for k, v in comm.seen.items()}}
+    if drun.rank == 0:
+        (out / ("loss_" + "_".join([layout, *flags]) + ".json")).write_text(json.dumps(result, indent=1))
+
+
+def grad_difference(model, ref, fused: dict) -> float:
+    """The largest gradient difference of any parameter, relative to that gradient's scale, with the
+    sharded model's gradients gathered into the single-process layout."""
+    from mimo_spec.parallel.tp import canonical
+
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    worst = 0.0
+    for k, p in ref.named_parameters():
+        diff = (canonical(k, grads[k], fused) - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)
+        worst = max(worst, float(diff))
+    return worst
+
+
+def run_train(out: Path, layout: str, flags: list[str]) -> None:
+    from mimo_spec.train.loop import train
+
+    train(config(layout, [TIED] if "tied" in flags else []), out / ("train_" + "_".join([layout, *flags])))
+
+
+def run_resume(out: Path, source: str, layout: str, flags: list[str]) -> None:
+    from mimo_spec.train.loop import train
+
+    extra = ([TIED] if "tied" in flags else []) + ["train.steps=4", f"train.resume={out / source}"]
+    train(config(layout, extra), out / f"resume_{source}_{layout}")
+
+
+def run_generate(out: Path, layout: str, source: str) -> None:
+    """``action=generate`` as the CLI runs it (jobs.run_generate), every rank given its own output folder
+    so the test sees which ranks wrote files."""
+    from mimo_spec.config import compose_config
+    from mimo_spec.jobs import run_generate
+
+    rank = int(os.environ["RANK"])
+    cfg = compose_config([f"parallel={layout}", "action=generate", f"generate.checkpoint={out / source}",
+                          "generate.max_new_tokens=12", "generate.prompt=Describe the shape."])
+    target = out / f"gen_{layout}_{source}" / f"rank{rank}"
+    target.mkdir(parents=True, exist_ok=True)
+    run_generate(cfg, target)
+
+
+def main() -> None:
+    out, scenarios = Path(sys.argv[1]), sys.argv[2].split(",")
+    torch.set_num_threads(1)
+    for sc in scenarios:
+        kind, *args = sc.split(":")
+        if kind == "loss":
+            run_loss(out, args[0], args[1:])
+        elif kind == "train":
+            run_train(out, args[0], args[1:])
+        elif kind == "resume":
+            run_resume(out, args[0], args[1], args[2:])
+        elif kind == "generate":
+            run_generate(out, args[0], args[1])
+        else:
+            raise ValueError(f"unknown scenario {sc!r}")
+
+
+if __name__ == "__main__":
+    main()
