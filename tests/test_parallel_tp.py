@@ -72,7 +72,7 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
     out = tmp_path
     scenarios = ["loss:tp2", "loss:tp2:tied", "loss:tp2:gather",
                  "train:tp2:tied", "train:fsdp:tied", "resume:train_tp2_tied:tp2:tied", "train:tp2",
-                 "generate:tp2:train_tp2", "generate:fsdp:train_tp2", "generate:ddp:train_tp2",
+                 "generate:tp2:train_tp2", "generate:fsdp:train_tp2", "generate:ddp:train_tp2", "generate:pp2:train_tp2",
                  "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied"]
     r = torchrun(2, WORKER, out, ",".join(scenarios))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -97,7 +97,7 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
     assert_same_weights(final_weights(resumed, [TIED]), final_weights(out / "single_tied4", [TIED]))
 
     # 3. generation under parallel layouts: the single-process tokens, and only rank 0 writes
-    for source, layouts in (("train_tp2", ("tp2", "fsdp", "ddp")), ("train_tp2_tied", ("tp2", "fsdp"))):
+    for source, layouts in (("train_tp2", ("tp2", "fsdp", "ddp", "pp2")), ("train_tp2_tied", ("tp2", "fsdp"))):
         ref = single_generation(out, source)
         assert len(ref) == 12 and (source == "train_tp2_tied" or len(set(ref)) > 1)  # a telling sequence
         for layout in layouts:
@@ -138,17 +138,20 @@ def test_loss_parallel_key_and_tied_embeddings_in_layouts():
     assert layout.modules["language"].loss_parallel is False and layout.modules["language"].tp == 2  # tied: fine
 
 
-@pytest.mark.parametrize("layout, world, path", [("pp2", 2, "parallel.default.pp"),
-                                                  ("hetero_split", 4, "parallel.modules")])
-def test_generation_refuses_layouts_that_cannot_decode_before_any_process_group(monkeypatch, layout, world, path):
-    """Pipeline stages and split layouts do not hold the whole model on a rank: a config error, not a hang."""
+@pytest.mark.parametrize("layout, world", [("pp2", 2), ("hetero_split", 4), ("tp2", 2)])
+def test_generation_replicates_the_model_under_pipeline_and_split_layouts(monkeypatch, capsys, layout, world):
+    """Pipeline stages and split layouts hold no whole model on a rank: generation replicates it instead."""
+    from omegaconf import OmegaConf
+
     from mimo_spec.builders import build_model
-    from mimo_spec.errors import ConfigError
-    from mimo_spec.train.generate import start_parallel_generation
+    from mimo_spec.train.generate import generation_layout
 
     model = build_model(config("single"), device="meta")
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    with pytest.raises(ConfigError) as e:
-        start_parallel_generation(model, config(layout).parallel)
-    assert e.value.problems[0].path == path and "generation cannot run" in e.value.problems[0].message
+    chosen = generation_layout(OmegaConf.to_container(config(layout).parallel, resolve=True), model)
+    if layout == "tp2":
+        assert chosen["name"] == "tp2" and not capsys.readouterr().err
+    else:
+        assert chosen["default"] == {"dp_replicate": -1}
+        assert f"layout {layout} splits the model over ranks" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()

@@ -128,7 +128,7 @@ def parse_layout(parallel: dict, module_names: list[str], world_size: int | None
                  problems: ProblemCollector) -> Layout | None:
     """Resolve the layout for ``world_size`` (None: the layout's ``world_size``, else the smallest fitting one).
 
-    Schema and rank checks only; model-dependent checks are in :func:`check_model`.
+    Schema and rank checks only; model-dependent checks are in :mod:`mimo_spec.parallel.checks`.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -293,86 +293,11 @@ def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, proble
                      "spans must cover every rank")
 
 
-def _constructor_params(cls: type) -> dict:
-    from mimo_spec.builders.binding import signature_of
-
-    return signature_of(cls)[0]
-
-
-def check_model(layout: Layout, model, problems: ProblemCollector, device_type: str = "cpu") -> None:
-    """Model-dependent checks: sizes that TP shards divide by tp, layers cover PP stages, platform support.
-
-    ``model`` may live on the meta device: only attributes and TP declarations are read.
-    """
-    from mimo_spec.parallel.tp import tp_divisibility
-
-    for name, m in layout.modules.items():
-        module = model.language_model if name == LANGUAGE else model.modalities[name]
-        if m.tp > 1 and m.tp_plan != "none":
-            for where, attr, value in tp_divisibility(module):
-                if value % m.tp:
-                    owner = "language_model" if name == LANGUAGE else f"modalities.{name}"
-                    hint = f"choose a tp that divides {value}"
-                    if name == LANGUAGE and attr in _constructor_params(type(module)):
-                        hint += f", or change model.params.{attr}"
-                    problems.add(m.at("tp"), f"{owner}.{where}.{attr} = {value} does not divide by tp={m.tp}", hint)
-        lm_layout = layout.modules[LANGUAGE]
-        if name != LANGUAGE and (m.pp > 1 or lm_layout.pp > 1):
-            _check_pipelined_modality(name, m, lm_layout, module, problems)
-        if m.pp > 1 and name == LANGUAGE:
-            layers = len(getattr(module, "layers", []))
-            if layers == 0:
-                problems.add(m.at("pp"), "pipeline stages split a language model's layers; this one has none")
-            elif m.pp > layers:
-                problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layers",
-                             f"use pp <= {layers}")
-            if m.microbatches < m.pp:
-                problems.add(m.at("microbatches"), f"{m.microbatches} microbatches cannot fill {m.pp} stages",
-                             f"use microbatches >= {m.pp}")
-            if getattr(module, "tie_embeddings", False):
-                problems.add(m.at("pp"), "tied embeddings cannot be split over pipeline stages (the embedding "
-                             "lives in the first stage, the LM head in the last)", "set model.params.tie_embeddings=false")
-    if not layout.colocated:
-        from mimo_spec.parallel.split import check_split
-
-        check_split(layout, model, problems)
-    if layout.world_size > 1 and device_type == "cpu":
-        backend = getattr(model.language_model, "backend", "local")
-        if backend == "te":
-            problems.add("model.params.backend", "transformer-engine needs CUDA", "use backend: local")
-
-
-def _check_pipelined_modality(name: str, m: ModuleLayout, lm: ModuleLayout, module, problems) -> None:
-    """A modality next to a pipelined language model runs inside its first stage."""
-    if lm.pp == 1:
-        problems.add(m.at("pp"), "pipeline stages split a language model's layers",
-                     "use pp only on the language module (split modalities with ranks: instead)")
-        return
-    if (m.offset, m.size) != (lm.offset, lm.size) or m.shape != lm.shape:
-        want = ", ".join(f"{d}={getattr(lm, d)}" for d in DEGREES)
-        problems.add(m.path, f"a modality next to a pipelined language model runs in its first stage, so it "
-                     f"needs the language model's ranks and degrees ({want})",
-                     "put pp / dp_* / tp in parallel.default, or give this modality the same values")
-    if getattr(module, "has_output", False):
-        problems.add(m.path, "an output modality cannot run under pipeline parallelism (its decoder needs "
-                     "the last stage's hidden states)", "use pp: 1 for this model")
-
-
-def check_batch(layout: Layout, batch_size: int, grad_accum: int, problems: ProblemCollector) -> None:
-    """The global batch (``train.batch_size`` samples) splits evenly over every module's data-parallel ranks."""
-    for name, m in layout.modules.items():
-        if batch_size % m.dp:
-            problems.add("train.batch_size", f"{batch_size} samples do not split over {name}'s {m.dp} "
-                         "data-parallel ranks", f"use a multiple of {m.dp}")
-        elif m.pp > 1 and (batch_size // m.dp) % m.microbatches:
-            problems.add(f"parallel.modules.{name}.microbatches", f"the per-rank batch of {batch_size // m.dp} "
-                         f"does not split into {m.microbatches} microbatches",
-                         f"make train.batch_size a multiple of {m.dp * m.microbatches}")
-
-
 def resolve(parallel: dict, model, world_size: int | None, *, device_type: str = "cpu",
             train: dict | None = None) -> Layout:
     """Parse and check a layout against a (meta) model; raises one ConfigError with every problem."""
+    from mimo_spec.parallel.checks import check_batch, check_model
+
     problems = ProblemCollector()
     names = [LANGUAGE] + list(model.modalities.keys())
     layout = parse_layout(parallel, names, world_size, problems)
@@ -428,6 +353,8 @@ def check_parallel_config(spec, lm, modalities: dict, problems: ProblemCollector
     n0 = len(problems.problems)
     layout = parse_layout(spec.parallel, names, world_size or world_size_from_env(), problems)
     if layout is not None and len(problems.problems) == n0 and lm is not None and len(modalities) == len(spec.modalities):
+        from mimo_spec.parallel.checks import check_model
+
         found = ProblemCollector()
         check_model(layout, SimpleNamespace(language_model=lm, modalities=modalities), found)
         _dedupe(found)

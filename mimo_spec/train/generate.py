@@ -115,30 +115,30 @@ def start_parallel_generation(model, parallel) -> bool:
     from mimo_spec.parallel.apply import start_parallel
 
     plain = OmegaConf.to_container(parallel, resolve=True) if isinstance(parallel, DictConfig) else dict(parallel or {})
-    _refuse_unsupported(plain, model)
-    drun = start_parallel(plain, None, model)
+    drun = start_parallel(generation_layout(plain, model), None, model)
     return drun is None or drun.rank == 0
 
 
-def _refuse_unsupported(parallel: dict, model) -> None:
-    """Generation runs the whole model on every rank, token by token: pipeline stages (a slice of the
-    layers each) and split layouts (modules on different ranks) cannot decode. Raised before any
-    process group starts, like every other layout problem."""
-    from mimo_spec.errors import ConfigError
+def generation_layout(parallel: dict, model) -> dict:
+    """The layout generation runs under: ``parallel`` itself, or, for pipeline stages and split layouts
+    (no rank holds the whole model, and decoding is token by token), the whole model replicated on
+    every rank. Layout problems are raised here, before any process group starts."""
+    import os
+    import sys
+
     from mimo_spec.parallel.env import device_type
     from mimo_spec.parallel.layout import resolve, world_size_from_env
 
     world = world_size_from_env()
     if not world or world == 1:
-        return
+        return parallel
     layout = resolve(parallel, model, world, device_type=device_type())
-    hint = "generate under a colocated layout without pp (e.g. parallel=tp2, fsdp or ddp); checkpoints load under any"
-    if not layout.colocated:
-        raise ConfigError("generation cannot run under a split layout (modules on different ranks)",
-                          path="parallel.modules", hint=hint)
-    for m in layout.modules.values():
-        if m.pp > 1:
-            raise ConfigError("generation cannot run over pipeline stages", path=m.at("pp"), hint=hint)
+    if layout.colocated and all(m.pp == 1 for m in layout.modules.values()):
+        return parallel
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: layout {layout.name} splits the model over ranks; generating with the whole model "
+              "on every rank (as ddp)", file=sys.stderr)
+    return {"name": f"{layout.name} (replicated for generation)", "default": {"dp_replicate": -1}}
 
 
 def save_image(tensor: torch.Tensor, path) -> None:
