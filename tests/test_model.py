@@ -226,3 +226,20 @@ def test_any_to_any_example_config_trains_its_output():
         losses.append(out.modality_losses["image_out"].item())
     assert out.modality_outputs["image_out"].shape == (2, 3, 32, 32)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_precomputed_modality_embeddings_replace_the_encoders():
+    """modality_embeddings= (features encoded elsewhere) gives the same logits, loss and LM gradients."""
+    model = build_model(tiny_config(), seed=0)
+    batch = model.example_inputs(batch_size=3)
+    ref = model(**batch)
+    ref.loss.backward()
+    ref_grad = model.language_model.layers[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    emb = model.modalities["images"].encode(batch["modality_inputs"]["images"]).detach().requires_grad_()
+    out = model(batch["input_ids"], modality_embeddings={"images": emb}, labels=batch["labels"])
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()
+    torch.testing.assert_close(model.language_model.layers[0].attn.qkv.weight.grad, ref_grad)
+    assert emb.grad is not None and emb.grad.abs().sum() > 0

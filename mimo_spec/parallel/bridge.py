@@ -27,7 +27,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def _take(inputs: dict, lo: int, hi: int, pad_to: int) -> dict:
+def take_items(inputs: dict, lo: int, hi: int, pad_to: int) -> dict:
     """Items [lo, hi) of {encoder: {kwarg: (N, ...)}}, padded with copies of item 0 to ``pad_to`` items."""
     out = {}
     for enc, kws in inputs.items():
@@ -59,7 +59,7 @@ class ModalityBridge:
         n = next(iter(next(iter(global_inputs.values())).values())).shape[0]
         chunk = math.ceil(n / self.size)
         start = min(n, self.my_index * chunk)
-        mine = self.encode_items(_take(global_inputs, start, min(n, start + chunk), chunk))  # (chunk*T, H)
+        mine = self.encode_items(take_items(global_inputs, start, min(n, start + chunk), chunk))  # (chunk*T, H)
         tokens = mine.shape[0] // chunk
         everything = torch.cat(all_gather(mine.contiguous(), group=self.group))[: n * tokens]
         return _ScaleGrad.apply(everything[lo * tokens: hi * tokens], 1.0 / self.consumers)

@@ -63,17 +63,12 @@ def drop_unheld(model: nn.Module, layout: Layout, rank: int) -> None:
 def _chunk(inputs: dict, index: int, parts: int) -> tuple[dict, int, int, int]:
     """Rank ``index`` of ``parts``'s items [lo, hi) of {encoder: {kwarg: (N, ...)}}, padded to the chunk size
     with copies of item 0; returns (items, lo, hi, chunk size)."""
+    from mimo_spec.parallel.bridge import take_items
+
     n = next(iter(next(iter(inputs.values())).values())).shape[0]
     size = math.ceil(n / parts)
     lo, hi = min(n, index * size), min(n, (index + 1) * size)
-    out = {}
-    for enc, kws in inputs.items():
-        out[enc] = {}
-        for kw, t in kws.items():
-            part = t[lo:hi]
-            if part.shape[0] < size:
-                part = torch.cat([part, t[:1].expand(size - part.shape[0], *t.shape[1:])])
-            out[enc][kw] = part
+    out = take_items(inputs, lo, hi, size)
     return out, lo, hi, size
 
 
