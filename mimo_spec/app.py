@@ -52,7 +52,7 @@ def write_run_record(cfg, overrides: list[str], spec, out_dir: Path) -> None:
 
 def use_imported_model(cfg) -> None:
     """Replace the model description with the one in ``init_from``/config.yaml."""
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     from mimo_spec.spec import load_yaml_file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from mimo_spec.errors import ConfigError, Problem, did_you_mean
 

@@ -187,20 +187,27 @@ class PipelineRunner:
             return self._run(batch, 1, train=False)
 
 
-def evaluate_pipelined(drun, dataset, collate_fn, batch_size: int, max_batches: int | None) -> dict[str, float]:
-    """Token-weighted held-out loss under a pipeline: each data-parallel rank evaluates its share."""
-    runner = drun.pipeline
-    runner.model.eval()
+def evaluate_distributed(drun, dataset, collate_fn, batch_size: int, max_batches: int | None) -> dict[str, float]:
+    """Token-weighted held-out loss under a pipeline or split layout: each data-parallel rank evaluates
+    its share. Pipeline stages need every batch full size (fixed shapes), a split layout a multiple
+    of the data-parallel degree; filler samples (no counted token) make up the difference."""
+    model = (drun.pipeline or drun.split).model
+    model.eval()
     nll, tokens = 0.0, 0
     n = len(dataset)
     for b, start in enumerate(range(0, n, batch_size)):
         if max_batches and b >= max_batches:
             break
         samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        batch = collate_fn(samples + [filler_sample(samples[0])] * (batch_size - len(samples)))
+        missing = batch_size - len(samples) if drun.pipeline is not None else -len(samples) % drun.dp_size
+        batch = collate_fn(samples + [filler_sample(samples[0])] * missing)
         tokens += int(batch["num_tokens"])
-        nll += runner.eval_batch(drun.local_batch(batch, runner.model))
-    runner.model.train()
+        with torch.no_grad():
+            if drun.pipeline is not None:
+                nll += drun.pipeline.eval_batch(drun.local_batch(batch, model))
+            else:
+                nll += drun.split.run(batch, 1, train=False)
+    model.train()
     loss = drun.all_sum(nll) / max(tokens, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 

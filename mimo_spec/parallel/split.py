@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mimo_spec.parallel.layout import LANGUAGE, Layout
-from mimo_spec.parallel.pipeline import filler_sample
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -161,9 +160,8 @@ class SplitRunner:
         from mimo_spec.train.loop import model_kwargs
 
         if not self.is_lm:
-            if self.encoders and any(self.rank in m.ranks for _, m in self.encoders):
-                self.model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
-                                          items_per_sample=batch.get("items_per_sample"))
+            self.model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
+                                      items_per_sample=batch.get("items_per_sample"))
             sent = self._encode_and_send(batch, train)
             if train:
                 self._receive_grads(sent)
@@ -182,21 +180,3 @@ class SplitRunner:
         (out.loss * weight).backward()
         self._send_grads(leaves)
         return float(out.loss.detach()) * weight
-
-
-def evaluate_split(drun, dataset, collate_fn, batch_size: int, max_batches: int | None) -> dict[str, float]:
-    """Token-weighted held-out loss under a split layout (every data-parallel LM rank its share)."""
-    runner, nll, tokens = drun.split, 0.0, 0
-    runner.model.eval()
-    n = len(dataset)
-    for b, start in enumerate(range(0, n, batch_size)):
-        if max_batches and b >= max_batches:
-            break
-        samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        batch = collate_fn(samples + [filler_sample(samples[0])] * (-len(samples) % drun.dp_size))
-        tokens += int(batch["num_tokens"])
-        with torch.no_grad():
-            nll += runner.run(batch, 1, train=False)
-    runner.model.train()
-    loss = drun.all_sum(nll) / max(tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}

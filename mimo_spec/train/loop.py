@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -300,14 +300,10 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
                    "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3)}
             eval_every = int(tc.get("eval_every", 0))
             if len(eval_set) and ((eval_every and done % eval_every == 0) or done == steps):
-                if drun is not None and drun.split is not None:
-                    from mimo_spec.parallel.split import evaluate_split
+                if drun is not None and (drun.split or drun.pipeline) is not None:  # no rank holds the whole model
+                    from mimo_spec.parallel.pipeline import evaluate_distributed
 
-                    scores = evaluate_split(drun, eval_set, collate_fn, batch_size, tc.get("eval_batches"))
-                elif drun is not None and drun.pipeline is not None:
-                    from mimo_spec.parallel.pipeline import evaluate_pipelined
-
-                    scores = evaluate_pipelined(drun, eval_set, collate_fn, batch_size, tc.get("eval_batches"))
+                    scores = evaluate_distributed(drun, eval_set, collate_fn, batch_size, tc.get("eval_batches"))
                 else:
                     scores = evaluate(model, eval_set, collate_fn, batch_size, tc.get("eval_batches"), precision, device)
                 row.update({k: v for k, v in scores.items() if k != "eval_tokens"})
