@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from mimo_spec.errors import ConfigError, ProblemCollector
+from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 
 NODE_KEYS = ("module", "params", "submodules")
 # Top-level keys that describe the model; the rest of a run config (action,
@@ -87,6 +87,9 @@ class MimoSpec:
     parallel: dict[str, Any] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
     allow_imports: list[str] = field(default_factory=list)
+    # default layer backend (local | te | auto) for every component that takes one and
+    # does not set its own params.backend; None: each component's default
+    backend: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +98,7 @@ class MimoSpec:
             "parallel": dict(self.parallel),
             "freeze": list(self.freeze),
             "allow_imports": list(self.allow_imports),
+            "backend": self.backend,
         }
 
     def to_yaml(self) -> str:
@@ -257,6 +261,14 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
     if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
         problems.add("allow_imports", f"expected a list of module prefixes, got {allow!r}")
         allow = []
+    backend = data.get("backend")
+    if backend is not None and backend not in BACKENDS:
+        problems.add("backend", f"unknown layer backend {backend!r}: expected one of {', '.join(BACKENDS)} (or null)",
+                     did_you_mean(str(backend), BACKENDS))
+        backend = None
     if not collect or lm is None:
         problems.raise_if_any()
-    return MimoSpec(lm, modalities, dict(parallel), list(freeze), list(allow))
+    return MimoSpec(lm, modalities, dict(parallel), list(freeze), list(allow), backend)
+
+
+BACKENDS = ("local", "te", "auto")

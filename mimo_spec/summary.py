@@ -36,7 +36,8 @@ def _counts(module: nn.Module, seen: set[int] | None = None) -> tuple[int, int]:
 
 
 def _label(module: nn.Module) -> str:
-    return getattr(module, "_registry_name", None) or type(module).__name__
+    label = getattr(module, "_registry_name", None) or type(module).__name__
+    return f"{label} [te]" if getattr(module, "backend", None) == "te" else label
 
 
 def summary_rows(model: nn.Module, depth: int = 3) -> list[tuple[str, str, int, int]]:

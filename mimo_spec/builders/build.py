@@ -27,29 +27,32 @@ def parse_dtype(dtype: Any, path: str = "dtype") -> torch.dtype | None:
 
 
 def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemCollector,
-               skip: set[str] = frozenset()) -> nn.Module | None:
+               skip: set[str] = frozenset(), backend: str | None = None) -> nn.Module | None:
     """Build children first, then the node; constructor errors are attributed to the node's path.
 
-    Nodes in ``skip`` (already reported as invalid) are not built.
+    Nodes in ``skip`` (already reported as invalid) are not built. ``backend`` (the
+    config's top-level ``backend``) goes to every node that takes one and sets none.
     """
     if spec.path in skip and not _has_buildable_child(spec, skip):
         return None
     cls = resolve(kind, spec.module, allow_imports=allow)
-    _, sub_kinds, _ = signature_of(cls)
+    params, sub_kinds, _ = signature_of(cls)
     kwargs: dict[str, Any] = dict(spec.params)
+    if backend is not None and "backend" in params and "backend" not in kwargs:
+        kwargs["backend"] = backend
     failed = False
     for name, value in spec.submodules.items():
         from mimo_spec.builders.binding import _kind_for
 
         child_kind = _kind_for(name, sub_kinds.get(name))
         if isinstance(value, ModuleSpec):
-            built: Any = _construct(value, child_kind, allow, problems, skip)
+            built: Any = _construct(value, child_kind, allow, problems, skip, backend)
             failed |= built is None
         elif isinstance(value, dict):
-            built = {k: _construct(v, child_kind, allow, problems, skip) for k, v in value.items()}
+            built = {k: _construct(v, child_kind, allow, problems, skip, backend) for k, v in value.items()}
             failed |= any(b is None for b in built.values())
         else:
-            built = [_construct(v, child_kind, allow, problems, skip) for v in value]
+            built = [_construct(v, child_kind, allow, problems, skip, backend) for v in value]
             failed |= any(b is None for b in built)
         kwargs[name] = built
     if failed or spec.path in skip:
@@ -119,6 +122,14 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
     else:
         spec = from_config(cfg, problems)
     failed = _bind_all(spec, problems)
+    backend = spec.backend
+    if backend == "te":
+        from mimo_spec.components.te_backend import te_unavailable_reason
+
+        reason = te_unavailable_reason()
+        if reason is not None:  # once here, not once per component
+            problems.add("backend", f"backend 'te' cannot run here: {reason}", "use backend: local or auto")
+            backend = None
     dtype = parse_dtype(dtype)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     on_meta = str(device) == "meta" or bool(problems)
@@ -128,8 +139,8 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
         # with problems already found, build the valid parts on meta only, to cross-check them
         build_device = torch.device("meta") if problems else None
         with build_device or contextlib.nullcontext():
-            lm = _construct(spec.language_model, "language_model", spec.allow_imports, problems, failed)
-            mods = {name: _construct(m, "modality", spec.allow_imports, problems, failed)
+            lm = _construct(spec.language_model, "language_model", spec.allow_imports, problems, failed, backend)
+            mods = {name: _construct(m, "modality", spec.allow_imports, problems, failed, backend)
                     for name, m in spec.modalities.items()}
         cross_check(spec, lm, {k: v for k, v in mods.items() if v is not None}, problems)
         from mimo_spec.parallel.layout import check_parallel_config

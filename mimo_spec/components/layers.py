@@ -11,7 +11,6 @@ fused QKV projection, transposed to ``(B, heads, S, head_dim)`` (a view) for SDP
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Callable, Literal
 
@@ -24,37 +23,17 @@ NormKind = Literal["layernorm", "rmsnorm"]
 ActivationName = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
 
 
-def check_backend(backend: str) -> str:
-    """Resolve a ``backend`` argument to the layer implementation to use.
+def check_backend(backend: str, *, activation: str | None = None, gated: bool = False) -> str:
+    """Resolve a ``backend`` argument to the layer implementation to use (``"local"`` or ``"te"``).
 
-    ``"local"``: these plain PyTorch layers. ``"auto"``: Transformer Engine when it
-    imports and CUDA is available, else local. ``"te"``: Transformer Engine or a
-    ValueError saying why not.
+    ``"local"``: these plain PyTorch layers. ``"auto"``: transformer-engine where it
+    imports, CUDA is available and it has the component's ``activation``, else local.
+    ``"te"``: transformer-engine or a ValueError saying why not. See
+    :mod:`mimo_spec.components.te_backend`.
     """
-    if backend == "local":
-        return "local"
-    if backend not in ("te", "auto"):
-        raise ValueError(f"backend ({backend!r}) must be one of 'local', 'te', 'auto'")
-    te_ok = importlib.util.find_spec("transformer_engine") is not None
-    if te_ok:
-        try:
-            import transformer_engine.pytorch  # noqa: F401
-        except Exception:  # a broken install counts as absent
-            te_ok = False
-    if te_ok and torch.cuda.is_available():
-        # Transformer Engine is usable here, but this version has no TE layer implementations
-        # yet: say so rather than silently running the local layers under the name "te".
-        if backend == "auto":
-            return "local"
-        raise ValueError("backend 'te': transformer-engine layers are not implemented in this version of "
-                         "mimo-spec yet; use backend: local (or auto, which picks local)")
-    if backend == "auto":
-        return "local"
-    missing = "transformer-engine" if not te_ok else "CUDA"
-    raise ValueError(
-        f"backend 'te' needs transformer-engine and CUDA; {missing} is not available here: "
-        "use backend: local or auto"
-    )
+    from mimo_spec.components.te_backend import resolve_backend
+
+    return resolve_backend(backend, activation=activation, gated=gated)
 
 
 # --------------------------------------------------------------------------- norms
@@ -190,7 +169,11 @@ class Attention(nn.Module):
         out_bias: bool = False,
         dropout: float = 0.0,
         layer_idx: int = 0,
+        *,
+        te_norm: tuple[str, float] | None = None,
     ):
+        """``te_norm=(norm, eps)``: transformer-engine projections, the block's pre-attention norm fused
+        into ``qkv`` (a ``te.LayerNormLinear``) and ``out`` a ``te.Linear``."""
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
@@ -202,8 +185,16 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.dropout = dropout
         self.layer_idx = layer_idx  # which slot of a KV cache this layer owns
-        self.qkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
-        self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+        qkv_size = (num_heads + 2 * num_kv_heads) * head_dim
+        if te_norm is not None:
+            from mimo_spec.components import te_backend
+
+            self.qkv = te_backend.layernorm_linear(hidden_size, qkv_size, norm=te_norm[0], eps=te_norm[1],
+                                                   bias=qkv_bias)
+            self.out = te_backend.linear(num_heads * head_dim, hidden_size, bias=out_bias)
+        else:
+            self.qkv = nn.Linear(hidden_size, qkv_size, bias=qkv_bias)
+            self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
 
     def forward(
         self,
@@ -318,7 +309,13 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)).
+
+    ``backend="te"`` (CUDA): the norms are fused into transformer-engine's
+    ``attn.qkv`` (LayerNormLinear) and ``mlp`` (LayerNormMLP), ``attn_norm`` and
+    ``mlp_norm`` become identities, and checkpoints keep the local keys (see
+    :mod:`mimo_spec.components.te_backend`).
+    """
 
     def __init__(
         self,
@@ -337,12 +334,33 @@ class TransformerBlock(nn.Module):
         mlp_bias: bool = True,
         dropout: float = 0.0,
         layer_idx: int = 0,
+        backend: str = "local",
     ):
         super().__init__()
-        self.attn_norm = build_norm(norm, hidden_size, norm_eps)
-        self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout, layer_idx)
-        self.mlp_norm = build_norm(norm, hidden_size, norm_eps)
-        self.mlp = MLP(hidden_size, ffn_hidden_size, mlp, activation, mlp_bias)
+        if backend not in ("local", "te"):
+            raise ValueError(f"backend ({backend!r}) must be 'local' or 'te' (resolve 'auto' with check_backend)")
+        self.backend = backend
+        if backend == "te":
+            from mimo_spec.components import te_backend
+
+            if mlp not in ("gelu", "swiglu"):
+                raise ValueError(f"mlp ({mlp!r}) must be 'gelu' or 'swiglu'")
+            build_norm(norm, hidden_size, norm_eps)  # the same error for a bad norm name as local
+            self.attn_norm = nn.Identity()
+            self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,
+                                  layer_idx, te_norm=(norm, norm_eps))
+            self.mlp_norm = nn.Identity()
+            self.mlp = te_backend.layernorm_mlp(hidden_size, ffn_hidden_size, norm=norm, eps=norm_eps,
+                                                activation=activation, gated=mlp == "swiglu", bias=mlp_bias)
+            # Checkpoints use the local keys: a te-trained model loads into local layers and back.
+            self.register_state_dict_post_hook(te_backend.to_local_keys)
+            self.register_load_state_dict_pre_hook(te_backend.to_te_keys)
+        else:
+            self.attn_norm = build_norm(norm, hidden_size, norm_eps)
+            self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,
+                                  layer_idx)
+            self.mlp_norm = build_norm(norm, hidden_size, norm_eps)
+            self.mlp = MLP(hidden_size, ffn_hidden_size, mlp, activation, mlp_bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(
@@ -364,9 +382,13 @@ def init_transformer_weights(module: nn.Module, std: float = 0.02, num_layers: i
     """GPT-2 style init: N(0, std) weights, zero biases, unit norms; residual output
     projections (``attn.out``, ``mlp.fc2``) scaled by 1/sqrt(2*num_layers) so the
     residual stream does not grow with depth."""
+    from mimo_spec.components.te_backend import init_te_module, is_te_module
+
     out_std = std / math.sqrt(2 * num_layers)
     for name, m in module.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if is_te_module(m):
+            init_te_module(name, m, std, out_std)
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             is_out = name.endswith("attn.out") or name.endswith("mlp.fc2")
             nn.init.normal_(m.weight, mean=0.0, std=out_std if is_out else std)
             if m.bias is not None:

@@ -22,6 +22,10 @@ def check_model(layout: Layout, model, problems: ProblemCollector, device_type: 
 
     for name, m in layout.modules.items():
         module = model.language_model if name == LANGUAGE else model.modalities[name]
+        if m.tp > 1 and any(getattr(sub, "backend", None) == "te" for sub in module.modules()):
+            owner = "model" if name == LANGUAGE else f"modalities.{name}"
+            problems.add(m.at("tp"), f"{owner} uses transformer-engine layers (backend te), which mimo-spec does not "
+                         "shard with DTensor tensor parallelism", "use tp: 1 (ddp/fsdp layouts), or backend: local")
         if m.tp > 1 and m.tp_plan != "none":
             for where, attr, value in tp_divisibility(module):
                 if value % m.tp:
@@ -50,10 +54,6 @@ def check_model(layout: Layout, model, problems: ProblemCollector, device_type: 
         from mimo_spec.parallel.split import check_split
 
         check_split(layout, model, problems)
-    if layout.world_size > 1 and device_type == "cpu":
-        backend = getattr(model.language_model, "backend", "local")
-        if backend == "te":
-            problems.add("model.params.backend", "transformer-engine needs CUDA", "use backend: local")
 
 
 def _check_pipelined_modality(name: str, m: ModuleLayout, lm: ModuleLayout, module, problems) -> None:

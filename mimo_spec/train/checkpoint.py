@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mimo_spec.components.te_backend import te_parameter_renames
 from mimo_spec.errors import InputError
 from mimo_spec.weights import load_weights, save_weights
 
@@ -175,8 +176,18 @@ def _canonical_states(model, optimizer, fused: dict):
     osd = None
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
-        osd = {k: _canonical_opt(k, v, fused) for k, v in osd.items()}
+        renames = te_parameter_renames(model)  # transformer-engine parameter names -> the local ones
+        osd = {_rename_opt_key(k, renames): _canonical_opt(k, v, fused) for k, v in osd.items()}
     return msd, osd
+
+
+def _rename_opt_key(key: str, renames: dict[str, str]) -> str:
+    """``state.<fqn>.<name>`` / ``param_groups.<fqn>.<name>`` with ``fqn`` renamed (backend-neutral keys)."""
+    if not renames or not key.startswith(("state.", "param_groups.")):
+        return key
+    head, rest = key.split(".", 1)
+    fqn, leaf = rest.rsplit(".", 1)
+    return f"{head}.{renames.get(fqn, fqn)}.{leaf}"
 
 
 def _canonical_opt(key: str, value, fused: dict):
@@ -238,7 +249,9 @@ def _load_distributed(path: Path, model, optimizer, drun) -> None:
     model.load_state_dict({k: _from_canonical(k, v, model, fused) for k, v in msd.items()})
     if osd is not None:
         params = dict(model.named_parameters())
-        osd = {k: _opt_from_canonical(k, v, params, fused) for k, v in osd.items()}
+        back = {local: te for te, local in te_parameter_renames(model).items()}
+        osd = {k: _opt_from_canonical(k, v, params, fused) for k, v in
+               ((_rename_opt_key(k, back), v) for k, v in osd.items())}
         set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 

@@ -91,7 +91,7 @@ class WhisperEncoder(nn.Module):
         if hidden_size % 2 or hidden_size < 4:
             raise ValueError(f"hidden_size ({hidden_size}) must be even and >= 4 for sinusoidal positions")
         get_activation(activation)
-        self.backend = check_backend(backend)
+        self.backend = check_backend(backend, activation=activation)
         self.num_mel_bins, self.max_source_positions = num_mel_bins, max_source_positions
         self.hidden_size = self.out_features = hidden_size
         self.num_layers = num_layers
@@ -105,7 +105,7 @@ class WhisperEncoder(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(hidden_size, num_heads, ffn_hidden_size, norm="layernorm", norm_eps=layer_norm_eps,
                              mlp="gelu", activation=activation, qkv_bias=True, out_bias=True, mlp_bias=True,
-                             layer_idx=i)
+                             layer_idx=i, backend=self.backend)
             for i in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)

@@ -114,7 +114,7 @@ class GPT(nn.Module):
             raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
         activation = activation or ("silu" if mlp == "swiglu" else "gelu")
         get_activation(activation)  # fail early on a bad name
-        self.backend = check_backend(backend)  # only local layers exist so far; "te" runs them too
+        self.backend = check_backend(backend, activation=activation, gated=mlp == "swiglu")
 
         self.vocab_size, self.hidden_size, self.max_seq_len = vocab_size, hidden_size, max_seq_len
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
@@ -132,7 +132,7 @@ class GPT(nn.Module):
                 hidden_size, num_heads, ffn_hidden_size or 4 * hidden_size,
                 num_kv_heads=num_kv_heads, head_dim=head_dim, norm=norm, norm_eps=norm_eps,
                 mlp=mlp, activation=activation, qkv_bias=attention_bias, out_bias=out_bias,
-                mlp_bias=mlp_bias, dropout=dropout, layer_idx=i,
+                mlp_bias=mlp_bias, dropout=dropout, layer_idx=i, backend=self.backend,
             )
             for i in range(num_layers)
         )

@@ -111,7 +111,7 @@ class ClipViT(nn.Module):
         if feature_select not in ("patch", "all"):
             raise ValueError(f"feature_select ({feature_select!r}) must be 'patch' or 'all'")
         get_activation(activation)
-        self.backend = check_backend(backend)
+        self.backend = check_backend(backend, activation=activation)
         num_blocks = resolve_feature_layer(feature_layer, num_layers)
 
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
@@ -131,7 +131,7 @@ class ClipViT(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(hidden_size, num_heads, ffn_hidden_size, norm="layernorm", norm_eps=layer_norm_eps,
                              mlp="gelu", activation=activation, qkv_bias=True, out_bias=True, mlp_bias=True,
-                             layer_idx=i)
+                             layer_idx=i, backend=self.backend)
             for i in range(num_layers if keep_unused_layers else num_blocks)
         )
         keep_norm = post_norm or keep_unused_layers
