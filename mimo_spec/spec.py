@@ -123,8 +123,6 @@ def _node_from(value: Any, path: str, problems: ProblemCollector) -> ModuleSpec 
         return None
     unknown = [k for k in value if k not in NODE_KEYS]
     for key in unknown:
-        from mimo_spec.errors import did_you_mean
-
         problems.add(f"{path}.{key}", "unknown key in a component node", did_you_mean(key, NODE_KEYS))
     if "module" not in value or value["module"] in (None, ""):
         problems.add(f"{path}.module", "missing: every component node names its module",
