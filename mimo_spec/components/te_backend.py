@@ -178,8 +178,8 @@ def to_te_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local
         if prefix + local_key in state_dict:
             state_dict[prefix + te_key] = state_dict.pop(prefix + local_key)
     for extra in TE_EXTRA_STATE:
-        # TE reads an empty tensor as "no FP8 state": a local checkpoint loads strictly.
-        state_dict.setdefault(prefix + extra, torch.empty(0))
+        # TE's set_extra_state(None) keeps its fresh FP8 state: a local checkpoint loads strictly.
+        state_dict.setdefault(prefix + extra, None)
 
 
 def te_parameter_renames(model: nn.Module) -> dict[str, str]:
