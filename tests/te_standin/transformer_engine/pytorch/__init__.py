@@ -36,6 +36,14 @@ class _Base(nn.Module):
             with torch.no_grad():
                 init(p)
 
+    def _linear_params(self, prefix, in_features, out_features, bias, init_method, device):
+        """``<prefix>weight`` (and ``<prefix>bias``; without bias TE keeps an empty plain tensor there)."""
+        self._param(f"{prefix}weight", (out_features, in_features), init_method or _default_init, device)
+        if bias:
+            self._param(f"{prefix}bias", (out_features,), nn.init.zeros_, device)
+        else:
+            setattr(self, f"{prefix}bias", torch.Tensor())
+
     def _norm_params(self, hidden, normalization, device):
         if normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(normalization)
@@ -59,11 +67,7 @@ class Linear(_Base):
                  tp_group=None, tp_size=1, get_rng_state_tracker=None, rng_tracker_name=None, init_method=None,
                  bias=True, return_bias=False, params_dtype=None, parallel_mode=None, device="cuda", **_):
         super().__init__()
-        self._param("weight", (out_features, in_features), init_method or _default_init, device)
-        if bias:
-            self._param("bias", (out_features,), nn.init.zeros_, device)
-        else:
-            self.bias = torch.Tensor()
+        self._linear_params("", in_features, out_features, bias, init_method, device)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias if self.bias.numel() else None)
@@ -78,11 +82,7 @@ class LayerNormLinear(_Base):
         super().__init__()
         self.eps = eps
         self._norm_params(in_features, normalization, device)
-        self._param("weight", (out_features, in_features), init_method or _default_init, device)
-        if bias:
-            self._param("bias", (out_features,), nn.init.zeros_, device)
-        else:
-            self.bias = torch.Tensor()
+        self._linear_params("", in_features, out_features, bias, init_method, device)
 
     def forward(self, x):
         return F.linear(self._norm(x), self.weight, self.bias if self.bias.numel() else None)
@@ -101,16 +101,8 @@ class LayerNormMLP(_Base):
         self.eps, self.activation, self.gated = eps, activation, activation in _GATED
         self._norm_params(hidden_size, normalization, device)
         fc1_out = 2 * ffn_hidden_size if self.gated else ffn_hidden_size
-        self._param("fc1_weight", (fc1_out, hidden_size), init_method or _default_init, device)
-        if bias:
-            self._param("fc1_bias", (fc1_out,), nn.init.zeros_, device)
-        else:
-            self.fc1_bias = torch.Tensor()
-        self._param("fc2_weight", (hidden_size, ffn_hidden_size), output_layer_init_method or _default_init, device)
-        if bias:
-            self._param("fc2_bias", (hidden_size,), nn.init.zeros_, device)
-        else:
-            self.fc2_bias = torch.Tensor()
+        self._linear_params("fc1_", hidden_size, fc1_out, bias, init_method, device)
+        self._linear_params("fc2_", ffn_hidden_size, hidden_size, bias, output_layer_init_method, device)
 
     def forward(self, x):
         h = F.linear(self._norm(x), self.fc1_weight, self.fc1_bias if self.fc1_bias.numel() else None)
