@@ -7,6 +7,10 @@ process, steps interleaved so machine noise hits both alike. Reports median step
 times and the ratio (target: ours <= 0.85x Hugging Face's).
 
     .venv/bin/python benchmarks/train_step_vs_hf.py --steps 10 --threads 2
+    # on a GPU: bf16 autocast for both, mimo-spec on transformer-engine layers
+    python benchmarks/train_step_vs_hf.py --device cuda --precision bf16 --backend te
+    # both models under torch.compile
+    python benchmarks/train_step_vs_hf.py --compile
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 VOCAB, IMG_TOKEN, SEQ, BATCH = 4096, 4000, 256, 4
 
 
-def ours(feature_layer: int):
+def ours(feature_layer: int, backend: str = "local"):
     from mimo_spec import build_model
 
     cfg = {
@@ -32,6 +36,7 @@ def ours(feature_layer: int):
                 "image_size": 64, "patch_size": 8, "hidden_size": 256, "num_layers": 4, "num_heads": 4,
                 "ffn_hidden_size": 1024, "feature_layer": feature_layer, "feature_select": "patch"}}},
             "input_projections": {"clip": {"module": "mlp", "params": {"in_features": 256, "out_features": 512}}}}}},
+        "backend": backend,
     }
     return build_model(cfg, seed=0)
 
@@ -64,34 +69,49 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--feature-layer", type=int, default=-2, help="LLaVA reads -2; -1 runs every ViT layer in both")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast for both")
+    ap.add_argument("--backend", default="local", choices=["local", "te", "auto"], help="mimo-spec's layers")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ids, labels, px = batch()
-    m_ours, m_hf = ours(args.feature_layer), hf(args.feature_layer)
+    dev = torch.device(args.device)
+    ids, labels, px = (t.to(dev) for t in batch())
+    m_ours, m_hf = ours(args.feature_layer, args.backend).to(dev), hf(args.feature_layer).to(dev)
     o_ours = torch.optim.AdamW(m_ours.parameters(), lr=1e-4)
     o_hf = torch.optim.AdamW(m_hf.parameters(), lr=1e-4)
+    f_ours, f_hf = (torch.compile(m_ours), torch.compile(m_hf)) if args.compile else (m_ours, m_hf)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step_ours():
         o_ours.zero_grad(set_to_none=True)
-        m_ours(ids, {"images": {"clip": {"pixel_values": px}}}, labels=labels).loss.backward()
+        with amp:
+            loss = f_ours(ids, {"images": {"clip": {"pixel_values": px}}}, labels=labels).loss
+        loss.backward()
         o_ours.step()
 
     def step_hf():
         o_hf.zero_grad(set_to_none=True)
-        m_hf(input_ids=ids, pixel_values=px, labels=labels).loss.backward()
+        with amp:
+            loss = f_hf(input_ids=ids, pixel_values=px, labels=labels).loss
+        loss.backward()
         o_hf.step()
 
     times = {"mimo-spec": [], "hf": []}
     for i in range(args.warmup + args.steps):
         for name, fn in (("mimo-spec", step_ours), ("hf", step_hf)):
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t)
     ours_s, hf_s = statistics.median(times["mimo-spec"]), statistics.median(times["hf"])
     n_ours = sum(p.numel() for p in m_ours.parameters())
     n_hf = sum(p.numel() for p in m_hf.parameters())
-    print(f"threads={args.threads} feature_layer={args.feature_layer} steps={args.steps}")
+    print(f"device={dev} precision={args.precision} backend={m_ours.language_model.backend} "
+          f"compile={args.compile} threads={args.threads} feature_layer={args.feature_layer} steps={args.steps}")
     print(f"mimo-spec  {ours_s * 1000:8.1f} ms/step  ({n_ours:,} params)")
     print(f"HF LLaVA   {hf_s * 1000:8.1f} ms/step  ({n_hf:,} params)")
     print(f"ratio mimo-spec / HF: {ours_s / hf_s:.2f}x (target <= 0.85x)")
