@@ -90,16 +90,35 @@ def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
 
 
 def run_eval(cfg: DictConfig, out_dir: Path) -> int:
+    """Held-out loss of a checkpoint; under torchrun the model is sharded by this command's ``parallel``
+    layout (pipeline and split layouts evaluate each data-parallel rank's share) and rank 0 writes."""
+    from mimo_spec.parallel.apply import start_parallel
     from mimo_spec.train.data import build_dataset, collate
-    from mimo_spec.train.loop import evaluate
+    from mimo_spec.train.loop import evaluate, model_max_len
 
-    path, trained_cfg, model, tokenizer = _load_trained(cfg, "eval")
+    path, trained_cfg, model, tokenizer = _load_trained(cfg, "eval", own_layout=True)
+    # the data follows the whole model's modalities: built before a pipeline stage drops some of them
     dataset = build_dataset(trained_cfg["data"], model, tokenizer, "eval")
     if len(dataset) == 0:
         raise ConfigError("the held-out split is empty", path="data", hint="set data.eval_samples / eval_fraction")
-    result = evaluate(model, dataset, lambda s: collate(s, tokenizer.pad_id), int(trained_cfg.train.batch_size),
-                      cfg.eval.get("batches"), trained_cfg.train.get("precision", "fp32"))
+    tc = OmegaConf.to_container(trained_cfg.train, resolve=True)
+    drun = start_parallel(OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True), tc, model)
+    collate_fn = lambda s: collate(s, tokenizer.pad_id)  # noqa: E731
+    batch_size, batches = int(tc["batch_size"]), cfg.eval.get("batches")
+    if drun is not None and drun.pp > 1:
+        drun.start_pipeline(model, int(getattr(dataset, "max_len", model_max_len(model))), tokenizer.pad_id)
+    if drun is not None and (drun.split or drun.pipeline) is not None:  # no rank holds the whole model
+        from mimo_spec.parallel.pipeline import evaluate_distributed
+
+        result = evaluate_distributed(drun, dataset, collate_fn, batch_size, batches)
+    else:
+        device = next(model.parameters()).device
+        result = evaluate(model, dataset, collate_fn, batch_size, batches, tc.get("precision", "fp32"), device)
+    if drun is not None and drun.rank != 0:
+        return 0
     result["checkpoint"] = str(path)
+    if drun is not None:
+        result["layout"] = drun.layout.name
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.2f}  "
           f"({result['eval_tokens']} tokens, {path})")

@@ -2,6 +2,7 @@
 distributed checkpoints resume under another layout (and in one process), a failing rank ends the job."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,21 @@ def test_cli_under_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert len(losses(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "checkpoints" / "step_000002" / ".metadata").exists()
+    # action=eval shards the checkpoint by the command's layout and gives the one-process loss
+    from conftest import run_cli
+
+    r = run_cli(["action=eval", f"eval.checkpoint={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'eval1'}"],
+                tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = json.loads((tmp_path / "eval1" / "eval.json").read_text())
+    for layout in ("fsdp", "pp2"):
+        r = torchrun(2, ROOT / "cli.py", "action=eval", f"eval.checkpoint={tmp_path / 'run'}", f"parallel={layout}",
+                     f"hydra.run.dir={tmp_path / ('eval_' + layout)}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-4000:]
+        got = json.loads((tmp_path / f"eval_{layout}" / "eval.json").read_text())
+        assert got["layout"] == layout and got["eval_tokens"] == ref["eval_tokens"] > 0
+        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=RTOL), layout
+        assert r.stdout.count("eval loss") == 1  # rank 0 reports
     r = torchrun(2, ROOT / "cli.py", "parallel=single", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
     # every rank ends with the one-line config error (exit 2) before any process group starts
     assert r.returncode != 0 and "mimo-spec: config error" in r.stderr
