@@ -7,6 +7,7 @@ on the synthetic data, global batch --batch. Each process gets --threads threads
 baseline gets the same per process, so the 2-process runs use twice the cores).
 
     .venv/bin/python benchmarks/parallel_step.py --layouts single,ddp,fsdp,tp2 --steps 8 --threads 1
+    .venv/bin/python benchmarks/parallel_step.py --layouts single,pp2,hetero_split:4   # LAYOUT:PROCS
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all",
-               "broadcast", "barrier", "all_gather_single", "reduce_scatter_single")
+               "broadcast", "barrier", "all_gather_single", "reduce_scatter_single",
+               # point to point: pipeline stages and split layouts
+               "send", "recv", "batch_isend_irecv")  # not isend/irecv: P2POp checks their identity
 # functional collectives (DTensor / TP) block in wait_tensor, which the profiler records
 WAIT_OPS = ("_c10d_functional::wait_tensor",)
 COMM_S = [0.0]
@@ -63,7 +66,9 @@ def time_collectives() -> None:
                 out = _fn(*a, **k)
             finally:
                 COMM_S[0] += time.perf_counter() - t0
-            return _TimedWork(out) if k.get("async_op") and out is not None else out
+            if isinstance(out, list):  # batch_isend_irecv
+                return [_TimedWork(w) for w in out]
+            return _TimedWork(out) if hasattr(out, "wait") else out
         setattr(dist, name, timed)
 
 
@@ -97,23 +102,30 @@ def worker(args) -> None:
     world = world_size_from_env() or 1
     drun = None
     if world > 1:
-        from omegaconf import OmegaConf
-
         from mimo_spec.parallel.apply import DistributedRun
         from mimo_spec.parallel.env import init_distributed
 
-        layout = resolve(OmegaConf.to_container(cfg.parallel, resolve=True), model, world)
-        drun = DistributedRun(layout, init_distributed().rank)
-        drun.parallelize(model)
-    tok = build_tokenizer(cfg.data, model)
+        layout = resolve(_plain(cfg.parallel), model, world, train=_plain(cfg.train))
+    tok = build_tokenizer(cfg.data, model)  # the data follows the whole model: built before stages drop parts
     data = build_dataset(cfg.data, model, tok, "train")
     batch = collate([data[i] for i in range(args.batch)], tok.pad_id)
+    if world > 1:
+        drun = DistributedRun(layout, init_distributed().rank)
+        drun.parallelize(model)
+        if drun.pp > 1:
+            drun.start_pipeline(model, int(batch["input_ids"].shape[1]), tok.pad_id)
     opt = build_optimizer(model, _plain(cfg.train))
+    total = int(batch["num_tokens"])
 
     def step():
-        local = drun.local_batch(batch, model) if drun else batch
-        out = model(**model_kwargs(local, "cpu"))
-        (out.loss * (local["num_tokens"] / batch["num_tokens"])).backward()
+        if drun is not None and drun.split is not None:  # encoder ranks feed the LM ranks
+            drun.split.run(batch, total, train=True)
+        elif drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
+            drun.pipeline.train_batch(drun.local_batch(batch, model), total)
+        else:
+            local = drun.local_batch(batch, model) if drun else batch
+            out = model(**model_kwargs(local, "cpu"))
+            (out.loss * (local["num_tokens"] / total)).backward()
         if drun:
             drun.sync_grads(model)
             drun.clip_grad_norm(model, 1.0)
@@ -151,7 +163,7 @@ def _plain(node):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layouts", default="single,ddp,fsdp,tp2")
+    p.add_argument("--layouts", default="single,ddp,fsdp,tp2,pp2")
     p.add_argument("--layout", help=argparse.SUPPRESS)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
@@ -162,8 +174,9 @@ def main() -> None:
     if args.layout:
         return worker(args)
     rows = []
-    for layout in args.layouts.split(","):
-        n = 1 if layout == "single" else args.nproc
+    for entry in args.layouts.split(","):
+        layout, _, procs = entry.partition(":")  # e.g. hetero_split:4
+        n = 1 if layout == "single" else int(procs or args.nproc)
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
                                   if n > 1 else []) + [__file__, "--layout", layout, "--steps", str(args.steps),
                                                        "--threads", str(args.threads), "--batch", str(args.batch),
@@ -176,10 +189,10 @@ def main() -> None:
             continue
         rows.append(json.loads(line) | {"procs": n})
     base = next((r["step_s"] for r in rows if r["layout"] == "single"), None)
-    print(f"{'layout':<10} {'procs':>5} {'step ms':>9} {'vs single':>10} {'comm share':>11}")
+    print(f"{'layout':<14} {'procs':>5} {'step ms':>9} {'vs single':>10} {'comm share':>11}")
     for r in rows:
         rel = f"{r['step_s'] / base:.2f}x" if base else "-"
-        print(f"{r['layout']:<10} {r['procs']:>5} {r['step_s'] * 1e3:>9.1f} {rel:>10} {r['comm_share'] * 100:>10.1f}%")
+        print(f"{r['layout']:<14} {r['procs']:>5} {r['step_s'] * 1e3:>9.1f} {rel:>10} {r['comm_share'] * 100:>10.1f}%")
 
 
 if __name__ == "__main__":
