@@ -77,13 +77,17 @@ def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
     (a checkpoint loads under any layout), so the model is checked against it.
     """
     from mimo_spec.builders import build_model
+    from mimo_spec.parallel.env import run_device
     from mimo_spec.train.checkpoint import load_checkpoint
+    from mimo_spec.train.loop import check_backend_device
     from mimo_spec.train.tokenizer import build_tokenizer
 
     path, trained_cfg = checkpoint_config(cfg[key].get("checkpoint"), key)
     if own_layout:
         trained_cfg.parallel = OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True)
-    model = build_model(trained_cfg, seed=0)
+    device = run_device((cfg.get("train") or {}).get("device"))  # this command's device, not the training run's
+    model = build_model(trained_cfg, seed=0, device=device)
+    check_backend_device(model, device)
     load_checkpoint(path, model)
     tokenizer = build_tokenizer(trained_cfg["data"], model)
     return path, trained_cfg, model, tokenizer
@@ -128,12 +132,15 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> int:
 def run_generate(cfg: DictConfig, out_dir: Path) -> int:
     from mimo_spec.train.data import encode_prompt
     from mimo_spec.train.generate import generate, save_image, start_parallel_generation
+    from mimo_spec.train.loop import to_device
 
     g = cfg.generate
     path, trained_cfg, model, tokenizer = _load_trained(cfg, "generate", own_layout=True)
     main = start_parallel_generation(model, cfg.get("parallel"))  # under torchrun: every rank generates
     input_ids, modality_inputs = encode_prompt(g.prompt, model, tokenizer, trained_cfg["data"],
                                                images=list(g.images), audio=list(g.audio))
+    device = next(model.parameters()).device
+    input_ids, modality_inputs = to_device(input_ids, device), to_device(modality_inputs, device)
     out = generate(model, input_ids, modality_inputs, max_new_tokens=int(g.max_new_tokens), strategy=g.strategy,
                    temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
                    eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed))

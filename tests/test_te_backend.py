@@ -122,6 +122,35 @@ def test_te_unavailable_is_a_config_error_naming_the_node():
     assert model.modalities["images"].encoders["clip"].backend == "local"
 
 
+def test_run_device_defaults_to_the_local_ranks_gpu(monkeypatch):
+    from mimo_spec.parallel.env import run_device
+
+    assert run_device("cpu") == torch.device("cpu") and run_device(None) == torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert run_device(None) == torch.device("cuda", 1) and chosen == [1]
+
+
+def test_te_model_on_cpu_is_a_config_error_naming_train_device(standin, tmp_path):
+    from mimo_spec.train.loop import check_backend_device
+
+    cfg = tiny_config(backend="te")
+    cfg["model"]["params"].update(norm="rmsnorm", mlp="swiglu")
+    model = build_model(cfg, device="meta")
+    with pytest.raises(ConfigError) as e:
+        check_backend_device(model, torch.device("cpu"))
+    assert "train.device" in str(e.value) and "run on CUDA only, but the device is cpu" in str(e.value)
+    assert "set train.device=cuda, or backend: local" in str(e.value)
+    check_backend_device(model, torch.device("cuda"))  # no error
+    check_backend_device(build_model(tiny_config(), device="meta"), torch.device("cpu"))
+
+
 def test_cli_refuses_te_without_cuda_with_exit_2(cli):
     if te_backend.te_unavailable_reason() is None:
         pytest.skip("transformer-engine runs here")

@@ -73,6 +73,21 @@ def init_distributed(timeout_s: float = 300.0) -> DistEnv:
     return env
 
 
+def run_device(requested: str | None = None):
+    """The device a job builds and runs its model on: ``requested`` (``train.device``) when set, else
+    this process's GPU (the launcher's local rank, made current) where CUDA is available, else the CPU."""
+    import torch
+
+    if requested:
+        return torch.device(requested)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    env = read_env()
+    index = env.local_rank % torch.cuda.device_count() if env is not None else torch.cuda.current_device()
+    torch.cuda.set_device(index)  # before the model is built: each rank's weights on its own GPU
+    return torch.device("cuda", index)
+
+
 def device_type() -> str:
     import torch
 

@@ -35,8 +35,8 @@ def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float
         remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1).cpu()  # the seeded generator lives on the CPU, whatever the model's device
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 def _agree(next_id: torch.Tensor) -> torch.Tensor:

@@ -63,19 +63,21 @@ def _autocast(precision: str):
     return contextlib.nullcontext()
 
 
+def to_device(x, device: torch.device | str):
+    """Tensors, and nested dicts of them (``modality_inputs``), moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def model_kwargs(batch: dict, device: torch.device) -> dict:
     """The collated batch as MimoModel.forward keyword arguments, on ``device``."""
-    def to(x):
-        if isinstance(x, torch.Tensor):
-            return x.to(device)
-        if isinstance(x, dict):
-            return {k: to(v) for k, v in x.items()}
-        return x
-
-    kw = {"input_ids": to(batch["input_ids"]), "labels": to(batch["labels"]),
-          "modality_inputs": to(batch.get("modality_inputs") or {})}
+    kw = {"input_ids": to_device(batch["input_ids"], device), "labels": to_device(batch["labels"], device),
+          "modality_inputs": to_device(batch.get("modality_inputs") or {}, device)}
     if batch.get("output_targets"):
-        kw["output_targets"] = to(batch["output_targets"])
+        kw["output_targets"] = to_device(batch["output_targets"], device)
     return kw
 
 
@@ -202,8 +204,11 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
         torch.set_num_threads(int(tc["num_threads"]))
     torch.manual_seed(seed)
     random.seed(seed)
-    device = torch.device(tc.get("device") or "cpu")
+    from mimo_spec.parallel.env import run_device
+
+    device = run_device(tc.get("device"))
     model = build_model(cfg, seed=seed, device=device)
+    check_backend_device(model, device)
     if cfg.get("init_from"):  # start from imported weights (a resumed checkpoint then overrides them)
         from mimo_spec.weights import load_weights
 
@@ -339,6 +344,13 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(out_dir / "metrics.json")
     return result
+
+
+def check_backend_device(model, device: torch.device, path: str = "train.device") -> None:
+    """transformer-engine layers run on CUDA only: a te model on another device is a config error."""
+    if device.type != "cuda" and any(getattr(m, "backend", None) == "te" for m in model.modules()):
+        raise ConfigError(f"the model uses transformer-engine layers (backend te), which run on CUDA only, but "
+                          f"the device is {device}", path=path, hint="set train.device=cuda, or backend: local")
 
 
 def model_max_len(model) -> int:
