@@ -57,9 +57,9 @@ class DataStream:
         return out
 
 
-def _autocast(precision: str):
+def _autocast(precision: str, device: torch.device | str = "cpu"):
     if precision == "bf16":
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -88,7 +88,7 @@ def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | Non
     total_nll, total_tokens = 0.0, 0
     n = len(dataset)
     batches = range(0, n, batch_size)
-    with torch.no_grad(), _autocast(precision):
+    with torch.no_grad(), _autocast(precision, device):
         for b, start in enumerate(batches):
             if max_batches and b >= max_batches:
                 break
@@ -271,18 +271,18 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
             step_loss = 0.0
             for batch in micro:
                 if drun is not None and drun.split is not None:  # encoders on their own ranks (global batch)
-                    with _autocast(precision):
+                    with _autocast(precision, device):
                         step_loss += drun.split.run(batch, total_tokens, train=True)
                     continue
                 if drun is not None:
                     batch = drun.local_batch(batch, model)
                 if drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
-                    with _autocast(precision):
+                    with _autocast(precision, device):
                         step_loss += drun.pipeline.train_batch(batch, total_tokens)
                     continue
                 model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                                      items_per_sample=batch.get("items_per_sample"))
-                with _autocast(precision):
+                with _autocast(precision, device):
                     out = model(**model_kwargs(batch, device))
                 # one global token count normalises every micro-batch's gradient
                 weight = int(batch["num_tokens"]) / total_tokens
