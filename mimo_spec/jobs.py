@@ -136,14 +136,16 @@ def run_generate(cfg: DictConfig, out_dir: Path) -> int:
 
     g = cfg.generate
     path, trained_cfg, model, tokenizer = _load_trained(cfg, "generate", own_layout=True)
-    main = start_parallel_generation(model, cfg.get("parallel"))  # under torchrun: every rank generates
+    # the prompt follows the whole model's modalities: encoded before a pipeline stage drops some of them
     input_ids, modality_inputs = encode_prompt(g.prompt, model, tokenizer, trained_cfg["data"],
                                                images=list(g.images), audio=list(g.audio))
+    drun = start_parallel_generation(model, cfg.get("parallel"))  # under torchrun: every rank generates
+    main = drun is None or drun.rank == 0
     device = next(model.parameters()).device
     input_ids, modality_inputs = to_device(input_ids, device), to_device(modality_inputs, device)
     out = generate(model, input_ids, modality_inputs, max_new_tokens=int(g.max_new_tokens), strategy=g.strategy,
                    temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
-                   eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed))
+                   eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed), drun=drun)
     if not main:  # rank 0 prints and writes the outputs
         return 0
     specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}

@@ -139,8 +139,9 @@ def test_loss_parallel_key_and_tied_embeddings_in_layouts():
 
 
 @pytest.mark.parametrize("layout, world", [("pp2", 2), ("hetero_split", 4), ("tp2", 2)])
-def test_generation_replicates_the_model_under_pipeline_and_split_layouts(monkeypatch, capsys, layout, world):
-    """Pipeline stages and split layouts hold no whole model on a rank: generation replicates it instead."""
+def test_generation_replicates_the_model_under_split_layouts(monkeypatch, capsys, layout, world):
+    """Split layouts put the encoders on ranks of their own: generation replicates the model instead.
+    Pipeline stages generate as they are (one token in flight through the stages)."""
     from omegaconf import OmegaConf
 
     from mimo_spec.builders import build_model
@@ -149,9 +150,9 @@ def test_generation_replicates_the_model_under_pipeline_and_split_layouts(monkey
     model = build_model(config("single"), device="meta")
     monkeypatch.setenv("WORLD_SIZE", str(world))
     chosen = generation_layout(OmegaConf.to_container(config(layout).parallel, resolve=True), model)
-    if layout == "tp2":
-        assert chosen["name"] == "tp2" and not capsys.readouterr().err
+    if layout in ("tp2", "pp2"):
+        assert chosen["name"] == layout and not capsys.readouterr().err
     else:
         assert chosen["default"] == {"dp_replicate": -1}
-        assert f"layout {layout} splits the model over ranks" in capsys.readouterr().err
+        assert f"layout {layout} puts the encoders on ranks of their own" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()

@@ -60,7 +60,7 @@ def test_te_gpt_matches_local_forward_backward(standin, shape):
     torch.manual_seed(0)
     local = GPT(**kw)
     te = GPT(**kw, backend="te")
-    assert te.backend == "te" and type(te.layers[0].mlp).__module__ == "transformer_engine.pytorch"
+    assert te.backend == "te" and te_backend.is_te_module(te.layers[0].mlp)
     # checkpoints use the local keys in both directions
     assert list(te.state_dict()) == list(local.state_dict())
     te.load_state_dict(local.state_dict())
@@ -167,6 +167,8 @@ def test_top_level_backend_reaches_every_component_and_summary(standin):
     cfg = tiny_config(backend="te")
     cfg["model"]["params"].update(norm="rmsnorm", mlp="swiglu")
     cfg["modalities"]["images"]["submodules"]["encoders"]["clip"]["params"]["activation"] = "quick_gelu"
+    meta = build_model(cfg, device="meta")  # summary / import builds: nothing allocated, TE's parts included
+    assert all(p.is_meta for p in meta.parameters())
     model = build_model(cfg, seed=0)
     assert model.language_model.backend == "te"
     assert model.modalities["images"].encoders["clip"].backend == "te"
@@ -253,9 +255,10 @@ def test_training_checkpoints_move_between_backends(standin, tmp_path, fmt, dire
 
 @pytest.mark.skipif(te_backend.te_unavailable_reason() is not None, reason="needs CUDA and transformer-engine")
 def test_real_transformer_engine_matches_local():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    for kw in (LLAMA, GPT2):
+    # TE runs fp32 GEMMs in TF32 whatever torch's switches say: the local side does too, and the
+    # tolerances are TF32's
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for kw in (LLAMA, GPT2, dict(LLAMA, mlp_bias=False, attention_bias=False)):
         torch.manual_seed(0)
         with torch.device("cuda"):
             local = GPT(**kw)
@@ -263,4 +266,15 @@ def test_real_transformer_engine_matches_local():
         assert list(te.state_dict()) == list(local.state_dict())
         te.load_state_dict(local.state_dict())
         ids = torch.randint(0, 64, (2, 16), device="cuda")
-        torch.testing.assert_close(_gpt_logits(te, ids), _gpt_logits(local, ids), rtol=1e-4, atol=1e-4)
+        a, b = _gpt_logits(local, ids), _gpt_logits(te, ids)
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+        a.float().square().mean().backward()
+        b.float().square().mean().backward()
+        ga, gb = _grads_by_checkpoint_name(local), _grads_by_checkpoint_name(te)
+        for k in ga:
+            torch.testing.assert_close(gb[k], ga[k], rtol=1e-2, atol=1e-4, msg=k)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.testing.assert_close(_gpt_logits(te, ids).float(), _gpt_logits(local, ids).float(),
+                                       rtol=5e-2, atol=5e-2)
+    with torch.device("meta"):  # deferred init: nothing on the GPU
+        assert all(p.is_meta for p in GPT(**LLAMA, backend="te").parameters())

@@ -1,9 +1,10 @@
 """Shared transformer building blocks: norms, activations, RoPE, attention, MLP, block.
 
-Everything here is plain PyTorch and ``torch.compile(fullgraph=True)``-friendly:
+Everything here (the local backend) is plain PyTorch and ``torch.compile(fullgraph=True)``-friendly:
 branches depend only on constructor arguments and tensor *shapes*, never on
-tensor values. Parallelism (FSDP, TP, activation checkpointing) is applied from
-the outside, per :class:`TransformerBlock`.
+tensor values (a ``te`` block is not: transformer-engine keeps its modules out of
+dynamo, so a compiled te block runs in pieces). Parallelism (FSDP, TP, activation
+checkpointing) is applied from the outside, per :class:`TransformerBlock`.
 
 Tensor layout inside attention: ``(B, S, heads, head_dim)`` straight out of the
 fused QKV projection, transposed to ``(B, heads, S, head_dim)`` (a view) for SDPA.

@@ -108,9 +108,12 @@ def _te():
 
 
 def _device() -> torch.device | str:
-    """Where transformer-engine creates parameters: the default device (meta under deferred builds),
-    CUDA instead of the CPU default (TE modules live on the GPU)."""
+    """Where transformer-engine creates parameters: the default device, CUDA instead of the CPU default
+    (TE modules live on the GPU), and the string ``"meta"`` under meta builds: TE defers its
+    initialisation only for ``device == "meta"``, which a ``torch.device("meta")`` does not equal."""
     device = torch.get_default_device()
+    if device.type == "meta":
+        return "meta"
     return "cuda" if device.type == "cpu" else device
 
 
@@ -159,7 +162,9 @@ def init_te_module(name: str, module: nn.Module, std: float, out_std: float) -> 
                 nn.init.zeros_(p)
             else:
                 residual = pname == "fc2_weight" or name.endswith("attn.out")
-                nn.init.normal_(p, mean=0.0, std=out_std if residual else std)
+                # drawn from the CPU generator (a seeded build is the same on every machine and leaves
+                # the CUDA generator alone), then copied to the GPU
+                p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0.0, out_std if residual else std))
 
 
 def to_local_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

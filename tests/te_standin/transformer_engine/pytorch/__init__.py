@@ -16,8 +16,9 @@ _GATED = {"geglu": "gelu", "qgeglu": "qgelu", "swiglu": "silu", "reglu": "relu"}
 
 
 def _dev(device):
-    device = torch.device(device)
-    return device if device.type == "meta" else torch.device("cpu")  # "cuda" in real TE
+    # real TE defers its init only for device == "meta" (a torch.device("meta") does not compare equal)
+    # and otherwise builds on CUDA; the stand-in builds on the CPU instead
+    return torch.device("meta") if device == "meta" else torch.device("cpu")
 
 
 class _Base(nn.Module):
@@ -51,6 +52,8 @@ class _Base(nn.Module):
         self._param("layer_norm_weight", (hidden,), nn.init.ones_, device)
         if normalization == "LayerNorm":
             self._param("layer_norm_bias", (hidden,), nn.init.zeros_, device)
+        else:
+            self.layer_norm_bias = None
 
     def _norm(self, x):
         if self.normalization == "LayerNorm":
@@ -65,7 +68,7 @@ def _default_init(p):
 class Linear(_Base):
     def __init__(self, in_features, out_features, sequence_parallel=False, fuse_wgrad_accumulation=False,
                  tp_group=None, tp_size=1, get_rng_state_tracker=None, rng_tracker_name=None, init_method=None,
-                 bias=True, return_bias=False, params_dtype=None, parallel_mode=None, device="cuda", **_):
+                 bias=True, return_bias=False, params_dtype=None, parallel_mode=None, device="cuda"):
         super().__init__()
         self._linear_params("", in_features, out_features, bias, init_method, device)
 
@@ -78,7 +81,7 @@ class LayerNormLinear(_Base):
                  tp_group=None, tp_size=1, get_rng_state_tracker=None, init_method=None, bias=True,
                  normalization="LayerNorm", return_bias=False, params_dtype=None, parallel_mode=None,
                  return_layernorm_output=False, return_layernorm_output_gathered=False, parameters_split=None,
-                 zero_centered_gamma=False, device="cuda", **_):
+                 zero_centered_gamma=False, device="cuda"):
         super().__init__()
         self.eps = eps
         self._norm_params(in_features, normalization, device)
@@ -94,7 +97,7 @@ class LayerNormMLP(_Base):
                  normalization="LayerNorm", activation="gelu", activation_params=None,
                  output_layer_init_method=None, fuse_wgrad_accumulation=False, params_dtype=None,
                  return_layernorm_output=False, return_layernorm_output_gathered=False, seq_length=None,
-                 micro_batch_size=None, set_parallel_mode=False, zero_centered_gamma=False, device="cuda", **_):
+                 micro_batch_size=None, set_parallel_mode=False, zero_centered_gamma=False, device="cuda"):
         super().__init__()
         if activation not in _ACT and activation not in _GATED:
             raise NotImplementedError("Activation type " + activation + " is not supported!")
