@@ -143,7 +143,8 @@ def run_generate(out: Path, layout: str, source: str) -> None:
 
     rank = int(os.environ["RANK"])
     cfg = compose_config([f"parallel={layout}", "action=generate", f"generate.checkpoint={out / source}",
-                          "generate.max_new_tokens=12", "generate.prompt=Describe the shape."])
+                          "generate.max_new_tokens=12", "generate.prompt=Describe the shape.",
+                          f"generate.images=[{out / 'shape.png'}]"])
     target = out / f"gen_{layout}_{source}" / f"rank{rank}"
     target.mkdir(parents=True, exist_ok=True)
     run_generate(cfg, target)
