@@ -194,3 +194,41 @@ def test_pipeline_checks(meta_model):
     assert any("output modality cannot run under pipeline" in q.message for q in p.values())
     layout = layout_of("pp2", 2, meta_model, train={"batch_size": 4})
     assert layout.modules["language"].pp == 2 and layout.modules["images"].shape == layout.modules["language"].shape
+
+
+def test_one_process_runs_take_activation_checkpointing_and_compile(tmp_path):
+    """Without torchrun a layout's degrees need more processes, but its activation checkpointing and
+    per-block compile apply (with the same losses), and a compile backend is checked by name."""
+    import csv
+
+    from omegaconf import OmegaConf
+
+    from mimo_spec.parallel.apply import apply_one_process
+    from mimo_spec.train.loop import train
+
+    overrides = ["+parallel.default.activation_checkpoint={mode: every, every: 2}",
+                 "+parallel.modules.images={compile: aot_eager}"]
+    cfg = compose_config(["parallel=fsdp", *overrides])
+    model = build_model(cfg, seed=0)
+    apply_one_process(OmegaConf.to_container(cfg.parallel, resolve=True), model)
+    lm_blocks, vit_blocks = model.language_model.layers, model.modalities["images"].encoders["clip"].layers
+    checkpointed = ["forward" in vars(b) for b in lm_blocks]  # the instance attribute the wrapper sets
+    assert checkpointed == [i % 2 == 0 for i in range(len(lm_blocks))]
+    assert all(b._compiled_call_impl is not None for b in vit_blocks)
+    assert all(b._compiled_call_impl is None for b in lm_blocks)
+
+    def losses(run):
+        with open(run / "metrics.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    base = ["train.steps=3", "data.num_samples=16", "data.eval_samples=0", "train.batch_size=4"]
+    train(compose_config(base), tmp_path / "plain")
+    train(compose_config(base + ["+parallel.default.activation_checkpoint={mode: full}",
+                                 "+parallel.default.compile=aot_eager"]), tmp_path / "ac_compile")
+    assert losses(tmp_path / "ac_compile") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+
+    with pytest.raises(ConfigError) as e:
+        resolve({"default": {"compile": "aot_eagre"}}, build_model(compose_config([]), device="meta"), 1)
+    (problem,) = e.value.problems
+    assert problem.path == "parallel.default.compile" and "unknown torch.compile backend 'aot_eagre'" in problem.message
+    assert "aot_eager" in problem.hint

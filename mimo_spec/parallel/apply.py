@@ -25,6 +25,11 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
     return [b for b in layers if b is not None] if isinstance(layers, nn.ModuleList) else []
 
 
+def _all_blocks(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``module`` and of every component inside it (a modality's encoders)."""
+    return [b for sub in module.modules() for b in _blocks(sub)]
+
+
 def _fsdp_units(module: nn.Module) -> list[nn.Module]:
     """What FSDP2 wraps, innermost first: every transformer block, every child with parameters (through
     ModuleList/ModuleDict containers), and ``module`` itself when it owns parameters directly.
@@ -76,9 +81,40 @@ def apply_activation_checkpointing(module: nn.Module, ac: dict) -> None:
     if mode == "none":
         return
     every = 1 if mode == "full" else int(ac["every"])
-    for i, block in enumerate(_blocks(module)):
+    for i, block in enumerate(_all_blocks(module)):
         if i % every == 0:
             block.forward = _checkpointed(block, block.forward)
+
+
+def compile_blocks(module: nn.Module, backend: bool | str) -> None:
+    """``torch.compile`` every transformer block (after TP and activation checkpointing, before FSDP):
+    ``True`` with the default backend, a string with that backend, ``False`` not at all."""
+    if backend is False:
+        return
+    kw = {"backend": backend} if isinstance(backend, str) else {}
+    for block in _all_blocks(module):
+        block.compile(**kw)
+
+
+def apply_one_process(parallel: dict, model: nn.Module, train_cfg: dict | None = None) -> None:
+    """A run in one process still takes its layout's per-module activation checkpointing and
+    per-block compile; the degrees (which need more processes) are left out."""
+    from mimo_spec.parallel.layout import resolve
+
+    strip = set(DEGREES) | {"cp", "ranks", "microbatches", "pp_schedule"}
+
+    def keep(node):
+        return {k: v for k, v in node.items() if k not in strip} if isinstance(node, dict) else node
+
+    plain = dict(parallel)
+    plain["default"] = keep(parallel.get("default") or {})
+    plain["modules"] = {name: keep(node) for name, node in (parallel.get("modules") or {}).items()}
+    layout = resolve(plain, model, 1, train=train_cfg)
+    for name, m in layout.modules.items():
+        module = DistributedRun._module(model, name)
+        if module is not None:
+            apply_activation_checkpointing(module, m.activation_checkpoint)
+            compile_blocks(module, m.compile)
 
 
 def _dtype(name):
@@ -158,9 +194,7 @@ class DistributedRun:
 
                 self.fused.update(apply_tp(module, mesh["tp"], prefix, loss_parallel=m.loss_parallel))
             apply_activation_checkpointing(module, m.activation_checkpoint)
-            if m.compile:
-                for block in _blocks(module):
-                    block.compile()
+            compile_blocks(module, m.compile)
             if m.dp_shard > 1:
                 dp_mesh = mesh["dp_replicate", "dp_shard"] if m.dp_replicate > 1 else mesh["dp_shard"]
                 mp = MixedPrecisionPolicy(param_dtype=_dtype(m.fsdp.get("param_dtype")),

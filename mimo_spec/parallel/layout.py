@@ -52,7 +52,7 @@ class ModuleLayout:
     tp_plan: str = "default"
     fsdp: dict[str, Any] = field(default_factory=dict)
     activation_checkpoint: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
-    compile: bool = False
+    compile: bool | str = False  # True: torch.compile's default backend (inductor); a str: that backend
     microbatches: int = 1
     pp_schedule: str = "1f1b"
     path: str = ""  # where in the config this module's layout comes from (for errors)
@@ -254,8 +254,10 @@ def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], wo
     elif ac.get("mode") == "every":
         _int(ac.get("every"), at("activation_checkpoint.every"), problems)
     compile_ = node.get("compile", False)
-    if not isinstance(compile_, bool):
-        problems.add(at("compile"), f"expected true or false, got {compile_!r}")
+    if isinstance(compile_, str):
+        compile_ = _compile_backend(compile_, at("compile"), problems)
+    elif not isinstance(compile_, bool):
+        problems.add(at("compile"), f"expected true, false or a torch.compile backend name, got {compile_!r}")
     micro = _int(node.get("microbatches", 1), at("microbatches"), problems)
     loss_parallel = node.get("loss_parallel", True)
     if not isinstance(loss_parallel, bool):
@@ -376,3 +378,15 @@ def run_layout_action(cfg) -> int:
     layout = resolve(plain.get("parallel") or {}, model, world or world_size_from_env(), train=plain.get("train"))
     print(render_rank_map(layout))
     return 0
+
+
+def _compile_backend(name: str, path: str, problems) -> str | bool:
+    """A torch.compile backend name, checked against the registered ones (dynamo loads only here)."""
+    from torch._dynamo import list_backends
+
+    known = list_backends(exclude_tags=())
+    if name not in known:
+        problems.add(path, f"unknown torch.compile backend {name!r}: expected true, false or one of "
+                     f"{', '.join(sorted(known))}", did_you_mean(name, known))
+        return False
+    return name

@@ -217,9 +217,11 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     tokenizer = build_tokenizer(cfg["data"], model)
     train_set = build_dataset(cfg["data"], model, tokenizer, "train")
     eval_set = build_dataset(cfg["data"], model, tokenizer, "eval")
-    from mimo_spec.parallel.apply import start_parallel
+    from mimo_spec.parallel.apply import apply_one_process, start_parallel
 
     drun = start_parallel(_plain(cfg.get("parallel") or {}), tc, model)  # None: one process, the plain loop
+    if drun is None:  # the layout's activation checkpointing and compile still apply
+        apply_one_process(_plain(cfg.get("parallel") or {}), model, tc)
     main = drun is None or drun.rank == 0
     if not main:
         console = Silent()
