@@ -1,7 +1,8 @@
 """Run by tests/test_parallel_run.py under torchrun: several layouts in one process group.
 
 Usage: torchrun --nproc-per-node N tests/parallel_worker.py OUT_DIR SCENARIO[,SCENARIO...]
-A scenario is ``<layout>`` (train 3 steps), ``fsdp_ac`` (fsdp with activation checkpointing), ``resume:<from>:<layout>`` (one more step from
+A scenario is ``<layout>`` (train 3 steps), ``fsdp_ac`` (fsdp with activation checkpointing), ``mixed:<layout>``
+(3 steps on data where some rank's share of a batch has no image), ``resume:<from>:<layout>`` (one more step from
 <from>'s checkpoint under <layout>) or ``fail`` (rank 1 raises mid-run).
 """
 
@@ -17,6 +18,10 @@ from mimo_spec.train.loop import train
 COMMON = ["train.steps=3", "train.batch_size=4", "train.eval_every=0", "train.eval_batches=1",
           "train.checkpoint.every=0", "train.log_every=100", "data.num_samples=64", "data.eval_samples=4",
           "model.params.num_layers=2"]
+
+
+# 70% of the samples text-only: some rank's share of a batch holds no image (steps 1 and 2)
+MIXED = ["data.text_only_fraction=0.7"]
 
 
 def config(layout: str, extra=()):
@@ -37,6 +42,9 @@ def main() -> None:
         elif sc == "split2":  # images on rank 0, the language model on rank 1
             train(config("hetero_split", ["parallel.default.ranks.size=1", "parallel.modules.language.tp=1",
                                           "parallel.modules.language.ranks={offset: 1, size: 1}"]), out / sc)
+        elif sc.startswith("mixed:"):  # ranks whose share has no image still run the encoder (on none)
+            layout = sc.split(":")[1]
+            train(config(layout, MIXED), out / f"mixed_{layout}")
         elif sc == "pp2_gpipe":  # the other pipeline schedule
             train(config("pp2", ["parallel.default.pp_schedule=gpipe"]), out / sc)
         elif sc == "fsdp_ac":  # activation checkpointing of every 2nd block, under FSDP

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_worker import config  # noqa: E402
+from parallel_worker import MIXED, config  # noqa: E402
 
 RTOL = 1e-5
 # Weights after 3 AdamW steps: Adam's normalised update turns reduction-order noise in near-zero
@@ -61,7 +61,9 @@ def test_two_rank_layouts_match_single_process_and_checkpoints_reshard(tmp_path)
 
     out = tmp_path
     layouts = ["ddp", "fsdp", "tp2", "tp2_fsdp", "hetero_colocated", "fsdp_ac", "pp2", "pp2_gpipe", "split2"]
-    scenarios = ",".join(layouts + ["resume:tp2:fsdp", "resume:fsdp:tp2", "resume:tp2:pp2", "resume:pp2:fsdp"])
+    mixed = ["ddp", "fsdp", "pp2"]
+    scenarios = ",".join(layouts + ["resume:tp2:fsdp", "resume:fsdp:tp2", "resume:tp2:pp2", "resume:pp2:fsdp"]
+                         + [f"mixed:{layout}" for layout in mixed])
     r = torchrun(2, ROOT / "tests" / "parallel_worker.py", out, scenarios)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(config("single"), out / "single")
@@ -81,6 +83,32 @@ def test_two_rank_layouts_match_single_process_and_checkpoints_reshard(tmp_path)
     assert losses(out / "single_from_tp2")[-1] == pytest.approx(next_loss, rel=RTOL)
     assert_same_weights(final_weights(out / "single_from_tp2"), final_weights(out / "single4"))
 
+    # a rank whose share of a batch holds no image still runs the encoder (on no item) in step with
+    # the rank that has images: the same losses and weights as one process
+    assert empty_image_shares(config("single", MIXED)), "the mixed data no longer leaves a rank without images"
+    train(config("single", MIXED), out / "single_mixed")
+    for layout in mixed:
+        assert losses(out / f"mixed_{layout}") == pytest.approx(losses(out / "single_mixed"), rel=RTOL), layout
+        assert_same_weights(final_weights(out / f"mixed_{layout}"), final_weights(out / "single_mixed"))
+
+
+def empty_image_shares(cfg, ranks: int = 2) -> list[int]:
+    """The steps of ``cfg``'s run where the batch has images but some rank's share of it has none."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.train.data import build_dataset
+    from mimo_spec.train.loop import DataStream
+    from mimo_spec.train.tokenizer import build_tokenizer
+
+    model = build_model(cfg, device="meta")
+    data = build_dataset(cfg.data, model, build_tokenizer(cfg.data, model), "train")
+    stream, size, steps = DataStream(data, int(cfg.train.seed)), int(cfg.train.batch_size), []
+    for step in range(int(cfg.train.steps)):
+        counts = [s.get("num_items", {}).get("images", 0) for s in stream.take(size)]
+        shares = [sum(counts[r * size // ranks:(r + 1) * size // ranks]) for r in range(ranks)]
+        if sum(shares) and 0 in shares:
+            steps.append(step)
+    return steps
+
 
 def test_four_ranks_tp_with_data_parallel(tmp_path):
     """2-D meshes on 4 processes: TP 2 x FSDP 2, TP 2 x replicated DP 2, the heterogeneous colocated
@@ -88,7 +116,9 @@ def test_four_ranks_tp_with_data_parallel(tmp_path):
     2 pipeline stages x 2 data-parallel replicas, and the split layout (images FSDP on ranks 0-1 feeding
     the LM, TP 2 on ranks 2-3)."""
     layouts = ("tp2_fsdp", "tp2", "hetero_colocated", "pp2", "hetero_split")
-    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path, ",".join(layouts))
+    mixed = ("pp2", "fsdp")  # 2 stages x 2 replicas (microbatches without images), FSDP over 4 ranks
+    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path,
+                 ",".join(list(layouts) + [f"mixed:{layout}" for layout in mixed]))
     assert r.returncode == 0, r.stderr[-6000:]
     from mimo_spec.train.loop import train
 
@@ -96,6 +126,11 @@ def test_four_ranks_tp_with_data_parallel(tmp_path):
     for layout in layouts:
         assert losses(tmp_path / layout) == pytest.approx(losses(tmp_path / "single"), rel=RTOL)
         assert_same_weights(final_weights(tmp_path / layout), final_weights(tmp_path / "single"))
+    assert empty_image_shares(config("single", MIXED), ranks=4)
+    train(config("single", MIXED), tmp_path / "single_mixed")
+    for layout in mixed:
+        assert losses(tmp_path / f"mixed_{layout}") == pytest.approx(losses(tmp_path / "single_mixed"), rel=RTOL)
+        assert_same_weights(final_weights(tmp_path / f"mixed_{layout}"), final_weights(tmp_path / "single_mixed"))
 
 
 def test_a_failing_rank_ends_every_rank(tmp_path):

@@ -30,6 +30,11 @@ def align_modality_embeddings(text_embeds: torch.Tensor, input_ids: torch.Tensor
         flat = mask.reshape(-1)
         if embeds.shape[0] == 0:  # no item in the batch: there must be no placeholder either
             torch._assert_async(~flat.any(), "placeholder count != modality embeddings (no items given)")
+            if embeds.requires_grad:
+                # an encoder that ran on an empty share of a batch (a data-parallel rank without items)
+                # stays in the graph with zero weight: its backward runs, with zero gradients, in step
+                # with the ranks that had items (FSDP's reduce-scatters, DDP's gradient sum)
+                out = out + embeds.to(out.dtype).sum() * 0.0
             continue
         # index of each placeholder among all placeholders of this modality, row-major
         index = (torch.cumsum(flat, 0) - 1).clamp_(0, embeds.shape[0] - 1)

@@ -215,6 +215,10 @@ class MimoModel(nn.Module):
             n_gen = mod.num_generation_tokens
             states = gather_positions(hidden, input_ids, mod.generation_token_id, target.shape[0] * n_gen)
             pred = mod.decode(states.view(target.shape[0], n_gen, -1))
+            if target.shape[0] == 0:  # this data-parallel rank's share holds no item: in the graph at weight 0
+                zero = pred.float().sum() * 0.0
+                total = zero if total is None else total + zero
+                continue
             loss = mod.output_loss_fn(pred, target)
             out.modality_outputs[name] = pred
             out.modality_losses[name] = loss

@@ -78,7 +78,7 @@ def pack_items(modality_inputs: dict, items_per_sample: dict, batch: int) -> dic
 
 
 def unpack_items(packs: dict[str, torch.Tensor]) -> dict:
-    """The inverse of :func:`pack_items` for one microbatch (modalities with no item are left out)."""
+    """The inverse of :func:`pack_items` for one microbatch (a modality with no item in it: empty tensors)."""
     by_modality: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in packs.items():
         name, rest = key.split("/", 1)
@@ -86,8 +86,8 @@ def unpack_items(packs: dict[str, torch.Tensor]) -> dict:
     out: dict = {}
     for name, parts in by_modality.items():
         counts = parts.pop(_COUNT)
-        if int(counts.sum()) == 0:
-            continue
+        # a microbatch without items of a modality the batch has still runs its encoders (on no item),
+        # so every data-parallel rank of the stage runs the same collectives
         for rest, t in parts.items():
             slots = torch.arange(t.shape[1], device=t.device)[None] < counts[:, None]
             enc, kw = rest.split("/", 1)
