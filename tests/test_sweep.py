@@ -123,7 +123,7 @@ def test_validate_over_a_sweep_reports_each_invalid_point(cli):
     rows = {(row["model"], row["model.params.num_kv_heads"]): row for row in _summary(_sweep_dir(cli.cwd))}
     assert {k: row["status"] for k, row in rows.items()} == {
         ("tiny", "2"): "valid", ("small", "2"): "valid", ("tiny", "3"): "invalid", ("small", "3"): "invalid"}
-    assert rows[("tiny", "3")]["error"] == "model: num_heads (4) must be divisible by num_kv_heads (3)"
+    assert rows[("tiny", "3")]["error"] == "model.params.num_heads: num_heads (4) must be divisible by num_kv_heads (3)"
     for model in ("tiny", "small"):
         assert f"invalid: job {rows[(model, '3')]['job']} (action=validate model={model} " \
                "model.params.num_kv_heads=3)" in r.stdout

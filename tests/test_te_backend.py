@@ -112,7 +112,8 @@ def test_te_unavailable_is_a_config_error_naming_the_node():
     cfg["model"]["params"]["backend"] = "te"
     with pytest.raises(ConfigError) as e:
         build_model(cfg, device="meta")
-    assert "model: backend 'te' cannot run here" in str(e.value) and "use backend: local or auto" in str(e.value)
+    assert "model.params.backend: backend 'te' cannot run here" in str(e.value)
+    assert "use backend: local or auto" in str(e.value)
     cfg = tiny_config(backend="te")
     with pytest.raises(ConfigError) as e:
         build_model(cfg, device="meta")
@@ -158,7 +159,7 @@ def test_cli_refuses_te_without_cuda_with_exit_2(cli):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "backend: backend 'te' cannot run here" in r.stderr and "hint: use backend: local or auto" in r.stderr
     r = cli("action=summary", "+model.params.backend=te")
-    assert r.returncode == 2 and "model: backend 'te' cannot run here" in r.stderr, r.stderr
+    assert r.returncode == 2 and "model.params.backend: backend 'te' cannot run here" in r.stderr, r.stderr
 
 
 def test_top_level_backend_reaches_every_component_and_summary(standin):

@@ -114,9 +114,11 @@ def test_all_problems_reported_together():
     assert str(e.value).startswith(f"{len(paths)} problems in the config:")
 
 
-def test_constructor_errors_name_the_node():
+def test_constructor_errors_name_the_parameter_or_the_node():
     probs, _ = problems_of(with_(tiny_config(), "model.params.num_heads", 3))
-    assert probs["model"].message == "num_heads (3) must be divisible by num_kv_heads (2)"
+    assert probs["model.params.num_heads"].message == "num_heads (3) must be divisible by num_kv_heads (2)"
+    probs, _ = problems_of(with_(tiny_config(), f"{ENC}.params.image_size", 20))  # not about one parameter
+    assert probs[f"{ENC}.params.image_size"].message == "image_size (20) must be divisible by patch_size (8)"
 
 
 def test_swapping_a_module_from_the_command_line_replaces_the_whole_node():
@@ -150,5 +152,6 @@ def test_te_backend_where_it_cannot_run_is_a_config_error_naming_the_node():
     cfg = with_(tiny_config(), "model.params.backend", "te")
     cfg = with_(cfg, f"{ENC}.params.backend", "auto")  # auto falls back to the local layers
     probs, _ = problems_of(cfg)
-    assert set(probs) == {"model"}
-    assert "backend 'te'" in probs["model"].message and "use backend: local or auto" in probs["model"].message
+    assert set(probs) == {"model.params.backend"}
+    message = probs["model.params.backend"].message
+    assert "backend 'te'" in message and "use backend: local or auto" in message

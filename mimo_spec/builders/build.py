@@ -60,12 +60,23 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        problems.add(spec.path, str(e), "fix the parameters of this node")
+        problems.add(_blamed_param(spec, params, str(e)), str(e), "fix the parameters of this node")
         return None
     except RuntimeError as e:  # torch refusing the sizes, e.g. a negative dimension
         problems.add(spec.path, f"cannot build {spec.module}: {str(e).splitlines()[0]}",
                      "check this node's sizes (they must be positive)")
         return None
+
+
+def _blamed_param(spec: ModuleSpec, params: dict, message: str) -> str:
+    """The config path a constructor's error is about: ``<node>.params.<name>`` when the message opens
+    with one of the node's parameters (``"num_heads (4) must be ..."``, ``"backend 'te' ..."``), else the node."""
+    import re
+
+    head = re.match(r"(\w+) [('\"]", message)
+    if head and head.group(1) in params:
+        return f"{spec.path}.params.{head.group(1)}"
+    return spec.path
 
 
 def _has_buildable_child(spec: ModuleSpec, skip: set[str]) -> bool:
