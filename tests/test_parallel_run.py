@@ -116,7 +116,8 @@ def test_four_ranks_tp_with_data_parallel(tmp_path):
     2 pipeline stages x 2 data-parallel replicas, and the split layout (images FSDP on ranks 0-1 feeding
     the LM, TP 2 on ranks 2-3)."""
     layouts = ("tp2_fsdp", "tp2", "hetero_colocated", "pp2", "hetero_split")
-    mixed = ("pp2", "fsdp")  # 2 stages x 2 replicas (microbatches without images), FSDP over 4 ranks
+    mixed = ("pp2", "fsdp", "tp2_fsdp")  # 2 stages x 2 replicas (microbatches without images), FSDP over 4
+    # ranks, TP 2 x FSDP 2 (a TP-sharded encoder on a share without images)
     r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path,
                  ",".join(list(layouts) + [f"mixed:{layout}" for layout in mixed]))
     assert r.returncode == 0, r.stderr[-6000:]

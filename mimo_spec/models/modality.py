@@ -106,6 +106,12 @@ class ModalitySubmodules(nn.Module):
 
     def encode(self, inputs: dict) -> torch.Tensor:
         """Items -> LM embeddings, flattened in item order: (num_items * tokens_per_item, H)."""
+        if next(iter(next(iter(inputs.values())).values())).shape[0] == 0:
+            # a data-parallel rank whose share of the batch holds no item: one blank item runs instead
+            # (the same ops, so TP and FSDP collectives stay in step with the other ranks; empty tensors
+            # trip DTensor's sharding rules) and none of it is kept
+            blank = {enc: {kw: t.new_zeros((1, *t.shape[1:])) for kw, t in kws.items()} for enc, kws in inputs.items()}
+            return self.encode(blank)[:0]
         if self.combine == "concat":
             feats = torch.cat([self._encode_one(n, inputs[n]) for n in self.encoders], dim=-1)
             out = next(iter(self.input_projections.values()))(feats)
