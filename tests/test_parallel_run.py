@@ -19,9 +19,10 @@ from parallel_worker import MIXED, config  # noqa: E402
 
 RTOL = 1e-5
 # Weights after 3 AdamW steps: Adam's normalised update turns reduction-order noise in near-zero
-# gradients into differences of ~1e-5 of a tensor's scale; 3e-5 still catches any real mistake
-# (a wrong shard or a missing reduction is off by >1e-3).
-WEIGHT_TOL = 3e-5
+# gradients into differences of ~1e-5 of a tensor's scale (3.04e-5 seen once, on an encoder bias
+# that only some ranks' shares train); 1e-4 still catches any real mistake (a wrong shard or a
+# missing reduction is off by >1e-3).
+WEIGHT_TOL = 1e-4
 
 
 def torchrun(nproc, *args, timeout=300, cwd=None):
