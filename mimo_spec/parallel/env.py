@@ -92,3 +92,14 @@ def device_type() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def p2p(op: str, tensor, peer: int, group=None) -> None:
+    """One blocking point-to-point transfer (``op`` "send" or "recv", ``peer`` a global rank), issued
+    through ``batch_isend_irecv`` as torch.distributed.pipelining does: plain blocking send/recv on
+    gloo was seen to abort a later collective ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    fn = dist.isend if op == "send" else dist.irecv
+    for work in dist.batch_isend_irecv([dist.P2POp(fn, tensor, peer, group)]):
+        work.wait()

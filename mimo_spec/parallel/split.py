@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from mimo_spec.parallel.env import p2p
 from mimo_spec.parallel.layout import LANGUAGE, Layout
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -108,9 +108,9 @@ class SplitRunner:
     def _send_tensor(self, t: torch.Tensor) -> None:
         head = torch.tensor([t.shape[0], t.shape[1], _DTYPES.index(t.dtype)])
         for r in self.lm_ranks:
-            dist.send(head, r)
+            p2p("send", head, r)
             if t.shape[0]:
-                dist.send(t.detach().contiguous(), r)
+                p2p("send", t.detach().contiguous(), r)
 
     def _receive_grads(self, sent) -> None:
         """Sum every language-model rank's gradient for the rows this rank sent, then backward."""
@@ -119,7 +119,7 @@ class SplitRunner:
             if rows:
                 buf = torch.empty_like(emb[:rows])
                 for r in self.lm_ranks:
-                    dist.recv(buf, r)
+                    p2p("recv", buf, r)
                     total[:rows] += buf
             if emb.requires_grad:  # padding rows get zeros; an empty chunk still runs FSDP's backward
                 emb.backward(total)
@@ -134,10 +134,10 @@ class SplitRunner:
             chunks = []
             for src in m.ranks:
                 head = torch.empty(3, dtype=torch.long)
-                dist.recv(head, src)
+                p2p("recv", head, src)
                 if head[0] > 0:
                     buf = torch.empty(int(head[0]), int(head[1]), dtype=_DTYPES[int(head[2])])
-                    dist.recv(buf, src)
+                    p2p("recv", buf, src)
                     buf.requires_grad_(train)
                     chunks.append((src, buf))
             counts = global_batch["items_per_sample"][name]
@@ -152,7 +152,7 @@ class SplitRunner:
     def _send_grads(self, leaves) -> None:
         for src, buf in leaves:
             grad = buf.grad if buf.grad is not None else torch.zeros_like(buf)
-            dist.send((grad / self.tp).contiguous(), src)
+            p2p("send", (grad / self.tp).contiguous(), src)
 
     # ---- one batch -----------------------------------------------------------------------
     def run(self, batch: dict, total_tokens: int, train: bool) -> float:

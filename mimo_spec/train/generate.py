@@ -121,6 +121,7 @@ def _generate_pipelined(drun, model, input_ids: torch.Tensor, modality_inputs: d
     """
     import torch.distributed as dist
 
+    from mimo_spec.parallel.env import p2p
     from mimo_spec.parallel.layout import LANGUAGE
 
     model.eval()
@@ -144,13 +145,13 @@ def _generate_pipelined(drun, model, input_ids: torch.Tensor, modality_inputs: d
             x = lm.add_positions(x, positions)
         else:
             x = torch.empty(1, s, lm.hidden_size, device=device, dtype=dtype)
-            _p2p(dist.irecv, x, prev, group)
+            p2p("recv", x, prev, group)
         rope, attn_mask, is_causal = lm.attention_inputs(x, positions, None, None, cache)
         for i in mine:
             x = lm.layers[i](x, rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=cache)
         cache.advance(s)
         if nxt is not None:
-            _p2p(dist.isend, x.contiguous(), nxt, group)
+            p2p("send", x.contiguous(), nxt, group)
             return None
         return next_token_logits(lm, lm.norm(x))
 
@@ -168,14 +169,6 @@ def _generate_pipelined(drun, model, input_ids: torch.Tensor, modality_inputs: d
             break
         logits = forward(torch.tensor([[token]], device=device), prompt=False)
     return result
-
-
-def _p2p(op, tensor: torch.Tensor, peer: int, group) -> None:
-    """One point-to-point transfer on the stage group, as torch.distributed.pipelining issues them."""
-    import torch.distributed as dist
-
-    for work in dist.batch_isend_irecv([dist.P2POp(op, tensor, peer, group)]):
-        work.wait()
 
 
 def start_parallel_generation(model, parallel):
