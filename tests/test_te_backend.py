@@ -279,3 +279,23 @@ def test_real_transformer_engine_matches_local():
                                        rtol=5e-2, atol=5e-2)
     with torch.device("meta"):  # deferred init: nothing on the GPU
         assert all(p.is_meta for p in GPT(**LLAMA, backend="te").parameters())
+
+
+def test_hugging_face_export_of_a_te_model_equals_the_local_models(standin, tmp_path):
+    from safetensors.torch import load_file
+
+    from mimo_spec.config import compose_config
+    from mimo_spec.interop import export_hf
+
+    cfg, te_cfg = compose_config([]), compose_config(["backend=te"])
+    local = build_model(cfg, seed=0)
+    te = build_model(te_cfg, seed=1)
+    assert te.language_model.backend == "te"
+    te.load_state_dict(local.state_dict())
+    tensors = []
+    for model, c, out in ((local, cfg, tmp_path / "local"), (te, te_cfg, tmp_path / "te")):
+        export_hf(model, c, out)
+        tensors.append({k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()})
+    assert tensors[0].keys() == tensors[1].keys() and len(tensors[0]) > 20
+    for k in tensors[0]:
+        assert torch.equal(tensors[0][k], tensors[1][k]), k
