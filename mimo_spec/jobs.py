@@ -145,7 +145,7 @@ def run_generate(cfg: DictConfig, out_dir: Path) -> int:
     input_ids, modality_inputs = to_device(input_ids, device), to_device(modality_inputs, device)
     out = generate(model, input_ids, modality_inputs, max_new_tokens=int(g.max_new_tokens), strategy=g.strategy,
                    temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
-                   eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed), drun=drun)
+                   eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed))
     if not main:  # rank 0 prints and writes the outputs
         return 0
     specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}

@@ -113,11 +113,21 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
 
 def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):
     """2-D mesh: TP 2 x FSDP 2 with tied embeddings (the embedding is vocab-sharded over TP and
-    sharded again by FSDP, the head reads it through the language model's FSDP unit)."""
+    sharded again by FSDP, the head reads it through the language model's FSDP unit); generation
+    under pp2 x dp2 from a TP 2 x FSDP 2 checkpoint."""
     from mimo_spec.train.loop import train
 
-    r = torchrun(4, WORKER, tmp_path, "train:tp2_fsdp:tied")
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()).save(tmp_path / "shape.png")
+    # and generation under pp2 on 4 ranks (the model replicated on every rank)
+    r = torchrun(4, WORKER, tmp_path, "train:tp2_fsdp:tied,train:tp2_fsdp,generate:pp2:train_tp2_fsdp")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    ref = single_generation(tmp_path, "train_tp2_fsdp")
+    assert len(ref) == 12 and len(set(ref)) > 1
+    assert generated(tmp_path / "gen_pp2_train_tp2_fsdp" / "rank0") == ref
+    assert not any(any((tmp_path / "gen_pp2_train_tp2_fsdp" / f"rank{r}").iterdir()) for r in (1, 2, 3))
     train(config("single", [TIED]), tmp_path / "single_tied")
     assert losses(tmp_path / "train_tp2_fsdp_tied") == pytest.approx(losses(tmp_path / "single_tied"), rel=RTOL)
     assert_same_weights(final_weights(tmp_path / "train_tp2_fsdp_tied", [TIED]),
@@ -144,9 +154,8 @@ def test_loss_parallel_key_and_tied_embeddings_in_layouts():
 
 
 @pytest.mark.parametrize("layout, world", [("pp2", 2), ("hetero_split", 4), ("tp2", 2)])
-def test_generation_replicates_the_model_under_split_layouts(monkeypatch, capsys, layout, world):
-    """Split layouts put the encoders on ranks of their own: generation replicates the model instead.
-    Pipeline stages generate as they are (one token in flight through the stages)."""
+def test_generation_replicates_the_model_under_pipeline_and_split_layouts(monkeypatch, capsys, layout, world):
+    """Pipeline stages and split layouts hold no whole model on a rank: generation replicates it instead."""
     from omegaconf import OmegaConf
 
     from mimo_spec.builders import build_model
@@ -155,9 +164,9 @@ def test_generation_replicates_the_model_under_split_layouts(monkeypatch, capsys
     model = build_model(config("single"), device="meta")
     monkeypatch.setenv("WORLD_SIZE", str(world))
     chosen = generation_layout(OmegaConf.to_container(config(layout).parallel, resolve=True), model)
-    if layout in ("tp2", "pp2"):
-        assert chosen["name"] == layout and not capsys.readouterr().err
+    if layout == "tp2":
+        assert chosen["name"] == "tp2" and not capsys.readouterr().err
     else:
         assert chosen["default"] == {"dp_replicate": -1}
-        assert f"layout {layout} puts the encoders on ranks of their own" in capsys.readouterr().err
+        assert f"layout {layout} splits the model over ranks" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()

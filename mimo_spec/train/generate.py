@@ -2,9 +2,8 @@
 
 Under torchrun/SLURM every rank runs the same generation on its shard of the model
 (:func:`start_parallel_generation`): tensor-parallel logits are gathered for the choice of the
-next token, and rank 0's choice is broadcast so that no rank can drift from the others. Under
-pipeline stages each rank runs its slice of the layers with a KV cache of its own, hands the
-hidden states to the next stage, and the last stage's choice goes back to every stage.
+next token, and rank 0's choice is broadcast so that no rank can drift from the others.
+Pipeline and split layouts hold no whole model on a rank, so generation replicates it there.
 """
 
 from __future__ import annotations
@@ -63,19 +62,14 @@ def next_token_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None, *, max_new_tokens: int = 32,
              strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, use_cache: bool = True, seed: int = 0, drun=None) -> Generation:
+             eos_id: int | None = None, use_cache: bool = True, seed: int = 0) -> Generation:
     """Continue one prompt (input_ids (1, S)) by up to ``max_new_tokens`` tokens.
 
     When the LM emits an output modality's generation token, the rest of that
     item's generation tokens are fed in, and the LM hidden states at all of them
     are decoded into the item (e.g. an image). ``use_cache=False`` recomputes the
-    whole sequence every step (the reference the cache must match). ``drun``: the
-    distributed run whose pipeline stage this rank holds (``drun.pp > 1``).
+    whole sequence every step (the reference the cache must match).
     """
-    if drun is not None and drun.pp > 1:
-        return _generate_pipelined(drun, model, input_ids, modality_inputs, max_new_tokens=max_new_tokens,
-                                   strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   eos_id=eos_id, seed=seed)
     model.eval()
     lm = model.language_model
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -110,67 +104,6 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     return result
 
 
-def _generate_pipelined(drun, model, input_ids: torch.Tensor, modality_inputs: dict | None, *,
-                        max_new_tokens: int, strategy: str, temperature: float, top_k: int, top_p: float,
-                        eos_id: int | None, seed: int) -> Generation:
-    """Decode with the language model's layers split over pipeline stages (one token in flight).
-
-    Stage 0 embeds the prompt (and encodes its modality items), every stage runs its layers with its
-    own KV cache and sends the hidden states on, the last stage picks the token and broadcasts it to
-    its stages; data-parallel replicas then take rank 0's token, as in :func:`generate`.
-    """
-    import torch.distributed as dist
-
-    from mimo_spec.parallel.env import p2p
-    from mimo_spec.parallel.layout import LANGUAGE
-
-    model.eval()
-    lm = model.language_model
-    group = drun.meshes[LANGUAGE]["pp"].get_group()
-    stage, stages = drun.pp_stage, drun.pp
-    prev = dist.get_global_rank(group, stage - 1) if stage > 0 else None
-    nxt = dist.get_global_rank(group, stage + 1) if stage < stages - 1 else None
-    last = dist.get_global_rank(group, stages - 1)
-    mine = [i for i, layer in enumerate(lm.layers) if layer is not None]
-    weight = next(p for p in lm.layers[mine[0]].parameters())
-    device, dtype = input_ids.device, weight.dtype
-    cache = lm.new_kv_cache(1, input_ids.shape[1] + max_new_tokens, device=device, dtype=dtype)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def forward(ids: torch.Tensor, prompt: bool) -> torch.Tensor | None:
-        s = ids.shape[1]
-        positions = torch.arange(cache.length, cache.length + s, device=device)[None]
-        if stage == 0:
-            x = model.embed_inputs(ids, modality_inputs) if prompt else lm.embed_tokens(ids)
-            x = lm.add_positions(x, positions)
-        else:
-            x = torch.empty(1, s, lm.hidden_size, device=device, dtype=dtype)
-            p2p("recv", x, prev, group)
-        rope, attn_mask, is_causal = lm.attention_inputs(x, positions, None, None, cache)
-        for i in mine:
-            x = lm.layers[i](x, rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=cache)
-        cache.advance(s)
-        if nxt is not None:
-            p2p("send", x.contiguous(), nxt, group)
-            return None
-        return next_token_logits(lm, lm.norm(x))
-
-    logits = forward(input_ids, prompt=True)
-    result = Generation(tokens=[])
-    while len(result.tokens) < max_new_tokens:
-        if stage == stages - 1:
-            next_id = pick_next(logits, strategy, temperature, top_k, top_p, gen)
-        else:
-            next_id = torch.zeros(1, dtype=torch.long, device=device)
-        dist.broadcast(next_id, src=last, group=group)
-        token = int(_agree(next_id)[0])
-        result.tokens.append(token)
-        if (eos_id is not None and token == eos_id) or len(result.tokens) == max_new_tokens:
-            break
-        logits = forward(torch.tensor([[token]], device=device), prompt=False)
-    return result
-
-
 def start_parallel_generation(model, parallel):
     """Shard a loaded ``model`` over the launcher's processes by the layout ``parallel``; returns the
     distributed run (None for one process): pass it to :func:`generate`. Rank 0 (or the only
@@ -188,9 +121,9 @@ def start_parallel_generation(model, parallel):
 
 
 def generation_layout(parallel: dict, model) -> dict:
-    """The layout generation runs under: ``parallel`` itself (pipeline stages included), or, for split
-    layouts (the encoders on ranks of their own, and decoding is token by token), the whole model
-    replicated on every rank. Layout problems are raised here, before any process group starts."""
+    """The layout generation runs under: ``parallel`` itself, or, for pipeline stages and split layouts
+    (no rank holds the whole model, and decoding is token by token), the whole model replicated on
+    every rank. Layout problems are raised here, before any process group starts."""
     import os
     import sys
 
@@ -201,11 +134,11 @@ def generation_layout(parallel: dict, model) -> dict:
     if not world or world == 1:
         return parallel
     layout = resolve(parallel, model, world, device_type=device_type())
-    if layout.colocated:
+    if layout.colocated and all(m.pp == 1 for m in layout.modules.values()):
         return parallel
     if os.environ.get("RANK", "0") == "0":
-        print(f"note: layout {layout.name} puts the encoders on ranks of their own; generating with the whole "
-              "model on every rank (as ddp)", file=sys.stderr)
+        print(f"note: layout {layout.name} splits the model over ranks; generating with the whole model "
+              "on every rank (as ddp)", file=sys.stderr)
     return {"name": f"{layout.name} (replicated for generation)", "default": {"dp_replicate": -1}}
 
 
