@@ -90,7 +90,7 @@ def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> Config
         cause_text = str(cause).splitlines()[0] if cause else text.splitlines()[-1]
         if "not in struct" in cause_text:
             siblings = _siblings(key, overrides)
-            hint = did_you_mean(key.rsplit(".", 1)[-1], siblings) if siblings else f"prefix with + to add a new key"
+            hint = did_you_mean(key.rsplit(".", 1)[-1], siblings) if siblings else "prefix with + to add a new key"
             return ConfigError(Problem(key, "unknown key", hint))
         return ConfigError(Problem(key, cause_text, "check the override's value"))
     m = re.search(r"An item is already at '([^']+)'", text)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from mimo_spec import build_model
 from mimo_spec.builders import build_module
 from mimo_spec.config import compose_config
-from mimo_spec.spec import MimoSpec, from_config
+from mimo_spec.spec import from_config
 
 from conftest import tiny_config
 

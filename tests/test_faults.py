@@ -52,7 +52,7 @@ def test_sigkill_during_checkpoint_saves_leaves_loadable_checkpoints(tmp_path):
     proc = _start(run, f"train.steps={last + 3}", "train.checkpoint.every=1", "train.checkpoint.keep_last=2")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert f"resumed from" in out and f"completed: {last + 3} steps" in out
+    assert "resumed from" in out and f"completed: {last + 3} steps" in out
 
 
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

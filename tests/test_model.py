@@ -1,6 +1,5 @@
 """MimoModel: per-sample alignment, several encoders, mixed batches, output modalities, input errors."""
 
-import copy
 
 import pytest
 import torch

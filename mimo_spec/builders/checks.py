@@ -38,8 +38,8 @@ def cross_check(spec: MimoSpec, lm: nn.Module | None, modalities: dict[str, nn.M
                 for e in enc_names:
                     if e not in proj_names:
                         problems.add(f"{p}.submodules.input_projections.{e}",
-                                     f"missing: with combine=per_item each encoder needs a projector of the same "
-                                     f"name", f"add input_projections.{e} (encoders: {', '.join(enc_names)})")
+                                     "missing: with combine=per_item each encoder needs a projector of the same "
+                                     "name", f"add input_projections.{e} (encoders: {', '.join(enc_names)})")
                 for q in proj_names:
                     if q not in enc_names:
                         problems.add(f"{p}.submodules.input_projections.{q}",
