@@ -147,6 +147,10 @@ def _task(cfg) -> float | None:
     try:
         apply_module_swaps(cfg, overrides)
         code = run(cfg, overrides, Path(hc.runtime.output_dir))
+        if not code:
+            from mimo_spec.parallel.env import shutdown_distributed
+
+            shutdown_distributed()  # every rank ends its process group together
     except ConfigError as e:
         if _DEBUG["on"]:
             raise

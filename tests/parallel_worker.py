@@ -51,6 +51,19 @@ def main() -> None:
             train(config("fsdp", ["+parallel.default.activation_checkpoint={mode: every, every: 2}"]), out / sc)
         else:
             train(config(sc), out / sc)
+        settle()
+    from mimo_spec.parallel.env import shutdown_distributed
+
+    shutdown_distributed()
+
+
+def settle() -> None:
+    """Between scenarios: every rank frees the last scenario's process groups at the same point."""
+    import gc
+
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":

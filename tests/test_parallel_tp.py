@@ -48,8 +48,7 @@ def single_generation(out: Path, source: str) -> list[int]:
     target = out / f"gen_single_{source}"
     target.mkdir()
     run_generate(compose_config(["action=generate", f"generate.checkpoint={out / source}",
-                                 "generate.max_new_tokens=12", "generate.prompt=Describe the shape.",
-                                 f"generate.images=[{out / 'shape.png'}]"]), target)
+                                 "generate.max_new_tokens=12", "generate.prompt=Describe the shape."]), target)
     return generated(target)
 
 
@@ -75,10 +74,6 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
                  "train:tp2:tied", "train:fsdp:tied", "resume:train_tp2_tied:tp2:tied", "train:tp2",
                  "generate:tp2:train_tp2", "generate:fsdp:train_tp2", "generate:ddp:train_tp2", "generate:pp2:train_tp2",
                  "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied"]
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)  # the prompt's image: every stage sees its placeholders
-    Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()).save(out / "shape.png")
     r = torchrun(2, WORKER, out, ",".join(scenarios))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
@@ -117,10 +112,6 @@ def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):
     under pp2 x dp2 from a TP 2 x FSDP 2 checkpoint."""
     from mimo_spec.train.loop import train
 
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()).save(tmp_path / "shape.png")
     # and generation under pp2 on 4 ranks (the model replicated on every rank)
     r = torchrun(4, WORKER, tmp_path, "train:tp2_fsdp:tied,train:tp2_fsdp,generate:pp2:train_tp2_fsdp")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

@@ -143,8 +143,7 @@ def run_generate(out: Path, layout: str, source: str) -> None:
 
     rank = int(os.environ["RANK"])
     cfg = compose_config([f"parallel={layout}", "action=generate", f"generate.checkpoint={out / source}",
-                          "generate.max_new_tokens=12", "generate.prompt=Describe the shape.",
-                          f"generate.images=[{out / 'shape.png'}]"])
+                          "generate.max_new_tokens=12", "generate.prompt=Describe the shape."])
     target = out / f"gen_{layout}_{source}" / f"rank{rank}"
     target.mkdir(parents=True, exist_ok=True)
     run_generate(cfg, target)
@@ -165,6 +164,20 @@ def main() -> None:
             run_generate(out, args[0], args[1])
         else:
             raise ValueError(f"unknown scenario {sc!r}")
+        settle()
+    from mimo_spec.parallel.env import shutdown_distributed
+
+    shutdown_distributed()
+
+
+def settle() -> None:
+    """Between scenarios: every rank frees the last scenario's meshes and process groups at the same
+    point (a rank collecting a group while the other still talks on it aborted gloo mid-run)."""
+    import gc
+
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -103,3 +103,17 @@ def p2p(op: str, tensor, peer: int, group=None) -> None:
     fn = dist.isend if op == "send" else dist.irecv
     for work in dist.batch_isend_irecv([dist.P2POp(fn, tensor, peer, group)]):
         work.wait()
+
+
+def shutdown_distributed() -> None:
+    """End the process group in step on every rank (a barrier, then destroy): left to interpreter exit,
+    gloo's groups are torn down at different moments on different ranks and a rank can abort
+    ("terminate called without an active exception")."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
