@@ -372,13 +372,13 @@ class DistributedRun:
 def start_parallel(parallel: dict, train_cfg: dict, model: nn.Module) -> DistributedRun | None:
     """Under torchrun/SLURM with more than one process: check the layout, start the process group and
     shard ``model``; None for one process. Every config problem is raised before any process group starts."""
-    from mimo_spec.parallel.env import device_type, init_distributed
+    from mimo_spec.parallel.env import init_distributed
     from mimo_spec.parallel.layout import resolve, world_size_from_env
 
     world = world_size_from_env()
     if not world or world == 1:
         return None
-    layout = resolve(parallel, model, world, device_type=device_type(), train=train_cfg)
+    layout = resolve(parallel, model, world, train=train_cfg)
     check_executable(layout)
     env = init_distributed()
     run = DistributedRun(layout, env.rank)

@@ -1,5 +1,5 @@
 """Model-dependent layout checks (no process group): TP divisibility, pipeline stages, split layouts,
-platform support, and the batch split over data-parallel ranks."""
+backends that cannot shard, and the batch split over data-parallel ranks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ def _constructor_params(cls: type) -> dict:
     return signature_of(cls)[0]
 
 
-def check_model(layout: Layout, model, problems: ProblemCollector, device_type: str = "cpu") -> None:
-    """Model-dependent checks: sizes that TP shards divide by tp, layers cover PP stages, platform support.
+def check_model(layout: Layout, model, problems: ProblemCollector) -> None:
+    """Model-dependent checks: sizes that TP shards divide by tp, layers cover PP stages, backends that cannot shard.
 
     ``model`` may live on the meta device: only attributes and TP declarations are read.
     """

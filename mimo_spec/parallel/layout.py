@@ -295,8 +295,7 @@ def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, proble
                      "spans must cover every rank")
 
 
-def resolve(parallel: dict, model, world_size: int | None, *, device_type: str = "cpu",
-            train: dict | None = None) -> Layout:
+def resolve(parallel: dict, model, world_size: int | None, *, train: dict | None = None) -> Layout:
     """Parse and check a layout against a (meta) model; raises one ConfigError with every problem."""
     from mimo_spec.parallel.checks import check_batch, check_model
 
@@ -304,7 +303,7 @@ def resolve(parallel: dict, model, world_size: int | None, *, device_type: str =
     names = [LANGUAGE] + list(model.modalities.keys())
     layout = parse_layout(parallel, names, world_size, problems)
     if layout is not None:
-        check_model(layout, model, problems, device_type)
+        check_model(layout, model, problems)
         if train is not None:
             check_batch(layout, int(train.get("batch_size", 1)), int(train.get("grad_accum", 1)), problems)
     _dedupe(problems)

@@ -127,13 +127,12 @@ def generation_layout(parallel: dict, model) -> dict:
     import os
     import sys
 
-    from mimo_spec.parallel.env import device_type
     from mimo_spec.parallel.layout import resolve, world_size_from_env
 
     world = world_size_from_env()
     if not world or world == 1:
         return parallel
-    layout = resolve(parallel, model, world, device_type=device_type())
+    layout = resolve(parallel, model, world)
     if layout.colocated and all(m.pp == 1 for m in layout.modules.values()):
         return parallel
     if os.environ.get("RANK", "0") == "0":
