@@ -18,7 +18,11 @@ EXIT_CONFIG_ERROR = 2
 
 
 def format_error(err: ConfigError) -> str:
-    lines = ["mimo-spec: config error" + ("s:" if len(err.problems) > 1 else ":")]
+    """The block the CLI prints for a user's mistake; its first line names the kind
+    (``config``, ``input``, ``data`` or ``checkpoint`` error)."""
+    from mimo_spec.errors import error_kind
+
+    lines = [f"mimo-spec: {error_kind(err)} error" + ("s:" if len(err.problems) > 1 else ":")]
     for p in err.problems:
         lines.append(f"  {p.path}: {p.message}" if p.path else f"  {p.message}")
         if p.hint:
@@ -155,6 +159,13 @@ def _task(cfg) -> float | None:
         if _DEBUG["on"]:
             raise
         print(format_error(e), file=sys.stderr)
+        code = EXIT_CONFIG_ERROR
+    except OSError as e:  # a full disk or a read-only run directory is the machine's answer, not our bug
+        from mimo_spec.errors import STORAGE_ERRNOS, storage_error
+
+        if _DEBUG["on"] or e.errno not in STORAGE_ERRNOS:
+            raise
+        print(format_error(storage_error(e)), file=sys.stderr)
         code = EXIT_CONFIG_ERROR
     if code:
         sys.exit(code)

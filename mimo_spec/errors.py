@@ -28,6 +28,8 @@ class ConfigError(ValueError):
     Each problem names the full config path, what was expected and what was given.
     """
 
+    kind = "config"
+
     def __init__(self, problems: Iterable[Problem] | Problem | str, *, path: str = "", hint: str = ""):
         if isinstance(problems, str):
             problems = [Problem(path, problems, hint)]
@@ -45,6 +47,42 @@ class ConfigError(ValueError):
 
 class InputError(ConfigError):
     """A runtime input (a batch, a data file, a checkpoint) does not match the model."""
+
+    kind = "input"
+
+
+class DataError(InputError):
+    """A data file or sample cannot be used: unreadable media, a malformed record, an impossible size."""
+
+    kind = "data"
+
+
+class CheckpointError(InputError):
+    """A checkpoint or weight file cannot be read or written: damaged, foreign, unsafe, or no space left."""
+
+    kind = "checkpoint"
+
+
+class StorageError(InputError):
+    """The run's files cannot be written: the disk is full, the folder is read-only or not a folder."""
+
+    kind = "storage"
+
+
+# errno values that mean "the disk or folder refused the write", not a bug in mimo-spec
+STORAGE_ERRNOS = frozenset({28, 30, 122, 13, 1, 20, 21, 27})  # ENOSPC EROFS EDQUOT EACCES EPERM ENOTDIR EISDIR EFBIG
+
+
+def storage_error(e: OSError, doing: str = "write") -> StorageError:
+    """An OSError from writing the run's files, as a StorageError naming the file."""
+    where = e.filename or ""
+    return StorageError(f"cannot {doing} {where}: {e.strerror or e}".replace("  ", " "), path=str(where or "run directory"),
+                        hint="free disk space or make the run directory writable, then resume with train.resume=auto")
+
+
+def error_kind(err: ConfigError) -> str:
+    """``config``, ``input``, ``data`` or ``checkpoint``: what the CLI's first line calls the error."""
+    return getattr(err, "kind", "config")
 
 
 def join_path(path: str, key: str) -> str:

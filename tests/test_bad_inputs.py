@@ -15,7 +15,9 @@ from mimo_spec.errors import ConfigError, InputError
 
 from conftest import tiny_config
 
-CASES = yaml.safe_load((Path(__file__).parent / "bad_inputs" / "cli_cases.yaml").read_text())
+# one corpus file per area (cli_cases*.yaml), read together
+CASES = [case for f in sorted((Path(__file__).parent / "bad_inputs").glob("cli_cases*.yaml"))
+         for case in yaml.safe_load(f.read_text()) or []]
 
 
 def run_cli_in_process(args, cwd: Path):
@@ -58,7 +60,8 @@ def test_cli_bad_input(case, tmp_path):
         not any(a.startswith("action=") and a != "action=train" for a in case["args"]))
     code, out, err = run_cli_in_process(args, tmp_path)
     assert code == 2, (code, out, err)
-    assert "Traceback" not in err and err.startswith("mimo-spec: config error")
+    kind = case.get("kind", "config")  # config | input | data | checkpoint | storage
+    assert "Traceback" not in err and err.startswith(f"mimo-spec: {kind} error"), err
     assert case["path"].replace("{tmp}", str(tmp_path)) in err, err
     assert case["message"] in err, err
     assert "hint:" in err, err
