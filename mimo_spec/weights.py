@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from mimo_spec.errors import InputError
+from mimo_spec.errors import CheckpointError, StorageError
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write was refused by the disk or the folder (full, read-only, over quota), or None when
+    ``e`` is something else. safetensors reports I/O failures as its own SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, StorageError):
+        return getattr(e, "reason", None) or str(e)
+    if isinstance(e, OSError):
+        return str(e.strerror or e)
+    if isinstance(e, SafetensorError):
+        m = re.search(r"I/O error: (.*?)\s*(\(os error \d+\)|$)", str(e))
+        return m.group(1) if m else None
+    return None
+
+
+def check_regular_file(path: Path, what: str = "file") -> None:
+    """A CheckpointError unless ``path`` is an existing regular file (a FIFO or device would block)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}", path=str(path)) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what}: {e.strerror or e}", path=str(path)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what} is not a regular file: {path}", path=str(path))
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
@@ -31,30 +60,40 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     try:
         save_file(state, str(tmp), metadata={"format": "pt", "producer": "mimo-spec"})
         os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - only a refused write is turned into a StorageError
+        why = write_failure(e)
+        if why is None:
+            raise
+        err = StorageError(f"cannot write {path}: {why}", path=str(path),
+                           hint="free disk space or make the folder writable")
+        err.reason = why
+        raise err from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: nothing was written there either
+            pass
     return path
 
 
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
-    """Load a safetensors file into ``model``; missing / unexpected keys and shape mismatches
-    raise an InputError that names them."""
+    """Load a safetensors file into ``model``; an unreadable file, missing / unexpected keys and shape
+    mismatches raise a CheckpointError that names them (the model is untouched then)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"weights file not found: {path}", path=str(path))
+    check_regular_file(path, "weights file")
     try:
         state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"cannot read safetensors file: {e}", path=str(path),
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        raise CheckpointError(f"cannot read safetensors file: {e}", path=str(path),
                          hint="the file is truncated or not a safetensors file") from None
     own = model.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
-        raise InputError("shape mismatch: " + "; ".join(mismatched[:10]), path=str(path),
+        raise CheckpointError("shape mismatch: " + "; ".join(mismatched[:10]), path=str(path),
                          hint="the weights were saved from a different config")
     missing = [k for k in own if k not in state and not _is_tied_copy(model, k, state)]
     unexpected = [k for k in state if k not in own]
@@ -64,8 +103,10 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
             parts.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
         if unexpected:
             parts.append(f"unexpected tensors: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
-        raise InputError("; ".join(parts), path=str(path), hint="the weights were saved from a different config")
+        raise CheckpointError("; ".join(parts), path=str(path), hint="the weights were saved from a different config")
     meta = any(p.device.type == "meta" for p in model.parameters())
+    if meta:  # assigned, not copied: own the memory (load_file's tensors map the file)
+        state = {k: v.clone() for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=meta)
     if meta and hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -1,19 +1,23 @@
-"""Fault injection: a killed save, a full disk and SIGTERM never cost a good checkpoint."""
+"""Fault injection: a killed save, a real full disk, a folder made read-only mid-run and SIGTERM never
+cost a good checkpoint."""
 
-import errno
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from omegaconf import OmegaConf
 
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
-from mimo_spec.errors import InputError
+from mimo_spec.errors import StorageError
 from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint
 from mimo_spec.train.loop import train
+from mimo_spec.train.optim import build_optimizer
 
 from conftest import ROOT
 
@@ -55,22 +59,82 @@ def test_sigkill_during_checkpoint_saves_leaves_loadable_checkpoints(tmp_path):
     assert "resumed from" in out and f"completed: {last + 3} steps" in out
 
 
-def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import safetensors.torch
+@contextlib.contextmanager
+def _tmpfs(path, size_kb):
+    """A real, small filesystem at ``path`` (root only: skipped where mount is refused); always unmounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot mount a tmpfs (needs root and the mount command): {e}")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {path} (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
-    real = safetensors.torch.save_file
-    calls = {"n": 0}
 
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 3:  # the first checkpoint (model, optimizer, rng) fits; the next does not
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+CKPT_KB = 9300  # one checkpoint of the SMALL model (weights + AdamW state) is about 9.1 MB
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing)
-    with pytest.raises(InputError) as e:
-        train(compose_config([*SMALL, "train.steps=6", "train.checkpoint.every=2"]), tmp_path)
-    assert "No space left on device" in str(e.value) and "step_000002" in str(e.value)
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000002"]
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    load_checkpoint(tmp_path / "checkpoints" / "step_000002", build_model(compose_config(SMALL)))
+
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real full filesystem: room for one checkpoint, not two. safetensors reports the full disk as
+    its own SafetensorError; the run ends with a storage error naming the checkpoint it could not
+    write and the last good one, the temporary folder is gone, and that checkpoint loads."""
+    with _tmpfs(tmp_path / "disk", CKPT_KB + 2500) as disk:
+        with pytest.raises(StorageError) as e:
+            train(compose_config([*SMALL, "train.steps=6", "train.checkpoint.every=2"]), disk / "run")
+        msg = str(e.value)
+        assert "No space left on device" in msg, msg
+        assert "cannot write checkpoint" in msg and "step_000004" in msg, msg
+        assert f"the last good checkpoint is {disk / 'run' / 'checkpoints' / 'step_000002'}" in msg, msg
+        ckpts = disk / "run" / "checkpoints"
+        assert [p.name for p in list_checkpoints(ckpts)] == ["step_000002"]
+        assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]
+        model = build_model(compose_config(SMALL))
+        optimizer = build_optimizer(model, OmegaConf.to_container(compose_config(SMALL).train, resolve=True))
+        assert load_checkpoint(ckpts / "step_000002", model, optimizer)["step"] == 2
+
+        # the CLI end to end, on the same full disk: exit 2, one readable error, no traceback
+        shutil.rmtree(disk / "run")
+        r = _start(disk / "cli", "train.steps=6", "train.checkpoint.every=2")
+        out, err = r.communicate(timeout=180)
+        assert r.returncode == 2, err[-3000:]
+        assert err.startswith(("mimo-spec: storage error", "mimo-spec: checkpoint error")), err[-3000:]
+        assert "Traceback" not in err and "No space left on device" in err, err[-3000:]
+        kept = list_checkpoints(disk / "cli" / "checkpoints")
+        assert kept, err
+        load_checkpoint(kept[-1], build_model(compose_config(SMALL)))
+
+
+def test_a_checkpoint_folder_made_read_only_mid_run_is_a_clean_error(tmp_path):
+    """``mount -o remount,ro`` of the run's checkpoint filesystem while the CLI trains: exit 2 with a
+    storage error, no traceback, and the checkpoints written before still load."""
+    run = tmp_path / "run"
+    with _tmpfs(run / "checkpoints", 4 * CKPT_KB):
+        proc = _start(run, "train.steps=100000", "train.checkpoint.every=2", "train.checkpoint.keep_last=1")
+        try:
+            deadline = time.time() + 90
+            while not list_checkpoints(run / "checkpoints"):
+                assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+                time.sleep(0.02)
+            while True:  # refused (busy) while a save holds a file open: retry between saves
+                r = subprocess.run(["mount", "-o", "remount,ro", str(run / "checkpoints")], capture_output=True,
+                                   text=True)
+                if r.returncode == 0:
+                    break
+                assert time.time() < deadline and proc.poll() is None, r.stderr
+                time.sleep(0.01)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 2, err[-3000:]
+        assert err.startswith("mimo-spec: storage error"), err[-3000:]
+        assert "Read-only file system" in err and "Traceback" not in err, err[-3000:]
+        kept = list_checkpoints(run / "checkpoints")
+        assert kept
+        load_checkpoint(kept[-1], build_model(compose_config(SMALL)))

@@ -11,9 +11,16 @@ after the new one exists. Nothing is ever unpickled.
 
 Runs with more than one process write the same folder with
 torch.distributed.checkpoint instead (``.metadata`` + one ``__<rank>_0.distcp``
-file per rank, and the same state.json / rng.safetensors): every rank writes its
-own shards, tensors are stored in the single-process layout, and the folder
-loads under any other layout or in one process (resharding on load).
+file per rank, and the same state.json / rng.safetensors, whose ``"format": "dcp"``
+marks the folder as DCP): every rank writes its own shards, tensors are stored in
+the single-process layout, and the folder loads under any other layout or in one
+process (resharding on load). DCP folders are read through mimo_spec.train.dcp_safe,
+which never unpickles anything but DCP's own metadata classes; a ``.metadata`` file in
+a single-process folder is never read.
+
+Every failure to read a checkpoint is a CheckpointError naming the file (resume then
+falls back to the previous checkpoint); a refused write (a full disk, a read-only
+folder) is a StorageError naming the checkpoint and the last good one.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -29,8 +37,8 @@ from typing import Any
 import torch
 
 from mimo_spec.components.te_backend import te_parameter_renames
-from mimo_spec.errors import InputError
-from mimo_spec.weights import load_weights, save_weights
+from mimo_spec.errors import CheckpointError, StorageError
+from mimo_spec.weights import check_regular_file, load_weights, save_weights, write_failure
 
 PREFIX = "step_"
 
@@ -58,22 +66,25 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
         state.setdefault(int(idx), {}).update(values)
     groups = meta["param_groups"]
     if len(groups) != len(optimizer.param_groups):
-        raise InputError(f"checkpoint has {len(groups)} optimizer parameter groups, this run has "
+        raise CheckpointError(f"checkpoint has {len(groups)} optimizer parameter groups, this run has "
                          f"{len(optimizer.param_groups)}", path="checkpoint.optimizer",
                          hint="resume with the same freeze and train.param_groups settings")
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically under ``ckpt_dir``; prune to the last ``keep_last``."""
+    """Write checkpoint ``step`` atomically under ``ckpt_dir``; prune to the last ``keep_last``.
+
+    A write the disk refuses (full, read-only) is a StorageError naming the checkpoint and the last
+    good one; the temporary folder is removed and the earlier checkpoints stay as they were."""
     from safetensors.torch import save_file
 
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:06d}"
     tmp = ckpt_dir / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         save_weights(model, tmp / "model.safetensors")
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -88,19 +99,24 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as e:  # e.g. a full disk: the previous checkpoints stay as they were
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = list_checkpoints(ckpt_dir)
-        raise InputError(f"cannot write checkpoint {final.name}: {e.strerror or e}; "
-                         + (f"the last good checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"),
-                         path=str(ckpt_dir), hint="free disk space (or move the run), then resume with "
-                         "train.resume=auto") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        why = write_failure(e) if isinstance(e, Exception) else None
+        if why is None:  # a bug or an interrupt: not the disk's answer
+            raise
+        raise write_error(ckpt_dir, final, why) from None
     for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_error(ckpt_dir: Path, final: Path, why: str) -> StorageError:
+    """The error for a checkpoint the disk refused: which one, why, and the last good one."""
+    kept = list_checkpoints(ckpt_dir)
+    last = f"the last good checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
+    return StorageError(f"cannot write checkpoint {final}: {why}; {last}", path=str(ckpt_dir),
+                        hint="free disk space or make the run directory writable, then resume with "
+                        "train.resume=auto")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,41 +138,121 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load_checkpoint(path: Path, model, optimizer=None, *, drun=None) -> dict[str, Any]:
-    """Restore model (and optimizer, RNG) from a checkpoint folder; returns its state.json."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    state_file = path / "state.json"
+def read_state(path: Path) -> dict[str, Any]:
+    """The state.json of checkpoint folder ``path`` (a CheckpointError when it is missing or damaged)."""
+    state_file = Path(path) / "state.json"
     if not state_file.exists():
-        raise InputError(f"not a checkpoint folder (no state.json): {path}", path=str(path),
-                         hint="point at <run>/checkpoints/step_NNNNNN")
+        raise CheckpointError(f"not a checkpoint folder (no state.json): {path}", path=str(path),
+                              hint="point at <run>/checkpoints/step_NNNNNN")
+    check_regular_file(state_file, "state.json")
     try:
         state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"corrupt state.json: {e}", path=str(state_file)) from None
-    if (path / ".metadata").exists():
+    except OSError as e:
+        raise CheckpointError(f"cannot read state.json: {e.strerror or e}", path=str(state_file)) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"corrupt state.json: {e}", path=str(state_file),
+                              hint="the checkpoint is damaged; resume from an earlier one") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"corrupt state.json: a JSON {type(state).__name__}, not an object",
+                              path=str(state_file), hint="the checkpoint is damaged; resume from an earlier one")
+    return state
+
+
+def checkpoint_format(path: Path, state: dict[str, Any]) -> str:
+    """``"dcp"`` for a folder save_distributed_checkpoint wrote (its state.json says so), else
+    ``"safetensors"``. A ``.metadata`` file alone never makes a folder DCP."""
+    fmt = state.get("format", "safetensors")
+    if fmt not in ("dcp", "safetensors"):
+        raise CheckpointError(f"unknown checkpoint format {fmt!r} in state.json", path=str(Path(path) / "state.json"),
+                              hint="expected 'dcp' or 'safetensors'")
+    if fmt == "dcp" and not (Path(path) / ".metadata").exists():
+        raise CheckpointError("damaged distributed checkpoint: state.json says it is a DCP folder but it has no "
+                              ".metadata file", path=str(path), hint="resume from an earlier checkpoint")
+    return fmt
+
+
+def _resume_fields(path: Path, state: dict[str, Any], fmt: str) -> None:
+    """The state.json fields a resume needs, checked before anything is restored."""
+    bad = []
+    for key in ("step", "data_position") if "data_position" in state else ("step",):
+        if type(state.get(key)) is not int or state[key] < 0:
+            bad.append(f"{key} is {state.get(key)!r}, expected a whole number >= 0")
+    try:
+        version, internal, gauss = state["python_rng"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    except Exception:  # noqa: BLE001 - anything random.setstate refuses
+        bad.append("python_rng is not a Python random state")
+    if fmt == "safetensors" and not (isinstance(state.get("optimizer"), dict)
+                                     and isinstance(state["optimizer"].get("param_groups"), list)):
+        bad.append("optimizer has no param_groups list")
+    if bad:
+        raise CheckpointError("corrupt state.json: " + "; ".join(bad), path=str(Path(path) / "state.json"),
+                              hint="the checkpoint is damaged; resume from an earlier one")
+
+
+def _read_tensors(file: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_regular_file(file, what)
+    try:  # cloned: load_file's tensors map the file, which would pin its disk space after pruning
+        return {k: v.clone() for k, v in load_file(str(file)).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        raise CheckpointError(f"cannot read {what}: {e}".splitlines()[0], path=str(file),
+                              hint="the checkpoint is damaged; resume from an earlier one") from None
+
+
+def _check_rng(rng: dict[str, torch.Tensor], file: Path) -> None:
+    try:
+        torch.Generator().set_state(rng["torch_cpu"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"not a torch random state: {type(e).__name__}: {e}".splitlines()[0], path=str(file),
+                              hint="the checkpoint is damaged; resume from an earlier one") from None
+
+
+def load_checkpoint(path: Path, model, optimizer=None, *, drun=None) -> dict[str, Any]:
+    """Restore model (and optimizer, RNG) from a checkpoint folder; returns its state.json.
+
+    Every file is checked before it is used; a damaged or foreign one is a CheckpointError. Files
+    are read before the model is touched where possible; when a late step fails the model may hold
+    new weights, so callers must not go on with it (resume refuses to train on)."""
+    path = Path(path)
+    state = read_state(path)
+    fmt = checkpoint_format(path, state)
+    if fmt == "safetensors" and drun is not None:
+        raise CheckpointError(f"{path} was written by a single-process run; multi-process runs resume from "
+                              "torch.distributed.checkpoint folders only", path="train.resume",
+                              hint="start the parallel run with init_from or train.resume=none")
+    rng = None
+    if optimizer is not None:
+        _resume_fields(path, state, fmt)
+        rng = _read_tensors(path / "rng.safetensors", "the random state")
+        _check_rng(rng, path / "rng.safetensors")
+    if fmt == "dcp":
         _load_distributed(path, model, optimizer, drun)
     else:
-        if drun is not None:
-            raise InputError(f"{path} was written by a single-process run; multi-process runs resume from "
-                             "torch.distributed.checkpoint folders only", path="train.resume",
-                             hint="start the parallel run with init_from or train.resume=none")
+        opt_tensors = None
+        if optimizer is not None:
+            opt_tensors = _read_tensors(path / "optimizer.safetensors", "the optimizer state")
         load_weights(model, path / "model.safetensors")
-    if optimizer is not None and not (path / ".metadata").exists():
-        try:
-            tensors = load_file(str(path / "optimizer.safetensors"))
-        except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
-            raise InputError(f"cannot read optimizer state: {e}", path=str(path / "optimizer.safetensors"),
-                             hint="the checkpoint is damaged; resume from an earlier one") from None
-        _restore_optimizer(optimizer, tensors, state["optimizer"])
+        if optimizer is not None:
+            try:
+                _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+            except CheckpointError:
+                raise
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+                raise CheckpointError(f"optimizer state does not fit this run: {type(e).__name__}: {e}"
+                                      .splitlines()[0], path=str(path / "optimizer.safetensors"),
+                                      hint="the checkpoint is damaged or was written for another model") from None
     if optimizer is not None:
-        rng = load_file(str(path / "rng.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
         if torch.cuda.is_available():
             cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
             if cuda:
-                torch.cuda.set_rng_state_all(cuda)
+                try:
+                    torch.cuda.set_rng_state_all(cuda)
+                except RuntimeError as e:  # a checkpoint from a machine with other GPUs: keep this one's
+                    warnings.warn(f"{path}: CUDA random state not restored: {e}", stacklevel=2)
         version, internal, gauss = state["python_rng"]
         random.setstate((version, tuple(internal), gauss))
     return state
@@ -201,51 +297,110 @@ def _canonical_opt(key: str, value, fused: dict):
 
 def save_distributed_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str, Any], keep_last: int,
                                 drun) -> Path:
-    """Every rank writes its shards of checkpoint ``step`` (collective); rank 0 renames it into place."""
-    import torch.distributed as dist
+    """Every rank writes its shards of checkpoint ``step`` (collective); rank 0 renames it into place.
+
+    A write the disk refuses on any rank is a StorageError on every rank (they agree after each
+    stage, so no rank waits for one that gave up); rank 0 removes the temporary folder."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mimo_spec.train.dcp_safe import describe_failure, reraise_interrupt
 
     final = ckpt_dir / f"{PREFIX}{step:06d}"
     tmp = ckpt_dir / f".tmp-{PREFIX}{step:06d}"
-    if drun.rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    msd, osd = _canonical_states(model, optimizer, drun.fused)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
-    if drun.rank == 0:
-        from safetensors.torch import save_file
 
-        save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        state = {"step": step, "format": "dcp", "world_size": drun.world_size, "layout": drun.layout.name,
-                 "python_rng": _py_rng_state(), **extra}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    def refused(e: BaseException) -> str:
+        why = write_failure(e) if isinstance(e, Exception) else None
+        if why is None:
+            raise e
+        return why
+
+    why = None
+    if drun.rank == 0:
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except Exception as e:  # noqa: BLE001 - refused() re-raises what is not the disk's answer
+            why = refused(e)
+    _agree(why, drun, ckpt_dir, final, tmp)
+    msd, osd = _canonical_states(model, optimizer, drun.fused)
+    try:
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+    except CheckpointException as e:  # every rank gets it: DCP gathers the failures
+        reraise_interrupt(e)
+        inner = [exc for exc, _trace in e.failures.values()]
+        reasons = [_shard_write_failure(exc, ckpt_dir) for exc in inner]
+        if not reasons or any(r is None for r in reasons):
+            raise
+        if drun.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(ckpt_dir, final, f"{reasons[0]} ({describe_failure(e)})") from None
+    if drun.rank == 0:
+        try:
+            from safetensors.torch import save_file
+
+            save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            state = {"step": step, "format": "dcp", "world_size": drun.world_size, "layout": drun.layout.name,
+                     "python_rng": _py_rng_state(), **extra}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except Exception as e:  # noqa: BLE001 - refused() re-raises what is not the disk's answer
+            why = refused(e)
+    _agree(why, drun, ckpt_dir, final, tmp)
+    if drun.rank == 0:
         for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
     return final
+
+
+def _shard_write_failure(exc: BaseException, folder: Path) -> str | None:
+    """Why DCP could not write a shard when the disk refused it, else None. torch.save reports a full
+    disk as a RuntimeError from its zip writer, not an OSError: the filesystem is asked then."""
+    why = write_failure(exc) if isinstance(exc, Exception) else None
+    if why is not None or not isinstance(exc, RuntimeError):
+        return why
+    if not re.search(r"PytorchStreamWriter|inline_container|file write failed", str(exc)):
+        return None
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return "Read-only file system"
+    if fs.f_bavail * fs.f_frsize < (1 << 20):
+        return "No space left on device"
+    return f"the shard write failed: {str(exc).splitlines()[0]}"
+
+
+def _agree(why: str | None, drun, ckpt_dir: Path, final: Path, tmp: Path) -> None:
+    """A collective: every rank learns whether rank 0's part of the save failed (then all raise)."""
+    import torch.distributed as dist
+
+    from mimo_spec.parallel.env import device_type
+
+    device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" else "cpu"
+    flag = torch.tensor([0 if why is None else 1], device=device)
+    dist.all_reduce(flag)  # also the barrier the save needs between stages
+    if int(flag.item()):
+        if drun.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(ckpt_dir, final, why or "rank 0 could not write it (see rank 0's error)")
 
 
 def _load_distributed(path: Path, model, optimizer, drun) -> None:
     """Load a DCP folder into ``model`` (and ``optimizer``) under this run's layout, or in one process."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_optimizer_state_dict)
+
+    from mimo_spec.train import dcp_safe
 
     fused = drun.fused if drun is not None else {}
     msd, osd = _canonical_states(model, optimizer, fused)
     target = {"model": msd} if osd is None else {"model": msd, "optimizer": osd}
-    try:
-        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(target, checkpoint_id=str(path))
-    except Exception as e:  # noqa: BLE001 - any read failure means a damaged or mismatched checkpoint
-        raise InputError(f"cannot read distributed checkpoint: {e}".splitlines()[0], path=str(path),
-                         hint="the checkpoint is damaged or was written for another model") from None
+    dcp_safe.load(target, path)  # restricted metadata unpickler, weights_only items: a CheckpointError
     model.load_state_dict({k: _from_canonical(k, v, model, fused) for k, v in msd.items()})
     if osd is not None:
         params = dict(model.named_parameters())
