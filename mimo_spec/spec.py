@@ -201,19 +201,11 @@ def _mark_unresolved(data: Any) -> Any:
 
 
 def load_yaml_file(path: Path):
-    """Load YAML safely (no object construction); syntax errors name file, line and column."""
-    import yaml
-    from omegaconf import OmegaConf
+    """Load a YAML config file safely: no object construction, bounded size, depth and aliases
+    (:mod:`mimo_spec.safe_yaml`); every fault names the file, line and column."""
+    from mimo_spec.safe_yaml import load_yaml_file as load_checked
 
-    text = Path(path).read_text()
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"YAML syntax error: {problem}", path=where, hint="fix the YAML syntax") from None
-    return OmegaConf.create(text)
+    return load_checked(path)
 
 
 def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:

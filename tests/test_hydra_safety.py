@@ -1,0 +1,329 @@
+"""Nothing Hydra instantiates runs unless it is shipped or allowlisted; every YAML file is bounded.
+
+The hooks below are real: each would write a marker file if Hydra instantiated it (a pickle that
+touches a file when loaded, a .pth file that runs when its folder is added to sys.path, a hubconf.py,
+numpy.save, a log file outside the run directory). test_the_hooks_are_live shows that Hydra's own
+blocklist lets each of them run; the other tests show that mimo-spec refuses them, naming the key,
+before Hydra instantiates anything, on every route a config reaches Hydra by.
+"""
+
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mimo_spec.errors import ConfigError
+
+from test_bad_inputs import run_cli_in_process
+
+
+class _Touch:
+    """Pickles as a call of Path.touch: loading it creates the marker."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def _hooks(tmp: Path) -> dict[str, tuple[dict, Path]]:
+    """name -> (the keyword arguments of a Hydra-instantiated object, the marker it would write)."""
+    import torch
+
+    torch.save({"x": _Touch(tmp / "m_pickle_torch")}, tmp / "evil.pkl")
+    (tmp / "evil_np.pkl").write_bytes(pickle.dumps({"x": _Touch(tmp / "m_pickle_numpy")}))
+    (tmp / "site").mkdir(exist_ok=True)
+    (tmp / "site" / "evil.pth").write_text(f"import pathlib; pathlib.Path({str(tmp / 'm_pth')!r}).touch()\n")
+    (tmp / "hub").mkdir(exist_ok=True)
+    (tmp / "hub" / "hubconf.py").write_text(f"import pathlib\npathlib.Path({str(tmp / 'm_hub')!r}).touch()\n"
+                                            "def model():\n    return None\n")
+    return {
+        "numpy_save": ({"_target_": "numpy.save", "file": str(tmp / "m_npsave.npy"), "arr": [1]},
+                       tmp / "m_npsave.npy"),
+        "torch_load": ({"_target_": "torch.load", "f": str(tmp / "evil.pkl"), "weights_only": False},
+                       tmp / "m_pickle_torch"),
+        "numpy_load": ({"_target_": "numpy.load", "file": str(tmp / "evil_np.pkl"), "allow_pickle": True},
+                       tmp / "m_pickle_numpy"),
+        "site_addsitedir": ({"_target_": "site.addsitedir", "sitedir": str(tmp / "site")}, tmp / "m_pth"),
+        "torch_hub_load": ({"_target_": "torch.hub.load", "repo_or_dir": str(tmp / "hub"), "model": "model",
+                            "source": "local", "trust_repo": True}, tmp / "m_hub"),
+    }
+
+
+def _logging(handlers: dict) -> dict:
+    return {"version": 1, "handlers": handlers, "root": {"handlers": list(handlers)},
+            "disable_existing_loggers": False}
+
+
+def test_the_hooks_are_live(tmp_path):
+    """Without mimo-spec's check, Hydra itself instantiates each hook and the marker appears."""
+    import logging
+
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.utils import configure_log
+    from omegaconf import OmegaConf
+
+    hooks = _hooks(tmp_path)
+    saved_path = sys.path[:]
+    try:
+        for name, (kw, marker) in hooks.items():
+            try:  # Hydra's own callbacks machinery, as Hydra.run uses it
+                Callbacks(OmegaConf.create({"hydra": {"callbacks": {name: kw}}}))
+            except Exception:  # noqa: BLE001 - the hook ran; what it returned is no callback
+                pass
+            assert marker.exists(), name
+    finally:
+        sys.path[:] = saved_path  # site.addsitedir added a folder
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_log(OmegaConf.create(_logging({
+            "evil": {"()": "numpy.save", "file": str(tmp_path / "m_log_factory.npy"), "arr": [1]},
+        })), False)
+    except ValueError:  # logging then complains that numpy.save returned no handler: too late
+        pass
+    configure_log(OmegaConf.create(_logging({"f": {"class": "logging.FileHandler", "filename": str(tmp_path / "m.log")}})),
+                  False)
+    for h in root.handlers[:]:
+        root.removeHandler(h)
+        if h not in saved:
+            h.close()
+    for h in saved:
+        root.addHandler(h)
+    root.setLevel(level)
+    assert (tmp_path / "m_log_factory.npy").exists() and (tmp_path / "m.log").exists()
+
+
+def _evil_global_file(tmp: Path, kind: str) -> str:
+    """A `# @package _global_` config file that plants hooks in the hydra section."""
+    hooks = _hooks(tmp)
+    if kind == "callbacks":
+        hydra = {"callbacks": {"evil": hooks["numpy_load"][0], "evil2": hooks["site_addsitedir"][0]}}
+    else:
+        hydra = {"job_logging": _logging({"evil": {"()": "site.addsitedir", "sitedir": str(tmp / "site")}}),
+                 "hydra_logging": _logging({"evil": {"class": "logging.FileHandler",
+                                                     "filename": str(tmp / "m_hydra.log")}})}
+    return "# @package _global_\n" + yaml.safe_dump({"hydra": hydra})
+
+
+def _files(tmp: Path) -> set[Path]:
+    return {p for p in tmp.rglob("*") if p.is_file()}
+
+
+def _refused(code, err, tmp: Path, before: set[Path], keys: list[str], may_add: tuple[str, ...] = ()) -> None:
+    """Exit 2 naming each key; no marker, and no file at all: the check ran before Hydra did anything."""
+    assert code == 2, err
+    assert err.startswith("mimo-spec: config error") and "Traceback" not in err, err
+    for key in keys:
+        assert key in err, (key, err)
+    new = [p.relative_to(tmp) for p in _files(tmp) - before if p.name not in may_add]
+    assert not new, new
+
+
+def test_hooks_on_the_command_line_are_refused_before_hydra_runs_them(tmp_path):
+    hooks = _hooks(tmp_path)
+    args = ["action=validate"]
+    for name in ("numpy_save", "torch_load", "torch_hub_load"):
+        kw = hooks[name][0]
+        args += [f"+hydra.callbacks.{name}.{k}={v}" for k, v in kw.items()]
+    before = _files(tmp_path)
+    code, out, err = run_cli_in_process(args, tmp_path)
+    _refused(code, err, tmp_path, before, [f"hydra.callbacks.{n}._target_" for n in ("numpy_save", "torch_load",
+                                                                                "torch_hub_load")])
+    assert "'torch.hub.load' is not allowed" in err
+
+
+def test_multirun_launcher_sweeper_and_callbacks_are_refused(tmp_path):
+    hooks = _hooks(tmp_path)
+    launcher, _ = hooks["numpy_save"]
+    args = ["-m", "action=validate", "model.params.num_layers=1,2", f"hydra.launcher._target_={launcher['_target_']}",
+            f"+hydra.launcher.file={launcher['file']}", "+hydra.launcher.arr=[1]",
+            "hydra.sweeper._target_=site.addsitedir", f"+hydra.sweeper.sitedir={tmp_path / 'site'}"]
+    args += [f"+hydra.callbacks.evil.{k}={v}" for k, v in hooks["torch_load"][0].items()]
+    before = _files(tmp_path)
+    code, out, err = run_cli_in_process(args, tmp_path)
+    _refused(code, err, tmp_path, before, ["hydra.launcher._target_", "hydra.sweeper._target_", "hydra.callbacks.evil._target_"])
+    assert not (tmp_path / "multirun").exists() or not list((tmp_path / "multirun").rglob("metrics.json"))
+
+
+def test_a_hook_in_one_point_of_a_sweep_is_refused_before_its_job_runs(tmp_path):
+    """A searchpath option swept over (-m +extra=evil,plain) joins only its job's config: checked too."""
+    group = tmp_path / "conf" / "extra"
+    group.mkdir(parents=True)
+    (group / "plain.yaml").write_text("# @package _global_\nseed: 1\n")
+    (group / "evil.yaml").write_text("# @package _global_\n" + yaml.safe_dump({"hydra": {"job_logging": _logging(
+        {"f": {"class": "logging.FileHandler", "filename": str(tmp_path / "m.log")}})}}))
+    args = ["-m", "action=validate", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "+extra=evil,plain"]
+    before = _files(tmp_path)
+    code, out, err = run_cli_in_process(args, tmp_path)
+    _refused(code, err, tmp_path, before, ["hydra.job_logging.handlers.f.filename", "outside the run directory"],
+             may_add=("multirun.yaml",))
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.parametrize("kind", ["callbacks", "logging"])
+def test_hooks_in_a_searchpath_file_are_refused(tmp_path, kind):
+    conf = tmp_path / "conf" / "modality"
+    conf.mkdir(parents=True)
+    (conf / "evil.yaml").write_text(_evil_global_file(tmp_path, kind))
+    args = ["action=validate", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "modality=[vision_clip,evil]"]
+    before = _files(tmp_path)
+    code, out, err = run_cli_in_process(args, tmp_path)
+    keys = (["hydra.callbacks.evil._target_", "hydra.callbacks.evil2._target_"] if kind == "callbacks" else
+            ["hydra.job_logging.handlers.evil.()", "hydra.hydra_logging.handlers.evil.filename"])
+    _refused(code, err, tmp_path, before, keys)
+    # the Python API composes through the same check
+    from mimo_spec.config import compose_config
+
+    with pytest.raises(ConfigError) as e:
+        compose_config([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "modality=[vision_clip,evil]"])
+    assert all(k in str(e.value) for k in keys), str(e.value)
+
+
+def test_a_run_dirs_resolved_config_with_hooks_is_refused_on_rerun(tmp_path):
+    """The README's recipe: re-run a run from its resolved_config.yaml with --config-dir."""
+    run = tmp_path / "run"
+    code, out, err = run_cli_in_process(["action=validate", f"hydra.run.dir={run}"], tmp_path)
+    assert code == 0, err
+    record = run / "resolved_config.yaml"
+    text = record.read_text()
+    hooks = _hooks(tmp_path)
+    record.write_text(text + yaml.safe_dump({"hydra": {
+        "callbacks": {"hub": hooks["torch_hub_load"][0]},
+        "hydra_logging": _logging({"x": {"()": "numpy.save", "file": str(tmp_path / "m_f.npy"), "arr": [1]},
+                                   "s": {"class": "logging.StreamHandler", "stream": "ext://numpy.save"}})}}))
+    args = ["--config-dir", str(run), "--config-name", "resolved_config", "action=validate",
+            f"hydra.run.dir={tmp_path / 'rerun'}"]
+    before = _files(tmp_path)
+    code, out, err = run_cli_in_process(args, tmp_path)
+    _refused(code, err, tmp_path, before, ["hydra.callbacks.hub._target_", "hydra.hydra_logging.handlers.x.()",
+                                   "hydra.hydra_logging.handlers.s.stream", "ext://numpy.save"])
+    assert not (tmp_path / "rerun").exists()
+    record.write_text(text)  # the untouched record re-runs
+    code, out, err = run_cli_in_process(args, tmp_path)
+    assert code == 0 and "config is valid" in out, err
+
+
+def test_allow_imports_admits_only_classes_of_the_right_kind(tmp_path, monkeypatch):
+    """A Callback class under allow_imports runs (its marker appears); a function there does not."""
+    pkg = tmp_path / "my_hooks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\nfrom hydra.experimental.callback import Callback\n"
+        "class Marker(Callback):\n    def __init__(self, path):\n        Path(path).touch()\n"
+        "def touch(path):\n    Path(path).touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["action=validate", "allow_imports=[my_hooks,numpy,os]"]
+    code, out, err = run_cli_in_process(
+        base + ["+hydra.callbacks.ok._target_=my_hooks.Marker", f"+hydra.callbacks.ok.path={tmp_path / 'ok'}"],
+        tmp_path)
+    assert code == 0 and (tmp_path / "ok").exists(), err
+    before = _files(tmp_path)
+    code, out, err = run_cli_in_process(base + [
+        "+hydra.callbacks.f._target_=my_hooks.touch", f"+hydra.callbacks.f.path={tmp_path / 'm_f'}",
+        "+hydra.callbacks.np._target_=numpy.save", f"+hydra.callbacks.np.file={tmp_path / 'm_np.npy'}",
+        "+hydra.callbacks.np.arr=[1]", "+hydra.callbacks.os._target_=os.system", "+hydra.callbacks.os.command=true",
+    ], tmp_path)
+    _refused(code, err, tmp_path, before, ["hydra.callbacks.f._target_: 'my_hooks.touch' is not a Callback class",
+                                   "hydra.callbacks.np._target_: 'numpy.save' is not a Callback class",
+                                   "hydra.callbacks.os._target_: refusing 'os.system'"])
+
+
+def test_the_shipped_hydra_configs_pass_the_check(tmp_path):
+    from mimo_spec.config import compose_config
+    from mimo_spec.hydra_guard import check_hydra_config
+
+    for overrides in ([], ["hydra/launcher=local"], ["hydra/launcher=slurm"], ["hydra/sweeper=optuna_lr_hidden"],
+                      ["hydra/hydra_logging=hydra_debug", "hydra/job_logging=stdout"],
+                      ["hydra/job_logging=disabled", "hydra/hydra_logging=none"]):
+        cfg = compose_config(overrides)
+        check_hydra_config(cfg)  # also done inside compose_config; explicit here
+    with pytest.raises(ConfigError, match=r"hydra.job.env_set.LD_PRELOAD: a config may not set LD_PRELOAD"):
+        compose_config(["+hydra.job.env_set.LD_PRELOAD=/tmp/x.so"])
+    group = tmp_path / "conf" / "hydra" / "job_logging"  # a job_logging option of one's own
+    group.mkdir(parents=True)
+    (group / "mine.yaml").write_text(yaml.safe_dump(_logging({"file": {
+        "class": "logging.FileHandler", "filename": "${hydra.runtime.output_dir}/${hydra.job.name}.log", "delay": True,
+        ".": {"baseFilename": str(tmp_path / "m.log")}}})))
+    with pytest.raises(ConfigError, match=r"hydra.job_logging.handlers.file\['.'\]: setting attributes"):
+        compose_config([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hydra/job_logging=mine"])
+
+
+# --- YAML: bounded, and every fault named by its file ----------------------------------------------------------
+BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+               for p, c in zip([None, *"abcdefgh"], "abcdefghi"))
+
+
+def _bad_yaml(tmp: Path) -> dict[str, tuple[str, str]]:
+    """name -> (file text, message the error must contain)."""
+    deep = "model:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(60)) + "  " * 61 + "v: 1\n"
+    return {
+        "alias_bomb": (BOMB, "expands to more than 50,000 values once its aliases are expanded"),
+        "deep_flow": ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", "nesting depth"),
+        "deep_block": (deep, "nested more than 50 levels deep"),
+        "set_tag": ("model: !!set {a, b}\n", "YAML tag '!!set' is not allowed"),
+        "python_tag": ("model: !!python/object/apply:os.system [true]\n", "YAML tag '!!python/object/apply:os.system'"),
+        "recursive_alias": ("a: &a [1, *a]\n", "refers to itself"),
+        "syntax": ("model:\n  params: {a: 1\n", "YAML syntax error"),
+        "duplicate_key": ("model: 1\nmodel: 2\n", "found duplicate key"),
+    }
+
+
+def test_bad_yaml_is_refused_quickly_by_build_model(tmp_path):
+    from mimo_spec import build_model
+
+    for name, (text, message) in _bad_yaml(tmp_path).items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(text)
+        start = time.perf_counter()
+        with pytest.raises(ConfigError) as e:
+            build_model(f)
+        assert time.perf_counter() - start < 2, name
+        assert str(e.value).startswith(str(f)) and message in str(e.value), (name, str(e.value))
+    big = tmp_path / "big.yaml"
+    big.write_text("model:\n  params:\n" + "".join(f"    k{i}: {'x' * 40}\n" for i in range(1_000_000)))
+    assert big.stat().st_size > 50e6
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="config file is too large") as e:
+        build_model(big)
+    assert time.perf_counter() - start < 2 and str(e.value).startswith(str(big))
+    params = "vocab_size: 64, num_layers: 1, ffn_hidden_size: 8, max_seq_len: 16"
+    for name, (values, message) in {
+        "env": ("hidden_size: '${oc.env:MIMO_SPEC_SURELY_UNSET_VAR}', num_heads: 2", "'MIMO_SPEC_SURELY_UNSET_VAR' not found"),
+        "loop": ("hidden_size: '${model.params.num_heads}', num_heads: '${model.params.hidden_size}'",
+                 "Recursive interpolation detected"),
+    }.items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(f"model:\n  module: gpt\n  params: {{{params}, {values}}}\n")
+        with pytest.raises(ConfigError) as e:
+            build_model(f)
+        assert str(e.value).startswith("model.params.hidden_size: ") and message in str(e.value), str(e.value)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model:\n  module: gpt  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin}: not UTF-8 text"):
+        build_model(latin)
+    fifo = tmp_path / "fifo.yaml"
+    import os
+
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(ConfigError, match="not a regular file"):
+        build_model(fifo)
+
+
+def test_bad_yaml_in_a_config_dir_is_blamed_on_its_file_only(tmp_path):
+    """--config-dir with a primary config, plus a broken file the run never loads (sorted first)."""
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "aaa_broken.yaml").write_text("module: gpt\nparams: {\n")  # never loaded
+    for name, (text, message) in _bad_yaml(tmp_path).items():
+        (conf / "run.yaml").write_text(text)
+        start = time.perf_counter()
+        code, out, err = run_cli_in_process(["--config-dir", str(conf), "--config-name", "run", "action=validate"],
+                                            tmp_path)
+        assert time.perf_counter() - start < 5, name
+        assert code == 2 and "Traceback" not in err, (name, err)
+        assert f"{conf / 'run.yaml'}:" in err and message in err and "aaa_broken" not in err, (name, err)
