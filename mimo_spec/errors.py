@@ -69,6 +69,18 @@ class StorageError(InputError):
     kind = "storage"
 
 
+class ParamError(ConfigError):
+    """A component refusing one of its own constructor parameters, by name.
+
+    The only way a component's constructor reports a user mistake: the builder places it at
+    ``<node path>.params.<param>``. Anything else a constructor raises is a bug and keeps its traceback.
+    """
+
+    def __init__(self, param: str, message: str, hint: str = ""):
+        self.param = param
+        super().__init__(message, path=param, hint=hint)
+
+
 # errno values that mean "the disk or folder refused the write", not a bug in mimo-spec
 STORAGE_ERRNOS = frozenset({28, 30, 122, 13, 1, 20, 21, 27})  # ENOSPC EROFS EDQUOT EACCES EPERM ENOTDIR EISDIR EFBIG
 

@@ -1,5 +1,6 @@
-"""Property-based fuzzing of the config schema: a config either builds (and runs a forward
-pass) or raises the framework's own ConfigError / InputError; nothing else escapes."""
+"""Property-based fuzzing of the config schema: a config either builds (and runs a forward pass on
+the batch the model makes for itself) or raises the framework's own ConfigError naming a node of the
+fuzzed part of the tree; a crash in a component (TypeError, RuntimeError, ...) escapes and fails."""
 
 import copy
 import os
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
-from mimo_spec.errors import ConfigError
+from mimo_spec.errors import ConfigError, InputError
 
 from conftest import tiny_config
 
@@ -30,18 +31,56 @@ MODULES = st.sampled_from(["gpt", "clip_vit", "whisper_encoder", "mlp", "linear"
                            "pixel_shuffle_mlp", "patch_image_decoder", "nope", "os.system", ""])
 
 
-def _build_and_run(cfg) -> None:
-    """Build, make a tiny batch and run it; only the framework's own errors may stop that
-    (InputError, e.g. when one item per modality cannot fit max_seq_len, is a ConfigError)."""
+def _node_exists(cfg, path: str) -> bool:
+    """Whether the config node a problem path names is in ``cfg`` (a missing key under it may be named)."""
+    if not isinstance(cfg, dict):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg)
+    keys = path.split(".")
+    for cut in ("params", "module", "submodules"):  # <node>.params.<name>: the node must exist
+        if cut in keys:
+            keys = keys[:keys.index(cut)]
+            break
+    node = cfg
+    for key in keys:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        elif isinstance(node, str) and key == "0":  # a lone pattern read as a one-item list
+            return True
+        else:
+            return False
+    return True
+
+
+def _build_and_run(cfg, fuzzed: tuple[str, ...]) -> None:
+    """Build, make a tiny batch and run it. Nothing but the framework's own ConfigError may stop that,
+    and only while building, each problem naming a config node inside the part of the tree that was
+    fuzzed: a TypeError, RuntimeError or IndexError from a component is a bug and fails the test. A
+    built model must take the batch it makes for itself; the one refusal allowed is one item per
+    modality not fitting max_seq_len."""
     try:
         model = build_model(cfg, seed=0)
-        batch = model.example_inputs(1)
-        with torch.no_grad():
-            out = model(**batch)
     except ConfigError as e:
-        assert e.problems and all(p.path or p.message for p in e.problems)
+        assert type(e) is ConfigError, f"building raised a {type(e).__name__}: {e}"
+        assert e.problems
+        for p in e.problems:
+            assert p.path and p.message, p
+            assert any(p.path == f or p.path.startswith(f + ".") for f in fuzzed), \
+                f"problem outside the fuzzed tree {fuzzed}: {p}"
+            assert _node_exists(cfg, p.path), f"problem names a node that is not in the config: {p}"
         return
+    try:
+        batch = model.example_inputs(1)
+    except InputError as e:
+        assert [p.path for p in e.problems] == ["model.params.max_seq_len"], e
+        return
+    with torch.no_grad():
+        out = model(**batch)
     assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert out.loss is not None
 
 
 @FUZZ
@@ -57,7 +96,7 @@ def test_random_param_trees_build_or_raise_config_error(lm, enc, token, module):
     images["params"]["special_token_id"] = token
     if module is not None:
         images["submodules"]["input_projections"]["clip"]["module"] = module
-    _build_and_run(cfg)
+    _build_and_run(cfg, ("model", "modalities.images"))
 
 
 node = st.recursive(
@@ -79,7 +118,7 @@ def test_random_modality_trees_build_or_raise_config_error(modality, extra):
     for k, v in extra.items():
         if k != "modalities":
             cfg[k] = v
-    _build_and_run(cfg)
+    _build_and_run(cfg, ("modalities.fuzz",) + tuple(k for k in extra if k != "modalities"))
 
 
 OVERRIDE_KEYS = ["model.params.hidden_size", "model.params.num_heads", "model.params.num_layers", "model.params.norm",
@@ -108,4 +147,4 @@ def test_random_override_lists_compose_build_or_raise_config_error(overrides):
     hidden = OmegaConf.select(cfg, "model.params.hidden_size")
     if isinstance(hidden, int) and hidden > 256:
         return
-    _build_and_run(copy.deepcopy(cfg))
+    _build_and_run(copy.deepcopy(cfg), ("model", "modalities", "dtype", "freeze"))

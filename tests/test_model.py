@@ -112,7 +112,8 @@ def test_count_errors_name_modality_sample_and_counts():
     # placeholders present but the modality's inputs missing: an error, never silent zeros
     with pytest.raises(InputError, match="sample 0 has 4 placeholder tokens .* produce 0"):
         model.prepare_inputs(ids, {})
-    with pytest.raises(RuntimeError, match="placeholder count"):
+    with pytest.raises(InputError, match=r"modality_inputs.images: input_ids hold 8 placeholder tokens \(id 250\) "
+                                         r"but 0 embeddings"):
         model(ids, {})
 
 

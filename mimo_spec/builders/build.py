@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from mimo_spec.builders.binding import bind_node, signature_of
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
-from mimo_spec.registry import resolve
+from mimo_spec.registry import RegistryError, resolve
 from mimo_spec.spec import MimoSpec, ModuleSpec, from_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -28,14 +28,22 @@ def parse_dtype(dtype: Any, path: str = "dtype") -> torch.dtype | None:
 
 def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemCollector,
                skip: set[str] = frozenset(), backend: str | None = None) -> nn.Module | None:
-    """Build children first, then the node; constructor errors are attributed to the node's path.
+    """Build children first, then the node.
+
+    A constructor reports a bad parameter by raising ConfigError (``ParamError``), placed at the node's
+    config path; anything else a registered component raises is a bug and propagates with its traceback.
 
     Nodes in ``skip`` (already reported as invalid) are not built. ``backend`` (the
     config's top-level ``backend``) goes to every node that takes one and sets none.
     """
     if spec.path in skip and not _has_buildable_child(spec, skip):
         return None
-    cls = resolve(kind, spec.module, allow_imports=allow)
+    try:
+        cls = resolve(kind, spec.module, allow_imports=allow)
+    except RegistryError:
+        if spec.path in skip:  # already reported when binding; its children's kinds are unknown
+            return None
+        raise
     params, sub_kinds, _ = signature_of(cls)
     kwargs: dict[str, Any] = dict(spec.params)
     if backend is not None and "backend" in params and "backend" not in kwargs:
@@ -44,6 +52,9 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
     for name, value in spec.submodules.items():
         from mimo_spec.builders.binding import _kind_for
 
+        if name not in sub_kinds:  # not a submodule of this class: reported when binding
+            failed = True
+            continue
         child_kind = _kind_for(name, sub_kinds.get(name))
         if isinstance(value, ModuleSpec):
             built: Any = _construct(value, child_kind, allow, problems, skip, backend)
@@ -59,23 +70,32 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
         return None
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        problems.add(_blamed_param(spec, params, str(e)), str(e), "fix the parameters of this node")
+    except ConfigError as e:  # the component refusing its parameters: the user's to fix
+        for problem in e.problems:
+            path = _param_path(spec, params, problem.path)
+            hint = problem.hint or f"change {path} ({_label(spec)}'s constructor refused it)"
+            problems.add(path, problem.message, hint)
         return None
-    except RuntimeError as e:  # torch refusing the sizes, e.g. a negative dimension
-        problems.add(spec.path, f"cannot build {spec.module}: {str(e).splitlines()[0]}",
-                     "check this node's sizes (they must be positive)")
+    except Exception as e:
+        if "_registry_name" in vars(cls):
+            raise  # a registered component's own failure is a bug in it: keep the traceback
+        # a class imported through allow_imports: not ours, it refused what the config gave it
+        first = str(e).splitlines()[0] if str(e) else ""
+        problems.add(spec.path, f"{spec.module} refused its parameters: {type(e).__name__}: {first}",
+                     "check this node's params against the class's constructor")
         return None
 
 
-def _blamed_param(spec: ModuleSpec, params: dict, message: str) -> str:
-    """The config path a constructor's error is about: ``<node>.params.<name>`` when the message opens
-    with one of the node's parameters (``"num_heads (4) must be ..."``, ``"backend 'te' ..."``), else the node."""
-    import re
+def _label(spec: ModuleSpec) -> str:
+    return spec.module if isinstance(spec.module, str) else getattr(spec.module, "__name__", str(spec.module))
 
-    head = re.match(r"(\w+) [('\"]", message)
-    if head and head.group(1) in params:
-        return f"{spec.path}.params.{head.group(1)}"
+
+def _param_path(spec: ModuleSpec, params: dict, relative: str) -> str:
+    """Where a constructor's ConfigError belongs: ``<node>.params.<name>`` for one of the node's
+    parameters (``ParamError("num_heads", ...)``), else the node itself."""
+    head = relative.split(".")[0]
+    if head and (head in params or head in spec.params):
+        return f"{spec.path}.params.{relative}"
     return spec.path
 
 

@@ -6,9 +6,10 @@ sizes once, as attributes, instead of in a second description.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-from mimo_spec.errors import ProblemCollector
+from mimo_spec.errors import ParamError, ProblemCollector
 from mimo_spec.spec import MimoSpec
 
 
@@ -84,6 +85,7 @@ def _check_sizes(p: str, subs: dict, mod: nn.Module, hidden: int | None, problem
                 _expect(problems, f"{p}.submodules.input_projections.{ename}.params.in_features",
                         getattr(projections[ename], "in_features", None), getattr(enc, "out_features", None),
                         f"encoder {ename}'s output size")
+    _check_token_counts(p, mod, problems)
     for qname, proj in projections.items():
         path = f"{p}.submodules.input_projections.{qname}.params.out_features"
         _expect(problems, path, getattr(proj, "out_features", None), hidden, "the language model's hidden_size")
@@ -97,6 +99,26 @@ def _check_sizes(p: str, subs: dict, mod: nn.Module, hidden: int | None, problem
         _expect(problems, f"{p}.submodules.decoder.params.in_features", getattr(decoder, "in_features", None),
                 width, "the output projection's out_features" if out_proj is not None
                 else "the language model's hidden_size")
+
+
+def _check_token_counts(p: str, mod: nn.Module, problems: ProblemCollector) -> None:
+    """Each projector must take the token count its encoder gives for a native-size item (e.g. a
+    pixel-shuffle projector's scale_factor must divide the encoder's token grid)."""
+    encoders, projections = getattr(mod, "encoders", {}), getattr(mod, "input_projections", {})
+    pairs = ([(next(iter(encoders)), q) for q in projections] if mod.combine == "concat"
+             else [(e, e) for e in encoders if e in projections])
+    for ename, qname in pairs:
+        enc, proj = encoders[ename], projections[qname]
+        if not all(hasattr(enc, a) for a in ("example_inputs", "tokens_per_item")) or not hasattr(proj, "tokens_out"):
+            continue
+        with torch.device("meta"):  # shapes only, nothing allocated
+            shape = tuple(next(iter(enc.example_inputs(1).values())).shape)
+        tokens = enc.tokens_per_item(shape)
+        try:
+            proj.tokens_out(tokens)
+        except ParamError as e:
+            problems.add(f"{p}.submodules.input_projections.{qname}.params.{e.param}", e.problems[0].message,
+                         f"encoder {ename} gives {tokens} tokens per item")
 
 
 def _expect(problems: ProblemCollector, path: str, got, want, what: str) -> None:

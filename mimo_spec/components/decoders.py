@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mimo_spec.errors import ParamError
 from mimo_spec.registry import register
 
 
@@ -22,7 +23,7 @@ class PatchImageDecoder(nn.Module):
                  hidden_features: int | None = None):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+            raise ParamError("image_size", f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
         self.in_features, self.image_size, self.patch_size, self.num_channels = (
             in_features, image_size, patch_size, num_channels)
         self.grid = image_size // patch_size

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimo_spec.errors import ParamError
+
 Backend = Literal["local", "te", "auto"]
 NormKind = Literal["layernorm", "rmsnorm"]
 ActivationName = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
@@ -47,7 +49,7 @@ def build_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.
     if kind == "rmsnorm":
         # torch's RMSNorm dispatches to a fused kernel and accumulates in fp32.
         return nn.RMSNorm(dim, eps=eps)
-    raise ValueError(f"norm ({kind!r}) must be 'layernorm' or 'rmsnorm'")
+    raise ParamError("norm", f"norm ({kind!r}) must be 'layernorm' or 'rmsnorm'")
 
 
 # --------------------------------------------------------------------- activations
@@ -73,7 +75,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation ({name!r}) must be one of {', '.join(ACTIVATIONS)}")
+        raise ParamError("activation", f"activation ({name!r}) must be one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -93,7 +95,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
         if head_dim % 2:
-            raise ValueError(f"head_dim ({head_dim}) must be even for rope")
+            raise ParamError("head_dim", f"head_dim ({head_dim}) must be even for rope")
         self.head_dim = head_dim
         self.theta = theta
 
@@ -179,10 +181,11 @@ class Attention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
             if hidden_size % num_heads:
-                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+                raise ParamError("hidden_size",
+                                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
             head_dim = hidden_size // num_heads
         if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+            raise ParamError("num_heads", f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.dropout = dropout
         self.layer_idx = layer_idx  # which slot of a KV cache this layer owns
@@ -288,7 +291,7 @@ class MLP(nn.Module):
                  activation: str = "gelu", bias: bool = True):
         super().__init__()
         if kind not in ("gelu", "swiglu"):
-            raise ValueError(f"mlp ({kind!r}) must be 'gelu' or 'swiglu'")
+            raise ParamError("mlp", f"mlp ({kind!r}) must be 'gelu' or 'swiglu'")
         self.gated = kind == "swiglu"
         self.ffn_hidden_size = ffn_hidden_size
         self.act = get_activation(activation)
@@ -339,13 +342,14 @@ class TransformerBlock(nn.Module):
     ):
         super().__init__()
         if backend not in ("local", "te"):
-            raise ValueError(f"backend ({backend!r}) must be 'local' or 'te' (resolve 'auto' with check_backend)")
+            raise ParamError("backend",
+                             f"backend ({backend!r}) must be 'local' or 'te' (resolve 'auto' with check_backend)")
         self.backend = backend
         if backend == "te":
             from mimo_spec.components import te_backend
 
             if mlp not in ("gelu", "swiglu"):
-                raise ValueError(f"mlp ({mlp!r}) must be 'gelu' or 'swiglu'")
+                raise ParamError("mlp", f"mlp ({mlp!r}) must be 'gelu' or 'swiglu'")
             build_norm(norm, hidden_size, norm_eps)  # the same error for a bad norm name as local
             self.attn_norm = nn.Identity()
             self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from mimo_spec.components.layers import ActivationName, get_activation
+from mimo_spec.errors import ParamError
 from mimo_spec.registry import register
 
 class Activation(nn.Module):
@@ -67,7 +68,7 @@ class MLPProjector(nn.Module):
                  num_layers: int = 2, activation: ActivationName = "gelu", bias: bool = True):
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+            raise ParamError("num_layers", f"num_layers must be >= 1, got {num_layers}")
         self.in_features, self.out_features = in_features, out_features
         hidden = hidden_features or out_features
         widths = [in_features] + [hidden] * (num_layers - 1) + [out_features]
@@ -97,7 +98,7 @@ class PixelShuffleMLPProjector(nn.Module):
                  hidden_features: int | None = None, activation: ActivationName = "gelu", norm: bool = True):
         super().__init__()
         if scale_factor < 1:
-            raise ValueError(f"scale_factor must be >= 1, got {scale_factor}")
+            raise ParamError("scale_factor", f"scale_factor must be >= 1, got {scale_factor}")
         self.in_features, self.out_features, self.scale_factor = in_features, out_features, scale_factor
         merged = in_features * scale_factor * scale_factor
         self.norm = nn.LayerNorm(merged) if norm else nn.Identity()
@@ -108,7 +109,8 @@ class PixelShuffleMLPProjector(nn.Module):
         grid = math.isqrt(tokens_in)
         s = self.scale_factor
         if grid * grid != tokens_in or grid % s:
-            raise ValueError(f"pixel_shuffle_mlp needs a square token grid divisible by scale_factor {s}, "
+            raise ParamError("scale_factor",
+                             f"pixel_shuffle_mlp needs a square token grid divisible by scale_factor {s}, "
                              f"got {tokens_in} tokens")
         return tokens_in // (s * s)
 

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mimo_spec.errors import ParamError
+
 # mimo-spec activation -> transformer-engine LayerNormMLP activation, plain and gated (the
 # gated ones apply the activation to the first half of fc1's output, as mimo-spec's swiglu does).
 TE_ACTIVATIONS = {"gelu_tanh": "gelu", "quick_gelu": "qgelu", "silu": "silu", "relu": "relu"}
@@ -89,7 +91,7 @@ def resolve_backend(backend: str, *, activation: str | None = None, gated: bool 
     if backend == "local":
         return "local"
     if backend not in ("te", "auto"):
-        raise ValueError(f"backend ({backend!r}) must be one of 'local', 'te', 'auto'")
+        raise ParamError("backend", f"backend ({backend!r}) must be one of 'local', 'te', 'auto'")
     reason = te_unavailable_reason()
     if reason is None and activation is not None and te_activation(activation, gated) is None:
         kind = "gated " if gated else ""
@@ -100,7 +102,7 @@ def resolve_backend(backend: str, *, activation: str | None = None, gated: bool 
         return "te"
     if backend == "auto":
         return "local"
-    raise ValueError(f"backend 'te' cannot run here: {reason}; use backend: local or auto")
+    raise ParamError("backend", f"backend 'te' cannot run here: {reason}; use backend: local or auto")
 
 
 def _te():
@@ -141,7 +143,8 @@ def layernorm_mlp(hidden_size: int, ffn_hidden_size: int, *, norm: str, eps: flo
     """The block's pre-MLP norm, fc1, activation and fc2 in one module (fc1 holds [gate; up] when gated)."""
     act = te_activation(activation, gated)
     if act is None:  # resolve_backend refuses this first; kept for direct callers
-        raise ValueError(f"transformer-engine has no {'gated ' if gated else ''}{activation!r} activation")
+        raise ParamError("activation",
+                         f"transformer-engine has no {'gated ' if gated else ''}{activation!r} activation")
     return _te().LayerNormMLP(hidden_size, ffn_hidden_size, eps=eps, bias=bias, normalization=te_normalization(norm),
                               activation=act, init_method=_normal(std), output_layer_init_method=_normal(out_std),
                               device=_device())

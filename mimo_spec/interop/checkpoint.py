@@ -20,13 +20,13 @@ import struct
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
-from mimo_spec.errors import InputError, Problem
+from mimo_spec.errors import CheckpointError, InputError, Problem
 from mimo_spec.interop.hf_weights import Plan, materialize
 
 # safetensors dtype names <-> torch dtypes
@@ -78,6 +78,24 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def _outside(name: Any) -> str:
+    """Why a shard name from an index does not name a file inside the index's folder ("" if it does).
+
+    Judged from the name alone: no absolute path, no ``..``, no drive. A shard that is a symbolic
+    link stays allowed (the Hugging Face cache links every snapshot file to its blob store).
+    """
+    if not isinstance(name, str) or not name:
+        return "is not a file name"
+    if "\x00" in name:
+        return "holds a NUL character"
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(name).drive or name.startswith("~"):
+        return "is an absolute path, outside the checkpoint folder"
+    if ".." in pure.parts:
+        return "leaves the checkpoint folder (..)"
+    return ""
+
+
 class HFCheckpoint:
     """A local Hugging Face checkpoint: ``config`` (the parsed config.json) and ``tensors`` (key -> TensorInfo)."""
 
@@ -93,6 +111,14 @@ class HFCheckpoint:
             self.config: dict[str, Any] = json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"config.json is not valid JSON: {e}", path=str(config)) from None
+        if not isinstance(self.config, dict):
+            raise InputError(f"config.json holds a JSON {type(self.config).__name__}, not an object", path=str(config),
+                             hint="fix or re-download config.json")
+        auto_map = self.config.get("auto_map")
+        if auto_map:
+            raise CheckpointError(f"config.json asks to run code from the checkpoint folder (auto_map {auto_map})",
+                                  path=str(config), hint="mimo-spec never runs code that comes with a checkpoint; "
+                                  "import a model whose architecture transformers ships")
         self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
@@ -106,6 +132,15 @@ class HFCheckpoint:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise InputError(f"unreadable shard index: {e!r}", path=str(index),
                                  hint="it must be JSON with a 'weight_map' of tensor name -> shard file") from None
+            if not isinstance(weight_map, dict):
+                raise InputError(f"the shard index's weight_map is a JSON {type(weight_map).__name__}",
+                                 path=str(index), hint="it must map each tensor name to its shard file")
+            for key, name in weight_map.items():
+                problem = _outside(name)
+                if problem:
+                    raise CheckpointError(f"weight_map entry {key!r}: shard {name!r} {problem}", path=str(index),
+                                          hint="an index names shard files inside its own folder, e.g. "
+                                               "model-00001-of-00002.safetensors")
             files = list(dict.fromkeys(self.path / name for name in weight_map.values()))
             missing = [f.name for f in files if not f.is_file()]
             if missing:

@@ -184,7 +184,8 @@ def _auto_config(path: Path) -> Any:
         raise ConfigError("importing Hugging Face checkpoints needs transformers", path="source",
                           hint="pip install 'mimo-spec[hf]'") from None
     try:
-        return AutoConfig.from_pretrained(str(path))
+        # trust_remote_code=False, never None: None makes transformers ask on stdin (jobs have no terminal)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers' own validation of the values in config.json
         raise InputError(f"transformers cannot read config.json: {e}", path=str(path / "config.json"),
                          hint="fix or re-download config.json") from None

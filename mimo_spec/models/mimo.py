@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mimo_spec.errors import InputError
 from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts,
                                         gather_positions, split_items_by_placeholders)
+from mimo_spec.models.inputs import check_tensors, check_values, expected_placeholders
 from mimo_spec.registry import register
 
 IGNORE_INDEX = -100
@@ -108,31 +109,37 @@ class MimoModel(nn.Module):
 
     # ---- input preparation (host side, cheap) ---------------------------------------------
     def _validate(self, input_ids, modality_inputs, labels, loss_mask, output_targets,
-                  document_ids=None) -> dict[str, int]:
-        if input_ids.dim() != 2:
-            raise InputError(f"expected input_ids of shape (batch, seq), got {tuple(input_ids.shape)}",
-                             path="input_ids")
+                  document_ids=None, *, position_ids=None, attention_mask=None,
+                  modality_embeddings=None) -> dict[str, int]:
+        """Check the batch's structure (types, dtypes, shapes, devices: no host sync); returns each
+        input modality's item count."""
+        check_tensors(self, input_ids, labels=labels, loss_mask=loss_mask, document_ids=document_ids,
+                      position_ids=position_ids, attention_mask=attention_mask,
+                      modality_embeddings=modality_embeddings, modality_inputs=modality_inputs)
         seq = input_ids.shape[1]
         max_len = getattr(self.language_model, "max_seq_len", None)
         if max_len is not None and seq > max_len:
             raise InputError(f"sequence length {seq} exceeds the language model's max_seq_len {max_len}",
                              path="input_ids", hint="truncate the input or raise model.params.max_seq_len")
-        for name, t in (("labels", labels), ("loss_mask", loss_mask), ("document_ids", document_ids)):
-            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
-                raise InputError(f"expected shape {tuple(input_ids.shape)} (same as input_ids), "
-                                 f"got {tuple(t.shape)}", path=name)
         counts: dict[str, int] = {}
+        if not isinstance(modality_inputs or {}, dict):
+            raise InputError(f"expected a mapping of modality name to encoder inputs, got "
+                             f"{type(modality_inputs).__name__}", path="modality_inputs")
         for name, inputs in (modality_inputs or {}).items():
             if name not in self.modalities or not self.modalities[name].has_input:
                 known = [n for n, m in self.modalities.items() if m.has_input]
                 raise InputError(f"unknown input modality {name!r}", path=f"modality_inputs.{name}",
                                  hint=f"this model's input modalities are: {', '.join(known) or 'none'}")
             counts[name] = self.modalities[name].validate_inputs(inputs, f"modality_inputs.{name}")
-        for name in (output_targets or {}):
+        for name, target in (output_targets or {}).items():
             if name not in self.modalities or not self.modalities[name].has_output:
                 known = [n for n, m in self.modalities.items() if m.has_output]
                 raise InputError(f"unknown output modality {name!r}", path=f"output_targets.{name}",
                                  hint=f"this model's output modalities are: {', '.join(known) or 'none'}")
+            if not isinstance(target, torch.Tensor) or target.dim() == 0:
+                raise InputError(f"expected a tensor of items (N, ...), got {type(target).__name__}"
+                                 f"{' of shape ()' if isinstance(target, torch.Tensor) else ''}",
+                                 path=f"output_targets.{name}")
         return counts
 
     def prepare_inputs(self, input_ids: torch.Tensor, modality_inputs: dict | None = None,
@@ -145,6 +152,7 @@ class MimoModel(nn.Module):
         """
         modality_inputs = modality_inputs or {}
         self._validate(input_ids, modality_inputs, None, None, None)
+        check_values(self, input_ids)
         expected = {}
         for name, mod in self.modalities.items():
             if not mod.has_input:
@@ -174,6 +182,7 @@ class MimoModel(nn.Module):
         (cached features, or encoders that ran on other ranks); they replace that modality's encoders.
         """
         modality_inputs, modality_embeddings = modality_inputs or {}, modality_embeddings or {}
+        check_tensors(self, input_ids, modality_embeddings=modality_embeddings, modality_inputs=modality_inputs)
         embeds = self.language_model.embed_tokens(input_ids)
         merged = []
         for name, mod in self.modalities.items():
@@ -197,9 +206,14 @@ class MimoModel(nn.Module):
         """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss."""
         modality_inputs = modality_inputs or {}
         output_targets = output_targets or {}
-        self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets, document_ids)
+        self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets, document_ids,
+                       position_ids=position_ids, attention_mask=attention_mask,
+                       modality_embeddings=modality_embeddings)
         if check_inputs if check_inputs is not None else self.check_inputs:
-            self.prepare_inputs(input_ids, modality_inputs)
+            self.prepare_inputs(input_ids, modality_inputs)  # per sample; before the totals below
+        if not torch.compiler.is_compiling():  # value checks: one host sync, eager mode only
+            check_values(self, input_ids, labels=labels, position_ids=position_ids,
+                         placeholders=expected_placeholders(self, modality_inputs, modality_embeddings, output_targets))
         lm = self.language_model
         embeds = self.embed_inputs(input_ids, modality_inputs, modality_embeddings)
         if document_ids is not None and position_ids is None:

@@ -87,7 +87,7 @@ class Registry:
         self._entries[name] = obj
 
     def names(self) -> list[str]:
-        _load_plugins()
+        _load_plugins(strict=False)  # for listings and hints; a broken plugin is reported by get()
         return sorted(set(self._entries) | set(BUILTINS.get(self.kind, {})))
 
     def get(self, name: str) -> type:
@@ -128,17 +128,42 @@ def register(kind: str, name: str) -> Callable[[type], type]:
 
 
 _plugins_loaded = False
+_plugin_error: RegistryError | None = None
 
 
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
-        loaded = ep.load()
-        if callable(loaded) and not isinstance(loaded, type):
-            loaded()
+def _load_plugins(strict: bool = True) -> None:
+    """Import (or call) every entry point of the ``mimo_spec.plugins`` group, once.
+
+    A plugin that fails (a missing module, an import that raises, a callable that raises, a
+    duplicate name) is a RegistryError naming the entry point, its value and its distribution,
+    raised now and on every later lookup that needs plugins (``strict``); never a traceback.
+    """
+    global _plugins_loaded, _plugin_error
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        failures = []
+        for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+            try:
+                loaded = ep.load()
+                if callable(loaded) and not isinstance(loaded, type):
+                    loaded()
+            except (Exception, SystemExit) as e:  # anything a third-party plugin does wrong
+                failures.append(_plugin_failure(ep, e))
+        if failures:
+            _plugin_error = RegistryError(failures)
+    if strict and _plugin_error is not None:
+        raise _plugin_error
+
+
+def _plugin_failure(ep: importlib.metadata.EntryPoint, e: Exception) -> Problem:
+    dist = getattr(getattr(ep, "dist", None), "name", None)
+    where = f"plugins.{ep.name}"
+    what = (f"{type(e).__name__}: {e.problems[0].message}" if isinstance(e, ConfigError) and e.problems
+            else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else '(no message)'}")
+    return Problem(
+        where, f"plugin {ep.name!r} (entry point {ep.name} = {ep.value} in group {PLUGIN_GROUP}"
+        f"{f', from the {dist} package' if dist else ''}) failed to load: {what}",
+        f"fix or uninstall {dist or 'the package that declares it'}")
 
 
 def load_builtins() -> None:

@@ -7,7 +7,8 @@ Two tokenizers share one small interface (``encode``, ``decode``, ``bos_id``,
   ``special_start``, ``special_start + 1``, ``special_start + 2``. Needs nothing
   on disk, so the default job trains with no downloads.
 - ``HFTokenizer``: a Hugging Face tokenizer loaded from a LOCAL directory
-  (``AutoTokenizer.from_pretrained(dir, local_files_only=True)``); never downloads.
+  (``AutoTokenizer.from_pretrained(dir, local_files_only=True, trust_remote_code=False)``); never
+  downloads, never runs code that comes with the folder (a folder asking for it is refused).
 
 ``encode_conversation`` turns user/assistant turns (with modality tags such as
 ``<image>``) into ``input_ids`` and ``labels``: every tag becomes a run of
@@ -100,8 +101,15 @@ class HFTokenizer:
         except ImportError:
             raise ConfigError("a tokenizer directory needs the transformers package", path="data.tokenizer",
                               hint="pip install 'mimo-spec[hf]', or use tokenizer: byte") from None
+        remote = remote_code_request(directory)
+        if remote:
+            raise ConfigError(f"the tokenizer in {directory} asks to run code from its folder ({remote}); "
+                              "mimo-spec never runs code that comes with a tokenizer", path="data.tokenizer",
+                              hint="use a tokenizer whose class transformers ships (saved with save_pretrained()), "
+                                   "or tokenizer: byte")
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+            # trust_remote_code=False, never None: None makes transformers ask on stdin (jobs have no terminal)
+            self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # corrupt or incomplete files: say which directory
             raise ConfigError(f"cannot load the tokenizer in {directory}: {e}", path="data.tokenizer",
                               hint="check the files were written by save_pretrained()") from None
@@ -121,6 +129,30 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.directory)!r}, vocab_size={self.vocab_size})"
+
+
+# Files of a Hugging Face folder whose ``auto_map`` makes transformers import code from the folder.
+REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def remote_code_request(directory: Path) -> str:
+    """Where a Hugging Face folder asks transformers to run its own code (``"config.json: auto_map
+    AutoTokenizer -> tok.MyTok"``), or "" when it does not. Read as JSON only: nothing is imported."""
+    import json
+
+    for name in REMOTE_CODE_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable: transformers' own loading reports it
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            shown = ", ".join(f"{k} -> {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else auto_map
+            return f"{name}: auto_map {shown}"
+    return ""
 
 
 def reserved_token_ids(model) -> dict[int, str]:

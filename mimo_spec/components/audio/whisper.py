@@ -34,7 +34,7 @@ from mimo_spec.components.layers import (
     get_activation,
     init_transformer_weights,
 )
-from mimo_spec.errors import InputError
+from mimo_spec.errors import InputError, ParamError
 from mimo_spec.registry import register
 
 
@@ -85,11 +85,12 @@ class WhisperEncoder(nn.Module):
                             ("num_layers", num_layers), ("num_heads", num_heads),
                             ("ffn_hidden_size", ffn_hidden_size), ("max_source_positions", max_source_positions)):
             if value < 1:
-                raise ValueError(f"{name} ({value}) must be >= 1")
+                raise ParamError(name, f"{name} ({value}) must be >= 1")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+            raise ParamError("hidden_size", f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if hidden_size % 2 or hidden_size < 4:
-            raise ValueError(f"hidden_size ({hidden_size}) must be even and >= 4 for sinusoidal positions")
+            raise ParamError("hidden_size",
+                             f"hidden_size ({hidden_size}) must be even and >= 4 for sinusoidal positions")
         get_activation(activation)
         self.backend = check_backend(backend, activation=activation)
         self.num_mel_bins, self.max_source_positions = num_mel_bins, max_source_positions

@@ -36,7 +36,7 @@ from mimo_spec.components.layers import (
     get_activation,
     init_transformer_weights,
 )
-from mimo_spec.errors import InputError
+from mimo_spec.errors import InputError, ParamError
 from mimo_spec.parallel.tp import tied_logits
 from mimo_spec.registry import register
 
@@ -97,21 +97,23 @@ class GPT(nn.Module):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
             if value < 1:
-                raise ValueError(f"{name} ({value}) must be >= 1")
+                raise ParamError(name, f"{name} ({value}) must be >= 1")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+            raise ParamError("num_heads", f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         if head_dim is None:
             if hidden_size % num_heads:
-                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
+                raise ParamError("hidden_size",
+                                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
                                  "(or set head_dim)")
             head_dim = hidden_size // num_heads
         if position_embedding == "rope" and head_dim % 2:
-            raise ValueError(f"head_dim ({head_dim}) must be even for position_embedding 'rope'")
+            raise ParamError("head_dim", f"head_dim ({head_dim}) must be even for position_embedding 'rope'")
         if position_embedding not in ("rope", "learned", "none"):
-            raise ValueError(f"position_embedding ({position_embedding!r}) must be 'rope', 'learned' or 'none'")
+            raise ParamError("position_embedding",
+                             f"position_embedding ({position_embedding!r}) must be 'rope', 'learned' or 'none'")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
+            raise ParamError("dropout", f"dropout ({dropout}) must be in [0, 1)")
         activation = activation or ("silu" if mlp == "swiglu" else "gelu")
         get_activation(activation)  # fail early on a bad name
         self.backend = check_backend(backend, activation=activation, gated=mlp == "swiglu")

@@ -36,7 +36,7 @@ from mimo_spec.components.layers import (
     get_activation,
     init_transformer_weights,
 )
-from mimo_spec.errors import InputError
+from mimo_spec.errors import InputError, ParamError
 from mimo_spec.registry import register
 
 
@@ -44,7 +44,8 @@ def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
     """Hugging Face ``hidden_states`` index -> number of blocks to run (0 = embeddings)."""
     blocks = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
     if not 0 <= blocks <= num_layers:
-        raise ValueError(f"feature_layer ({feature_layer}) is out of range for num_layers ({num_layers}): "
+        raise ParamError("feature_layer",
+                         f"feature_layer ({feature_layer}) is out of range for num_layers ({num_layers}): "
                          f"use {-(num_layers + 1)}..{num_layers}")
     return blocks
 
@@ -103,13 +104,13 @@ class ClipViT(nn.Module):
                             ("num_layers", num_layers), ("num_heads", num_heads),
                             ("ffn_hidden_size", ffn_hidden_size), ("num_channels", num_channels)):
             if value < 1:
-                raise ValueError(f"{name} ({value}) must be >= 1")
+                raise ParamError(name, f"{name} ({value}) must be >= 1")
         if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+            raise ParamError("image_size", f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+            raise ParamError("hidden_size", f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if feature_select not in ("patch", "all"):
-            raise ValueError(f"feature_select ({feature_select!r}) must be 'patch' or 'all'")
+            raise ParamError("feature_select", f"feature_select ({feature_select!r}) must be 'patch' or 'all'")
         get_activation(activation)
         self.backend = check_backend(backend, activation=activation)
         num_blocks = resolve_feature_layer(feature_layer, num_layers)

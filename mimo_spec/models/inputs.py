@@ -1,0 +1,160 @@
+"""Checks on a batch given to ``MimoModel`` through the Python API: every mistake an InputError naming
+the argument (``input_ids``, ``labels``, ``modality_embeddings.images``), never a raw IndexError from
+an embedding lookup or a silently wrong loss.
+
+Two kinds, so the forward pass stays free of host syncs under ``torch.compile(fullgraph=True)``:
+
+- ``check_tensors``: types, dtypes, shapes, devices. Tensor metadata only, free when traced.
+- ``check_values``: ids inside the vocabulary, labels inside it or -100, positions, and placeholder
+  counts against the items given. They read values, so they run in eager mode only (never while
+  compiling), as one batch of small reductions and one host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mimo_spec.errors import InputError
+
+IGNORE_INDEX = -100
+_INDEX_DTYPES = (torch.int64, torch.int32)  # what an embedding lookup takes
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _tensor(value: Any, path: str, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"expected {what} as a tensor, got {type(value).__name__}", path=path)
+    return value
+
+
+def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any = None, document_ids: Any = None,
+                  position_ids: Any = None, attention_mask: Any = None, modality_embeddings: Any = None,
+                  modality_inputs: dict | None = None) -> None:
+    """Raise InputError unless every batch tensor has a type, dtype, shape and device the model takes."""
+    input_ids = _tensor(input_ids, "input_ids", "token ids (batch, seq)")
+    if input_ids.dtype not in _INDEX_DTYPES:
+        raise InputError(f"expected integer token ids (int64), got {input_ids.dtype}", path="input_ids",
+                         hint="token ids index the vocabulary: pass input_ids.long()")
+    if input_ids.dim() != 2:
+        raise InputError(f"expected input_ids of shape (batch, seq), got {tuple(input_ids.shape)}", path="input_ids")
+    device, shape = input_ids.device, tuple(input_ids.shape)
+    if device.type == "meta" and not torch.compiler.is_compiling():
+        weight = next(model.parameters(), None)
+        if weight is not None and not weight.is_meta:
+            raise InputError("input_ids is a meta tensor (a shape without values)", path="input_ids",
+                             hint="pass real tensors, on the model's device")
+    checks = (("labels", labels, "int64"), ("loss_mask", loss_mask, "mask"), ("document_ids", document_ids, "int"),
+              ("attention_mask", attention_mask, "mask"), ("position_ids", position_ids, "int"))
+    for name, value, kind in checks:
+        if value is None:
+            continue
+        t = _tensor(value, name, f"a {shape} tensor")
+        want = [shape] + ([(1, shape[1])] if name == "position_ids" else [])
+        if tuple(t.shape) not in want:
+            raise InputError(f"expected shape {shape} (same as input_ids){' or (1, seq)' if len(want) > 1 else ''}, "
+                             f"got {tuple(t.shape)}", path=name)
+        if kind == "int64" and t.dtype != torch.int64:
+            raise InputError(f"expected int64 token ids (-100 where no loss is taken), got {t.dtype}", path=name,
+                             hint="pass labels.long()")
+        if kind == "int" and not _is_integer(t):
+            raise InputError(f"expected an integer tensor, got {t.dtype}", path=name, hint=f"pass {name}.long()")
+        if kind == "mask" and t.is_complex():
+            raise InputError(f"expected a bool, integer or float mask, got {t.dtype}", path=name)
+        if t.device != device:
+            raise InputError(f"{name} is on {t.device} but input_ids is on {device}", path=name,
+                             hint="put every tensor of the batch on one device")
+    if modality_embeddings is None:
+        return
+    if not isinstance(modality_embeddings, dict):
+        raise InputError(f"expected a mapping of modality name to (items * tokens, hidden) embeddings, got "
+                         f"{type(modality_embeddings).__name__}", path="modality_embeddings")
+    hidden = getattr(model.language_model, "hidden_size", None)
+    known = [n for n, m in model.modalities.items() if m.has_input]
+    for name, value in modality_embeddings.items():
+        path = f"modality_embeddings.{name}"
+        if name not in known:
+            raise InputError(f"unknown input modality {name!r}", path=path,
+                             hint=f"this model's input modalities are: {', '.join(known) or 'none'}")
+        if modality_inputs and name in modality_inputs:
+            raise InputError("given both as modality_embeddings and as modality_inputs", path=path,
+                             hint="pass a modality's items once: encoded (embeddings) or raw (inputs)")
+        t = _tensor(value, path, "embeddings (N, hidden)")
+        if not t.is_floating_point():
+            raise InputError(f"expected floating-point embeddings, got {t.dtype}", path=path)
+        if t.dim() != 2 or (hidden is not None and t.shape[1] != hidden):
+            raise InputError(f"expected shape (N, {hidden if hidden is not None else 'hidden'}) (one row per "
+                             f"placeholder, the language model's hidden_size wide), got {tuple(t.shape)}", path=path)
+        if t.device != device:
+            raise InputError(f"{path} is on {t.device} but input_ids is on {device}", path=path,
+                             hint="put every tensor of the batch on one device")
+
+
+def expected_placeholders(model, modality_inputs: dict, modality_embeddings: dict | None,
+                          output_targets: dict | None) -> dict[str, tuple[int, int]]:
+    """argument path -> (token id, how many of it input_ids must hold), from shapes only."""
+    out: dict[str, tuple[int, int]] = {}
+    for name, mod in model.modalities.items():
+        if mod.has_input and mod.special_token_id is not None:
+            if modality_embeddings and name in modality_embeddings:
+                out[f"modality_embeddings.{name}"] = (mod.special_token_id, int(modality_embeddings[name].shape[0]))
+            elif name in modality_inputs:
+                inputs = modality_inputs[name]
+                n_items = next(iter(next(iter(inputs.values())).values())).shape[0]
+                out[f"modality_inputs.{name}"] = (mod.special_token_id, int(n_items) * mod.tokens_per_item(inputs))
+            else:
+                out[f"modality_inputs.{name}"] = (mod.special_token_id, 0)
+        if output_targets and name in output_targets and mod.generation_token_id is not None:
+            count = int(output_targets[name].shape[0]) * mod.num_generation_tokens
+            out[f"output_targets.{name}"] = (mod.generation_token_id, count)
+    return out
+
+
+def check_values(model, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None,
+                 placeholders: dict[str, tuple[int, int]] | None = None) -> None:
+    """Raise InputError for ids outside the vocabulary, labels outside it (other than -100), negative
+    positions (or past max_seq_len with learned positions) and placeholder counts that do not match
+    the items. Eager mode only: one host sync for all of it; nothing while compiling."""
+    if torch.compiler.is_compiling() or input_ids.numel() == 0 or input_ids.is_meta:
+        return
+    lm = model.language_model
+    stats = [*torch.aminmax(input_ids)]
+    if labels is not None:
+        stats += torch.aminmax(labels.masked_fill(labels == IGNORE_INDEX, 0))
+    if position_ids is not None:
+        stats += torch.aminmax(position_ids)
+    placeholders = placeholders or {}
+    stats += [(input_ids == token).sum() for token, _ in placeholders.values()]
+    values = torch.stack([s.to(torch.int64) for s in stats]).tolist()  # the one host sync
+    vocab = getattr(lm, "vocab_size", None)
+    low, high = values[0], values[1]
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab if vocab is not None else '...'})",
+                         path="input_ids", hint="every id must be below model.params.vocab_size and not negative")
+    rest = values[2:]
+    if labels is not None:
+        (low, high), rest = rest[:2], rest[2:]
+        if low < 0 or (vocab is not None and high >= vocab):
+            bad = low if low < 0 else high
+            raise InputError(f"label {bad} is outside the vocabulary [0, {vocab}) and is not the ignore "
+                             f"index {IGNORE_INDEX}", path="labels",
+                             hint=f"use token ids, or {IGNORE_INDEX} where no loss is taken")
+    if position_ids is not None:
+        (low, high), rest = rest[:2], rest[2:]
+        limit = lm.max_seq_len if getattr(lm, "position_embedding_kind", None) == "learned" else None
+        if low < 0 or (limit is not None and high >= limit):
+            raise InputError(f"position {low if low < 0 else high} is outside [0, {limit if limit else '...'})",
+                             path="position_ids", hint="positions count from 0"
+                             + (f" and stay below max_seq_len {limit} (learned positions)" if limit else ""))
+    for (path, (token, want)), have in zip(placeholders.items(), rest):
+        if have != want:
+            what = "generation" if path.startswith("output_targets") else "placeholder"
+            raise InputError(f"input_ids hold {have} {what} tokens (id {token}) but {want} "
+                             f"{'embeddings are' if what == 'placeholder' else 'target tokens are'} given",
+                             path=path, hint="one placeholder per embedding, in sample order")
