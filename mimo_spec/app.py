@@ -6,12 +6,14 @@ Python traceback unless ``debug=true`` or ``HYDRA_FULL_ERROR=1``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from mimo_spec.errors import ConfigError
+from mimo_spec.rundir import write_text_atomic  # noqa: F401  (app.write_text_atomic stays importable)
 
 ACTIONS = ("train", "eval", "generate", "summary", "validate", "list", "print", "import", "layout")
 EXIT_CONFIG_ERROR = 2
@@ -30,25 +32,22 @@ def format_error(err: ConfigError) -> str:
     return "\n".join(lines)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that it is either complete or absent (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_run_record(cfg, overrides: list[str], spec, out_dir: Path) -> None:
-    """Resolved config, overrides, spec tree and versions: enough to rebuild the same model."""
+    """Resolved config, overrides, spec tree and versions: enough to rebuild the same model.
+
+    Values read from the environment (``${oc.env:...}``) stay unresolved: no secret in clear.
+    """
     import torch
     from omegaconf import OmegaConf
 
     import mimo_spec
+    from mimo_spec.rundir import raw_overrides, record_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = record_config(cfg)
     resolved.pop("hydra", None)
     write_text_atomic(out_dir / "resolved_config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    write_text_atomic(out_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    write_text_atomic(out_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(raw_overrides(overrides))))
     write_text_atomic(out_dir / "spec.yaml", spec.to_yaml())
     versions = {"mimo_spec": mimo_spec.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
     write_text_atomic(out_dir / "versions.json", json.dumps(versions, indent=2) + "\n")
@@ -99,35 +98,72 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
     from mimo_spec.builders import build_model
 
     if action == "import":  # the config to check is the one being imported
-        from mimo_spec import jobs
+        from mimo_spec import jobs, rundir
 
-        return jobs.run_import(cfg, out_dir or Path("."))
+        with rundir.holding(out_dir):
+            return jobs.run_import(cfg, out_dir or Path("."))
     if action == "layout":  # the rank map for any world size, without starting a process
         from mimo_spec.parallel.layout import run_layout_action
 
         return run_layout_action(cfg)
     model = build_model(cfg, device="meta", dtype=cfg.get("dtype"))
-    if out_dir is not None:
-        write_run_record(cfg, overrides, model.spec, out_dir)
+
+    def record() -> None:
+        if out_dir is not None:
+            write_run_record(cfg, overrides, model.spec, out_dir)
+
     if action == "validate":
         from mimo_spec.jobs import check_run_config
 
-        check_run_config(cfg)
+        check_run_config(cfg, model)  # the model (on meta) sizes the memory checks
         if "data" in cfg:  # the tokenizer must fit the LM's vocabulary and miss the placeholders
             from mimo_spec.train.tokenizer import build_tokenizer
 
             build_tokenizer(cfg.data, model)
+        _record_if_new(record, out_dir)
         print(f"config is valid: {sum(p.numel() for p in model.parameters()):,} parameters")
         return 0
-    if action in ("train", "eval", "generate", "import"):
-        from mimo_spec import jobs
-
-        return getattr(jobs, f"run_{action}")(cfg, out_dir or Path("."))
+    if action in ("train", "eval", "generate"):
+        return _run_job(action, cfg, out_dir, record)
     from mimo_spec.builders.build import parse_dtype
     from mimo_spec.summary import render_summary
 
     print(render_summary(model, parse_dtype(cfg.get("dtype")) or _float32(), depth=cfg.get("summary", {}).get("depth", 3)))
+    _record_if_new(record, out_dir)
     return 0
+
+
+def _record_if_new(record, out_dir: Path | None) -> None:
+    """Read-only actions (validate, summary) record their config only in a directory that holds no
+    record and no training run: they never replace the record of a run that lives there."""
+    from mimo_spec.rundir import has_record, holds_training_run, is_main_process
+
+    if out_dir is not None and is_main_process() and not has_record(out_dir) and not holds_training_run(out_dir):
+        record()
+
+
+def _run_job(action: str, cfg, out_dir: Path | None, record) -> int:
+    """train, eval, generate: one process (rank 0) holds the run directory's lock while the job runs.
+
+    A training run writes its record once it has passed every check (config, data, the resume
+    check) and starts; eval and generate write theirs when they are done, and never over the
+    record of a training run in the same directory.
+    """
+    from mimo_spec import jobs, rundir
+
+    with rundir.holding(out_dir) as lock:
+        out_dir = out_dir or Path(".")
+        try:
+            if action == "train":
+                if lock is not None:
+                    rundir.record_when_started(out_dir, record)
+                return jobs.run_train(cfg, out_dir)
+            code = getattr(jobs, f"run_{action}")(cfg, out_dir)
+            if not code and lock is not None and not rundir.holds_training_run(out_dir):
+                record()
+            return code
+        finally:
+            rundir.forget_record(out_dir)
 
 
 def _float32():
@@ -140,10 +176,10 @@ def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from mimo_spec.config import apply_module_swaps
+    from mimo_spec.config import apply_module_swaps, task_overrides
 
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    overrides = task_overrides(hc.overrides.task)  # an override whose ${...} fails is named by the config's check
     if hc.mode == RunMode.MULTIRUN:  # one job of a sweep: record a failure, don't end the sweep
         from mimo_spec.sweep import run_sweep_job
 
@@ -199,10 +235,18 @@ def _plain_run(argv: list[str]) -> bool:
     return not any("MULTIRUN" in f.read_text() for f in CONF_DIR.rglob("*.yaml"))
 
 
-def _skip_mode_probe() -> None:
+@contextlib.contextmanager
+def _skip_mode_probe(skip: bool):
+    """Within this block (when ``skip``), Hydra takes the mode probe's answer as "not set"."""
     from hydra._internal.hydra import Hydra
 
-    Hydra.get_mode = lambda self, config_name, overrides: None
+    original = Hydra.__dict__["get_mode"]
+    if skip:
+        Hydra.get_mode = lambda self, config_name, overrides: None
+    try:
+        yield
+    finally:
+        Hydra.get_mode = original
 
 
 def main() -> None:
@@ -220,11 +264,13 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we decide how to show them
     from mimo_spec.config import CONF_DIR
 
-    if _plain_run(argv):
-        _skip_mode_probe()
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
+    from mimo_spec.hydra_guard import guarded
+
     try:
-        task()
+        # every YAML file and every composed config is checked before Hydra acts on it
+        with guarded(), _skip_mode_probe(_plain_run(argv)):
+            task()
         from mimo_spec.sweep import sweep_exit_code
 
         code = sweep_exit_code()  # a multirun with failed jobs: 1, or 2 when all failures were config errors
@@ -240,6 +286,12 @@ def main() -> None:
         if not debug and isinstance(e, ValueError) and str(e).startswith(("Only one of --run", "The --resolve")):
             err = ConfigError(str(e), path="command line", hint="give one of -m, --cfg, --info per command")
             print(format_error(err), file=sys.stderr)  # Hydra's own check of its flags
+            sys.exit(EXIT_CONFIG_ERROR)
+        from mimo_spec.rundir import run_dir_error
+
+        err = None if debug else run_dir_error(e)  # Hydra could not create hydra.run.dir (a file there?)
+        if err is not None:
+            print(format_error(err), file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
         from mimo_spec.sweep import end_broken_sweep
 

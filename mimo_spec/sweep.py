@@ -47,8 +47,30 @@ _running: dict[str, str] | None = None
 def run_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | None:
     """Run one job of a sweep and record how it ended; returns the objective (for Optuna).
 
-    Nothing escapes: raising (or ``sys.exit``) here would stop the whole sweep.
+    Nothing escapes: raising (or ``sys.exit``) here would stop the whole sweep. The job holds
+    its directory's lock throughout; a job whose directory another process is using writes
+    nothing there (its error goes to stderr).
     """
+    from mimo_spec.app import format_error
+    from mimo_spec.rundir import lock_run_dir
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(out_dir)
+    except (ConfigError, OSError) as e:
+        from mimo_spec.errors import storage_error
+
+        print(format_error(e if isinstance(e, ConfigError) else storage_error(e)), file=sys.stderr)
+        return None
+    outermost = lock is not None and lock._count == 1
+    try:
+        return _run_locked_sweep_job(cfg, overrides, out_dir)
+    finally:
+        if lock is not None:
+            lock.release(everything=outermost)
+
+
+def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | None:
     from mimo_spec.app import format_error, run
     from mimo_spec.config import apply_module_swaps
 

@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 
 class MetricsWriter:
-    """Appends one row per logged step to ``metrics.csv`` and to TensorBoard under ``tb/``."""
+    """Appends one row per logged step to ``metrics.csv`` and to TensorBoard under ``tb/``.
+
+    The file only ever grows by whole rows (one write each), or is replaced whole
+    (a new run's header, a resume's truncated copy: temporary file, fsync, rename):
+    a SIGKILL at any moment leaves a complete file. The writer holds the run
+    directory's lock (see :mod:`mimo_spec.rundir`) until :meth:`close`.
+    """
 
     def __init__(self, out_dir: Path, fields: list[str], resume: bool = False):
+        from mimo_spec.rundir import RunLock
+
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.csv"
         self.fields = fields
-        new = not (resume and self.path.exists())
-        self._file = open(self.path, "w" if new else "a", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
-        if new:
-            self._csv.writeheader()
+        self._lock = RunLock.acquire(self.out_dir)  # already ours when the CLI runs the job
+        try:
+            if not (resume and self.path.exists()):
+                _replace_rows(self.path, fields, [])
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -35,10 +47,23 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, row["step"])
 
+    def _open(self) -> None:
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=self.fields, extrasaction="ignore")
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self):  # a training run that raised never called close(): don't keep its directory locked
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            self._lock = None
+            lock.release()
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -91,12 +116,38 @@ class NullMetrics:
 
 
 def truncate_metrics(metrics: MetricsWriter, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be redone)."""
+    """Drop rows logged after the checkpoint we resume from (they will be redone).
+
+    The shortened copy replaces the file atomically; a row cut short by a kill is dropped.
+    """
     metrics._file.close()
-    rows = [r for r in read_metrics(metrics.path) if int(r["step"]) <= step]
-    with open(metrics.path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=metrics.fields)
-        w.writeheader()
-        w.writerows(rows)
-    metrics._file = open(metrics.path, "a", newline="")
-    metrics._csv = csv.DictWriter(metrics._file, fieldnames=metrics.fields, extrasaction="ignore")
+    rows = [r for r in _complete_rows(metrics.path) if int(r["step"]) <= step]
+    _replace_rows(metrics.path, metrics.fields, rows)
+    metrics._open()
+
+
+def _complete_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of ``path`` that were written whole (a last line without its newline was cut short)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = []
+    for r in csv.DictReader(io.StringIO(text, newline="")):
+        step = (r.get("step") or "").strip()
+        if step.isdigit():
+            rows.append(r)
+    return rows
+
+
+def _replace_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    from mimo_spec.rundir import remove_stale_temporaries, write_text_atomic
+
+    remove_stale_temporaries(path)  # a rewrite killed midway left one (we hold the run's lock)
+    out = io.StringIO(newline="")
+    w = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, out.getvalue())
