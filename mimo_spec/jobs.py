@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mimo_spec.errors import ConfigError
+from mimo_spec.rundir import write_text_atomic
 
 
 def _console():
@@ -33,20 +34,56 @@ def run_train(cfg: DictConfig, out_dir: Path) -> int:
     return 0
 
 
-def check_run_config(cfg: DictConfig) -> None:
-    """The train and data sections, checked together (one error listing every problem)."""
+def check_run_config(cfg: DictConfig, model=None) -> None:
+    """The train, data, eval and generate sections and the top-level seed, checked together (one
+    error listing every problem), then what the run would need against this machine's memory.
+
+    ``model``: the config's model (e.g. built on the meta device by ``action=validate``); with it,
+    a training step's memory and ``generate.max_new_tokens`` are checked against it too.
+    """
     from mimo_spec.errors import ProblemCollector
     from mimo_spec.train.data import validate_data_config
-    from mimo_spec.train.schema import validate_train_config
+    from mimo_spec.train.schema import SEED_MAX, validate_eval_config, validate_generate_config, validate_train_config
 
     problems = ProblemCollector()
-    for section, check in (("train", validate_train_config), ("data", validate_data_config)):
+    checked = {}
+    for section, check in (("train", validate_train_config), ("data", validate_data_config),
+                           ("eval", validate_eval_config), ("generate", validate_generate_config)):
         if section in cfg:
             try:
-                check(cfg[section])
+                checked[section] = check(cfg[section])
             except ConfigError as e:
                 problems.extend(e)
+    seed = cfg.get("seed", 0)
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX):
+        problems.add("seed", f"expected an integer in [0, 2**63), got {type(seed).__name__} {seed!r}",
+                     "set seed=0 (or any integer below 2**63)")
     problems.raise_if_any()
+    check_run_resources(cfg, checked, model)
+
+
+def check_run_resources(cfg: DictConfig, checked: dict, model=None) -> None:
+    """What a run would allocate, estimated from the config (and ``model``), against this machine's memory."""
+    from mimo_spec.train.limits import check_step_memory, machine_memory, require_fits
+
+    data = checked.get("data")
+    if data is not None and getattr(data, "source", None) == "synthetic":
+        require_fits(8 * data.num_samples, machine_memory(), f"the sample order of {data.num_samples:,} training "
+                     "samples", "data.num_samples", "lower data.num_samples (one epoch); more steps repeat the epochs")
+    if model is None:
+        return
+    lm_max = getattr(getattr(model, "language_model", None), "max_seq_len", None)
+    gen = checked.get("generate")
+    if gen is not None and lm_max and gen.max_new_tokens > int(lm_max):
+        raise ConfigError(f"{gen.max_new_tokens} new tokens exceed the language model's max_seq_len {lm_max} "
+                          "(prompt and answer share it)", path="generate.max_new_tokens",
+                          hint=f"set generate.max_new_tokens below {lm_max}")
+    train = checked.get("train")
+    if train is not None and data is not None:
+        # without the data: a sample is at least its token ids and labels (int64) at a floor of 16 tokens
+        tokens = min(16, int(data.max_seq_len or lm_max or 16))
+        check_step_memory(model, None, train.model_dump(), "cpu", sample=(16.0 * tokens, float(tokens)),
+                          host_only=True)
 
 
 def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
@@ -63,11 +100,14 @@ def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
             raise ConfigError(f"no checkpoint found in {path}", path=f"{key}.checkpoint",
                               hint="give a run directory or a checkpoints/step_NNNNNN folder")
         path = found[-1]
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path / 'state.json'}: {e}", path=f"{key}.checkpoint") from None
-    return path, OmegaConf.create(state["config"])
+    from mimo_spec.errors import CheckpointError
+    from mimo_spec.train.checkpoint import read_state
+
+    config = read_state(path).get("config")  # a damaged or foreign state.json is a checkpoint error
+    if not isinstance(config, dict):
+        raise CheckpointError("state.json holds no training config (a 'config' object)", path=str(path / "state.json"),
+                              hint="point at a checkpoint written by mimo-spec's train action")
+    return path, OmegaConf.create(config)
 
 
 def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
@@ -95,7 +135,16 @@ def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
 
 def run_eval(cfg: DictConfig, out_dir: Path) -> int:
     """Held-out loss of a checkpoint; under torchrun the model is sharded by this command's ``parallel``
-    layout (pipeline and split layouts evaluate each data-parallel rank's share) and rank 0 writes."""
+    layout (pipeline and split layouts evaluate each data-parallel rank's share) and rank 0 writes.
+    SIGTERM ends it at once (exit 128 + signal): an evaluation has nothing to save."""
+    from mimo_spec.train.limits import JobSignals
+
+    check_run_config(cfg)
+    with JobSignals("evaluating"):
+        return _run_eval(cfg, out_dir)
+
+
+def _run_eval(cfg: DictConfig, out_dir: Path) -> int:
     from mimo_spec.parallel.apply import start_parallel
     from mimo_spec.train.data import build_dataset, collate
     from mimo_spec.train.loop import evaluate, model_max_len
@@ -123,13 +172,51 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> int:
     result["checkpoint"] = str(path)
     if drun is not None:
         result["layout"] = drun.layout.name
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.2f}  "
           f"({result['eval_tokens']} tokens, {path})")
     return 0
 
 
 def run_generate(cfg: DictConfig, out_dir: Path) -> int:
+    """Continue ``generate.prompt`` from a checkpoint. SIGTERM ends it at once (exit 128 + signal)."""
+    from mimo_spec.train.limits import JobSignals
+
+    check_run_config(cfg)
+    with JobSignals("generating"):
+        return _run_generate(cfg, out_dir)
+
+
+def _new_tokens(model, prompt_tokens: int, asked: int, device) -> int:
+    """``generate.max_new_tokens``, clamped (with a note) to what the LM's max_seq_len leaves after the prompt;
+    refused when even the prompt does not fit, or when the cache cannot fit in memory."""
+    import sys
+
+    from mimo_spec.errors import InputError
+    from mimo_spec.train.limits import check_generation_memory
+
+    lm_max = getattr(model.language_model, "max_seq_len", None)
+    extra = sum(m.num_generation_tokens for m in model.modalities.values() if m.has_output)
+    if lm_max:
+        lm_max = int(lm_max)
+        if asked > lm_max:
+            raise ConfigError(f"{asked} new tokens exceed the language model's max_seq_len {lm_max} (prompt and "
+                              "answer share it)", path="generate.max_new_tokens",
+                              hint=f"set generate.max_new_tokens to at most {max(1, lm_max - prompt_tokens - extra)}")
+        room = lm_max - prompt_tokens - extra
+        if room < 1:
+            raise InputError(f"the prompt takes {prompt_tokens} tokens" + (f" (+{extra} for an output item)" if extra
+                             else "") + f", leaving no room for an answer in the language model's max_seq_len "
+                             f"{lm_max}", path="generate.prompt", hint="shorten the prompt or give fewer files")
+        if asked > room:
+            print(f"note: generate.max_new_tokens={asked} does not fit after the {prompt_tokens}-token prompt in the "
+                  f"language model's max_seq_len {lm_max}: generating at most {room} tokens", file=sys.stderr)
+            asked = room
+    check_generation_memory(model, prompt_tokens + extra, asked, device)
+    return asked
+
+
+def _run_generate(cfg: DictConfig, out_dir: Path) -> int:
     from mimo_spec.train.data import encode_prompt
     from mimo_spec.train.generate import generate, save_image, start_parallel_generation
     from mimo_spec.train.loop import to_device
@@ -143,7 +230,8 @@ def run_generate(cfg: DictConfig, out_dir: Path) -> int:
     main = drun is None or drun.rank == 0
     device = next(model.parameters()).device
     input_ids, modality_inputs = to_device(input_ids, device), to_device(modality_inputs, device)
-    out = generate(model, input_ids, modality_inputs, max_new_tokens=int(g.max_new_tokens), strategy=g.strategy,
+    max_new = _new_tokens(model, int(input_ids.shape[1]), int(g.max_new_tokens), device)  # before the KV cache
+    out = generate(model, input_ids, modality_inputs, max_new_tokens=max_new, strategy=g.strategy,
                    temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
                    eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed))
     if not main:  # rank 0 prints and writes the outputs
@@ -159,7 +247,7 @@ def run_generate(cfg: DictConfig, out_dir: Path) -> int:
                 save_image(item, file)
                 record["outputs"].setdefault(name, []).append(str(file))
                 print(f"{name}: wrote {file}")
-    (out_dir / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out_dir / "generation.json", json.dumps(record, indent=2) + "\n")
     return 0
 
 

@@ -79,6 +79,9 @@ def run_device(requested: str | None = None):
     import torch
 
     if requested:
+        from mimo_spec.train.schema import check_device
+
+        check_device(requested)  # a clean error naming train.device for tpu0, meta, cuda without a GPU
         return torch.device(requested)
     if not torch.cuda.is_available():
         return torch.device("cpu")

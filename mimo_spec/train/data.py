@@ -19,13 +19,13 @@ A sample (what ``dataset[i]`` returns; the same index always gives the same samp
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mimo_spec.errors import ConfigError, InputError, Problem, did_you_mean
+from mimo_spec.errors import ConfigError, DataError, InputError, Problem, did_you_mean
 from mimo_spec.train.preprocess import CLIP_MEAN, CLIP_STD
 from mimo_spec.train.tokenizer import IGNORE_INDEX, ChatTemplate
 
@@ -37,7 +37,7 @@ SOURCES = ("synthetic", "llava_json")
 class TemplateConfig(BaseModel):
     """``data.template``: the chat layout (see ``ChatTemplate``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     system: str = ""
     user_prefix: str = "USER: "
     user_suffix: str = " "
@@ -49,9 +49,9 @@ class TemplateConfig(BaseModel):
 
 
 class CommonDataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan are refused in every float
     source: str = "synthetic"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     # "byte" (built in) or a local Hugging Face tokenizer directory
     tokenizer: str = "byte"
     # byte tokenizer: bos/eos/pad ids are special_tokens_start .. special_tokens_start + 2
@@ -60,7 +60,7 @@ class CommonDataConfig(BaseModel):
     max_seq_len: int | None = Field(None, ge=8)
     template: TemplateConfig = TemplateConfig()
     image_mean: list[float] = Field(default_factory=lambda: list(CLIP_MEAN), min_length=1)
-    image_std: list[float] = Field(default_factory=lambda: list(CLIP_STD), min_length=1)
+    image_std: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: list(CLIP_STD), min_length=1)
 
 
 class SyntheticDataConfig(CommonDataConfig):
@@ -227,7 +227,7 @@ def encode_prompt(prompt: str, model, tokenizer, data_cfg, *, images=(), audio=(
 def _cat_items(parts: list[torch.Tensor], where: str) -> torch.Tensor:
     shapes = {tuple(p.shape[1:]) for p in parts}
     if len(shapes) > 1:
-        raise InputError(f"items of different shapes {sorted(shapes)} cannot share a batch", path=where,
+        raise DataError(f"items of different shapes {sorted(shapes)} cannot share a batch", path=where,
                          hint="resize images / pad audio features to one shape")
     return torch.cat(parts, dim=0)
 

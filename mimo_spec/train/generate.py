@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
+
+from mimo_spec.errors import InputError
+
+STRATEGIES = ("greedy", "sample")
 
 
 @dataclass
@@ -21,9 +27,29 @@ class Generation:
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
+def check_sampling(strategy: str, temperature: float, top_k: int, top_p: float, max_new_tokens: int = 1) -> None:
+    """Refuse settings ``generate`` does not implement or that make no sense (an InputError naming the argument)."""
+    if strategy not in STRATEGIES:
+        raise InputError(f"unknown strategy {strategy!r}: implemented are {', '.join(STRATEGIES)}", path="strategy",
+                         hint="greedy picks the most likely token; sample draws with temperature / top_k / top_p")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"expected a positive integer, got {max_new_tokens!r}", path="max_new_tokens")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise InputError(f"expected an integer >= 0 (0: off), got {top_k!r}", path="top_k")
+    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise InputError(f"expected a number in (0, 1] (1: off), got {top_p!r}", path="top_p")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"expected a finite number >= 0, got {temperature!r}", path="temperature")
+    if strategy == "sample" and temperature <= 0:
+        raise InputError("must be greater than 0 when sampling", path="temperature",
+                         hint="strategy=greedy picks the most likely token")
+
+
 def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0,
               top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
+    if strategy not in STRATEGIES:
+        check_sampling(strategy, temperature, top_k, top_p)
     if strategy == "greedy":
         return logits.argmax(dim=-1)
     logits = logits.float() / max(temperature, 1e-5)
@@ -70,6 +96,7 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     are decoded into the item (e.g. an image). ``use_cache=False`` recomputes the
     whole sequence every step (the reference the cache must match).
     """
+    check_sampling(strategy, temperature, top_k, top_p, max_new_tokens)
     model.eval()
     lm = model.language_model
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -77,6 +104,10 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     extra = sum(m.num_generation_tokens for _, m in outputs_by_token.values())
     embeds = model.embed_inputs(input_ids, modality_inputs)  # (1, S, H)
     max_len = embeds.shape[1] + max_new_tokens + extra
+    if use_cache:  # refuse a cache that cannot fit before allocating it
+        from mimo_spec.train.limits import check_generation_memory
+
+        check_generation_memory(model, embeds.shape[1] + extra, max_new_tokens, embeds.device)
     cache = lm.new_kv_cache(1, max_len) if use_cache else None
     hidden = lm(embeds, kv_cache=cache)
     result = Generation(tokens=[])

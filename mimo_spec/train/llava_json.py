@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mimo_spec.errors import InputError, Problem
+from mimo_spec.errors import DataError, InputError, Problem
 from mimo_spec.train.preprocess import MediaProcessor
 from mimo_spec.train.tokenizer import IGNORE_INDEX, Tag, encode_conversation, reserved_token_ids, resolve_path
 
@@ -38,10 +38,15 @@ MAX_PROBLEMS = 20  # problems reported at once before giving up on the file
 
 
 def read_records(path: Path, key: str = "data.path") -> list[dict]:
-    """The samples of a JSON list or JSONL file. Raises InputError naming the file (and line, column)."""
+    """The samples of a JSON list or JSONL file. Raises DataError naming the file (and line, column)."""
     if not path.is_file():
-        raise InputError(f"data file not found: {path}", path=key,
+        raise DataError(f"data file not found: {path}", path=key,
                          hint="relative paths resolve against the directory the run was started in")
+    from mimo_spec.train.limits import machine_memory, require_fits
+
+    # the text and the parsed records are both held: at least twice the file's size
+    require_fits(2 * path.stat().st_size, machine_memory(), f"reading {path}", key,
+                 "split the file into smaller ones, or use data.max_samples on a shorter copy", cls=DataError)
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         records = []
@@ -50,16 +55,16 @@ def read_records(path: Path, key: str = "data.path") -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise InputError(f"{path}: not valid JSON at line {lineno}, column {e.colno}: {e.msg}",
+                    raise DataError(f"{path}: not valid JSON at line {lineno}, column {e.colno}: {e.msg}",
                                      path=key, hint="each line of a .jsonl file is one JSON object") from None
         return records
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}", path=key,
+        raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}", path=key,
                          hint="check it with: python -m json.tool FILE") from None
     if not isinstance(records, list):
-        raise InputError(f"{path}: expected a JSON list of samples, got a {type(records).__name__}", path=key,
+        raise DataError(f"{path}: expected a JSON list of samples, got a {type(records).__name__}", path=key,
                          hint='[{"id": ..., "image": ..., "conversations": [...]}, ...]')
     return records
 
@@ -70,7 +75,7 @@ def _file_list(rec: dict, one: str, many: str, where: str) -> list[str]:
         return []
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise InputError(f"{one!r} / {many!r} must be a path or a list of paths, got {value!r}", path=where)
+        raise DataError(f"{one!r} / {many!r} must be a path or a list of paths, got {value!r}", path=where)
     return values
 
 
@@ -119,11 +124,11 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             if sample is not None:
                 self.samples.append(sample)
         if problems:
-            raise InputError(problems)
+            raise DataError(problems)
         self.drop_reasons = dict(self.drop_reasons)
         if split == "train" and not self.samples:
             reasons = ", ".join(f"{k}: {v}" for k, v in self.drop_reasons.items())
-            raise InputError(f"no training samples in {self.file}" + (f": all {self.num_dropped} dropped ({reasons})"
+            raise DataError(f"no training samples in {self.file}" + (f": all {self.num_dropped} dropped ({reasons})"
                                                                       if self.num_dropped else ""),
                              path="data.path", hint="raise data.max_seq_len or use truncation: truncate"
                              if self.num_dropped else "the file holds no samples")
@@ -152,15 +157,15 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     def _prepare(self, rec, where: str) -> dict | None:
         """A record -> {input_ids, labels (int32), images, audio, where}; None when dropped."""
         if not isinstance(rec, dict):
-            raise InputError(f"expected a JSON object, got {type(rec).__name__}", path=where)
+            raise DataError(f"expected a JSON object, got {type(rec).__name__}", path=where)
         conv = rec.get("conversations")
         if not isinstance(conv, list) or not conv:
-            raise InputError("missing or empty 'conversations'", path=where,
+            raise DataError("missing or empty 'conversations'", path=where,
                              hint='"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]')
         turns = []
         for k, turn in enumerate(conv):
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
-                raise InputError(f"conversations[{k}] must be {{\"from\": human|gpt|system, \"value\": text}}, got "
+                raise DataError(f"conversations[{k}] must be {{\"from\": human|gpt|system, \"value\": text}}, got "
                                  f"{str(turn)[:80]}", path=where)
             turns.append([ROLES[turn["from"]], turn["value"]])
         files = {}
@@ -169,24 +174,24 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             names = _file_list(rec, one, many, where)
             n_tags = sum(t[1].count(tag) for t in turns)
             if (names or n_tags) and tag not in self.tags:
-                raise InputError(f"the sample has {one} input but the model has no {one} modality", path=where,
+                raise DataError(f"the sample has {one} input but the model has no {one} modality", path=where,
                                  hint=f"add one, e.g. modality=[{'vision_clip' if one == 'image' else 'audio_whisper'}]"
                                       f", or remove the {one} samples")
             if names and n_tags == 0:  # LLaVA: the files go in front of the first user turn
                 first = next((t for t in turns if t[0] == "user"), turns[0])
                 first[1] = f"{tag}\n" * len(names) + first[1]
             elif n_tags != len(names):
-                raise InputError(f"{n_tags} {tag} tag(s) in the text but {len(names)} {one} file(s)", path=where,
+                raise DataError(f"{n_tags} {tag} tag(s) in the text but {len(names)} {one} file(s)", path=where,
                                  hint=f"each {tag} takes the next path of {one!r}/{many!r}, in order")
             paths = [root / p for p in names]
             if self.cfg.check_files:
                 for p in paths:
                     if not p.is_file():
-                        raise InputError(f"{one} file not found: {p}", path=where,
+                        raise DataError(f"{one} file not found: {p}", path=where,
                                          hint=f"check data.{one}_folder (now {root})")
             files[tag] = paths
         if not any(r == "assistant" and v.strip() for r, v in turns):
-            raise InputError("no assistant answer: nothing to train on", path=where,
+            raise DataError("no assistant answer: nothing to train on", path=where,
                              hint="every sample needs at least one non-empty gpt turn")
         enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.template,
                                   reserved=self.reserved, where=where)
@@ -204,7 +209,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                     files[tag] = paths[: sum(1 for r in kept if r[0] == self.tags[tag].modality)]
             self.num_truncated += 1
         if not any(lab != IGNORE_INDEX for lab in labels[1:]):
-            raise InputError(f"no trainable tokens left after truncating to {self.max_len} tokens", path=where,
+            raise DataError(f"no trainable tokens left after truncating to {self.max_len} tokens", path=where,
                              hint="the answers start past the limit: raise data.max_seq_len, use "
                                   "truncation: drop, or shorten the sample")
         return {"input_ids": torch.tensor(ids, dtype=torch.int32), "labels": torch.tensor(labels, dtype=torch.int32),

@@ -2,8 +2,10 @@
 
 Resuming restores model, optimizer, schedule (a function of the step), RNG and
 the data position, so a run stopped at step k and resumed reproduces the
-uninterrupted run's losses exactly on CPU. SIGTERM saves a checkpoint and
-ends the run cleanly (exit 0).
+uninterrupted run's losses exactly on CPU. SIGTERM in the loop (even mid-step,
+mid-evaluation or mid-save) saves a checkpoint of the last complete step and
+ends the run cleanly (exit 0); before the loop it ends the job at once (exit
+143, nothing to save). A non-finite loss ends it with a config error (exit 2).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mimo_spec.errors import ConfigError, InputError
+from mimo_spec.errors import ConfigError
 from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mimo_spec.train.metrics import MetricsWriter, NullMetrics, plot_loss, read_metrics, truncate_metrics
 from mimo_spec.train.progress import Silent, log_line, progress_display, say
@@ -40,19 +42,28 @@ class DataStream:
     """
 
     def __init__(self, dataset, seed: int, position: int = 0):
+        from mimo_spec.errors import DataError
+        from mimo_spec.train.limits import machine_memory, require_fits
+
         if len(dataset) == 0:
-            raise InputError("the training set is empty", path="data", hint="check data.path / data.num_samples")
+            raise DataError("the training set is empty", path="data", hint="check data.path / data.num_samples")
+        # an epoch's order is one int64 permutation of the dataset, held in memory
+        require_fits(8 * len(dataset), machine_memory(), f"the sample order of {len(dataset):,} training samples",
+                     "data.num_samples", "lower data.num_samples (one epoch); more steps repeat the epochs")
         self.dataset, self.seed, self.position = dataset, seed, position
         self._epoch, self._order = -1, None
 
-    def take(self, n: int) -> list:
+    def take(self, n: int, check=None) -> list:
+        """The next ``n`` samples; ``check()`` (e.g. a signal poll) is called before each one."""
         out = []
         for _ in range(n):
+            if check is not None:
+                check()
             epoch, offset = divmod(self.position, len(self.dataset))
             if epoch != self._epoch:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._order, self._epoch = torch.randperm(len(self.dataset), generator=g).tolist(), epoch
-            out.append(self.dataset[self._order[offset]])
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
+                self._order, self._epoch = torch.randperm(len(self.dataset), generator=g), epoch
+            out.append(self.dataset[int(self._order[offset])])
             self.position += 1
         return out
 
@@ -82,22 +93,32 @@ def model_kwargs(batch: dict, device: torch.device) -> dict:
 
 
 def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | None, precision: str = "fp32",
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Token-weighted loss and perplexity over (the first ``max_batches`` batches of) ``dataset``."""
+             device: torch.device | str = "cpu", should_stop=None) -> dict[str, float]:
+    """Token-weighted loss and perplexity over (the first ``max_batches`` batches of) ``dataset``.
+
+    ``should_stop()`` is asked before each batch (every rank asks at the same batch); when it
+    answers true, :class:`~mimo_spec.train.limits.StopRequested` is raised.
+    """
+    from mimo_spec.train.limits import StopRequested
+
     model.eval()
     total_nll, total_tokens = 0.0, 0
     n = len(dataset)
     batches = range(0, n, batch_size)
-    with torch.no_grad(), _autocast(precision, device):
-        for b, start in enumerate(batches):
-            if max_batches and b >= max_batches:
-                break
-            batch = collate_fn([dataset[i] for i in range(start, min(n, start + batch_size))])
-            out = model(**model_kwargs(batch, device))
-            tokens = int(batch["num_tokens"])
-            total_nll += float(out.lm_loss) * tokens
-            total_tokens += tokens
-    model.train()
+    try:
+        with torch.no_grad(), _autocast(precision, device):
+            for b, start in enumerate(batches):
+                if max_batches and b >= max_batches:
+                    break
+                if should_stop is not None and should_stop():
+                    raise StopRequested()
+                batch = collate_fn([dataset[i] for i in range(start, min(n, start + batch_size))])
+                out = model(**model_kwargs(batch, device))
+                tokens = int(batch["num_tokens"])
+                total_nll += float(out.lm_loss) * tokens
+                total_tokens += tokens
+    finally:
+        model.train()
     loss = total_nll / max(total_tokens, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
 
@@ -110,19 +131,44 @@ RESUMABLE_CHANGES = ("action", "debug", "summary", "eval", "generate", "import_h
 
 
 def _resume_candidates(resume: str, out_dir: Path) -> list[Path]:
-    """Checkpoints to try, newest first."""
+    """Checkpoints to try, newest first.
+
+    Two runs never share a run directory: starting fresh (``none``) or from another run's
+    checkpoint in a directory that holds checkpoints is refused, and so is going back to an
+    older checkpoint of this directory while newer ones are there.
+    """
+    from mimo_spec.rundir import check_fresh_start
+
     if resume in (None, "", "none", False):
+        check_fresh_start(out_dir, "none")
         return []
     if resume == "auto":
         return list_checkpoints(out_dir / "checkpoints")[::-1]
     path = Path(resume)
     if (path / "state.json").exists():
-        return [path]
-    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        found = [path]
+    else:
+        found = (list_checkpoints(path / "checkpoints") or list_checkpoints(path))[::-1]
     if not found:
         raise ConfigError(f"no checkpoint found in {path}", path="train.resume",
                           hint="give a run directory, a checkpoints/step_NNNNNN folder, 'auto' or 'none'")
-    return found[::-1]
+    own = (out_dir / "checkpoints").resolve()
+    if found[0].resolve().parent != own:  # another run's checkpoint: only into a directory of its own
+        check_fresh_start(out_dir, resume, source=path)
+    else:
+        step = _step_of(found[0])
+        newer = [p.name for p in list_checkpoints(out_dir / "checkpoints") if _step_of(p) > step]
+        if newer:
+            raise ConfigError(f"train.resume={resume} goes back to {found[0].name} in {out_dir}, which also holds "
+                              f"newer checkpoints ({', '.join(newer)}): the two histories would mix",
+                              path="train.resume", hint="resume from it in a new directory (hydra.run.dir=<new dir> "
+                              f"train.resume={found[0]}), or delete the newer checkpoints first")
+    return found
+
+
+def _step_of(ckpt: Path) -> int:
+    digits = ckpt.name.rpartition("_")[2]
+    return int(digits) if digits.isdigit() else -1
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -141,58 +187,93 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _resume(resume, out_dir: Path, model, optimizer, current: dict, console, drun=None):
-    """Load the newest good checkpoint; a damaged one is reported and the previous one used."""
-    import json
+    """Load the newest good checkpoint; a damaged one (single-process or DCP) is reported and the
+    previous one used. Every read failure is a CheckpointError (load_checkpoint turns DCP's
+    CheckpointException, a BaseException, into one)."""
+    from mimo_spec.errors import CheckpointError
+    from mimo_spec.train.checkpoint import read_state
 
     damaged: list[str] = []
     for path in _resume_candidates(resume, out_dir):
         try:
-            saved = json.loads((path / "state.json").read_text()).get("config", {})
-        except (OSError, json.JSONDecodeError) as e:
+            state = read_state(path)
+            saved = state.get("config", {})
+            if not isinstance(saved, dict) or type(state.get("data_position")) is not int:
+                raise CheckpointError("corrupt state.json: no config object or data_position",
+                                      path=str(path / "state.json"))
+        except CheckpointError as e:
             say(console, f"warning: skipping damaged checkpoint {path}: {e}")
-            damaged.append(str(path))
+            damaged.append(f"{path} ({e.problems[0].path}: {e.problems[0].message})")
             continue
         changes = config_changes(saved, {k: v for k, v in current.items() if k != "hydra"})
         if changes:
             raise ConfigError(f"cannot resume from {path}: the config changed: " + "; ".join(changes[:10]),
-                              path="train.resume", hint="resume with the original config, or start fresh with "
-                              "train.resume=none (or a new run directory)")
+                              path="train.resume", hint="resume with the original config, or start a new run in a "
+                              "new directory (hydra.run.dir=<new dir>)")
         try:
             return path, load_checkpoint(path, model, optimizer, drun=drun)
-        except InputError as e:
+        except CheckpointError as e:
             say(console, f"warning: skipping damaged checkpoint {path}: {e}")
-            damaged.append(str(path))
+            damaged.append(f"{path} ({e.problems[0].path}: {e.problems[0].message})")
     if damaged:  # the model may hold half-loaded weights: never train on from there
-        raise InputError(f"every checkpoint is damaged: {', '.join(damaged)}", path="train.resume",
-                         hint="start fresh with train.resume=none")
+        raise CheckpointError(f"every checkpoint is damaged: {'; '.join(damaged)}", path="train.resume",
+                              hint="start a new run in a new directory (hydra.run.dir=<new dir>)")
     return None, None
 
 
-class _StopFlag:
-    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and returns."""
+class Diverged(ConfigError):
+    """The loss, the gradient norm or the weights became inf / nan: the run stops without saving them."""
 
-    def __init__(self):
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
 
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers
-                pass
-        return self
+def _diverged(what: str, step: int, ckpt_dir: Path) -> Diverged:
+    kept = list_checkpoints(ckpt_dir)
+    last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved before it"
+    return Diverged(f"{what} at step {step}: the training diverged; nothing from step {step} on was saved ({last})",
+                    path="train", hint="lower train.lr, set train.grad_clip (e.g. 1.0) or use train.precision=fp32, "
+                    "then start again in a new run directory")
 
-    def _handle(self, signum, frame):
-        self.signal = signum
 
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def _weights_finite(model, drun=None) -> bool:
+    """True when every weight is finite (on every rank: all ranks agree)."""
+    bad = False
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
+            bad = True
+            break
+    if drun is not None:
+        bad = drun.any_rank(bad)
+    return not bad
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), random.getstate(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    if state[2] is not None:
+        torch.cuda.set_rng_state_all(state[2])
 
 
 def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, Any]:
-    """Run the training job of ``cfg`` in ``out_dir``; returns the final metrics (also in metrics.json)."""
+    """Run the training job of ``cfg`` in ``out_dir``; returns the final metrics (also in metrics.json).
+
+    SIGTERM / SIGINT: before the loop, the job ends at once (exit 128 + signal, nothing to save);
+    in the loop, at the next sample, micro-batch, eval batch or step, with a checkpoint of the
+    last completed step (a step cut short is undone: data position and RNG as at its start).
+    A non-finite loss, gradient norm or weight stops the run with :class:`Diverged` (exit 2),
+    metrics.json saying ``failed``, and no checkpoint of the bad weights.
+    """
+    from mimo_spec.train.limits import JobSignals
+
+    with JobSignals("building the model and the data") as stop:
+        return _train(cfg, out_dir, console, stop)
+
+
+def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, Any]:
     from mimo_spec.builders import build_model
     from mimo_spec.train.data import build_dataset, collate
     from mimo_spec.train.tokenizer import build_tokenizer
@@ -235,9 +316,14 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     stop_after = int(tc.get("stop_after_steps") or 0)
     ckpt_cfg = tc.get("checkpoint", {})
     ckpt_every, keep_last = int(ckpt_cfg.get("every", 0)), int(ckpt_cfg.get("keep_last", 2))
+    from mimo_spec.train.limits import StopRequested, check_step_memory
+
+    check_step_memory(model, train_set, tc, device, world=drun.world_size if drun is not None else 1)
 
     start_step, position = 0, 0
-    current = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    from mimo_spec.rundir import record_config  # values from the environment (secrets) stay ${oc.env:...}
+
+    current = record_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     source, state = _resume(tc.get("resume", "auto"), out_dir, model, optimizer, current, console, drun)
     if source is not None:
         start_step, position = int(state["step"]), int(state["data_position"])
@@ -246,10 +332,19 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None) if main else NullMetrics()
     if source is not None and main:
         truncate_metrics(metrics, start_step)
+    if main:  # every check has passed: the run starts, and its record is written now
+        from mimo_spec.rundir import run_started
+
+        run_started(out_dir)
+
+    saved_at = {"step": start_step if source is not None else None}
 
     def save(step: int) -> Path:
+        if not _weights_finite(model, drun):  # never a checkpoint of inf / nan weights
+            raise _diverged("the weights are not finite", step, out_dir / "checkpoints")
+        saved_at["step"] = step
         extra = {"data_position": stream.position, "config": _plain(cfg) if isinstance(cfg, dict) else
-                 OmegaConf.to_container(cfg, resolve=True)}
+                 record_config(cfg)}
         extra["config"].pop("hydra", None)
         if drun is not None:
             from mimo_spec.train.checkpoint import save_distributed_checkpoint
@@ -263,39 +358,65 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     status, last_loss, tokens_per_s = "completed", float("nan"), 0.0
     t_start, tokens_seen = time.perf_counter(), 0
     progress = progress_display(console, steps, start_step)
-    with _StopFlag() as stop, progress:
+
+    def _loop() -> str:
+        nonlocal last_loss, tokens_per_s, tokens_seen
+        status = "completed"
         for step in range(start_step, steps):
             lr = set_lr(optimizer, step, tc)
             optimizer.zero_grad(set_to_none=True)
-            micro = [collate_fn(stream.take(batch_size)) for _ in range(accum)]
-            total_tokens = max(1, sum(int(b["num_tokens"]) for b in micro))
-            t0 = time.perf_counter()
-            step_loss = 0.0
-            for batch in micro:
-                if drun is not None and drun.split is not None:  # encoders on their own ranks (global batch)
+            position0, rng0 = stream.position, _rng_state()
+            try:
+                micro = []
+                for _ in range(accum):
+                    micro.append(collate_fn(stream.take(batch_size, poll)))
+                    vote()
+                total_tokens = max(1, sum(int(b["num_tokens"]) for b in micro))
+                t0 = time.perf_counter()
+                step_loss = 0.0
+                for n_micro, batch in enumerate(micro):
+                    if n_micro and poll is not None:
+                        poll()
+                    if drun is not None and drun.split is not None:  # encoders on their own ranks (global batch)
+                        with _autocast(precision, device):
+                            step_loss += drun.split.run(batch, total_tokens, train=True)
+                        continue
+                    if drun is not None:
+                        batch = drun.local_batch(batch, model)
+                    if drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
+                        with _autocast(precision, device):
+                            step_loss += drun.pipeline.train_batch(batch, total_tokens)
+                        continue
+                    model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
+                                         items_per_sample=batch.get("items_per_sample"))
                     with _autocast(precision, device):
-                        step_loss += drun.split.run(batch, total_tokens, train=True)
-                    continue
-                if drun is not None:
-                    batch = drun.local_batch(batch, model)
-                if drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
-                    with _autocast(precision, device):
-                        step_loss += drun.pipeline.train_batch(batch, total_tokens)
-                    continue
-                model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
-                                     items_per_sample=batch.get("items_per_sample"))
-                with _autocast(precision, device):
-                    out = model(**model_kwargs(batch, device))
-                # one global token count normalises every micro-batch's gradient
-                weight = int(batch["num_tokens"]) / total_tokens
-                (out.loss * weight).backward()
-                step_loss += float(out.loss.detach()) * weight
+                        out = model(**model_kwargs(batch, device))
+                    # one global token count normalises every micro-batch's gradient
+                    weight = int(batch["num_tokens"]) / total_tokens
+                    (out.loss * weight).backward()
+                    step_loss += float(out.loss.detach()) * weight
+            except StopRequested:  # undo the step cut short: data position, RNG and gradients as at its start
+                stream.position = position0
+                _set_rng_state(rng0)
+                optimizer.zero_grad(set_to_none=True)
+                if step > start_step and saved_at["step"] != step:
+                    save(step)
+                    say(console, f"received signal {stop.signal} during step {step + 1}: saved checkpoint at step "
+                                 f"{step}, stopping (resume with train.resume)")
+                else:
+                    say(console, f"received signal {stop.signal} during step {step + 1}: "
+                                 + (f"the checkpoint of step {step} is already saved" if saved_at["step"] == step
+                                    else "no step completed, nothing to save") + ", stopping")
+                return "interrupted"
             if drun is not None:
                 drun.sync_grads(model)
                 step_loss = drun.all_sum(step_loss)
                 grad_norm = drun.clip_grad_norm(model, tc.get("grad_clip"))
             else:
                 grad_norm = _clip(model, tc.get("grad_clip"))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # same on every rank (all-summed)
+                what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
+                raise _diverged(what, step + 1, out_dir / "checkpoints")
             optimizer.step()
             elapsed = time.perf_counter() - t0
             real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
@@ -312,7 +433,14 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
 
                     scores = evaluate_distributed(drun, eval_set, collate_fn, batch_size, tc.get("eval_batches"))
                 else:
-                    scores = evaluate(model, eval_set, collate_fn, batch_size, tc.get("eval_batches"), precision, device)
+                    asked = (lambda: stop.signal is not None) if drun is None else \
+                        (lambda: drun.any_rank(stop.signal is not None))
+                    try:
+                        scores = evaluate(model, eval_set, collate_fn, batch_size, tc.get("eval_batches"), precision,
+                                          device, should_stop=asked)
+                    except StopRequested:  # the step itself is complete: its checkpoint is saved below
+                        stop.signal = stop.signal or signal.SIGTERM
+                        scores = {}
                 row.update({k: v for k, v in scores.items() if k != "eval_tokens"})
             metrics.log(row)
             progress.update(done, step_loss, tokens_per_s)
@@ -322,12 +450,29 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
                 stop.signal = signal.SIGTERM  # another rank was signalled: stop together (the save is collective)
             if stop.signal is not None or (stop_after and done - start_step >= stop_after and done < steps):
                 save(done)
-                status = "interrupted"
                 why = f"received signal {stop.signal}" if stop.signal is not None else f"stop_after_steps={stop_after}"
                 say(console, f"{why}: saved checkpoint at step {done}, stopping (resume with train.resume)")
-                break
+                return "interrupted"
             if (ckpt_every and done % ckpt_every == 0) or done == steps:
                 save(done)
+        return status
+
+    failure: Diverged | None = None
+    # one process stops at the next sample; several stop together at the next micro-batch (a collective vote)
+    poll = stop.check if drun is None else None
+
+    def vote() -> None:
+        if drun is not None and drun.any_rank(stop.signal is not None):
+            stop.signal = stop.signal or signal.SIGTERM
+            raise StopRequested()
+
+    with stop.phase("training", defer=True), progress:
+        try:
+            status = _loop()
+        except Diverged as e:
+            status, failure = "failed", e
+            say(console, f"error: {e}")
+    stop.doing, stop.deferred = "writing the run's metrics", True  # short: finish them, then end
     metrics.close()
     if main:
         plot_loss(metrics.path, out_dir / "loss.png")
@@ -341,10 +486,19 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "wall_time_s": time.perf_counter() - t_start, "dropped_samples": dropped,
     }
+    if failure is not None:  # metrics.json says why the run failed, and which checkpoint is still good
+        kept = list_checkpoints(out_dir / "checkpoints")
+        result.update(error=str(failure), last_checkpoint=str(kept[-1]) if kept else None)
     if main:
         tmp = out_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(out_dir / "metrics.json")
+    if failure is not None:
+        if drun is not None:  # every rank failed at the same step (the values are all-reduced): end together
+            from mimo_spec.parallel.env import shutdown_distributed
+
+            shutdown_distributed()
+        raise failure
     return result
 
 

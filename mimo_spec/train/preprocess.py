@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mimo_spec.errors import ConfigError, InputError
+from mimo_spec.errors import ConfigError, DataError, InputError
 
 # CLIP's normalisation (also LLaVA's)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,20 +30,41 @@ HOP_LENGTH = 160
 # ------------------------------------------------------------------------------------ images
 
 def load_image(path: Path, where: str = ""):
-    """Open an image file with Pillow (fully decoded). Raises InputError naming ``where`` and ``path``."""
+    """Open an image file with Pillow (fully decoded). Raises DataError naming ``where`` and ``path``."""
     try:
         from PIL import Image
     except ImportError:
         raise InputError("reading images needs Pillow", path=where, hint="pip install pillow") from None
     if not Path(path).is_file():
-        raise InputError(f"image file not found: {path}", path=where, hint="check data.image_folder")
+        raise DataError(f"image file not found: {path}", path=where, hint="check data.image_folder")
     try:
         with Image.open(path) as img:
+            w, h = img.size  # from the header: refuse what cannot be decoded in memory before decoding it
+            _require_image_fits(w * h * max(1, len(img.getbands())) * 2, path, where, f"decoding it ({w}x{h})")
             img.load()
             return img.copy()
+    except DataError:
+        raise
     except Exception as e:
-        raise InputError(f"cannot read image {path}: {e}", path=where,
+        raise DataError(f"cannot read image {path}: {e}", path=where,
                          hint="the file is not an image Pillow can decode; re-export it or remove the sample") from None
+
+
+def _require_image_fits(need: int, path, where: str, doing: str) -> None:
+    from mimo_spec.train.limits import machine_memory, require_fits
+
+    require_fits(need, machine_memory(), f"image {path}: {doing}", where or str(path),
+                 "shrink the image (or give it a less extreme aspect ratio), or remove the sample", cls=DataError)
+
+
+def resize_pixels(width: int, height: int, size: int, resize: str = "pad") -> int:
+    """Pixels of the largest intermediate image :func:`image_to_tensor` makes from a width x height image."""
+    if resize == "pad" and width != height:
+        return max(width, height) ** 2
+    if resize == "crop" and width != height:
+        scale = size / min(width, height)
+        return max(size, round(width * scale)) * max(size, round(height * scale))
+    return size * size
 
 
 def image_to_tensor(img, size: int, num_channels: int, mean, std, resize: str = "pad") -> torch.Tensor:
@@ -88,16 +109,37 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- audio
 
-def read_wav(path: Path, where: str = "") -> tuple[torch.Tensor, int]:
-    """A PCM WAV file -> (mono waveform float32 in [-1, 1] of shape (T,), sample rate)."""
+# sample rates a WAV file may declare (a header claiming 1 Hz or 2**31 Hz is damaged, not audio)
+MIN_RATE, MAX_RATE = 1000, 1_000_000
+
+
+def read_wav(path: Path, where: str = "", max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+    """A PCM WAV file -> (mono waveform float32 in [-1, 1] of shape (T,), sample rate).
+
+    ``max_seconds``: read only the start of the file (what the features use), so a long file, or
+    one whose header declares a tiny sample rate, never decodes more than that.
+    """
     if not Path(path).is_file():
-        raise InputError(f"audio file not found: {path}", path=where, hint="check data.audio_folder")
+        raise DataError(f"audio file not found: {path}", path=where, hint="check data.audio_folder")
     try:
         with wave.open(str(path), "rb") as f:
             channels, width, rate, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
+            if not MIN_RATE <= rate <= MAX_RATE:
+                raise DataError(f"{path} declares a sample rate of {rate} Hz (expected {MIN_RATE}..{MAX_RATE} Hz): "
+                                "the header is damaged or the file is not audio", path=where or str(path),
+                                hint="re-export it, e.g. ffmpeg -i in.wav -ar 16000 -acodec pcm_s16le out.wav")
+            if max_seconds is not None:
+                n = min(n, math.ceil(max_seconds * rate) + 2)
+            # bounded by the file's size whatever the header says: raw bytes, then float32 per channel
+            on_disk = max(0, Path(path).stat().st_size - 44) // max(1, channels * width)
+            from mimo_spec.train.limits import machine_memory, require_fits
+
+            require_fits(min(n, on_disk) * channels * (width + 8), machine_memory(), f"decoding WAV file {path}",
+                         where or str(path), "cut the file to the part the model uses, or remove the sample",
+                         cls=DataError)
             raw = f.readframes(n)
     except (wave.Error, EOFError, OSError) as e:
-        raise InputError(f"cannot read WAV file {path}: {e}", path=where,
+        raise DataError(f"cannot read WAV file {path}: {e}", path=where,
                          hint="only uncompressed PCM WAV is read (8/16/24/32-bit); "
                               "convert with e.g. ffmpeg -i in -acodec pcm_s16le out.wav") from None
     data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
@@ -110,7 +152,7 @@ def read_wav(path: Path, where: str = "") -> tuple[torch.Tensor, int]:
         v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         x = torch.where(v >= 2**23, v - 2**24, v).float() / float(2**23)
     else:
-        raise InputError(f"unsupported sample width {width} bytes in {path}", path=where)
+        raise DataError(f"unsupported sample width {width} bytes in {path}", path=where)
     x = x[: (x.numel() // channels) * channels].view(-1, channels).mean(dim=1)
     return x, rate
 
@@ -227,12 +269,18 @@ class MediaProcessor:
 
     def image(self, path: Path, where: str = "") -> dict:
         img = load_image(path, where)
+        w, h = img.size
+        for size, _ in self.image_encoders.values():  # the padded / cropped canvas, before it is made
+            _require_image_fits(resize_pixels(w, h, size, self.image_resize) * 4, path, where,
+                                f"resizing it ({w}x{h}, image_resize {self.image_resize}) to {size}x{size}")
         return {name: {"pixel_values": image_to_tensor(img, size, channels, self.image_mean, self.image_std,
                                                        self.image_resize).unsqueeze(0)}
                 for name, (size, channels) in self.image_encoders.items()}
 
     def audio(self, path: Path, where: str = "") -> dict:
-        x, rate = read_wav(path, where)
+        # only the first max_frames * hop samples (at 16 kHz) reach the features: decode and resample no more
+        seconds = max((frames for _, frames in self.audio_encoders.values()), default=0) * HOP_LENGTH / SAMPLING_RATE
+        x, rate = read_wav(path, where, max_seconds=seconds)
         x = resample(x, rate, SAMPLING_RATE)
         return {name: {"input_features": log_mel(x, mel_bins, frames).unsqueeze(0)}
                 for name, (mel_bins, frames) in self.audio_encoders.items()}

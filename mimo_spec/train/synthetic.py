@@ -109,6 +109,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.template = cfg.template.build()
         self.max_len = max_length(cfg, model)
         self.length = cfg.num_samples if split == "train" else cfg.eval_samples
+        # an item takes at least one token, so no more than max_len fit: a larger setting only makes the
+        # fitting loop below count down for ever (the same samples as before for any setting that fits)
+        self.max_items = min(cfg.max_items_per_sample, self.max_len)
         self.reserved = set(reserved_token_ids(model))
         empty = encode_conversation(tokenizer, [("user", ""), ("assistant", "")], {}, self.template)
         self.text_budget = TEXT_BUDGET + len(empty.input_ids)  # the template's own tokens count too
@@ -200,7 +203,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         elif r < gen_p + (1 - gen_p) * text_p:
             user, answer = self._text_task(g)
         else:
-            counts = {name: _pick(g, self.cfg.max_items_per_sample + 1) for name in self.inputs}
+            counts = {name: _pick(g, self.max_items + 1) for name in self.inputs}
             if not any(counts.values()):
                 counts[list(self.inputs)[_pick(g, len(self.inputs))]] = 1
             # fewer items until they fit (one always does: checked at init); cost: placeholders + caption
