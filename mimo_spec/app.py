@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mimo_spec.errors import ConfigError
+from mimo_spec.errors import ConfigError, Problem
 from mimo_spec.rundir import write_text_atomic  # noqa: F401  (app.write_text_atomic stays importable)
 
 ACTIONS = ("train", "eval", "generate", "summary", "validate", "list", "print", "import", "layout")
@@ -249,6 +249,27 @@ def _skip_mode_probe(skip: bool):
         Hydra.get_mode = original
 
 
+def _refuse_unsafe_flags(argv: list[str]) -> None:
+    """Hydra flags that run code from a file or a package before any config is composed:
+    ``--experimental-rerun`` unpickles the file it names; ``--config-path pkg://X`` imports X."""
+    problems = []
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag == "--experimental-rerun":
+            problems.append(Problem("--experimental-rerun", "refused: Hydra re-runs a job by unpickling the "
+                                    "config.pickle it names, which runs any code the file holds",
+                                    "re-run a job from its record instead: --config-dir <run dir> "
+                                    "--config-name resolved_config"))
+        elif flag in ("--config-path", "-cp", "--config-dir", "-cd"):
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            module = value[len("pkg://"):].replace("/", ".").strip(".") if value.startswith("pkg://") else ""
+            if module and module not in sys.modules:
+                problems.append(Problem(flag, f"{value}: a pkg:// config path imports that package, which runs "
+                                        "its code", "name the folder instead: --config-dir /path/to/conf"))
+    if problems:
+        raise ConfigError(problems)
+
+
 def main() -> None:
     """Console entry point (``mimo-spec`` and ``python cli.py``)."""
     import hydra
@@ -268,6 +289,7 @@ def main() -> None:
     from mimo_spec.hydra_guard import guarded
 
     try:
+        _refuse_unsafe_flags(argv)
         # every YAML file and every composed config is checked before Hydra acts on it
         with guarded(), _skip_mode_probe(_plain_run(argv)):
             task()

@@ -71,10 +71,21 @@ EXT_OBJECTS = frozenset({"ext://sys.stdout", "ext://sys.stderr"})
 _LOG_DIR_PREFIXES = ("${hydra.runtime.output_dir}/", "${hydra:runtime.output_dir}/")
 _LOG_NAME_PARTS = re.compile(r"\$\{hydra[.:]job\.(?:name|num|id)\}")
 _LOG_NAME = re.compile(r"[\w.\-]+(?:/[\w.\-]+)*\.log")
-# environment variables that change which code a process (or its children) loads
-_ENV_DENIED_PREFIXES = ("LD_", "DYLD_", "PYTHON")
-_ENV_DENIED = frozenset({"PATH", "BASH_ENV", "ENV", "IFS", "SHELLOPTS", "PS4", "PERL5OPT", "PERL5LIB", "RUBYOPT",
-                         "NODE_OPTIONS", "GCONV_PATH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"})
+
+
+# hydra.job.env_set may set only these (an allowlist: a compiler, a temp folder, a plugin path or a
+# library path set from a config would run someone else's code)
+_ENV_ALLOWED = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_LAUNCH_BLOCKING", "PYTORCH_CUDA_ALLOC_CONF",
+                "TORCH_DISTRIBUTED_DEBUG", "TORCH_CPP_LOG_LEVEL", "TORCH_SHOW_CPP_STACKTRACES",
+                "TOKENIZERS_PARALLELISM", "GLOO_SOCKET_IFNAME", "HYDRA_FULL_ERROR", "MASTER_ADDR", "MASTER_PORT")
+_ENV_ALLOWED_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "NCCL_", "TORCH_NCCL_", "MIMO_")
+_ENV_UNSAFE_PARTS = ("PLUGIN", "PATH", "LIB", "DIR", "FILE", "PRELOAD", "SOCKET_PATH", "CONFIG")
+
+
+def _env_allowed(name: str) -> bool:
+    if name in _ENV_ALLOWED:
+        return True
+    return name.startswith(_ENV_ALLOWED_PREFIXES) and not any(part in name for part in _ENV_UNSAFE_PARTS)
 
 
 def check_hydra_config(cfg) -> None:
@@ -84,8 +95,12 @@ def check_hydra_config(cfg) -> None:
     problems = ProblemCollector()
     allow = _allow_imports(cfg)
     data = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
-    _walk(cfg, data, [], allow, problems)
     hydra = data.get("hydra") if isinstance(data, dict) else None
+    if isinstance(hydra, dict):  # what Hydra builds objects from is checked as Hydra will read it
+        for section in INSTANTIATED:
+            if section in hydra:
+                hydra[section] = _expand(cfg, hydra[section], ["hydra", section], problems)
+    _walk(cfg, data, [], allow, problems)
     if isinstance(hydra, dict):
         for section in ("job_logging", "hydra_logging"):
             if isinstance(hydra.get(section), dict):
@@ -97,10 +112,46 @@ def check_hydra_config(cfg) -> None:
         job = hydra.get("job")
         env = job.get("env_set") if isinstance(job, dict) else None
         for name in env if isinstance(env, dict) else ():
-            if str(name) in _ENV_DENIED or str(name).startswith(_ENV_DENIED_PREFIXES):
-                problems.add(f"hydra.job.env_set.{name}", f"a config may not set {name}: it changes which code "
-                             "the run and the processes it starts load", "set it in your shell if you mean it")
+            if not _env_allowed(str(name)):
+                problems.add(f"hydra.job.env_set.{name}", f"a config may not set {name}: only thread, device and "
+                             "collective-communication settings may be set from a config (others can change "
+                             "which code the run and the processes it starts load)",
+                             f"set it in your shell if you mean it; allowed: {', '.join(_ENV_ALLOWED)} and "
+                             f"{', '.join(p + '*' for p in _ENV_ALLOWED_PREFIXES)}")
     problems.raise_if_any()
+
+
+# the sections of ``hydra`` that Hydra creates objects from
+INSTANTIATED = ("callbacks", "launcher", "sweeper", "job_logging", "hydra_logging")
+_WHOLE_INTERPOLATION = re.compile(r"^\$\{.*\}$", re.S)
+
+
+def _expand(cfg, node: Any, keys: list, problems: ProblemCollector) -> Any:
+    """``node`` with every value that is one whole interpolation (``${evil}``, ``${oc.create:{...}}``,
+    ``${oc.decode:...}``) replaced by what it resolves to, so a ``_target_`` or a logging factory that
+    only an interpolation produces is checked too. One that cannot be resolved before the run starts
+    could become anything then: refused."""
+    from omegaconf import OmegaConf
+
+    if isinstance(node, dict):
+        return {k: _expand(cfg, v, keys + [k], problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(cfg, v, keys + [i], problems) for i, v in enumerate(node)]
+    if not (isinstance(node, str) and _WHOLE_INTERPOLATION.match(node.strip())):
+        return node
+    try:
+        value = _resolve(cfg, keys, node)
+    except Exception:  # noqa: BLE001 - whatever stops it resolving now, it cannot be checked now
+        problems.add(_path(keys), f"{node!r} cannot be resolved before the run starts, so what Hydra would "
+                     "build from it cannot be checked", "write the value out")
+        return None
+    if OmegaConf.is_config(value):
+        try:
+            value = OmegaConf.to_container(value, resolve=True)
+        except Exception as e:  # noqa: BLE001
+            problems.add(_path(keys), f"{node!r} cannot be resolved: {str(e).splitlines()[0]}", "write the value out")
+            return None
+    return value
 
 
 def _walk(cfg, node: Any, keys: list, allow: list[str], problems: ProblemCollector) -> None:

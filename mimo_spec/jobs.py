@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mimo_spec.errors import ConfigError
 from mimo_spec.rundir import write_text_atomic
@@ -110,6 +110,25 @@ def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
     return path, OmegaConf.create(config)
 
 
+def _trust_only_this_command(trained_cfg: DictConfig, cfg: DictConfig, path: Path) -> None:
+    """A checkpoint's state.json is a file from disk: the imports it allows are not the user's word. Its
+    ``allow_imports`` must be covered by this command's own; what is trusted is this command's list."""
+    def prefixes(c) -> list[str]:
+        value = c.get("allow_imports") or []
+        return [value] if isinstance(value, str) else [str(v) for v in value]
+
+    mine = prefixes(cfg)
+    untrusted = [p for p in prefixes(trained_cfg)
+                 if not any(p == m or p.startswith(m if m.endswith(".") else m + ".") for m in mine)]
+    if untrusted:
+        raise ConfigError(f"the checkpoint's config imports {', '.join(untrusted)} (its allow_imports), which "
+                          f"this command does not allow", path="allow_imports",
+                          hint=f"if you trust the code the checkpoint {path} names, pass "
+                          f"allow_imports=[{','.join(untrusted)}] on this command")
+    with open_dict(trained_cfg):
+        trained_cfg.allow_imports = list(mine)
+
+
 def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
     """The checkpoint's model (built from the config it was trained with) and tokenizer.
 
@@ -123,6 +142,7 @@ def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
     from mimo_spec.train.tokenizer import build_tokenizer
 
     path, trained_cfg = checkpoint_config(cfg[key].get("checkpoint"), key)
+    _trust_only_this_command(trained_cfg, cfg, path)
     if own_layout:
         trained_cfg.parallel = OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True)
     device = run_device((cfg.get("train") or {}).get("device"))  # this command's device, not the training run's

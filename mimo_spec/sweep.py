@@ -35,6 +35,9 @@ METRIC_COLUMNS = ("final_loss", "eval_loss", "first_loss", "tokens_per_s", "para
                   "trainable_parameters", "steps", "wall_time_s")
 # the Markdown table keeps to these (the CSV has every metric)
 MARKDOWN_METRICS = ("final_loss", "eval_loss", "tokens_per_s", "parameters", "wall_time_s")
+# a sweep job refused in a directory that holds an earlier training run records its outcome here,
+# leaving that run's metrics.json as it was; the summary reads it first
+JOB_RECORD = "sweep_job.json"
 EXIT_JOB_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 
@@ -74,8 +77,16 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | N
     from mimo_spec.app import format_error, run
     from mimo_spec.config import apply_module_swaps
 
+    from mimo_spec.rundir import holds_training_run
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").unlink(missing_ok=True)  # a re-used job dir must not report old results
+    # a job dir that holds a training run keeps its metrics.json unless this job trains there (resumes);
+    # any other re-used job dir must not report old results
+    earlier_run = holds_training_run(out_dir)
+    if not earlier_run:
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+    before = _signature(out_dir / "metrics.json")
+    (out_dir / JOB_RECORD).unlink(missing_ok=True)
     action = str(cfg.get("action", "train"))
     start = time.perf_counter()
     record: dict[str, Any] = {}
@@ -97,6 +108,10 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | N
     if rank:  # one job, several processes (srun): rank 0 keeps the record, the others only their errors
         if record:
             (out_dir / f"error.rank{rank}.log").write_text(str(record["error"]) + "\n")
+        return None
+    if earlier_run and record and _signature(out_dir / "metrics.json") == before:
+        # refused before it started: the earlier run's results stay; this job's outcome goes beside them
+        _write_json(out_dir / JOB_RECORD, {**record, "action": action, "wall_time_s": time.perf_counter() - start})
         return None
     metrics = _read_json(out_dir / "metrics.json") or {}
     metrics.update(record)
@@ -190,7 +205,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         job_dir = marker.parent.parent
         if ".submitit" in job_dir.parts:
             continue
-        metrics = _read_json(job_dir / "metrics.json")
+        metrics = _read_json(job_dir / JOB_RECORD) or _read_json(job_dir / "metrics.json")
         if metrics is None:  # killed before it could write anything (out of memory, time limit, ...)
             metrics = {"status": "failed", "error": "no metrics.json: the job did not finish (see its log)"}
         rows.append({"job": job_dir.relative_to(sweep_dir).as_posix(),
@@ -308,6 +323,15 @@ def _first_line(text: Any) -> str:
 
 def _indent(text: str) -> str:
     return "\n".join("    " + ln for ln in text.splitlines())
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    """(modification time, size) of ``path``, None when absent: tells whether a job rewrote it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -327,3 +327,55 @@ def test_bad_yaml_in_a_config_dir_is_blamed_on_its_file_only(tmp_path):
         assert time.perf_counter() - start < 5, name
         assert code == 2 and "Traceback" not in err, (name, err)
         assert f"{conf / 'run.yaml'}:" in err and message in err and "aaa_broken" not in err, (name, err)
+
+
+def test_hydra_flags_that_unpickle_or_import_are_refused(tmp_path):
+    """--experimental-rerun unpickles the file it names; --config-path pkg://X imports X: both refused
+    before Hydra looks at them (the pickle would touch its marker)."""
+    marker = tmp_path / "m_rerun"
+    (tmp_path / "config.pickle").write_bytes(pickle.dumps(_Touch(marker)))
+    code, _, err = run_cli_in_process(["--experimental-rerun", str(tmp_path / "config.pickle")], tmp_path)
+    assert code == 2 and "--experimental-rerun: refused" in err and "Traceback" not in err, err
+    assert not marker.exists()
+    assert "mimo_spec_never_imported_pkg" not in sys.modules
+    for args in (["--config-path", "pkg://mimo_spec_never_imported_pkg"], ["-cp=pkg://mimo_spec_never_imported_pkg"]):
+        code, _, err = run_cli_in_process([*args, "action=validate"], tmp_path)
+        assert code == 2 and "a pkg:// config path imports that package" in err, err
+
+
+def test_a_checkpoints_own_allow_imports_is_not_trusted(tmp_path):
+    """A state.json is a file from disk: the imports it allows need this command's allow_imports."""
+    import json
+
+    from conftest import tiny_config
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    cfg = tiny_config(allow_imports=["mimo_spec_evil_pkg"], data={"source": "synthetic"})
+    cfg["modalities"]["images"]["submodules"]["input_projections"]["clip"]["module"] = "mimo_spec_evil_pkg.Proj"
+    (ckpt / "state.json").write_text(json.dumps({"step": 1, "config": cfg}))
+    pkg = tmp_path / "mimo_spec_evil_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / 'm_import')!r}).touch()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for action in ("eval", "generate"):
+            code, _, err = run_cli_in_process([f"action={action}", f"{action}.checkpoint={ckpt}"], tmp_path)
+            assert code == 2 and "allow_imports: the checkpoint's config imports mimo_spec_evil_pkg" in err, err
+            assert not (tmp_path / "m_import").exists()
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_images_are_decoded_only_by_pillows_own_raster_formats(tmp_path):
+    """An EPS file named .png would make Pillow run Ghostscript: refused as a data error."""
+    from PIL import Image
+
+    from mimo_spec.errors import DataError
+    from mimo_spec.train.preprocess import load_image
+
+    (tmp_path / "evil.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(DataError, match="cannot read image"):
+        load_image(tmp_path / "evil.png", "generate.images.0")
+    Image.new("RGB", (5, 3)).save(tmp_path / "ok.png")
+    assert load_image(tmp_path / "ok.png").size == (5, 3)

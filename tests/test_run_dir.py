@@ -278,3 +278,22 @@ def test_a_sweep_job_whose_dir_is_in_use_writes_nothing_there(tmp_path, capsys):
     assert f"in use by process {sleeper.pid}" in capsys.readouterr().err
     assert json.loads((job / "metrics.json").read_text())["final_loss"] == 1.0
     assert sorted(p.name for p in job.iterdir()) == sorted([LOCK_NAME, "metrics.json"])
+
+
+def test_a_refused_sweep_job_keeps_the_earlier_runs_results(tmp_path):
+    """Re-running a sweep into a job dir that holds a finished run, with a changed config: the job is
+    refused (config changed) and that run's metrics.json stays; the summary shows the refusal."""
+    import json
+
+    small = ["data.num_samples=32", "data.eval_samples=4", "train.steps=2", "train.log_every=100",
+             "train.num_threads=1", f"hydra.sweep.dir={tmp_path / 'sw'}", "hydra.sweep.subdir=A"]
+    code, _, err = run_cli_in_process(["-m", *small, "train.lr=1e-3"], tmp_path)
+    assert code == 0, err
+    job = tmp_path / "sw" / "A"
+    before = (job / "metrics.json").read_bytes()
+    assert json.loads(before)["status"] == "completed"
+    code, _, err = run_cli_in_process(["-m", *small, "train.lr=0.5"], tmp_path)
+    assert code == 2 and "the config changed: train.lr" in err, err
+    assert (job / "metrics.json").read_bytes() == before
+    assert json.loads((job / "sweep_job.json").read_text())["status"] == "invalid"
+    assert "invalid" in (tmp_path / "sw" / "sweep_summary.md").read_text()

@@ -74,7 +74,8 @@ def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any =
         raise InputError(f"expected a mapping of modality name to (items * tokens, hidden) embeddings, got "
                          f"{type(modality_embeddings).__name__}", path="modality_embeddings")
     hidden = getattr(model.language_model, "hidden_size", None)
-    known = [n for n, m in model.modalities.items() if m.has_input]
+    # a modality whose encoders live on other ranks (split layouts) keeps its placeholder token
+    known = [n for n, m in model.modalities.items() if m.has_input or m.special_token_id is not None]
     for name, value in modality_embeddings.items():
         path = f"modality_embeddings.{name}"
         if name not in known:

@@ -29,6 +29,10 @@ HOP_LENGTH = 160
 
 # ------------------------------------------------------------------------------------ images
 
+# Raster formats Pillow decodes by itself. Others are refused: EPS/PS hand the file to Ghostscript (an
+# external program), and a data set should not reach a format's plugin because of its file's first bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO")
+
 def load_image(path: Path, where: str = ""):
     """Open an image file with Pillow (fully decoded). Raises DataError naming ``where`` and ``path``."""
     try:
@@ -38,7 +42,7 @@ def load_image(path: Path, where: str = ""):
     if not Path(path).is_file():
         raise DataError(f"image file not found: {path}", path=where, hint="check data.image_folder")
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             w, h = img.size  # from the header: refuse what cannot be decoded in memory before decoding it
             _require_image_fits(w * h * max(1, len(img.getbands())) * 2, path, where, f"decoding it ({w}x{h})")
             img.load()
