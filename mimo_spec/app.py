@@ -136,9 +136,10 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
 def _record_if_new(record, out_dir: Path | None) -> None:
     """Read-only actions (validate, summary) record their config only in a directory that holds no
     record and no training run: they never replace the record of a run that lives there."""
-    from mimo_spec.rundir import has_record, holds_training_run, is_main_process
+    from mimo_spec.rundir import check_not_inside_a_run, has_record, holds_training_run, is_main_process
 
     if out_dir is not None and is_main_process() and not has_record(out_dir) and not holds_training_run(out_dir):
+        check_not_inside_a_run(out_dir)
         record()
 
 

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -323,7 +324,24 @@ def lock_run_dir(run_dir: Path) -> RunLock | None:
     """Take the run directory's lock (rank 0 only; other ranks get None). Release it when done."""
     if not is_main_process():
         return None
+    check_not_inside_a_run(run_dir)
     return RunLock.acquire(run_dir)
+
+
+def check_not_inside_a_run(run_dir: Path) -> None:
+    """A run directory may not lie inside a checkpoint folder or another run's ``checkpoints/``:
+    pruning old checkpoints there would delete the run, and resuming would read its files as ours."""
+    from mimo_spec.train.checkpoint import PREFIX
+
+    here = Path(os.path.abspath(run_dir))
+    for folder in (here, *here.parents):
+        is_checkpoint = folder.name.startswith(PREFIX) and (folder / "state.json").is_file()
+        is_run_checkpoints = folder.name == "checkpoints" and (
+            has_record(folder.parent) or (folder.parent / LOCK_NAME).exists() or (folder.parent / "metrics.csv").exists())
+        if is_checkpoint or is_run_checkpoints:
+            raise ConfigError(f"{here} lies inside {'checkpoint' if is_checkpoint else 'the checkpoints folder'} "
+                              f"{folder} of another run: pruning or resuming that run would delete or read this "
+                              "one's files", path="hydra.run.dir", hint="give this job a directory of its own")
 
 
 @contextlib.contextmanager
@@ -395,6 +413,25 @@ def run_started(run_dir: Path) -> None:
 
 
 _ENV_RESOLVERS = ("oc.env", "env")
+
+
+_ENV_READ = re.compile(r"\$\{(?:oc\.env|env):\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def redact_env_values(text: str, cfg) -> str:
+    """``text`` (an error message bound for a file) with the value of every environment variable the
+    config reads through ``${oc.env:NAME}`` replaced by that interpolation: messages quote values."""
+    from omegaconf import OmegaConf
+
+    try:
+        raw = OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=False)) if OmegaConf.is_config(cfg) else str(cfg)
+    except Exception:  # noqa: BLE001 - an unreadable config: nothing to look up
+        return text
+    for name in sorted(set(_ENV_READ.findall(raw))):
+        value = os.environ.get(name)
+        if value and len(value) >= 3:
+            text = text.replace(value, "${oc.env:" + name + "}")
+    return text
 
 
 def record_config(cfg) -> Any:

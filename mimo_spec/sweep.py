@@ -77,7 +77,7 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | N
     from mimo_spec.app import format_error, run
     from mimo_spec.config import apply_module_swaps
 
-    from mimo_spec.rundir import holds_training_run
+    from mimo_spec.rundir import holds_training_run, redact_env_values
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # a job dir that holds a training run keeps its metrics.json unless this job trains there (resumes);
@@ -97,12 +97,12 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | N
         if code:
             record = {"status": "failed", "error": f"the {action} action ended with exit code {code}"}
     except ConfigError as e:
-        record = {"status": "invalid", "error": format_error(e)}
+        record = {"status": "invalid", "error": redact_env_values(format_error(e), cfg)}
         print(record["error"], file=sys.stderr)
     except (Exception, SystemExit) as e:  # a crash in one job: report it, keep the sweep going
-        text = traceback.format_exc()
+        text = redact_env_values(traceback.format_exc(), cfg)
         (out_dir / "error.log").write_text(text)
-        record = {"status": "failed", "error": f"{type(e).__name__}: {e}".strip()}
+        record = {"status": "failed", "error": redact_env_values(f"{type(e).__name__}: {e}".strip(), cfg)}
         print(text, file=sys.stderr)
     rank = _process_rank()
     if rank:  # one job, several processes (srun): rank 0 keeps the record, the others only their errors

@@ -297,3 +297,16 @@ def test_a_refused_sweep_job_keeps_the_earlier_runs_results(tmp_path):
     assert (job / "metrics.json").read_bytes() == before
     assert json.loads((job / "sweep_job.json").read_text())["status"] == "invalid"
     assert "invalid" in (tmp_path / "sw" / "sweep_summary.md").read_text()
+
+
+def test_a_secret_quoted_by_an_error_stays_out_of_a_sweeps_files(tmp_path, monkeypatch):
+    """An invalid value read from the environment is quoted by its error; the sweep's files
+    (each job's metrics.json, the summary) show the interpolation instead of the value."""
+    monkeypatch.setenv("MIMO_TEST_SECRET", "hunter2-not-a-number")
+    code, _, err = run_cli_in_process(["-m", f"hydra.sweep.dir={tmp_path / 'sw'}", "action=validate", "seed=1,2",
+                                       "model.params.num_layers=${oc.env:MIMO_TEST_SECRET}"], tmp_path)
+    assert code == 2, err
+    files = [p for p in (tmp_path / "sw").rglob("*") if p.is_file()]
+    assert any(p.name == "sweep_summary.md" for p in files)
+    assert "${oc.env:MIMO_TEST_SECRET}" in (tmp_path / "sw" / "sweep_summary.md").read_text()
+    assert not [p for p in files if "hunter2" in p.read_text(errors="replace")]
