@@ -137,8 +137,9 @@ def _expand(cfg, node: Any, keys: list, problems: ProblemCollector) -> Any:
         return {k: _expand(cfg, v, keys + [k], problems) for k, v in node.items()}
     if isinstance(node, list):
         return [_expand(cfg, v, keys + [i], problems) for i, v in enumerate(node)]
-    if not (isinstance(node, str) and _WHOLE_INTERPOLATION.match(node.strip())):
-        return node
+    if not (isinstance(node, str) and _WHOLE_INTERPOLATION.match(node.strip())) or keys[-1] in ("_target_", "()",
+                                                                                              "class"):
+        return node  # a target's own interpolation is resolved (or refused) where the target is checked
     try:
         value = _resolve(cfg, keys, node)
     except Exception:  # noqa: BLE001 - whatever stops it resolving now, it cannot be checked now
