@@ -41,7 +41,7 @@ def write_run_record(cfg, overrides: list[str], spec, out_dir: Path) -> None:
     from omegaconf import OmegaConf
 
     import mimo_spec
-    from mimo_spec.rundir import raw_overrides, record_config
+    from mimo_spec.env_secrets import raw_overrides, record_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = record_config(cfg)

@@ -77,7 +77,8 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | N
     from mimo_spec.app import format_error, run
     from mimo_spec.config import apply_module_swaps
 
-    from mimo_spec.rundir import holds_training_run, redact_env_values
+    from mimo_spec.env_secrets import redact_env_values
+    from mimo_spec.rundir import holds_training_run
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # a job dir that holds a training run keeps its metrics.json unless this job trains there (resumes);
