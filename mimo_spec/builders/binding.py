@@ -124,10 +124,24 @@ def _is_builtin(cls: type) -> bool:
     return any(target in entries.values() for entries in BUILTINS.values())
 
 
+# Upper bounds no real model reaches: one dimension of a weight (torch indexes with 64-bit sizes, and a
+# product of a few such dimensions must still fit), and a stack of layers (the largest published
+# language models have ~128; building each layer costs time even on the meta device).
+MAX_DIM = 2**31 - 1
+MAX_LAYERS = 1024
+_LAYERS_NAME = re.compile(r"^(num_\w*layers|\w+_layers|num_blocks)$")
+
+
 def _value_problem(name: str, value: Any) -> tuple[str, str] | None:
     """(message, hint) for a built-in component's parameter value that fits its type but not its meaning."""
     if type(value) is int and value < 1 and _SIZE_NAME.match(name):
         return f"must be >= 1 (a size or count), got {value}", "sizes and counts are positive integers"
+    if type(value) is int and _LAYERS_NAME.match(name) and value > MAX_LAYERS:
+        return (f"must be at most {MAX_LAYERS} (a layer count), got {value}",
+                f"the largest published models have ~128 layers: set {name} to at most {MAX_LAYERS}")
+    if type(value) is int and value > MAX_DIM and _SIZE_NAME.match(name):
+        return (f"must be at most {MAX_DIM} (2**31 - 1, a size or count), got {value}",
+                f"no real model has a {name} this large: set it to at most {MAX_DIM}")
     if type(value) is float and not math.isfinite(value):
         return f"must be a finite number, got {value}", "nan and inf are not parameter values"
     return None

@@ -19,6 +19,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_dtype(dtype: Any, path: str = "dtype") -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ConfigError(f"expected a floating dtype for the weights, got {dtype}", path=path,
+                          hint="use torch.float32, torch.bfloat16 or torch.float16")
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
@@ -77,6 +80,11 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
             problems.add(path, problem.message, hint)
         return None
     except Exception as e:
+        if _too_large_to_address(e):  # sizes whose product no 64-bit tensor size can hold
+            problems.add(spec.path, f"{_label(spec)}'s parameters make a tensor too large to address: {e}",
+                         f"lower the sizes in {spec.path}.params (each is at most 2**31 - 1, and their "
+                         "products must stay far below 2**63 bytes)")
+            return None
         if "_registry_name" in vars(cls):
             raise  # a registered component's own failure is a bug in it: keep the traceback
         # a class imported through allow_imports: not ours, it refused what the config gave it
@@ -84,6 +92,12 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
         problems.add(spec.path, f"{spec.module} refused its parameters: {type(e).__name__}: {first}",
                      "check this node's params against the class's constructor")
         return None
+
+
+def _too_large_to_address(e: Exception) -> bool:
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("Storage size calculation overflowed" in text
+                                            or "integer multiplication overflow" in text)
 
 
 def _label(spec: ModuleSpec) -> str:
@@ -138,15 +152,34 @@ def _bind_all(spec: MimoSpec, problems: ProblemCollector) -> set[str]:
     return failed
 
 
-def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | None = None):
+def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | None = None,
+                train: dict | None = None):
     """Build a MimoModel from a DictConfig, dict, YAML path or MimoSpec.
 
     Everything is validated before any weight is allocated; ``device="meta"``
-    allocates nothing. The same ``seed`` gives the same weights.
+    allocates nothing. The same ``seed`` gives the same weights. On any other device the
+    model is first sized on the meta device and refused (a ConfigError at ``model``) when
+    its weights, plus for training (``train``: the train section) its gradients and
+    optimizer state, cannot fit in the device's memory.
     """
     from mimo_spec.builders.checks import cross_check
     from mimo_spec.models.mimo import MimoModel
 
+    device = _check_device(device)
+    _check_seed(seed)
+    if device is None or device.type != "meta":
+        # sized before any weight is allocated: the same model on the meta device costs nothing
+        from mimo_spec.train.limits import check_model_memory
+
+        meta = build_model(cfg, device="meta", dtype=dtype)
+        world = 1
+        if train is not None:
+            from mimo_spec.parallel.env import read_env
+
+            launched = read_env()
+            world = launched.world_size if launched is not None else 1
+        check_model_memory(meta, device, train, world)
+        cfg = meta.spec
     problems = ProblemCollector()
     if isinstance(cfg, MimoSpec):
         spec = cfg
@@ -182,6 +215,47 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
     model.spec = spec
     apply_freeze(model, spec.freeze)
     return model
+
+
+SEED_LIMIT = 2**63
+
+
+def _check_seed(seed: Any) -> None:
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"expected an integer in [0, 2**63) or None, got {type(seed).__name__} {seed!r}",
+                          path="seed", hint="pass seed=0 (or any integer below 2**63)")
+
+
+def _check_device(device: Any) -> torch.device | None:
+    """``device`` as a torch.device that exists on this machine (None stays None: the CPU)."""
+    if device is None:
+        return None
+    hint = "use device='cpu', 'meta', or 'cuda'/'cuda:N' for a GPU this machine has"
+    if not isinstance(device, (str, torch.device)) or isinstance(device, str) and not device.strip():
+        raise ConfigError(f"expected a device name such as 'cpu' or 'cuda:0', got {type(device).__name__} "
+                          f"{device!r}", path="device", hint=hint)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"not a torch device: {device!r} ({str(e).splitlines()[0] if str(e) else e})",
+                          path="device", hint=hint) from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: CUDA is not available here", path="device", hint=hint)
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})",
+                              path="device", hint=hint)
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and available():
+        return dev
+    raise ConfigError(f"device {device!r}: no {dev.type} device is available here", path="device", hint=hint)
 
 
 _INIT_FUNCS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",

@@ -250,3 +250,47 @@ def check_generation_memory(model, prompt_tokens: int, max_new_tokens: int, devi
     need = 2 * layers * (prompt_tokens + max_new_tokens) * kv_heads * head_dim * size
     require_fits(need, device_memory(device), f"the KV cache for {prompt_tokens} prompt + {max_new_tokens} new tokens",
                  "generate.max_new_tokens", "lower generate.max_new_tokens")
+
+
+def model_memory(model, train: dict | None = None, world: int = 1) -> tuple[int, float]:
+    """(parameter count, lower bound of the bytes one process holds for ``model``'s weights).
+
+    The weights and buffers, at their element sizes (every process builds the whole model before a
+    parallel layout shards it); for training (``train``: the train section) also the gradients of the
+    trainable weights and the optimizer's state in fp32 (AdamW: 2 copies, SGD with momentum: 1),
+    which a sharded layout spreads over ``world`` processes.
+    """
+    count = weights = trainable = grads = 0
+    for p in model.parameters():
+        count += p.numel()
+        weights += p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += p.numel()
+            grads += p.numel() * p.element_size()
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    need = float(weights)
+    if train is not None:
+        optimizer = train.get("optimizer", "adamw")
+        states = 2 if optimizer == "adamw" else 1 if float(train.get("momentum", 0.9) or 0) > 0 else 0
+        need += (grads + states * 4 * trainable) / max(int(world), 1)
+    return count, need
+
+
+def check_model_memory(model, device: Any = None, train: dict | None = None, world: int = 1) -> None:
+    """Refuse a model whose weights (and, for training, gradients and optimizer state) cannot fit on
+    ``device``, from a copy of it built on the meta device: before any weight is allocated."""
+    import torch
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "meta":
+        return
+    count, need = model_memory(model, train, world)
+    on_gpu = device.type == "cuda"
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    what = (f"the model ({count:,} parameters" + (f" and {human_bytes(buffers)} of buffers" if buffers >= 2**20 else "")
+            + (", with its gradients and optimizer state" if train else "") + ")")
+    hint = ("use a smaller model, build it in bfloat16 (dtype=bfloat16), or shard it across more processes "
+            "(e.g. parallel=fsdp under torchrun)" + (", or freeze part of it (freeze=[...]) / use "
+                                                      "train.optimizer=sgd" if train else ""))
+    require_fits(need, device_memory(device) if on_gpu else machine_memory(), what, "model", hint,
+                 where=f"the GPU {device}" if on_gpu else "this machine")

@@ -288,7 +288,7 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
     from mimo_spec.parallel.env import run_device
 
     device = run_device(tc.get("device"))
-    model = build_model(cfg, seed=seed, device=device)
+    model = build_model(cfg, seed=seed, device=device, train=tc)  # sized on meta first, with its training state
     check_backend_device(model, device)
     if cfg.get("init_from"):  # start from imported weights (a resumed checkpoint then overrides them)
         from mimo_spec.weights import load_weights
@@ -321,7 +321,7 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
     check_step_memory(model, train_set, tc, device, world=drun.world_size if drun is not None else 1)
 
     start_step, position = 0, 0
-    from mimo_spec.rundir import record_config  # values from the environment (secrets) stay ${oc.env:...}
+    from mimo_spec.env_secrets import record_config  # values from the environment (secrets) stay ${oc.env:...}
 
     current = record_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     source, state = _resume(tc.get("resume", "auto"), out_dir, model, optimizer, current, console, drun)
