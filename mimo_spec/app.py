@@ -55,10 +55,15 @@ def write_run_record(cfg, overrides: list[str], spec, out_dir: Path) -> None:
 
 def use_imported_model(cfg) -> None:
     """Replace the model description with the one in ``init_from``/config.yaml."""
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from mimo_spec.spec import load_yaml_file
 
+    if not isinstance(cfg.init_from, str):
+        value = cfg.init_from
+        shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        raise ConfigError(f"expected a folder path (a string), got {type(shown).__name__} {shown!r}",
+                          path="init_from", hint="point at a folder written by action=import, e.g. init_from=imported/")
     folder = Path(cfg.init_from)
     if not (folder / "config.yaml").exists() or not (folder / "model.safetensors").exists():
         raise ConfigError(f"{folder} has no config.yaml + model.safetensors", path="init_from",
@@ -128,7 +133,10 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
     from mimo_spec.builders.build import parse_dtype
     from mimo_spec.summary import render_summary
 
-    print(render_summary(model, parse_dtype(cfg.get("dtype")) or _float32(), depth=cfg.get("summary", {}).get("depth", 3)))
+    from mimo_spec.train.schema import validate_summary_config
+
+    depth = validate_summary_config(cfg.get("summary")).depth
+    print(render_summary(model, parse_dtype(cfg.get("dtype")) or _float32(), depth=depth))
     _record_if_new(record, out_dir)
     return 0
 
@@ -250,12 +258,58 @@ def _skip_mode_probe(skip: bool):
         Hydra.get_mode = original
 
 
-def _refuse_unsafe_flags(argv: list[str]) -> None:
-    """Hydra flags that run code from a file or a package before any config is composed:
-    ``--experimental-rerun`` unpickles the file it names; ``--config-path pkg://X`` imports X."""
+MAX_OVERRIDE_CHARS = 64 << 10  # one key=value argument: a long list of paths fits; Hydra's parser is slow
+MAX_OVERRIDE_ITEMS = 2_000  # values in one override's lists/dicts: Hydra's parser takes time quadratic in them
+
+
+def _override_shape(text: str) -> tuple[int, int]:
+    """(deepest nesting of brackets and braces, number of separators) outside quotes."""
+    depth = deepest = items = 0
+    quote = None
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+        elif ch in ",:":
+            items += 1
+    return deepest, items
+
+
+def _check_command_line(argv: list[str]) -> None:
+    """Refused before Hydra reads the command line: flags that run code from a file or a package
+    (``--experimental-rerun`` unpickles the file it names; ``--config-path pkg://X`` imports X), and
+    overrides Hydra's parser cannot take (so long it parses for minutes, so deep it recurses out)."""
+    from mimo_spec.safe_yaml import MAX_DEPTH
+
     problems = []
     for i, arg in enumerate(argv):
         flag, _, value = arg.partition("=")
+        if not arg.startswith("-") and "=" in arg:
+            shown = flag if len(flag) <= 80 else flag[:77] + "..."
+            deepest, items = _override_shape(value) if len(arg) <= MAX_OVERRIDE_CHARS else (0, 0)
+            if len(arg) > MAX_OVERRIDE_CHARS:
+                problems.append(Problem("overrides", f"{shown}=...: the override is {len(arg):,} characters long "
+                                        f"(at most {MAX_OVERRIDE_CHARS:,})", "put long values in a config file "
+                                        "(hydra.searchpath) and select it"))
+            elif items > MAX_OVERRIDE_ITEMS:
+                problems.append(Problem("overrides", f"{shown}=...: the override holds {items:,} values "
+                                        f"(at most {MAX_OVERRIDE_ITEMS:,} on the command line)",
+                                        "put long lists in a config file (hydra.searchpath) and select it"))
+            elif deepest > MAX_DEPTH:
+                problems.append(Problem("overrides", f"{shown}=...: the value is nested {deepest} levels deep "
+                                        f"(at most {MAX_DEPTH})", "a config is a shallow tree; flatten this value"))
+            continue
         if flag == "--experimental-rerun":
             problems.append(Problem("--experimental-rerun", "refused: Hydra re-runs a job by unpickling the "
                                     "config.pickle it names, which runs any code the file holds",
@@ -290,7 +344,7 @@ def main() -> None:
     from mimo_spec.hydra_guard import guarded
 
     try:
-        _refuse_unsafe_flags(argv)
+        _check_command_line(argv)
         # every YAML file and every composed config is checked before Hydra acts on it
         with guarded(), _skip_mode_probe(_plain_run(argv)):
             task()

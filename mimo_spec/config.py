@@ -116,12 +116,17 @@ def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> Config
     if m:
         return ConfigError(Problem(m.group(1), "already exists, so '+' cannot add it",
                                    "set it without '+', or use '++' to set or add"))
-    if "Error parsing override" in text or "mismatched input" in text or "no viable alternative" in text:
+    if ("Error parsing override" in text or "mismatched input" in text or "no viable alternative" in text
+            or "LexerNoViableAlt" in text or "LexerNoViableAlt" in type(e).__name__
+            or "LexerNoViableAlt" in type(cause).__name__):
         bad = _unparsable_override(overrides)
         where = f"cannot parse {bad!r}: " if bad else ""
-        return ConfigError(Problem("overrides", where + (text.splitlines()[-1] if text else "syntax error"),
+        detail = text.splitlines()[-1] if text else "syntax error"
+        if "LexerNoViableAlt" in text or "LexerNoViableAlt" in type(e).__name__ + type(cause).__name__:
+            detail = "a character Hydra's override syntax does not allow here (such as '<' or '%')"
+        return ConfigError(Problem("overrides", where + detail,
                                    "write overrides as key=value, e.g. model.params.num_layers=4; quote values "
-                                   "with brackets or spaces"))
+                                   "with brackets, spaces or symbols: 'generate.prompt=\"<image> one\"'"))
     m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", str(cause or ""))
     if m and full_key:  # e.g. hydra.launcher.nodes=two against a typed (structured) config
         return ConfigError(Problem(str(full_key), f"expected {m.group(3).lower()}, got {m.group(2)} {m.group(1)!r}",

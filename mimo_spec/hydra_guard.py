@@ -92,6 +92,9 @@ def check_hydra_config(cfg) -> None:
     """ConfigError (naming each key) for anything Hydra would instantiate that is not allowed."""
     from omegaconf import OmegaConf
 
+    from mimo_spec.safe_yaml import check_expansion
+
+    check_expansion(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False))  # before any ${...} resolves
     problems = ProblemCollector()
     allow = _allow_imports(cfg)
     data = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)

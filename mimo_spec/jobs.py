@@ -44,11 +44,13 @@ def check_run_config(cfg: DictConfig, model=None) -> None:
     from mimo_spec.errors import ProblemCollector
     from mimo_spec.train.data import validate_data_config
     from mimo_spec.train.schema import SEED_MAX, validate_eval_config, validate_generate_config, validate_train_config
+    from mimo_spec.train.schema import validate_summary_config
 
     problems = ProblemCollector()
     checked = {}
     for section, check in (("train", validate_train_config), ("data", validate_data_config),
-                           ("eval", validate_eval_config), ("generate", validate_generate_config)):
+                           ("eval", validate_eval_config), ("generate", validate_generate_config),
+                           ("summary", validate_summary_config)):
         if section in cfg:
             try:
                 checked[section] = check(cfg[section])
@@ -90,6 +92,12 @@ def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
     """The checkpoint folder a run dir or folder names, and the config it was trained with."""
     from mimo_spec.train.checkpoint import list_checkpoints
 
+    if OmegaConf.is_config(source) or isinstance(source, (bool, list, dict)):
+        shown = OmegaConf.to_container(source) if OmegaConf.is_config(source) else source
+        raise ConfigError(f"expected a path (a string), got {type(shown).__name__} {shown!r}", path=f"{key}.checkpoint",
+                          hint=f"set {key}.checkpoint to a run directory or its checkpoints/step_NNNNNN folder")
+    if isinstance(source, (int, float)):
+        source = str(source)
     if not source:
         raise ConfigError("missing: which checkpoint to use", path=f"{key}.checkpoint",
                           hint=f"set {key}.checkpoint to a run directory or its checkpoints/step_NNNNNN folder")

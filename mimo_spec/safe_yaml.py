@@ -19,13 +19,19 @@ nothing built) and refuses, with a ConfigError naming the file, line and column:
 
 Hydra's config sources call it through :mod:`mimo_spec.hydra_guard`, and
 :func:`load_yaml_file` (``build_model("x.yaml")``) calls it directly.
+
+:func:`check_expansion` bounds the same way what ``${...}`` interpolations expand
+to in a composed config (files and command line together), counted without
+resolving: :func:`mimo_spec.hydra_guard.check_hydra_config` runs it first.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
+from typing import Any
 
 from mimo_spec.errors import ConfigError, Problem
 
@@ -166,3 +172,233 @@ def load_yaml_file(path: str | os.PathLike):
         raise yaml_error(e, str(path)) from None
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0], path=str(path), hint=_HINT) from None
+
+
+# --- interpolations ---------------------------------------------------------------------------------
+MAX_TEXT = 10 << 20  # characters a config's values may expand to once every ${...} is followed
+MAX_EXPANDED_DEPTH = 100  # nesting levels, counting each ${...} followed; OmegaConf recurses on each
+_KEY = re.compile(r"\.*(?:[\w\-]+|\[\d+\])(?:\.[\w\-]+|\[\d+\])*|\.+")
+_RESOLVER = re.compile(r"\s*([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\s*:(.*)\Z", re.S)
+
+
+def check_expansion(data, shown_root: str = "config") -> None:
+    """Refuse a config (the raw container, ``OmegaConf.to_container(cfg, resolve=False)``) whose
+    values, once every ``${...}`` is followed, would exceed :data:`MAX_NODES` values or
+    :data:`MAX_TEXT` characters, or nest deeper than :data:`MAX_EXPANDED_DEPTH`: an interpolation
+    bomb (ten lists of ten ``${previous}``, a string doubling itself 40 times) would otherwise keep
+    OmegaConf resolving for hours. Counted without resolving anything, each node once (memoised);
+    a reference cycle is left for OmegaConf to report."""
+    sizes: dict[tuple, tuple[int, int]] = {}
+    depths: dict[tuple, int] = {}  # levels below each node, its interpolations followed
+    busy: set[tuple] = set()
+
+    def shown(keys: tuple) -> str:
+        out = ""
+        for k in keys:
+            out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+        return out or shown_root
+
+    def refuse(keys: tuple, what: str, hint: str = "") -> None:
+        raise ConfigError(Problem(shown(keys), what, hint or "write the values out, or reference smaller parts: "
+                                  "each ${...} copies what it names every time it is used (an interpolation bomb?)"))
+
+    def too_deep(keys: tuple, levels: int) -> None:
+        if levels > MAX_EXPANDED_DEPTH:
+            refuse(keys, f"nested more than {MAX_EXPANDED_DEPTH} levels deep once its interpolations are "
+                   "followed (OmegaConf resolves each level recursively)",
+                   "shorten the chain: reference the value itself, not a key that references it")
+
+    def lookup(keys: tuple) -> tuple[tuple, Any] | None:
+        node = data
+        for i, k in enumerate(keys):
+            if isinstance(node, dict) and k in node:
+                node = node[k]
+            elif isinstance(node, dict) and isinstance(k, str) and k.isdigit() and int(k) in node:
+                node = node[int(k)]
+            elif isinstance(node, list) and str(k).lstrip("-").isdigit() and -len(node) <= int(k) < len(node):
+                k = int(k) % len(node)
+                node = node[k]
+            elif isinstance(node, str):  # reached through an interpolation: charge all of it
+                return keys[:i], node
+            else:
+                return None
+            keys = keys[:i] + (k,) + keys[i + 1:]
+        return keys, node
+
+    def key_path(text: str, base: tuple) -> tuple | None:
+        text = text.strip()
+        if not _KEY.fullmatch(text):
+            return None
+        dots = len(text) - len(text.lstrip("."))
+        rest = text[dots:]
+        if dots:
+            if dots > len(base) + 1:
+                return None
+            start = base[: len(base) - (dots - 1)]
+        else:
+            start = ()
+        keys = tuple(re.findall(r"\[(\d+)\]|([\w\-]+)", rest))
+        return start + tuple(a or b for a, b in keys)
+
+    def size(keys: tuple, depth: int) -> tuple[int, int]:
+        if keys in sizes:
+            too_deep(keys, depth + depths[keys])
+            return sizes[keys]
+        if keys in busy:  # a cycle: OmegaConf reports it when it resolves
+            return 1, 0
+        too_deep(keys, depth)
+        found = lookup(keys)
+        if found is None:
+            return 1, 0
+        keys, node = found
+        if keys in sizes:
+            too_deep(keys, depth + depths[keys])
+            return sizes[keys]
+        busy.add(keys)
+        try:
+            below = 0
+            if isinstance(node, dict):
+                values, chars = 1, 2
+                for k, v in node.items():
+                    n, c = size(keys + (k,), depth + 1)
+                    values, chars = values + n, chars + c + len(str(k)) + 2
+                    below = max(below, 1 + depths.get(keys + (k,), 0))
+            elif isinstance(node, list):
+                values, chars = 1, 2
+                for i in range(len(node)):
+                    n, c = size(keys + (i,), depth + 1)
+                    values, chars = values + n, chars + c + 2
+                    below = max(below, 1 + depths.get(keys + (i,), 0))
+            elif isinstance(node, str) and "${" in node:
+                values, chars, below = string_size(node, keys, depth)
+            else:
+                values, chars = 1, len(str(node))
+            too_deep(keys, depth + below)
+            if values > MAX_NODES:
+                refuse(keys, f"expands to more than {MAX_NODES:,} values once its interpolations are followed")
+            if chars > MAX_TEXT:
+                refuse(keys, f"expands to more than {MAX_TEXT:,} characters once its interpolations are followed")
+            sizes[keys], depths[keys] = (values, chars), below
+            return values, chars
+        finally:
+            busy.discard(keys)
+
+    def string_size(text: str, keys: tuple, depth: int) -> tuple[int, int]:
+        base = keys[:-1]
+        values, chars, below = 0, len(text), 0
+        nested = _nesting(text)
+        if nested > MAX_DEPTH:  # OmegaConf's grammar parses (and resolves) each level recursively
+            refuse(keys, f"its interpolation is nested {nested} levels deep (at most {MAX_DEPTH})",
+                   "write the value out, or split it over several keys")
+        bodies = _interpolations(text)
+        if "oc.decode" in text:  # decode parses the text its argument resolves to: pieces may join into ${...}
+            joined = text
+            for _ in range(4):
+                joined, before = _static_text(joined, base), joined
+                if joined == before:
+                    break
+            bodies += _interpolations(joined) if joined != text else []
+        for body in bodies:
+            refs = []
+            m = _RESOLVER.match(body)
+            if m:  # a resolver's bare arguments may name keys (oc.select, oc.dict.values, hydra:)
+                prefix = ("hydra",) if m.group(1) == "hydra" else ()
+                for arg in _split_args(m.group(2)):
+                    path = key_path(arg.strip().strip("'\""), base)
+                    if path is not None:
+                        refs.append(prefix + path if not arg.strip().startswith(".") else path)
+            else:
+                path = key_path(_static_text(body, base), base)
+                if path is not None:
+                    refs.append(path)
+            for path in refs:
+                if lookup(path) is None:
+                    continue
+                n, c = size(path, depth + 1)
+                values, chars = values + n, chars + c
+                target = lookup(path)[0]
+                below = max(below, 1 + depths.get(target, 0))
+        return max(values, 1), chars, below
+
+    def _static_text(body: str, base: tuple) -> str:
+        """A key made of interpolations (``${${name}}``): the plain values they name, put in."""
+        def put(m):
+            found = key_path(m.group(1), base)
+            found = lookup(found) if found is not None else None
+            value = found[1] if found is not None else None
+            return str(value) if isinstance(value, (str, int)) and "${" not in str(value) else m.group(0)
+
+        return re.sub(r"\$\{([^${}]*)\}", put, body) if "${" in body else body
+
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * MAX_EXPANDED_DEPTH * 4 + 2000))
+    try:  # the run's own keys first: a bomb is named where it is, not where hydra.overrides quotes it
+        for key in data if isinstance(data, dict) else ():
+            if key != "hydra":
+                size((key,), 0)
+        size((), 0)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _interpolations(text: str) -> list[str]:
+    """The body of every ``${...}`` in ``text``, nested ones included (escaped ones too: oc.decode
+    reads them)."""
+    out = []
+    start = text.find("${")
+    while start != -1:
+        depth, i, quote = 0, start + 1, None
+        while i < len(text):
+            ch = text[i]
+            if quote:
+                if ch == "\\":
+                    i += 1
+                elif ch == quote:
+                    quote = None
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        out.append(text[start + 2:i])
+        start = text.find("${", start + 2)
+    return out
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of braces and brackets in ``text``."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}]":
+            depth -= 1
+    return deepest
+
+
+def _split_args(text: str) -> list[str]:
+    """A resolver's arguments, split at top-level commas."""
+    args, depth, quote, current = [], 0, None, ""
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(current)
+            current = ""
+            continue
+        current += ch
+    args.append(current)
+    return args

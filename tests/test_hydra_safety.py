@@ -379,3 +379,85 @@ def test_images_are_decoded_only_by_pillows_own_raster_formats(tmp_path):
         load_image(tmp_path / "evil.png", "generate.images.0")
     Image.new("RGB", (5, 3)).save(tmp_path / "ok.png")
     assert load_image(tmp_path / "ok.png").size == (5, 3)
+
+
+# --- interpolation bombs and command-line values Hydra's parser cannot take (issue #13 red team) ---
+def _bomb_files(tmp: Path) -> None:
+    conf = tmp / "conf" / "modality"
+    conf.mkdir(parents=True, exist_ok=True)
+    refs = lambda i: "[" + ",".join([f"'${{l{i - 1}}}'"] * 10) + "]"  # noqa: E731
+    (conf / "ibomb.yaml").write_text("# @package _global_\nl0: [1,1,1,1,1,1,1,1,1,1]\n"
+                                     + "".join(f"l{i}: {refs(i)}\n" for i in range(1, 10)))
+    (conf / "sbomb.yaml").write_text("# @package _global_\ns0: ab\n"
+                                     + "".join(f"s{i}: '${{s{i - 1}}}${{s{i - 1}}}'\n" for i in range(1, 40)))
+    # oc.decode reads an escaped interpolation: the escape hides nothing from the count
+    (conf / "decode.yaml").write_text("# @package _global_\nl0: [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"l{i}: [" + ",".join([f"'${{oc.decode:\"\\${{l{i - 1}}}\"}}'"] * 10) + "]\n" for i in range(1, 8)))
+
+
+def test_interpolation_bombs_are_refused_in_seconds(tmp_path):
+    """Each of these kept OmegaConf resolving for hours; each is refused, naming the key, in seconds."""
+    _bomb_files(tmp_path)
+    search = f"hydra.searchpath=[file://{tmp_path}/conf]"
+    cmd_line = ["+l0=[1,1,1,1,1,1,1,1,1,1]"] + [
+        f"+l{i}=[" + ",".join([f"${{l{i - 1}}}"] * 10) + "]" for i in range(1, 7)]
+    for args, where, what in (
+            ([search, "modality=[vision_clip,ibomb]"], "l4:", "expands to more than 50,000 values"),
+            ([search, "modality=[vision_clip,sbomb]"], "s16:", "expands to more than 50,000 values"),
+            ([search, "modality=[vision_clip,decode]"], "l4:", "expands to more than 50,000 values"),
+            (cmd_line, "l4:", "expands to more than 50,000 values")):
+        start = time.monotonic()
+        code, _, err = run_cli_in_process(["action=validate", *args], tmp_path)
+        took = time.monotonic() - start
+        assert code == 2 and where in err and what in err and "Traceback" not in err, err
+        assert took < 10, (args[-1], took)
+
+
+def test_expansion_counts_references_without_resolving():
+    """The count follows absolute, relative and resolver references; a config that uses references
+    in moderation passes, a cycle is left to OmegaConf (no endless recursion here)."""
+    from mimo_spec.safe_yaml import MAX_NODES, check_expansion
+
+    ok = {"model": {"dim": 64, "heads": "${.dim}", "ffn": "${oc.select:model.dim,1}"},
+          "enc": {"dim": "${..model.dim}", "all": "${model}", "names": "${oc.dict.keys:model}"},
+          "paths": [f"/data/{i}.jsonl" for i in range(2000)], "copy": "${paths}", "cycle": "${cycle}"}
+    check_expansion(ok)
+    big = {"base": list(range(MAX_NODES // 10)), "refs": ["${base}"] * 11}
+    with pytest.raises(ConfigError, match="expands to more than") as e:
+        check_expansion(big)
+    assert e.value.problems[0].path == "refs"
+    rel = {"a": {"base": list(range(MAX_NODES // 10)), "refs": ["${..base}"] * 11}}  # ${..x} from a list item
+    with pytest.raises(ConfigError, match="expands to more than"):
+        check_expansion(rel)
+    text = {"s": "x" * 1_000_000, "t": "${s}" * 11}
+    with pytest.raises(ConfigError, match="characters once its interpolations are followed") as e:
+        check_expansion(text)
+    assert e.value.problems[0].path == "t"
+    # oc.decode parses what its argument resolves to: '$' and '{l0}' join into ${l0}
+    joined = {"dollar": "$", "l0": list(range(10))}
+    for i in range(1, 6):
+        joined[f"k{i}"] = f"{{l{i - 1}}}"
+        joined[f"l{i}"] = [f"${{oc.decode:${{dollar}}${{k{i}}}}}"] * 10
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.to_container(OmegaConf.create(joined).l2, resolve=True)[0][0] == list(range(10))
+    with pytest.raises(ConfigError, match="expands to more than") as e:
+        check_expansion(joined)
+    assert e.value.problems[0].path == "l4"
+
+
+def test_command_line_values_hydra_cannot_parse_are_refused_before_it_tries(tmp_path):
+    """A 120 KB list took Hydra's override parser minutes; 100 levels of nesting ended in a RecursionError."""
+    for arg, what in (("+b0=[" + ",".join(["1"] * 60_000) + "]", "+b0=...: the override is 120,005 characters long"),
+                      ("+b0=[" + ",".join(["1"] * 8_000) + "]", "+b0=...: the override holds 7,999 values"),
+                      ("+x=" + "{a:" * 100 + "1" + "}" * 100, "+x=...: the value is nested 100 levels deep"),
+                      ("+x=" + "[" * 100 + "1" + "]" * 100, "+x=...: the value is nested 100 levels deep")):
+        start = time.monotonic()
+        code, _, err = run_cli_in_process(["action=validate", arg], tmp_path)
+        assert code == 2 and f"overrides: {what}" in err and "Traceback" not in err, err
+        assert time.monotonic() - start < 5
+    # a long list of paths and a quoted value with brackets are ordinary use
+    paths = ",".join(f"/data/shards/part_{i:05d}.jsonl" for i in range(500))
+    code, out, err = run_cli_in_process(["action=validate", f"+extra_files=[{paths}]",
+                                         "+note='[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[['"], tmp_path)
+    assert code == 0 and "config is valid" in out, err

@@ -29,6 +29,7 @@ DEGREES = ("pp", "dp_replicate", "dp_shard", "tp")  # mesh order, outermost firs
 MODULE_KEYS = DEGREES + ("cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches",
                          "pp_schedule", "loss_parallel")
 PP_SCHEDULES = ("1f1b", "gpipe")
+MAX_WORLD = 1 << 17  # ranks a layout may span: per-rank tables are built for each of them
 TOP_KEYS = ("name", "world_size", "default", "modules")
 TP_PLANS = ("default", "none")
 AC_MODES = ("none", "full", "every")
@@ -158,8 +159,15 @@ def parse_layout(parallel: dict, module_names: list[str], world_size: int | None
             if key not in MODULE_KEYS:
                 problems.add(origin[key], "unknown key", did_you_mean(key, MODULE_KEYS))
         raw[name] = (node, path, origin)
+    given = "world_size" if world_size is not None else "parallel.world_size"
     if world_size is None:  # nothing says: the smallest world the layout fits
-        world_size = _smallest_world(raw)
+        world_size, given = _smallest_world(raw), None
+    if world_size > MAX_WORLD:  # before anything is sized per rank
+        where = given or _largest_degree(raw)
+        problems.add(where, f"a world of {world_size:,} ranks is more than mimo-spec lays out (at most "
+                     f"{MAX_WORLD:,})", "check the parallel degrees and the world size")
+        _dedupe(problems)
+        return None
     out: dict[str, ModuleLayout] = {}
     for name, (node, path, origin) in raw.items():
         m = _resolve_module(name, node, path, origin, world_size, problems)
@@ -180,6 +188,19 @@ def _dedupe(problems: ProblemCollector) -> None:
             seen.add((p.path, p.message))
             kept.append(p)
     problems.problems[:] = kept
+
+
+def _largest_degree(raw: dict[str, tuple[dict, str, dict]]) -> str:
+    """The key whose value makes the layout's world largest (for an error naming it)."""
+    best, where = 0, "parallel.default"
+    for node, path, origin in raw.values():
+        for key in DEGREES + ("ranks",):
+            value = node.get(key)
+            if isinstance(value, dict):
+                value = sum(v for v in value.values() if isinstance(v, int))
+            if isinstance(value, int) and value > best:
+                best, where = value, origin.get(key, f"{path}.{key}")
+    return where
 
 
 def _smallest_world(raw: dict[str, tuple[dict, str, dict]]) -> int:
@@ -212,6 +233,11 @@ def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], wo
             offset = _int(ranks.get("offset", 0), at("ranks.offset"), problems, minimum=0) or 0
             size = _int(ranks.get("size", world - offset), at("ranks.size"), problems) or 1
     degrees = {d: _int(node.get(d, 1), at(d), problems, allow_rest=True) for d in DEGREES}
+    for d, v in degrees.items():
+        if v is not None and v > size:
+            problems.add(at(d), f"{d}={v:,} is more than the {size:,} ranks of this span (world size {world:,})",
+                         "a degree is at most the number of ranks; use -1 to take the rest of the span")
+            degrees[d] = None
     rest = [d for d, v in degrees.items() if v == -1]
     if len(rest) > 1:
         problems.add(at(rest[1]), f"only one degree may be -1 (already {rest[0]})")
@@ -373,6 +399,9 @@ def run_layout_action(cfg) -> int:
     world = plain.get("world_size")
     if world is not None and (isinstance(world, bool) or not isinstance(world, int) or world < 1):
         raise ConfigError(f"expected a positive integer, got {world!r}", path="world_size")
+    if world is not None and world > MAX_WORLD:
+        raise ConfigError(f"{world:,} ranks is more than mimo-spec lays out (at most {MAX_WORLD:,})",
+                          path="world_size", hint="give the number of processes the run will start")
     model = build_model(cfg, device="meta", dtype=cfg.get("dtype"))
     layout = resolve(plain.get("parallel") or {}, model, world or world_size_from_env(), train=plain.get("train"))
     print(render_rank_map(layout))

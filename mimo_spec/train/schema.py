@@ -195,4 +195,12 @@ def validate_generate_config(generate_cfg: Any) -> GenerateConfig:
     return validate_section("generate", generate_cfg, GenerateConfig)
 
 
-SECTIONS.update(train=TrainConfig, eval=EvalConfig, generate=GenerateConfig)
+class SummaryConfig(_Strict):
+    depth: Annotated[pydantic.StrictInt, Field(ge=1, le=1000)] = 3  # levels of the module tree action=summary prints
+
+
+def validate_summary_config(summary_cfg: Any) -> SummaryConfig:
+    return validate_section("summary", summary_cfg, SummaryConfig)
+
+
+SECTIONS.update(train=TrainConfig, eval=EvalConfig, generate=GenerateConfig, summary=SummaryConfig)
