@@ -26,6 +26,35 @@ def _is_integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
+def key_path(path: str, key: Any) -> str:
+    """``path.key`` for a mapping key; a key that is not a string is named by its type, never printed
+    (a tensor used as a key would put its whole printout in the message)."""
+    return f"{path}.{key}" if isinstance(key, str) else f"{path}.<{type(key).__name__} key>"
+
+
+def check_mapping(value: Any, path: str, what: str) -> dict:
+    """``value`` as a dict whose keys are strings; otherwise an InputError naming ``path``."""
+    if not isinstance(value, dict):
+        raise InputError(f"expected a mapping of {what}, got {type(value).__name__}", path=path)
+    for key in value:
+        if not isinstance(key, str):
+            raise InputError(f"expected names (strings) as keys, got a {type(key).__name__}",
+                             path=key_path(path, key), hint=f"{path} maps names to {what.split(' to ')[-1]}")
+    return value
+
+
+def check_devices(inputs: dict, device: torch.device, path: str) -> None:
+    """Every tensor in the nested mapping ``inputs`` is on ``device`` (input_ids's); tensor metadata only."""
+    for key, value in inputs.items():
+        where = key_path(path, key)
+        if isinstance(value, dict):
+            check_devices(value, device, where)
+        elif isinstance(value, torch.Tensor) and value.device != device:
+            raise InputError(f"{where} is on {value.device} but input_ids is on {device}", path=where,
+                             hint="put every tensor of the batch on one device"
+                                  + (" (a meta tensor is a shape without values)" if value.is_meta else ""))
+
+
 def _tensor(value: Any, path: str, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise InputError(f"expected {what} as a tensor, got {type(value).__name__}", path=path)
@@ -53,7 +82,7 @@ def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any =
     for name, value, kind in checks:
         if value is None:
             continue
-        t = _tensor(value, name, f"a {shape} tensor")
+        t = _tensor(value, name, f"shape {shape}")
         want = [shape] + ([(1, shape[1])] if name == "position_ids" else [])
         if tuple(t.shape) not in want:
             raise InputError(f"expected shape {shape} (same as input_ids){' or (1, seq)' if len(want) > 1 else ''}, "
@@ -70,9 +99,7 @@ def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any =
                              hint="put every tensor of the batch on one device")
     if modality_embeddings is None:
         return
-    if not isinstance(modality_embeddings, dict):
-        raise InputError(f"expected a mapping of modality name to (items * tokens, hidden) embeddings, got "
-                         f"{type(modality_embeddings).__name__}", path="modality_embeddings")
+    check_mapping(modality_embeddings, "modality_embeddings", "modality name to (items * tokens, hidden) embeddings")
     hidden = getattr(model.language_model, "hidden_size", None)
     # a modality whose encoders live on other ranks (split layouts) keeps its placeholder token
     known = [n for n, m in model.modalities.items() if m.has_input or m.special_token_id is not None]
@@ -81,7 +108,7 @@ def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any =
         if name not in known:
             raise InputError(f"unknown input modality {name!r}", path=path,
                              hint=f"this model's input modalities are: {', '.join(known) or 'none'}")
-        if modality_inputs and name in modality_inputs:
+        if isinstance(modality_inputs, dict) and name in modality_inputs:
             raise InputError("given both as modality_embeddings and as modality_inputs", path=path,
                              hint="pass a modality's items once: encoded (embeddings) or raw (inputs)")
         t = _tensor(value, path, "embeddings (N, hidden)")
@@ -158,4 +185,6 @@ def check_values(model, input_ids: torch.Tensor, *, labels: torch.Tensor | None 
             what = "generation" if path.startswith("output_targets") else "placeholder"
             raise InputError(f"input_ids hold {have} {what} tokens (id {token}) but {want} "
                              f"{'embeddings are' if what == 'placeholder' else 'target tokens are'} given",
-                             path=path, hint="one placeholder per embedding, in sample order")
+                             path=path, hint="one placeholder per embedding, in sample order" if what == "placeholder"
+                             else f"{model.modalities[path.split('.', 1)[1]].num_generation_tokens} generation "
+                                  "tokens per target item, in sample order")

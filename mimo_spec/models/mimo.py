@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mimo_spec.errors import InputError
 from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts,
                                         gather_positions, split_items_by_placeholders)
-from mimo_spec.models.inputs import check_tensors, check_values, expected_placeholders
+from mimo_spec.models.inputs import check_devices, check_mapping, check_tensors, check_values, expected_placeholders
 from mimo_spec.registry import register
 
 IGNORE_INDEX = -100
@@ -48,6 +48,12 @@ def _write_logits(self: MimoOutput, value: torch.Tensor) -> None:
 
 
 MimoOutput.logits = property(_read_logits, _write_logits, doc=_read_logits.__doc__)
+
+
+def _or_empty(value):
+    """An optional mapping argument: None -> {}; anything else as given (checked by the caller, so a
+    tensor passed where a mapping belongs is an InputError, not an ambiguous truth value)."""
+    return {} if value is None else value
 
 
 def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
@@ -122,16 +128,18 @@ class MimoModel(nn.Module):
             raise InputError(f"sequence length {seq} exceeds the language model's max_seq_len {max_len}",
                              path="input_ids", hint="truncate the input or raise model.params.max_seq_len")
         counts: dict[str, int] = {}
-        if not isinstance(modality_inputs or {}, dict):
-            raise InputError(f"expected a mapping of modality name to encoder inputs, got "
-                             f"{type(modality_inputs).__name__}", path="modality_inputs")
-        for name, inputs in (modality_inputs or {}).items():
+        modality_inputs = check_mapping(_or_empty(modality_inputs), "modality_inputs",
+                                        "modality name to encoder inputs")
+        for name, inputs in modality_inputs.items():
             if name not in self.modalities or not self.modalities[name].has_input:
                 known = [n for n, m in self.modalities.items() if m.has_input]
                 raise InputError(f"unknown input modality {name!r}", path=f"modality_inputs.{name}",
                                  hint=f"this model's input modalities are: {', '.join(known) or 'none'}")
-            counts[name] = self.modalities[name].validate_inputs(inputs, f"modality_inputs.{name}")
-        for name, target in (output_targets or {}).items():
+            counts[name] = self.modalities[name].validate_inputs(inputs, f"modality_inputs.{name}",
+                                                                 device=input_ids.device)
+        output_targets = check_mapping(_or_empty(output_targets), "output_targets",
+                                       "output modality name to target tensors (N, ...)")
+        for name, target in output_targets.items():
             if name not in self.modalities or not self.modalities[name].has_output:
                 known = [n for n, m in self.modalities.items() if m.has_output]
                 raise InputError(f"unknown output modality {name!r}", path=f"output_targets.{name}",
@@ -140,6 +148,17 @@ class MimoModel(nn.Module):
                 raise InputError(f"expected a tensor of items (N, ...), got {type(target).__name__}"
                                  f"{' of shape ()' if isinstance(target, torch.Tensor) else ''}",
                                  path=f"output_targets.{name}")
+            check_devices({name: target}, input_ids.device, "output_targets")
+            decoder = self.modalities[name].decoder
+            if hasattr(decoder, "example_targets") and not torch.compiler.is_compiling():
+                try:
+                    want = tuple(decoder.example_targets(0).shape[1:])  # an empty tensor: the item shape only
+                except Exception:  # a decoder whose examples need items: its own loss checks the shape
+                    want = tuple(target.shape[1:])
+                if tuple(target.shape[1:]) != want:
+                    raise InputError(f"expected targets of shape (N, {', '.join(map(str, want))}), got "
+                                     f"{tuple(target.shape)}", path=f"output_targets.{name}",
+                                     hint="one target per item, shaped as the decoder's output")
         return counts
 
     def prepare_inputs(self, input_ids: torch.Tensor, modality_inputs: dict | None = None,
@@ -150,14 +169,20 @@ class MimoModel(nn.Module):
         sample; without it, counts are inferred from the placeholders and checked in total.
         Raises InputError naming the modality, the sample and both counts.
         """
-        modality_inputs = modality_inputs or {}
+        modality_inputs = _or_empty(modality_inputs)
         self._validate(input_ids, modality_inputs, None, None, None)
+        items_per_sample = self._check_items_per_sample(items_per_sample, input_ids.shape[0])
         check_values(self, input_ids)
         expected = {}
         for name, mod in self.modalities.items():
             if not mod.has_input:
                 continue
             if name not in modality_inputs:
+                given = sum(items_per_sample.get(name, []))
+                if given:
+                    raise InputError(f"items_per_sample sums to {given} but no {name} items are given",
+                                     path=f"items_per_sample.{name}",
+                                     hint=f"pass the items as modality_inputs[{name!r}], or counts of 0")
                 expected[name] = (mod.special_token_id, [0] * input_ids.shape[0])
                 continue
             inputs = modality_inputs[name]
@@ -167,11 +192,41 @@ class MimoModel(nn.Module):
                 counts = list(items_per_sample[name])
                 if sum(counts) != n_items:
                     raise InputError(f"items_per_sample sums to {sum(counts)} but {n_items} items are given",
-                                     path=f"items_per_sample.{name}")
+                                     path=f"items_per_sample.{name}",
+                                     hint=f"count each sample's {name} items, in the order they are given")
                 expected[name] = (mod.special_token_id, [c * per_item for c in counts])
             else:
                 split_items_by_placeholders(input_ids, mod.special_token_id, per_item, n_items, name)
         check_placeholder_counts(input_ids, expected)
+
+    def _check_items_per_sample(self, items_per_sample, batch: int) -> dict[str, list[int]]:
+        """``items_per_sample`` as {input modality: [one count >= 0 per sample]}; an InputError naming it otherwise."""
+        if items_per_sample is None:
+            return {}
+        check_mapping(items_per_sample, "items_per_sample", "input modality name to per-sample item counts")
+        known = [n for n, m in self.modalities.items() if m.has_input]
+        out = {}
+        for name, counts in items_per_sample.items():
+            path = f"items_per_sample.{name}"
+            if name not in known:
+                raise InputError(f"unknown input modality {name!r}", path=path,
+                                 hint=f"this model's input modalities are: {', '.join(known) or 'none'}")
+            if isinstance(counts, torch.Tensor) and (counts.dim() != 1 or counts.is_meta):
+                pass  # refused below, by type
+            elif not isinstance(counts, (list, tuple, str)) and callable(getattr(counts, "tolist", None)):
+                counts = counts.tolist()  # a 1-d tensor or array of counts; bool / float values are refused below
+            bad = [i for i, c in enumerate(counts) if not isinstance(c, int) or isinstance(c, bool) or c < 0] \
+                if isinstance(counts, (list, tuple)) else []
+            if not isinstance(counts, (list, tuple)) or bad:
+                got = (type(counts).__name__ if not isinstance(counts, (list, tuple)) else
+                       f"{str(counts[bad[0]])[:40]} ({type(counts[bad[0]]).__name__}) for sample {bad[0]}")
+                raise InputError(f"expected a list of item counts (one integer >= 0 per sample), got {got}",
+                                 path=path, hint="e.g. [1, 0] for a batch of 2 where only sample 0 has an item")
+            if len(counts) != batch:
+                raise InputError(f"gives item counts for {len(counts)} samples but the batch has {batch}", path=path,
+                                 hint="one count per row of input_ids")
+            out[name] = list(counts)
+        return out
 
     # ---- forward ---------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, modality_inputs: dict | None = None,
@@ -181,7 +236,7 @@ class MimoModel(nn.Module):
         ``modality_embeddings`` {modality: (items * tokens_per_item, H)} are already-encoded items
         (cached features, or encoders that ran on other ranks); they replace that modality's encoders.
         """
-        modality_inputs, modality_embeddings = modality_inputs or {}, modality_embeddings or {}
+        modality_inputs, modality_embeddings = _or_empty(modality_inputs), _or_empty(modality_embeddings)
         check_tensors(self, input_ids, modality_embeddings=modality_embeddings, modality_inputs=modality_inputs)
         embeds = self.language_model.embed_tokens(input_ids)
         merged = []
@@ -204,8 +259,8 @@ class MimoModel(nn.Module):
                 check_inputs: bool | None = None,
                 modality_embeddings: dict[str, torch.Tensor] | None = None) -> MimoOutput:
         """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss."""
-        modality_inputs = modality_inputs or {}
-        output_targets = output_targets or {}
+        modality_inputs = _or_empty(modality_inputs)
+        output_targets = _or_empty(output_targets)
         self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets, document_ids,
                        position_ids=position_ids, attention_mask=attention_mask,
                        modality_embeddings=modality_embeddings)
@@ -242,6 +297,27 @@ class MimoModel(nn.Module):
         return out
 
     # ---- smoke-test inputs -----------------------------------------------------------------
+    MAX_EXAMPLE_BATCH = 1024  # example batches are for smoke tests and tracing, not for training
+    MAX_TEXT_TOKENS = 2**20  # without a language model's max_seq_len
+
+    def _check_example_args(self, batch_size: object, text_tokens: object, seed: object) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(batch_size) or not 1 <= batch_size <= self.MAX_EXAMPLE_BATCH:
+            raise InputError(f"expected an integer in [1, {self.MAX_EXAMPLE_BATCH}], got {type(batch_size).__name__} "
+                             f"{batch_size!r}", path="batch_size",
+                             hint=f"pass a batch_size from 1 to {self.MAX_EXAMPLE_BATCH} (e.g. the default 2)")
+        max_len = getattr(self.language_model, "max_seq_len", None)
+        limit = int(max_len) if is_int(max_len) and max_len > 0 else self.MAX_TEXT_TOKENS
+        if not is_int(text_tokens) or not 0 <= text_tokens <= limit:
+            raise InputError(f"expected an integer in [0, {limit}]" + (" (the language model's max_seq_len)"
+                             if limit != self.MAX_TEXT_TOKENS else "") + f", got {type(text_tokens).__name__} "
+                             f"{text_tokens!r}", path="text_tokens", hint=f"pass text_tokens from 0 to {limit}")
+        if not is_int(seed) or not 0 <= seed < 2**63:
+            raise InputError(f"expected an integer in [0, 2**63), got {type(seed).__name__} {seed!r}", path="seed",
+                             hint="pass seed=0 (or any integer below 2**63)")
+
     def example_inputs(self, batch_size: int = 2, *, text_tokens: int = 8, seed: int = 0,
                        device: torch.device | str | None = None) -> dict:
         """A valid keyword batch (with labels) for whatever modalities this model has.
@@ -249,6 +325,7 @@ class MimoModel(nn.Module):
         Sample i carries one item of every input modality and, for output
         modalities, one item to generate. Placeholders get label -100.
         """
+        self._check_example_args(batch_size, text_tokens, seed)
         g = torch.Generator().manual_seed(seed)
         lm = self.language_model
         specials = {m.special_token_id for m in self.modalities.values() if m.special_token_id is not None}

@@ -63,11 +63,15 @@ class ModalitySubmodules(nn.Module):
         return int(getattr(self.decoder, "num_tokens", 0)) if self.decoder is not None else 0
 
     # ---- inputs ---------------------------------------------------------------------------
-    def validate_inputs(self, inputs: dict, path: str) -> int:
-        """Check names and shapes of this modality's inputs (no host sync). Returns the item count."""
+    def validate_inputs(self, inputs: dict, path: str, device: torch.device | None = None) -> int:
+        """Check names, shapes (and, given ``device``, devices) of this modality's inputs (no host sync).
+        Returns the item count."""
+        from mimo_spec.models.inputs import check_devices, check_mapping, key_path
+
         if not isinstance(inputs, dict):
             raise InputError(f"expected a mapping of encoder name to keyword tensors, got {type(inputs).__name__}",
                              path=path, hint=f"encoders: {', '.join(self.encoders)}")
+        check_mapping(inputs, path, "encoder name to keyword tensors")
         unknown = [k for k in inputs if k not in self.encoders]
         if unknown:
             raise InputError(f"unknown encoder {unknown[0]!r}", path=f"{path}.{unknown[0]}",
@@ -78,8 +82,22 @@ class ModalitySubmodules(nn.Module):
                              hint="every configured encoder needs its inputs (never silently zero)")
         counts = set()
         for name, enc in self.encoders.items():
-            enc.validate_inputs(inputs[name], f"{path}.{name}")
-            counts.add(next(iter(inputs[name].values())).shape[0])
+            where = f"{path}.{name}"
+            kwargs = inputs[name]
+            if not isinstance(kwargs, dict) or not kwargs:
+                got = "an empty mapping" if isinstance(kwargs, dict) else type(kwargs).__name__
+                raise InputError(f"expected a mapping of keyword name to tensor (items first), got {got}", path=where,
+                                 hint="one tensor per encoder argument, e.g. {\"pixel_values\": images}")
+            check_mapping(kwargs, where, "keyword name to tensor")
+            enc.validate_inputs(kwargs, where)
+            for kw, value in kwargs.items():  # whatever the encoder checks: items first, in every tensor
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    raise InputError(f"expected a tensor with the items first (N, ...), got "
+                                     f"{'a 0-d tensor' if isinstance(value, torch.Tensor) else type(value).__name__}",
+                                     path=key_path(where, kw))
+            if device is not None:
+                check_devices(kwargs, device, where)
+            counts.add(next(iter(kwargs.values())).shape[0])
         if len(counts) > 1:
             raise InputError(f"encoders got different item counts {sorted(counts)}", path=path,
                              hint="each encoder sees the same items")

@@ -27,22 +27,58 @@ class Generation:
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
+def _shown(value) -> str:
+    """A setting's value for a message: short, and a tensor by its shape, never its printout."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_sampling(strategy: str, temperature: float, top_k: int, top_p: float, max_new_tokens: int = 1) -> None:
     """Refuse settings ``generate`` does not implement or that make no sense (an InputError naming the argument)."""
     if strategy not in STRATEGIES:
-        raise InputError(f"unknown strategy {strategy!r}: implemented are {', '.join(STRATEGIES)}", path="strategy",
+        raise InputError(f"unknown strategy {_shown(strategy)}: implemented are {', '.join(STRATEGIES)}",
+                         path="strategy",
                          hint="greedy picks the most likely token; sample draws with temperature / top_k / top_p")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise InputError(f"expected a positive integer, got {max_new_tokens!r}", path="max_new_tokens")
+        raise InputError(f"expected a positive integer, got {_shown(max_new_tokens)}", path="max_new_tokens")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise InputError(f"expected an integer >= 0 (0: off), got {top_k!r}", path="top_k")
-    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise InputError(f"expected a number in (0, 1] (1: off), got {top_p!r}", path="top_p")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise InputError(f"expected a finite number >= 0, got {temperature!r}", path="temperature")
+        raise InputError(f"expected an integer >= 0 (0: off), got {_shown(top_k)}", path="top_k")
+    if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0.0 < top_p <= 1.0):
+        raise InputError(f"expected a number in (0, 1] (1: off), got {_shown(top_p)}", path="top_p")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise InputError(f"expected a finite number >= 0, got {_shown(temperature)}", path="temperature")
     if strategy == "sample" and temperature <= 0:
         raise InputError("must be greater than 0 when sampling", path="temperature",
                          hint="strategy=greedy picks the most likely token")
+
+
+def check_seed(seed) -> None:
+    """``seed`` seeds a torch.Generator: an integer in [0, 2**63)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise InputError(f"expected an integer in [0, 2**63), got {_shown(seed)}", path="seed",
+                         hint="any non-negative integer below 2**63 seeds the sampler")
+
+
+def check_prompt(model, input_ids, modality_inputs) -> None:
+    """The model's own input checks on one prompt: input_ids (1, S) with S >= 1, ids inside the vocabulary,
+    known modalities with well-formed items, and one placeholder per item embedding (InputError naming
+    the argument). One small host sync."""
+    from mimo_spec.models.inputs import check_tensors, check_values, expected_placeholders
+
+    check_tensors(model, input_ids, modality_inputs=modality_inputs)
+    if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise InputError(f"expected one prompt of shape (1, S) with S >= 1, got {tuple(input_ids.shape)}",
+                         path="input_ids", hint="generate continues one prompt: call it once per prompt"
+                         if input_ids.shape[0] != 1 else "the prompt needs at least one token")
+    weight = next(model.parameters(), None)
+    if weight is not None and not weight.is_meta and not input_ids.is_meta and weight.device != input_ids.device:
+        raise InputError(f"input_ids is on {input_ids.device} but the model is on {weight.device}", path="input_ids",
+                         hint=f"move the prompt and modality_inputs to the model's device, {weight.device}")
+    model._validate(input_ids, modality_inputs, None, None, None)
+    check_values(model, input_ids, placeholders=expected_placeholders(model, modality_inputs, None, None))
 
 
 def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0,
@@ -97,11 +133,24 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     whole sequence every step (the reference the cache must match).
     """
     check_sampling(strategy, temperature, top_k, top_p, max_new_tokens)
+    check_seed(seed)
+    if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool)):
+        raise InputError(f"expected a token id (an integer) or None, got {type(eos_id).__name__}", path="eos_id")
+    modality_inputs = {} if modality_inputs is None else modality_inputs
+    check_prompt(model, input_ids, modality_inputs)
     model.eval()
     lm = model.language_model
     gen = torch.Generator(device="cpu").manual_seed(seed)
     outputs_by_token = {m.generation_token_id: (name, m) for name, m in model.modalities.items() if m.has_output}
     extra = sum(m.num_generation_tokens for _, m in outputs_by_token.values())
+    limit = getattr(lm, "max_seq_len", None)
+    if getattr(lm, "position_embedding_kind", None) == "learned" and limit is not None \
+            and input_ids.shape[1] + max_new_tokens + extra > limit:  # learned positions end at max_seq_len
+        room = int(limit) - input_ids.shape[1] - extra
+        raise InputError(f"a {input_ids.shape[1]}-token prompt" + (f" (+{extra} for an output item)" if extra else "")
+                         + f" plus {max_new_tokens} new tokens exceeds the language model's max_seq_len {limit} "
+                         "(learned positions)", path="max_new_tokens",
+                         hint=f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt")
     embeds = model.embed_inputs(input_ids, modality_inputs)  # (1, S, H)
     max_len = embeds.shape[1] + max_new_tokens + extra
     if use_cache:  # refuse a cache that cannot fit before allocating it

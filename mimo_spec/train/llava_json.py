@@ -50,23 +50,70 @@ def read_records(path: Path, key: str = "data.path") -> list[dict]:
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # JSON Lines are split at "\n" only: str.splitlines would also split inside strings at U+2028 etc.
+        for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: not valid JSON at line {lineno}, column {e.colno}: {e.msg}",
                                      path=key, hint="each line of a .jsonl file is one JSON object") from None
+                except RecursionError:
+                    raise _too_deep(path, line, key, lineno) from None
+                except ValueError as e:  # e.g. an integer of more digits than Python converts
+                    raise DataError(f"{path}: cannot read the JSON at line {lineno}: {e}"[:400], path=key,
+                                     hint="each line of a .jsonl file is one JSON object of ordinary values") from None
         return records
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}", path=key,
                          hint="check it with: python -m json.tool FILE") from None
+    except RecursionError:
+        raise _too_deep(path, text, key) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise DataError(f"{path}: cannot read the JSON: {e}"[:400], path=key,
+                         hint="a list of samples holding ordinary values (strings, short numbers)") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of samples, got a {type(records).__name__}", path=key,
                          hint='[{"id": ..., "image": ..., "conversations": [...]}, ...]')
     return records
+
+
+def _too_deep(path: Path, text: str, key: str, lineno: int | None = None) -> DataError:
+    """The DataError for JSON nested deeper than the reader's recursion allows, naming the file, the line
+    where the nesting passes the limit, and the limit."""
+    import re
+    import sys
+
+    limit = sys.getrecursionlimit()  # json's decoder recurses once per level, within Python's limit
+    depth, deepest, line, deepest_line = 0, 0, 1, 1
+    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}\n]', text):  # strings are skipped whole
+        c = m.group()
+        if c == "\n":
+            line += 1
+        elif c in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, deepest_line = depth, line
+                if depth >= limit:
+                    break
+        elif c in "]}":
+            depth -= 1
+    where = f"line {lineno if lineno is not None else deepest_line}"
+    return DataError(f"{path}: lists/objects nested too deeply at {where} (more than the JSON reader's limit of "
+                     f"about {limit} levels)", path=key,
+                     hint="a sample is an object with a list of turns: a few levels deep; this file is damaged "
+                          "or not LLaVA data")
+
+
+def _short(value, size: int = 80) -> str:
+    """A bounded repr for messages: never recurses far into nested data, never prints more than ``size``."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 3, size, size
+    return r.repr(value)[:size]
 
 
 def _file_list(rec: dict, one: str, many: str, where: str) -> list[str]:
@@ -75,7 +122,8 @@ def _file_list(rec: dict, one: str, many: str, where: str) -> list[str]:
         return []
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise DataError(f"{one!r} / {many!r} must be a path or a list of paths, got {value!r}", path=where)
+        raise DataError(f"{one!r} / {many!r} must be a path or a list of paths, got {_short(value)}", path=where,
+                        hint=f'e.g. "{one}": "file" or "{many}": ["file1", "file2"]')
     return values
 
 
@@ -112,7 +160,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         for index, rec in records:
             where = f"{self.file.name}: sample {index}"
             if isinstance(rec, dict) and "id" in rec:
-                where += f" (id {rec['id']!r})"
+                where += f" (id {_short(rec['id'], 40)})"
             try:
                 sample = self._prepare(rec, where)
             except InputError as e:
@@ -157,16 +205,19 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     def _prepare(self, rec, where: str) -> dict | None:
         """A record -> {input_ids, labels (int32), images, audio, where}; None when dropped."""
         if not isinstance(rec, dict):
-            raise DataError(f"expected a JSON object, got {type(rec).__name__}", path=where)
+            raise DataError(f"expected a JSON object, got {type(rec).__name__}", path=where,
+                            hint='a sample is {"id": ..., "image": ..., "conversations": [...]}')
         conv = rec.get("conversations")
         if not isinstance(conv, list) or not conv:
             raise DataError("missing or empty 'conversations'", path=where,
                              hint='"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]')
         turns = []
         for k, turn in enumerate(conv):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            if (not isinstance(turn, dict) or not isinstance(turn.get("value"), str)
+                    or not isinstance(turn.get("from"), str) or turn["from"] not in ROLES):
                 raise DataError(f"conversations[{k}] must be {{\"from\": human|gpt|system, \"value\": text}}, got "
-                                 f"{str(turn)[:80]}", path=where)
+                                 f"{_short(turn)}", path=where,
+                                hint='each turn is one object, e.g. {"from": "gpt", "value": "A cat."}')
             turns.append([ROLES[turn["from"]], turn["value"]])
         files = {}
         for tag, one, many, root in ((IMAGE_TAG, "image", "images", self.image_root),
@@ -193,8 +244,14 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         if not any(r == "assistant" and v.strip() for r, v in turns):
             raise DataError("no assistant answer: nothing to train on", path=where,
                              hint="every sample needs at least one non-empty gpt turn")
-        enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.template,
-                                  reserved=self.reserved, where=where)
+        try:
+            enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.template,
+                                      reserved=self.reserved, where=where)
+        except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud800"): not text any tokenizer takes
+            bad = e.object[e.start:e.end] if isinstance(e.object, str) else ""
+            raise DataError(f"the conversation holds {bad.encode('unicode_escape').decode() or 'a character'}, "
+                            f"which is not valid Unicode text ({e.reason})", path=where,
+                            hint="a lone surrogate escape in the JSON: fix or remove the sample") from None
         ids, labels, runs = enc.input_ids, enc.labels, enc.runs
         if len(ids) > self.max_len:
             cut = self.max_len

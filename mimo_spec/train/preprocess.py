@@ -50,7 +50,9 @@ def load_image(path: Path, where: str = ""):
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"cannot read image {path}: {e}", path=where,
+        empty = Path(path).stat().st_size == 0
+        reason = "the file is empty" if empty else (str(e) or f"{type(e).__name__} while decoding")
+        raise DataError(f"cannot read image {path}: {reason}", path=where,
                          hint="the file is not an image Pillow can decode; re-export it or remove the sample") from None
 
 
@@ -143,10 +145,16 @@ def read_wav(path: Path, where: str = "", max_seconds: float | None = None) -> t
                          cls=DataError)
             raw = f.readframes(n)
     except (wave.Error, EOFError, OSError) as e:
-        raise DataError(f"cannot read WAV file {path}: {e}", path=where,
+        raise DataError(f"cannot read WAV file {path}: {_wav_problem(path, e)}", path=where,
                          hint="only uncompressed PCM WAV is read (8/16/24/32-bit); "
                               "convert with e.g. ffmpeg -i in -acodec pcm_s16le out.wav") from None
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+    frame = channels * width
+    raw = raw[: len(raw) // frame * frame] if frame else b""  # a file cut inside a frame: whole frames only
+    if not raw:
+        raise DataError(f"cannot read WAV file {path}: it holds no audio frames"
+                        + (" (the header declares some, but the file ends before them)" if n else ""),
+                        path=where, hint="re-export the audio, or remove the sample")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     if width == 1:  # 8-bit WAV is unsigned
         x = (data.float() - 128.0) / 128.0
     elif width in (2, 4):
@@ -159,6 +167,24 @@ def read_wav(path: Path, where: str = "", max_seconds: float | None = None) -> t
         raise DataError(f"unsupported sample width {width} bytes in {path}", path=where)
     x = x[: (x.numel() // channels) * channels].view(-1, channels).mean(dim=1)
     return x, rate
+
+
+def _wav_problem(path: Path, error: Exception) -> str:
+    """What is wrong with a WAV file the wave module refused, in words (its errors are often empty)."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error) or type(error).__name__
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not head:
+        return "the file is empty"
+    if head[:4] != b"RIFF"[: len(head[:4])] or (len(head) >= 12 and head[8:12] != b"WAVE"):
+        return f"not a RIFF WAVE file (it starts with {head!r})"
+    if len(head) < 12 or isinstance(error, EOFError) or not str(error):
+        return f"the file ends early ({Path(path).stat().st_size} bytes): its header or chunks are cut short"
+    return str(error)
 
 
 def resample(x: torch.Tensor, rate: int, target: int) -> torch.Tensor:
