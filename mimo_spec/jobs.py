@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mimo_spec.errors import ConfigError
+from mimo_spec.env_secrets import redact_env_values
 from mimo_spec.rundir import write_text_atomic
 
 
@@ -267,7 +268,7 @@ def _run_generate(cfg: DictConfig, out_dir: Path) -> int:
     specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}
     text = tokenizer.decode([t for t in out.tokens if t not in specials and t < tokenizer.vocab_size])
     print(text)
-    record = {"prompt": g.prompt, "tokens": out.tokens, "text": text, "outputs": {}}
+    record = {"prompt": redact_env_values(str(g.prompt), cfg), "tokens": out.tokens, "text": text, "outputs": {}}
     for name, items in out.outputs.items():
         for i, item in enumerate(items):
             if item.dim() == 3:

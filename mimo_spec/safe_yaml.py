@@ -55,7 +55,7 @@ def yaml_error(err, source: str) -> ConfigError:
     return ConfigError(Problem(_where(source, mark), text, "fix the YAML syntax in this file"))
 
 
-def read_yaml_file(path: str | os.PathLike) -> str:
+def read_yaml_file(path: str | os.PathLike, top_mapping: bool = True) -> str:
     """The text of a YAML config file, after :func:`check_yaml_text`; ConfigError for anything unfit."""
     path = Path(path)
     try:
@@ -75,7 +75,7 @@ def read_yaml_file(path: str | os.PathLike) -> str:
         raise ConfigError(f"cannot read config file: {e.strerror or e}", path=str(path), hint=_HINT) from None
     _check_size(len(data), str(path))
     text = decode_yaml_bytes(data, str(path))
-    check_yaml_text(text, str(path))
+    check_yaml_text(text, str(path), top_mapping)
     return text
 
 
@@ -94,8 +94,9 @@ def _check_size(size: int, source: str) -> None:
                           path=source, hint="a config describes a run; keep data and weights in their own files")
 
 
-def check_yaml_text(text: str, source: str) -> None:
-    """Refuse YAML that is too big, too deep, expands too far, carries odd tags or does not parse."""
+def check_yaml_text(text: str, source: str, top_mapping: bool = True) -> None:
+    """Refuse YAML that is too big, too deep, expands too far, carries odd tags or does not parse
+    (and, with ``top_mapping``, that is not a mapping at the top, as every config file is)."""
     import yaml
     from yaml import events as ev
 
@@ -116,7 +117,8 @@ def check_yaml_text(text: str, source: str) -> None:
                 continue
             if not isinstance(event, (ev.NodeEvent, ev.CollectionEndEvent)):
                 continue
-            if not open_nodes and not isinstance(event, (ev.MappingStartEvent, ev.CollectionEndEvent)) and not (
+            if top_mapping and not open_nodes and not isinstance(event, (ev.MappingStartEvent,
+                                                                         ev.CollectionEndEvent)) and not (
                     isinstance(event, ev.ScalarEvent) and event.tag is None and event.value in ("", "~", "null")):
                 got = "a list" if isinstance(event, ev.SequenceStartEvent) else "a single value"
                 raise ConfigError(Problem(_where(source, event.start_mark), f"expected a mapping (key: value lines) "
@@ -167,7 +169,9 @@ def load_yaml_file(path: str | os.PathLike):
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return OmegaConf.create(text)
+        cfg = OmegaConf.create(text)
+        check_expansion(OmegaConf.to_container(cfg, resolve=False), str(path))  # interpolation bombs too
+        return cfg
     except yaml.YAMLError as e:  # e.g. a duplicate key
         raise yaml_error(e, str(path)) from None
     except OmegaConfBaseException as e:

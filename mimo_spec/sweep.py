@@ -199,8 +199,6 @@ def sweep_exit_code() -> int:
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job directory (a folder with .hydra/overrides.yaml) under ``sweep_dir``."""
-    from omegaconf import OmegaConf
-
     rows = []
     for marker in sweep_dir.glob("**/.hydra/overrides.yaml"):
         job_dir = marker.parent.parent
@@ -210,7 +208,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         if metrics is None:  # killed before it could write anything (out of memory, time limit, ...)
             metrics = {"status": "failed", "error": "no metrics.json: the job did not finish (see its log)"}
         rows.append({"job": job_dir.relative_to(sweep_dir).as_posix(),
-                     "overrides": [str(o) for o in OmegaConf.load(marker)], **metrics})
+                     "overrides": _job_overrides(marker), **metrics})
     rows.sort(key=lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r["job"])])
     return rows
 
@@ -335,11 +333,28 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def _job_overrides(path: Path) -> list[str]:
+    """A job's ``.hydra/overrides.yaml``, read with the limits every config file gets (a FIFO or an
+    alias bomb planted in a sweep folder must not hang the summary)."""
+    import yaml
+
+    from mimo_spec.safe_yaml import read_yaml_file
+
+    try:
+        loaded = yaml.safe_load(read_yaml_file(path, top_mapping=False))  # a list of overrides
+    except (ConfigError, OSError, yaml.YAMLError):
+        return [f"<unreadable {path.name}>"]
+    return [str(o) for o in loaded] if isinstance(loaded, list) else [f"<unreadable {path.name}>"]
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        if not path.is_file() or path.stat().st_size > (64 << 20):  # a FIFO, a device or a flood: unreadable
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

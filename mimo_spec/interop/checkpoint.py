@@ -37,6 +37,32 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _HINT_DIR = "point at a Hugging Face model directory: config.json plus model.safetensors (or shards and an index)"
 
 
+MAX_JSON_BYTES = 100 << 20  # a config.json, a shard index or a safetensors header
+
+
+def read_json_file(path: Path) -> Any:
+    """A small JSON file from a checkpoint folder: a regular file of bounded size and nesting
+    (InputError naming it otherwise); JSON syntax errors are left to the caller's message."""
+    import stat
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError("not a regular file", path=str(path), hint="point at a Hugging Face model directory")
+    if st.st_size > MAX_JSON_BYTES:
+        raise InputError(f"{st.st_size} bytes: too large for a JSON metadata file (at most {MAX_JSON_BYTES})",
+                         path=str(path), hint="the file is damaged or not what its name says")
+    try:
+        return json.loads(Path(path).read_text())
+    except RecursionError:
+        raise InputError("the JSON is nested too deeply", path=str(path),
+                         hint="the file is damaged or not what its name says") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (JSONDecodeError is a ValueError too)
+        if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+            raise
+        raise InputError(f"unreadable JSON: {e}", path=str(path),
+                         hint="the file is damaged or not what its name says") from None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
@@ -59,23 +85,54 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
             raise InputError(f"truncated safetensors file: its header needs {8 + n} bytes, the file has {size}", **bad)
+        if n > MAX_JSON_BYTES:  # safetensors itself refuses headers over 100 MB
+            raise InputError(f"not a safetensors file: a {n}-byte header (at most {MAX_JSON_BYTES})", **bad)
         try:
             header = json.loads(f.read(n))
+        except RecursionError:
+            raise InputError("not a safetensors file: its header is nested too deeply", **bad) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"not a safetensors file: unreadable header ({e})", **bad) from None
     out, end = {}, 0
+    if not isinstance(header, dict):
+        raise InputError("not a safetensors file: its header is not a JSON object", **bad)
     try:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
             begin, stop = info["data_offsets"]
-            out[key] = TensorInfo(path, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin)
+            dtype, shape = DTYPES[info["dtype"]], info["shape"]
+            why = _bad_entry(dtype, shape, begin, stop)
+            if why:
+                raise InputError(f"not a safetensors file: tensor {key!r} {why}", **bad)
+            out[key] = TensorInfo(path, dtype, tuple(shape), 8 + n + begin)
             end = max(end, stop)
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
         raise InputError(f"not a safetensors file: malformed header entry ({e!r})", **bad) from None
     if 8 + n + end > size:
         raise InputError(f"truncated safetensors file: {size} bytes, its tensors need {8 + n + end}", **bad)
     return out
+
+
+def _bad_entry(dtype: torch.dtype, shape: Any, begin: Any, stop: Any) -> str:
+    """Why a header entry cannot describe its tensor's bytes ("" when it can): the shape must be
+    non-negative whole numbers and the offsets must span exactly numel x element size bytes."""
+    def whole(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
+        return f"has shape {shape!r}: expected a list of non-negative whole numbers"
+    if not (whole(begin) and whole(stop)) or stop < begin:
+        return f"has data offsets [{begin!r}, {stop!r}]: expected two whole numbers, begin <= end"
+    numel = 1
+    for d in shape:
+        numel *= d
+    need = numel * torch.empty((), dtype=dtype).element_size()
+    if stop - begin != need:
+        return f"spans {stop - begin} bytes, but its shape {shape} of {dtype} needs {need}"
+    return ""
 
 
 def _outside(name: Any) -> str:
@@ -108,7 +165,7 @@ class HFCheckpoint:
         if not config.is_file():
             raise InputError("no config.json in the checkpoint directory", path=str(self.path), hint=_HINT_DIR)
         try:
-            self.config: dict[str, Any] = json.loads(config.read_text())
+            self.config: dict[str, Any] = read_json_file(config)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"config.json is not valid JSON: {e}", path=str(config)) from None
         if not isinstance(self.config, dict):
@@ -128,7 +185,7 @@ class HFCheckpoint:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json_file(index)["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise InputError(f"unreadable shard index: {e!r}", path=str(index),
                                  hint="it must be JSON with a 'weight_map' of tensor name -> shard file") from None

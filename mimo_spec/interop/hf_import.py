@@ -165,8 +165,10 @@ def _open(source: Any) -> tuple[Any, HFCheckpoint | None, dict[str, torch.Tensor
         ckpt = HFCheckpoint(source)
         model_type = ckpt.config.get("model_type")
         where = str(ckpt.path / "config.json")
-        if model_type not in SUPPORTED:
-            raise _unsupported(str(model_type), ", ".join(ckpt.config.get("architectures") or []), where)
+        if not isinstance(model_type, str) or model_type not in SUPPORTED:
+            architectures = ckpt.config.get("architectures")
+            shown = ", ".join(map(str, architectures)) if isinstance(architectures, list) else str(architectures or "")
+            raise _unsupported(repr(model_type) if not isinstance(model_type, str) else model_type, shown, where)
         return _auto_config(ckpt.path), ckpt, None, where
     config = getattr(source, "config", None)
     if isinstance(source, nn.Module) and config is not None and hasattr(config, "model_type"):

@@ -24,6 +24,11 @@ class MetricsWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.csv"
         self.fields = fields
+        if self.path.exists() and not self.path.is_file():  # a FIFO or a device would hang or flood the resume
+            from mimo_spec.errors import StorageError
+
+            raise StorageError("metrics.csv in the run directory is not a regular file", path=str(self.path),
+                               hint="remove it, or give this run a directory of its own")
         self._lock = RunLock.acquire(self.out_dir)  # already ours when the CLI runs the job
         try:
             if not (resume and self.path.exists()):
