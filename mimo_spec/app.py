@@ -343,6 +343,9 @@ def main() -> None:
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
     from mimo_spec.hydra_guard import guarded
 
+    from mimo_spec.sweep import forget_last_sweep
+
+    forget_last_sweep()
     try:
         _check_command_line(argv)
         # every YAML file and every composed config is checked before Hydra acts on it

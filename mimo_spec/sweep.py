@@ -189,6 +189,13 @@ def objective_and_direction(config) -> tuple[str, str]:
     return objective, direction
 
 
+def forget_last_sweep() -> None:
+    """A new command starts: an earlier sweep's outcome in this process (main() called again, as
+    tests and notebooks do) must not set its exit code."""
+    global _last_summary
+    _last_summary = None
+
+
 def sweep_exit_code() -> int:
     """0 when the last sweep of this process (if any) had no failed job; 2 if only configs were invalid."""
     if not _last_summary or not _last_summary["failed"]:
