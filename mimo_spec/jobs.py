@@ -287,6 +287,9 @@ def run_import(cfg: DictConfig, out_dir: Path) -> int:
     if not spec.get("source"):
         raise ConfigError("missing: the Hugging Face checkpoint directory to import", path="import_hf.source",
                           hint="set import_hf.source=/path/to/hf_model")
+    for key in ("source", "output"):
+        if spec.get(key) is not None and not isinstance(spec.get(key), str):
+            raise ConfigError(f"expected a folder path (a string), got {spec.get(key)!r}", path=f"import_hf.{key}")
     output = Path(spec.get("output") or out_dir / "imported")
     yaml_path, weights_path = import_hf_to_dir(spec.source, output)
     print(f"wrote {yaml_path} and {weights_path}")

@@ -100,3 +100,28 @@ def test_a_yaml_file_given_to_build_model_is_checked_for_interpolation_bombs(tmp
     with pytest.raises(ConfigError, match="b[4-9]"):
         build_model(tmp_path / "bomb.yaml")
     assert time.perf_counter() - start < 10
+
+
+def test_generate_names_a_wrong_model_a_meta_model_and_an_eos_outside_the_vocabulary(tmp_path):
+    import torch
+
+    from mimo_spec import build_model
+    from mimo_spec.train.generate import generate
+
+    from conftest import tiny_config
+
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(InputError, match="expected a MimoModel"):
+        generate(5, ids)
+    with pytest.raises(InputError, match="meta device"):
+        generate(build_model(tiny_config(), device="meta"), ids)
+    model = build_model(tiny_config(), seed=0)
+    with pytest.raises(InputError, match=r"eos_id: token id 1000000 is outside the vocabulary \[0, 256\)"):
+        generate(model, ids, eos_id=10**6)
+    assert len(generate(model, ids, max_new_tokens=2, eos_id=255).tokens) >= 1
+
+
+def test_import_paths_must_be_strings(tmp_path):
+    code, _, err = run_cli_in_process(["action=import", "import_hf.source=/nonexistent", "import_hf.output=[a]"],
+                                      tmp_path)
+    assert code == 2 and "import_hf.output: expected a folder path (a string)" in err, err

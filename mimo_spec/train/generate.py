@@ -132,10 +132,20 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     are decoded into the item (e.g. an image). ``use_cache=False`` recomputes the
     whole sequence every step (the reference the cache must match).
     """
+    from mimo_spec.models.mimo import MimoModel
+
+    if not isinstance(model, MimoModel):
+        raise InputError(f"expected a MimoModel (from build_model), got {type(model).__name__}", path="model")
+    if any(p.is_meta for p in model.parameters()):
+        raise InputError("the model is on the meta device: it has no weights to generate with", path="model",
+                         hint="build it on a real device (build_model(cfg, device='cpu')) or load a checkpoint")
     check_sampling(strategy, temperature, top_k, top_p, max_new_tokens)
     check_seed(seed)
     if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool)):
         raise InputError(f"expected a token id (an integer) or None, got {type(eos_id).__name__}", path="eos_id")
+    vocab = getattr(model.language_model, "vocab_size", None)
+    if eos_id is not None and vocab is not None and not 0 <= eos_id < int(vocab):
+        raise InputError(f"token id {eos_id} is outside the vocabulary [0, {vocab})", path="eos_id")
     modality_inputs = {} if modality_inputs is None else modality_inputs
     check_prompt(model, input_ids, modality_inputs)
     model.eval()
