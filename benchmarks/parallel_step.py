@@ -90,10 +90,10 @@ def worker(args) -> None:
     from mimo_spec.builders import build_model
     from mimo_spec.config import compose_config
     from mimo_spec.parallel.layout import resolve, world_size_from_env
-    from mimo_spec.train.data import build_dataset, collate
+    from mimo_spec.data import build_dataset, collate
     from mimo_spec.train.loop import _clip, model_kwargs
     from mimo_spec.train.optim import build_optimizer
-    from mimo_spec.train.tokenizer import build_tokenizer
+    from mimo_spec.data.tokenizer import build_tokenizer
 
     torch.set_num_threads(args.threads)
     time_collectives()
@@ -102,7 +102,7 @@ def worker(args) -> None:
     world = world_size_from_env() or 1
     drun = None
     if world > 1:
-        from mimo_spec.parallel.apply import DistributedRun
+        from mimo_spec.parallel.parallelize import ParallelContext
         from mimo_spec.parallel.env import init_distributed
 
         layout = resolve(_plain(cfg.parallel), model, world, train=_plain(cfg.train))
@@ -110,7 +110,7 @@ def worker(args) -> None:
     data = build_dataset(cfg.data, model, tok, "train")
     batch = collate([data[i] for i in range(args.batch)], tok.pad_id)
     if world > 1:
-        drun = DistributedRun(layout, init_distributed().rank)
+        drun = ParallelContext(layout, init_distributed().rank)
         drun.parallelize(model)
         if drun.pp > 1:
             drun.start_pipeline(model, int(batch["input_ids"].shape[1]), tok.pad_id)

@@ -122,7 +122,7 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
 
         check_run_config(cfg, model)  # the model (on meta) sizes the memory checks
         if "data" in cfg:  # the tokenizer must fit the LM's vocabulary and miss the placeholders
-            from mimo_spec.train.tokenizer import build_tokenizer
+            from mimo_spec.data.tokenizer import build_tokenizer
 
             build_tokenizer(cfg.data, model)
         _record_if_new(record, out_dir)

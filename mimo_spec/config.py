@@ -8,7 +8,19 @@ from typing import Sequence
 
 from mimo_spec.errors import ConfigError, Problem, did_you_mean
 
-CONF_DIR = Path(__file__).parent / "conf"
+
+
+def _conf_dir() -> Path:
+    """The shipped config tree: ``conf/`` at the repository root in a checkout (and an editable
+    install); an installed wheel carries the same files as ``mimo_spec/conf`` (pyproject's
+    package-dir mapping), so there is one copy of them either way."""
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config",

@@ -43,7 +43,7 @@ def check_run_config(cfg: DictConfig, model=None) -> None:
     a training step's memory and ``generate.max_new_tokens`` are checked against it too.
     """
     from mimo_spec.errors import ProblemCollector
-    from mimo_spec.train.data import validate_data_config
+    from mimo_spec.data import validate_data_config
     from mimo_spec.train.schema import SEED_MAX, validate_eval_config, validate_generate_config, validate_train_config
     from mimo_spec.train.schema import validate_summary_config
 
@@ -148,7 +148,7 @@ def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
     from mimo_spec.parallel.env import run_device
     from mimo_spec.train.checkpoint import load_checkpoint
     from mimo_spec.train.loop import check_backend_device
-    from mimo_spec.train.tokenizer import build_tokenizer
+    from mimo_spec.data.tokenizer import build_tokenizer
 
     path, trained_cfg = checkpoint_config(cfg[key].get("checkpoint"), key)
     _trust_only_this_command(trained_cfg, cfg, path)
@@ -174,8 +174,8 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> int:
 
 
 def _run_eval(cfg: DictConfig, out_dir: Path) -> int:
-    from mimo_spec.parallel.apply import start_parallel
-    from mimo_spec.train.data import build_dataset, collate
+    from mimo_spec.parallel.parallelize import start_parallel
+    from mimo_spec.data import build_dataset, collate
     from mimo_spec.train.loop import evaluate, model_max_len
 
     path, trained_cfg, model, tokenizer = _load_trained(cfg, "eval", own_layout=True)
@@ -246,8 +246,8 @@ def _new_tokens(model, prompt_tokens: int, asked: int, device) -> int:
 
 
 def _run_generate(cfg: DictConfig, out_dir: Path) -> int:
-    from mimo_spec.train.data import encode_prompt
-    from mimo_spec.train.generate import generate, save_image, start_parallel_generation
+    from mimo_spec.data import encode_prompt
+    from mimo_spec.generation import generate, save_image, start_parallel_generation
     from mimo_spec.train.loop import to_device
 
     g = cfg.generate

@@ -43,7 +43,7 @@ def _raises(fn, cls, path, *messages):
 def test_deeply_nested_json_is_a_data_error_naming_the_file_and_the_limit(tmp_path):
     import sys
 
-    from mimo_spec.train.llava_json import read_records
+    from mimo_spec.data.llava_json import read_records
 
     limit = f"about {sys.getrecursionlimit()} levels"
     deep = "[" * 5000 + "]" * 5000
@@ -105,7 +105,7 @@ def test_deeply_nested_json_from_the_cli(tmp_path):
 
 # ------------------------------------------------------------------------------------- generate
 def test_generate_refuses_bad_prompts_and_seeds(model, batch):
-    from mimo_spec.train.generate import generate
+    from mimo_spec.generation import generate
 
     ids = torch.tensor([[1, 2, 3]])
     px = batch["modality_inputs"]["images"]["clip"]["pixel_values"]
@@ -220,7 +220,7 @@ def _wav(frames: int, width: int = 2, channels: int = 1, rate: int = 16000) -> b
 
 
 def test_damaged_wav_files_say_what_is_wrong(tmp_path):
-    from mimo_spec.train.preprocess import read_wav
+    from mimo_spec.data.preprocess import read_wav
 
     good = _wav(1600)
     cases = {
@@ -271,7 +271,7 @@ def test_output_targets_are_checked():
 def test_damaged_images_say_what_is_wrong(tmp_path):
     from PIL import Image
 
-    from mimo_spec.train.preprocess import load_image
+    from mimo_spec.data.preprocess import load_image
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, "PNG")

@@ -11,10 +11,10 @@ import torch
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
 from mimo_spec.errors import ConfigError, InputError
-from mimo_spec.train.data import build_dataset, collate, encode_prompt, validate_data_config
-from mimo_spec.train.preprocess import CLIP_MEAN, CLIP_STD, log_mel
-from mimo_spec.train.synthetic import render_image
-from mimo_spec.train.tokenizer import ByteTokenizer, build_tokenizer
+from mimo_spec.data import build_dataset, collate, encode_prompt, validate_data_config
+from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD, log_mel
+from mimo_spec.data.synthetic import render_image
+from mimo_spec.data.tokenizer import ByteTokenizer, build_tokenizer
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -314,7 +314,7 @@ def test_llava_eval_split_and_pickling(av_model, fixture_dir):
 
 
 def test_audio_features_and_wav_formats(tmp_path):
-    from mimo_spec.train.preprocess import read_wav, resample
+    from mimo_spec.data.preprocess import read_wav, resample
 
     transformers = pytest.importorskip("transformers")
     wav = 0.3 * torch.sin(2 * torch.pi * 440 * torch.arange(16000) / 16000) + 0.01 * torch.randn(16000)

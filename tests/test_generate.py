@@ -3,7 +3,7 @@
 import torch
 
 from mimo_spec import build_model
-from mimo_spec.train.generate import generate, pick_next
+from mimo_spec.generation import generate, pick_next
 
 from conftest import tiny_config
 

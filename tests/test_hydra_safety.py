@@ -372,7 +372,7 @@ def test_images_are_decoded_only_by_pillows_own_raster_formats(tmp_path):
     from PIL import Image
 
     from mimo_spec.errors import DataError
-    from mimo_spec.train.preprocess import load_image
+    from mimo_spec.data.preprocess import load_image
 
     (tmp_path / "evil.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     with pytest.raises(DataError, match="cannot read image"):

@@ -75,7 +75,7 @@ def _signalled_run(tmp_path: Path, args: list[str], probe: str, at: int = 1, sle
 def test_sigterm_before_the_loop_ends_at_once_with_a_message(tmp_path):
     # building the data (slow here: the probe sleeps 60 s in it): nothing to save, exit 128 + 15 at once
     r, took = _signalled_run(tmp_path, ["train.steps=3", *TINY, "hydra.run.dir=build"],
-                             "mimo_spec.train.data.build_dataset", sleep=60)
+                             "mimo_spec.data.build_dataset", sleep=60)
     assert r.returncode == 143, r.stderr
     assert "interrupted: SIGTERM received while building the model and the data; nothing was saved" in r.stderr
     assert "Traceback" not in r.stderr and took < 30, (took, r.stderr)
@@ -87,7 +87,7 @@ def test_sigterm_while_collating_undoes_the_step_and_saves_the_last_complete_one
     args = ["train.steps=50", "train.grad_accum=60", "train.batch_size=1", "modality=[]", "train.eval_every=0",
             "data.eval_samples=0", "data.num_samples=100000", "train.log_every=1000", "train.num_threads=1",
             "hydra.run.dir=coll"]
-    r, took = _signalled_run(tmp_path, args, "mimo_spec.train.data.collate", at=2 * 60 + 30, sleep=2)
+    r, took = _signalled_run(tmp_path, args, "mimo_spec.data.collate", at=2 * 60 + 30, sleep=2)
     run = tmp_path / "coll"
     assert r.returncode == 0, r.stderr
     assert "received signal 15 during step 3: saved checkpoint at step 2" in r.stdout, r.stdout
@@ -103,7 +103,7 @@ def test_sigterm_while_evaluating_or_saving_in_the_loop_and_in_an_eval_job(tmp_p
     # during the loop's evaluation (a held-out split of 5000 samples, all evaluated): the step is complete
     args = ["train.steps=20", "train.eval_every=1", "data.eval_samples=5000", "train.eval_batches=null",
             "data.num_samples=64", "train.log_every=1000", "train.num_threads=1", "hydra.run.dir=ev"]
-    r, took = _signalled_run(tmp_path, args, "mimo_spec.train.data.collate", at=2, sleep=1)  # 1st eval batch
+    r, took = _signalled_run(tmp_path, args, "mimo_spec.data.collate", at=2, sleep=1)  # 1st eval batch
     assert r.returncode == 0, r.stderr
     assert "received signal 15: saved checkpoint at step 1" in r.stdout and took < 30, (took, r.stdout)
     assert [p.name for p in list_checkpoints(tmp_path / "ev" / "checkpoints")] == ["step_000001"]
@@ -176,9 +176,9 @@ def test_a_diverging_run_under_torchrun_stops_every_rank_together(tmp_path):
 # ------------------------------------------------------------------------------------------- memory
 
 def test_step_memory_is_estimated_against_the_machine_before_allocating():
-    from mimo_spec.train.data import build_dataset
+    from mimo_spec.data import build_dataset
     from mimo_spec.train.limits import check_step_memory, machine_memory
-    from mimo_spec.train.tokenizer import build_tokenizer
+    from mimo_spec.data.tokenizer import build_tokenizer
 
     cfg = compose_config(TINY)
     model = build_model(cfg)
@@ -239,7 +239,7 @@ def test_max_new_tokens_is_refused_beyond_the_lm_and_clamped_after_the_prompt(ca
 
     # the Python API refuses what generate() does not implement instead of silently sampling
     from mimo_spec.errors import InputError
-    from mimo_spec.train.generate import generate
+    from mimo_spec.generation import generate
 
     ids = torch.tensor([[1, 2, 3]])
     for kw, path in (({"strategy": "beam"}, "strategy"), ({"max_new_tokens": -3}, "max_new_tokens"),
@@ -269,7 +269,7 @@ def _wav(path: Path, rate: int, seconds: float, freq: float = 440.0) -> Path:
 def test_media_files_that_would_decode_to_too_much_are_data_errors(tmp_path):
     from PIL import Image
 
-    from mimo_spec.train.preprocess import MediaProcessor, read_wav
+    from mimo_spec.data.preprocess import MediaProcessor, read_wav
 
     model = build_model(compose_config(["modality=[vision_clip,audio_whisper]", *TINY]))
     media = MediaProcessor(model)

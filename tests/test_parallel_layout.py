@@ -149,7 +149,7 @@ def test_fused_projection_is_sharded_part_by_part():
 
 
 def test_activation_checkpointing_keeps_names_and_gradients():
-    from mimo_spec.parallel.apply import apply_activation_checkpointing
+    from mimo_spec.parallel.parallelize import apply_activation_checkpointing
 
     cfg = compose_config([])
     ref, ac = build_model(cfg, seed=0), build_model(cfg, seed=0)
@@ -203,7 +203,7 @@ def test_one_process_runs_take_activation_checkpointing_and_compile(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from mimo_spec.parallel.apply import apply_one_process
+    from mimo_spec.parallel.parallelize import apply_one_process
     from mimo_spec.train.loop import train
 
     overrides = ["+parallel.default.activation_checkpoint={mode: every, every: 2}",

@@ -96,9 +96,9 @@ def test_two_rank_layouts_match_single_process_and_checkpoints_reshard(tmp_path)
 def empty_image_shares(cfg, ranks: int = 2) -> list[int]:
     """The steps of ``cfg``'s run where the batch has images but some rank's share of it has none."""
     from mimo_spec.builders import build_model
-    from mimo_spec.train.data import build_dataset
+    from mimo_spec.data import build_dataset
     from mimo_spec.train.loop import DataStream
-    from mimo_spec.train.tokenizer import build_tokenizer
+    from mimo_spec.data.tokenizer import build_tokenizer
 
     model = build_model(cfg, device="meta")
     data = build_dataset(cfg.data, model, build_tokenizer(cfg.data, model), "train")

@@ -150,7 +150,7 @@ def test_generation_replicates_the_model_under_pipeline_and_split_layouts(monkey
     from omegaconf import OmegaConf
 
     from mimo_spec.builders import build_model
-    from mimo_spec.train.generate import generation_layout
+    from mimo_spec.generation import generation_layout
 
     model = build_model(config("single"), device="meta")
     monkeypatch.setenv("WORLD_SIZE", str(world))

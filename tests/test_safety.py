@@ -98,7 +98,7 @@ def test_remote_code_in_a_tokenizer_or_checkpoint_folder_is_refused_without_a_pr
     tok2 = _remote_code_folder(tmp_path / "tok2", marker, where="config.json")
     ckpt = _remote_code_folder(tmp_path / "ckpt", marker, where="config.json")
     script = f"""
-import mimo_spec.train.tokenizer as T
+import mimo_spec.data.tokenizer as T
 from mimo_spec.errors import ConfigError
 from mimo_spec.interop.hf_import import _auto_config, import_hf
 for folder in ({str(tok)!r}, {str(tok2)!r}):
@@ -147,7 +147,7 @@ def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path):
     """model.safetensors.index.json may only name shards inside its own folder: ``..``, absolute paths
     and the like are refused, naming the index file and the entry, before any file is opened."""
     from mimo_spec.errors import CheckpointError
-    from mimo_spec.interop.checkpoint import HFCheckpoint, write_safetensors
+    from mimo_spec.interop.hf_safetensors import HFCheckpoint, write_safetensors
 
     outside = tmp_path / "secret.safetensors"
     write_safetensors(outside, {"w": torch.zeros(2)})

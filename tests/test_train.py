@@ -136,7 +136,7 @@ def test_cli_default_job_then_eval_generate_and_sigterm(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "eval loss" in r.stdout and "perplexity" in r.stdout
 
-    from mimo_spec.train.synthetic import render_image
+    from mimo_spec.data.synthetic import render_image
     from PIL import Image
 
     img = render_image("red", "circle", 32)

@@ -30,7 +30,7 @@ def _safetensors(path, entry, data=b"\0" * 64):
 def test_a_safetensors_header_must_describe_its_bytes_exactly(tmp_path, entry, why):
     """A header whose offsets or shape disagree would make the importer read other tensors' bytes
     (or the header itself) as weights; it is refused, naming the tensor."""
-    from mimo_spec.interop.checkpoint import read_header
+    from mimo_spec.interop.hf_safetensors import read_header
 
     _safetensors(tmp_path / "model.safetensors", entry)
     with pytest.raises(InputError, match="not a safetensors file") as e:
@@ -41,7 +41,7 @@ def test_a_safetensors_header_must_describe_its_bytes_exactly(tmp_path, entry, w
 
 
 def test_json_metadata_files_are_bounded(tmp_path):
-    from mimo_spec.interop.checkpoint import HFCheckpoint
+    from mimo_spec.interop.hf_safetensors import HFCheckpoint
 
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(InputError, match="nested too deeply"):
@@ -106,7 +106,7 @@ def test_generate_names_a_wrong_model_a_meta_model_and_an_eos_outside_the_vocabu
     import torch
 
     from mimo_spec import build_model
-    from mimo_spec.train.generate import generate
+    from mimo_spec.generation import generate
 
     from conftest import tiny_config
 

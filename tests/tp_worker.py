@@ -80,7 +80,7 @@ def run_loss(out: Path, layout: str, flags: list[str]) -> None:
     """Sharded forward/backward vs. the same model unsharded on this rank: losses, every parameter's
     gradient, the gathered logits, and which collectives the sharded step issued."""
     from mimo_spec.builders import build_model
-    from mimo_spec.parallel.apply import start_parallel
+    from mimo_spec.parallel.parallelize import start_parallel
     from mimo_spec.parallel.tp import is_vocab_sharded
 
     extra = [TIED] if "tied" in flags else []

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from mimo_spec.errors import ConfigError, Problem
 from mimo_spec.interop import hf_weights as hw
-from mimo_spec.interop.checkpoint import publish, write_safetensors
+from mimo_spec.interop.hf_safetensors import publish, write_safetensors
 
 # our activation names -> Hugging Face's
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu",

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from mimo_spec.errors import ConfigError, InputError
 from mimo_spec.interop import hf_weights as hw
-from mimo_spec.interop.checkpoint import (HFCheckpoint, check_plan, load_from_state_dict, publish, refuse_clashes,
+from mimo_spec.interop.hf_safetensors import (HFCheckpoint, check_plan, load_from_state_dict, publish, refuse_clashes,
                                           stream_into)
 
 # model_type -> what it becomes

@@ -13,7 +13,7 @@ need, and raise KeyError naming any HF key that is missing. ``*_to_hf`` go back.
 
 ``*_import_plan(hf_keys, params)`` give the same conversion as data, from key
 names alone (``Plan``: our key -> HF parts), so a checkpoint can be checked
-against the model and streamed shard by shard (``mimo_spec.interop.checkpoint``).
+against the model and streamed shard by shard (``mimo_spec.interop.hf_safetensors``).
 """
 
 from __future__ import annotations

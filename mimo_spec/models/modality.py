@@ -13,7 +13,7 @@ from mimo_spec.registry import register
 
 
 @register("modality", "modality")
-class ModalitySubmodules(nn.Module):
+class Modality(nn.Module):
     """Encoders + projectors that turn a modality's items into LM embeddings,
     and an optional output path (output projection + decoder) that turns LM
     hidden states at generation tokens back into the modality.

@@ -38,7 +38,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "patch_image_decoder": "mimo_spec.components.decoders:PatchImageDecoder",
     },
     "modality": {
-        "modality": "mimo_spec.models.modality:ModalitySubmodules",
+        "modality": "mimo_spec.models.modality:Modality",
     },
     "model": {
         "mimo": "mimo_spec.models.mimo:MimoModel",

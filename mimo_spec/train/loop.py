@@ -275,8 +275,8 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
 
 def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, Any]:
     from mimo_spec.builders import build_model
-    from mimo_spec.train.data import build_dataset, collate
-    from mimo_spec.train.tokenizer import build_tokenizer
+    from mimo_spec.data import build_dataset, collate
+    from mimo_spec.data.tokenizer import build_tokenizer
 
     out_dir = Path(out_dir)
     tc = _plain(cfg["train"])
@@ -298,7 +298,7 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
     tokenizer = build_tokenizer(cfg["data"], model)
     train_set = build_dataset(cfg["data"], model, tokenizer, "train")
     eval_set = build_dataset(cfg["data"], model, tokenizer, "eval")
-    from mimo_spec.parallel.apply import apply_one_process, start_parallel
+    from mimo_spec.parallel.parallelize import apply_one_process, start_parallel
 
     drun = start_parallel(_plain(cfg.get("parallel") or {}), tc, model)  # None: one process, the plain loop
     if drun is None:  # the layout's activation checkpointing and compile still apply

@@ -152,7 +152,7 @@ def _plain(cfg: Any, section: str) -> dict:
         return {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"expected a mapping, got {type(cfg).__name__} {cfg!r}", path=section,
-                          hint=f"see mimo_spec/conf/config.yaml for the {section} section")
+                          hint=f"see conf/config.yaml for the {section} section")
     return dict(cfg)
 
 
@@ -160,7 +160,7 @@ def validate_section(section: str, cfg: Any, schema: type[BaseModel] | None = No
     """Check one config section against its schema; one ConfigError naming ``<section>.<key>`` per problem."""
     schema = schema or SECTIONS[section]
     raw = _plain(cfg, section)
-    where = "mimo_spec/conf/train/default.yaml" if section == "train" else "mimo_spec/conf/config.yaml"
+    where = "conf/train/default.yaml" if section == "train" else "conf/config.yaml"
     try:
         return schema(**raw)
     except pydantic.ValidationError as e:

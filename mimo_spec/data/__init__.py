@@ -2,9 +2,9 @@
 
 Sources (``data.source``):
 
-- ``synthetic`` (``mimo_spec.train.synthetic``): generated from the model's own
+- ``synthetic`` (``mimo_spec.data.synthetic``): generated from the model's own
   modalities, so any composed model trains with nothing on disk.
-- ``llava_json`` (``mimo_spec.train.llava_json``): LLaVA-style conversation JSON
+- ``llava_json`` (``mimo_spec.data.llava_json``): LLaVA-style conversation JSON
   with image and WAV files.
 
 A sample (what ``dataset[i]`` returns; the same index always gives the same sample)::
@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mimo_spec.errors import ConfigError, DataError, InputError, Problem, did_you_mean
-from mimo_spec.train.preprocess import CLIP_MEAN, CLIP_STD
-from mimo_spec.train.tokenizer import IGNORE_INDEX, ChatTemplate
+from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD
+from mimo_spec.data.tokenizer import IGNORE_INDEX, ChatTemplate
 
 SOURCES = ("synthetic", "llava_json")
 
@@ -64,7 +64,7 @@ class CommonDataConfig(BaseModel):
 
 
 class SyntheticDataConfig(CommonDataConfig):
-    """``data.source: synthetic``: see ``mimo_spec.train.synthetic``."""
+    """``data.source: synthetic``: see ``mimo_spec.data.synthetic``."""
 
     source: Literal["synthetic"] = "synthetic"
     num_samples: int = Field(4096, ge=1)
@@ -78,7 +78,7 @@ class SyntheticDataConfig(CommonDataConfig):
 
 
 class LlavaJsonDataConfig(CommonDataConfig):
-    """``data.source: llava_json``: see ``mimo_spec.train.llava_json``."""
+    """``data.source: llava_json``: see ``mimo_spec.data.llava_json``."""
 
     source: Literal["llava_json"] = "llava_json"
     path: str
@@ -142,7 +142,7 @@ def _problem(err: dict, cls: type[BaseModel]) -> Problem:
     if err["type"] == "missing":
         return Problem(path, f"required for source {cls.model_fields['source'].default!r}", f"set {path}=...")
     return Problem(path, f"{err['msg'].lower()}, got {err.get('input')!r}",
-                   f"see mimo_spec/conf/data/{cls.model_fields['source'].default}.yaml for the expected values")
+                   f"see conf/data/{cls.model_fields['source'].default}.yaml for the expected values")
 
 
 # ----------------------------------------------------------------------------------- datasets
@@ -158,10 +158,10 @@ def build_dataset(data_cfg, model, tokenizer, split: Literal["train", "eval"] = 
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cfg = validate_data_config(data_cfg)
     if cfg.source == "synthetic":
-        from mimo_spec.train.synthetic import SyntheticDataset
+        from mimo_spec.data.synthetic import SyntheticDataset
 
         return SyntheticDataset(cfg, model, tokenizer, split)
-    from mimo_spec.train.llava_json import LlavaJsonDataset
+    from mimo_spec.data.llava_json import LlavaJsonDataset
 
     return LlavaJsonDataset(cfg, model, tokenizer, split)
 
@@ -190,9 +190,9 @@ def encode_prompt(prompt: str, model, tokenizer, data_cfg, *, images=(), audio=(
     without tags the files go first, one per line (as in training). Files are
     preprocessed exactly as ``llava_json`` does (mean/std from ``data_cfg``).
     """
-    from mimo_spec.train.llava_json import AUDIO_TAG, IMAGE_TAG
-    from mimo_spec.train.preprocess import MediaProcessor
-    from mimo_spec.train.tokenizer import Tag, encode_conversation, reserved_token_ids, resolve_path
+    from mimo_spec.data.llava_json import AUDIO_TAG, IMAGE_TAG
+    from mimo_spec.data.preprocess import MediaProcessor
+    from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids, resolve_path
 
     cfg = validate_data_config(data_cfg)
     media = MediaProcessor(model, image_modality=getattr(cfg, "image_modality", None),

@@ -172,7 +172,7 @@ def build_tokenizer(data_cfg, model) -> Tokenizer:
     Raises ConfigError naming ``data.tokenizer`` when its ids do not fit the LM's
     vocabulary, or (byte tokenizer) when they collide with a modality's token ids.
     """
-    from mimo_spec.train.data import validate_data_config
+    from mimo_spec.data import validate_data_config
 
     cfg = validate_data_config(data_cfg)
     lm_vocab = int(model.language_model.vocab_size)

@@ -204,7 +204,7 @@ def start_parallel_generation(model, parallel):
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from mimo_spec.parallel.apply import start_parallel
+    from mimo_spec.parallel.parallelize import start_parallel
 
     plain = OmegaConf.to_container(parallel, resolve=True) if isinstance(parallel, DictConfig) else dict(parallel or {})
     return start_parallel(generation_layout(plain, model), None, model)

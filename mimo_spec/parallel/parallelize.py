@@ -111,7 +111,7 @@ def apply_one_process(parallel: dict, model: nn.Module, train_cfg: dict | None =
     plain["modules"] = {name: keep(node) for name, node in (parallel.get("modules") or {}).items()}
     layout = resolve(plain, model, 1, train=train_cfg)
     for name, m in layout.modules.items():
-        module = DistributedRun._module(model, name)
+        module = ParallelContext._module(model, name)
         if module is not None:
             apply_activation_checkpointing(module, m.activation_checkpoint)
             compile_blocks(module, m.compile)
@@ -133,7 +133,7 @@ def check_executable(layout: Layout) -> None:
     problems.raise_if_any()
 
 
-class DistributedRun:
+class ParallelContext:
     """One rank's view of a running layout: meshes per module, and how to shard and sync."""
 
     def __init__(self, layout: Layout, rank: int):
@@ -369,7 +369,7 @@ class DistributedRun:
         return {k: canonical(k, v, self.fused) for k, v in model.state_dict().items()}
 
 
-def start_parallel(parallel: dict, train_cfg: dict, model: nn.Module) -> DistributedRun | None:
+def start_parallel(parallel: dict, train_cfg: dict, model: nn.Module) -> ParallelContext | None:
     """Under torchrun/SLURM with more than one process: check the layout, start the process group and
     shard ``model``; None for one process. Every config problem is raised before any process group starts."""
     from mimo_spec.parallel.env import init_distributed
@@ -381,6 +381,6 @@ def start_parallel(parallel: dict, train_cfg: dict, model: nn.Module) -> Distrib
     layout = resolve(parallel, model, world, train=train_cfg)
     check_executable(layout)
     env = init_distributed()
-    run = DistributedRun(layout, env.rank)
+    run = ParallelContext(layout, env.rank)
     run.parallelize(model)
     return run

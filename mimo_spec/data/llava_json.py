@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from mimo_spec.errors import DataError, InputError, Problem
-from mimo_spec.train.preprocess import MediaProcessor
-from mimo_spec.train.tokenizer import IGNORE_INDEX, Tag, encode_conversation, reserved_token_ids, resolve_path
+from mimo_spec.data.preprocess import MediaProcessor
+from mimo_spec.data.tokenizer import IGNORE_INDEX, Tag, encode_conversation, reserved_token_ids, resolve_path
 
 IMAGE_TAG, AUDIO_TAG = "<image>", "<audio>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -131,7 +131,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     """The ``train`` or ``eval`` split of a LLaVA-style JSON file, prepared for ``model``."""
 
     def __init__(self, cfg, model, tokenizer, split: str = "train"):
-        from mimo_spec.train.data import max_length
+        from mimo_spec.data import max_length
 
         # the model's ids and geometry are kept, not the model: the dataset pickles cheaply into DataLoader workers
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split

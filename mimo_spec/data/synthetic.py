@@ -24,8 +24,8 @@ import hashlib
 import torch
 
 from mimo_spec.errors import ConfigError
-from mimo_spec.train.preprocess import modality_kind, normalize
-from mimo_spec.train.tokenizer import Tag, encode_conversation, reserved_token_ids
+from mimo_spec.data.preprocess import modality_kind, normalize
+from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids
 
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
 SHAPES = ("square", "circle", "cross", "ring")
@@ -101,7 +101,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """``num_samples`` (train) or ``eval_samples`` (eval) generated samples for ``model``."""
 
     def __init__(self, cfg, model, tokenizer, split: str = "train"):
-        from mimo_spec.train.data import max_length
+        from mimo_spec.data import max_length
 
         # only shapes and ids are kept from the model, so the dataset pickles cheaply into DataLoader workers
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
