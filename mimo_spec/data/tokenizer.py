@@ -25,7 +25,7 @@ from typing import Protocol
 
 from mimo_spec.errors import ConfigError, InputError
 
-IGNORE_INDEX = -100
+from mimo_spec.loss import IGNORE_INDEX  # noqa: E402,F401
 
 # Files one of which every saved Hugging Face tokenizer directory holds.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

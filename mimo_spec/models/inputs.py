@@ -18,7 +18,7 @@ import torch
 
 from mimo_spec.errors import InputError
 
-IGNORE_INDEX = -100
+from mimo_spec.loss import IGNORE_INDEX  # noqa: E402,F401
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what an embedding lookup takes
 
 

@@ -6,15 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mimo_spec.errors import InputError
+from mimo_spec.loss import IGNORE_INDEX, causal_lm_loss  # noqa: F401  (re-exported)
 from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts,
                                         gather_positions, split_items_by_placeholders)
 from mimo_spec.models.inputs import check_devices, check_mapping, check_tensors, check_values, expected_placeholders
 from mimo_spec.registry import register
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -67,33 +66,6 @@ def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
     return idx - first
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross entropy over positions whose label is not -100 (and loss_mask != 0).
-
-    logits: (B, S, V); labels, loss_mask, document_ids: (B, S), aligned with the inputs
-    (shifted here). In packed rows the first token of a document is never predicted
-    from the previous document, so the loss equals the unpacked batch's. Logits sharded on
-    the vocabulary (tensor parallelism) take the vocab-parallel cross entropy: the full
-    logits are never gathered, and the result is the same.
-    """
-    from mimo_spec.parallel.tp import is_vocab_sharded, vocab_parallel_cross_entropy
-
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    if is_vocab_sharded(shift_logits):
-        per_token = vocab_parallel_cross_entropy(shift_logits, shift_labels, IGNORE_INDEX).reshape(-1)
-    else:
-        per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="none")
-    weight = (shift_labels != IGNORE_INDEX).float().reshape(-1)
-    if loss_mask is not None:
-        weight = weight * loss_mask[:, 1:].float().reshape(-1)
-    if document_ids is not None:
-        weight = weight * (document_ids[:, 1:] == document_ids[:, :-1]).float().reshape(-1)
-    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 @register("model", "mimo")
