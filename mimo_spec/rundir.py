@@ -36,30 +36,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mimo_spec.atomic import write_text_atomic
 from mimo_spec.errors import ConfigError
 
+__all__ = ["write_text_atomic"]  # re-exported: the run record and the job outputs are written with it
 LOCK_NAME = "mimo-spec.lock"
 RECORD_FILES = ("resolved_config.yaml", "overrides.yaml", "spec.yaml", "versions.json")
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that it is either complete or absent (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
 
 def remove_stale_temporaries(path: Path) -> None:
     """Delete the temporary files of ``path`` that processes which are gone left behind."""
@@ -68,19 +53,6 @@ def remove_stale_temporaries(path: Path) -> None:
         pid = tmp.name[len(f".{path.name}.tmp"):]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot sync a directory: the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the lock

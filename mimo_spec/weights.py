@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mimo_spec.atomic import atomic_path
 from mimo_spec.errors import CheckpointError, StorageError
 
 
@@ -56,10 +56,9 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
             continue  # a tied weight: load_weights restores it through the tie
         seen[ptr] = key
         state[key] = tensor.detach().contiguous().cpu()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": "mimo-spec"})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "producer": "mimo-spec"})
     except Exception as e:  # noqa: BLE001 - only a refused write is turned into a StorageError
         why = write_failure(e)
         if why is None:

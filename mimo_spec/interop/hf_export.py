@@ -241,7 +241,7 @@ def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: boo
     if first is None or first.is_meta:
         raise ConfigError("the model has no weights (built on the meta device?)", path="model",
                           hint="load or train weights before exporting")
-    dtype = _main_dtype(model)
+    dtype = hw.main_dtype(model.parameters())
     if isinstance(model, MimoModel):
         spec = model.spec if cfg is None else from_config(cfg)
         _check_matches(model, build_model(spec, device="meta"))
@@ -272,14 +272,6 @@ def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: boo
 
     return publish(out_dir, write, overwrite=overwrite, stale=("model*.safetensors", "model.safetensors.index.json"),
                    expect=("config.json", "model.safetensors", "model.safetensors.index.json"))
-
-
-def _main_dtype(model: nn.Module) -> torch.dtype:
-    counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def _write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> None:

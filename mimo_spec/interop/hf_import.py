@@ -193,15 +193,6 @@ def _auto_config(path: Path) -> Any:
                          hint="fix or re-download config.json") from None
 
 
-def _main_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's numbers (fp32 if none)."""
-    totals: dict[torch.dtype, int] = {}
-    for t in tensors.values():
-        if t.is_floating_point():
-            totals[t.dtype] = totals.get(t.dtype, 0) + t.numel()
-    return max(totals, key=totals.get) if totals else torch.float32
-
-
 def import_hf(source: Any, *, dtype: Any = None, device: str | torch.device = "cpu") -> tuple[dict[str, Any], nn.Module]:
     """Import a Hugging Face model: ``(cfg, model)``.
 
@@ -221,7 +212,7 @@ def import_hf(source: Any, *, dtype: Any = None, device: str | torch.device = "c
     config, ckpt, state, where = _open(source)
     conv = _convert(config, where)
     available = ckpt.meta() if ckpt is not None else {k: v.to("meta") for k, v in state.items()}
-    target = parse_dtype(dtype) or _main_dtype(available)
+    target = parse_dtype(dtype) or hw.main_dtype(available.values())
     if conv.whole_model:
         conv.cfg["dtype"] = _DTYPE_NAMES.get(target, str(target).removeprefix("torch."))
         model = build_model(conv.cfg, device="meta", dtype=target)

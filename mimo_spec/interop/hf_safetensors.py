@@ -7,6 +7,12 @@ file is long enough for them). ``stream_into`` then reads each tensor's bytes
 straight into its final place in the model (a fused QKV's parts into their rows
 of one buffer), shard by shard: importing needs the model's size plus one
 tensor, with no memory-mapped pages pinned and no intermediate copies.
+
+Why the header is parsed here and not by the ``safetensors`` library: streaming needs each
+tensor's byte offset in its file, which ``safe_open`` does not expose, and reading through
+``safe_open`` maps the file and copies each tensor before it reaches its place (twice the
+memory of the largest tensor group, plus pinned pages). Everything else that reads
+safetensors (``mimo_spec.weights``, training checkpoints) uses the library.
 """
 
 from __future__ import annotations

@@ -31,6 +31,15 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gel
                "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
 
 
+def main_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most of the numbers (float32 if none): a checkpoint's or a model's."""
+    totals: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            totals[t.dtype] = totals.get(t.dtype, 0) + t.numel()
+    return max(totals, key=totals.get) if totals else torch.float32
+
+
 def _activation(name: str) -> str:
     if name not in ACTIVATIONS:
         raise ValueError(f"Hugging Face activation {name!r} is not supported: use one of {', '.join(ACTIVATIONS)}")

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from mimo_spec.atomic import replace_dir
+
 from mimo_spec.components.te_backend import te_parameter_renames
 from mimo_spec.errors import CheckpointError, StorageError
 from mimo_spec.weights import check_regular_file, load_weights, save_weights, write_failure
@@ -95,10 +97,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str
         save_file(rng, str(tmp / "rng.safetensors"))
         state = {"step": step, "optimizer": opt_meta, "python_rng": _py_rng_state(), **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving the same step (e.g. SIGTERM right after a save) replaces it
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         why = write_failure(e) if isinstance(e, Exception) else None
@@ -117,12 +116,6 @@ def write_error(ckpt_dir: Path, final: Path, why: str) -> StorageError:
     return StorageError(f"cannot write checkpoint {final}: {why}; {last}", path=str(ckpt_dir),
                         hint="free disk space or make the run directory writable, then resume with "
                         "train.resume=auto")
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def _py_rng_state() -> list:
@@ -344,10 +337,7 @@ def save_distributed_checkpoint(ckpt_dir: Path, step: int, model, optimizer, ext
             state = {"step": step, "format": "dcp", "world_size": drun.world_size, "layout": drun.layout.name,
                      "python_rng": _py_rng_state(), **extra}
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         except Exception as e:  # noqa: BLE001 - refused() re-raises what is not the disk's answer
             why = refused(e)
     _agree(why, drun, ckpt_dir, final, tmp)

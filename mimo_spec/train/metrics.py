@@ -98,10 +98,13 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png_path)
+    from mimo_spec.atomic import atomic_path
+
+    try:
+        with atomic_path(png_path, suffix=".png") as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return png_path
 
 
@@ -148,7 +151,8 @@ def _complete_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _replace_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
-    from mimo_spec.rundir import remove_stale_temporaries, write_text_atomic
+    from mimo_spec.atomic import write_text_atomic
+    from mimo_spec.rundir import remove_stale_temporaries
 
     remove_stale_temporaries(path)  # a rewrite killed midway left one (we hold the run's lock)
     out = io.StringIO(newline="")
