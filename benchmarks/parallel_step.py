@@ -91,8 +91,9 @@ def worker(args) -> None:
     from mimo_spec.config import compose_config
     from mimo_spec.parallel.layout import resolve, world_size_from_env
     from mimo_spec.data import build_dataset, collate
-    from mimo_spec.train.loop import _clip, model_kwargs
+    from mimo_spec.train.step import clip_grads, forward_backward
     from mimo_spec.train.optim import build_optimizer
+    from mimo_spec.train.schema import validate_train_config
     from mimo_spec.data.tokenizer import build_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -114,23 +115,12 @@ def worker(args) -> None:
         drun.parallelize(model)
         if drun.pp > 1:
             drun.start_pipeline(model, int(batch["input_ids"].shape[1]), tok.pad_id)
-    opt = build_optimizer(model, _plain(cfg.train))
+    opt = build_optimizer(model, validate_train_config(cfg.train))
     total = int(batch["num_tokens"])
 
-    def step():
-        if drun is not None and drun.split is not None:  # encoder ranks feed the LM ranks
-            drun.split.run(batch, total, train=True)
-        elif drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
-            drun.pipeline.train_batch(drun.local_batch(batch, model), total)
-        else:
-            local = drun.local_batch(batch, model) if drun else batch
-            out = model(**model_kwargs(local, "cpu"))
-            (out.loss * (local["num_tokens"] / total)).backward()
-        if drun:
-            drun.sync_grads(model)
-            drun.clip_grad_norm(model, 1.0)
-        else:
-            _clip(model, 1.0)
+    def step():  # the training loop's micro-batch step and gradient clipping, for whatever layout
+        forward_backward(model, batch, total, device="cpu", drun=drun)
+        clip_grads(model, 1.0, drun)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

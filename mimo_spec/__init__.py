@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["build_model", "build_module", "ConfigError", "__version__"]
+__all__ = ["build_model", "build_module", "ConfigError", "MimoError", "__version__"]
 
 
 def __getattr__(name):
@@ -11,8 +11,8 @@ def __getattr__(name):
         from mimo_spec import builders
 
         return getattr(builders, name)
-    if name == "ConfigError":
-        from mimo_spec.errors import ConfigError
+    if name in ("ConfigError", "MimoError"):
+        from mimo_spec import errors
 
-        return ConfigError
+        return getattr(errors, name)
     raise AttributeError(name)

@@ -12,24 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from mimo_spec.errors import ConfigError, Problem
+from mimo_spec.errors import ConfigError, MimoError, Problem, format_error  # noqa: F401  (app.format_error stays)
 from mimo_spec.rundir import write_text_atomic  # noqa: F401  (app.write_text_atomic stays importable)
 
 ACTIONS = ("train", "eval", "generate", "summary", "validate", "list", "print", "import", "layout")
 EXIT_CONFIG_ERROR = 2
-
-
-def format_error(err: ConfigError) -> str:
-    """The block the CLI prints for a user's mistake; its first line names the kind
-    (``config``, ``input``, ``data`` or ``checkpoint`` error)."""
-    from mimo_spec.errors import error_kind
-
-    lines = [f"mimo-spec: {error_kind(err)} error" + ("s:" if len(err.problems) > 1 else ":")]
-    for p in err.problems:
-        lines.append(f"  {p.path}: {p.message}" if p.path else f"  {p.message}")
-        if p.hint:
-            lines.append(f"      hint: {p.hint}")
-    return "\n".join(lines)
 
 
 def write_run_record(cfg, overrides: list[str], spec, out_dir: Path) -> None:
@@ -100,45 +87,46 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         resolved.pop("hydra", None)
         print(OmegaConf.to_yaml(OmegaConf.create(resolved)), end="")
         return 0
-    from mimo_spec.builders import build_model
-
     if action == "import":  # the config to check is the one being imported
         from mimo_spec import jobs, rundir
 
         with rundir.holding(out_dir):
             return jobs.run_import(cfg, out_dir or Path("."))
+    from mimo_spec.run_config import RunConfig, build_meta_model
+
     if action == "layout":  # the rank map for any world size, without starting a process
         from mimo_spec.parallel.layout import run_layout_action
 
+        build_meta_model(cfg)  # first the model's and its layout's own problems, as for every action
         return run_layout_action(cfg)
-    model = build_model(cfg, device="meta", dtype=cfg.get("dtype"))
+
+    model = build_meta_model(cfg)  # the model's checks and the parallel layout's, in one error
 
     def record() -> None:
         if out_dir is not None:
             write_run_record(cfg, overrides, model.spec, out_dir)
 
-    if action == "validate":
-        from mimo_spec.jobs import check_run_config
+    if action == "summary":  # needs the summary section only
+        from mimo_spec.builders.build import parse_dtype
+        from mimo_spec.summary import render_summary
 
-        check_run_config(cfg, model)  # the model (on meta) sizes the memory checks
-        if "data" in cfg:  # the tokenizer must fit the LM's vocabulary and miss the placeholders
+        run_cfg = RunConfig.from_config(cfg, spec=model.spec, sections=("summary",))
+        print(render_summary(model, parse_dtype(run_cfg.dtype) or _float32(), depth=run_cfg.summary.depth))
+        _record_if_new(record, out_dir)
+        return 0
+    run_cfg = RunConfig.from_config(cfg, spec=model.spec)  # every section checked, once
+    if action == "validate":
+        from mimo_spec.jobs import check_run_resources
+
+        check_run_resources(run_cfg, model)  # the model (on meta) sizes the memory checks
+        if run_cfg.data is not None:  # the tokenizer must fit the LM's vocabulary and miss the placeholders
             from mimo_spec.data.tokenizer import build_tokenizer
 
-            build_tokenizer(cfg.data, model)
+            build_tokenizer(run_cfg.data, model)
         _record_if_new(record, out_dir)
         print(f"config is valid: {sum(p.numel() for p in model.parameters()):,} parameters")
         return 0
-    if action in ("train", "eval", "generate"):
-        return _run_job(action, cfg, out_dir, record)
-    from mimo_spec.builders.build import parse_dtype
-    from mimo_spec.summary import render_summary
-
-    from mimo_spec.train.schema import validate_summary_config
-
-    depth = validate_summary_config(cfg.get("summary")).depth
-    print(render_summary(model, parse_dtype(cfg.get("dtype")) or _float32(), depth=depth))
-    _record_if_new(record, out_dir)
-    return 0
+    return _run_job(action, run_cfg, out_dir, record)
 
 
 def _record_if_new(record, out_dir: Path | None) -> None:
@@ -151,7 +139,7 @@ def _record_if_new(record, out_dir: Path | None) -> None:
         record()
 
 
-def _run_job(action: str, cfg, out_dir: Path | None, record) -> int:
+def _run_job(action: str, run_cfg, out_dir: Path | None, record) -> int:
     """train, eval, generate: one process (rank 0) holds the run directory's lock while the job runs.
 
     A training run writes its record once it has passed every check (config, data, the resume
@@ -166,8 +154,8 @@ def _run_job(action: str, cfg, out_dir: Path | None, record) -> int:
             if action == "train":
                 if lock is not None:
                     rundir.record_when_started(out_dir, record)
-                return jobs.run_train(cfg, out_dir)
-            code = getattr(jobs, f"run_{action}")(cfg, out_dir)
+                return jobs.run_train(run_cfg, out_dir)
+            code = getattr(jobs, f"run_{action}")(run_cfg, out_dir)
             if not code and lock is not None and not rundir.holds_training_run(out_dir):
                 record()
             return code
@@ -192,7 +180,7 @@ def _task(cfg) -> float | None:
     if hc.mode == RunMode.MULTIRUN:  # one job of a sweep: record a failure, don't end the sweep
         from mimo_spec.sweep import run_sweep_job
 
-        return run_sweep_job(cfg, overrides, Path(hc.runtime.output_dir))
+        return run_sweep_job(cfg, overrides, Path(hc.runtime.output_dir), run)
     try:
         apply_module_swaps(cfg, overrides)
         code = run(cfg, overrides, Path(hc.runtime.output_dir))
@@ -200,7 +188,7 @@ def _task(cfg) -> float | None:
             from mimo_spec.parallel.env import shutdown_distributed
 
             shutdown_distributed()  # every rank ends its process group together
-    except ConfigError as e:
+    except MimoError as e:  # config, input, data, checkpoint and storage errors: the user's to fix
         if _DEBUG["on"]:
             raise
         print(format_error(e), file=sys.stderr)
@@ -356,10 +344,10 @@ def main() -> None:
         code = sweep_exit_code()  # a multirun with failed jobs: 1, or 2 when all failures were config errors
         if code:
             sys.exit(code)
-    except (ConfigError, HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
+    except (MimoError, HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
         if debug:
             raise
-        err = e if isinstance(e, ConfigError) else translate_hydra_error(e, [a for a in argv if not a.startswith("-")])
+        err = e if isinstance(e, MimoError) else translate_hydra_error(e, [a for a in argv if not a.startswith("-")])
         print(format_error(err), file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     except Exception as e:  # a sweep stopped midway (a lost submitit job, no finished Optuna trial)?

@@ -1,4 +1,17 @@
-"""One error type for every mistake a user can make in a config or an input."""
+"""The errors a user can act on, each with its kind.
+
+:class:`MimoError` is the base of every error the CLI prints as a readable block (exit 2) instead of
+a traceback; its ``kind`` names it on the first line (``mimo-spec: <kind> error``):
+
+* :class:`ConfigError` (``config``): a mistake in a config or an argument; ``ParamError`` is a
+  component refusing one of its own parameters.
+* :class:`InputError` (``input``): a runtime input (a batch, a prompt, a file) that does not match
+  the model; :class:`DataError` (``data``) and :class:`CheckpointError` (``checkpoint``) are kinds of it.
+* :class:`StorageError` (``storage``): the disk or folder refused a write.
+
+Runtime faults are not config errors: ``except ConfigError`` catches config mistakes only; catch
+:class:`MimoError` for "anything the user can fix".
+"""
 
 from __future__ import annotations
 
@@ -22,11 +35,9 @@ class Problem:
         return line
 
 
-class ConfigError(ValueError):
-    """All problems found in a config (or an input), reported together.
-
-    Each problem names the full config path, what was expected and what was given.
-    """
+class MimoError(ValueError):
+    """Every problem found, reported together; each names where (a config path, a file, an argument),
+    what was expected and what was given. Subclasses set ``kind``."""
 
     kind = "config"
 
@@ -45,7 +56,16 @@ class ConfigError(ValueError):
         return "\n".join([head] + [f"  - {p}" for p in self.problems])
 
 
-class InputError(ConfigError):
+class ConfigError(MimoError):
+    """All problems found in a config, reported together.
+
+    Each problem names the full config path, what was expected and what was given.
+    """
+
+    kind = "config"
+
+
+class InputError(MimoError):
     """A runtime input (a batch, a data file, a checkpoint) does not match the model."""
 
     kind = "input"
@@ -63,7 +83,7 @@ class CheckpointError(InputError):
     kind = "checkpoint"
 
 
-class StorageError(InputError):
+class StorageError(MimoError):
     """The run's files cannot be written: the disk is full, the folder is read-only or not a folder."""
 
     kind = "storage"
@@ -92,9 +112,20 @@ def storage_error(e: OSError, doing: str = "write") -> StorageError:
                         hint="free disk space or make the run directory writable, then resume with train.resume=auto")
 
 
-def error_kind(err: ConfigError) -> str:
-    """``config``, ``input``, ``data`` or ``checkpoint``: what the CLI's first line calls the error."""
+def error_kind(err: MimoError) -> str:
+    """``config``, ``input``, ``data``, ``checkpoint`` or ``storage``: what the CLI's first line calls the error."""
     return getattr(err, "kind", "config")
+
+
+def format_error(err: MimoError) -> str:
+    """The block the CLI prints for a user's mistake; its first line names the kind
+    (``config``, ``input``, ``data``, ``checkpoint`` or ``storage`` error)."""
+    lines = [f"mimo-spec: {error_kind(err)} error" + ("s:" if len(err.problems) > 1 else ":")]
+    for p in err.problems:
+        lines.append(f"  {p.path}: {p.message}" if p.path else f"  {p.message}")
+        if p.hint:
+            lines.append(f"      hint: {p.hint}")
+    return "\n".join(lines)
 
 
 def join_path(path: str, key: str) -> str:
@@ -129,10 +160,10 @@ class ProblemCollector:
     def add(self, path: str, message: str, hint: str = "") -> None:
         self.problems.append(Problem(path, message, hint))
 
-    def extend(self, err: ConfigError) -> None:
+    def extend(self, err: MimoError) -> None:
         self.problems.extend(err.problems)
 
-    def raise_if_any(self, cls: type[ConfigError] = ConfigError) -> None:
+    def raise_if_any(self, cls: type[MimoError] = ConfigError) -> None:
         if self.problems:
             raise cls(self.problems)
 

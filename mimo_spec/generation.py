@@ -214,7 +214,6 @@ def generation_layout(parallel: dict, model) -> dict:
     """The layout generation runs under: ``parallel`` itself, or, for pipeline stages and split layouts
     (no rank holds the whole model, and decoding is token by token), the whole model replicated on
     every rank. Layout problems are raised here, before any process group starts."""
-    import os
     import sys
 
     from mimo_spec.parallel.layout import resolve, world_size_from_env
@@ -225,7 +224,10 @@ def generation_layout(parallel: dict, model) -> dict:
     layout = resolve(parallel, model, world)
     if layout.colocated and all(m.pp == 1 for m in layout.modules.values()):
         return parallel
-    if os.environ.get("RANK", "0") == "0":
+    from mimo_spec.parallel.env import read_env
+
+    launched = read_env()
+    if launched is None or launched.rank == 0:
         print(f"note: layout {layout.name} splits the model over ranks; generating with the whole model "
               "on every rank (as ddp)", file=sys.stderr)
     return {"name": f"{layout.name} (replicated for generation)", "default": {"dp_replicate": -1}}

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mimo_spec.errors import ConfigError
 from mimo_spec.env_secrets import redact_env_values
 from mimo_spec.rundir import write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mimo_spec.run_config import RunConfig
 
 
 def _console():
@@ -18,12 +22,13 @@ def _console():
     return Console(highlight=False)
 
 
-def run_train(cfg: DictConfig, out_dir: Path) -> int:
+def run_train(run: RunConfig | DictConfig, out_dir: Path) -> int:
     from mimo_spec.train.loop import train
 
-    check_run_config(cfg)
+    run = as_run_config(run)
+    check_run_resources(run)
     console = _console()
-    result = train(cfg, out_dir, console=console)
+    result = train(run, out_dir, console=console)
     from mimo_spec.parallel.env import read_env
 
     launched = read_env()
@@ -35,58 +40,34 @@ def run_train(cfg: DictConfig, out_dir: Path) -> int:
     return 0
 
 
-def check_run_config(cfg: DictConfig, model=None) -> None:
-    """The train, data, eval and generate sections and the top-level seed, checked together (one
-    error listing every problem), then what the run would need against this machine's memory.
+def as_run_config(run: RunConfig | DictConfig | dict) -> RunConfig:
+    """``run`` itself, or the RunConfig of a composed config (every section checked, once)."""
+    from mimo_spec.run_config import RunConfig
 
-    ``model``: the config's model (e.g. built on the meta device by ``action=validate``); with it,
-    a training step's memory and ``generate.max_new_tokens`` are checked against it too.
-    """
-    from mimo_spec.errors import ProblemCollector
-    from mimo_spec.data import validate_data_config
-    from mimo_spec.train.schema import SEED_MAX, validate_eval_config, validate_generate_config, validate_train_config
-    from mimo_spec.train.schema import validate_summary_config
-
-    problems = ProblemCollector()
-    checked = {}
-    for section, check in (("train", validate_train_config), ("data", validate_data_config),
-                           ("eval", validate_eval_config), ("generate", validate_generate_config),
-                           ("summary", validate_summary_config)):
-        if section in cfg:
-            try:
-                checked[section] = check(cfg[section])
-            except ConfigError as e:
-                problems.extend(e)
-    seed = cfg.get("seed", 0)
-    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX):
-        problems.add("seed", f"expected an integer in [0, 2**63), got {type(seed).__name__} {seed!r}",
-                     "set seed=0 (or any integer below 2**63)")
-    problems.raise_if_any()
-    check_run_resources(cfg, checked, model)
+    return run if isinstance(run, RunConfig) else RunConfig.from_config(run)
 
 
-def check_run_resources(cfg: DictConfig, checked: dict, model=None) -> None:
+def check_run_resources(run: RunConfig, model=None) -> None:
     """What a run would allocate, estimated from the config (and ``model``), against this machine's memory."""
     from mimo_spec.train.limits import check_step_memory, machine_memory, require_fits
 
-    data = checked.get("data")
+    data = run.data
     if data is not None and getattr(data, "source", None) == "synthetic":
         require_fits(8 * data.num_samples, machine_memory(), f"the sample order of {data.num_samples:,} training "
                      "samples", "data.num_samples", "lower data.num_samples (one epoch); more steps repeat the epochs")
     if model is None:
         return
     lm_max = getattr(getattr(model, "language_model", None), "max_seq_len", None)
-    gen = checked.get("generate")
+    gen = run.generate
     if gen is not None and lm_max and gen.max_new_tokens > int(lm_max):
         raise ConfigError(f"{gen.max_new_tokens} new tokens exceed the language model's max_seq_len {lm_max} "
                           "(prompt and answer share it)", path="generate.max_new_tokens",
                           hint=f"set generate.max_new_tokens below {lm_max}")
-    train = checked.get("train")
+    train = run.train
     if train is not None and data is not None:
         # without the data: a sample is at least its token ids and labels (int64) at a floor of 16 tokens
         tokens = min(16, int(data.max_seq_len or lm_max or 16))
-        check_step_memory(model, None, train.model_dump(), "cpu", sample=(16.0 * tokens, float(tokens)),
-                          host_only=True)
+        check_step_memory(model, None, train, "cpu", sample=(16.0 * tokens, float(tokens)), host_only=True)
 
 
 def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
@@ -119,15 +100,13 @@ def checkpoint_config(source: str | None, key: str) -> tuple[Path, DictConfig]:
     return path, OmegaConf.create(config)
 
 
-def _trust_only_this_command(trained_cfg: DictConfig, cfg: DictConfig, path: Path) -> None:
+def _trust_only_this_command(trained_cfg: DictConfig, run: RunConfig, path: Path) -> None:
     """A checkpoint's state.json is a file from disk: the imports it allows are not the user's word. Its
     ``allow_imports`` must be covered by this command's own; what is trusted is this command's list."""
-    def prefixes(c) -> list[str]:
-        value = c.get("allow_imports") or []
-        return [value] if isinstance(value, str) else [str(v) for v in value]
-
-    mine = prefixes(cfg)
-    untrusted = [p for p in prefixes(trained_cfg)
+    value = trained_cfg.get("allow_imports") or []
+    theirs = [value] if isinstance(value, str) else [str(v) for v in value]
+    mine = list(run.allow_imports)
+    untrusted = [p for p in theirs
                  if not any(p == m or p.startswith(m if m.endswith(".") else m + ".") for m in mine)]
     if untrusted:
         raise ConfigError(f"the checkpoint's config imports {', '.join(untrusted)} (its allow_imports), which "
@@ -138,64 +117,65 @@ def _trust_only_this_command(trained_cfg: DictConfig, cfg: DictConfig, path: Pat
         trained_cfg.allow_imports = list(mine)
 
 
-def _load_trained(cfg: DictConfig, key: str, own_layout: bool = False):
-    """The checkpoint's model (built from the config it was trained with) and tokenizer.
+def _load_trained(run: RunConfig, key: str):
+    """The checkpoint's model (built from the config it was trained with, on this command's device), its
+    train and data sections (typed) and its tokenizer.
 
-    ``own_layout``: the job runs under this command's ``parallel`` layout, not the training run's
-    (a checkpoint loads under any layout), so the model is checked against it.
+    The job runs under this command's ``parallel`` layout, not the training run's (a checkpoint loads
+    under any layout), so the model is checked against it.
     """
     from mimo_spec.builders import build_model
+    from mimo_spec.data.config import validate_data_config
+    from mimo_spec.data.tokenizer import build_tokenizer
     from mimo_spec.parallel.env import run_device
+    from mimo_spec.run_config import layout_check
     from mimo_spec.train.checkpoint import load_checkpoint
     from mimo_spec.train.loop import check_backend_device
-    from mimo_spec.data.tokenizer import build_tokenizer
+    from mimo_spec.train.schema import TrainConfig, validate_section
 
-    path, trained_cfg = checkpoint_config(cfg[key].get("checkpoint"), key)
-    _trust_only_this_command(trained_cfg, cfg, path)
-    if own_layout:
-        trained_cfg.parallel = OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True)
-    device = run_device((cfg.get("train") or {}).get("device"))  # this command's device, not the training run's
-    model = build_model(trained_cfg, seed=0, device=device)
+    section = getattr(run, key)
+    path, trained_cfg = checkpoint_config(section.checkpoint if section is not None else None, key)
+    _trust_only_this_command(trained_cfg, run, path)
+    device = run_device(run.train.device if run.train is not None else None)  # this command's, not the training run's
+    model = build_model(trained_cfg, seed=0, device=device, checks=[layout_check(run.parallel.layout)])
     check_backend_device(model, device)
     load_checkpoint(path, model)
-    tokenizer = build_tokenizer(trained_cfg["data"], model)
-    return path, trained_cfg, model, tokenizer
+    trained_data = validate_data_config(trained_cfg["data"])
+    tokenizer = build_tokenizer(trained_data, model)
+    trained_train = validate_section("train", trained_cfg.get("train"), TrainConfig)
+    return path, trained_train, trained_data, model, tokenizer
 
 
-def run_eval(cfg: DictConfig, out_dir: Path) -> int:
+def run_eval(run: RunConfig | DictConfig, out_dir: Path) -> int:
     """Held-out loss of a checkpoint; under torchrun the model is sharded by this command's ``parallel``
     layout (pipeline and split layouts evaluate each data-parallel rank's share) and rank 0 writes.
     SIGTERM ends it at once (exit 128 + signal): an evaluation has nothing to save."""
     from mimo_spec.train.limits import JobSignals
 
-    check_run_config(cfg)
+    run = as_run_config(run)
+    check_run_resources(run)
     with JobSignals("evaluating"):
-        return _run_eval(cfg, out_dir)
+        return _run_eval(run, out_dir)
 
 
-def _run_eval(cfg: DictConfig, out_dir: Path) -> int:
+def _run_eval(run: RunConfig, out_dir: Path) -> int:
     from mimo_spec.parallel.parallelize import start_parallel
     from mimo_spec.data import build_dataset, collate
     from mimo_spec.train.loop import evaluate, model_max_len
 
-    path, trained_cfg, model, tokenizer = _load_trained(cfg, "eval", own_layout=True)
+    path, trained_train, trained_data, model, tokenizer = _load_trained(run, "eval")
     # the data follows the whole model's modalities: built before a pipeline stage drops some of them
-    dataset = build_dataset(trained_cfg["data"], model, tokenizer, "eval")
+    dataset = build_dataset(trained_data, model, tokenizer, "eval")
     if len(dataset) == 0:
         raise ConfigError("the held-out split is empty", path="data", hint="set data.eval_samples / eval_fraction")
-    tc = OmegaConf.to_container(trained_cfg.train, resolve=True)
-    drun = start_parallel(OmegaConf.to_container(cfg.get("parallel") or {}, resolve=True), tc, model)
+    drun = start_parallel(run.parallel.layout, trained_train.model_dump(), model)
     collate_fn = lambda s: collate(s, tokenizer.pad_id)  # noqa: E731
-    batch_size, batches = int(tc["batch_size"]), cfg.eval.get("batches")
+    batch_size, batches = trained_train.batch_size, run.eval.batches
     if drun is not None and drun.pp > 1:
         drun.start_pipeline(model, int(getattr(dataset, "max_len", model_max_len(model))), tokenizer.pad_id)
-    if drun is not None and (drun.split or drun.pipeline) is not None:  # no rank holds the whole model
-        from mimo_spec.parallel.pipeline import evaluate_distributed
-
-        result = evaluate_distributed(drun, dataset, collate_fn, batch_size, batches)
-    else:
-        device = next(model.parameters()).device
-        result = evaluate(model, dataset, collate_fn, batch_size, batches, tc.get("precision", "fp32"), device)
+    device = next(model.parameters()).device
+    # every layout (pipeline and split layouts share the batches out over their ranks)
+    result = evaluate(model, dataset, collate_fn, batch_size, batches, trained_train.precision, device, drun=drun)
     if drun is not None and drun.rank != 0:
         return 0
     result["checkpoint"] = str(path)
@@ -207,13 +187,14 @@ def _run_eval(cfg: DictConfig, out_dir: Path) -> int:
     return 0
 
 
-def run_generate(cfg: DictConfig, out_dir: Path) -> int:
+def run_generate(run: RunConfig | DictConfig, out_dir: Path) -> int:
     """Continue ``generate.prompt`` from a checkpoint. SIGTERM ends it at once (exit 128 + signal)."""
     from mimo_spec.train.limits import JobSignals
 
-    check_run_config(cfg)
+    run = as_run_config(run)
+    check_run_resources(run)
     with JobSignals("generating"):
-        return _run_generate(cfg, out_dir)
+        return _run_generate(run, out_dir)
 
 
 def _new_tokens(model, prompt_tokens: int, asked: int, device) -> int:
@@ -245,30 +226,30 @@ def _new_tokens(model, prompt_tokens: int, asked: int, device) -> int:
     return asked
 
 
-def _run_generate(cfg: DictConfig, out_dir: Path) -> int:
+def _run_generate(run: RunConfig, out_dir: Path) -> int:
     from mimo_spec.data import encode_prompt
     from mimo_spec.generation import generate, save_image, start_parallel_generation
-    from mimo_spec.train.loop import to_device
+    from mimo_spec.data.batch import to_device
 
-    g = cfg.generate
-    path, trained_cfg, model, tokenizer = _load_trained(cfg, "generate", own_layout=True)
+    g = run.generate
+    path, _, trained_data, model, tokenizer = _load_trained(run, "generate")
     # the prompt follows the whole model's modalities: encoded before a pipeline stage drops some of them
-    input_ids, modality_inputs = encode_prompt(g.prompt, model, tokenizer, trained_cfg["data"],
+    input_ids, modality_inputs = encode_prompt(g.prompt, model, tokenizer, trained_data,
                                                images=list(g.images), audio=list(g.audio))
-    drun = start_parallel_generation(model, cfg.get("parallel"))  # under torchrun: every rank generates
+    drun = start_parallel_generation(model, run.parallel.layout)  # under torchrun: every rank generates
     main = drun is None or drun.rank == 0
     device = next(model.parameters()).device
     input_ids, modality_inputs = to_device(input_ids, device), to_device(modality_inputs, device)
-    max_new = _new_tokens(model, int(input_ids.shape[1]), int(g.max_new_tokens), device)  # before the KV cache
+    max_new = _new_tokens(model, int(input_ids.shape[1]), g.max_new_tokens, device)  # before the KV cache
     out = generate(model, input_ids, modality_inputs, max_new_tokens=max_new, strategy=g.strategy,
-                   temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
-                   eos_id=tokenizer.eos_id, use_cache=bool(g.kv_cache), seed=int(g.seed))
+                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                   eos_id=tokenizer.eos_id, use_cache=g.kv_cache, seed=g.seed)
     if not main:  # rank 0 prints and writes the outputs
         return 0
     specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}
     text = tokenizer.decode([t for t in out.tokens if t not in specials and t < tokenizer.vocab_size])
     print(text)
-    record = {"prompt": redact_env_values(str(g.prompt), cfg), "tokens": out.tokens, "text": text, "outputs": {}}
+    record = {"prompt": redact_env_values(str(g.prompt), run.source), "tokens": out.tokens, "text": text, "outputs": {}}
     for name, items in out.outputs.items():
         for i, item in enumerate(items):
             if item.dim() == 3:

@@ -1,10 +1,17 @@
-"""The training losses, one place for every path (one process, tensor/pipeline parallel, eval).
+"""The training losses, one place for every path (one process, tensor/pipeline parallel, split layouts, eval).
 
-``IGNORE_INDEX`` (-100) marks a label the loss skips, as in torch's and Hugging Face's
-cross entropy; data, models and parallel code all take it from here.
+The model returns logits and, for output modalities, its decoded items (:class:`~mimo_spec.models.mimo.MimoOutput`);
+the functions here turn them into losses. ``IGNORE_INDEX`` (-100) marks a label the loss skips, as in torch's
+and Hugging Face's cross entropy; data, models and parallel code all take it from here.
+
+Logits sharded on the vocabulary (tensor parallelism, a DTensor ``Shard(-1)``) go through the same code: the
+caller runs forward *and* backward under torch's ``loss_parallel()`` context (``ParallelContext.train_context``),
+where ``F.cross_entropy`` works on the shards and never gathers the (B, S, V) logits.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -12,28 +19,90 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local value (the per-token losses of vocab-sharded logits are replicated), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and hasattr(t, "placements") else t
+
+
+def _like_logits(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Labels for DTensor logits: a DTensor replicated over the logits' mesh. Inside ``loss_parallel()`` the
+    cross entropy then runs on the vocabulary shards; outside it DTensor gathers what it needs, so
+    ``forward(labels=...)`` works anywhere. Plain logits: the labels as they are."""
+    mesh = getattr(logits, "device_mesh", None)
+    if mesh is None:
+        return labels
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(labels, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                  document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight (B, S-1) of each predicted token: 0 for an ignored label, a masked position, or the first
+    token of a packed document (never predicted from the previous document); else the loss_mask value (1)."""
+    shift_labels = labels[:, 1:]
+    weight = (shift_labels != IGNORE_INDEX).float()
+    if loss_mask is not None:
+        weight = weight * loss_mask[:, 1:].float()
+    if document_ids is not None:
+        weight = weight * (document_ids[:, 1:] == document_ids[:, :-1]).float()
+    return weight
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross entropy over positions whose label is not -100 (and loss_mask != 0).
+                   document_ids: torch.Tensor | None = None, *, num_tokens: float | None = None) -> torch.Tensor:
+    """Next-token cross entropy over the counted positions (label not -100, loss_mask != 0, not a document start).
 
-    logits: (B, S, V); labels, loss_mask, document_ids: (B, S), aligned with the inputs
-    (shifted here). In packed rows the first token of a document is never predicted
-    from the previous document, so the loss equals the unpacked batch's. Logits sharded on
-    the vocabulary (tensor parallelism) take the vocab-parallel cross entropy: the full
-    logits are never gathered, and the result is the same.
+    logits: (B, S, V) (a vocab-sharded DTensor under tensor parallelism); labels, loss_mask, document_ids:
+    (B, S), aligned with the inputs (shifted here). Returns the mean over this batch's counted tokens, or,
+    given ``num_tokens`` (e.g. the global step's token count), the summed loss divided by it: the
+    normalisation data-parallel ranks and pipeline microbatches share, so their gradients sum to the
+    single-process gradient.
     """
-    from mimo_spec.parallel.tp import is_vocab_sharded, vocab_parallel_cross_entropy
-
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    if is_vocab_sharded(shift_logits):
-        per_token = vocab_parallel_cross_entropy(shift_logits, shift_labels, IGNORE_INDEX).reshape(-1)
-    else:
-        per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="none")
-    weight = (shift_labels != IGNORE_INDEX).float().reshape(-1)
-    if loss_mask is not None:
-        weight = weight * loss_mask[:, 1:].float().reshape(-1)
-    if document_ids is not None:
-        weight = weight * (document_ids[:, 1:] == document_ids[:, :-1]).float().reshape(-1)
-    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+    per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                _like_logits(shift_labels.reshape(-1), shift_logits), ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    weight = token_weights(labels, loss_mask, document_ids).reshape(-1)
+    total = (_local(per_token).reshape(-1) * weight).sum()
+    return total / (weight.sum().clamp(min=1.0) if num_tokens is None else float(num_tokens))
+
+
+@dataclass
+class Losses:
+    """``loss``: LM loss + weighted output-modality losses (None when nothing was given to score);
+    ``lm_loss``: the next-token loss (None without labels); ``modality_losses``: per output modality."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+              document_ids: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
+              num_tokens: float | None = None) -> Losses:
+    """Every loss of one forward pass: the LM loss of ``output.logits`` and each output modality's
+    ``output_loss_fn(prediction, target)`` weighted by its ``output_loss_weight``.
+
+    ``modalities``: the model's modalities (name -> Modality); ``output``: what the model returned
+    (``logits``, ``modality_outputs``). A data-parallel share with no item of an output modality keeps that
+    decoder in the graph at weight 0 (so every rank's backward runs the same collectives).
+    """
+    out = Losses()
+    total = None
+    if labels is not None:
+        out.lm_loss = total = causal_lm_loss(output.logits, labels, loss_mask, document_ids, num_tokens=num_tokens)
+    for name, target in (output_targets or {}).items():
+        mod = modalities[name]
+        pred = output.modality_outputs[name]
+        if target.shape[0] == 0:
+            term = pred.float().sum() * 0.0
+        else:
+            loss = mod.output_loss_fn(pred, target)
+            out.modality_losses[name] = loss
+            term = mod.output_loss_weight * loss
+        total = term if total is None else total + term
+    out.loss = total
+    return out

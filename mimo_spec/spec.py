@@ -7,8 +7,9 @@ A ``ModuleSpec`` is one node of the one shape used everywhere::
     submodules: {...}                # named child specs (a spec, a dict of specs, or a list)
 
 Every node remembers its config path (``modalities.images.submodules.encoders.clip``)
-so errors can name it. ``MimoSpec`` is the whole model: the language model, the
-modalities and the parallel layout.
+so errors can name it. ``MimoSpec`` is the whole model: the language model and the
+modalities (how the model is laid out over processes is the run's business, not the
+model's: :class:`mimo_spec.run_config.RunConfig` holds the ``parallel`` layout).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 
 NODE_KEYS = ("module", "params", "submodules")
 # Top-level keys that describe the model; the rest of a run config (action,
-# train, data, hydra, ...) is ignored by from_config.
-MODEL_KEYS = ("model", "modalities", "parallel", "freeze", "allow_imports")
+# train, data, parallel, hydra, ...) is ignored by from_config.
+MODEL_KEYS = ("model", "modalities", "freeze", "allow_imports", "backend")
 
 SubmoduleValue = Union["ModuleSpec", list["ModuleSpec"], dict[str, "ModuleSpec"]]
 
@@ -80,11 +81,10 @@ def _sub_to_dict(value: SubmoduleValue) -> Any:
 
 @dataclass
 class MimoSpec:
-    """A whole multimodal model: language model, modalities, parallel layout."""
+    """A whole multimodal model: language model and modalities."""
 
     language_model: ModuleSpec
     modalities: dict[str, ModuleSpec] = field(default_factory=dict)
-    parallel: dict[str, Any] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
     allow_imports: list[str] = field(default_factory=list)
     # default layer backend (local | te | auto) for every component that takes one and
@@ -95,7 +95,6 @@ class MimoSpec:
         return {
             "model": self.language_model.to_dict(),
             "modalities": {k: v.to_dict() for k, v in self.modalities.items()},
-            "parallel": dict(self.parallel),
             "freeze": list(self.freeze),
             "allow_imports": list(self.allow_imports),
             "backend": self.backend,
@@ -233,11 +232,6 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
         spec = _node_from(node, f"modalities.{name}", problems)
         if spec is not None:
             modalities[name] = spec
-    parallel = data.get("parallel") or {}
-    if not isinstance(parallel, dict):
-        problems.add("parallel", f"expected a parallel layout (a mapping), got {parallel!r}",
-                     "choose one with parallel=<layout>, e.g. parallel=single")
-        parallel = {}
     freeze = data.get("freeze") or []
     if isinstance(freeze, str):
         freeze = [freeze]
@@ -258,7 +252,7 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
         backend = None
     if not collect or lm is None:
         problems.raise_if_any()
-    return MimoSpec(lm, modalities, dict(parallel), list(freeze), list(allow), backend)
+    return MimoSpec(lm, modalities, list(freeze), list(allow), backend)
 
 
 BACKENDS = ("local", "te", "auto")

@@ -22,11 +22,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
 
-from mimo_spec.errors import ConfigError, did_you_mean
+from mimo_spec.errors import ConfigError, MimoError, did_you_mean, format_error
 
 OK_STATUSES = ("completed", "valid", "interrupted")
 DIRECTIONS = ("minimize", "maximize")
@@ -47,34 +47,33 @@ _last_summary: dict[str, Any] | None = None
 _running: dict[str, str] | None = None
 
 
-def run_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | None:
+def run_sweep_job(cfg, overrides: list[str], out_dir: Path, run: Callable[..., int]) -> float | None:
     """Run one job of a sweep and record how it ended; returns the objective (for Optuna).
 
     Nothing escapes: raising (or ``sys.exit``) here would stop the whole sweep. The job holds
     its directory's lock throughout; a job whose directory another process is using writes
-    nothing there (its error goes to stderr).
+    nothing there (its error goes to stderr). ``run``: the app's ``run(cfg, overrides, out_dir)``
+    (passed in, so that this module does not import the app that imports it).
     """
-    from mimo_spec.app import format_error
     from mimo_spec.rundir import lock_run_dir
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_run_dir(out_dir)
-    except (ConfigError, OSError) as e:
+    except (MimoError, OSError) as e:
         from mimo_spec.errors import storage_error
 
-        print(format_error(e if isinstance(e, ConfigError) else storage_error(e)), file=sys.stderr)
+        print(format_error(e if isinstance(e, MimoError) else storage_error(e)), file=sys.stderr)
         return None
     outermost = lock is not None and lock._count == 1
     try:
-        return _run_locked_sweep_job(cfg, overrides, out_dir)
+        return _run_locked_sweep_job(cfg, overrides, out_dir, run)
     finally:
         if lock is not None:
             lock.release(everything=outermost)
 
 
-def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | None:
-    from mimo_spec.app import format_error, run
+def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path, run: Callable[..., int]) -> float | None:
     from mimo_spec.config import apply_module_swaps
 
     from mimo_spec.env_secrets import redact_env_values
@@ -97,7 +96,7 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path) -> float | N
         code = run(cfg, overrides, out_dir)
         if code:
             record = {"status": "failed", "error": f"the {action} action ended with exit code {code}"}
-    except ConfigError as e:
+    except MimoError as e:  # any mistake the user can fix (config, input, data, checkpoint, storage)
         record = {"status": "invalid", "error": redact_env_values(format_error(e), cfg)}
         print(record["error"], file=sys.stderr)
     except (Exception, SystemExit) as e:  # a crash in one job: report it, keep the sweep going
@@ -349,7 +348,7 @@ def _job_overrides(path: Path) -> list[str]:
 
     try:
         loaded = yaml.safe_load(read_yaml_file(path, top_mapping=False))  # a list of overrides
-    except (ConfigError, OSError, yaml.YAMLError):
+    except (MimoError, OSError, yaml.YAMLError):
         return [f"<unreadable {path.name}>"]
     return [str(o) for o in loaded] if isinstance(loaded, list) else [f"<unreadable {path.name}>"]
 
@@ -365,6 +364,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    from mimo_spec.atomic import write_json_atomic
+
+    write_json_atomic(path, data)

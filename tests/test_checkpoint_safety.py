@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
@@ -19,6 +18,7 @@ from mimo_spec.errors import CheckpointError
 from mimo_spec.train.checkpoint import _canonical_states, list_checkpoints, load_checkpoint
 from mimo_spec.train.loop import train
 from mimo_spec.train.optim import build_optimizer
+from mimo_spec.train.schema import validate_train_config
 
 from test_bad_inputs import run_cli_in_process
 
@@ -40,7 +40,7 @@ class _Call:
 def _model_and_optimizer():
     cfg = compose_config(SMALL)
     model = build_model(cfg)
-    return model, build_optimizer(model, OmegaConf.to_container(cfg.train, resolve=True))
+    return model, build_optimizer(model, validate_train_config(cfg.train))
 
 
 def _to_dcp(src: Path, dst: Path, tamper=None) -> Path:
@@ -336,12 +336,13 @@ from mimo_spec.config import compose_config
 from mimo_spec.errors import StorageError
 from mimo_spec.train.checkpoint import save_distributed_checkpoint
 from mimo_spec.train.optim import build_optimizer
+from mimo_spec.train.schema import validate_train_config
 
 ckpts, init = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
 cfg = compose_config(%r)
 model = build_model(cfg)
-opt = build_optimizer(model, OmegaConf.to_container(cfg.train, resolve=True))
+opt = build_optimizer(model, validate_train_config(cfg.train))
 model(**model.example_inputs(batch_size=2)).loss.backward()
 opt.step()
 drun = types.SimpleNamespace(rank=0, world_size=1, fused={}, layout=types.SimpleNamespace(name="ddp"))

@@ -397,3 +397,103 @@ def test_bad_input_is_named_with_file_sample_and_path(vlm, fixture_dir):
     with pytest.raises(InputError, match=r"sample 0 \(id 'y'\): the sample has audio input but the model has no "
                                          r"audio modality \(add one, e.g. modality=\[audio_whisper\]"):
         llava(vlm, fixture_dir)
+
+
+# ------------------------------------------------------------------------------- the loader
+def _same(a, b) -> bool:
+    """Two (nested) batches hold equal tensors and values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_the_sample_order_is_the_seeded_epoch_permutation():
+    from mimo_spec.data.loader import SampleOrder, ShareSampler
+
+    # the reference: epoch e is randperm(n) seeded by (seed * 1_000_003 + e) % 2**64, epochs back to back
+    n, seed = 10, 7
+    ref = [int(i) for e in range(3) for i in
+           torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + e) % 2**64))]
+    order = SampleOrder(n, seed)
+    assert [order[p] for p in range(3 * n)] == ref
+    # batches of 4 from position 6 straddle the epochs; rank r of 2 loads samples [2r, 2r + 2) of each
+    for share in ((0, 2), (2, 4), None):
+        it = iter(ShareSampler(order, 4, share, start=6))
+        lo, hi = share or (0, 4)
+        assert [next(it) for _ in range(5)] == [ref[6 + 4 * b + lo: 6 + 4 * b + hi] for b in range(5)]
+    with pytest.raises(ValueError):
+        ShareSampler(order, 4, (3, 3))
+
+
+def test_each_rank_loads_its_share_and_workers_change_nothing(vlm):
+    from mimo_spec.data.batch import pad_batch
+    from mimo_spec.data.loader import TrainBatches, step_tokens
+
+    ds, tok = synth(vlm)
+    coll = lambda s: collate(s, tok.pad_id)  # noqa: E731
+    whole = TrainBatches(ds, coll, seed=3, batch_size=8, position=250)  # crosses the epoch end at 256
+    ranks = [TrainBatches(ds, coll, seed=3, batch_size=8, position=250, share=(4 * r, 4 * r + 4)) for r in (0, 1)]
+    workers = TrainBatches(ds, coll, seed=3, batch_size=8, position=250, num_workers=2)
+    for _ in range(3):
+        g = whole.next()
+        assert _same(workers.next(), g)  # built and collated in 2 worker processes: the same batch
+        shares = [r.next() for r in ranks]
+        for r, share in enumerate(shares):
+            lo, hi = 4 * r, 4 * r + 4
+            assert share["share"] == (lo, hi)
+            # the share, padded to the global batch's length, is the global batch's rows [lo, hi)
+            padded = pad_batch(share, g["input_ids"].shape[1], tok.pad_id)
+            for k in ("input_ids", "labels", "attention_mask"):
+                assert torch.equal(padded[k], g[k][lo:hi]), k
+            for m, counts in g["items_per_sample"].items():
+                assert share["items_per_sample"][m] == counts[lo:hi]
+                if sum(counts[lo:hi]):
+                    start, stop = sum(counts[:lo]), sum(counts[:hi])
+                    px = g["modality_inputs"][m]["clip"]["pixel_values"][start:stop]
+                    assert torch.equal(share["modality_inputs"][m]["clip"]["pixel_values"], px)
+        assert sum(s["num_tokens"] for s in shares) == g["num_tokens"]
+        assert step_tokens([g], None, tok.pad_id)[1:] == (g["num_tokens"], int(g["attention_mask"].sum()))
+    assert whole.position == workers.position == ranks[0].position == 250 + 3 * 8  # global samples
+    # rewinding (a step cut short) replays the same batches, workers restarted at the position
+    workers.rewind(250 + 8)
+    whole.rewind(250 + 8)
+    assert _same(workers.next(), whole.next())
+    workers.close()
+
+
+def test_training_with_workers_matches_and_resumes_exactly(tmp_path):
+    from mimo_spec.train.loop import train
+    from mimo_spec.train.metrics import read_metrics
+
+    small = ["data.num_samples=64", "data.eval_samples=0", "train.log_every=1000", "train.eval_every=0",
+             "train.batch_size=4", "train.steps=3", "train.checkpoint.every=0"]
+
+    def losses(run):
+        return [float(r["loss"]) for r in read_metrics(run / "metrics.csv")]
+
+    train(compose_config(small), tmp_path / "inline")
+    train(compose_config([*small, "data.num_workers=2"]), tmp_path / "workers")
+    assert losses(tmp_path / "workers") == losses(tmp_path / "inline")  # bit for bit
+    # stopped after 1 step, resumed with workers (they start at the saved position): the same run
+    first = train(compose_config([*small, "train.stop_after_steps=1"]), tmp_path / "split")
+    assert first["status"] == "interrupted"
+    train(compose_config([*small, "data.num_workers=2"]), tmp_path / "split")
+    assert losses(tmp_path / "split") == losses(tmp_path / "inline")
+
+
+def test_bad_media_found_in_a_worker_is_the_same_data_error(av_model, fixture_dir):
+    from mimo_spec.data.loader import TrainBatches
+    from mimo_spec.errors import DataError
+
+    (fixture_dir / "img" / "blue.png").write_bytes(b"not a png at all")  # found only when decoded
+    ds, tok = llava(av_model, fixture_dir)
+    messages = []
+    for workers in (0, 2):
+        batches = TrainBatches(ds, lambda s: collate(s, tok.pad_id), seed=0, batch_size=len(ds), num_workers=workers)
+        with pytest.raises(DataError) as e:
+            batches.next()
+        messages.append(str(e.value))
+        assert batches.position == 0  # nothing consumed
+    assert messages[0] == messages[1] and "blue.png" in messages[0] and "Traceback" not in messages[1], messages

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-from omegaconf import OmegaConf
 
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
@@ -18,6 +17,7 @@ from mimo_spec.errors import StorageError
 from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint
 from mimo_spec.train.loop import train
 from mimo_spec.train.optim import build_optimizer
+from mimo_spec.train.schema import validate_train_config
 
 from conftest import ROOT
 
@@ -94,7 +94,7 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_p
         assert [p.name for p in list_checkpoints(ckpts)] == ["step_000002"]
         assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]
         model = build_model(compose_config(SMALL))
-        optimizer = build_optimizer(model, OmegaConf.to_container(compose_config(SMALL).train, resolve=True))
+        optimizer = build_optimizer(model, validate_train_config(compose_config(SMALL).train))
         assert load_checkpoint(ckpts / "step_000002", model, optimizer)["step"] == 2
 
         # the CLI end to end, on the same full disk: exit 2, one readable error, no traceback

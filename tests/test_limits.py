@@ -16,7 +16,7 @@ import torch
 
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
-from mimo_spec.errors import ConfigError, DataError
+from mimo_spec.errors import ConfigError, DataError, InputError
 from mimo_spec.train.checkpoint import list_checkpoints
 from mimo_spec.train.metrics import read_metrics
 
@@ -206,7 +206,7 @@ def test_step_memory_is_estimated_against_the_machine_before_allocating():
 def test_big_models_still_validate_on_meta_and_the_sample_order_is_bounded(tmp_path):
     from test_bad_inputs import run_cli_in_process
 
-    from mimo_spec.train.loop import DataStream
+    from mimo_spec.data.loader import SampleOrder
 
     code, out, err = run_cli_in_process(["action=validate", "model=llama3_70b", "modality=[]"], tmp_path)
     assert code == 0 and "config is valid" in out, err
@@ -216,11 +216,11 @@ def test_big_models_still_validate_on_meta_and_the_sample_order_is_bounded(tmp_p
             return 10**12
 
     with pytest.raises(ConfigError) as e:
-        DataStream(Endless(), seed=0)
+        SampleOrder(len(Endless()), seed=0)
     assert e.value.problems[0].path == "data.num_samples"
     # seeds up to 2**63 - 1 order the data (the epoch is mixed in without overflowing 64 bits)
-    stream = DataStream(list(range(10)), seed=2**63 - 1)
-    assert sorted(stream.take(10)) == list(range(10))
+    order = SampleOrder(10, seed=2**63 - 1)
+    assert sorted(order[p] for p in range(10)) == list(range(10))
 
 
 def test_max_new_tokens_is_refused_beyond_the_lm_and_clamped_after_the_prompt(capsys):
@@ -234,11 +234,10 @@ def test_max_new_tokens_is_refused_beyond_the_lm_and_clamped_after_the_prompt(ca
     assert _new_tokens(model, 10, 5, "cpu") == 5
     assert _new_tokens(model, lm_max - 20, 100, "cpu") == 20
     assert "generating at most 20 tokens" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="leaving no room"):
+    with pytest.raises(InputError, match="leaving no room"):  # the prompt, a runtime input, not the config
         _new_tokens(model, lm_max, 1, "cpu")
 
     # the Python API refuses what generate() does not implement instead of silently sampling
-    from mimo_spec.errors import InputError
     from mimo_spec.generation import generate
 
     ids = torch.tensor([[1, 2, 3]])

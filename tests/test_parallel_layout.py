@@ -110,12 +110,22 @@ def test_problems_are_all_reported_at_once(meta_model):
     assert {"parallel.default.cp", "parallel.default.fsdp.param_dtype", "parallel.default.compile"} <= set(p)
 
 
-def test_build_model_runs_the_layout_checks(meta_model):
+def test_the_app_checks_the_layout_with_the_model(meta_model, monkeypatch):
+    """The layout is the run's, not the model's: build_model ignores it (and WORLD_SIZE); the app's
+    meta build (run_config.build_meta_model) checks it, its problems joining the model's."""
+    from mimo_spec.run_config import build_meta_model
+
     cfg = compose_config(["parallel=tp2", "model.params.num_kv_heads=1"])
     with pytest.raises(ConfigError) as e:
-        build_model(cfg, device="meta")
+        build_meta_model(cfg)
     assert [p.path for p in e.value.problems] == ["parallel.default.tp"]
     assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "3")  # a world the layout cannot fit either
+    assert build_model(cfg, device="meta").language_model.num_kv_heads == 1
+    with pytest.raises(ConfigError) as e:
+        build_meta_model(compose_config(["parallel=tp2", "model.params.num_kv_heads=1", "model.params.num_layers=0"]))
+    # the model's problem and the layout's (against the launcher's world of 3) in one error
+    assert {"model.params.num_layers", "parallel.default.dp_replicate"} <= {p.path for p in e.value.problems}
 
 
 def test_cli_layout_and_validate(cli):
@@ -149,12 +159,12 @@ def test_fused_projection_is_sharded_part_by_part():
 
 
 def test_activation_checkpointing_keeps_names_and_gradients():
-    from mimo_spec.parallel.parallelize import apply_activation_checkpointing
+    from mimo_spec.parallel.parallelize import apply_activation_checkpointing, is_checkpointed
 
     cfg = compose_config([])
     ref, ac = build_model(cfg, seed=0), build_model(cfg, seed=0)
     apply_activation_checkpointing(ac.language_model, {"mode": "every", "every": 2})
-    assert "forward" in vars(ac.language_model.layers[0]) and "forward" not in vars(ac.language_model.layers[1])
+    assert is_checkpointed(ac.language_model.layers[0]) and not is_checkpointed(ac.language_model.layers[1])
     assert list(ac.state_dict()) == list(ref.state_dict())
     batch = ref.example_inputs(batch_size=2)
     ref(**batch).loss.backward()
@@ -203,7 +213,7 @@ def test_one_process_runs_take_activation_checkpointing_and_compile(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from mimo_spec.parallel.parallelize import apply_one_process
+    from mimo_spec.parallel.parallelize import apply_one_process, is_checkpointed
     from mimo_spec.train.loop import train
 
     overrides = ["+parallel.default.activation_checkpoint={mode: every, every: 2}",
@@ -212,7 +222,7 @@ def test_one_process_runs_take_activation_checkpointing_and_compile(tmp_path):
     model = build_model(cfg, seed=0)
     apply_one_process(OmegaConf.to_container(cfg.parallel, resolve=True), model)
     lm_blocks, vit_blocks = model.language_model.layers, model.modalities["images"].encoders["clip"].layers
-    checkpointed = ["forward" in vars(b) for b in lm_blocks]  # the instance attribute the wrapper sets
+    checkpointed = [is_checkpointed(b) for b in lm_blocks]  # torch's composable checkpoint on the block
     assert checkpointed == [i % 2 == 0 for i in range(len(lm_blocks))]
     assert all(b._compiled_call_impl is not None for b in vit_blocks)
     assert all(b._compiled_call_impl is None for b in lm_blocks)

@@ -97,14 +97,14 @@ def empty_image_shares(cfg, ranks: int = 2) -> list[int]:
     """The steps of ``cfg``'s run where the batch has images but some rank's share of it has none."""
     from mimo_spec.builders import build_model
     from mimo_spec.data import build_dataset
-    from mimo_spec.train.loop import DataStream
+    from mimo_spec.data.loader import SampleOrder
     from mimo_spec.data.tokenizer import build_tokenizer
 
     model = build_model(cfg, device="meta")
     data = build_dataset(cfg.data, model, build_tokenizer(cfg.data, model), "train")
-    stream, size, steps = DataStream(data, int(cfg.train.seed)), int(cfg.train.batch_size), []
+    order, size, steps = SampleOrder(len(data), int(cfg.train.seed)), int(cfg.train.batch_size), []
     for step in range(int(cfg.train.steps)):
-        counts = [s.get("num_items", {}).get("images", 0) for s in stream.take(size)]
+        counts = [data[order[step * size + k]].get("num_items", {}).get("images", 0) for k in range(size)]
         shares = [sum(counts[r * size // ranks:(r + 1) * size // ranks]) for r in range(ranks)]
         if sum(shares) and 0 in shares:
             steps.append(step)

@@ -73,7 +73,7 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
     scenarios = ["loss:tp2", "loss:tp2:tied", "loss:tp2:gather",
                  "train:tp2:tied", "train:fsdp:tied", "resume:train_tp2_tied:tp2:tied", "train:tp2",
                  "generate:tp2:train_tp2", "generate:fsdp:train_tp2", "generate:ddp:train_tp2", "generate:pp2:train_tp2",
-                 "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied"]
+                 "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied", "plugin"]
     r = torchrun(2, WORKER, out, ",".join(scenarios))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
@@ -104,6 +104,15 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
             folder = out / f"gen_{layout}_{source}"
             assert generated(folder / "rank0") == ref, (source, layout)
             assert not any((folder / "rank1").iterdir()), (source, layout)
+
+    # 4. TP plans live in a registry keyed by class: a plugin's own module class (and its subclass, by
+    # inheritance) registered there is sharded (column- then row-wise) with the unsharded numbers
+    plugin = json.loads((out / "plugin.json").read_text())
+    assert plugin["subclass_plan"] and plugin["out_diff"] < 1e-6 and plugin["grad_diff"] < 1e-5, plugin
+    for part in ("0", "1"):
+        assert plugin["placements"][f"{part}.up.weight"] == "(Shard(dim=0),)", plugin
+        assert plugin["placements"][f"{part}.down.weight"] == "(Shard(dim=1),)", plugin
+        assert plugin["local_rows"][f"{part}.up.weight"] == 8  # 16 rows over 2 ranks
 
 
 def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):

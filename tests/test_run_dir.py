@@ -263,6 +263,7 @@ def test_secrets_from_the_environment_stay_out_of_the_run_files(tmp_path, monkey
 
 
 def test_a_sweep_job_whose_dir_is_in_use_writes_nothing_there(tmp_path, capsys):
+    from mimo_spec.app import run
     from mimo_spec.sweep import run_sweep_job
 
     job = tmp_path / "0"
@@ -271,7 +272,7 @@ def test_a_sweep_job_whose_dir_is_in_use_writes_nothing_there(tmp_path, capsys):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (job / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        assert run_sweep_job(compose_config(["action=validate"]), ["action=validate"], job) is None
+        assert run_sweep_job(compose_config(["action=validate"]), ["action=validate"], job, run) is None
     finally:
         sleeper.kill()
         sleeper.wait()

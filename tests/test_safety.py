@@ -99,22 +99,22 @@ def test_remote_code_in_a_tokenizer_or_checkpoint_folder_is_refused_without_a_pr
     ckpt = _remote_code_folder(tmp_path / "ckpt", marker, where="config.json")
     script = f"""
 import mimo_spec.data.tokenizer as T
-from mimo_spec.errors import ConfigError
+from mimo_spec.errors import MimoError
 from mimo_spec.interop.hf_import import _auto_config, import_hf
 for folder in ({str(tok)!r}, {str(tok2)!r}):
     try:
         T.HFTokenizer(folder)
-    except ConfigError as e:
+    except MimoError as e:
         print("SCAN", e.problems[0].path, "asks to run code" in str(e))
 try:
     import_hf({str(ckpt)!r})
-except ConfigError as e:
+except MimoError as e:
     print("IMPORT", e.kind, e.problems[0].path.endswith("config.json"), "auto_map" in str(e))
 # past mimo-spec's own check: transformers itself must refuse, without asking
 T.remote_code_request = lambda d: ""
 try:
     T.HFTokenizer({str(tok)!r})
-except ConfigError as e:
+except MimoError as e:
     print("NOSCAN", e.problems[0].path, "trust_remote_code" in str(e))
 from pathlib import Path
 print("NOSCAN-CONFIG", type(_auto_config(Path({str(ckpt)!r}))).__name__)  # the shipped class, not the folder's

@@ -18,6 +18,7 @@ from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint
 from mimo_spec.train.loop import train
 from mimo_spec.train.metrics import read_metrics
 from mimo_spec.train.optim import lr_factor, param_groups
+from mimo_spec.train.schema import TrainConfig, validate_train_config
 
 from conftest import ROOT
 
@@ -71,17 +72,17 @@ def test_sgd_bf16_and_schedules(tmp_path):
     r = train(cfg("train.steps=4", "train.optimizer=sgd", "train.precision=bf16", "train.schedule=linear",
                   "train.eval_every=0"), tmp_path)
     assert r["status"] == "completed" and r["final_loss"] == r["final_loss"]  # finite
-    tc = {"steps": 100, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1}
+    tc = TrainConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert lr_factor(0, tc) == pytest.approx(0.1) and lr_factor(9, tc) == pytest.approx(1.0)
     assert lr_factor(99, tc) == pytest.approx(0.1, abs=1e-3)
-    assert lr_factor(55, {**tc, "schedule": "linear"}) == pytest.approx(0.55)
-    assert lr_factor(70, {**tc, "schedule": "constant"}) == 1.0
+    assert lr_factor(55, tc.model_copy(update={"schedule": "linear"})) == pytest.approx(0.55)
+    assert lr_factor(70, tc.model_copy(update={"schedule": "constant"})) == 1.0
 
 
 def test_per_module_learning_rates_and_llava_stages():
     c = compose_config(["train=llava_stage2"])
     model = build_model(c)
-    groups = param_groups(model, c.train)
+    groups = param_groups(model, validate_train_config(c.train))
     by_name = {g["name"]: g["lr"] for g in groups}
     assert by_name["modalities.*.input_projections.*"] == 1e-3 and by_name["language_model"] == 2e-5
     assert all(not p.requires_grad for p in model.modalities["images"].encoders.parameters())
@@ -91,7 +92,8 @@ def test_per_module_learning_rates_and_llava_stages():
                  for n, p in m1.named_parameters() if p.requires_grad}
     assert trainable == {"modalities.input_projections"}
     with pytest.raises(ConfigError, match=r"train.param_groups.0.modules: 'modalities.\*.projector' matches no"):
-        param_groups(model, {**c.train, "param_groups": [{"modules": "modalities.*.projector", "lr": 1.0}]})
+        param_groups(model, validate_train_config({**c.train, "param_groups": [{"modules": "modalities.*.projector",
+                                                                                  "lr": 1.0}]}))
 
 
 def test_resume_refuses_a_changed_config_and_skips_a_damaged_checkpoint(tmp_path):

@@ -11,6 +11,8 @@ Scenarios:
                                  into OUT_DIR/resume_<run>_<layout>
   generate:<layout>:<run>        action=generate from OUT_DIR/<run>'s checkpoint,
                                  into OUT_DIR/gen_<layout>_<run>/rank<r>
+  plugin                         a plugin's own module class (and a subclass) with a registered TP plan,
+                                 sharded over 2 ranks against an unsharded copy; writes plugin.json
 """
 
 import copy
@@ -81,7 +83,7 @@ def run_loss(out: Path, layout: str, flags: list[str]) -> None:
     gradient, the gathered logits, and which collectives the sharded step issued."""
     from mimo_spec.builders import build_model
     from mimo_spec.parallel.parallelize import start_parallel
-    from mimo_spec.parallel.tp import is_vocab_sharded
+    from mimo_spec.parallel.tp import full_logits, is_vocab_sharded
 
     extra = [TIED] if "tied" in flags else []
     extra += ["+parallel.default.loss_parallel=false"] if "gather" in flags else []
@@ -92,11 +94,11 @@ def run_loss(out: Path, layout: str, flags: list[str]) -> None:
     ref_out = ref(**batch)
     ref_out.loss.backward()
     drun = start_parallel(dict(cfg.parallel), {"batch_size": 4}, model)
-    with Collectives() as comm:
+    with Collectives() as comm, drun.train_context():  # forward and backward in the step's (loss-parallel) context
         got = model(**batch)
-        held = got._logits  # what the model holds, before MimoOutput.logits gathers it
+        held = got.logits  # what the model returns: vocab-sharded under loss_parallel
         got.loss.backward()
-    logits = got.logits
+    logits = full_logits(got.logits)
     result = {"loss": float(got.loss), "ref_loss": float(ref_out.loss),
               "grad_rel_diff": grad_difference(model, ref, drun.fused),
               "logits_diff": float((logits - ref_out.logits).abs().max()), "logits_shape": list(logits.shape),
@@ -120,6 +122,47 @@ def grad_difference(model, ref, fused: dict) -> float:
         diff = (canonical(k, grads[k], fused) - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)
         worst = max(worst, float(diff))
     return worst
+
+
+def run_plugin(out: Path) -> None:
+    """A module class mimo-spec does not ship, given a TP plan through the registry, gets sharded by
+    apply_tp; its subclass takes the same plan. Output and gradients against an unsharded copy."""
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mimo_spec.parallel.env import init_distributed
+    from mimo_spec.parallel.plans import register_tp_plan, tp_plan_for
+    from mimo_spec.parallel.tp import apply_tp, canonical
+
+    class PluginFFN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    class Deeper(PluginFFN):
+        pass
+
+    register_tp_plan(PluginFFN, {"up": "colwise", "down": "rowwise"})
+    env = init_distributed()
+    torch.manual_seed(0)
+    model = nn.Sequential(PluginFFN(), Deeper())
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 8)
+    ref(x).sum().backward()
+    apply_tp(model, init_device_mesh("cpu", (2,)), "")
+    y = model(x)
+    y.sum().backward()
+    grads = {k: canonical(k, p.grad, {}) for k, p in model.named_parameters()}
+    result = {"subclass_plan": tp_plan_for(model[1]) is tp_plan_for(model[0]),
+              "placements": {k: str(p.placements) for k, p in model.named_parameters()},
+              "local_rows": {k: p.to_local().shape[0] for k, p in model.named_parameters()},
+              "out_diff": float((y - ref(x)).abs().max()),
+              "grad_diff": max(float((grads[k] - p.grad).abs().max()) for k, p in ref.named_parameters())}
+    if env.rank == 0:
+        (out / "plugin.json").write_text(json.dumps(result, indent=1))
 
 
 def run_train(out: Path, layout: str, flags: list[str]) -> None:
@@ -162,6 +205,8 @@ def main() -> None:
             run_resume(out, args[0], args[1], args[2:])
         elif kind == "generate":
             run_generate(out, args[0], args[1])
+        elif kind == "plugin":
+            run_plugin(out)
         else:
             raise ValueError(f"unknown scenario {sc!r}")
         settle()

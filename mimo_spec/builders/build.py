@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from mimo_spec.builders.binding import bind_node, signature_of
-from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
+from mimo_spec.errors import ConfigError, ParamError, ProblemCollector, did_you_mean
 from mimo_spec.registry import RegistryError, resolve
 from mimo_spec.spec import MimoSpec, ModuleSpec, from_config
 
@@ -33,8 +33,9 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
                skip: set[str] = frozenset(), backend: str | None = None) -> nn.Module | None:
     """Build children first, then the node.
 
-    A constructor reports a bad parameter by raising ConfigError (``ParamError``), placed at the node's
-    config path; anything else a registered component raises is a bug and propagates with its traceback.
+    A constructor reports a bad parameter only by raising ``ParamError``, placed at the node's config path;
+    anything else a registered component raises (a TypeError included: binding has already matched the
+    config's params to the signature) is a bug and propagates with its traceback.
 
     Nodes in ``skip`` (already reported as invalid) are not built. ``backend`` (the
     config's top-level ``backend``) goes to every node that takes one and sets none.
@@ -73,7 +74,7 @@ def _construct(spec: ModuleSpec, kind: str, allow: list[str], problems: ProblemC
         return None
     try:
         return cls(**kwargs)
-    except ConfigError as e:  # the component refusing its parameters: the user's to fix
+    except ParamError as e:  # the component refusing one of its parameters: the user's to fix
         for problem in e.problems:
             path = _param_path(spec, params, problem.path)
             hint = problem.hint or f"change {path} ({_label(spec)}'s constructor refused it)"
@@ -153,14 +154,20 @@ def _bind_all(spec: MimoSpec, problems: ProblemCollector) -> set[str]:
 
 
 def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | None = None,
-                train: dict | None = None):
+                train: Any = None, world_size: int = 1, checks: Sequence[Callable[..., None]] = ()):
     """Build a MimoModel from a DictConfig, dict, YAML path or MimoSpec.
 
     Everything is validated before any weight is allocated; ``device="meta"``
     allocates nothing. The same ``seed`` gives the same weights. On any other device the
     model is first sized on the meta device and refused (a ConfigError at ``model``) when
-    its weights, plus for training (``train``: the train section) its gradients and
-    optimizer state, cannot fit in the device's memory.
+    its weights, plus for training (``train``: the train section, a TrainConfig) its gradients
+    and optimizer state spread over ``world_size`` processes, cannot fit in the device's memory.
+
+    Only the model sections of ``cfg`` are read (``model``, ``modalities``, ``freeze``,
+    ``allow_imports``, ``backend``): the model knows nothing of processes or layouts.
+    ``checks``: further checks ``check(spec, lm, modalities, problems)`` run on the modules built
+    on the meta device, whose problems join the model's in one ConfigError (the app checks the
+    parallel layout this way: :func:`mimo_spec.run_config.layout_check`).
     """
     from mimo_spec.builders.checks import cross_check
     from mimo_spec.models.mimo import MimoModel
@@ -171,15 +178,9 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
         # sized before any weight is allocated: the same model on the meta device costs nothing
         from mimo_spec.train.limits import check_model_memory
 
-        meta = build_model(cfg, device="meta", dtype=dtype)
-        world = 1
-        if train is not None:
-            from mimo_spec.parallel.env import read_env
-
-            launched = read_env()
-            world = launched.world_size if launched is not None else 1
-        check_model_memory(meta, device, train, world)
-        cfg = meta.spec
+        meta = build_model(cfg, device="meta", dtype=dtype, checks=checks)
+        check_model_memory(meta, device, train, world_size)
+        cfg, checks = meta.spec, ()
     problems = ProblemCollector()
     if isinstance(cfg, MimoSpec):
         spec = cfg
@@ -206,10 +207,10 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
             lm = _construct(spec.language_model, "language_model", spec.allow_imports, problems, failed, backend)
             mods = {name: _construct(m, "modality", spec.allow_imports, problems, failed, backend)
                     for name, m in spec.modalities.items()}
-        cross_check(spec, lm, {k: v for k, v in mods.items() if v is not None}, problems)
-        from mimo_spec.parallel.layout import check_parallel_config
-
-        check_parallel_config(spec, lm, {k: v for k, v in mods.items() if v is not None}, problems)
+        built = {k: v for k, v in mods.items() if v is not None}
+        cross_check(spec, lm, built, problems)
+        for check in checks:
+            check(spec, lm, built, problems)
         problems.raise_if_any()
         model = MimoModel(language_model=lm, modalities=mods)
     model.spec = spec

@@ -6,6 +6,8 @@ sizes once, as attributes, instead of in a second description.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -111,7 +113,7 @@ def _check_token_counts(p: str, mod: nn.Module, problems: ProblemCollector) -> N
         enc, proj = encoders[ename], projections[qname]
         if not all(hasattr(enc, a) for a in ("example_inputs", "tokens_per_item")) or not hasattr(proj, "tokens_out"):
             continue
-        with torch.device("meta"):  # shapes only, nothing allocated
+        with torch.device("meta"), _random_as_empty():  # shapes only, nothing allocated
             shape = tuple(next(iter(enc.example_inputs(1).values())).shape)
         tokens = enc.tokens_per_item(shape)
         try:
@@ -119,6 +121,31 @@ def _check_token_counts(p: str, mod: nn.Module, problems: ProblemCollector) -> N
         except ParamError as e:
             problems.add(f"{p}.submodules.input_projections.{qname}.params.{e.param}", e.problems[0].message,
                          f"encoder {ename} gives {tokens} tokens per item")
+
+
+_RANDOM_FACTORIES = ("randn", "rand")
+
+
+@contextlib.contextmanager
+def _random_as_empty():
+    """``torch.randn`` / ``torch.rand`` as ``torch.empty`` of the same size, for a shape check on meta.
+
+    On the meta device torch's random factories run through its reference kernels, which import
+    the compiler stack (torch._dynamo: seconds of ``action=summary``'s start-up); an example
+    input's shape is all the check reads, and an empty meta tensor has it.
+    """
+    saved = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
+
+    def empty(*size, generator=None, **kwargs):
+        return torch.empty(*size, **{k: v for k, v in kwargs.items() if k in ("dtype", "device")})
+
+    for name in _RANDOM_FACTORIES:
+        setattr(torch, name, empty)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
 
 
 def _expect(problems: ProblemCollector, path: str, got, want, what: str) -> None:

@@ -150,17 +150,10 @@ def build_attention_mask(
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection (MHA / GQA / MQA).
 
-    ``qkv.weight`` rows are ``[q (num_heads*D); k (num_kv_heads*D); v (num_kv_heads*D)]``.
+    ``qkv.weight`` rows are ``[q (num_heads*D); k (num_kv_heads*D); v (num_kv_heads*D)]``. The head
+    counts of a call are read from the projection's output size, so a ``qkv`` that holds a share of
+    the heads (tensor parallelism shards q, k and v alike) runs that share unchanged.
     """
-
-    # Tensor parallelism, read by mimo_spec.parallel.tp: heads split over the TP ranks;
-    # the fused projection shards q, k and v each (tp_fused_parts), not their concatenation.
-    tp_plan = {"qkv": "colwise", "out": "rowwise"}
-    tp_split = ("num_heads", "num_kv_heads")  # divide by tp; each rank keeps its share
-
-    def tp_fused_parts(self) -> dict[str, list[int]]:
-        d = self.head_dim
-        return {"qkv": [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]}
 
     def __init__(
         self,
@@ -211,8 +204,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, S, hidden) -> (B, S, hidden). ``attn_mask`` (B|1, 1, S, S_k) bool, True = attend."""
         B, S, _ = x.shape
-        h, hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        D, group = self.head_dim, self.num_heads // self.num_kv_heads
         qkv = self.qkv(x)
+        hkv = qkv.shape[-1] // ((group + 2) * D)  # the kv heads this projection holds (all, or a TP share)
+        h = hkv * group
         qk = qkv[..., : (h + hkv) * D].unflatten(-1, (h + hkv, D))  # (B, S, h+hkv, D)
         v = qkv[..., (h + hkv) * D :].unflatten(-1, (hkv, D))
         if rope is not None:
@@ -256,7 +251,13 @@ class KVCache:
         self.has_padding = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v (B, hkv, S, D) after the cached ones; return all keys/values so far."""
+        """Store k/v (B, hkv, S, D) after the cached ones; return all keys/values so far.
+
+        An empty cache takes the head count of the first keys it stores (a tensor-parallel rank's
+        attention holds a share of the kv heads)."""
+        if self.length == 0 and self.k.shape[2] != k.shape[1]:
+            self.k = self.k.new_zeros(*self.k.shape[:2], k.shape[1], *self.k.shape[3:])
+            self.v = self.v.new_zeros(*self.v.shape[:2], v.shape[1], *self.v.shape[3:])
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
@@ -280,12 +281,6 @@ class MLP(nn.Module):
     For ``"swiglu"``, ``fc1`` is the fused ``[gate; up]`` projection (2*ffn rows), so
     one GEMM replaces two.
     """
-
-    tp_plan = {"fc1": "colwise", "fc2": "rowwise"}  # see Attention.tp_plan
-    tp_split = ("ffn_hidden_size",)
-
-    def tp_fused_parts(self) -> dict[str, list[int]]:
-        return {"fc1": [self.ffn_hidden_size] * 2} if self.gated else {}
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, kind: str = "gelu",
                  activation: str = "gelu", bias: bool = True):

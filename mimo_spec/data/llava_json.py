@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from mimo_spec.errors import DataError, InputError, Problem
+from mimo_spec.data.config import max_length
 from mimo_spec.data.preprocess import MediaProcessor
-from mimo_spec.data.tokenizer import IGNORE_INDEX, Tag, encode_conversation, reserved_token_ids, resolve_path
+from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids, resolve_path
+from mimo_spec.errors import DataError, InputError, Problem
+from mimo_spec.loss import IGNORE_INDEX
 
 IMAGE_TAG, AUDIO_TAG = "<image>", "<audio>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -131,12 +133,10 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     """The ``train`` or ``eval`` split of a LLaVA-style JSON file, prepared for ``model``."""
 
     def __init__(self, cfg, model, tokenizer, split: str = "train"):
-        from mimo_spec.data import max_length
-
         # the model's ids and geometry are kept, not the model: the dataset pickles cheaply into DataLoader workers
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.max_len = max_length(cfg, model)
-        self.template = cfg.template.build()
+        self.template = cfg.template
         self.reserved = set(reserved_token_ids(model))
         self.media = MediaProcessor(model, image_modality=cfg.image_modality, audio_modality=cfg.audio_modality,
                                     image_mean=cfg.image_mean, image_std=cfg.image_std,

@@ -23,9 +23,10 @@ import hashlib
 
 import torch
 
-from mimo_spec.errors import ConfigError
+from mimo_spec.data.config import max_length
 from mimo_spec.data.preprocess import modality_kind, normalize
 from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids
+from mimo_spec.errors import ConfigError
 
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
 SHAPES = ("square", "circle", "cross", "ring")
@@ -101,12 +102,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """``num_samples`` (train) or ``eval_samples`` (eval) generated samples for ``model``."""
 
     def __init__(self, cfg, model, tokenizer, split: str = "train"):
-        from mimo_spec.data import max_length
-
         # only shapes and ids are kept from the model, so the dataset pickles cheaply into DataLoader workers
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.num_dropped, self.drop_reasons = 0, {}  # nothing is ever dropped; the trainer may ask
-        self.template = cfg.template.build()
+        self.template = cfg.template
         self.max_len = max_length(cfg, model)
         self.length = cfg.num_samples if split == "train" else cfg.eval_samples
         # an item takes at least one token, so no more than max_len fit: a larger setting only makes the

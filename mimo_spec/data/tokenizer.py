@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mimo_spec.data.config import ChatTemplate, validate_data_config
 from mimo_spec.errors import ConfigError, InputError
-
-from mimo_spec.loss import IGNORE_INDEX  # noqa: E402,F401
+from mimo_spec.loss import IGNORE_INDEX
 
 # Files one of which every saved Hugging Face tokenizer directory holds.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -172,8 +172,6 @@ def build_tokenizer(data_cfg, model) -> Tokenizer:
     Raises ConfigError naming ``data.tokenizer`` when its ids do not fit the LM's
     vocabulary, or (byte tokenizer) when they collide with a modality's token ids.
     """
-    from mimo_spec.data import validate_data_config
-
     cfg = validate_data_config(data_cfg)
     lm_vocab = int(model.language_model.vocab_size)
     if cfg.tokenizer == "byte":
@@ -215,19 +213,6 @@ def resolve_path(path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ chat template
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How turns are laid out. The defaults are LLaVA-1.5's (Vicuna v1) minus its system prompt:
-    ``USER: <image>\\nWhat is this? ASSISTANT: a cat</s>``.
-    """
-
-    system: str = ""
-    user_prefix: str = "USER: "
-    user_suffix: str = " "
-    assistant_prefix: str = "ASSISTANT: "
-    assistant_suffix: str = ""  # after the eos token
-
 
 @dataclass(frozen=True)
 class Tag:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mimo_spec.errors import InputError
-from mimo_spec.loss import IGNORE_INDEX, causal_lm_loss  # noqa: F401  (re-exported)
+from mimo_spec.loss import IGNORE_INDEX, mimo_loss
 from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts,
                                         gather_positions, split_items_by_placeholders)
 from mimo_spec.models.inputs import check_devices, check_mapping, check_tensors, check_values, expected_placeholders
@@ -20,9 +20,11 @@ from mimo_spec.registry import register
 class MimoOutput:
     """What a forward pass returns.
 
-    logits: (B, S, V). loss: the total (LM loss + weighted output-modality losses)
-    when labels or output targets are given. modality_outputs / modality_losses:
-    per output modality, the decoded items and their loss.
+    logits: (B, S, V); under tensor parallelism a DTensor sharded on the vocabulary (the loss works on
+    the shards; ``mimo_spec.parallel.tp.full_logits`` gathers them where all are needed).
+    modality_outputs: per output modality, the items decoded at its generation tokens.
+    loss / lm_loss / modality_losses: filled by ``forward(labels=..., output_targets=...)``, a convenience
+    that calls :func:`mimo_spec.loss.mimo_loss` (the training step calls it itself).
     """
 
     logits: torch.Tensor
@@ -30,23 +32,6 @@ class MimoOutput:
     lm_loss: torch.Tensor | None = None
     modality_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def _read_logits(self: MimoOutput) -> torch.Tensor:
-    """Full (B, S, V) logits. Under tensor parallelism the model holds them sharded on the vocabulary
-    and they are gathered on first read (a collective: every TP rank must read them), so a training
-    step that only needs the loss never gathers them."""
-    from mimo_spec.parallel.tp import full_logits
-
-    self._logits = full_logits(self._logits)
-    return self._logits
-
-
-def _write_logits(self: MimoOutput, value: torch.Tensor) -> None:
-    self._logits = value
-
-
-MimoOutput.logits = property(_read_logits, _write_logits, doc=_read_logits.__doc__)
 
 
 def _or_empty(value):
@@ -246,26 +231,16 @@ class MimoModel(nn.Module):
         if document_ids is not None and position_ids is None:
             position_ids = positions_from_document_ids(document_ids)
         hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids)
-        logits = lm.logits(hidden)
-        out = MimoOutput(logits=logits)
-        total = None
-        if labels is not None:
-            out.lm_loss = total = causal_lm_loss(logits, labels, loss_mask, document_ids)
-        for name, target in output_targets.items():
+        out = MimoOutput(logits=lm.logits(hidden))
+        for name, target in output_targets.items():  # the target only gives the item count here
             mod = self.modalities[name]
             n_gen = mod.num_generation_tokens
             states = gather_positions(hidden, input_ids, mod.generation_token_id, target.shape[0] * n_gen)
-            pred = mod.decode(states.view(target.shape[0], n_gen, -1))
-            if target.shape[0] == 0:  # this data-parallel rank's share holds no item: in the graph at weight 0
-                zero = pred.float().sum() * 0.0
-                total = zero if total is None else total + zero
-                continue
-            loss = mod.output_loss_fn(pred, target)
-            out.modality_outputs[name] = pred
-            out.modality_losses[name] = loss
-            weighted = mod.output_loss_weight * loss
-            total = weighted if total is None else total + weighted
-        out.loss = total
+            out.modality_outputs[name] = mod.decode(states.view(target.shape[0], n_gen, -1))
+        if labels is not None or output_targets:
+            losses = mimo_loss(self.modalities, out, labels=labels, loss_mask=loss_mask, document_ids=document_ids,
+                               output_targets=output_targets)
+            out.loss, out.lm_loss, out.modality_losses = losses.loss, losses.lm_loss, losses.modality_losses
         return out
 
     # ---- smoke-test inputs -----------------------------------------------------------------

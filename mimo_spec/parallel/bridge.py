@@ -3,7 +3,8 @@
 A modality whose data-parallel degree differs from the language model's encodes its own
 share of the global batch's items, all-gathers the embeddings over its data-parallel
 group (autograd-aware: the backward reduce-scatters the gradients back to the encoding
-rank) and hands the language model the items of its local samples. Several ranks of
+rank) and hands the language model the items of its local samples, as
+``MimoModel.forward(modality_embeddings=)``. Several ranks of
 that group can consume the same item (TP peers of the language model): each scales its
 gradient by 1/consumers, so summing them gives the single-process gradient.
 """
@@ -41,25 +42,25 @@ def take_items(inputs: dict, lo: int, hi: int, pad_to: int) -> dict:
 
 
 class ModalityBridge:
-    """Replaces ``modality.encode`` on this rank; the run sets :attr:`pending` every micro-batch."""
+    """Encodes a modality whose data-parallel layout differs from the language model's: this rank's chunk
+    of the global batch's items, all-gathered over the modality's data-parallel group. The training
+    step hands the result to the model as ``modality_embeddings=`` (the modality's own ``encode`` is
+    left as it is)."""
 
     def __init__(self, modality: nn.Module, group, my_index: int, consumers: int):
-        self.encode_items = modality.encode
+        self.modality = modality
         self.group, self.my_index, self.consumers = group, my_index, consumers
         self.size = torch.distributed.get_world_size(group)
-        self.pending: tuple[dict, int, int] | None = None  # global inputs, local item range [lo, hi)
 
-    def __call__(self, local_inputs: dict) -> torch.Tensor:
-        """-> (local items * tokens_per_item, H), the same as ``encode(local_inputs)`` in one process."""
+    def __call__(self, global_inputs: dict, lo: int, hi: int) -> torch.Tensor:
+        """Items [lo, hi) of the global batch's ``global_inputs`` {encoder: {kwarg: (N, ...)}} as embeddings
+        (items * tokens_per_item, H): the same as ``encode`` of those items in one process."""
         from torch.distributed.nn.functional import all_gather
 
-        if self.pending is None:  # outside training steps (evaluation): every rank encodes the same items
-            return self.encode_items(local_inputs)
-        (global_inputs, lo, hi), self.pending = self.pending, None
         n = next(iter(next(iter(global_inputs.values())).values())).shape[0]
         chunk = math.ceil(n / self.size)
         start = min(n, self.my_index * chunk)
-        mine = self.encode_items(take_items(global_inputs, start, min(n, start + chunk), chunk))  # (chunk*T, H)
+        mine = self.modality.encode(take_items(global_inputs, start, min(n, start + chunk), chunk))  # (chunk*T, H)
         tokens = mine.shape[0] // chunk
         everything = torch.cat(all_gather(mine.contiguous(), group=self.group))[: n * tokens]
         return _ScaleGrad.apply(everything[lo * tokens: hi * tokens], 1.0 / self.consumers)

@@ -1,10 +1,11 @@
 """Model-dependent layout checks (no process group): TP divisibility, pipeline stages, split layouts,
-backends that cannot shard, and the batch split over data-parallel ranks."""
+backends that cannot shard, and the batch split over data-parallel ranks. Layouts are
+:class:`mimo_spec.parallel.layout.Layout` objects (this module is imported by that one)."""
 
 from __future__ import annotations
 
 from mimo_spec.errors import ProblemCollector
-from mimo_spec.parallel.layout import DEGREES, LANGUAGE, Layout, ModuleLayout
+from mimo_spec.parallel.names import DEGREES, LANGUAGE
 
 
 def _constructor_params(cls: type) -> dict:
@@ -13,12 +14,12 @@ def _constructor_params(cls: type) -> dict:
     return signature_of(cls)[0]
 
 
-def check_model(layout: Layout, model, problems: ProblemCollector) -> None:
+def check_model(layout, model, problems: ProblemCollector) -> None:
     """Model-dependent checks: sizes that TP shards divide by tp, layers cover PP stages, backends that cannot shard.
 
     ``model`` may live on the meta device: only attributes and TP declarations are read.
     """
-    from mimo_spec.parallel.tp import tp_divisibility
+    from mimo_spec.parallel.plans import tp_divisibility
 
     for name, m in layout.modules.items():
         module = model.language_model if name == LANGUAGE else model.modalities[name]
@@ -51,12 +52,10 @@ def check_model(layout: Layout, model, problems: ProblemCollector) -> None:
                 problems.add(m.at("pp"), "tied embeddings cannot be split over pipeline stages (the embedding "
                              "lives in the first stage, the LM head in the last)", "set model.params.tie_embeddings=false")
     if not layout.colocated:
-        from mimo_spec.parallel.split import check_split
-
         check_split(layout, model, problems)
 
 
-def _check_pipelined_modality(name: str, m: ModuleLayout, lm: ModuleLayout, module, problems) -> None:
+def _check_pipelined_modality(name: str, m, lm, module, problems) -> None:
     """A modality next to a pipelined language model runs inside its first stage."""
     if lm.pp == 1:
         problems.add(m.at("pp"), "pipeline stages split a language model's layers",
@@ -72,7 +71,7 @@ def _check_pipelined_modality(name: str, m: ModuleLayout, lm: ModuleLayout, modu
                      "the last stage's hidden states)", "use pp: 1 for this model")
 
 
-def check_batch(layout: Layout, batch_size: int, grad_accum: int, problems: ProblemCollector) -> None:
+def check_batch(layout, batch_size: int, grad_accum: int, problems: ProblemCollector) -> None:
     """The global batch (``train.batch_size`` samples) splits evenly over every module's data-parallel ranks."""
     for name, m in layout.modules.items():
         if batch_size % m.dp:
@@ -82,3 +81,24 @@ def check_batch(layout: Layout, batch_size: int, grad_accum: int, problems: Prob
             problems.add(f"parallel.modules.{name}.microbatches", f"the per-rank batch of {batch_size // m.dp} "
                          f"does not split into {m.microbatches} microbatches",
                          f"make train.batch_size a multiple of {m.dp * m.microbatches}")
+
+
+def check_split(layout, model, problems) -> None:
+    """What a split layout must satisfy to run (``model`` None: the layout-only part)."""
+    lm = layout.modules[LANGUAGE]
+    if lm.pp > 1:
+        problems.add(lm.at("pp"), "a split layout already pipelines the encoders into the language model; "
+                     "pp > 1 on top of it is not supported", "use pp: 1, or a colocated layout such as parallel=pp2")
+    for name, m in layout.modules.items():
+        if name == LANGUAGE:
+            continue
+        if (m.offset, m.size) == (lm.offset, lm.size):  # partial overlaps are reported with the spans
+            problems.add(m.path, f"in a split layout every modality sits apart from the language model, but "
+                         f"{name} shares its ranks", "give it a span of its own (ranks: {offset: .., size: ..})")
+        for key in ("pp", "tp"):
+            if getattr(m, key) > 1:
+                problems.add(m.at(key), f"a modality on its own ranks is data parallel only ({key} must be 1)",
+                             "use dp_replicate / dp_shard for the encoder ranks")
+        if model is not None and getattr(model.modalities[name], "has_output", False):
+            problems.add(m.path, "an output modality must sit with the language model (its decoder reads the "
+                         "language model's hidden states)", "use a colocated layout for this model")

@@ -35,12 +35,15 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def read_env(environ: dict | None = None) -> DistEnv | None:
-    """The launcher's view of this process, or None when not launched by torchrun or SLURM."""
+    """The launcher's view of this process, or None when not launched by torchrun or SLURM.
+
+    The one place mimo-spec reads rank and world size from the environment: everything else asks
+    this function (or :func:`init_distributed`, or the process group once it runs)."""
     env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+    if str(env.get("WORLD_SIZE", "")).isdigit():  # torchrun (a WORLD_SIZE alone: rank 0 of it)
+        return DistEnv(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if "SLURM_PROCID" in env and str(env.get("SLURM_NTASKS", "")).isdigit():
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         addr = first_slurm_host(nodelist) if nodelist else env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
         port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
+from mimo_spec.parallel.names import DEGREES, LANGUAGE  # noqa: F401  (re-exported)
 
-DEGREES = ("pp", "dp_replicate", "dp_shard", "tp")  # mesh order, outermost first
 MODULE_KEYS = DEGREES + ("cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches",
                          "pp_schedule", "loss_parallel")
 PP_SCHEDULES = ("1f1b", "gpipe")
@@ -35,7 +35,6 @@ TP_PLANS = ("default", "none")
 AC_MODES = ("none", "full", "every")
 FSDP_KEYS = ("reshard_after_forward", "param_dtype", "reduce_dtype")
 DTYPES = ("float32", "bfloat16", "float16")
-LANGUAGE = "language"
 
 
 @dataclass
@@ -357,13 +356,12 @@ def render_rank_map(layout: Layout) -> str:
 
 
 def world_size_from_env() -> int | None:
-    """WORLD_SIZE (torchrun) or SLURM_NTASKS, when launched by one of them."""
-    import os
+    """The launcher's world size (torchrun's WORLD_SIZE or SLURM_NTASKS), None when not launched by one
+    (read by :func:`mimo_spec.parallel.env.read_env`, the one reader of the launch environment)."""
+    from mimo_spec.parallel.env import read_env
 
-    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return None
+    env = read_env()
+    return env.world_size if env is not None else None
 
 
 def check_parallel_config(spec, lm, modalities: dict, problems: ProblemCollector,

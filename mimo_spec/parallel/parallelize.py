@@ -1,15 +1,20 @@
-"""Apply a resolved layout to a built model, in torchtitan's order: TP, activation
-checkpointing, compile, then FSDP2 (per block and per child module); and the per-step
-pieces a data-parallel loop needs (local batch slice, gradient sync, global norm).
+"""Apply a resolved layout to a built model, in torchtitan's order: TP (plans from
+:mod:`mimo_spec.parallel.plans`), activation checkpointing (torch's composable ``checkpoint``),
+compile, then FSDP2 or, replicated only, torch's ``replicate`` (per block and per child module);
+and the per-step pieces a data-parallel loop needs (the step's train context, local batch slice,
+bridged embeddings, global gradient norm).
 
-Gradients are *summed* over data-parallel ranks: every rank's loss is already
-weighted by its share of the global token count, so the sum equals the
-single-process gradient.
+One world mesh (``ParallelContext.world_mesh``) owns the ranks: every module spanning the world
+takes its (pp, dp_replicate, dp_shard, tp) mesh by unflattening it; a split layout's span, a rank
+range, gets a mesh of its own.
+
+Gradients are *summed* over data-parallel ranks (FSDP2 / replicate with a divide factor of 1):
+every rank's loss is already weighted by its share of the global token count, so the sum equals
+the single-process gradient.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -66,24 +71,30 @@ def _tied_children(module: nn.Module) -> set[nn.Module]:
 TIED_METHODS = ("embed_tokens", "logits")  # the methods of a tied language model that read the embedding
 
 
-def _checkpointed(block: nn.Module, forward):
-    from torch.utils.checkpoint import checkpoint
-
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return run
-
-
 def apply_activation_checkpointing(module: nn.Module, ac: dict) -> None:
-    """Recompute blocks in backward: ``full`` = every block, ``every: n`` = every n-th. Names stay unchanged."""
+    """Recompute blocks in backward: ``full`` = every block, ``every: n`` = every n-th.
+
+    torch's composable ``checkpoint`` (``torch.distributed._composable``, the hook-based form of
+    ``checkpoint_wrapper``) on each chosen block: parameter and state-dict names stay those of the
+    single-process model (a wrapper module would add ``_checkpoint_wrapped_module.`` to every name
+    the optimizer groups, checkpoints and TP plans see), and it composes with FSDP2 and compile.
+    """
+    from torch.distributed._composable import checkpoint
+
     mode = ac.get("mode", "none")
     if mode == "none":
         return
     every = 1 if mode == "full" else int(ac["every"])
     for i, block in enumerate(_all_blocks(module)):
         if i % every == 0:
-            block.forward = _checkpointed(block, block.forward)
+            checkpoint(block)
+
+
+def is_checkpointed(block: nn.Module) -> bool:
+    """True when :func:`apply_activation_checkpointing` made ``block`` recompute its activations in backward."""
+    from torch.distributed._composable import checkpoint
+
+    return checkpoint.state(block) is not None
 
 
 def compile_blocks(module: nn.Module, backend: bool | str) -> None:
@@ -121,13 +132,25 @@ def _dtype(name):
     return None if name is None else getattr(torch, name)
 
 
+def grad_groups(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """``params`` (with gradients) grouped by their gradients' layout: plain tensors, then DTensors by mesh
+    and placements (torch's foreach norms and scaling take one layout at a time); the order is the
+    parameters', the same on every rank of a mesh."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        g = p.grad
+        key = (id(g.device_mesh), tuple(g.placements)) if hasattr(g, "placements") else (None, ())
+        groups.setdefault(key, []).append(p)
+    return list(groups.values())
+
+
 def check_executable(layout: Layout) -> None:
     """What this version can validate and draw but not run yet; raised before any process group starts."""
     from mimo_spec.errors import ProblemCollector
 
     problems = ProblemCollector()
     if not layout.colocated:
-        from mimo_spec.parallel.split import check_split
+        from mimo_spec.parallel.checks import check_split
 
         check_split(layout, None, problems)
     problems.raise_if_any()
@@ -145,19 +168,22 @@ class ParallelContext:
         check_executable(layout)
         self.layout, self.rank = layout, rank
         self.world_size = dist.get_world_size()
-        meshes: dict[tuple, Any] = {}
+        # the one world mesh; every module spanning the world takes its (pp, dp_replicate, dp_shard, tp) mesh
+        # from it by unflattening (modules with different degrees are different views of the same ranks)
+        self.world_mesh = init_device_mesh(device_type(), (self.world_size,), mesh_dim_names=("world",))
+        self._views: dict[tuple, Any] = {}
         self.meshes = {}
         for name, m in layout.modules.items():  # every rank builds every mesh (its groups are collective)
-            key = (m.offset, m.size, m.shape)
-            if key not in meshes:
-                if m.size == self.world_size:
-                    meshes[key] = init_device_mesh(device_type(), m.shape, mesh_dim_names=DEGREES)
-                else:  # a split layout: this module's span only
+            if m.size == self.world_size:
+                self.meshes[name] = self._world_view(m.shape, DEGREES)
+            else:  # a split layout: this module's span only (a rank range, which a mesh cannot slice out)
+                key = (m.offset, m.size, m.shape)
+                if key not in self._views:
                     from torch.distributed.device_mesh import DeviceMesh
 
                     ranks = torch.arange(m.offset, m.offset + m.size).view(m.shape)
-                    meshes[key] = DeviceMesh(device_type(), ranks, mesh_dim_names=DEGREES)
-            self.meshes[name] = meshes[key]
+                    self._views[key] = DeviceMesh(device_type(), ranks, mesh_dim_names=DEGREES)
+                self.meshes[name] = self._views[key]
         lm = layout.modules[LANGUAGE]
         coords = lm.coords(rank) or {d: 0 for d in DEGREES}  # 0s on ranks that only encode (split)
         self.dp_size, self.pp = lm.dp, lm.pp
@@ -168,9 +194,17 @@ class ParallelContext:
         self.fused: dict[str, torch.Tensor] = {}
         self.bridges: dict[str, Any] = {}  # modalities whose data-parallel layout differs from the LM's
 
+    def _world_view(self, shape: tuple[int, ...], names: tuple[str, ...]):
+        """The world mesh unflattened to ``shape`` (dims ``names``), built once per shape (collective)."""
+        key = (shape, names)
+        if key not in self._views:
+            self._views[key] = self.world_mesh._unflatten(0, shape, names)
+        return self._views[key]
+
     # ---- building -----------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """TP, activation checkpointing, compile and FSDP2 on every module, per its layout."""
+        """TP, activation checkpointing, compile and FSDP2 (or, replicated only, torch's ``replicate``) on
+        every module, per its layout. Data-parallel gradients are summed by FSDP2 / replicate themselves."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if self.pp > 1:  # this rank keeps only its stage; the other modules' parts are dropped
@@ -195,13 +229,20 @@ class ParallelContext:
                 self.fused.update(apply_tp(module, mesh["tp"], prefix, loss_parallel=m.loss_parallel))
             apply_activation_checkpointing(module, m.activation_checkpoint)
             compile_blocks(module, m.compile)
-            if m.dp_shard > 1:
-                dp_mesh = mesh["dp_replicate", "dp_shard"] if m.dp_replicate > 1 else mesh["dp_shard"]
+            if m.dp_shard > 1 or m.dp_replicate > 1:
                 mp = MixedPrecisionPolicy(param_dtype=_dtype(m.fsdp.get("param_dtype")),
                                           reduce_dtype=_dtype(m.fsdp.get("reduce_dtype")))
-                kw = {"mesh": dp_mesh, "mp_policy": mp, "reshard_after_forward": m.fsdp.get("reshard_after_forward", True)}
+                if m.dp_shard > 1:  # FSDP2 (HSDP with dp_replicate > 1)
+                    dp_mesh = mesh["dp_replicate", "dp_shard"] if m.dp_replicate > 1 else mesh["dp_shard"]
+                    kw = {"mesh": dp_mesh, "mp_policy": mp,
+                          "reshard_after_forward": m.fsdp.get("reshard_after_forward", True)}
+                    wrap = fully_shard
+                else:  # DDP: torch's replicate (on FSDP2's machinery, so it composes with TP meshes)
+                    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+                    kw, wrap = {"mesh": mesh["dp_replicate"], "mp_policy": mp}, replicate
                 for unit in _fsdp_units(module):
-                    fully_shard(unit, **kw)
+                    wrap(unit, **kw)
                 if _tied_children(module):
                     from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -237,10 +278,9 @@ class ParallelContext:
         return (m.dp_replicate, m.dp_shard) != (lm.dp_replicate, lm.dp_shard)
 
     def _dp_group(self, name: str, m: ModuleLayout):
-        mesh = self.meshes[name]
-        if m.dp_replicate > 1 and m.dp_shard > 1:
-            return mesh["dp_replicate", "dp_shard"]._flatten().get_group()
-        return mesh["dp_replicate" if m.dp_replicate > 1 else "dp_shard"].get_group()
+        if m.dp_replicate > 1 and m.dp_shard > 1:  # both data-parallel dims as one: another view of the world
+            return self._world_view((m.pp, m.dp_replicate * m.dp_shard, m.tp), ("pp", "dp", "tp"))["dp"].get_group()
+        return self.meshes[name]["dp_replicate" if m.dp_replicate > 1 else "dp_shard"].get_group()
 
     def _bridge(self, name: str, modality: nn.Module, m: ModuleLayout) -> None:
         import torch.distributed as dist
@@ -259,19 +299,46 @@ class ParallelContext:
         consumers = sum(lm_dp(r) == self.dp_rank for r in dist.get_process_group_ranks(group))
         c = m.coords(self.rank)
         bridge = ModalityBridge(modality, group, c["dp_replicate"] * m.dp_shard + c["dp_shard"], consumers)
-        modality.encode = bridge
         self.bridges[name] = bridge
 
-    # ---- each step ----------------------------------------------------------------------
-    def local_batch(self, batch: dict, model: nn.Module) -> dict:
-        """This rank's data-parallel share of a collated global batch (samples [i*B/dp, (i+1)*B/dp))."""
+    def bridged_embeddings(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{modality: embeddings of this rank's local samples' items} for the bridged modalities (data-parallel
+        layouts unlike the language model's), from the collated *global* ``batch``; the training step
+        passes them to the model as ``modality_embeddings=``. Empty without bridges."""
+        out = {}
         b = batch["input_ids"].shape[0]
         per = b // self.dp_size
         for name, bridge in self.bridges.items():
             items = (batch.get("modality_inputs") or {}).get(name)
+            if items is None:  # no item of this modality in the batch
+                continue
             counts = (batch.get("items_per_sample") or {}).get(name, [0] * b)
-            bridge.pending = None if items is None else (items, sum(counts[:self.dp_rank * per]),
-                                                         sum(counts[:(self.dp_rank + 1) * per]))
+            out[name] = bridge(items, sum(counts[:self.dp_rank * per]), sum(counts[:(self.dp_rank + 1) * per]))
+        return out
+
+    # ---- each step ----------------------------------------------------------------------
+    def data_share(self, batch_size: int) -> tuple[int, int] | None:
+        """The samples [lo, hi) of every global batch of ``batch_size`` that this rank loads and collates:
+        its data-parallel share [i*B/dp, (i+1)*B/dp), or None: the whole global batch.
+
+        None (every rank of the run alike) where a rank needs more than its share: the split layout
+        (encoder ranks encode chunks of the global batch's items for every language-model rank) and
+        modalities bridged across data-parallel layouts (each encodes its chunk of the global items);
+        and with one data-parallel share, where the share is the whole batch.
+        """
+        if self.dp_size == 1 or not self.layout.colocated or self.bridges:
+            return None
+        per = batch_size // self.dp_size
+        return self.dp_rank * per, (self.dp_rank + 1) * per
+
+    def local_batch(self, batch: dict, model: nn.Module) -> dict:
+        """This rank's data-parallel share of a collated global batch (samples [i*B/dp, (i+1)*B/dp)).
+
+        A batch the loader built from this rank's share alone (``batch["share"]`` set, see
+        :meth:`data_share`) is that share already and comes back as it is."""
+        if batch.get("share") is not None:
+            return batch
+        b = batch["input_ids"].shape[0]
         if self.dp_size == 1:
             return batch
         per = b // self.dp_size
@@ -294,26 +361,6 @@ class ParallelContext:
         out["num_tokens"] = int((out["labels"][:, 1:] != -100).sum())
         return out
 
-    def sync_grads(self, model: nn.Module) -> None:
-        """Sum gradients over data-parallel ranks for modules FSDP does not reduce (dp_shard == 1)."""
-        import torch.distributed as dist
-        from torch.distributed.tensor import DTensor
-
-        for name, m in self.layout.modules.items():
-            module = self._module(model, name)
-            if m.dp_shard > 1 or m.dp_replicate == 1 or module is None:
-                continue
-            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                     for p in module.parameters() if p.grad is not None]
-            if not grads:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.meshes[name]["dp_replicate"].get_group())
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-
     def all_sum(self, value: float) -> float:
         """Sum of a per-data-parallel-shard value. Each shard's value is held by its world/dp ranks, or
         under a pipeline by its last stage's ranks only (the others pass 0)."""
@@ -332,35 +379,48 @@ class ParallelContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
-        """Global gradient 2-norm over every module and shard (then clipped to ``max_norm``)."""
-        from torch.distributed.tensor import DTensor
+    def train_context(self):
+        """What a training step's forward and backward run inside: torch's ``loss_parallel()`` when the
+        language model's head keeps its logits sharded on the vocabulary (TP with ``loss_parallel``), so
+        the cross entropy works on the shards in both directions; else nothing."""
+        import contextlib
 
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads and self.pp == 1 and self.layout.colocated:
-            return 0.0
+        lm = self.layout.modules[LANGUAGE]
+        if lm.tp > 1 and lm.tp_plan != "none" and lm.loss_parallel and self.rank in lm.ranks:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The global gradient 2-norm (a plain scalar tensor, the same on every rank) of ``params``' gradients
+        on this rank, over every module and shard: torch's ``get_total_norm`` per group of gradients that
+        share a layout (plain, or DTensors of one mesh and placements, whose norm it reduces over the mesh);
+        pipeline stages and split spans each hold other parameters, so their squared norms are summed."""
+        import torch.distributed as dist
+
         sq = torch.zeros((), dtype=torch.float64)
-        for g in grads:
-            n = torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
-            if isinstance(n, DTensor):
+        for group in grad_groups(params):
+            n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+            if hasattr(n, "full_tensor"):
                 n = n.full_tensor()
             sq += n.double() ** 2
         if self.pp > 1:  # every stage holds other parameters
-            import torch.distributed as dist
-
             dist.all_reduce(sq, group=self.meshes[LANGUAGE]["pp"].get_group())
         elif not self.layout.colocated:  # every span holds other modules: each span's ranks add 1/size of its share
-            import torch.distributed as dist
-
             span = next(m.size for m in self.layout.modules.values() if self.rank in m.ranks)
             sq /= span
             dist.all_reduce(sq)
-        total = float(sq.sqrt())
-        if max_norm and total > float(max_norm):
-            coef = float(max_norm) / (total + 1e-6)
-            for g in grads:
-                g.mul_(coef)
-        return total
+        return sq.sqrt().float()
+
+    def scale_grads(self, params: list[nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
+        """torch's ``clip_grads_with_norm_`` on every group of gradients sharing a layout (the global
+        ``norm`` taken as replicated over each group's mesh)."""
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        with implicit_replication():
+            for group in grad_groups(params):
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every parameter as a full tensor in the single-process layout (collective: all ranks call it)."""

@@ -19,13 +19,11 @@ first step, so every batch is right-padded to the dataset's longest sample
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimo_spec.models.mimo import IGNORE_INDEX
+from mimo_spec.loss import IGNORE_INDEX, causal_lm_loss
 
 SCHEDULES = ("1f1b", "gpipe")
 _COUNT = "__count__"
@@ -137,32 +135,45 @@ class PipelineRunner:
         # losses are already divided by the global token count, so micro-batch gradients are summed
         self.schedule = kind(self.pipe_stage, microbatches, loss_fn=self._loss, scale_grads=False)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one microbatch: :func:`mimo_spec.loss.causal_lm_loss` (vocab-sharded
+        logits stay sharded: the step runs in the layout's train context) over the step's global token
+        count. ``target``: (B, S, 2) labels and loss_mask (see :meth:`_target`), split with the samples."""
+        labels, loss_mask = target[..., 0].long(), target[..., 1]
+        return causal_lm_loss(logits, labels, loss_mask, num_tokens=self.total_tokens)
 
-        if isinstance(logits, DTensor):  # a vocab-sharded LM head
-            logits = logits.full_tensor()
-        shift = logits[:, :-1].float()
-        nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), labels[:, 1:].reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll / self.total_tokens
+    def _target(self, batch: dict) -> torch.Tensor:
+        """What the schedule hands the last stage's loss: labels and loss_mask stacked (B, S, 2) in float64
+        (exact for any label id), padded like the inputs to the pipeline's length. Packed rows
+        (``document_ids``) are refused: the stages attend over the whole row."""
+        if batch.get("document_ids") is not None:
+            from mimo_spec.errors import InputError
 
-    def _padded(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, labels = batch["input_ids"], batch["labels"]
+            raise InputError("packed rows (document_ids) cannot run under pipeline parallelism",
+                             path="document_ids", hint="use a colocated layout without pp, or unpacked samples")
+        labels = batch["labels"]
+        mask = batch.get("loss_mask")
+        mask = torch.ones_like(labels) if mask is None else mask
+        target = torch.stack([labels.double(), mask.double()], dim=-1)
+        extra = self.seq_len - labels.shape[1]
+        if extra > 0:  # padded positions: ignored labels
+            pad = torch.tensor([float(IGNORE_INDEX), 0.0], dtype=torch.float64).expand(labels.shape[0], extra, 2)
+            target = torch.cat([target, pad], dim=1)
+        return target
+
+    def _padded(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
         extra = self.seq_len - ids.shape[1]
         if extra < 0:
             from mimo_spec.errors import InputError
 
             raise InputError(f"a batch of length {ids.shape[1]} exceeds the pipeline's {self.seq_len}",
                              path="data.max_seq_len")
-        if extra:
-            ids = F.pad(ids, (0, extra), value=self.pad_id)
-            labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
-        return ids, labels
+        return F.pad(ids, (0, extra), value=self.pad_id) if extra else ids
 
     def _run(self, batch: dict, total_tokens: int, train: bool) -> float:
         """One (local) batch through the pipeline; the sum of its microbatch losses on the last stage, else 0."""
-        ids, labels = self._padded(batch)
+        ids = self._padded(batch)
         self.total_tokens = total_tokens
         losses: list[torch.Tensor] = []
         call = self.schedule.step if train else self.schedule.eval
@@ -173,7 +184,7 @@ class PipelineRunner:
                                ids.shape[0])
             call(ids, **packs)
         elif self.last:
-            call(target=labels, losses=losses)
+            call(target=self._target(batch), losses=losses)
         else:
             call()
         return float(sum(float(x.detach()) for x in losses))
@@ -185,34 +196,3 @@ class PipelineRunner:
         """Summed next-token NLL of the batch (last stage; 0 elsewhere)."""
         with torch.no_grad():
             return self._run(batch, 1, train=False)
-
-
-def evaluate_distributed(drun, dataset, collate_fn, batch_size: int, max_batches: int | None) -> dict[str, float]:
-    """Token-weighted held-out loss under a pipeline or split layout: each data-parallel rank evaluates
-    its share. Pipeline stages need every batch full size (fixed shapes), a split layout a multiple
-    of the data-parallel degree; filler samples (no counted token) make up the difference."""
-    model = (drun.pipeline or drun.split).model
-    model.eval()
-    nll, tokens = 0.0, 0
-    n = len(dataset)
-    for b, start in enumerate(range(0, n, batch_size)):
-        if max_batches and b >= max_batches:
-            break
-        samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        missing = batch_size - len(samples) if drun.pipeline is not None else -len(samples) % drun.dp_size
-        batch = collate_fn(samples + [filler_sample(samples[0])] * missing)
-        tokens += int(batch["num_tokens"])
-        with torch.no_grad():
-            if drun.pipeline is not None:
-                nll += drun.pipeline.eval_batch(drun.local_batch(batch, model))
-            else:
-                nll += drun.split.run(batch, 1, train=False)
-    model.train()
-    loss = drun.all_sum(nll) / max(tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
-
-
-def filler_sample(sample: dict) -> dict:
-    """A filler sample (fixed batch shapes): one ignored token, no modality item."""
-    ids = sample["input_ids"][:1]
-    return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "num_items": {}, "items": {}}

@@ -27,27 +27,6 @@ from mimo_spec.parallel.layout import LANGUAGE, Layout
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def check_split(layout: Layout, model, problems) -> None:
-    """What a split layout must satisfy to run (``model`` None: the layout-only part)."""
-    lm = layout.modules[LANGUAGE]
-    if lm.pp > 1:
-        problems.add(lm.at("pp"), "a split layout already pipelines the encoders into the language model; "
-                     "pp > 1 on top of it is not supported", "use pp: 1, or a colocated layout such as parallel=pp2")
-    for name, m in layout.modules.items():
-        if name == LANGUAGE:
-            continue
-        if (m.offset, m.size) == (lm.offset, lm.size):  # partial overlaps are reported with the spans
-            problems.add(m.path, f"in a split layout every modality sits apart from the language model, but "
-                         f"{name} shares its ranks", "give it a span of its own (ranks: {offset: .., size: ..})")
-        for key in ("pp", "tp"):
-            if getattr(m, key) > 1:
-                problems.add(m.at(key), f"a modality on its own ranks is data parallel only ({key} must be 1)",
-                             "use dp_replicate / dp_shard for the encoder ranks")
-        if model is not None and getattr(model.modalities[name], "has_output", False):
-            problems.add(m.path, "an output modality must sit with the language model (its decoder reads the "
-                         "language model's hidden states)", "use a colocated layout for this model")
-
-
 def drop_unheld(model: nn.Module, layout: Layout, rank: int) -> None:
     """Remove the parameters of every module this rank does not hold (a modality keeps its empty shell,
     whose placeholder token the language model still needs)."""
@@ -155,10 +134,11 @@ class SplitRunner:
             p2p("send", (grad / self.tp).contiguous(), src)
 
     # ---- one batch -----------------------------------------------------------------------
-    def run(self, batch: dict, total_tokens: int, train: bool) -> float:
-        """The global ``batch`` through both sides. Language-model ranks return their (weighted) loss, else 0."""
-        from mimo_spec.train.loop import model_kwargs
-
+    def run(self, batch: dict, total_tokens: int, train: bool, lm_step) -> float:
+        """The global ``batch`` through both sides. Encoder ranks encode and send their items (and, in
+        training, run their backward with the gradients sent back); language-model ranks receive the
+        embeddings of their local samples and call ``lm_step(local_batch, modality_embeddings)`` (forward,
+        loss and, in training, backward; see ``mimo_spec.train.step``), whose value they return; 0 elsewhere."""
         if not self.is_lm:
             self.model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                                       items_per_sample=batch.get("items_per_sample"))
@@ -170,13 +150,7 @@ class SplitRunner:
         lo, hi = self.drun.dp_rank * per, (self.drun.dp_rank + 1) * per
         local = self.drun.local_batch(batch, self.model)
         embeddings, leaves = self._receive(batch, lo, hi, train)
-        kwargs = model_kwargs(local, "cpu")
-        kwargs["modality_inputs"] = {}
-        with torch.set_grad_enabled(train):
-            out = self.model(**kwargs, modality_embeddings=embeddings)
-        if not train:
-            return float(out.lm_loss) * int(local["num_tokens"])
-        weight = int(local["num_tokens"]) / total_tokens
-        (out.loss * weight).backward()
-        self._send_grads(leaves)
-        return float(out.loss.detach()) * weight
+        value = lm_step(local, embeddings)
+        if train:
+            self._send_grads(leaves)
+        return value

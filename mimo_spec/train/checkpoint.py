@@ -5,6 +5,9 @@ Layout of ``<run>/checkpoints/step_000050/``:
   optimizer.safetensors  optimizer state tensors, keyed ``<param index>.<name>``
   rng.safetensors        torch CPU (and CUDA) generator states
   state.json             step, data position, optimizer hyper-parameters, python RNG, config
+The data position (``data_position``) counts the samples the whole run has consumed (global
+batches, not one rank's share), so a checkpoint resumes under any layout and any
+``data.num_workers`` (see mimo_spec.data.loader).
 Each checkpoint is written to a hidden temporary folder and renamed into place,
 so a crash mid-save never leaves a half checkpoint; older ones are removed only
 after the new one exists. Nothing is ever unpickled.

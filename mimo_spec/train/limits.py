@@ -205,7 +205,17 @@ def _measure(dataset, n: int = 8) -> tuple[float, float]:
             sum(int(s["input_ids"].shape[0]) for s in samples) / count)
 
 
-def check_step_memory(model, dataset, tc: dict, device: Any = None, world: int = 1,
+def _setting(train: Any, name: str) -> Any:
+    """One ``train`` setting from a TrainConfig; from a mapping of some of its keys (a Python caller
+    sizing a model by hand), the key or else TrainConfig's own default (defaults live there only)."""
+    if isinstance(train, dict):
+        from mimo_spec.train.schema import TrainConfig
+
+        return train[name] if name in train else TrainConfig.model_fields[name].default
+    return getattr(train, name)
+
+
+def check_step_memory(model, dataset, tc: Any, device: Any = None, world: int = 1,
                       sample: tuple[float, float] | None = None, host_only: bool = False) -> None:
     """Refuse a ``train.batch_size`` / ``train.grad_accum`` whose step cannot fit in memory, before
     any of it is allocated. ``sample``: (bytes, tokens) of a typical sample, else measured on ``dataset``.
@@ -213,9 +223,9 @@ def check_step_memory(model, dataset, tc: dict, device: Any = None, world: int =
     config checked before its world size is known."""
     import torch
 
-    batch, accum = int(tc["batch_size"]), int(tc.get("grad_accum", 1) or 1)
+    batch, accum = int(_setting(tc, "batch_size")), int(_setting(tc, "grad_accum") or 1)
     sample_bytes, sample_tokens = sample if sample is not None else _measure(dataset)
-    need = step_memory(model, sample_bytes, sample_tokens, batch, accum, tc.get("optimizer", "adamw"), world)
+    need = step_memory(model, sample_bytes, sample_tokens, batch, accum, _setting(tc, "optimizer"), world)
     if host_only:
         need["device"] = 0.0
     host_limit = machine_memory()
@@ -252,7 +262,7 @@ def check_generation_memory(model, prompt_tokens: int, max_new_tokens: int, devi
                  "generate.max_new_tokens", "lower generate.max_new_tokens")
 
 
-def model_memory(model, train: dict | None = None, world: int = 1) -> tuple[int, float]:
+def model_memory(model, train: Any = None, world: int = 1) -> tuple[int, float]:
     """(parameter count, lower bound of the bytes one process holds for ``model``'s weights).
 
     The weights and buffers, at their element sizes (every process builds the whole model before a
@@ -270,13 +280,13 @@ def model_memory(model, train: dict | None = None, world: int = 1) -> tuple[int,
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     need = float(weights)
     if train is not None:
-        optimizer = train.get("optimizer", "adamw")
-        states = 2 if optimizer == "adamw" else 1 if float(train.get("momentum", 0.9) or 0) > 0 else 0
+        optimizer = _setting(train, "optimizer")
+        states = 2 if optimizer == "adamw" else 1 if float(_setting(train, "momentum") or 0) > 0 else 0
         need += (grads + states * 4 * trainable) / max(int(world), 1)
     return count, need
 
 
-def check_model_memory(model, device: Any = None, train: dict | None = None, world: int = 1) -> None:
+def check_model_memory(model, device: Any = None, train: Any = None, world: int = 1) -> None:
     """Refuse a model whose weights (and, for training, gradients and optimizer state) cannot fit on
     ``device``, from a copy of it built on the meta device: before any weight is allocated."""
     import torch

@@ -10,124 +10,37 @@ ends the run cleanly (exit 0); before the loop it ends the job at once (exit
 
 from __future__ import annotations
 
-import contextlib
-import json
+import functools
 import math
 import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from mimo_spec.errors import ConfigError
 from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mimo_spec.train.metrics import MetricsWriter, NullMetrics, plot_loss, read_metrics, truncate_metrics
 from mimo_spec.train.progress import Silent, log_line, progress_display, say
 from mimo_spec.train.optim import build_optimizer, set_lr
+from mimo_spec.train.step import clip_grads, evaluate, forward_backward  # noqa: F401  (evaluate: jobs import it here)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
+
+    from mimo_spec.run_config import RunConfig
 
 FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "eval_loss", "eval_ppl"]
 
-
-def _plain(cfg: Any) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-class DataStream:
-    """Deterministic sample order: epoch e is a permutation seeded by (seed, e).
-
-    The position (samples consumed so far) is all a checkpoint needs to resume it.
-    """
-
-    def __init__(self, dataset, seed: int, position: int = 0):
-        from mimo_spec.errors import DataError
-        from mimo_spec.train.limits import machine_memory, require_fits
-
-        if len(dataset) == 0:
-            raise DataError("the training set is empty", path="data", hint="check data.path / data.num_samples")
-        # an epoch's order is one int64 permutation of the dataset, held in memory
-        require_fits(8 * len(dataset), machine_memory(), f"the sample order of {len(dataset):,} training samples",
-                     "data.num_samples", "lower data.num_samples (one epoch); more steps repeat the epochs")
-        self.dataset, self.seed, self.position = dataset, seed, position
-        self._epoch, self._order = -1, None
-
-    def take(self, n: int, check=None) -> list:
-        """The next ``n`` samples; ``check()`` (e.g. a signal poll) is called before each one."""
-        out = []
-        for _ in range(n):
-            if check is not None:
-                check()
-            epoch, offset = divmod(self.position, len(self.dataset))
-            if epoch != self._epoch:
-                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
-                self._order, self._epoch = torch.randperm(len(self.dataset), generator=g), epoch
-            out.append(self.dataset[int(self._order[offset])])
-            self.position += 1
-        return out
-
-
-def _autocast(precision: str, device: torch.device | str = "cpu"):
-    if precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(x, device: torch.device | str):
-    """Tensors, and nested dicts of them (``modality_inputs``), moved to ``device``."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def model_kwargs(batch: dict, device: torch.device) -> dict:
-    """The collated batch as MimoModel.forward keyword arguments, on ``device``."""
-    kw = {"input_ids": to_device(batch["input_ids"], device), "labels": to_device(batch["labels"], device),
-          "modality_inputs": to_device(batch.get("modality_inputs") or {}, device)}
-    if batch.get("output_targets"):
-        kw["output_targets"] = to_device(batch["output_targets"], device)
-    return kw
-
-
-def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | None, precision: str = "fp32",
-             device: torch.device | str = "cpu", should_stop=None) -> dict[str, float]:
-    """Token-weighted loss and perplexity over (the first ``max_batches`` batches of) ``dataset``.
-
-    ``should_stop()`` is asked before each batch (every rank asks at the same batch); when it
-    answers true, :class:`~mimo_spec.train.limits.StopRequested` is raised.
-    """
-    from mimo_spec.train.limits import StopRequested
-
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    n = len(dataset)
-    batches = range(0, n, batch_size)
-    try:
-        with torch.no_grad(), _autocast(precision, device):
-            for b, start in enumerate(batches):
-                if max_batches and b >= max_batches:
-                    break
-                if should_stop is not None and should_stop():
-                    raise StopRequested()
-                batch = collate_fn([dataset[i] for i in range(start, min(n, start + batch_size))])
-                out = model(**model_kwargs(batch, device))
-                tokens = int(batch["num_tokens"])
-                total_nll += float(out.lm_loss) * tokens
-                total_tokens += tokens
-    finally:
-        model.train()
-    loss = total_nll / max(total_tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
 
 
 # keys that may change between a run and its resumption
 RESUMABLE_CHANGES = ("action", "debug", "summary", "eval", "generate", "import_hf", "train.steps", "train.resume",
                      "train.stop_after_steps",
                      "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint", "train.num_threads",
-                     "train.device", "hydra", "parallel")
+                     "train.device", "hydra", "parallel", "data.num_workers")
 
 
 def _resume_candidates(resume: str, out_dir: Path) -> list[Path]:
@@ -258,8 +171,10 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(state[2])
 
 
-def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, Any]:
-    """Run the training job of ``cfg`` in ``out_dir``; returns the final metrics (also in metrics.json).
+def train(run: RunConfig | DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, Any]:
+    """Run the training job of ``run`` in ``out_dir``; returns the final metrics (also in metrics.json).
+
+    ``run``: the typed :class:`~mimo_spec.run_config.RunConfig` (a composed config is checked into one).
 
     SIGTERM / SIGINT: before the loop, the job ends at once (exit 128 + signal, nothing to save);
     in the loop, at the next sample, micro-batch, eval batch or step, with a checkpoint of the
@@ -267,42 +182,56 @@ def train(cfg: DictConfig | dict, out_dir: Path, *, console=None) -> dict[str, A
     A non-finite loss, gradient norm or weight stops the run with :class:`Diverged` (exit 2),
     metrics.json saying ``failed``, and no checkpoint of the bad weights.
     """
+    from mimo_spec.run_config import RunConfig
     from mimo_spec.train.limits import JobSignals
 
+    if not isinstance(run, RunConfig):
+        run = RunConfig.from_config(run)
+    if run.train is None or run.data is None:
+        missing = "train" if run.train is None else "data"
+        raise ConfigError(f"missing: the {missing} section", path=missing, hint=f"see conf/config.yaml for the "
+                          f"{missing} section")
     with JobSignals("building the model and the data") as stop:
-        return _train(cfg, out_dir, console, stop)
+        return _train(run, out_dir, console, stop)
 
 
-def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, Any]:
+def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     from mimo_spec.builders import build_model
-    from mimo_spec.data import build_dataset, collate
+    from mimo_spec.data import build_dataset, collate, empty_parts
+    from mimo_spec.data.loader import TrainBatches, step_tokens
     from mimo_spec.data.tokenizer import build_tokenizer
+    from mimo_spec.parallel.env import read_env, run_device
+    from mimo_spec.run_config import layout_check
 
     out_dir = Path(out_dir)
-    tc = _plain(cfg["train"])
-    seed = int(tc.get("seed", cfg.get("seed", 0)))
-    if tc.get("num_threads"):
-        torch.set_num_threads(int(tc["num_threads"]))
+    tc = run.train
+    seed = run.train_seed
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     torch.manual_seed(seed)
     random.seed(seed)
-    from mimo_spec.parallel.env import run_device
-
-    device = run_device(tc.get("device"))
-    model = build_model(cfg, seed=seed, device=device, train=tc)  # sized on meta first, with its training state
+    device = run_device(tc.device)
+    launched = read_env()
+    # sized on meta first, with its training state (spread over the launched processes)
+    model = build_model(run.model, seed=seed, device=device, train=tc,
+                        world_size=launched.world_size if launched is not None else 1,
+                        checks=[layout_check(run.parallel.layout)])
     check_backend_device(model, device)
-    if cfg.get("init_from"):  # start from imported weights (a resumed checkpoint then overrides them)
+    if run.init_from:  # start from imported weights (a resumed checkpoint then overrides them)
         from mimo_spec.weights import load_weights
 
-        load_weights(model, Path(cfg["init_from"]) / "model.safetensors")
+        load_weights(model, Path(run.init_from) / "model.safetensors")
     # the data follows the whole model's modalities: built before a pipeline stage drops some of them
-    tokenizer = build_tokenizer(cfg["data"], model)
-    train_set = build_dataset(cfg["data"], model, tokenizer, "train")
-    eval_set = build_dataset(cfg["data"], model, tokenizer, "eval")
+    tokenizer = build_tokenizer(run.data, model)
+    train_set = build_dataset(run.data, model, tokenizer, "train")
+    eval_set = build_dataset(run.data, model, tokenizer, "eval")
+    empty = empty_parts(model)  # what a rank's share lacks of its global batch (all modalities, before any drop)
     from mimo_spec.parallel.parallelize import apply_one_process, start_parallel
 
-    drun = start_parallel(_plain(cfg.get("parallel") or {}), tc, model)  # None: one process, the plain loop
+    layout_train = tc.model_dump()  # parallel/ reads the train section as a mapping
+    drun = start_parallel(run.parallel.layout, layout_train, model)  # None: one process, the plain loop
     if drun is None:  # the layout's activation checkpointing and compile still apply
-        apply_one_process(_plain(cfg.get("parallel") or {}), model, tc)
+        apply_one_process(run.parallel.layout, model, layout_train)
     main = drun is None or drun.rank == 0
     if not main:
         console = Silent()
@@ -311,24 +240,26 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
     if drun is not None and drun.pp > 1:  # stage-to-stage shapes are fixed: pad to the longest sample
         drun.start_pipeline(model, int(getattr(train_set, "max_len", model_max_len(model))), tokenizer.pad_id)
     optimizer = build_optimizer(model, tc)
-    batch_size, accum = int(tc["batch_size"]), int(tc.get("grad_accum", 1))
-    steps, precision = int(tc["steps"]), tc.get("precision", "fp32")
-    stop_after = int(tc.get("stop_after_steps") or 0)
-    ckpt_cfg = tc.get("checkpoint", {})
-    ckpt_every, keep_last = int(ckpt_cfg.get("every", 0)), int(ckpt_cfg.get("keep_last", 2))
+    batch_size, accum = tc.batch_size, tc.grad_accum
+    steps, precision = tc.steps, tc.precision
+    stop_after = tc.stop_after_steps or 0
+    ckpt_every, keep_last = tc.checkpoint.every, tc.checkpoint.keep_last
     from mimo_spec.train.limits import StopRequested, check_step_memory
 
     check_step_memory(model, train_set, tc, device, world=drun.world_size if drun is not None else 1)
 
     start_step, position = 0, 0
-    from mimo_spec.env_secrets import record_config  # values from the environment (secrets) stay ${oc.env:...}
-
-    current = record_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    source, state = _resume(tc.get("resume", "auto"), out_dir, model, optimizer, current, console, drun)
+    # the config as checkpoints record it: values from the environment (secrets) stay ${oc.env:...}
+    source, state = _resume(tc.resume, out_dir, model, optimizer, run.recorded, console, drun)
     if source is not None:
         start_step, position = int(state["step"]), int(state["data_position"])
         say(console, f"resumed from {source} at step {start_step}")
-    stream = DataStream(train_set, seed, position)
+    # this rank loads and collates its share of every global batch (in data.num_workers processes)
+    batches = TrainBatches(train_set, functools.partial(collate, pad_id=tokenizer.pad_id), seed=seed,
+                           batch_size=batch_size, position=position,
+                           share=drun.data_share(batch_size) if drun is not None else None,
+                           num_workers=run.data.num_workers,
+                           check=stop.check if drun is None else None)  # one process stops at the next sample
     metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None) if main else NullMetrics()
     if source is not None and main:
         truncate_metrics(metrics, start_step)
@@ -343,9 +274,7 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
         if not _weights_finite(model, drun):  # never a checkpoint of inf / nan weights
             raise _diverged("the weights are not finite", step, out_dir / "checkpoints")
         saved_at["step"] = step
-        extra = {"data_position": stream.position, "config": _plain(cfg) if isinstance(cfg, dict) else
-                 record_config(cfg)}
-        extra["config"].pop("hydra", None)
+        extra = {"data_position": batches.position, "config": dict(run.recorded)}
         if drun is not None:
             from mimo_spec.train.checkpoint import save_distributed_checkpoint
 
@@ -365,38 +294,26 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
         for step in range(start_step, steps):
             lr = set_lr(optimizer, step, tc)
             optimizer.zero_grad(set_to_none=True)
-            position0, rng0 = stream.position, _rng_state()
+            position0, rng0 = batches.position, _rng_state()
             try:
                 micro = []
                 for _ in range(accum):
-                    micro.append(collate_fn(stream.take(batch_size, poll)))
+                    micro.append(batches.next())
                     vote()
-                total_tokens = max(1, sum(int(b["num_tokens"]) for b in micro))
+                # the global batches' token counts; shares padded to the global batch's length
+                micro, total_tokens, real_tokens = step_tokens(micro, drun, tokenizer.pad_id, empty)
+                total_tokens = max(1, total_tokens)
                 t0 = time.perf_counter()
                 step_loss = 0.0
                 for n_micro, batch in enumerate(micro):
                     if n_micro and poll is not None:
                         poll()
-                    if drun is not None and drun.split is not None:  # encoders on their own ranks (global batch)
-                        with _autocast(precision, device):
-                            step_loss += drun.split.run(batch, total_tokens, train=True)
-                        continue
-                    if drun is not None:
-                        batch = drun.local_batch(batch, model)
-                    if drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
-                        with _autocast(precision, device):
-                            step_loss += drun.pipeline.train_batch(batch, total_tokens)
-                        continue
-                    model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
-                                         items_per_sample=batch.get("items_per_sample"))
-                    with _autocast(precision, device):
-                        out = model(**model_kwargs(batch, device))
-                    # one global token count normalises every micro-batch's gradient
-                    weight = int(batch["num_tokens"]) / total_tokens
-                    (out.loss * weight).backward()
-                    step_loss += float(out.loss.detach()) * weight
+                    # forward, loss, backward for this layout; one global token count normalises every
+                    # micro-batch's gradient (mimo_spec/train/step.py)
+                    step_loss += forward_backward(model, batch, total_tokens, device=device, precision=precision,
+                                                  drun=drun)
             except StopRequested:  # undo the step cut short: data position, RNG and gradients as at its start
-                stream.position = position0
+                batches.rewind(position0)
                 _set_rng_state(rng0)
                 optimizer.zero_grad(set_to_none=True)
                 if step > start_step and saved_at["step"] != step:
@@ -408,43 +325,38 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
                                  + (f"the checkpoint of step {step} is already saved" if saved_at["step"] == step
                                     else "no step completed, nothing to save") + ", stopping")
                 return "interrupted"
-            if drun is not None:
-                drun.sync_grads(model)
+            if drun is not None:  # (data-parallel gradients are summed in backward, by FSDP2 / replicate)
                 step_loss = drun.all_sum(step_loss)
-                grad_norm = drun.clip_grad_norm(model, tc.get("grad_clip"))
-            else:
-                grad_norm = _clip(model, tc.get("grad_clip"))
+            grad_norm = clip_grads(model, tc.grad_clip, drun)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # same on every rank (all-summed)
                 what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
                 raise _diverged(what, step + 1, out_dir / "checkpoints")
             optimizer.step()
             elapsed = time.perf_counter() - t0
-            real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             tokens_seen += real_tokens
             tokens_per_s = real_tokens / max(elapsed, 1e-9)
             last_loss = step_loss
             done = step + 1
             row = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3)}
-            eval_every = int(tc.get("eval_every", 0))
+            eval_every = tc.eval_every
             if len(eval_set) and ((eval_every and done % eval_every == 0) or done == steps):
                 if drun is not None and (drun.split or drun.pipeline) is not None:  # no rank holds the whole model
-                    from mimo_spec.parallel.pipeline import evaluate_distributed
-
-                    scores = evaluate_distributed(drun, eval_set, collate_fn, batch_size, tc.get("eval_batches"))
+                    scores = evaluate(model, eval_set, collate_fn, batch_size, tc.eval_batches, precision, device,
+                                      drun=drun)
                 else:
                     asked = (lambda: stop.signal is not None) if drun is None else \
                         (lambda: drun.any_rank(stop.signal is not None))
                     try:
-                        scores = evaluate(model, eval_set, collate_fn, batch_size, tc.get("eval_batches"), precision,
-                                          device, should_stop=asked)
+                        scores = evaluate(model, eval_set, collate_fn, batch_size, tc.eval_batches, precision,
+                                          device, should_stop=asked, drun=drun)
                     except StopRequested:  # the step itself is complete: its checkpoint is saved below
                         stop.signal = stop.signal or signal.SIGTERM
                         scores = {}
                 row.update({k: v for k, v in scores.items() if k != "eval_tokens"})
             metrics.log(row)
             progress.update(done, step_loss, tokens_per_s)
-            if done % int(tc.get("log_every", 10)) == 0 or done == steps:
+            if done % tc.log_every == 0 or done == steps:
                 say(console, log_line(row, steps))
             if drun is not None and drun.any_rank(stop.signal is not None) and stop.signal is None:
                 stop.signal = signal.SIGTERM  # another rank was signalled: stop together (the save is collective)
@@ -472,6 +384,8 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
         except Diverged as e:
             status, failure = "failed", e
             say(console, f"error: {e}")
+        finally:
+            batches.close()  # the loader's worker processes end with the loop
     stop.doing, stop.deferred = "writing the run's metrics", True  # short: finish them, then end
     metrics.close()
     if main:
@@ -490,9 +404,9 @@ def _train(cfg: DictConfig | dict, out_dir: Path, console, stop) -> dict[str, An
         kept = list_checkpoints(out_dir / "checkpoints")
         result.update(error=str(failure), last_checkpoint=str(kept[-1]) if kept else None)
     if main:
-        tmp = out_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out_dir / "metrics.json")
+        from mimo_spec.atomic import write_json_atomic
+
+        write_json_atomic(out_dir / "metrics.json", result)
     if failure is not None:
         if drun is not None:  # every rank failed at the same step (the values are all-reduced): end together
             from mimo_spec.parallel.env import shutdown_distributed
@@ -511,12 +425,3 @@ def check_backend_device(model, device: torch.device, path: str = "train.device"
 
 def model_max_len(model) -> int:
     return int(getattr(model.language_model, "max_seq_len", 0) or 2048)
-
-
-def _clip(model, max_norm) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, float(max_norm)))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))

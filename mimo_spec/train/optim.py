@@ -1,4 +1,7 @@
-"""Optimizers, learning-rate schedules and per-module parameter groups, from YAML."""
+"""Optimizers, learning-rate schedules and per-module parameter groups, from the typed ``train`` section.
+
+Every default and every allowed value lives in :class:`mimo_spec.train.schema.TrainConfig`; this
+module only reads its attributes."""
 
 from __future__ import annotations
 
@@ -10,29 +13,22 @@ import torch
 import torch.nn as nn
 
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
+from mimo_spec.train.schema import TrainConfig
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")  # TrainConfig.optimizer's choices
+SCHEDULES = ("cosine", "linear", "constant")  # TrainConfig.schedule's choices
 
 
-def param_groups(model: nn.Module, train_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, train_cfg: TrainConfig) -> list[dict[str, Any]]:
     """Split trainable parameters into groups by module-path globs.
 
-    ``train.param_groups`` is a list of ``{modules: <glob or list>, lr: ..., weight_decay: ...}``;
-    the first matching group wins; the rest use ``train.lr`` / ``train.weight_decay``.
-    Biases and norm weights (1-D tensors) get no weight decay.
+    ``train.param_groups`` is a list of ``{modules: <glob or list>, lr: ..., weight_decay: ...}``
+    (its keys checked by the schema); the first matching group wins; the rest use ``train.lr`` /
+    ``train.weight_decay``. Biases and norm weights (1-D tensors) get no weight decay.
     """
-    specs = list(train_cfg.get("param_groups") or [])
+    specs = list(train_cfg.param_groups)
     problems = ProblemCollector()
-    for i, g in enumerate(specs):
-        unknown = [k for k in g if k not in ("modules", "lr", "weight_decay")]
-        for k in unknown:
-            problems.add(f"train.param_groups.{i}.{k}", "unknown key", did_you_mean(k, ["modules", "lr", "weight_decay"]))
-        if "modules" not in g:
-            problems.add(f"train.param_groups.{i}.modules", "missing: a module path glob or a list of them",
-                         "e.g. modules: 'modalities.*.input_projections.*'")
-    problems.raise_if_any()
-    base_lr, base_wd = float(train_cfg["lr"]), float(train_cfg.get("weight_decay", 0.0))
+    base_lr, base_wd = train_cfg.lr, train_cfg.weight_decay
     buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     hits = [0] * len(specs)
     module_names = [n for n, _ in model.named_modules()]
@@ -42,7 +38,7 @@ def param_groups(model: nn.Module, train_cfg: dict[str, Any]) -> list[dict[str, 
         owner = name.rsplit(".", 1)[0] if "." in name else ""
         idx = -1
         for i, g in enumerate(specs):
-            globs = g["modules"] if isinstance(g["modules"], (list, tuple)) else [g["modules"]]
+            globs = g.modules if isinstance(g.modules, (list, tuple)) else [g.modules]
             if any(fnmatch.fnmatchcase(owner, pat) or fnmatch.fnmatchcase(owner, pat + ".*") for pat in globs):
                 idx = i
                 hits[i] += 1
@@ -50,41 +46,34 @@ def param_groups(model: nn.Module, train_cfg: dict[str, Any]) -> list[dict[str, 
         buckets.setdefault((idx, p.ndim >= 2), []).append(p)
     for i, n in enumerate(hits):
         if n == 0:
-            problems.add(f"train.param_groups.{i}.modules", f"{specs[i]['modules']!r} matches no trainable parameter",
-                         did_you_mean(str(specs[i]["modules"]), [m for m in module_names if m.count(".") <= 3]))
+            problems.add(f"train.param_groups.{i}.modules", f"{specs[i].modules!r} matches no trainable parameter",
+                         did_you_mean(str(specs[i].modules), [m for m in module_names if m.count(".") <= 3]))
     problems.raise_if_any()
     groups = []
     for (idx, decays), params in sorted(buckets.items(), key=lambda kv: kv[0]):
-        spec = specs[idx] if idx >= 0 else {}
-        lr = float(spec.get("lr", base_lr))
-        wd = float(spec.get("weight_decay", base_wd)) if decays else 0.0
+        spec = specs[idx] if idx >= 0 else None
+        lr = spec.lr if spec is not None and spec.lr is not None else base_lr
+        wd = (spec.weight_decay if spec is not None and spec.weight_decay is not None else base_wd) if decays else 0.0
         groups.append({"params": params, "lr": lr, "initial_lr": lr, "weight_decay": wd,
-                       "name": f"{spec.get('modules', 'default')}{'' if decays else ' (no decay)'}"})
+                       "name": f"{spec.modules if spec is not None else 'default'}{'' if decays else ' (no decay)'}"})
     if not groups:
         raise ConfigError("no trainable parameters: everything is frozen", path="freeze",
                           hint="unfreeze something, e.g. remove the language model from freeze")
     return groups
 
 
-def build_optimizer(model: nn.Module, train_cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    name = train_cfg.get("optimizer", "adamw")
+def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names, over :func:`param_groups`."""
     groups = param_groups(model, train_cfg)
-    if name == "adamw":
-        betas = tuple(train_cfg.get("betas", (0.9, 0.95)))
-        return torch.optim.AdamW(groups, lr=float(train_cfg["lr"]), betas=betas, eps=float(train_cfg.get("eps", 1e-8)))
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=float(train_cfg["lr"]), momentum=float(train_cfg.get("momentum", 0.9)))
-    raise ConfigError(f"unknown optimizer {name!r}", path="train.optimizer", hint=did_you_mean(name, OPTIMIZERS))
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps)
 
 
-def lr_factor(step: int, train_cfg: dict[str, Any]) -> float:
+def lr_factor(step: int, train_cfg: TrainConfig) -> float:
     """Multiplier of each group's base lr at ``step`` (0-based): linear warmup, then the schedule."""
-    total = int(train_cfg["steps"])
-    warmup = int(train_cfg.get("warmup_steps", 0))
-    schedule = train_cfg.get("schedule", "cosine")
-    floor = float(train_cfg.get("min_lr_ratio", 0.0))
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {schedule!r}", path="train.schedule", hint=did_you_mean(schedule, SCHEDULES))
+    total, warmup = train_cfg.steps, train_cfg.warmup_steps
+    schedule, floor = train_cfg.schedule, train_cfg.min_lr_ratio
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -95,7 +84,7 @@ def lr_factor(step: int, train_cfg: dict[str, Any]) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, train_cfg: dict[str, Any]) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, step: int, train_cfg: TrainConfig) -> float:
     """Apply the schedule for ``step``; returns the first group's lr (for logging)."""
     factor = lr_factor(step, train_cfg)
     for group in optimizer.param_groups:

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mimo_spec.components.layers import (
     ActivationName,
@@ -37,7 +38,6 @@ from mimo_spec.components.layers import (
     init_transformer_weights,
 )
 from mimo_spec.errors import InputError, ParamError
-from mimo_spec.parallel.tp import tied_logits
 from mimo_spec.registry import register
 
 
@@ -61,14 +61,6 @@ class GPT(nn.Module):
         head_dim: per-head size (None = hidden_size / num_heads).
         backend: "local", "te" or "auto" (see layers.check_backend).
     """
-
-    # Tensor parallelism (mimo_spec.parallel.tp): vocabulary-sharded embedding and head (the logits
-    # stay sharded for the vocab-parallel loss; a tied head uses the sharded embedding weight);
-    # the blocks declare their own plans. The KV cache holds this rank's kv heads only.
-    tp_plan = {"token_embedding": "embedding", "lm_head": "vocab_head"}
-    tp_divides = ("vocab_size",)
-    tp_split = ("num_kv_heads",)
-    tp_gather_logits = False  # set by apply_tp: the layout's loss_parallel is off
 
     def __init__(
         self,
@@ -153,9 +145,10 @@ class GPT(nn.Module):
         return self.token_embedding(input_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, S, H) -> logits (B, S, V); under TP a DTensor sharded on V (tp.full_logits gathers it)."""
+        """hidden (B, S, H) -> logits (B, S, V); a vocabulary-sharded head (tensor parallelism) returns them
+        sharded on V (a DTensor)."""
         if self.lm_head is None:
-            return tied_logits(hidden, self.token_embedding.weight, gather=self.tp_gather_logits)
+            return _tied_logits(hidden, self.token_embedding.weight)
         return self.lm_head(hidden)  # a module call, so FSDP/TP hooks see it
 
     def new_kv_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
@@ -250,3 +243,16 @@ class GPT(nn.Module):
                                              key_mask=key_mask, document_ids=document_ids)
         is_causal = attn_mask is None and past == 0  # one new token after a cache sees every key
         return rope, attn_mask, is_causal
+
+
+def _tied_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden (..., H) @ weight (V, H).T for a head tied to the token embedding. A weight sharded on the
+    vocabulary (a DTensor: tensor parallelism shards the embedding by rows) takes the hidden states as
+    replicated, so each rank computes its vocabulary slice of the logits, and both uses of the one
+    parameter add their gradients to it."""
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is not None and getattr(hidden, "device_mesh", None) is None:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        hidden = DTensor.from_local(hidden, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return F.linear(hidden, weight)

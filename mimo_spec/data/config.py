@@ -1,0 +1,146 @@
+"""The ``data`` config: one pydantic model per source, validated once into a typed object.
+
+The lowest layer of ``mimo_spec.data`` besides ``batch`` and ``preprocess``: the other data
+modules import it, it imports none of them (``preprocess`` only, for the CLIP statistics).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD
+from mimo_spec.errors import ConfigError, Problem, did_you_mean
+
+SOURCES = ("synthetic", "llava_json")
+
+
+class ChatTemplate(BaseModel):
+    """How turns are laid out (``data.template``). The defaults are LLaVA-1.5's (Vicuna v1) minus its
+    system prompt: ``USER: <image>\\nWhat is this? ASSISTANT: a cat</s>``.
+
+    Both the validated config and what ``encode_conversation`` reads (frozen, so it can be a default).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    system: str = ""
+    user_prefix: str = "USER: "
+    user_suffix: str = " "
+    assistant_prefix: str = "ASSISTANT: "
+    assistant_suffix: str = ""  # after the eos token
+
+
+class CommonDataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan are refused in every float
+    source: str = "synthetic"
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    # "byte" (built in) or a local Hugging Face tokenizer directory
+    tokenizer: str = "byte"
+    # byte tokenizer: bos/eos/pad ids are special_tokens_start .. special_tokens_start + 2
+    special_tokens_start: int = Field(256, ge=256)
+    # longest sample in tokens; null = the language model's max_seq_len
+    max_seq_len: int | None = Field(None, ge=8)
+    template: ChatTemplate = ChatTemplate()
+    image_mean: list[float] = Field(default_factory=lambda: list(CLIP_MEAN), min_length=1)
+    image_std: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: list(CLIP_STD), min_length=1)
+    # DataLoader worker processes that build and collate training batches (0: in the training process);
+    # the samples and their order do not depend on it
+    num_workers: int = Field(0, ge=0)
+
+
+class SyntheticDataConfig(CommonDataConfig):
+    """``data.source: synthetic``: see ``mimo_spec.data.synthetic``."""
+
+    source: Literal["synthetic"] = "synthetic"
+    num_samples: int = Field(4096, ge=1)
+    eval_samples: int = Field(64, ge=0)
+    max_items_per_sample: int = Field(2, ge=1)
+    text_only_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    # share of samples that ask for an output modality (when the model has one)
+    generation_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    # std of Gaussian noise added to synthetic images and audio features
+    noise: float = Field(0.05, ge=0.0)
+
+
+class LlavaJsonDataConfig(CommonDataConfig):
+    """``data.source: llava_json``: see ``mimo_spec.data.llava_json``."""
+
+    source: Literal["llava_json"] = "llava_json"
+    path: str
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    image_folder: str | None = None
+    audio_folder: str | None = None
+    truncation: Literal["drop", "truncate"] = "drop"
+    image_resize: Literal["pad", "crop", "squash"] = "pad"
+    image_modality: str | None = None
+    audio_modality: str | None = None
+    max_samples: int | None = Field(None, ge=1)
+    check_files: bool = True
+
+
+DataConfig = Union[SyntheticDataConfig, LlavaJsonDataConfig]
+_CONFIG_CLASSES = {"synthetic": SyntheticDataConfig, "llava_json": LlavaJsonDataConfig}
+
+
+def _plain(cfg) -> dict:
+    if isinstance(cfg, BaseModel):
+        return cfg.model_dump()
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"expected a mapping, got {type(cfg).__name__}", path="data")
+    return dict(cfg)
+
+
+def validate_data_config(data_cfg) -> DataConfig:
+    """A ``data`` config (dict / DictConfig / model) -> its pydantic model.
+
+    Raises one ConfigError listing every problem as ``data.<key>``, with a
+    did-you-mean hint for misspelt keys.
+    """
+    if isinstance(data_cfg, (SyntheticDataConfig, LlavaJsonDataConfig)):
+        return data_cfg
+    # a mandatory value left unset in YAML (``???``) counts as missing
+    raw = {k: v for k, v in _plain(data_cfg).items() if not (isinstance(v, str) and v == "???")}
+    source = raw.get("source", "synthetic")
+    if source not in _CONFIG_CLASSES:
+        raise ConfigError(f"unknown data source {source!r}", path="data.source", hint=did_you_mean(source, SOURCES))
+    cls = _CONFIG_CLASSES[source]
+    try:
+        return cls(**raw)
+    except pydantic.ValidationError as e:
+        raise ConfigError([_problem(err, cls) for err in e.errors()]) from None
+
+
+def _problem(err: dict, cls: type[BaseModel]) -> Problem:
+    loc = [str(p) for p in err["loc"]]
+    path = "data." + ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        fields = cls.model_fields if len(loc) == 1 else ChatTemplate.model_fields
+        return Problem(path, f"unknown key for source {cls.model_fields['source'].default!r}",
+                       did_you_mean(loc[-1], fields))
+    if err["type"] == "missing":
+        return Problem(path, f"required for source {cls.model_fields['source'].default!r}", f"set {path}=...")
+    return Problem(path, f"{err['msg'].lower()}, got {err.get('input')!r}",
+                   f"see conf/data/{cls.model_fields['source'].default}.yaml for the expected values")
+
+
+def max_length(cfg: DataConfig, model) -> int:
+    """The sample length limit: ``data.max_seq_len``, which may not exceed the LM's ``max_seq_len``."""
+    lm_max = getattr(model.language_model, "max_seq_len", None)
+    if cfg.max_seq_len is None:
+        if lm_max is None:
+            raise ConfigError("the language model has no max_seq_len", path="data.max_seq_len",
+                              hint="set data.max_seq_len")
+        return int(lm_max)
+    if lm_max is not None and cfg.max_seq_len > lm_max:
+        raise ConfigError(f"{cfg.max_seq_len} exceeds the language model's max_seq_len {lm_max}",
+                          path="data.max_seq_len", hint="lower it, or raise model.params.max_seq_len")
+    return int(cfg.max_seq_len)
