@@ -1,14 +1,15 @@
 """Apply a resolved layout to a built model, in torchtitan's order: TP (plans from
 :mod:`mimo_spec.parallel.plans`), activation checkpointing (torch's composable ``checkpoint``),
-compile, then FSDP2 or, replicated only, torch's ``replicate`` (per block and per child module);
-and the per-step pieces a data-parallel loop needs (the step's train context, local batch slice,
-bridged embeddings, global gradient norm).
+compile, then FSDP2 (per block and per child module); and the per-step pieces a data-parallel
+loop needs (the step's train context, local batch slice, bridged embeddings, the gradient sum of
+replicated-only modules, global gradient norm).
 
 One world mesh (``ParallelContext.world_mesh``) owns the ranks: every module spanning the world
 takes its (pp, dp_replicate, dp_shard, tp) mesh by unflattening it; a split layout's span, a rank
 range, gets a mesh of its own.
 
-Gradients are *summed* over data-parallel ranks (FSDP2 / replicate with a divide factor of 1):
+Gradients are *summed* over data-parallel ranks (FSDP2 with a divide factor of 1; replicated-only
+modules by :meth:`ParallelContext.sync_grads`, once per step):
 every rank's loss is already weighted by its share of the global token count, so the sum equals
 the single-process gradient.
 """
@@ -203,8 +204,8 @@ class ParallelContext:
 
     # ---- building -----------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """TP, activation checkpointing, compile and FSDP2 (or, replicated only, torch's ``replicate``) on
-        every module, per its layout. Data-parallel gradients are summed by FSDP2 / replicate themselves."""
+        """TP, activation checkpointing, compile and FSDP2 on every module, per its layout. FSDP2 sums its
+        modules' data-parallel gradients; replicated-only modules are summed by :meth:`sync_grads`."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if self.pp > 1:  # this rank keeps only its stage; the other modules' parts are dropped
@@ -229,20 +230,14 @@ class ParallelContext:
                 self.fused.update(apply_tp(module, mesh["tp"], prefix, loss_parallel=m.loss_parallel))
             apply_activation_checkpointing(module, m.activation_checkpoint)
             compile_blocks(module, m.compile)
-            if m.dp_shard > 1 or m.dp_replicate > 1:
+            if m.dp_shard > 1:  # FSDP2 (HSDP with dp_replicate > 1)
                 mp = MixedPrecisionPolicy(param_dtype=_dtype(m.fsdp.get("param_dtype")),
                                           reduce_dtype=_dtype(m.fsdp.get("reduce_dtype")))
-                if m.dp_shard > 1:  # FSDP2 (HSDP with dp_replicate > 1)
-                    dp_mesh = mesh["dp_replicate", "dp_shard"] if m.dp_replicate > 1 else mesh["dp_shard"]
-                    kw = {"mesh": dp_mesh, "mp_policy": mp,
-                          "reshard_after_forward": m.fsdp.get("reshard_after_forward", True)}
-                    wrap = fully_shard
-                else:  # DDP: torch's replicate (on FSDP2's machinery, so it composes with TP meshes)
-                    from torch.distributed._composable.replicate_with_fsdp import replicate
-
-                    kw, wrap = {"mesh": mesh["dp_replicate"], "mp_policy": mp}, replicate
+                dp_mesh = mesh["dp_replicate", "dp_shard"] if m.dp_replicate > 1 else mesh["dp_shard"]
+                kw = {"mesh": dp_mesh, "mp_policy": mp,
+                      "reshard_after_forward": m.fsdp.get("reshard_after_forward", True)}
                 for unit in _fsdp_units(module):
-                    wrap(unit, **kw)
+                    fully_shard(unit, **kw)
                 if _tied_children(module):
                     from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -255,6 +250,37 @@ class ParallelContext:
             if name != LANGUAGE and self.layout.colocated and self._needs_bridge(m):
                 self._bridge(name, model.modalities[name], m)
         return model
+
+    def sync_grads(self, model: nn.Module) -> None:
+        """Sum the gradients of replicated-only modules (dp_replicate > 1, dp_shard == 1) over their
+        data-parallel ranks: one all-reduce of one flat buffer per module, once per step (after the
+        last micro-batch). FSDP2 reduces the sharded modules itself.
+
+        Why not torch's ``replicate``: on FSDP2's machinery it makes every parameter a replicated
+        DTensor and reduces per wrapped unit; measured on this project's CPU/gloo benchmark
+        (``parallel_step.py``, ddp) it made the step 1.4x slower (about 200 ms of each step in
+        ``FSDP::post_backward_reduce`` plus DTensor dispatch in the optimizer), while the
+        all-reduce itself took the same time. ``DistributedDataParallel`` averages where these
+        losses need a sum, reduces on every micro-batch of an accumulated step, and renames the
+        parameters (``module.``), which checkpoints and parameter-group globs see.
+        """
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        for name, m in self.layout.modules.items():
+            module = self._module(model, name)
+            if m.dp_shard > 1 or m.dp_replicate == 1 or module is None or self.rank not in m.ranks:
+                continue
+            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                     for p in module.parameters() if p.grad is not None]
+            if not grads:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.meshes[name]["dp_replicate"].get_group())
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     @staticmethod
     def _module(model: nn.Module, name: str) -> nn.Module | None:

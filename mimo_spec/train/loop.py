@@ -325,7 +325,7 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
                                  + (f"the checkpoint of step {step} is already saved" if saved_at["step"] == step
                                     else "no step completed, nothing to save") + ", stopping")
                 return "interrupted"
-            if drun is not None:  # (data-parallel gradients are summed in backward, by FSDP2 / replicate)
+            if drun is not None:  # (FSDP2 sums its gradients in backward; clip_grads sums the replicated ones)
                 step_loss = drun.all_sum(step_loss)
             grad_norm = clip_grads(model, tc.grad_clip, drun)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # same on every rank (all-summed)

@@ -97,8 +97,12 @@ def _lm_step(model, batch: dict, total_tokens: int, device, precision: str, drun
 
 
 def clip_grads(model, max_norm: float | None, drun=None) -> float:
-    """The global gradient 2-norm over every module, shard, stage and span; gradients are then scaled
-    down to ``max_norm`` when it is set and exceeded (torch's ``clip_grads_with_norm_``)."""
+    """Finish the step's gradients, then clip: replicated-only modules' gradients are summed over their
+    data-parallel ranks (``ParallelContext.sync_grads``); the global gradient 2-norm over every module,
+    shard, stage and span is returned, and gradients are scaled down to ``max_norm`` when it is set and
+    exceeded (torch's ``clip_grads_with_norm_``). Called once per step, after the last micro-batch."""
+    if drun is not None:  # data-parallel sums FSDP2 does not make (replicated-only modules)
+        drun.sync_grads(model)
     params = [p for p in model.parameters() if p.grad is not None]
     if drun is not None:
         norm = drun.grad_norm(params)
