@@ -127,11 +127,13 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path, run: Callabl
 
 def _process_rank() -> int:
     """This process's rank within its job (torchrun, SLURM's srun or submitit's local tasks); 0 alone."""
-    for name in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+    from mimo_spec.parallel.env import read_env
+
+    launched = read_env()  # torchrun / SLURM: the one reader of RANK and WORLD_SIZE
+    if launched is not None:
+        return launched.rank
+    value = os.environ.get("SUBMITIT_LOCAL_GLOBALID", "")  # submitit's local tasks start no process group
+    return int(value) if value.isdigit() else 0
 
 
 class SweepSummary(Callback):
