@@ -79,6 +79,19 @@ def test_sgd_bf16_and_schedules(tmp_path):
     assert lr_factor(70, tc.model_copy(update={"schedule": "constant"})) == 1.0
 
 
+def test_the_top_level_dtype_is_the_dtype_training_builds_in(tmp_path):
+    """``dtype=bfloat16`` trains bf16 weights (it was only used by summary before); the default stays fp32."""
+    from safetensors import safe_open
+
+    dtypes = {}
+    for name in ("bfloat16", "float32"):
+        r = train(cfg("train.steps=2", "train.eval_every=0", f"dtype={name}"), tmp_path / name)
+        assert r["status"] == "completed" and r["final_loss"] == r["final_loss"]
+        with safe_open(str(list_checkpoints(tmp_path / name / "checkpoints")[-1] / "model.safetensors"), "pt") as f:
+            dtypes[name] = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"bfloat16": {"BF16"}, "float32": {"F32"}}
+
+
 def test_per_module_learning_rates_and_llava_stages():
     c = compose_config(["train=llava_stage2"])
     model = build_model(c)

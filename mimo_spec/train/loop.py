@@ -213,7 +213,7 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     device = run_device(tc.device)
     launched = read_env()
     # sized on meta first, with its training state (spread over the launched processes)
-    model = build_model(run.model, seed=seed, device=device, train=tc,
+    model = build_model(run.model, seed=seed, device=device, dtype=run.dtype, train=tc,
                         world_size=launched.world_size if launched is not None else 1,
                         checks=[layout_check(run.parallel.layout)])
     check_backend_device(model, device)
