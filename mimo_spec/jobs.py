@@ -137,7 +137,9 @@ def _load_trained(run: RunConfig, key: str):
     path, trained_cfg = checkpoint_config(section.checkpoint if section is not None else None, key)
     _trust_only_this_command(trained_cfg, run, path)
     device = run_device(run.train.device if run.train is not None else None)  # this command's, not the training run's
-    model = build_model(trained_cfg, seed=0, device=device, checks=[layout_check(run.parallel.layout)])
+    # in the dtype it was trained in (a bf16 run's weights stay bf16)
+    model = build_model(trained_cfg, seed=0, device=device, dtype=trained_cfg.get("dtype"),
+                        checks=[layout_check(run.parallel.layout)])
     check_backend_device(model, device)
     load_checkpoint(path, model)
     trained_data = validate_data_config(trained_cfg["data"])

@@ -90,6 +90,13 @@ def test_the_top_level_dtype_is_the_dtype_training_builds_in(tmp_path):
         with safe_open(str(list_checkpoints(tmp_path / name / "checkpoints")[-1] / "model.safetensors"), "pt") as f:
             dtypes[name] = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"bfloat16": {"BF16"}, "float32": {"F32"}}
+    # eval builds the checkpoint's model in the dtype it was trained in
+    from mimo_spec.jobs import _load_trained
+    from mimo_spec.run_config import RunConfig
+
+    run = RunConfig.from_config(compose_config(["action=eval", f"eval.checkpoint={tmp_path / 'bfloat16'}"]))
+    model = _load_trained(run, "eval")[3]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_per_module_learning_rates_and_llava_stages():
