@@ -42,12 +42,32 @@ class CommonDataConfig(BaseModel):
     special_tokens_start: int = Field(256, ge=256)
     # longest sample in tokens; null = the language model's max_seq_len
     max_seq_len: int | None = Field(None, ge=8)
-    template: ChatTemplate = ChatTemplate()
+    # null: the tokenizer's own chat_template when it has one, else the LLaVA-1.5 layout below
+    template: ChatTemplate | None = None
     image_mean: list[float] = Field(default_factory=lambda: list(CLIP_MEAN), min_length=1)
     image_std: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: list(CLIP_STD), min_length=1)
     # DataLoader worker processes that build and collate training batches (0: in the training process);
     # the samples and their order do not depend on it
     num_workers: int = Field(0, ge=0)
+    # batches each worker builds ahead (DataLoader prefetch_factor; workers only)
+    prefetch: int = Field(2, ge=1)
+    # training rows are packed with whole samples up to max_seq_len tokens (document_ids keep them apart);
+    # false: one sample per row, right-padded
+    packing: bool = True
+    # a sample that cannot be read (bad JSON record, missing or undecodable media): skip it (logged to
+    # bad_samples.jsonl in the run dir) or stop with a data error
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    # skipped bad samples above this share of the samples read stop the run (checked once 100 were read)
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # the text tags that place an item (each becomes the modality's placeholder run); a tag that is one of
+    # the tokenizer's own special tokens must be the modality's special_token_id
+    image_token: str = Field("<image>", min_length=1)
+    audio_token: str = Field("<audio>", min_length=1)
+    # audio longer than the encoder's window: split into several items, or cut (counted in a warning)
+    audio_overflow: Literal["split", "truncate"] = "split"
+    # a local Hugging Face image processor folder (preprocessor_config.json); null: built from the
+    # encoder's image size and image_mean / image_std
+    image_processor: str | None = None
 
 
 class SyntheticDataConfig(CommonDataConfig):
@@ -64,20 +84,29 @@ class SyntheticDataConfig(CommonDataConfig):
     noise: float = Field(0.05, ge=0.0)
 
 
-class LlavaJsonDataConfig(CommonDataConfig):
-    """``data.source: llava_json``: see ``mimo_spec.data.llava_json``."""
+class FileDataConfig(CommonDataConfig):
+    """What every source reading samples from files shares (``llava_json``, ``webdataset``, ``parquet``)."""
 
-    source: Literal["llava_json"] = "llava_json"
-    path: str
-    eval_path: str | None = None
+    # a file, a glob, a folder or a list of them (each source says which files it reads)
+    path: str | list[str]
+    eval_path: str | list[str] | None = None
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
-    image_folder: str | None = None
-    audio_folder: str | None = None
     truncation: Literal["drop", "truncate"] = "drop"
     image_resize: Literal["pad", "crop", "squash"] = "pad"
     image_modality: str | None = None
     audio_modality: str | None = None
     max_samples: int | None = Field(None, ge=1)
+    # where offset indexes of the data files are cached; null: beside the data when writable, else
+    # in ~/.cache/mimo-spec/index
+    index_dir: str | None = None
+
+
+class LlavaJsonDataConfig(FileDataConfig):
+    """``data.source: llava_json``: see ``mimo_spec.data.sources``."""
+
+    source: Literal["llava_json"] = "llava_json"
+    image_folder: str | None = None
+    audio_folder: str | None = None
     check_files: bool = True
 
 

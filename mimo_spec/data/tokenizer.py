@@ -234,7 +234,7 @@ class EncodedConversation:
 
 
 def encode_conversation(tokenizer: Tokenizer, turns: list[tuple[str, str]], tags: dict[str, Tag],
-                        template: ChatTemplate = ChatTemplate(), *, add_generation_prompt: bool = False,
+                        template: ChatTemplate | None = None, *, add_generation_prompt: bool = False,
                         reserved: set[int] | frozenset = frozenset(), where: str = "") -> EncodedConversation:
     """Lay out ``turns`` [(role, text)] with ``template`` and tokenise them.
 
@@ -244,6 +244,8 @@ def encode_conversation(tokenizer: Tokenizer, turns: list[tuple[str, str]], tags
     placeholders). ``add_generation_prompt`` ends with the assistant prefix (for
     generation). Text that tokenises to a ``reserved`` id raises InputError naming ``where``.
     """
+    if template is None:
+        template = ChatTemplate()
     pattern = re.compile("|".join(re.escape(t) for t in sorted(tags, key=len, reverse=True))) if tags else None
     ids: list[int] = []
     labels: list[int] = []
