@@ -49,6 +49,10 @@ def main() -> None:
             train(config("pp2", ["parallel.default.pp_schedule=gpipe"]), out / sc)
         elif sc == "fsdp_ac":  # activation checkpointing of every 2nd block, under FSDP
             train(config("fsdp", ["+parallel.default.activation_checkpoint={mode: every, every: 2}"]), out / sc)
+        elif sc.startswith("packed:"):  # hand-packed rows (document_ids) through the layout's training step
+            name = sc.split(":")[1]
+            layout, extra = PACK_VARIANTS.get(name, (name, []))
+            packed_run(out, layout, extra, name=name)
         else:
             train(config(sc), out / sc)
         settle()
@@ -64,6 +68,175 @@ def settle() -> None:
     gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# ---- packed batches (tests/test_parallel_packing.py) ------------------------------------------------
+
+SPLIT2 = ["parallel.default.ranks.size=1", "parallel.modules.language.tp=1",
+          "parallel.modules.language.ranks={offset: 1, size: 1}"]  # images on rank 0, the LM on rank 1
+# packed-batch scenarios beyond the shipped layouts: name -> (layout, overrides)
+PACK_VARIANTS = {"split2": ("hetero_split", SPLIT2), "pp2_gpipe": ("pp2", ["parallel.default.pp_schedule=gpipe"]),
+                 # the LM replicated on 2 ranks, images FSDP-sharded: bridged (every rank loads the global
+                 # batch, ParallelContext.local_batch takes its rows)
+                 "bridged": ("ddp", ["+parallel.modules.images={dp_replicate: 1, dp_shard: -1}"])}
+PACK_PAD, PACK_ROWS, PACK_LEN, PACK_STEPS = 258, 4, 96, 3  # byte tokenizer's pad id; rows x length; steps
+# SGD with momentum: the weights move by (clipped) gradient sums, so comparing how far each tensor moved
+# compares gradients; AdamW's per-element normalisation would turn reduction-order noise in near-zero
+# gradients (an encoder bias element at 2e-8 while the tensor's are 4e-4) into visible weight differences
+PACK_TRAIN = ["train.optimizer=sgd", "train.lr=0.2", "train.warmup_steps=0"]
+
+
+def packed_samples(model, seed: int, count: int, images: bool = True) -> list[dict]:
+    """``count`` samples in the collate format (input_ids, labels, items, num_items): 3..20 text tokens around
+    0..2 images (16 placeholders each), labels -100 at placeholders and on a short prompt."""
+    g = torch.Generator().manual_seed(seed)
+    mod = model.modalities["images"]
+    out = []
+    for _ in range(count):
+        n_img = int(torch.randint(0, 3, (), generator=g)) if images else 0
+        text = torch.randint(3, 250, (int(torch.randint(3, 21, (), generator=g)),), generator=g)
+        cut = int(torch.randint(0, text.shape[0] + 1, (), generator=g))
+        items = mod.example_inputs(n_img, generator=g)
+        place = torch.full((n_img * mod.tokens_per_item(items),), mod.special_token_id)
+        ids = torch.cat([text[:cut], place, text[cut:]]).long()
+        labels = ids.clone()
+        labels[ids == mod.special_token_id] = -100
+        labels[:int(torch.randint(0, 3, (), generator=g))] = -100  # a prompt the loss skips
+        sample = {"input_ids": ids, "labels": labels, "num_items": {"images": n_img}, "items": {}}
+        if n_img:
+            sample["items"]["images"] = items
+        out.append(sample)
+    return out
+
+
+def pack_rows(samples: list[dict], rows: int, length: int) -> tuple[dict, list[list[dict]]]:
+    """Samples packed in order into ``rows`` rows of ``length`` tokens (a sample that does not fit starts
+    the next row; samples left over are not used): the packed batch format -- document_ids numbering each
+    row's samples 0, 1, ... and its padding tail the next number, items row by row, per-row item counts,
+    num_tokens without ignored labels or document starts -- and the samples of each row."""
+    per_row: list[list[dict]] = [[]]
+    for s in samples:
+        used = sum(int(x["input_ids"].shape[0]) for x in per_row[-1])
+        if used + int(s["input_ids"].shape[0]) > length:
+            if len(per_row) == rows:
+                break
+            per_row.append([])
+        per_row[-1].append(s)
+    assert len(per_row) == rows, "not enough samples for the rows"
+    ids = torch.full((rows, length), PACK_PAD, dtype=torch.long)
+    labels = torch.full((rows, length), -100, dtype=torch.long)
+    mask = torch.zeros((rows, length), dtype=torch.long)
+    docs = torch.zeros((rows, length), dtype=torch.long)
+    counted, pixels, counts = 0, [], []
+    for r, row in enumerate(per_row):
+        at = 0
+        for d, s in enumerate(row):
+            n = int(s["input_ids"].shape[0])
+            ids[r, at:at + n], labels[r, at:at + n], mask[r, at:at + n], docs[r, at:at + n] = \
+                s["input_ids"], s["labels"], 1, d
+            counted += int((s["labels"][1:] != -100).sum())  # a document's first token is never predicted
+            at += n
+            if s["num_items"]["images"]:
+                pixels.append(s["items"]["images"]["clip"]["pixel_values"])
+        docs[r, at:] = len(row)
+        counts.append(sum(s["num_items"]["images"] for s in row))
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "document_ids": docs,
+             "modality_inputs": {"images": {"clip": {"pixel_values": torch.cat(pixels)}}} if pixels else {},
+             "items_per_sample": {"images": counts}, "num_tokens": counted}
+    return batch, per_row
+
+
+def packed_steps(model) -> list[dict]:
+    """The packed global batches of every step; in step 1 the last two rows hold no image (a data-parallel
+    share without items of a modality its global batch has)."""
+    steps = []
+    for step in range(PACK_STEPS):
+        if step == 1:
+            top, _ = pack_rows(packed_samples(model, 100 + step, 40), PACK_ROWS // 2, PACK_LEN)
+            bottom, _ = pack_rows(packed_samples(model, 200 + step, 40, images=False), PACK_ROWS // 2, PACK_LEN)
+            steps.append(concat_rows(top, bottom))
+        else:
+            steps.append(pack_rows(packed_samples(model, 100 + step, 40), PACK_ROWS, PACK_LEN)[0])
+    return steps
+
+
+def concat_rows(a: dict, b: dict) -> dict:
+    out = {k: torch.cat([a[k], b[k]]) for k in ("input_ids", "labels", "attention_mask", "document_ids")}
+    out["modality_inputs"] = a["modality_inputs"] or b["modality_inputs"]  # (b has no image)
+    out["items_per_sample"] = {"images": a["items_per_sample"]["images"] + b["items_per_sample"]["images"]}
+    out["num_tokens"] = a["num_tokens"] + b["num_tokens"]
+    return out
+
+
+def loaded_share(batch: dict, share: tuple[int, int]) -> dict:
+    """What a rank's loader would give for rows [lo, hi) of ``batch``, cut after its last real token (so
+    step_tokens pads it back to the global length): rows, their items and counts, their token count."""
+    lo, hi = share
+    counts = batch["items_per_sample"]["images"]
+    end = int(batch["attention_mask"][lo:hi].sum(1).max())
+    out = {k: batch[k][lo:hi, :end] for k in ("input_ids", "labels", "attention_mask", "document_ids")}
+    out["items_per_sample"] = {"images": counts[lo:hi]}
+    first, last = sum(counts[:lo]), sum(counts[:hi])
+    out["modality_inputs"] = {"images": {"clip": {"pixel_values": batch["modality_inputs"]["images"]["clip"][
+        "pixel_values"][first:last]}}} if last > first else {}
+    docs = out["document_ids"]
+    out["num_tokens"] = int(((out["labels"][:, 1:] != -100) & (docs[:, 1:] == docs[:, :-1])).sum())
+    out["share"] = share
+    return out
+
+
+def packed_train(layout: str, extra=()) -> dict:
+    """PACK_STEPS optimizer steps on :func:`packed_steps` under ``layout`` (one process for ``single``), as
+    the training loop runs them; then the summed eval NLL of step 0's batch. Returns the losses, gradient
+    norms, eval NLL and this rank's parameters in the single-process layout (a stage / span holds a part)."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.data.batch import empty_parts
+    from mimo_spec.data.loader import step_tokens
+    from mimo_spec.parallel.parallelize import start_parallel
+    from mimo_spec.run_config import RunConfig
+    from mimo_spec.train.optim import build_optimizer, set_lr
+    from mimo_spec.train.step import clip_grads, eval_nll, forward_backward
+
+    cfg = config(layout, PACK_TRAIN + list(extra))
+    run = RunConfig.from_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, seed=0)
+    batches = packed_steps(model)
+    empty = empty_parts(model)
+    drun = start_parallel(run.parallel.layout, run.train.model_dump(), model) if layout != "single" else None
+    if drun is not None and drun.pp > 1:
+        drun.start_pipeline(model, PACK_LEN, PACK_PAD)
+    model.train()
+    optimizer = build_optimizer(model, run.train)
+    losses, norms = [], []
+    for step, batch in enumerate(batches):
+        set_lr(optimizer, step, run.train)
+        optimizer.zero_grad(set_to_none=True)
+        share = drun.data_share(PACK_ROWS) if drun is not None else None
+        micro, total, _ = step_tokens([batch if share is None else loaded_share(batch, share)], drun, PACK_PAD,
+                                      empty)
+        assert total == batch["num_tokens"], (total, batch["num_tokens"])
+        loss = forward_backward(model, micro[0], total, device="cpu", drun=drun)
+        losses.append(drun.all_sum(loss) if drun is not None else loss)
+        norms.append(clip_grads(model, run.train.grad_clip, drun))
+        optimizer.step()
+    model.eval()
+    # a whole batch, and one of 2 rows cut short (pipelines pad it to their length and row count)
+    small = {k: v for k, v in loaded_share(batches[2], (0, 2)).items() if k != "share"}
+    nll = [eval_nll(model, b, device="cpu", drun=drun) for b in (batches[0], small)]
+    if drun is not None and (drun.split or drun.pipeline) is not None:  # each rank scored its share
+        nll = [drun.all_sum(x) for x in nll]
+    weights = drun.full_state_dict(model) if drun is not None else model.state_dict()
+    return {"losses": losses, "norms": norms, "eval_nll": nll, "eval_tokens": [batches[0]["num_tokens"],
+                                                                                small["num_tokens"]],
+            "weights": {k: v.detach().clone() for k, v in weights.items()},
+            "share": share, "bridges": sorted(drun.bridges) if drun is not None else []}
+
+
+def packed_run(out: Path, layout: str, extra=(), name: str | None = None) -> None:
+    """:func:`packed_train` under ``layout``; each rank saves what it holds to OUT/packed_<name>_rank<r>.pt."""
+    result = packed_train(layout, extra)
+    torch.save(result, out / f"packed_{name or layout}_rank{int(os.environ['RANK'])}.pt")
 
 
 if __name__ == "__main__":

@@ -329,7 +329,7 @@ def test_audio_features_and_wav_formats(tmp_path):
     assert rate == 8000 and torch.allclose(x, torch.tensor([0.5, -0.5]), atol=1e-6)  # channels averaged
     assert resample(torch.ones(80), 8000, 16000).shape == (160,)
     (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
-    with pytest.raises(InputError, match=r"s3: cannot read WAV file .*bad.wav.*\(only uncompressed PCM WAV"):
+    with pytest.raises(InputError, match=r"s3: cannot read WAV file .*bad.wav: the file ends early .*\(audio is read by"):
         read_wav(tmp_path / "bad.wav", where="s3")
 
 
@@ -410,7 +410,8 @@ def _same(a, b) -> bool:
 
 
 def test_the_sample_order_is_the_seeded_epoch_permutation():
-    from mimo_spec.data.loader import SampleOrder, ShareSampler
+    from mimo_spec.data.loader import PlanSampler, SampleOrder
+    from mimo_spec.data.packing import LoaderState, Planner
 
     # the reference: epoch e is randperm(n) seeded by (seed * 1_000_003 + e) % 2**64, epochs back to back
     n, seed = 10, 7
@@ -419,12 +420,14 @@ def test_the_sample_order_is_the_seeded_epoch_permutation():
     order = SampleOrder(n, seed)
     assert [order[p] for p in range(3 * n)] == ref
     # batches of 4 from position 6 straddle the epochs; rank r of 2 loads samples [2r, 2r + 2) of each
+    planner = Planner(None, order, 4, 0, packing=False)  # one sample per row: no lengths needed
     for share in ((0, 2), (2, 4), None):
-        it = iter(ShareSampler(order, 4, share, start=6))
+        it = iter(PlanSampler(planner, share, LoaderState(6)))
         lo, hi = share or (0, 4)
-        assert [next(it) for _ in range(5)] == [ref[6 + 4 * b + lo: 6 + 4 * b + hi] for b in range(5)]
+        got = [[index for row, _, index in next(it)[1:]] for _ in range(5)]
+        assert got == [ref[6 + 4 * b + lo: 6 + 4 * b + hi] for b in range(5)]
     with pytest.raises(ValueError):
-        ShareSampler(order, 4, (3, 3))
+        PlanSampler(planner, (3, 3))
 
 
 def test_each_rank_loads_its_share_and_workers_change_nothing(vlm):
@@ -432,10 +435,10 @@ def test_each_rank_loads_its_share_and_workers_change_nothing(vlm):
     from mimo_spec.data.loader import TrainBatches, step_tokens
 
     ds, tok = synth(vlm)
-    coll = lambda s: collate(s, tok.pad_id)  # noqa: E731
-    whole = TrainBatches(ds, coll, seed=3, batch_size=8, position=250)  # crosses the epoch end at 256
-    ranks = [TrainBatches(ds, coll, seed=3, batch_size=8, position=250, share=(4 * r, 4 * r + 4)) for r in (0, 1)]
-    workers = TrainBatches(ds, coll, seed=3, batch_size=8, position=250, num_workers=2)
+    pad = tok.pad_id
+    whole = TrainBatches(ds, pad, seed=3, batch_size=8, state=250)  # crosses the epoch end at 256
+    ranks = [TrainBatches(ds, pad, seed=3, batch_size=8, state=250, share=(4 * r, 4 * r + 4)) for r in (0, 1)]
+    workers = TrainBatches(ds, pad, seed=3, batch_size=8, state=250, num_workers=2)
     for _ in range(3):
         g = whole.next()
         assert _same(workers.next(), g)  # built and collated in 2 worker processes: the same batch
@@ -460,6 +463,52 @@ def test_each_rank_loads_its_share_and_workers_change_nothing(vlm):
     workers.rewind(250 + 8)
     whole.rewind(250 + 8)
     assert _same(workers.next(), whole.next())
+    workers.close()
+
+
+def test_packed_shares_workers_and_resume_state(vlm):
+    """Packed batches: every rank plans the same global batch and loads its rows; workers change nothing;
+    the loader state (position + deferred samples) resumes the same sequence of batches."""
+    from mimo_spec.data.loader import SampleOrder, TrainBatches
+
+    ds, tok = synth(vlm)
+    pad, seq = tok.pad_id, 160
+    kw = dict(seed=3, batch_size=4, seq_len=seq)
+    whole = TrainBatches(ds, pad, **kw, state=240)
+    ranks = [TrainBatches(ds, pad, **kw, state=240, share=(2 * r, 2 * r + 2)) for r in (0, 1)]
+    workers = TrainBatches(ds, pad, **kw, state=240, num_workers=2)
+    order, used, states = SampleOrder(len(ds), 3), [], []
+    for _ in range(4):
+        states.append(whole.state)
+        g = whole.next()
+        assert _same(workers.next(), g)
+        assert g["input_ids"].shape == (4, seq) and g["document_ids"].shape == (4, seq)
+        shares = [r.next() for r in ranks]
+        for r, share in enumerate(shares):
+            lo, hi = 2 * r, 2 * r + 2
+            for k in ("input_ids", "labels", "attention_mask", "document_ids"):
+                assert torch.equal(share[k], g[k][lo:hi]), k
+        # an independent check of the packing: each row holds whole samples back to back, in document order
+        for row in range(4):
+            docs = g["document_ids"][row]
+            real = g["attention_mask"][row].bool()
+            for d in docs[real].unique().tolist():
+                span = (docs == d) & real
+                ids = g["input_ids"][row][span]
+                match = [p for p in range(240, 240 + 64) if p not in used and torch.equal(ds[order[p]]["input_ids"], ids)]
+                assert match, (row, d)
+                used.append(match[0])
+            # the padding tail is one more document
+            assert (docs[~real] == len(docs[real].unique())).all()
+        counted = ((g["labels"][:, 1:] != -100) & (g["document_ids"][:, 1:] == g["document_ids"][:, :-1])).sum()
+        assert g["num_tokens"] == int(counted)
+    assert len(set(used)) == len(used)  # no sample twice
+    # positions 240.. were used in order except those deferred: nothing skipped before the last position
+    assert set(range(240, whole.state.position)) - set(used) <= set(whole.state.deferred)
+    # resuming from a saved state replays the same batches
+    again = TrainBatches(ds, pad, **kw, state=states[2].to_dict())
+    whole.rewind(states[2])
+    assert _same(again.next(), whole.next())
     workers.close()
 
 
@@ -491,7 +540,7 @@ def test_bad_media_found_in_a_worker_is_the_same_data_error(av_model, fixture_di
     ds, tok = llava(av_model, fixture_dir)
     messages = []
     for workers in (0, 2):
-        batches = TrainBatches(ds, lambda s: collate(s, tok.pad_id), seed=0, batch_size=len(ds), num_workers=workers)
+        batches = TrainBatches(ds, tok.pad_id, seed=0, batch_size=len(ds), num_workers=workers, on_bad_sample="error")
         with pytest.raises(DataError) as e:
             batches.next()
         messages.append(str(e.value))

@@ -86,27 +86,28 @@ def test_output_modality_losses_come_from_the_loss_module():
 def test_pipeline_last_stage_loss_equals_the_single_process_loss(model):
     """The last stage's loss of each microbatch (padded to the pipeline's length, cut along the batch as
     torch.distributed.pipelining cuts the target) summed over microbatches, with the step's token
-    count, is the single-process loss of the whole batch, loss_mask included."""
-    from mimo_spec.errors import InputError
+    count, is the single-process loss of the whole batch, loss_mask included, packed documents too."""
     from mimo_spec.parallel.pipeline import PipelineRunner
 
-    batch = packed(model)
-    del batch["document_ids"]
-    with torch.no_grad():
-        single = model(**batch).lm_loss
-    runner = PipelineRunner.__new__(PipelineRunner)  # the loss side only: no process group needed
-    runner.seq_len, runner.pad_id = batch["input_ids"].shape[1] + 3, 0
-    counted = float((batch["loss_mask"][:, 1:] * (batch["labels"][:, 1:] != -100)).sum())
-    runner.total_tokens = counted
-    ids = runner._padded(batch)
-    target = runner._target(batch)
-    assert ids.shape == target.shape[:2]
-    with torch.no_grad():
-        logits = model(ids, batch["modality_inputs"]).logits  # causal: padding on the right changes nothing
-        parts = [runner._loss(lg, tg) for lg, tg in zip(torch.tensor_split(logits, 2), torch.tensor_split(target, 2))]
-    assert float(sum(parts)) == pytest.approx(float(single), rel=1e-5)
-    with pytest.raises(InputError, match="document_ids"):
-        runner._target(packed(model))
+    for with_documents in (False, True):
+        batch = packed(model)
+        if not with_documents:
+            del batch["document_ids"]
+        with torch.no_grad():
+            single = model(**batch).lm_loss
+        runner = PipelineRunner.__new__(PipelineRunner)  # the loss side only: no process group needed
+        runner.seq_len, runner.pad_id, runner.rows = batch["input_ids"].shape[1] + 3, 0, 0
+        counted = batch["loss_mask"][:, 1:] * (batch["labels"][:, 1:] != -100)
+        if with_documents:  # no document's first token
+            counted = counted * (batch["document_ids"][:, 1:] == batch["document_ids"][:, :-1])
+        runner.total_tokens = float(counted.sum())
+        padded = runner._padded(batch)
+        ids, target = padded["input_ids"], runner._target(padded)
+        assert ids.shape == target.shape[:2] and target.shape[-1] == 2 + with_documents
+        with torch.no_grad():  # causal: padding on the right (a document of its own) changes nothing
+            logits = model(ids, batch["modality_inputs"], document_ids=padded.get("document_ids")).logits
+            parts = [runner._loss(lg, tg) for lg, tg in zip(torch.tensor_split(logits, 2), torch.tensor_split(target, 2))]
+        assert float(sum(parts)) == pytest.approx(float(single), rel=1e-5)
 
 
 def test_tp_plans_are_a_registry_keyed_by_class():

@@ -46,8 +46,9 @@ def build_dataset(data_cfg, model, tokenizer, split: Literal["train", "eval"] = 
     """The map-style dataset of ``split`` for ``model``, as ``data_cfg`` describes.
 
     ``dataset[i]`` depends only on the config (seed included) and ``i``, so a
-    resumed run sees identical data. Datasets expose ``num_dropped`` and
-    ``drop_reasons`` ({reason: count}) for the trainer to report.
+    resumed run sees identical data; ``dataset.token_length(i)`` is its token count (what packing plans
+    with). A sample that cannot be used raises DataError (``mimo_spec.data.samples.Dropped`` for the
+    length limit's drops): the loader skips it under ``data.on_bad_sample: skip``.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -56,9 +57,11 @@ def build_dataset(data_cfg, model, tokenizer, split: Literal["train", "eval"] = 
         from mimo_spec.data.synthetic import SyntheticDataset
 
         return SyntheticDataset(cfg, model, tokenizer, split)
-    from mimo_spec.data.llava_json import LlavaJsonDataset
+    from mimo_spec.data.samples import RecordDataset, SampleBuilder
+    from mimo_spec.data.sources import open_source
 
-    return LlavaJsonDataset(cfg, model, tokenizer, split)
+    # the source only indexes its files here; samples are read, tokenised and decoded when asked for
+    return RecordDataset(open_source(cfg, split), SampleBuilder(cfg, model, tokenizer))
 
 
 # ------------------------------------------------------------------------------------- prompts

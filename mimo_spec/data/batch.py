@@ -80,15 +80,25 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 def pad_batch(batch: dict[str, Any], seq_len: int, pad_id: int) -> dict[str, Any]:
     """``batch`` right-padded to ``seq_len`` positions (as if collated with a longer sample): pad ids,
-    ignored labels, mask 0. Returns ``batch`` itself when it is that long already."""
+    ignored labels, mask 0 (``attention_mask`` and a ``loss_mask``). Packed rows (``document_ids``) give
+    the added positions a document id of their own in each row (one above the row's largest), so no
+    real token attends to them or predicts them whatever the row ended with. Returns ``batch`` itself
+    when it is that long already."""
     have = int(batch["input_ids"].shape[1])
     if have >= seq_len:
         return batch
     extra = seq_len - have
     out = dict(batch)
-    for key, value in (("input_ids", int(pad_id)), ("labels", IGNORE_INDEX), ("attention_mask", 0)):
-        t = batch[key]
+    for key, value in (("input_ids", int(pad_id)), ("labels", IGNORE_INDEX), ("attention_mask", 0),
+                       ("loss_mask", 0)):
+        t = batch.get(key)
+        if t is None and key in ("attention_mask", "loss_mask"):  # optional
+            continue
         out[key] = torch.cat([t, torch.full((t.shape[0], extra), value, dtype=t.dtype)], dim=1)
+    docs = batch.get("document_ids")
+    if docs is not None:  # one fresh id per row: positions restart there and attention stays apart
+        fresh = docs.amax(dim=1, keepdim=True) + 1 if docs.shape[1] else torch.zeros_like(docs[:, :1])
+        out["document_ids"] = torch.cat([docs, fresh.expand(docs.shape[0], extra)], dim=1)
     return out
 
 
@@ -119,9 +129,13 @@ def to_device(x, device: torch.device | str):
 
 
 def model_kwargs(batch: dict, device: torch.device | str) -> dict:
-    """The collated batch as MimoModel.forward keyword arguments, on ``device``."""
+    """The collated batch as MimoModel.forward keyword arguments, on ``device``. A packed batch's
+    ``document_ids`` go with them: the model restarts positions and keeps attention inside each document
+    (its loss, with the same ids, counts no document's first token)."""
     kw = {"input_ids": to_device(batch["input_ids"], device), "labels": to_device(batch["labels"], device),
           "modality_inputs": to_device(batch.get("modality_inputs") or {}, device)}
+    if batch.get("document_ids") is not None:
+        kw["document_ids"] = to_device(batch["document_ids"], device)
     if batch.get("output_targets"):
         kw["output_targets"] = to_device(batch["output_targets"], device)
     return kw

@@ -9,19 +9,23 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
 from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD
 from mimo_spec.errors import ConfigError, Problem, did_you_mean
 
-SOURCES = ("synthetic", "llava_json")
+SOURCES = ("synthetic", "llava_json", "webdataset", "parquet", "mixture")
 
 
 class ChatTemplate(BaseModel):
     """How turns are laid out (``data.template``). The defaults are LLaVA-1.5's (Vicuna v1) minus its
     system prompt: ``USER: <image>\\nWhat is this? ASSISTANT: a cat</s>``.
 
-    Both the validated config and what ``encode_conversation`` reads (frozen, so it can be a default).
+    Set, it always wins; unset (null), a Hugging Face tokenizer's own ``chat_template`` is used
+    (``apply_chat_template``) and these defaults only for a tokenizer without one (the byte tokenizer).
+    Each prefix, suffix and text is tokenised on its own; the tokenizer's eos closes every answer and is
+    trained with it. Both the validated config and what ``encode_conversation`` reads (frozen, so it can
+    be a default and a cache key).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
@@ -82,6 +86,9 @@ class SyntheticDataConfig(CommonDataConfig):
     generation_fraction: float = Field(0.3, ge=0.0, le=1.0)
     # std of Gaussian noise added to synthetic images and audio features
     noise: float = Field(0.05, ge=0.0)
+    # synthetic samples are short and alike: one per row keeps train.batch_size a sample count (packing
+    # them into max_seq_len rows multiplies the tokens of a step); set true to train packed rows
+    packing: bool = False
 
 
 class FileDataConfig(CommonDataConfig):
@@ -110,8 +117,86 @@ class LlavaJsonDataConfig(FileDataConfig):
     check_files: bool = True
 
 
-DataConfig = Union[SyntheticDataConfig, LlavaJsonDataConfig]
-_CONFIG_CLASSES = {"synthetic": SyntheticDataConfig, "llava_json": LlavaJsonDataConfig}
+class WebDatasetDataConfig(FileDataConfig):
+    """``data.source: webdataset``: tar shards in the WebDataset layout, see ``mimo_spec.data.sources``."""
+
+    source: Literal["webdataset"] = "webdataset"
+    # media paths written in a sample's json (a sample without media members) resolve here (null: the shard's folder)
+    image_folder: str | None = None
+    audio_folder: str | None = None
+
+
+class ParquetDataConfig(FileDataConfig):
+    """``data.source: parquet``: Parquet (or Arrow IPC) files, one sample a row, see ``mimo_spec.data.sources``."""
+
+    source: Literal["parquet"] = "parquet"
+    # a JSON string or a list of {from, value} structs
+    conversations_column: str = Field("conversations", min_length=1)
+    # binary, a path string, a Hugging Face Image / Audio struct {bytes, path}, or a list of them; a column the
+    # files lack gives no items; null: none read
+    image_column: str | None = "images"
+    audio_column: str | None = "audios"
+    id_column: str | None = "id"
+    # path-only cells resolve here (null: the Parquet file's folder)
+    image_folder: str | None = None
+    audio_folder: str | None = None
+
+
+# what a mixture entry sets besides its source's own keys: where its data is; the other FileDataConfig keys
+# (truncation, image_resize, ...) are shared, set once in ``data`` like every CommonDataConfig key
+_MIXTURE_ENTRY_FILE_KEYS = ("path", "eval_path", "eval_fraction", "max_samples", "index_dir")
+_MIXED_CLASSES = (LlavaJsonDataConfig, WebDatasetDataConfig, ParquetDataConfig)
+
+
+def _mixture_entry(cls: type[FileDataConfig]) -> type[BaseModel]:
+    """The model of one ``data.mixture`` entry of source ``cls``: ``weight`` plus the keys of ``cls`` that are
+    not shared."""
+    own = {k: (f.annotation, f) for k, f in cls.model_fields.items()
+           if k == "source" or (k not in CommonDataConfig.model_fields
+                                and (k not in FileDataConfig.model_fields or k in _MIXTURE_ENTRY_FILE_KEYS))}
+    return create_model(cls.__name__.replace("DataConfig", "MixtureEntry"), __module__=__name__,
+                        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+                        weight=(float, Field(gt=0.0)), **own)
+
+
+_MIXTURE_ENTRIES = {cls.model_fields["source"].default: _mixture_entry(cls) for cls in _MIXED_CLASSES}
+# module-level names, so that configs holding entries pickle (DataLoader workers)
+LlavaJsonMixtureEntry = _MIXTURE_ENTRIES["llava_json"]
+WebDatasetMixtureEntry = _MIXTURE_ENTRIES["webdataset"]
+ParquetMixtureEntry = _MIXTURE_ENTRIES["parquet"]
+MixtureEntry = Annotated[Union[tuple(_MIXTURE_ENTRIES.values())], Field(discriminator="source")]
+
+
+class _MixtureBase(CommonDataConfig):
+    source: Literal["mixture"] = "mixture"
+    # [{weight: 0.7, source: llava_json, path: ...}, {weight: 0.3, source: webdataset, path: ...}]
+    mixture: list[MixtureEntry] = Field(min_length=1)
+    _sources: list = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _build_sources(self):
+        shared = self.model_dump(exclude={"source", "mixture"})
+        self._sources = [
+            (entry.weight, _CONFIG_CLASSES[entry.source](**shared, **entry.model_dump(exclude={"weight"})))
+            for entry in self.mixture]
+        return self
+
+    def sources(self) -> list[tuple[float, FileDataConfig]]:
+        """(weight, the entry's full config: its own keys plus the shared ones from ``data``) per entry."""
+        return list(self._sources)
+
+
+# ``data.source: mixture``: weighted sources, see ``mimo_spec.data.sources.MixtureSource``; it also holds
+# FileDataConfig's shared keys (truncation, image_resize, image_modality, audio_modality, ...)
+MixtureDataConfig = create_model(
+    "MixtureDataConfig", __base__=_MixtureBase, __module__=__name__,
+    **{k: (f.annotation, f) for k, f in FileDataConfig.model_fields.items()
+       if k not in CommonDataConfig.model_fields and k not in _MIXTURE_ENTRY_FILE_KEYS})
+
+DataConfig = Union[SyntheticDataConfig, LlavaJsonDataConfig, WebDatasetDataConfig, ParquetDataConfig,
+                   MixtureDataConfig]
+_CONFIG_CLASSES = {"synthetic": SyntheticDataConfig, "llava_json": LlavaJsonDataConfig,
+                   "webdataset": WebDatasetDataConfig, "parquet": ParquetDataConfig, "mixture": MixtureDataConfig}
 
 
 def _plain(cfg) -> dict:
@@ -134,7 +219,8 @@ def validate_data_config(data_cfg) -> DataConfig:
     Raises one ConfigError listing every problem as ``data.<key>``, with a
     did-you-mean hint for misspelt keys.
     """
-    if isinstance(data_cfg, (SyntheticDataConfig, LlavaJsonDataConfig)):
+    if isinstance(data_cfg, (SyntheticDataConfig, LlavaJsonDataConfig, WebDatasetDataConfig, ParquetDataConfig,
+                             MixtureDataConfig)):
         return data_cfg
     # a mandatory value left unset in YAML (``???``) counts as missing
     raw = {k: v for k, v in _plain(data_cfg).items() if not (isinstance(v, str) and v == "???")}
@@ -150,6 +236,8 @@ def validate_data_config(data_cfg) -> DataConfig:
 
 def _problem(err: dict, cls: type[BaseModel]) -> Problem:
     loc = [str(p) for p in err["loc"]]
+    if cls is MixtureDataConfig and len(loc) >= 2 and loc[0] == "mixture" and loc[1].isdigit():
+        return _mixture_problem(err, loc)
     path = "data." + ".".join(loc)
     if err["type"] == "extra_forbidden":
         fields = cls.model_fields if len(loc) == 1 else ChatTemplate.model_fields
@@ -159,6 +247,30 @@ def _problem(err: dict, cls: type[BaseModel]) -> Problem:
         return Problem(path, f"required for source {cls.model_fields['source'].default!r}", f"set {path}=...")
     return Problem(path, f"{err['msg'].lower()}, got {err.get('input')!r}",
                    f"see conf/data/{cls.model_fields['source'].default}.yaml for the expected values")
+
+
+def _mixture_problem(err: dict, loc: list[str]) -> Problem:
+    """A problem in entry ``i`` of ``data.mixture``, named ``data.mixture[i].<key>``."""
+    rest = loc[2:]
+    source = rest.pop(0) if rest and rest[0] in _MIXTURE_ENTRIES else None  # the union's tag
+    rest = [p for p in rest if "[" not in p and p not in ("str", "int", "float", "bool")]  # other unions' members
+    path = f"data.mixture[{loc[1]}]" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in rest)
+    what = f"a {source} mixture entry" if source else "a mixture entry"
+    if err["type"] == "extra_forbidden":
+        if rest[-1] in MixtureDataConfig.model_fields and rest[-1] != "mixture":
+            return Problem(path, "shared by every source of the mixture: not set in an entry",
+                           f"set data.{rest[-1]} instead")
+        return Problem(path, f"unknown key for {what}", did_you_mean(rest[-1], _MIXTURE_ENTRIES[source].model_fields))
+    if err["type"] == "missing":
+        return Problem(path, f"required in {what}", f"set {path}=..." if rest[-1:] != ["weight"]
+                       else "give every entry a weight > 0: its share is weight / the sum of the weights")
+    if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        given = err.get("input")
+        return Problem(path + ".source", f"must be one of {', '.join(_MIXTURE_ENTRIES)}, got "
+                       f"{given.get('source') if isinstance(given, dict) else None!r}",
+                       "each entry names its source, e.g. {weight: 1, source: llava_json, path: data.jsonl}")
+    return Problem(path, f"{err['msg'].lower()}, got {err.get('input')!r}",
+                   "see conf/data/mixture.yaml for the expected values")
 
 
 def max_length(cfg: DataConfig, model) -> int:

@@ -1,20 +1,26 @@
 """Training batches: a ``torch.utils.data.DataLoader`` over a resumable, per-rank batch sampler.
 
 The order is fixed by the seed alone: epoch ``e`` is ``torch.randperm(len(dataset))`` seeded with
-``(seed * 1_000_003 + e) % 2**64``, and the global position ``p`` (samples consumed by the whole
-run) is sample ``order_e[p % len]`` of epoch ``p // len``. Each training micro-batch is the next
-``batch_size`` positions of that order (the *global* batch, which may straddle two epochs).
+``(seed * 1_000_003 + e) % 2**64``, and the global position ``p`` (samples read by the whole run) is
+sample ``order_e[p % len]`` of epoch ``p // len`` (a dataset with its own ``order(seed)``, a weighted
+mixture, says which sample each position is). Each global batch is ``batch_size`` rows planned by
+:class:`~mimo_spec.data.packing.Planner`: one sample per row, or packed rows of ``data.max_seq_len``
+tokens (``data.packing``).
 
-A rank loads and collates only its *share* of every global batch: samples ``[lo, hi)``, which for
+A rank loads and collates only its *share* of every global batch: rows ``[lo, hi)``, which for
 data parallelism is ``[i * B / dp, (i + 1) * B / dp)`` of data-parallel rank ``i`` (see
 ``ParallelContext.data_share``); a share of ``None`` is the whole global batch (one process, and
-ranks that need every item: split-layout encoders, bridged modalities). The position, the one
-number a checkpoint stores (``data_position`` in state.json), counts global samples, so a run
-resumes exactly under any layout and with any ``data.num_workers``.
+ranks that need every item: split-layout encoders, bridged modalities). Every rank plans the same
+global batches (from the samples' token counts: text only), then reads and decodes only its rows.
+The loader's state (:class:`~mimo_spec.data.packing.LoaderState`: the next position and the samples
+packing deferred) is what a checkpoint stores, so a run resumes exactly under any layout and with
+any ``data.num_workers``.
 
 Samples are built (media decoded, synthetic items rendered) and collated in ``data.num_workers``
 worker processes (0: in the training process). A sample depends only on its index, never on the
 worker that builds it, so the batches -- and the losses -- are the same for every worker count.
+A sample that cannot be used is skipped (``data.on_bad_sample: skip``) and reported in the batch's
+``skipped`` list, or stops the run (``error``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from mimo_spec.data.batch import pad_batch
+from mimo_spec.data.packing import LoaderState, Planner, collate_rows, skipped_from
 from mimo_spec.errors import DataError, MimoError
 
 
@@ -35,35 +42,95 @@ class SampleOrder:
 
         if size == 0:
             raise DataError("the training set is empty", path="data", hint="check data.path / data.num_samples")
-        # an epoch's order is one int64 permutation of the dataset, held in memory
-        require_fits(8 * size, machine_memory(), f"the sample order of {size:,} training samples",
+        # an epoch's order is one int64 permutation of the dataset, held in memory (two: a packed batch
+        # may straddle two epochs)
+        require_fits(16 * size, machine_memory(), f"the sample order of {size:,} training samples",
                      "data.num_samples", "lower data.num_samples (one epoch); more steps repeat the epochs")
         self.size, self.seed = int(size), int(seed)
-        self._epoch, self._perm = -1, None
+        self._perms: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, position: int) -> int:
         epoch, offset = divmod(int(position), self.size)
-        if epoch != self._epoch:
+        perm = self._perms.get(epoch)
+        if perm is None:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
-            self._perm, self._epoch = torch.randperm(self.size, generator=g).tolist(), epoch
-        return self._perm[offset]
+            perm = torch.randperm(self.size, generator=g)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = perm
+        return int(perm[offset])
+
+    def __len__(self) -> int:
+        return self.size
 
 
-class ShareSampler(torch.utils.data.Sampler):
-    """A batch sampler without end: from global position ``start``, for every global batch of
-    ``batch_size`` positions, the dataset indices of its samples ``share = (lo, hi)`` (None: all)."""
+class PlanSampler(torch.utils.data.Sampler):
+    """A batch sampler without end: from ``state`` on, for every global batch the planner plans, this
+    share's entries: first ``("plan", plan, rows)``, then ``(row, position, index)`` per sample of the
+    share's rows (``share = (lo, hi)``, None: all rows)."""
 
-    def __init__(self, order: SampleOrder, batch_size: int, share: tuple[int, int] | None = None, start: int = 0):
-        lo, hi = share if share is not None else (0, batch_size)
-        if not 0 <= lo < hi <= batch_size:
-            raise ValueError(f"share {share} is not a non-empty part of a batch of {batch_size}")
-        self.order, self.batch_size, self.lo, self.hi, self.start = order, int(batch_size), lo, hi, int(start)
+    def __init__(self, planner: Planner, share: tuple[int, int] | None = None, state: LoaderState = LoaderState()):
+        lo, hi = share if share is not None else (0, planner.batch_size)
+        if not 0 <= lo < hi <= planner.batch_size:
+            raise ValueError(f"share {share} is not a non-empty part of a batch of {planner.batch_size}")
+        self.planner, self.lo, self.hi, self.state = planner, lo, hi, state
 
     def __iter__(self):
-        position = self.start
+        state = self.state
         while True:
-            yield [self.order[position + k] for k in range(self.lo, self.hi)]
-            position += self.batch_size
+            plan = self.planner.plan(state)
+            rows = plan.rows[self.lo:self.hi]
+            yield [("plan", plan, len(rows))] + [(r, pos, index) for r, row in enumerate(rows) for pos, index in row]
+            state = plan.state
+
+
+class _Entries(torch.utils.data.Dataset):
+    """What a worker does with a sampler entry: builds the sample, or reports it skipped."""
+
+    def __init__(self, dataset, on_bad_sample: str = "skip"):
+        self.dataset, self.on_bad_sample = dataset, on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, entry):
+        if entry[0] == "plan":
+            return entry
+        row, _, index = entry
+        from mimo_spec.data.samples import Dropped
+
+        try:
+            return ("row", row, self.dataset[index])
+        except DataError as e:
+            if self.on_bad_sample == "error" and not isinstance(e, Dropped):
+                raise
+            return ("skip", skipped_from(e, index))
+
+
+class _EntriesCollate:
+    """Entries -> the collated share: rows of samples (packed or not), ``data_state`` (the loader state after
+    this batch), ``skipped`` (samples left out while planning and loading) and ``planned`` (samples in the
+    global batch)."""
+
+    def __init__(self, pad_id: int, seq_len: int | None):
+        self.pad_id, self.seq_len = int(pad_id), seq_len
+
+    def __call__(self, entries: list) -> dict:
+        _, plan, n_rows = entries[0]
+        rows: list[list[dict]] = [[] for _ in range(n_rows)]
+        skipped = list(plan.skipped)
+        loaded = []
+        for e in entries[1:]:
+            if e[0] == "row":
+                rows[e[1]].append(e[2])
+            else:
+                skipped.append(e[1])
+                loaded.append(e[1])
+        batch = collate_rows(rows, self.pad_id, self.seq_len)
+        batch["data_state"] = plan.state
+        batch["skipped"] = skipped
+        batch["load_skipped"] = loaded  # this share's (every rank plans the global batch: plan.skipped is global)
+        batch["planned"] = sum(len(r) for r in plan.rows) + len(plan.skipped)
+        return batch
 
 
 class _Polled(torch.utils.data.Dataset):
@@ -75,7 +142,7 @@ class _Polled(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         self.check()
         return self.dataset[index]
 
@@ -97,7 +164,7 @@ class _Carrying(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         try:
             return self.dataset[index]
         except MimoError as e:
@@ -121,32 +188,44 @@ class _CarryingCollate:
 
 
 class TrainBatches:
-    """This rank's micro-batches, in the run's order, from global position ``position`` on.
+    """This rank's micro-batches, in the run's order, from loader state ``state`` on.
 
     ``next()`` returns the next collated micro-batch (this rank's share of the next global batch)
-    and advances :attr:`position` by the global ``batch_size``. ``rewind(position)`` goes back (a
-    step cut short is undone); batches prefetched past it are dropped. ``check`` (in-process
-    loading only) is called before each sample, so a signal stops a long batch early.
+    and advances :attr:`state`. ``rewind(state)`` goes back (a step cut short is undone); batches
+    prefetched past it are dropped. ``check`` (in-process loading only) is called before each sample,
+    so a signal stops a long batch early. ``seq_len``: packed rows of that many tokens (None: one
+    sample per row, right-padded to the longest).
     """
 
-    def __init__(self, dataset, collate_fn: Callable[[list], dict], *, seed: int, batch_size: int,
-                 position: int = 0, share: tuple[int, int] | None = None, num_workers: int = 0,
-                 check: Callable[[], None] | None = None):
-        self.order = SampleOrder(len(dataset), seed)
-        self.dataset, self.collate_fn, self.seed = dataset, collate_fn, int(seed)
-        self.batch_size, self.share, self.num_workers, self.check = int(batch_size), share, int(num_workers), check
-        self.position = int(position)
+    def __init__(self, dataset, pad_id: int, *, seed: int, batch_size: int, seq_len: int | None = None,
+                 state: LoaderState | dict | int = LoaderState(), share: tuple[int, int] | None = None,
+                 num_workers: int = 0, prefetch: int = 2, on_bad_sample: str = "skip",
+                 check: Callable[[], None] | None = None, pin_memory: bool = False):
+        order = dataset.order(seed) if hasattr(dataset, "order") else SampleOrder(len(dataset), seed)
+        if len(dataset) == 0:
+            raise DataError("the training set is empty", path="data", hint="check data.path / data.num_samples")
+        self.planner = Planner(dataset, order, batch_size, seq_len or 0, seq_len is not None, on_bad_sample)
+        self.dataset, self.pad_id, self.seed, self.seq_len = dataset, int(pad_id), int(seed), seq_len
+        self.batch_size, self.share, self.num_workers = int(batch_size), share, int(num_workers)
+        self.prefetch, self.on_bad_sample, self.check, self.pin_memory = int(prefetch), on_bad_sample, check, pin_memory
+        self.state = state if isinstance(state, LoaderState) else LoaderState.from_dict(state)
         self._it = None
 
+    @property
+    def position(self) -> int:
+        return self.state.position
+
     def _start(self) -> None:
+        dataset: Any = _Entries(self.dataset, self.on_bad_sample)
+        collate_fn: Any = _EntriesCollate(self.pad_id, self.seq_len)
         if self.num_workers == 0:
-            dataset = _Polled(self.dataset, self.check) if self.check is not None else self.dataset
-            collate_fn = self.collate_fn
+            dataset = _Polled(dataset, self.check) if self.check is not None else dataset
         else:
-            dataset, collate_fn = _Carrying(self.dataset), _CarryingCollate(self.collate_fn)
+            dataset, collate_fn = _Carrying(dataset), _CarryingCollate(collate_fn)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=ShareSampler(self.order, self.batch_size, self.share, self.position),
+            dataset, batch_sampler=PlanSampler(self.planner, self.share, self.state),
             collate_fn=collate_fn, num_workers=self.num_workers,
+            prefetch_factor=self.prefetch if self.num_workers else None, pin_memory=self.pin_memory,
             # its own generator: starting an iterator draws a seed, which must not move the run's global RNG
             generator=torch.Generator().manual_seed(self.seed))
         self._it = iter(loader)
@@ -162,17 +241,17 @@ class TrainBatches:
         if isinstance(batch, _Raised):  # bad data found in a worker: the same error as loading in-process
             self.close()
             raise batch.error
-        self.position += self.batch_size
+        self.state = batch.pop("data_state")
         if self.share is not None:  # marks a share: ParallelContext.local_batch passes it through
             batch["share"] = self.share
         return batch
 
-    def rewind(self, position: int) -> None:
+    def rewind(self, state: LoaderState | dict | int) -> None:
         self.close()
-        self.position = int(position)
+        self.state = state if isinstance(state, LoaderState) else LoaderState.from_dict(state)
 
     def close(self) -> None:
-        """Stop the worker processes (a later ``next()`` starts them again at :attr:`position`)."""
+        """Stop the worker processes (a later ``next()`` starts them again at :attr:`state`)."""
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
@@ -184,9 +263,13 @@ def step_tokens(micro: list[dict], drun, pad_id: int, empty: dict | None = None)
     Counted tokens (labels the loss counts) and real tokens (attention mask) are those of the global
     batches: they weight every micro-batch's loss and measure throughput. When ranks load shares
     (batches marked with their ``share``), one all-gather sums them over the data-parallel shares,
-    each share is padded to its global batch's length, and a share without an item (or a target) of
-    a modality its global batch has gets none of it from ``empty`` (see ``batch.empty_parts``): every
-    tensor is then what slicing the collated global batch gave, as when one process collates all.
+    each share is padded to its global batch's length (``batch.pad_batch``: packed rows' added positions
+    get a document id of their own, so counts and losses stay those of the share), and a share without
+    an item (or a target) of a modality its global batch has gets none of it from ``empty`` (see
+    ``batch.empty_parts``): every tensor is then what slicing the collated global batch gave (rows of
+    the packed global batch, with their ``document_ids`` and per-row ``items_per_sample``), as when one
+    process collates all. Counted tokens are the batches' own ``num_tokens`` (for packed rows: without
+    the first token of each document, as ``loss.token_weights`` counts).
     """
     counted = sum(int(b["num_tokens"]) for b in micro)
     real = sum(int(b["attention_mask"].sum()) for b in micro)

@@ -1,20 +1,44 @@
-"""Turning files into encoder inputs: images (Pillow) and WAV audio (log-mel features).
+"""Turning media into encoder inputs: images through a Hugging Face image processor, audio through
+libsndfile, a proper resampler and Whisper's log-mel features.
 
-``MediaProcessor`` knows, for one model, which modality takes images and which
-takes audio, how many placeholder tokens one item needs, and how to load a file
-into ``{encoder_name: {kwarg: tensor (1, ...)}}``. The LLaVA-JSON dataset and
-prompt-time generation both use it, so training and inference see the same pixels.
+``MediaProcessor`` knows, for one model, which modality takes images and which takes audio, how
+many placeholder tokens one item needs, and how to load a :class:`~mimo_spec.data.records.Media`
+(a file, or bytes from a tar shard or a Parquet cell) into ``{encoder_name: {kwarg: tensor (n, ...)}}``.
+The sources, the sample builder and prompt-time generation all use it, so training and inference
+see the same pixels and features.
+
+Images: Pillow decodes (a fixed list of raster formats); the EXIF orientation is applied, alpha is
+composited on white, 16-bit and float images are scaled to 8 bits; then ``data.image_resize``
+(``pad``: expand to a square with the mean colour, as LLaVA-1.5; ``crop``: the processor's
+shortest-edge resize and centre crop, as CLIP; ``squash``: resize to the square) and the image
+processor (``data.image_processor``, a local folder, or a ``CLIPImageProcessor`` built from the
+encoder's size and ``data.image_mean`` / ``data.image_std``; Pillow backend either way, so the
+pixels do not depend on whether torchvision is installed).
+
+Audio: libsndfile (through ``soundfile``) reads WAV (8/16/24/32-bit integer, 32/64-bit float),
+FLAC, OGG Vorbis/Opus, MP3, AIFF... from a path or bytes; channels are averaged; ``soxr``
+resamples to 16 kHz (band-limited: no aliasing). Audio longer than the encoder's window
+(``max_frames * 160`` samples) is split into one item per window (``audio_overflow: split``; at
+most ``MAX_AUDIO_ITEMS`` items, the rest is cut) or cut to one window (``truncate``). Files are read
+block by block and only as far as the items use, so neither a long file nor a damaged header
+makes a worker decode more than the items need.
+
+Every unreadable file raises :class:`~mimo_spec.errors.DataError` naming it (the sample builder
+skips such samples); a processor or setting that does not fit the model is a ``ConfigError``.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
-import wave
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mimo_spec.data.records import Media
 from mimo_spec.errors import ConfigError, DataError, InputError
 
 # CLIP's normalisation (also LLaVA's)
@@ -26,6 +50,21 @@ SAMPLING_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 
+IMAGE_RESIZES = ("pad", "crop", "squash")
+AUDIO_OVERFLOWS = ("split", "truncate")
+# audio_overflow "split": at most this many items from one file (64 windows: 32 minutes at Whisper's 30 s,
+# 41 s at 0.64 s); the rest of a longer file is cut, as with "truncate", and reported by audio_items()
+MAX_AUDIO_ITEMS = 64
+
+
+def as_media(item, kind: str = "") -> Media:
+    """A :class:`Media`, or a path (``Path`` / ``str``) as a file-backed one named by its path."""
+    if isinstance(item, Media):
+        return item
+    if isinstance(item, (str, Path)):
+        return Media(name=str(item), path=Path(item))
+    raise TypeError(f"expected a Media or a path for the {kind} item, got {type(item).__name__}")
+
 
 # ------------------------------------------------------------------------------------ images
 
@@ -33,73 +72,201 @@ HOP_LENGTH = 160
 # external program), and a data set should not reach a format's plugin because of its file's first bytes.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO")
 
-def load_image(path: Path, where: str = ""):
-    """Open an image file with Pillow (fully decoded). Raises DataError naming ``where`` and ``path``."""
+_IMAGE_HINT = "the file is not an image Pillow can decode; re-export it or remove the sample"
+
+
+def load_image(item, where: str = ""):
+    """An image (``Media`` or path) -> a fully decoded RGB ``PIL.Image``, ready for the encoder.
+
+    The EXIF orientation is applied; alpha (RGBA, LA, PA, palette or grey with a transparent
+    colour) is composited on white; 16-bit grey ("I;16", "I;16B", "I") is scaled to 8 bits by
+    ``v / 257`` (the full 0..65535 range to 0..255) and float ("F") from 0..1; CMYK, grey and
+    palette images become RGB. A truncated, empty or unknown file raises ``DataError`` naming it.
+    """
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         raise InputError("reading images needs Pillow", path=where, hint="pip install pillow") from None
-    if not Path(path).is_file():
-        raise DataError(f"image file not found: {path}", path=where, hint="check data.image_folder")
+    media = as_media(item, "image")
+    if not media.exists():
+        raise DataError(f"image file not found: {media.name}", path=where, hint="check data.image_folder")
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as img:
+        with media.open() as f:
+            img = Image.open(f, formats=IMAGE_FORMATS)
             w, h = img.size  # from the header: refuse what cannot be decoded in memory before decoding it
-            _require_image_fits(w * h * max(1, len(img.getbands())) * 2, path, where, f"decoding it ({w}x{h})")
-            img.load()
-            return img.copy()
+            _require_image_fits(w * h * max(1, len(img.getbands())) * 2, media.name, where,
+                                f"decoding it ({w}x{h})")
+            img.load()  # the first frame, in memory: the image outlives the file
+        try:
+            ImageOps.exif_transpose(img, in_place=True)  # turned upright
+        except Exception:  # an unreadable EXIF block: the pixels are fine, keep them as stored
+            pass
+        return _to_rgb(img)
     except DataError:
         raise
     except Exception as e:
-        empty = Path(path).stat().st_size == 0
-        reason = "the file is empty" if empty else (str(e) or f"{type(e).__name__} while decoding")
-        raise DataError(f"cannot read image {path}: {reason}", path=where,
-                         hint="the file is not an image Pillow can decode; re-export it or remove the sample") from None
+        reason = "the file is empty" if media.size() == 0 else (str(e) or f"{type(e).__name__} while decoding")
+        raise DataError(f"cannot read image {media.name}: {reason}", path=where, hint=_IMAGE_HINT) from None
 
 
-def _require_image_fits(need: int, path, where: str, doing: str) -> None:
+def _to_rgb(img):
+    """A decoded PIL image of any mode -> RGB (see :func:`load_image`)."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.rint(np.clip(a, 0, 65535) / 257.0).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.rint(np.clip(np.asarray(img), 0.0, 1.0) * 255.0).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _require_image_fits(need: int, name, where: str, doing: str) -> None:
     from mimo_spec.train.limits import machine_memory, require_fits
 
-    require_fits(need, machine_memory(), f"image {path}: {doing}", where or str(path),
+    require_fits(need, machine_memory(), f"image {name}: {doing}", where or str(name),
                  "shrink the image (or give it a less extreme aspect ratio), or remove the sample", cls=DataError)
 
 
 def resize_pixels(width: int, height: int, size: int, resize: str = "pad") -> int:
-    """Pixels of the largest intermediate image :func:`image_to_tensor` makes from a width x height image."""
+    """Pixels of the largest intermediate image the resize makes from a width x height image."""
     if resize == "pad" and width != height:
         return max(width, height) ** 2
     if resize == "crop" and width != height:
         scale = size / min(width, height)
         return max(size, round(width * scale)) * max(size, round(height * scale))
-    return size * size
+    return max(width * height, size * size)
 
 
-def image_to_tensor(img, size: int, num_channels: int, mean, std, resize: str = "pad") -> torch.Tensor:
-    """A PIL image -> normalised pixel values (num_channels, size, size).
-
-    resize: "pad" (pad to a square with the mean colour, then resize: LLaVA-1.5),
-    "crop" (resize the short side, centre crop: CLIP), "squash" (resize, ignoring aspect).
-    """
+def expand_to_square(img, fill):
+    """LLaVA-1.5's padding: the image centred on a square of colour ``fill`` (a tuple of 0..255 ints)."""
     from PIL import Image
 
-    img = img.convert("RGB" if num_channels == 3 else "L")
     w, h = img.size
-    if resize == "pad" and w != h:
-        side = max(w, h)
-        fill = tuple(int(round(m * 255)) for m in mean) if num_channels == 3 else int(round(mean[0] * 255))
-        canvas = Image.new(img.mode, (side, side), fill)
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = canvas
-    elif resize == "crop" and w != h:
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), fill if img.mode != "L" else fill[0])
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD, resize: str = "crop", num_channels: int = 3):
+    """A ``CLIPImageProcessor`` (Pillow backend) making ``size`` x ``size`` inputs: shortest-edge
+    resize and centre crop, or (``resize="squash"``) a resize to the square; bicubic, then
+    rescale to 0..1 and normalise with ``mean`` / ``std``."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("preprocessing images needs the transformers package", path="data.image_processor",
+                          hint="pip install 'mimo-spec[hf]'") from None
+    # transformers 5 names the Pillow backend CLIPImageProcessorPil; in 4.x CLIPImageProcessor is that one
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    squash = resize == "squash"
+    return cls(
+        size={"height": size, "width": size} if squash else {"shortest_edge": size},
+        crop_size={"height": size, "width": size}, do_center_crop=not squash,
+        image_mean=list(mean), image_std=list(std), do_convert_rgb=num_channels == 3)
+
+
+def load_image_processor(directory: str | Path, key: str = "data.image_processor"):
+    """The image processor saved in a LOCAL folder (``preprocessor_config.json``), Pillow backend.
+    A folder asking transformers to run its own code is refused: nothing is imported from it."""
+    from mimo_spec.data.tokenizer import remote_code_request, resolve_path
+
+    folder = resolve_path(directory)
+    if not folder.is_dir():
+        raise ConfigError(f"no such image processor folder: {folder}", path=key,
+                          hint="give a local folder saved with image_processor.save_pretrained(); nothing is "
+                               "downloaded; or null to build a CLIP processor from the encoder's size")
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ConfigError(f"{folder} holds no preprocessor_config.json", path=key,
+                          hint="save one with image_processor.save_pretrained(folder)")
+    remote = remote_code_request(folder)
+    if remote:
+        raise ConfigError(f"the image processor in {folder} asks to run code from its folder ({remote}); "
+                          "mimo-spec never runs code that comes with a processor", path=key,
+                          hint="use a processor class transformers ships, or null to build a CLIP processor")
+    try:
+        import transformers
+        from transformers import AutoImageProcessor
+    except ImportError:
+        raise ConfigError("an image processor folder needs the transformers package", path=key,
+                          hint="pip install 'mimo-spec[hf]'") from None
+    # the Pillow backend, as the built processor: the same pixels whether torchvision is installed or not
+    pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+    try:
+        return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **pil)
+    except Exception as e:  # corrupt or incomplete files: say which folder
+        raise ConfigError(f"cannot load the image processor in {folder}: {e}", path=key,
+                          hint="check the folder was written by save_pretrained()") from None
+
+
+class ImageTransform:
+    """One image encoder's preprocessing: a decoded RGB image -> pixel values (1, C, size, size).
+
+    ``resize`` is applied first ("pad": expand to a square with the processor's mean colour;
+    "squash": resize to the square when the processor would crop), then the processor.
+    ``presize``: the processor's own resize is a bicubic shortest-edge one to ``size`` (as
+    :func:`clip_image_processor`'s), so it is done here, in Pillow, to the size the processor would
+    compute (its resize then has nothing to do): the same pixels, without the processor's array
+    round trip of a large image.
+    """
+
+    def __init__(self, processor, size: int, num_channels: int, resize: str, key: str = "data.image_processor",
+                 presize: bool = False):
+        self.processor, self.size, self.num_channels, self.resize = processor, int(size), int(num_channels), resize
+        self.presize = presize
+        mean = getattr(processor, "image_mean", None) or CLIP_MEAN
+        mean = [float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean])]
+        self.fill = tuple(int(m * 255) for m in mean)  # LLaVA's background: int(), not round()
+        self.pre_squash = resize == "squash" and bool(getattr(processor, "do_center_crop", False))
+        # one probe through the processor, on a non-square image: its output must be what the encoder takes
+        from PIL import Image
+
+        probe = Image.new("RGB" if num_channels == 3 else "L", (48, 32))
+        got = tuple(self._run(probe).shape)
+        want = (1, self.num_channels, self.size, self.size)
+        if got != want:
+            raise ConfigError(f"the image processor makes pixel values of shape {got}, but the encoder takes "
+                              f"{want}", path=key,
+                              hint=f"use a processor whose output size is {size}x{size} with {num_channels} "
+                                   "channel(s), or null to build one from the encoder's size")
+
+    def _run(self, img) -> torch.Tensor:
+        from PIL import Image
+
+        if self.resize == "pad":
+            img = expand_to_square(img, self.fill)
+        if self.pre_squash or (self.presize and img.width == img.height):
+            target = (self.size, self.size)
+        elif self.presize and self.resize == "crop":
+            # transformers' shortest-edge size: the short side to size, the long one scaled and truncated
+            short, long = sorted(img.size)
+            scaled = int(self.size * long / short)
+            target = (self.size, scaled) if img.width <= img.height else (scaled, self.size)
+        else:
+            target = img.size
+        if img.size != target:
+            img = img.resize(target, Image.BICUBIC)
+        out = self.processor(images=img, return_tensors="pt")["pixel_values"]
+        return out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
+
+    def __call__(self, img, name: str = "", where: str = "") -> torch.Tensor:
         w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().div_(255)
-    x = x.view(size, size, -1).permute(2, 0, 1)  # (C, H, W)
-    return normalize(x, mean, std)
+        _require_image_fits(resize_pixels(w, h, self.size, self.resize) * 4 * 3, name, where,
+                            f"resizing it ({w}x{h}, image_resize {self.resize}) to {self.size}x{self.size}")
+        img = img if self.num_channels == 3 else img.convert("L")
+        x = self._run(img).float()
+        if x.shape != (1, self.num_channels, self.size, self.size):
+            raise ConfigError(f"the image processor made pixel values of shape {tuple(x.shape)} for image {name}, "
+                              f"expected {(1, self.num_channels, self.size, self.size)}", path="data.image_processor")
+        return x
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -115,84 +282,175 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- audio
 
-# sample rates a WAV file may declare (a header claiming 1 Hz or 2**31 Hz is damaged, not audio)
+# sample rates an audio file may declare (a header claiming 1 Hz or 2**31 Hz is damaged, not audio)
 MIN_RATE, MAX_RATE = 1000, 1_000_000
+# frames read at once: about 4 MB of float32 whatever the channel count
+_BLOCK_VALUES = 1 << 20
+
+_LABELS = {"wav": "WAV file", "wave": "WAV file", "flac": "FLAC file", "mp3": "MP3 file", "ogg": "OGG file",
+           "oga": "OGG file", "opus": "OGG file", "aif": "AIFF file", "aiff": "AIFF file"}
+_AUDIO_HINT = ("audio is read by libsndfile (WAV, FLAC, OGG Vorbis/Opus, MP3, AIFF...); re-export it, e.g. "
+               "ffmpeg -i in -ar 16000 out.flac, or remove the sample")
 
 
-def read_wav(path: Path, where: str = "", max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
-    """A PCM WAV file -> (mono waveform float32 in [-1, 1] of shape (T,), sample rate).
+def _label(media: Media) -> str:
+    return _LABELS.get(media.suffix, "audio file")
 
-    ``max_seconds``: read only the start of the file (what the features use), so a long file, or
-    one whose header declares a tiny sample rate, never decodes more than that.
-    """
-    if not Path(path).is_file():
-        raise DataError(f"audio file not found: {path}", path=where, hint="check data.audio_folder")
+
+def _open_sound(media: Media):
+    import soundfile
+
+    return soundfile.SoundFile(str(media.path) if media.data is None else io.BytesIO(media.data))
+
+
+def _cannot_read(media: Media, where: str, error: Exception | None, reason: str = "") -> DataError:
+    return DataError(f"cannot read {_label(media)} {media.name}: {reason or _audio_problem(media, error)}",
+                     path=where, hint=_AUDIO_HINT)
+
+
+def _head(media: Media, n: int = 1 << 16) -> bytes:
     try:
-        with wave.open(str(path), "rb") as f:
-            channels, width, rate, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            if not MIN_RATE <= rate <= MAX_RATE:
-                raise DataError(f"{path} declares a sample rate of {rate} Hz (expected {MIN_RATE}..{MAX_RATE} Hz): "
-                                "the header is damaged or the file is not audio", path=where or str(path),
-                                hint="re-export it, e.g. ffmpeg -i in.wav -ar 16000 -acodec pcm_s16le out.wav")
-            if max_seconds is not None:
-                n = min(n, math.ceil(max_seconds * rate) + 2)
-            # bounded by the file's size whatever the header says: raw bytes, then float32 per channel
-            on_disk = max(0, Path(path).stat().st_size - 44) // max(1, channels * width)
-            from mimo_spec.train.limits import machine_memory, require_fits
-
-            require_fits(min(n, on_disk) * channels * (width + 8), machine_memory(), f"decoding WAV file {path}",
-                         where or str(path), "cut the file to the part the model uses, or remove the sample",
-                         cls=DataError)
-            raw = f.readframes(n)
-    except (wave.Error, EOFError, OSError) as e:
-        raise DataError(f"cannot read WAV file {path}: {_wav_problem(path, e)}", path=where,
-                         hint="only uncompressed PCM WAV is read (8/16/24/32-bit); "
-                              "convert with e.g. ffmpeg -i in -acodec pcm_s16le out.wav") from None
-    frame = channels * width
-    raw = raw[: len(raw) // frame * frame] if frame else b""  # a file cut inside a frame: whole frames only
-    if not raw:
-        raise DataError(f"cannot read WAV file {path}: it holds no audio frames"
-                        + (" (the header declares some, but the file ends before them)" if n else ""),
-                        path=where, hint="re-export the audio, or remove the sample")
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    if width == 1:  # 8-bit WAV is unsigned
-        x = (data.float() - 128.0) / 128.0
-    elif width in (2, 4):
-        x = data.view(torch.int16 if width == 2 else torch.int32).float() / float(2 ** (8 * width - 1))
-    elif width == 3:  # little-endian 24-bit: assemble, then sign-extend
-        b = data.view(-1, 3).int()
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = torch.where(v >= 2**23, v - 2**24, v).float() / float(2**23)
-    else:
-        raise DataError(f"unsupported sample width {width} bytes in {path}", path=where)
-    x = x[: (x.numel() // channels) * channels].view(-1, channels).mean(dim=1)
-    return x, rate
+        with media.open() as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
-def _wav_problem(path: Path, error: Exception) -> str:
-    """What is wrong with a WAV file the wave module refused, in words (its errors are often empty)."""
-    if isinstance(error, OSError):
-        return error.strerror or str(error) or type(error).__name__
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-    except OSError as e:
-        return e.strerror or str(e)
-    if not head:
+def _riff_state(head: bytes, size: int) -> tuple[bool, int | None]:
+    """For a RIFF WAVE file: (whether it ends inside its header, before a data chunk; the bytes its data
+    chunk declares, or None)."""
+    if len(head) < 12:
+        return True, None
+    pos, end = 12, min(size, len(head))
+    while pos + 8 <= end:
+        chunk, length = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            return False, length
+        if pos + 8 + length > size:  # a chunk before the data runs past the end of the file
+            return True, None
+        pos += 8 + length + (length & 1)
+    return pos + 8 > size, None  # no room left for a data chunk (or beyond the bytes read: cannot tell)
+
+
+def _audio_problem(media: Media, error: Exception | None) -> str:
+    """What is wrong with an audio file libsndfile refused, in words (its messages name no file)."""
+    if isinstance(error, OSError) and not media.exists():
+        return "the file does not exist"
+    size = media.size()
+    if size == 0:
         return "the file is empty"
-    if head[:4] != b"RIFF"[: len(head[:4])] or (len(head) >= 12 and head[8:12] != b"WAVE"):
-        return f"not a RIFF WAVE file (it starts with {head!r})"
-    if len(head) < 12 or isinstance(error, EOFError) or not str(error):
-        return f"the file ends early ({Path(path).stat().st_size} bytes): its header or chunks are cut short"
-    return str(error)
+    head = _head(media)
+    riff = head[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64")
+    if _label(media) == "WAV file" or riff:
+        if not riff or (len(head) >= 12 and head[8:12] != b"WAVE"):
+            return f"not a RIFF WAVE file (it starts with {head[:12]!r})"
+        if _riff_state(head, size)[0]:
+            return f"the file ends early ({size} bytes): its header or chunks are cut short"
+    message = getattr(error, "error_string", None) or str(error or "") or type(error).__name__
+    message = message.split(": ", 1)[-1] if message.startswith("Error opening") else message
+    if "not recognised" in message or "not recognized" in message:
+        return f"not an audio format libsndfile reads (it starts with {head[:12]!r})"
+    if "malformed" in message.lower() or "lost sync" in message or "fseek" in message:
+        return f"the file is damaged or truncated ({size} bytes): {message}"
+    return message
+
+
+def _no_frames(media: Media) -> str:
+    head = _head(media)
+    declared = head[:4] in (b"RIFF", b"RF64") and bool(_riff_state(head, media.size())[1])
+    return "it holds no audio frames" + (" (the header declares some, but the file ends before them)"
+                                         if declared else "")
+
+
+def audio_info(item, where: str = "") -> tuple[int, int, int]:
+    """(frames, sample rate, channels) of an audio item from its header (nothing decoded).
+
+    Raises DataError naming the item when it is missing, not audio, damaged, empty of frames, or
+    declares a sample rate outside ``MIN_RATE..MAX_RATE``.
+    """
+    media = as_media(item, "audio")
+    if not media.exists():
+        raise DataError(f"audio file not found: {media.name}", path=where, hint="check data.audio_folder")
+    try:
+        with _open_sound(media) as f:
+            frames, rate, channels = int(f.frames), int(f.samplerate), int(f.channels)
+    except Exception as e:
+        raise _cannot_read(media, where, e) from None
+    _check_header(media, where, frames, rate, channels)
+    return frames, rate, channels
+
+
+def _check_header(media: Media, where: str, frames: int, rate: int, channels: int) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise DataError(f"{media.name} declares a sample rate of {rate} Hz (expected {MIN_RATE}..{MAX_RATE} Hz): "
+                        "the header is damaged or the file is not audio", path=where or media.name,
+                        hint="re-export it, e.g. ffmpeg -i in.wav -ar 16000 out.flac")
+    if channels < 1:
+        raise _cannot_read(media, where, None, f"it declares {channels} channels")
+    if frames <= 0:
+        raise _cannot_read(media, where, None, _no_frames(media))
+
+
+def _require_audio_fits(need: float, media: Media, where: str, doing: str) -> None:
+    from mimo_spec.train.limits import machine_memory, require_fits
+
+    require_fits(need, machine_memory(), f"{doing} {_label(media)} {media.name}", where or media.name,
+                 "cut the file to the part the model uses, or remove the sample", cls=DataError)
+
+
+def _mono_blocks(f, media: Media, where: str, frames: int, channels: int):
+    """Up to ``frames`` frames of an open SoundFile as float32 mono blocks; stops early at the file's end."""
+    block = max(1024, _BLOCK_VALUES // channels)
+    read = 0
+    while read < frames:
+        want = min(block, frames - read)
+        try:
+            data = f.read(want, dtype="float32", always_2d=True)
+        except Exception as e:
+            raise _cannot_read(media, where, e) from None
+        read += len(data)
+        yield data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32), len(data) < want
+        if len(data) < want:
+            return
+
+
+def read_audio(item, where: str = "", max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+    """An audio item -> (mono waveform float32 in [-1, 1] of shape (T,), its sample rate).
+
+    ``max_seconds``: read only the start (what the features use), so a long file, or one whose
+    header declares a tiny sample rate, never decodes more than that.
+    """
+    media = as_media(item, "audio")
+    frames, rate, channels = audio_info(media, where)
+    if max_seconds is not None:
+        frames = min(frames, math.ceil(max_seconds * rate) + 2)
+    _require_audio_fits(frames * 4 + _BLOCK_VALUES * 8, media, where, "decoding")
+    try:
+        with _open_sound(media) as f:
+            parts = [block for block, _ in _mono_blocks(f, media, where, frames, channels)]
+    except DataError:
+        raise
+    except Exception as e:
+        raise _cannot_read(media, where, e) from None
+    x = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if x.size == 0:
+        raise _cannot_read(media, where, None, _no_frames(media))
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), rate
+
+
+def read_wav(path, where: str = "", max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+    """:func:`read_audio` under its former name (any format libsndfile reads, not only WAV)."""
+    return read_audio(path, where, max_seconds)
 
 
 def resample(x: torch.Tensor, rate: int, target: int) -> torch.Tensor:
-    """(T,) -> (T * target / rate,) by linear interpolation (adequate for speech features, not hi-fi)."""
+    """(T,) at ``rate`` -> (about T * target / rate,) at ``target``, band-limited (soxr, high quality)."""
     if rate == target or x.numel() == 0:
         return x
-    n = max(1, round(x.numel() * target / rate))
-    return F.interpolate(x.view(1, 1, -1), size=n, mode="linear", align_corners=False).view(-1)
+    import soxr
+
+    y = soxr.resample(x.detach().cpu().numpy().astype(np.float32, copy=False), rate, target, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(y))
 
 
 def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:  # Slaney: linear below 1 kHz, log above
@@ -206,6 +464,7 @@ def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m >= 15.0, 1000.0 * torch.exp((math.log(6.4) / 27.0) * (m - 15.0)), hz)
 
 
+@functools.lru_cache(maxsize=8)
 def mel_filter_bank(num_mel_bins: int, n_fft: int = N_FFT, sampling_rate: int = SAMPLING_RATE,
                     f_max: float = 8000.0) -> torch.Tensor:
     """Slaney-normalised triangular filters (n_fft // 2 + 1, num_mel_bins), as Whisper's feature extractor."""
@@ -223,8 +482,14 @@ def mel_filter_bank(num_mel_bins: int, n_fft: int = N_FFT, sampling_rate: int = 
     return filters.float()
 
 
+@functools.lru_cache(maxsize=1)
+def _hann() -> torch.Tensor:
+    return torch.hann_window(N_FFT)
+
+
 def log_mel(waveform: torch.Tensor, num_mel_bins: int, num_frames: int) -> torch.Tensor:
-    """16 kHz mono waveform (T,) -> Whisper log-mel features (num_mel_bins, num_frames).
+    """16 kHz mono waveform (T,) -> Whisper log-mel features (num_mel_bins, num_frames), equal to
+    ``WhisperFeatureExtractor(feature_size=num_mel_bins)`` on a ``num_frames * 160``-sample chunk.
 
     The waveform is zero-padded or truncated to ``num_frames * 160`` samples (Whisper
     pads every clip to its window), then: STFT (400-point Hann, hop 160), power,
@@ -232,7 +497,7 @@ def log_mel(waveform: torch.Tensor, num_mel_bins: int, num_frames: int) -> torch
     """
     n = num_frames * HOP_LENGTH
     x = F.pad(waveform.float()[:n], (0, max(0, n - waveform.numel())))
-    stft = torch.stft(x, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
+    stft = torch.stft(x, N_FFT, HOP_LENGTH, window=_hann(), return_complex=True)
     power = stft[:, :-1].abs() ** 2  # (F, num_frames): the last frame is dropped, as Whisper does
     mel = mel_filter_bank(num_mel_bins).T @ power
     logs = torch.clamp(mel, min=1e-10).log10()
@@ -269,19 +534,37 @@ def find_modality(model, kind: str, chosen: str | None, key: str) -> str | None:
 
 
 class MediaProcessor:
-    """Loads image and audio files into one model's encoder inputs.
+    """Loads image and audio items into one model's encoder inputs.
 
-    ``image(path)`` / ``audio(path)`` -> ``{encoder_name: {kwarg: tensor (1, ...)}}``;
-    ``tokens_per_item[modality]`` is the placeholder run length of one item. Only
-    the encoders' geometry is kept (not the model), so datasets holding one pickle
-    cheaply into DataLoader workers.
+    ``image(media)`` -> ``{encoder_name: {"pixel_values": (1, C, H, W)}}``;
+    ``audio(media)`` -> ``{encoder_name: {"input_features": (n, mel_bins, frames)}}`` with
+    ``n = audio_items(media)[0]`` (several windows under ``audio_overflow="split"``);
+    ``tokens_per_item[modality]`` is the placeholder run length of one item. ``media`` is a
+    :class:`~mimo_spec.data.records.Media` or a path. Only the encoders' geometry and the image
+    processors are kept (not the model), so datasets holding one pickle cheaply into DataLoader workers.
+
+    ``image_processor``: a local Hugging Face image processor folder, else a ``CLIPImageProcessor``
+    built from each encoder's size and ``image_mean`` / ``image_std``. ``audio_overflow``: "split"
+    (one item per encoder window, at most ``max_audio_items``) or "truncate" (the first window).
     """
 
     def __init__(self, model, *, image_modality: str | None = None, audio_modality: str | None = None,
-                 image_mean=CLIP_MEAN, image_std=CLIP_STD, image_resize: str = "pad"):
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD, image_resize: str = "pad",
+                 image_processor: str | None = None, audio_overflow: str = "split",
+                 max_audio_items: int = MAX_AUDIO_ITEMS):
+        if image_resize not in IMAGE_RESIZES:
+            raise ConfigError(f"unknown image_resize {image_resize!r}", path="data.image_resize",
+                              hint=f"one of {', '.join(IMAGE_RESIZES)}")
+        if audio_overflow not in AUDIO_OVERFLOWS:
+            raise ConfigError(f"unknown audio_overflow {audio_overflow!r}", path="data.audio_overflow",
+                              hint=f"one of {', '.join(AUDIO_OVERFLOWS)}")
+        if max_audio_items < 1:
+            raise ConfigError(f"max_audio_items must be at least 1, got {max_audio_items}", path="data.audio_overflow")
         self.image_modality = find_modality(model, "image", image_modality, "image_modality")
         self.audio_modality = find_modality(model, "audio", audio_modality, "audio_modality")
         self.image_mean, self.image_std, self.image_resize = tuple(image_mean), tuple(image_std), image_resize
+        self.image_processor, self.audio_overflow = image_processor, audio_overflow
+        self.max_audio_items = int(max_audio_items)
         self.tokens_per_item: dict[str, int] = {}
         for name in (self.image_modality, self.audio_modality):
             if name is not None:
@@ -294,23 +577,102 @@ class MediaProcessor:
         self.audio_encoders = {n: (e.num_mel_bins, e.max_frames)
                                for n, e in model.modalities[self.audio_modality].encoders.items()} \
             if self.audio_modality else {}
-        for _, channels in self.image_encoders.values():
-            normalize(torch.zeros(channels, 1, 1), self.image_mean, self.image_std)  # mean/std lengths fit
+        # the audio window in 16 kHz samples: every encoder sees the same items (padded to its own frames)
+        self.audio_window = min((frames for _, frames in self.audio_encoders.values()), default=0) * HOP_LENGTH
+        self.image_transforms: dict[str, ImageTransform] = {}
+        if self.image_encoders:
+            folder = load_image_processor(image_processor) if image_processor is not None else None
+            for name, (size, channels) in self.image_encoders.items():
+                if folder is None:
+                    normalize(torch.zeros(channels, 1, 1), self.image_mean, self.image_std)  # mean/std lengths fit
+                    proc = clip_image_processor(size, self.image_mean, self.image_std, image_resize, channels)
+                    self.image_transforms[name] = ImageTransform(proc, size, channels, image_resize, "data.image_mean",
+                                                                 presize=True)
+                else:
+                    self.image_transforms[name] = ImageTransform(folder, size, channels, image_resize)
 
-    def image(self, path: Path, where: str = "") -> dict:
-        img = load_image(path, where)
-        w, h = img.size
-        for size, _ in self.image_encoders.values():  # the padded / cropped canvas, before it is made
-            _require_image_fits(resize_pixels(w, h, size, self.image_resize) * 4, path, where,
-                                f"resizing it ({w}x{h}, image_resize {self.image_resize}) to {size}x{size}")
-        return {name: {"pixel_values": image_to_tensor(img, size, channels, self.image_mean, self.image_std,
-                                                       self.image_resize).unsqueeze(0)}
-                for name, (size, channels) in self.image_encoders.items()}
+    # ---------------------------------------------------------------------------- images
+    def image(self, item, where: str = "") -> dict:
+        media = as_media(item, "image")
+        img = load_image(media, where)
+        return {name: {"pixel_values": transform(img, media.name, where)}
+                for name, transform in self.image_transforms.items()}
 
-    def audio(self, path: Path, where: str = "") -> dict:
-        # only the first max_frames * hop samples (at 16 kHz) reach the features: decode and resample no more
-        seconds = max((frames for _, frames in self.audio_encoders.values()), default=0) * HOP_LENGTH / SAMPLING_RATE
-        x, rate = read_wav(path, where, max_seconds=seconds)
-        x = resample(x, rate, SAMPLING_RATE)
-        return {name: {"input_features": log_mel(x, mel_bins, frames).unsqueeze(0)}
-                for name, (mel_bins, frames) in self.audio_encoders.items()}
+    # ----------------------------------------------------------------------------- audio
+    def _items(self, frames: int, rate: int) -> tuple[int, bool]:
+        window = self.audio_window
+        if window <= 0:
+            return 1, False
+        # items = ceil(duration / window), in integers: frames / rate seconds, window / 16000 seconds
+        n = max(1, -(-frames * SAMPLING_RATE // (rate * window)))
+        limit = 1 if self.audio_overflow == "truncate" else self.max_audio_items
+        return min(n, limit), n > limit
+
+    def audio_items(self, item, where: str = "") -> tuple[int, bool]:
+        """(number of items the audio makes, whether some of it is cut), from the header alone.
+
+        "split": ``ceil(duration / window)`` items, at most ``max_audio_items``; "truncate": 1.
+        Raises DataError like :meth:`audio` for a file that cannot be read.
+        """
+        frames, rate, _ = audio_info(item, where)
+        return self._items(frames, rate)
+
+    def audio(self, item, where: str = "") -> dict:
+        """-> ``{encoder: {"input_features": (n, mel_bins, frames)}}``, item k holding the 16 kHz samples
+        ``[k * window, (k + 1) * window)`` (the last zero-padded). Only the frames the items use are read,
+        block by block, and resampled as a stream."""
+        media = as_media(item, "audio")
+        frames, rate, channels = audio_info(media, where)
+        items, _ = self._items(frames, rate)
+        window = self.audio_window
+        _require_audio_fits(items * sum(m * f * 4 for m, f in self.audio_encoders.values()) + window * 8
+                            + _BLOCK_VALUES * 8, media, where, f"the features of {items} item(s) of")
+        out = {name: torch.empty(items, mel_bins, max_frames)
+               for name, (mel_bins, max_frames) in self.audio_encoders.items()}
+
+        def emit(k: int, chunk: np.ndarray) -> None:
+            x = torch.from_numpy(chunk)
+            for name, (mel_bins, max_frames) in self.audio_encoders.items():
+                out[name][k] = log_mel(x, mel_bins, max_frames)
+
+        # input frames the items use, plus 10 ms for the resampler's look-ahead
+        need = min(frames, -(-items * window * rate // SAMPLING_RATE) + rate // 100)
+        buf, filled, done, decoded = np.zeros(window, np.float32), 0, 0, 0
+        try:
+            with _open_sound(media) as f:
+                stream = None
+                if rate != SAMPLING_RATE:
+                    import soxr
+
+                    stream = soxr.ResampleStream(rate, SAMPLING_RATE, 1, dtype="float32", quality="HQ")
+                for block, short in _mono_blocks(f, media, where, need, channels):
+                    decoded += len(block)
+                    last = short or decoded >= need
+                    y = stream.resample_chunk(block, last=last) if stream is not None else block
+                    pos = 0
+                    while pos < len(y) and done < items:
+                        take = min(window - filled, len(y) - pos)
+                        buf[filled:filled + take] = y[pos:pos + take]
+                        filled, pos = filled + take, pos + take
+                        if filled == window:
+                            emit(done, buf)
+                            done, filled = done + 1, 0
+                    if done == items:
+                        break
+        except DataError:
+            raise
+        except Exception as e:
+            raise _cannot_read(media, where, e) from None
+        if decoded == 0:
+            raise _cannot_read(media, where, None, _no_frames(media))
+        if done < items and decoded < need and decoded * SAMPLING_RATE <= (items - 1) * window * rate:
+            raise _cannot_read(media, where, None,
+                               f"the file ends early: its header declares {frames} frames ({frames / rate:.2f} s) "
+                               f"but only {decoded} ({decoded / rate:.2f} s) decode")
+        if done < items:  # the last item: what is left, zero-padded (and silence after a short decode)
+            buf[filled:] = 0.0
+            emit(done, buf)
+            buf[:] = 0.0
+            for k in range(done + 1, items):
+                emit(k, buf)
+        return {name: {"input_features": x} for name, x in out.items()}

@@ -211,6 +211,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
                 counts[biggest] -= 1
         return self._sample(counts, user, answer, targets, g)
 
+    def token_length(self, index: int) -> int:
+        """Sample ``index``'s token count (it is generated: synthetic samples are cheap)."""
+        return int(self[index]["input_ids"].shape[0])
+
     def _sample(self, counts: dict, user: str, answer: str, targets: dict, g: torch.Generator) -> dict:
         items, captions, tags = {}, [], []
         for name, n in counts.items():

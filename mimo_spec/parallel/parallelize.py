@@ -22,7 +22,11 @@ import torch
 import torch.nn as nn
 
 from mimo_spec.errors import ConfigError
+from mimo_spec.loss import token_weights
 from mimo_spec.parallel.layout import DEGREES, LANGUAGE, Layout, ModuleLayout
+
+# the (B, S) tensors of a collated batch, sliced by rows into data-parallel shares
+ROW_KEYS = ("input_ids", "labels", "attention_mask", "document_ids", "loss_mask")
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
@@ -358,7 +362,8 @@ class ParallelContext:
         return self.dp_rank * per, (self.dp_rank + 1) * per
 
     def local_batch(self, batch: dict, model: nn.Module) -> dict:
-        """This rank's data-parallel share of a collated global batch (samples [i*B/dp, (i+1)*B/dp)).
+        """This rank's data-parallel share of a collated global batch (samples [i*B/dp, (i+1)*B/dp); for a
+        packed batch rows, with their ``document_ids`` and their per-row ``items_per_sample``).
 
         A batch the loader built from this rank's share alone (``batch["share"]`` set, see
         :meth:`data_share`) is that share already and comes back as it is."""
@@ -369,7 +374,8 @@ class ParallelContext:
             return batch
         per = b // self.dp_size
         lo, hi = self.dp_rank * per, (self.dp_rank + 1) * per
-        out = {k: batch[k][lo:hi] for k in ("input_ids", "labels", "attention_mask")}
+        # every per-row tensor goes with its rows: a packed batch's document_ids, a loss mask
+        out = {k: batch[k][lo:hi] for k in ROW_KEYS if batch.get(k) is not None}
         out["items_per_sample"], out["modality_inputs"] = {}, {}
         for name, counts in (batch.get("items_per_sample") or {}).items():
             start, stop = sum(counts[:lo]), sum(counts[:hi])
@@ -384,7 +390,8 @@ class ParallelContext:
                 per_sample = ((batch["input_ids"] == mod.generation_token_id).sum(1)
                               // max(mod.num_generation_tokens, 1)).tolist()
                 out["output_targets"][name] = target[sum(per_sample[:lo]):sum(per_sample[:hi])]
-        out["num_tokens"] = int((out["labels"][:, 1:] != -100).sum())
+        # the tokens the loss counts: no ignored label, masked position or first token of a packed document
+        out["num_tokens"] = int(token_weights(out["labels"], out.get("loss_mask"), out.get("document_ids")).sum())
         return out
 
     def all_sum(self, value: float) -> float:

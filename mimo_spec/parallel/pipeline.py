@@ -14,15 +14,22 @@ Modality items are per item, not per sample, so they travel as per-sample padded
 tensors (``(B, max items, ...)`` plus a count per sample) that split with the
 samples; the first stage unpads them. Stage-to-stage shapes are fixed after the
 first step, so every batch is right-padded to the dataset's longest sample
-(exact: attention is causal and padded labels are ignored).
+(exact: attention is causal and padded labels are ignored); packed rows are
+``data.max_seq_len`` long already.
+
+Packed rows (``document_ids``): every stage takes the ids of its microbatch (a
+keyword input torch's schedule splits with the rows on every stage, not an
+activation sent between stages) and computes what one process computes: positions
+restarting at each document and attention kept inside it; the last stage's loss
+counts no document's first token (:func:`mimo_spec.loss.causal_lm_loss`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from mimo_spec.data.batch import pad_batch, to_device
 from mimo_spec.loss import IGNORE_INDEX, causal_lm_loss
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -101,15 +108,22 @@ class PipelineStageModule(nn.Module):
         self.model = model
         self.first, self.last, self.layer_ids = stage == 0, stage == stages - 1, layers
 
-    def forward(self, x: torch.Tensor, **packs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None,
+                **packs: torch.Tensor) -> torch.Tensor:
+        """``x``: input_ids (B, S) on the first stage, else the previous stage's hidden states;
+        ``document_ids`` (B, S): this microbatch's packed documents (every stage gets them), or None."""
         lm = self.model.language_model
         b, s = x.shape[:2]
         positions = None
-        if lm.position_embedding_kind != "none":
+        if document_ids is not None:  # as MimoModel.forward: positions restart at every document
+            from mimo_spec.models.mimo import positions_from_document_ids
+
+            positions = positions_from_document_ids(document_ids)
+        elif lm.position_embedding_kind != "none":
             positions = torch.arange(s, device=x.device)[None].expand(b, s)
         if self.first:  # x: input_ids (B, S)
             x = lm.add_positions(self.model.embed_inputs(x, unpack_items(packs)), positions)
-        rope, attn_mask, is_causal = lm.attention_inputs(x, positions, None, None)
+        rope, attn_mask, is_causal = lm.attention_inputs(x, positions, None, document_ids)
         for i in self.layer_ids:
             x = lm.layers[i](x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         if self.last:
@@ -124,13 +138,14 @@ class PipelineRunner:
                  pp_group, device: torch.device, seq_len: int, pad_id: int = 0):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        self.stage, self.stages, self.seq_len, self.pad_id = stage, stages, seq_len, pad_id
+        self.stage, self.stages, self.seq_len, self.pad_id, self.device = stage, stages, seq_len, pad_id, device
         self.first, self.last = stage == 0, stage == stages - 1
         layers = stage_layers(len(model.language_model.layers), stages)[stage]
         self.module = PipelineStageModule(model, stage, stages, layers)
         self.pipe_stage = PipelineStage(self.module, stage, stages, device, group=pp_group)
         self.model = model
         self.total_tokens = 1
+        self.rows = 0  # rows per batch: the first batch's (stage-to-stage shapes are fixed from then on)
         kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
         # losses are already divided by the global token count, so micro-batch gradients are summed
         self.schedule = kind(self.pipe_stage, microbatches, loss_fn=self._loss, scale_grads=False)
@@ -138,55 +153,68 @@ class PipelineRunner:
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one microbatch: :func:`mimo_spec.loss.causal_lm_loss` (vocab-sharded
         logits stay sharded: the step runs in the layout's train context) over the step's global token
-        count. ``target``: (B, S, 2) labels and loss_mask (see :meth:`_target`), split with the samples."""
+        count. ``target``: (B, S, 2 or 3) labels, loss_mask and, for packed rows, document_ids (see
+        :meth:`_target`), split with the samples."""
         labels, loss_mask = target[..., 0].long(), target[..., 1]
-        return causal_lm_loss(logits, labels, loss_mask, num_tokens=self.total_tokens)
+        document_ids = target[..., 2].long() if target.shape[-1] > 2 else None
+        return causal_lm_loss(logits, labels, loss_mask, document_ids, num_tokens=self.total_tokens)
 
     def _target(self, batch: dict) -> torch.Tensor:
-        """What the schedule hands the last stage's loss: labels and loss_mask stacked (B, S, 2) in float64
-        (exact for any label id), padded like the inputs to the pipeline's length. Packed rows
-        (``document_ids``) are refused: the stages attend over the whole row."""
-        if batch.get("document_ids") is not None:
-            from mimo_spec.errors import InputError
-
-            raise InputError("packed rows (document_ids) cannot run under pipeline parallelism",
-                             path="document_ids", hint="use a colocated layout without pp, or unpacked samples")
+        """What the schedule hands the last stage's loss: labels, loss_mask and (packed rows) document_ids
+        stacked (B, S, 2 or 3) in float64 (exact for any label or document id) from the padded batch."""
         labels = batch["labels"]
         mask = batch.get("loss_mask")
-        mask = torch.ones_like(labels) if mask is None else mask
-        target = torch.stack([labels.double(), mask.double()], dim=-1)
-        extra = self.seq_len - labels.shape[1]
-        if extra > 0:  # padded positions: ignored labels
-            pad = torch.tensor([float(IGNORE_INDEX), 0.0], dtype=torch.float64).expand(labels.shape[0], extra, 2)
-            target = torch.cat([target, pad], dim=1)
-        return target
+        parts = [labels, torch.ones_like(labels) if mask is None else mask]
+        if batch.get("document_ids") is not None:
+            parts.append(batch["document_ids"])
+        return torch.stack([p.double() for p in parts], dim=-1)
 
-    def _padded(self, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
-        extra = self.seq_len - ids.shape[1]
-        if extra < 0:
-            from mimo_spec.errors import InputError
+    def _padded(self, batch: dict) -> dict:
+        """``batch`` right-padded to the pipeline's length (pad ids, ignored labels, a document of its own)
+        and, with fewer rows than the first batch's (stage shapes are fixed then: e.g. a last eval batch
+        packed into fewer rows), filled up with empty rows (pad ids, no label, no item)."""
+        from mimo_spec.errors import InputError
 
-            raise InputError(f"a batch of length {ids.shape[1]} exceeds the pipeline's {self.seq_len}",
+        rows, length = batch["input_ids"].shape
+        if length > self.seq_len:
+            raise InputError(f"a batch of length {length} exceeds the pipeline's {self.seq_len}",
                              path="data.max_seq_len")
-        return F.pad(ids, (0, extra), value=self.pad_id) if extra else ids
+        out = pad_batch(batch, self.seq_len, self.pad_id)
+        self.rows = self.rows or int(rows)
+        if rows > self.rows:
+            raise InputError(f"a batch of {rows} rows exceeds the pipeline's {self.rows} (its first batch's)",
+                             path="train.batch_size", hint="pipeline stages take batches of one size")
+        if rows < self.rows:
+            extra = self.rows - rows
+            out = dict(out)
+            for key, value in (("input_ids", self.pad_id), ("labels", IGNORE_INDEX), ("attention_mask", 0),
+                               ("loss_mask", 0), ("document_ids", 0)):
+                t = out.get(key)
+                if t is not None:
+                    out[key] = torch.cat([t, t.new_full((extra, t.shape[1]), value)])
+            out["items_per_sample"] = {m: list(c) + [0] * extra for m, c in (out.get("items_per_sample") or {}).items()}
+        return out
 
     def _run(self, batch: dict, total_tokens: int, train: bool) -> float:
         """One (local) batch through the pipeline; the sum of its microbatch losses on the last stage, else 0."""
-        ids = self._padded(batch)
+        padded = self._padded(batch)
+        ids = padded["input_ids"].to(self.device)  # the schedule hands its inputs to the stage as they are
         self.total_tokens = total_tokens
         losses: list[torch.Tensor] = []
         call = self.schedule.step if train else self.schedule.eval
+        # packed rows: every stage takes its microbatch's document ids (split with the rows by the schedule)
+        docs = ({"document_ids": padded["document_ids"].to(self.device)} if padded.get("document_ids") is not None
+                else {})
         if self.first:
             self.model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                                       items_per_sample=batch.get("items_per_sample"))
-            packs = pack_items(batch.get("modality_inputs") or {}, batch.get("items_per_sample") or {},
+            packs = pack_items(batch.get("modality_inputs") or {}, padded.get("items_per_sample") or {},
                                ids.shape[0])
-            call(ids, **packs)
+            call(ids, **docs, **to_device(packs, self.device))
         elif self.last:
-            call(target=self._target(batch), losses=losses)
+            call(target=self._target(padded).to(self.device), losses=losses, **docs)
         else:
-            call()
+            call(**docs)
         return float(sum(float(x.detach()) for x in losses))
 
     def train_batch(self, batch: dict, total_tokens: int) -> float:

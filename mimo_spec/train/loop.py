@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from mimo_spec.run_config import RunConfig
 
-FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "eval_loss", "eval_ppl"]
+FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "padding_fraction", "skipped_samples",
+          "eval_loss", "eval_ppl"]
 
 
 
@@ -197,8 +198,10 @@ def train(run: RunConfig | DictConfig | dict, out_dir: Path, *, console=None) ->
 
 def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     from mimo_spec.builders import build_model
-    from mimo_spec.data import build_dataset, collate, empty_parts
+    from mimo_spec.data import build_dataset, collate, empty_parts, max_length
     from mimo_spec.data.loader import TrainBatches, step_tokens
+    from mimo_spec.data.packing import LoaderState
+    from mimo_spec.train.bad_samples import SkipLog
     from mimo_spec.data.tokenizer import build_tokenizer
     from mimo_spec.parallel.env import read_env, run_device
     from mimo_spec.run_config import layout_check
@@ -236,9 +239,11 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     if not main:
         console = Silent()
     model.train()
-    collate_fn = lambda samples: collate(samples, tokenizer.pad_id)  # noqa: E731
+    collate_fn = functools.partial(collate_skipping, pad_id=tokenizer.pad_id)  # eval: unusable samples left out
+    eval_set = SkippingDataset(eval_set)
+    seq_len = max_length(run.data, model)
     if drun is not None and drun.pp > 1:  # stage-to-stage shapes are fixed: pad to the longest sample
-        drun.start_pipeline(model, int(getattr(train_set, "max_len", model_max_len(model))), tokenizer.pad_id)
+        drun.start_pipeline(model, seq_len, tokenizer.pad_id)
     optimizer = build_optimizer(model, tc)
     batch_size, accum = tc.batch_size, tc.grad_accum
     steps, precision = tc.steps, tc.precision
@@ -246,20 +251,26 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     ckpt_every, keep_last = tc.checkpoint.every, tc.checkpoint.keep_last
     from mimo_spec.train.limits import StopRequested, check_step_memory
 
-    check_step_memory(model, train_set, tc, device, world=drun.world_size if drun is not None else 1)
+    check_step_memory(model, train_set, tc, device, world=drun.world_size if drun is not None else 1,
+                      sample=measure_samples(train_set, seq_len if run.data.packing else None))
 
-    start_step, position = 0, 0
+    start_step, data_state, skip_counts = 0, LoaderState(), None
     # the config as checkpoints record it: values from the environment (secrets) stay ${oc.env:...}
     source, state = _resume(tc.resume, out_dir, model, optimizer, run.recorded, console, drun)
     if source is not None:
-        start_step, position = int(state["step"]), int(state["data_position"])
+        start_step = int(state["step"])
+        data_state = LoaderState.from_dict(state.get("data_state", state["data_position"]))
+        skip_counts = state.get("data_skipped")
         say(console, f"resumed from {source} at step {start_step}")
     # this rank loads and collates its share of every global batch (in data.num_workers processes)
-    batches = TrainBatches(train_set, functools.partial(collate, pad_id=tokenizer.pad_id), seed=seed,
-                           batch_size=batch_size, position=position,
+    # (packed rows of data.max_seq_len tokens, or one sample per row)
+    batches = TrainBatches(train_set, tokenizer.pad_id, seed=seed, batch_size=batch_size,
+                           seq_len=seq_len if run.data.packing else None, state=data_state,
                            share=drun.data_share(batch_size) if drun is not None else None,
-                           num_workers=run.data.num_workers,
+                           num_workers=run.data.num_workers, prefetch=run.data.prefetch,
+                           on_bad_sample=run.data.on_bad_sample, pin_memory=device.type == "cuda",
                            check=stop.check if drun is None else None)  # one process stops at the next sample
+    skips = SkipLog(out_dir if main else None, main, drun, run.data.max_bad_fraction, len(train_set), skip_counts)
     metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None) if main else NullMetrics()
     if source is not None and main:
         truncate_metrics(metrics, start_step)
@@ -274,34 +285,35 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
         if not _weights_finite(model, drun):  # never a checkpoint of inf / nan weights
             raise _diverged("the weights are not finite", step, out_dir / "checkpoints")
         saved_at["step"] = step
-        extra = {"data_position": batches.position, "config": dict(run.recorded)}
+        extra = {"data_position": batches.position, "data_state": batches.state.to_dict(),
+                 "data_skipped": skips.counts(), "config": dict(run.recorded)}
         if drun is not None:
             from mimo_spec.train.checkpoint import save_distributed_checkpoint
 
             return save_distributed_checkpoint(out_dir / "checkpoints", step, model, optimizer, extra, keep_last, drun)
         return save_checkpoint(out_dir / "checkpoints", step, model, optimizer, extra, keep_last)
 
-    dropped = getattr(train_set, "num_dropped", 0)
-    if dropped:
-        say(console, f"data: dropped {dropped} samples ({getattr(train_set, 'drop_reasons', {})})")
     status, last_loss, tokens_per_s = "completed", float("nan"), 0.0
+    positions_seen = 0
     t_start, tokens_seen = time.perf_counter(), 0
     progress = progress_display(console, steps, start_step)
 
     def _loop() -> str:
-        nonlocal last_loss, tokens_per_s, tokens_seen
+        nonlocal last_loss, tokens_per_s, tokens_seen, positions_seen
         status = "completed"
         for step in range(start_step, steps):
             lr = set_lr(optimizer, step, tc)
             optimizer.zero_grad(set_to_none=True)
-            position0, rng0 = batches.position, _rng_state()
+            state0, rng0 = batches.state, _rng_state()
             try:
                 micro = []
                 for _ in range(accum):
                     micro.append(batches.next())
                     vote()
+                skips.update(micro)  # skipped samples logged and counted; too many stop the run
                 # the global batches' token counts; shares padded to the global batch's length
                 micro, total_tokens, real_tokens = step_tokens(micro, drun, tokenizer.pad_id, empty)
+                positions = sum(int(b["input_ids"].numel()) for b in micro)
                 total_tokens = max(1, total_tokens)
                 t0 = time.perf_counter()
                 step_loss = 0.0
@@ -313,7 +325,7 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
                     step_loss += forward_backward(model, batch, total_tokens, device=device, precision=precision,
                                                   drun=drun)
             except StopRequested:  # undo the step cut short: data position, RNG and gradients as at its start
-                batches.rewind(position0)
+                batches.rewind(state0)
                 _set_rng_state(rng0)
                 optimizer.zero_grad(set_to_none=True)
                 if step > start_step and saved_at["step"] != step:
@@ -334,11 +346,17 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
             optimizer.step()
             elapsed = time.perf_counter() - t0
             tokens_seen += real_tokens
+            local_real = sum(int(b["attention_mask"].sum()) for b in micro)
+            if drun is not None:  # every share's positions (a ratio: each share's peers count alike)
+                positions, local_real = drun.all_sum(float(positions)), drun.all_sum(float(local_real))
+            padding = 1.0 - local_real / max(1.0, positions)
+            positions_seen += positions
             tokens_per_s = real_tokens / max(elapsed, 1e-9)
             last_loss = step_loss
             done = step + 1
             row = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                   "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                   "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3),
+                   "padding_fraction": round(padding, 4), "skipped_samples": skips.bad + skips.dropped}
             eval_every = tc.eval_every
             if len(eval_set) and ((eval_every and done % eval_every == 0) or done == steps):
                 if drun is not None and (drun.split or drun.pipeline) is not None:  # no rank holds the whole model
@@ -398,7 +416,10 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
         "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "wall_time_s": time.perf_counter() - t_start, "dropped_samples": dropped,
+        "wall_time_s": time.perf_counter() - t_start, "bad_samples": skips.bad, "dropped_samples": skips.dropped,
+        "samples_read": skips.read,
+        "padding_fraction": round(1.0 - tokens_seen / positions_seen, 4) if positions_seen else None,
+        "packing": bool(run.data.packing),
     }
     if failure is not None:  # metrics.json says why the run failed, and which checkpoint is still good
         kept = list_checkpoints(out_dir / "checkpoints")
@@ -421,6 +442,57 @@ def check_backend_device(model, device: torch.device, path: str = "train.device"
     if device.type != "cuda" and any(getattr(m, "backend", None) == "te" for m in model.modules()):
         raise ConfigError(f"the model uses transformer-engine layers (backend te), which run on CUDA only, but "
                           f"the device is {device}", path=path, hint="set train.device=cuda, or backend: local")
+
+
+class SkippingDataset(torch.utils.data.Dataset):
+    """An eval set whose unusable samples (DataError: bad or dropped) come back as None: left out of the batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.max_len = getattr(dataset, "max_len", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        from mimo_spec.errors import DataError
+
+        try:
+            return self.dataset[index]
+        except DataError:
+            return None
+
+
+def collate_skipping(samples: list, pad_id: int) -> dict:
+    """``collate`` of the usable samples (a filler that trains nothing when none is)."""
+    from mimo_spec.data.batch import collate, filler_sample
+
+    kept = [s for s in samples if s is not None]
+    return collate(kept or [filler_sample({"input_ids": torch.tensor([int(pad_id)])})], pad_id)
+
+
+def measure_samples(dataset, seq_len: int | None, n: int = 8) -> tuple[float, float]:
+    """(bytes, tokens) of a typical training row, for the memory check: the mean of the first ``n`` usable
+    samples; a packed row holds ``seq_len`` tokens (and items in proportion)."""
+    from mimo_spec.errors import DataError
+    from mimo_spec.train.limits import tensor_bytes
+
+    sizes = []
+    for i in range(min(len(dataset), 4 * n)):
+        try:
+            s = dataset[i]
+        except DataError:
+            continue
+        sizes.append((tensor_bytes(s), int(s["input_ids"].shape[0])))
+        if len(sizes) == n:
+            break
+    if not sizes:
+        return 0.0, float(seq_len or 0)
+    nbytes = sum(b for b, _ in sizes) / len(sizes)
+    tokens = sum(t for _, t in sizes) / len(sizes)
+    if seq_len is None:
+        return nbytes, tokens
+    return nbytes * seq_len / max(tokens, 1.0), float(seq_len)
 
 
 def model_max_len(model) -> int:

@@ -14,6 +14,11 @@ The training loop calls :func:`forward_backward` per micro-batch, :func:`clip_gr
 
 Every micro-batch's loss is weighted by its share of the step's global token count, so gradients summed
 over micro-batches and data-parallel ranks equal the single-process gradient of the whole batch.
+
+Packed batches (rows of several samples, ``document_ids`` (B, S)) take the same paths under every
+layout: the ids go to the model (positions restart and attention stays inside each document; pipeline
+stages each take their microbatch's ids) and to the loss (no document's first token is counted), and
+they are sliced, padded and split with their rows; ``items_per_sample`` then counts items per row.
 """
 
 from __future__ import annotations

@@ -1,0 +1,276 @@
+"""Records -> training samples, lazily: a sample is tokenised and its media decoded when it is asked for.
+
+:class:`SampleBuilder` turns one :class:`~mimo_spec.data.records.Record` into a sample in two steps:
+
+- ``encode(record)``: the text only (chat template, placeholder runs, the length limit) plus what the
+  media need (how many items each audio file becomes, read from its header). Cheap: the packer asks
+  every sample's length with it before any media is decoded.
+- ``build(encoded)``: decodes the images and audio into encoder inputs (in a DataLoader worker).
+
+:class:`RecordDataset` is the map-style dataset of a record source (``mimo_spec.data.sources``):
+``dataset[i]`` is sample ``i`` built on access, ``dataset.token_length(i)`` its token count without
+decoding anything. A record that cannot be used raises :class:`~mimo_spec.errors.DataError` naming
+it (bad JSON, a missing or undecodable file); one longer than ``data.max_seq_len`` under
+``truncation: drop`` raises :class:`Dropped`. The loader skips both (``data.on_bad_sample``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from mimo_spec.data.config import max_length
+from mimo_spec.data.preprocess import MediaProcessor
+from mimo_spec.data.records import Media, Record
+from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids
+from mimo_spec.errors import DataError, InputError
+from mimo_spec.loss import IGNORE_INDEX
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class Dropped(DataError):
+    """A readable sample left out on purpose: longer than ``data.max_seq_len`` (``truncation: drop``), or
+    cut inside an item's placeholders (``truncation: truncate``). ``reason``: ``too_long`` or
+    ``cut_inside_placeholders``."""
+
+    def __init__(self, reason: str, where: str, length: int, limit: int):
+        self.reason = reason
+        super().__init__(f"{reason.replace('_', ' ')}: {length} tokens, the limit is {limit}", path=where,
+                         hint="raise data.max_seq_len, or truncation: truncate")
+
+
+def short(value, size: int = 80) -> str:
+    """A bounded repr for messages: never recurses far into nested data, never prints more than ``size``."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 3, size, size
+    return r.repr(value)[:size]
+
+
+@dataclass
+class Encoded:
+    """A record's text, tokenised: ``input_ids`` / ``labels`` (equal length), the media each modality's
+    placeholder runs stand for (in order), and ``where`` / ``file`` / ``id`` for messages and logs.
+    ``audio_cut``: audio files cut to the encoder's window (``audio_overflow: truncate``)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    media: dict[str, list[tuple[str, Media]]]  # modality -> [(kind "image" | "audio", media)]
+    where: str
+    file: str = ""
+    id: str | None = None
+    truncated: bool = False
+    audio_cut: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class SampleBuilder:
+    """Turns records into samples for one model: its placeholders, its encoders' input geometry, the
+    data config's template, tags and length limit. Keeps only ids and shapes (not the model), so it
+    pickles cheaply into DataLoader workers."""
+
+    def __init__(self, cfg, model, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.max_len = max_length(cfg, model)
+        self.truncation = getattr(cfg, "truncation", "drop")
+        self.reserved = set(reserved_token_ids(model))
+        self.media = MediaProcessor(model, **media_options(cfg))
+        self.input_modalities = [n for n, m in model.modalities.items() if m.has_input]
+        self.tags: dict[str, Tag] = {}
+        self.kinds: dict[str, tuple[str, str | None]] = {}  # tag text -> (kind, modality)
+        for kind, tag, name in (("image", cfg.image_token, self.media.image_modality),
+                                ("audio", cfg.audio_token, self.media.audio_modality)):
+            self.kinds[tag] = (kind, name)
+            if name is not None:
+                self.tags[tag] = Tag(name, model.modalities[name].special_token_id, self.media.tokens_per_item[name])
+
+    # ------------------------------------------------------------------------------ text
+    def turns(self, record: Record) -> list[list[str]]:
+        """The record's conversation as [[role, text]], checked. Raises DataError naming the record."""
+        where, conv = record.where, record.conversations
+        if not isinstance(conv, list) or not conv:
+            raise DataError("missing or empty 'conversations'", path=where,
+                            hint='"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]')
+        turns = []
+        for k, turn in enumerate(conv):
+            role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+            value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+            if not isinstance(value, str) or not isinstance(role, str) or role not in ROLES:
+                raise DataError(f"conversations[{k}] must be {{\"from\": human|gpt|system, \"value\": text}}, got "
+                                f"{short(turn)}", path=where,
+                                hint='each turn is one object, e.g. {"from": "gpt", "value": "A cat."}')
+            turns.append([ROLES[role], value])
+        if not any(r == "assistant" and v.strip() for r, v in turns):
+            raise DataError("no assistant answer: nothing to train on", path=where,
+                            hint="every sample needs at least one non-empty gpt turn")
+        return turns
+
+    def encode(self, record: Record) -> Encoded:
+        """The record's tokens and the media its placeholders stand for; no media is decoded (audio headers
+        are read when an audio file may become several items). Raises DataError / :class:`Dropped`."""
+        where = record.where
+        turns = self.turns(record)
+        media: dict[str, list[tuple[str, Media]]] = {}
+        audio_cut = 0
+        for tag, items, one in ((self.cfg.image_token, record.images, "image"),
+                                (self.cfg.audio_token, record.audios, "audio")):
+            kind, name = self.kinds[tag]
+            n_tags = sum(t[1].count(tag) for t in turns)
+            if (items or n_tags) and name is None:
+                raise DataError(f"the sample has {one} input but the model has no {one} modality", path=where,
+                                hint=f"add one, e.g. modality=[{'vision_clip' if one == 'image' else 'audio_whisper'}]"
+                                     f", or remove the {one} samples")
+            if items and n_tags == 0:  # LLaVA: the files go in front of the first user turn
+                first = next((t for t in turns if t[0] == "user"), turns[0])
+                first[1] = f"{tag}\n" * len(items) + first[1]
+            elif n_tags != len(items):
+                raise DataError(f"{n_tags} {tag} tag(s) in the text but {len(items)} {one} file(s)", path=where,
+                                hint=f"each {tag} takes the next {one} of the sample, in order")
+            if not items:
+                continue
+            if kind == "audio":  # a long audio file may become several items: one placeholder run each
+                counts = []
+                for m in items:
+                    n, cut = self.audio_items(m, where)
+                    counts.append(n)
+                    audio_cut += int(cut)
+                if any(n != 1 for n in counts):
+                    turns = _expand_tags(turns, tag, counts)
+                media[name] = [(kind, m) for m, n in zip(items, counts) for _ in range(n)]
+            else:
+                media[name] = [(kind, m) for m in items]
+        try:
+            enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
+                                      reserved=self.reserved, where=where)
+        except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud800"): not text any tokenizer takes
+            bad = e.object[e.start:e.end] if isinstance(e.object, str) else ""
+            raise DataError(f"the conversation holds {bad.encode('unicode_escape').decode() or 'a character'}, "
+                            f"which is not valid Unicode text ({e.reason})", path=where,
+                            hint="a lone surrogate escape in the JSON: fix or remove the sample") from None
+        except InputError as e:
+            raise DataError(e.problems) from None
+        ids, labels, runs = enc.input_ids, enc.labels, enc.runs
+        truncated = False
+        if len(ids) > self.max_len:
+            cut = self.max_len
+            if self.truncation == "drop":
+                raise Dropped("too_long", where, len(ids), self.max_len)
+            if any(start < cut < start + length for _, start, length in runs):
+                raise Dropped("cut_inside_placeholders", where, len(ids), self.max_len)
+            ids, labels, truncated = ids[:cut], labels[:cut], True
+            kept = [r for r in runs if r[1] < cut]
+            for name in list(media):  # items whose runs were cut off go too
+                media[name] = media[name][: sum(1 for r in kept if r[0] == name)]
+                if not media[name]:
+                    del media[name]
+        if not any(lab != IGNORE_INDEX for lab in labels[1:]):
+            raise DataError(f"no trainable tokens left after truncating to {self.max_len} tokens", path=where,
+                            hint="the answers start past the limit: raise data.max_seq_len, use "
+                                 "truncation: drop, or shorten the sample")
+        return Encoded(ids, labels, media, where, record.file, record.id, truncated, audio_cut, record.extra)
+
+    def audio_items(self, media: Media, where: str) -> tuple[int, bool]:
+        """(items, cut) an audio file becomes: several for audio longer than the encoder's window
+        (``data.audio_overflow: split``), else one."""
+        count = getattr(self.media, "audio_items", None)
+        return count(media, where) if count is not None else (1, False)
+
+    # ------------------------------------------------------------------------------ media
+    def build(self, enc: Encoded) -> dict:
+        """The sample: ids and labels as tensors, every item decoded into its encoder's inputs."""
+        items, num_items = {}, {name: 0 for name in self.input_modalities}
+        for name, entries in enc.media.items():
+            loaded, done = [], set()
+            for kind, m in entries:
+                if kind == "audio":  # one decode gives all the items of a split audio file
+                    if id(m) in done:
+                        continue
+                    done.add(id(m))
+                    loaded.append(self.media.audio(m, enc.where))
+                else:
+                    loaded.append(self.media.image(m, enc.where))
+            items[name] = {e: {kw: torch.cat([x[e][kw] for x in loaded]) for kw in kws}
+                           for e, kws in loaded[0].items()}
+            n = next(iter(next(iter(items[name].values())).values())).shape[0]
+            if n != len(entries):
+                raise DataError(f"{len(entries)} {name} placeholder run(s) but {n} decoded item(s)", path=enc.where,
+                                hint="the audio file changed while it was read, or its header is wrong")
+            num_items[name] = n
+        return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                "labels": torch.tensor(enc.labels, dtype=torch.long), "items": items, "num_items": num_items,
+                "targets": {}}
+
+
+def media_options(cfg) -> dict:
+    """The MediaProcessor keyword arguments a data config sets."""
+    return {"image_modality": getattr(cfg, "image_modality", None),
+            "audio_modality": getattr(cfg, "audio_modality", None), "image_mean": cfg.image_mean,
+            "image_std": cfg.image_std, "image_resize": getattr(cfg, "image_resize", "pad"),
+            **({"image_processor": cfg.image_processor} if cfg.image_processor else {}),
+            **({"audio_overflow": cfg.audio_overflow} if cfg.audio_overflow != "split" else {})}
+
+
+def _expand_tags(turns: list[list[str]], tag: str, counts: list[int]) -> list[list[str]]:
+    """Each occurrence of ``tag`` (in order over the turns) repeated ``counts[k]`` times."""
+    k, out = 0, []
+    for role, text in turns:
+        pieces = text.split(tag)
+        new = pieces[0]
+        for piece in pieces[1:]:
+            new += tag * counts[k] + piece
+            k += 1
+        out.append([role, new])
+    return out
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """The samples of a record source for one model, built on access.
+
+    ``dataset[i]``: the sample (media decoded); ``token_length(i)``: its token count (text only, the last few
+    remembered); ``encoded(i)``: its tokens and media references. Both raise DataError for an unusable
+    record and :class:`Dropped` for one left out by the length limit.
+    """
+
+    def __init__(self, source, builder: SampleBuilder):
+        self.source, self.builder = source, builder
+        self.max_len = builder.max_len
+        self._lengths: OrderedDict[int, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def order(self, seed: int):
+        """The source's sample order (a mixture's honours its weights)."""
+        return self.source.order(seed)
+
+    def encoded(self, index: int) -> Encoded:
+        return self.builder.encode(self.source.record(int(index)))
+
+    def token_length(self, index: int) -> int:
+        index = int(index)
+        if index in self._lengths:
+            self._lengths.move_to_end(index)
+            return self._lengths[index]
+        n = len(self.encoded(index))
+        self._lengths[index] = n
+        if len(self._lengths) > 65536:
+            self._lengths.popitem(last=False)
+        return n
+
+    def __getitem__(self, index: int) -> dict:
+        enc = self.encoded(index)
+        sample = self.builder.build(enc)
+        sample["where"] = enc.where
+        return sample
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_lengths"] = OrderedDict()
+        return state
