@@ -15,7 +15,7 @@ from pathlib import Path
 from mimo_spec.errors import ConfigError, MimoError, Problem, format_error  # noqa: F401  (app.format_error stays)
 from mimo_spec.rundir import write_text_atomic  # noqa: F401  (app.write_text_atomic stays importable)
 
-ACTIONS = ("train", "eval", "generate", "summary", "validate", "list", "print", "import", "layout")
+ACTIONS = ("train", "eval", "generate", "summary", "validate", "data", "list", "print", "import", "layout")
 EXIT_CONFIG_ERROR = 2
 
 
@@ -119,13 +119,31 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         from mimo_spec.jobs import check_run_resources
 
         check_run_resources(run_cfg, model)  # the model (on meta) sizes the memory checks
+        found, warnings = [], []
         if run_cfg.data is not None:  # the tokenizer must fit the LM's vocabulary and miss the placeholders
+            from mimo_spec.data.stats import validate_run_data
             from mimo_spec.data.tokenizer import build_tokenizer
 
-            build_tokenizer(run_cfg.data, model)
+            tokenizer = build_tokenizer(run_cfg.data, model)
+            # the data: every record read, its files there, a sample decoded (DataError past max_bad_fraction)
+            found, warnings = validate_run_data(run_cfg, model, tokenizer, cfg.get("data_scan"), _err_console())
         _record_if_new(record, out_dir)
         print(f"config is valid: {sum(p.numel() for p in model.parameters()):,} parameters")
+        for line in found:
+            print(f"data {line}")
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
         return 0
+    if action == "data":  # the data's statistics (data_stats.json, token_lengths.png in the run dir)
+        from mimo_spec.data.stats import run_data_action
+        from mimo_spec.data.tokenizer import build_tokenizer
+
+        if run_cfg.data is None or run_cfg.train is None:
+            raise ConfigError("action=data needs the data and train sections", path="data")
+        tokenizer = build_tokenizer(run_cfg.data, model)
+        code = run_data_action(run_cfg, model, tokenizer, cfg.get("data_scan"), out_dir, _err_console())
+        _record_if_new(record, out_dir)
+        return code
     return _run_job(action, run_cfg, out_dir, record)
 
 
@@ -161,6 +179,13 @@ def _run_job(action: str, run_cfg, out_dir: Path | None, record) -> int:
             return code
         finally:
             rundir.forget_record(out_dir)
+
+
+def _err_console():
+    """A rich console on stderr: progress bars of long checks (drawn only on a terminal)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def _float32():

@@ -3,7 +3,9 @@
 Usage: torchrun --nproc-per-node N tests/parallel_worker.py OUT_DIR SCENARIO[,SCENARIO...]
 A scenario is ``<layout>`` (train 3 steps), ``fsdp_ac`` (fsdp with activation checkpointing), ``mixed:<layout>``
 (3 steps on data where some rank's share of a batch has no image), ``resume:<from>:<layout>`` (one more step from
-<from>'s checkpoint under <layout>) or ``fail`` (rank 1 raises mid-run).
+<from>'s checkpoint under <layout>), ``fail`` (rank 1 raises mid-run), ``packed:<case>`` (3 steps of
+hand-packed rows through the training step; writes OUT_DIR/packed_<case>_rank<r>.pt) or ``loop_packed:<case>``
+(the training loop with data.packing); a case is a layout or a name in PACK_VARIANTS.
 """
 
 import os
@@ -49,6 +51,10 @@ def main() -> None:
             train(config("pp2", ["parallel.default.pp_schedule=gpipe"]), out / sc)
         elif sc == "fsdp_ac":  # activation checkpointing of every 2nd block, under FSDP
             train(config("fsdp", ["+parallel.default.activation_checkpoint={mode: every, every: 2}"]), out / sc)
+        elif sc.startswith("loop_packed:"):  # the training loop on packed rows (data.packing) of synthetic samples
+            name = sc.split(":")[1]
+            layout, extra = PACK_VARIANTS.get(name, (name, []))
+            train(config(layout, PACK_LOOP + extra), out / f"loop_packed_{name}")
         elif sc.startswith("packed:"):  # hand-packed rows (document_ids) through the layout's training step
             name = sc.split(":")[1]
             layout, extra = PACK_VARIANTS.get(name, (name, []))
@@ -79,6 +85,7 @@ PACK_VARIANTS = {"split2": ("hetero_split", SPLIT2), "pp2_gpipe": ("pp2", ["para
                  # the LM replicated on 2 ranks, images FSDP-sharded: bridged (every rank loads the global
                  # batch, ParallelContext.local_batch takes its rows)
                  "bridged": ("ddp", ["+parallel.modules.images={dp_replicate: 1, dp_shard: -1}"])}
+PACK_LOOP = ["data.packing=true", "data.max_seq_len=160"]  # the loop's own packing (train.batch_size rows)
 PACK_PAD, PACK_ROWS, PACK_LEN, PACK_STEPS = 258, 4, 96, 3  # byte tokenizer's pad id; rows x length; steps
 # SGD with momentum: the weights move by (clipped) gradient sums, so comparing how far each tensor moved
 # compares gradients; AdamW's per-element normalisation would turn reduction-order noise in near-zero

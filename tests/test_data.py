@@ -261,7 +261,7 @@ def test_collate_pads_and_groups_items(vlm):
 # ----------------------------------------------------------------------------- llava_json
 def test_llava_json_samples(av_model, fixture_dir):
     ds, tok = llava(av_model, fixture_dir)
-    assert len(ds) == 5 and ds.num_dropped == 0
+    assert len(ds) == 5
     img_id, aud_id = (av_model.modalities[m].special_token_id for m in ("images", "audio"))
     expect = {"a": (1, 0), "b": (2, 0), "c": (1, 0), "d": (0, 0), "e": (1, 1)}
     for i, (images, audio) in enumerate(expect.values()):
@@ -303,10 +303,11 @@ def test_prompt_matches_the_training_layout(av_model, fixture_dir):
 def test_llava_eval_split_and_pickling(av_model, fixture_dir):
     tr, _ = llava(av_model, fixture_dir, eval_fraction=0.4, seed=3)
     ev, _ = llava(av_model, fixture_dir, "eval", eval_fraction=0.4, seed=3)
-    assert len(ev) == 2 and len(tr) == 3 and not {s["where"] for s in tr.samples} & {s["where"] for s in ev.samples}
+    where = lambda d: {d.encoded(i).where for i in range(len(d))}  # noqa: E731
+    assert len(ev) == 2 and len(tr) == 3 and not where(tr) & where(ev)
     (fixture_dir / "held.json").write_text(json.dumps([{"conversations": [human("x"), gpt("y")]}]))
     ev2, _ = llava(av_model, fixture_dir, "eval", eval_path=str(fixture_dir / "held.json"))
-    assert len(ev2) == 1 and ev2.samples[0]["where"] == "held.json: sample 0"
+    assert len(ev2) == 1 and where(ev2) == {"held.json: sample 0"}
     syn, _ = synth(av_model)
     for d in (tr, syn):  # datasets keep ids and shapes, not the model: cheap to send to DataLoader workers
         blob = pickle.dumps(d)
@@ -343,24 +344,42 @@ def long_sample_file(d, *turns):
 
 
 def test_truncation_never_cuts_placeholders(vlm, fixture_dir):
+    from mimo_spec.data.samples import Dropped
+
     # layout: bos + "USER: " (7 ids) | image run 16 | "\n" | image run 16 | ...: runs at 7..22 and 24..39
     long_sample_file(fixture_dir, human("<image>\n<image>" + " word" * 30), gpt("An answer."))
     ds, _ = llava(vlm, fixture_dir, max_seq_len=30)
-    assert len(ds) == 1 and ds.num_dropped == 1 and ds.drop_reasons == {"too_long": 1}
+    assert len(ds) == 2 and ds.token_length(1) < 30  # samples are read when asked for: the long one is dropped then
+    with pytest.raises(Dropped, match=r"sample 0 \(id 'long'\): too long: \d+ tokens, the limit is 30") as e:
+        ds.token_length(0)
+    assert e.value.reason == "too_long"
     ds, _ = llava(vlm, fixture_dir, max_seq_len=30, truncation="truncate")  # cut at 30: inside run 2
-    assert ds.drop_reasons == {"cut_inside_placeholders": 1} and ds.dropped[0][0].endswith("(id 'long')")
+    with pytest.raises(Dropped) as e:
+        ds[0]
+    assert e.value.reason == "cut_inside_placeholders" and "(id 'long')" in str(e.value)
+    ds, _ = llava(vlm, fixture_dir, max_seq_len=60, truncation="truncate")  # both runs fit, the answer does not
     with pytest.raises(InputError, match=r"sample 0 \(id 'long'\): no trainable tokens left after truncating"):
-        llava(vlm, fixture_dir, max_seq_len=60, truncation="truncate")  # both runs fit, the answer does not
+        ds[0]
     long_sample_file(fixture_dir, human("<image> Q?"), gpt("Red" + "." * 60), human("<image> And?"), gpt("Blue."))
     ds, tok = llava(vlm, fixture_dir, max_seq_len=100, truncation="truncate")
     s = ds[0]  # the second image's run lies past the cut: it and its image are gone
-    assert len(s["input_ids"]) == 100 and s["num_items"] == {"images": 1} and ds.num_truncated == 1
+    assert len(s["input_ids"]) == 100 and s["num_items"] == {"images": 1} and ds.encoded(0).truncated
     assert int((s["input_ids"] == 1000).sum()) == 16 and tok.decode(s["labels"][s["labels"] >= 0]).startswith("Red.")
     check_batch(vlm, collate([ds[0], ds[1]], tok.pad_id))
+
+
+def test_a_training_set_of_only_unusable_samples_stops_with_a_data_error(vlm, fixture_dir):
+    from mimo_spec.data.loader import TrainBatches
+    from mimo_spec.train.bad_samples import SkipLog
+
     long_sample_file(fixture_dir, human("<image>\n<image>" + " word" * 30), gpt("An answer."))
     write_json(fixture_dir, json.loads((fixture_dir / "data.json").read_text())[:1])
-    with pytest.raises(InputError, match=r"data.path: no training samples in .*all 1 dropped \(too_long: 1\)"):
-        llava(vlm, fixture_dir, max_seq_len=60)
+    ds, tok = llava(vlm, fixture_dir, max_seq_len=60)
+    with pytest.raises(InputError, match=r"samples in a row could not be used; the last: too long"):
+        TrainBatches(ds, tok.pad_id, seed=0, batch_size=2, seq_len=60).next()  # packed: planning finds it
+    log = SkipLog(None, True, None, 0.01, len(ds))
+    with pytest.raises(InputError, match=r"data: none of the 2 samples read could be used"):
+        log.update([TrainBatches(ds, tok.pad_id, seed=0, batch_size=2).next()])  # unpacked: loading finds it
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -371,8 +390,11 @@ def test_bad_input_is_named_with_file_sample_and_path(vlm, fixture_dir):
     with pytest.raises(InputError, match=r"data.json: not valid JSON at line 3, column 12: Expecting property name"):
         llava(vlm, fixture_dir)
     (fixture_dir / "data.jsonl").write_text('{"conversations": []}\n{"id": \n')
+    ds, _ = llava(vlm, fixture_dir, path=str(fixture_dir / "data.jsonl"))  # JSON Lines are read line by line
     with pytest.raises(InputError, match=r"data.jsonl: not valid JSON at line 2"):
-        llava(vlm, fixture_dir, path=str(fixture_dir / "data.jsonl"))
+        ds[1]
+    with pytest.raises(InputError, match=r"data.jsonl: line 1: missing or empty 'conversations'"):
+        ds[0]  # each bad line is its own sample's problem: the loader skips it (data.on_bad_sample)
     write_json(fixture_dir, [
         {"id": "ok", "image": "red.png", "conversations": [human("<image>"), gpt("Red.")]},
         {"id": "gone", "image": "missing.png", "conversations": [human("<image>"), gpt("?")]},
@@ -380,14 +402,18 @@ def test_bad_input_is_named_with_file_sample_and_path(vlm, fixture_dir):
         {"id": "mute", "conversations": [human("Hi"), gpt("  ")]},
         {"id": "role", "conversations": [{"from": "bot", "value": "x"}]},
     ])
-    with pytest.raises(InputError) as e:
-        llava(vlm, fixture_dir)
-    text = str(e.value)
-    assert text.startswith("4 problems")
-    assert "sample 1 (id 'gone'): image file not found: " in text and "missing.png (check data.image_folder" in text
-    assert "sample 2 (id 'tags'): 2 <image> tag(s) in the text but 1 image file(s)" in text
-    assert "sample 3 (id 'mute'): no assistant answer" in text
-    assert "sample 4 (id 'role'): conversations[0] must be" in text
+    ds, _ = llava(vlm, fixture_dir)
+    problems = {}
+    for i in range(len(ds)):
+        try:
+            ds[i]
+        except InputError as e:
+            problems[i] = str(e)
+    assert sorted(problems) == [1, 2, 3, 4]
+    assert "sample 1 (id 'gone'): " in problems[1] and "missing.png" in problems[1]
+    assert "sample 2 (id 'tags'): 2 <image> tag(s) in the text but 1 image file(s)" in problems[2]
+    assert "sample 3 (id 'mute'): no assistant answer" in problems[3]
+    assert "sample 4 (id 'role'): conversations[0] must be" in problems[4]
     (fixture_dir / "img" / "broken.png").write_bytes(b"\x89PNG not really")
     write_json(fixture_dir, [{"id": "x", "image": "broken.png", "conversations": [human("<image>"), gpt("?")]}])
     ds, _ = llava(vlm, fixture_dir)
@@ -396,7 +422,7 @@ def test_bad_input_is_named_with_file_sample_and_path(vlm, fixture_dir):
     write_json(fixture_dir, [{"id": "y", "audio": "tone.wav", "conversations": [human("<audio>"), gpt("?")]}])
     with pytest.raises(InputError, match=r"sample 0 \(id 'y'\): the sample has audio input but the model has no "
                                          r"audio modality \(add one, e.g. modality=\[audio_whisper\]"):
-        llava(vlm, fixture_dir)
+        llava(vlm, fixture_dir)[0][0]
 
 
 # ------------------------------------------------------------------------------- the loader

@@ -161,6 +161,10 @@ def test_images_match_transformers_clip_processor(model, tmp_path):
     wide.save(path)
     crop = MediaProcessor(model, image_resize="crop").image(path)["clip"]["pixel_values"]
     assert crop.shape == (1, 3, SIZE, SIZE) and torch.allclose(crop, clip_reference(wide), atol=1e-6)
+    for w, h in ((41, 77), (33, 32), (32, 32), (20, 20)):  # tall, nearly square, exact, upscaled
+        img = photo(w, h)
+        got = MediaProcessor(model, image_resize="crop").image(Media("i.png", data=png_bytes(img)))
+        assert torch.allclose(got["clip"]["pixel_values"], clip_reference(img), atol=1e-6), (w, h)
     # pad: LLaVA-1.5's expand-to-square with the mean colour, then the CLIP processor
     fill = tuple(int(m * 255) for m in CLIP_MEAN)
     square = Image.new("RGB", (90, 90), fill)

@@ -3,6 +3,7 @@ in one process the packed batch's loss and gradients equal those of the same sam
 row), and under every shipped layout (2 gloo processes) a few optimizer steps on packed batches give the
 single-process losses, gradient norms, eval NLL and weights."""
 
+import csv
 import sys
 from pathlib import Path
 
@@ -12,14 +13,16 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_worker import (PACK_LEN, PACK_PAD, PACK_ROWS, config, pack_rows, packed_samples,  # noqa: E402
-                             packed_train)
+from parallel_worker import (PACK_LEN, PACK_LOOP, PACK_PAD, PACK_ROWS, config, pack_rows,  # noqa: E402
+                             packed_samples, packed_train)
 from test_parallel_run import RTOL, assert_same_weights, torchrun  # noqa: E402
 
 # 2-rank cases: every shipped layout that runs on 2 processes, the split layout shrunk to 2 ranks
 # (images on rank 0, the language model on rank 1), the other pipeline schedule, and bridged images
 # (the LM replicated, images FSDP-sharded)
 LAYOUTS = ["ddp", "fsdp", "tp2", "tp2_fsdp", "hetero_colocated", "pp2", "pp2_gpipe", "split2", "bridged"]
+# the training loop with data.packing under the layouts packing changes most (pipeline, split, shares)
+LOOP_LAYOUTS = ["pp2", "split2", "ddp"]
 
 
 def _model():
@@ -90,14 +93,18 @@ def reference() -> dict:
     return ref
 
 
+def run_group(out: Path, nproc: int, scenarios: list[str]) -> None:
+    """One torchrun of ``nproc`` processes running tests/parallel_worker.py's ``scenarios``."""
+    r = torchrun(nproc, ROOT / "tests" / "parallel_worker.py", out, ",".join(scenarios))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
 def check_layouts(out: Path, layouts: list[str], nproc: int, ref: dict, shares: dict, bridged: set) -> None:
-    """One torchrun of ``nproc`` processes trains the packed steps under each of ``layouts``; each gives the
+    """The packed steps trained under each of ``layouts`` (scenarios ``packed:<layout>``) give the
     single-process losses, gradient norms, eval NLLs and weights. ``shares``: layout -> each rank's share
     of the rows (data-parallel ranks load their share, cut short and padded back by step_tokens; else
     None: the global batch, sliced by ParallelContext.local_batch); ``bridged``: layouts whose images
     are encoded under their own data-parallel layout."""
-    r = torchrun(nproc, ROOT / "tests" / "parallel_worker.py", out, ",".join(f"packed:{x}" for x in layouts))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     for layout in layouts:
         ranks = [torch.load(out / f"packed_{layout}_rank{r}.pt") for r in range(nproc)]
         got = ranks[-1]  # (the losses are summed over ranks: every rank has them)
@@ -123,12 +130,30 @@ def check_layouts(out: Path, layouts: list[str], nproc: int, ref: dict, shares: 
 def test_packed_batches_train_alike_under_every_layout(tmp_path, reference):
     """2 processes: 3 steps of packed batches (in step 1 one share of the rows holds no image) under every
     layout that runs on 2 ranks, the 2-rank split layout, the other pipeline schedule and bridged images."""
+    run_group(tmp_path, 2, [f"packed:{x}" for x in LAYOUTS] + [f"loop_packed:{x}" for x in LOOP_LAYOUTS])
     check_layouts(tmp_path, LAYOUTS, 2, reference, {"ddp": [(0, 2), (2, 4)], "fsdp": [(0, 2), (2, 4)]},
                   {"bridged", "hetero_colocated"})
+    # the training loop itself on packed rows (data.packing: its planner, per-rank loading, step_tokens)
+    from mimo_spec.train.loop import train
+
+    train(config("single", PACK_LOOP), tmp_path / "loop_packed_single")
+    ref = csv_rows(tmp_path / "loop_packed_single")
+    assert all(float(r["padding_fraction"]) < 0.5 for r in ref)  # really packed (one sample per row: ~0.8)
+    for layout in LOOP_LAYOUTS:
+        got = csv_rows(tmp_path / f"loop_packed_{layout}")
+        for key in ("loss", "grad_norm", "eval_loss"):
+            assert [float(r[key] or 0) for r in got] == pytest.approx([float(r[key] or 0) for r in ref], rel=RTOL), \
+                (layout, key)
 
 
 def test_packed_batches_on_four_ranks(tmp_path, reference):
     """4 processes, where 2 cannot show it: 2 pipeline stages x 2 data-parallel shares (each pipeline runs
     its share's rows, cut short and padded back) and the shipped split layout (images FSDP on ranks 0-1,
     the LM TP on ranks 2-3, each encoder rank sending its chunk of the items to both LM ranks)."""
+    run_group(tmp_path, 4, ["packed:pp2", "packed:hetero_split"])
     check_layouts(tmp_path, ["pp2", "hetero_split"], 4, reference, {"pp2": [(0, 2), (2, 4), (0, 2), (2, 4)]}, set())
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))

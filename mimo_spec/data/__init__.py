@@ -33,7 +33,6 @@ from mimo_spec.data.batch import (
 from mimo_spec.data.config import (
     SOURCES, ChatTemplate, CommonDataConfig, DataConfig, LlavaJsonDataConfig, SyntheticDataConfig, max_length,
     validate_data_config)
-from mimo_spec.errors import InputError
 
 __all__ = ["SOURCES", "ChatTemplate", "CommonDataConfig", "DataConfig", "LlavaJsonDataConfig", "SyntheticDataConfig",
            "build_dataset", "collate", "empty_parts", "encode_prompt", "filler_sample", "max_length", "model_kwargs",
@@ -67,40 +66,13 @@ def build_dataset(data_cfg, model, tokenizer, split: Literal["train", "eval"] = 
 # ------------------------------------------------------------------------------------- prompts
 
 def encode_prompt(prompt: str, model, tokenizer, data_cfg, *, images=(), audio=()) -> tuple[torch.Tensor, dict]:
-    """A user prompt with image / WAV files -> (input_ids (1, S), modality_inputs) ready to generate from.
+    """A user prompt with image / audio files -> (input_ids (1, S), modality_inputs) ready to generate from.
 
     Laid out with the training data's chat template and ending with the assistant
-    prefix. ``<image>`` / ``<audio>`` tags in the prompt place the files in order;
-    without tags the files go first, one per line (as in training). Files are
-    preprocessed exactly as ``llava_json`` does (mean/std from ``data_cfg``).
+    prefix. ``data.image_token`` / ``data.audio_token`` tags (``<image>`` / ``<audio>``) in the prompt
+    place the files in order; without tags the files go first, one per line (as in training). Files
+    are decoded exactly as training samples are (image processor, audio overflow split).
     """
-    from mimo_spec.data.llava_json import AUDIO_TAG, IMAGE_TAG
-    from mimo_spec.data.preprocess import MediaProcessor
-    from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids, resolve_path
+    from mimo_spec.data.samples import SampleBuilder
 
-    cfg = validate_data_config(data_cfg)
-    media = MediaProcessor(model, image_modality=getattr(cfg, "image_modality", None),
-                           audio_modality=getattr(cfg, "audio_modality", None), image_mean=cfg.image_mean,
-                           image_std=cfg.image_std, image_resize=getattr(cfg, "image_resize", "pad"))
-    tags, modality_inputs, prefix = {}, {}, ""
-    kinds = [(IMAGE_TAG, list(images), media.image_modality, media.image),
-             (AUDIO_TAG, list(audio), media.audio_modality, media.audio)]
-    order = list(model.modalities)  # untagged files go first in the model's modality order, as in synthetic data
-    for tag, files, name, load in sorted(kinds, key=lambda k: order.index(k[2]) if k[2] in order else len(order)):
-        n_tags = prompt.count(tag)
-        if (files or n_tags) and name is None:
-            raise InputError(f"the prompt has {tag} input but the model has no such input modality", path="prompt")
-        if files and n_tags == 0:
-            prefix += f"{tag}\n" * len(files)
-        elif n_tags != len(files):
-            raise InputError(f"{n_tags} {tag} tag(s) in the prompt but {len(files)} file(s)", path="prompt",
-                             hint="each tag takes the next file, in order")
-        if files:
-            loaded = [load(resolve_path(f), "prompt") for f in files]
-            modality_inputs[name] = {enc: {kw: torch.cat([x[enc][kw] for x in loaded]) for kw in kws}
-                                     for enc, kws in loaded[0].items()}
-            tags[tag] = Tag(name, model.modalities[name].special_token_id, media.tokens_per_item[name])
-    prompt = prefix + prompt
-    enc = encode_conversation(tokenizer, [("user", prompt)], tags, cfg.template, add_generation_prompt=True,
-                              reserved=set(reserved_token_ids(model)), where="prompt")
-    return torch.tensor([enc.input_ids], dtype=torch.long), modality_inputs
+    return SampleBuilder(validate_data_config(data_cfg), model, tokenizer).prompt(prompt, images, audio)

@@ -95,7 +95,7 @@ class _Entries(torch.utils.data.Dataset):
     def __getitem__(self, entry):
         if entry[0] == "plan":
             return entry
-        row, _, index = entry
+        row, position, index = entry
         from mimo_spec.data.samples import Dropped
 
         try:
@@ -103,7 +103,7 @@ class _Entries(torch.utils.data.Dataset):
         except DataError as e:
             if self.on_bad_sample == "error" and not isinstance(e, Dropped):
                 raise
-            return ("skip", skipped_from(e, index))
+            return ("skip", skipped_from(e, index, position))
 
 
 class _EntriesCollate:

@@ -56,13 +56,14 @@ class Skipped:
     where: str = ""
     file: str = ""
     id: str | None = None
+    position: int = -1  # in the run's order (one sample may come twice in a batch of a small dataset)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "sample": self.index, "id": self.id, "file": self.file, "where": self.where,
+        return {"kind": self.kind, "sample": self.index, "position": self.position, "id": self.id, "file": self.file, "where": self.where,
                 "reason": self.reason}
 
 
-def skipped_from(error: DataError, index: int) -> Skipped:
+def skipped_from(error: DataError, index: int, position: int = -1) -> Skipped:
     """The log entry of a sample that raised ``error`` (a Dropped is "dropped", any other DataError "bad")."""
     from mimo_spec.data.samples import Dropped
 
@@ -70,7 +71,7 @@ def skipped_from(error: DataError, index: int) -> Skipped:
     info = getattr(error, "record_info", None) or {}
     reason = "; ".join(p.message for p in error.problems) or str(error)
     return Skipped("dropped" if isinstance(error, Dropped) else "bad", int(index), reason[:500],
-                   info.get("where", where), info.get("file", ""), info.get("id"))
+                   info.get("where", where), info.get("file", ""), info.get("id"), int(position))
 
 
 @dataclass
@@ -117,9 +118,9 @@ class Planner:
             except DataError as e:
                 if self.on_bad_sample == "error":
                     raise
-                skipped.append(skipped_from(e, index))
+                skipped.append(skipped_from(e, index, pos))
                 unusable += 1
-                if unusable >= MAX_UNUSABLE_RUN:
+                if unusable >= min(MAX_UNUSABLE_RUN, len(self.dataset)):  # (a whole epoch, for a small set)
                     raise DataError(f"{unusable} samples in a row could not be used; the last: {skipped[-1].reason}",
                                     path=skipped[-1].where or "data", hint="check the data (action=data lists what "
                                     "is wrong) and data.max_seq_len") from None

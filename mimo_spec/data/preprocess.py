@@ -243,7 +243,7 @@ class ImageTransform:
 
         if self.resize == "pad":
             img = expand_to_square(img, self.fill)
-        if self.pre_squash or (self.presize and img.width == img.height):
+        if self.pre_squash or (self.presize and (img.width == img.height or self.resize == "squash")):
             target = (self.size, self.size)
         elif self.presize and self.resize == "crop":
             # transformers' shortest-edge size: the short side to size, the long one scaled and truncated
@@ -254,7 +254,10 @@ class ImageTransform:
             target = img.size
         if img.size != target:
             img = img.resize(target, Image.BICUBIC)
-        out = self.processor(images=img, return_tensors="pt")["pixel_values"]
+        skip = {}
+        if self.presize:  # its resize (and, on the square, its crop) would change nothing: skip the round trips
+            skip = {"do_resize": False, "do_center_crop": img.size != (self.size, self.size)}
+        out = self.processor(images=img, return_tensors="pt", **skip)["pixel_values"]
         return out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
 
     def __call__(self, img, name: str = "", where: str = "") -> torch.Tensor:

@@ -187,25 +187,72 @@ class SampleBuilder:
         """The sample: ids and labels as tensors, every item decoded into its encoder's inputs."""
         items, num_items = {}, {name: 0 for name in self.input_modalities}
         for name, entries in enc.media.items():
-            loaded, done = [], set()
-            for kind, m in entries:
-                if kind == "audio":  # one decode gives all the items of a split audio file
-                    if id(m) in done:
-                        continue
-                    done.add(id(m))
-                    loaded.append(self.media.audio(m, enc.where))
-                else:
-                    loaded.append(self.media.image(m, enc.where))
-            items[name] = {e: {kw: torch.cat([x[e][kw] for x in loaded]) for kw in kws}
-                           for e, kws in loaded[0].items()}
-            n = next(iter(next(iter(items[name].values())).values())).shape[0]
-            if n != len(entries):
-                raise DataError(f"{len(entries)} {name} placeholder run(s) but {n} decoded item(s)", path=enc.where,
-                                hint="the audio file changed while it was read, or its header is wrong")
-            num_items[name] = n
+            items[name], num_items[name] = self.decode(name, entries, enc.where)
         return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
                 "labels": torch.tensor(enc.labels, dtype=torch.long), "items": items, "num_items": num_items,
                 "targets": {}}
+
+    def decode(self, name: str, entries: list[tuple[str, Media]], where: str) -> tuple[dict, int]:
+        """One modality's items, in order: ({encoder: {kwarg: (n, ...)}}, n). A split audio file stands
+        for several consecutive entries and is decoded once (truncation may have kept only its first ones)."""
+        loaded, k = [], 0
+        while k < len(entries):
+            kind, m = entries[k]
+            run = 1
+            while k + run < len(entries) and entries[k + run][1] is m:
+                run += 1
+            if kind == "audio":
+                x = self.media.audio(m, where)
+                have = next(iter(next(iter(x.values())).values())).shape[0]
+                if have < run:
+                    raise DataError(f"{m.name} gave {have} audio item(s) but its placeholders need {run}",
+                                    path=where, hint="the audio file changed while it was read, or its header is wrong")
+                loaded.append({e: {kw: t[:run] for kw, t in kws.items()} for e, kws in x.items()})
+            else:
+                loaded += [self.media.image(m, where) for _ in range(1)]
+                run = 1
+            k += run
+        merged = {e: {kw: torch.cat([x[e][kw] for x in loaded]) for kw in kws} for e, kws in loaded[0].items()}
+        return merged, len(entries)
+
+    def prompt(self, text: str, images=(), audio=(), where: str = "prompt") -> tuple[torch.Tensor, dict]:
+        """A user prompt with image / audio files -> (input_ids (1, S), modality_inputs), laid out as training
+        samples are and ending with the assistant prefix. Tags (``data.image_token`` / ``data.audio_token``)
+        place the files in order; without tags the files go first, one per line, in the model's modality order."""
+        groups = [(self.cfg.image_token, [Media(str(f), path=_path(f)) for f in images]),
+                  (self.cfg.audio_token, [Media(str(f), path=_path(f)) for f in audio])]
+        order = self.input_modalities  # untagged files go first in the model's modality order, as in synthetic data
+        groups.sort(key=lambda g: order.index(self.kinds[g[0]][1]) if self.kinds[g[0]][1] in order else len(order))
+        prefix, media = "", {}
+        for tag, files in groups:
+            kind, name = self.kinds[tag]
+            n_tags = text.count(tag)
+            if (files or n_tags) and name is None:
+                raise InputError(f"the prompt has {tag} input but the model has no such input modality", path=where)
+            if files and n_tags == 0:
+                prefix += f"{tag}\n" * len(files)
+            elif n_tags != len(files):
+                raise InputError(f"{n_tags} {tag} tag(s) in the prompt but {len(files)} file(s)", path=where,
+                                 hint="each tag takes the next file, in order")
+            if files:
+                counts = [self.audio_items(m, where)[0] if kind == "audio" else 1 for m in files]
+                media[tag] = (kind, name, files, counts)
+        turns = [["user", prefix + text]]
+        for tag, (kind, name, files, counts) in media.items():
+            if any(n != 1 for n in counts):
+                turns = _expand_tags(turns, tag, counts)
+        enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
+                                  add_generation_prompt=True, reserved=self.reserved, where=where)
+        inputs = {}
+        for tag, (kind, name, files, counts) in media.items():
+            inputs[name] = self.decode(name, [(kind, m) for m, n in zip(files, counts) for _ in range(n)], where)[0]
+        return torch.tensor([enc.input_ids], dtype=torch.long), inputs
+
+
+def _path(f):
+    from mimo_spec.data.tokenizer import resolve_path
+
+    return resolve_path(f)
 
 
 def media_options(cfg) -> dict:
@@ -251,7 +298,12 @@ class RecordDataset(torch.utils.data.Dataset):
         return self.source.order(seed)
 
     def encoded(self, index: int) -> Encoded:
-        return self.builder.encode(self.source.record(int(index)))
+        record = self.source.record(int(index))
+        try:
+            return self.builder.encode(record)
+        except DataError as e:
+            e.record_info = {"where": record.where, "file": record.file, "id": record.id}
+            raise
 
     def token_length(self, index: int) -> int:
         index = int(index)
@@ -266,7 +318,11 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         enc = self.encoded(index)
-        sample = self.builder.build(enc)
+        try:
+            sample = self.builder.build(enc)
+        except DataError as e:
+            e.record_info = {"where": enc.where, "file": enc.file, "id": enc.id}
+            raise
         sample["where"] = enc.where
         return sample
 

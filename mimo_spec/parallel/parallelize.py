@@ -195,6 +195,7 @@ class ParallelContext:
         self.split = None  # a SplitRunner when modules sit on different ranks
         self.pp_stage = coords["pp"]
         self.pipeline = None  # a PipelineRunner once start_pipeline() ran (pp > 1)
+        self.batch_size = 0  # the run's global batch (train.batch_size; 0: unknown), set by start_parallel
         self.dp_rank = coords["dp_replicate"] * lm.dp_shard + coords["dp_shard"]
         self.fused: dict[str, torch.Tensor] = {}
         self.bridges: dict[str, Any] = {}  # modalities whose data-parallel layout differs from the LM's
@@ -294,14 +295,16 @@ class ParallelContext:
         return model.modalities[name] if name in model.modalities else None
 
     def start_pipeline(self, model: nn.Module, seq_len: int, pad_id: int) -> None:
-        """Build this rank's pipeline stage and schedule (pp > 1); batches are padded to ``seq_len``."""
+        """Build this rank's pipeline stage and schedule (pp > 1); batches are padded to ``seq_len`` and to this
+        data-parallel share's rows of the global batch (train.batch_size / dp)."""
         from mimo_spec.parallel.env import device_type
         from mimo_spec.parallel.pipeline import PipelineRunner
 
         lm = self.layout.modules[LANGUAGE]
         device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
         self.pipeline = PipelineRunner(model, self.pp_stage, self.pp, lm.microbatches, lm.pp_schedule,
-                                       self.meshes[LANGUAGE]["pp"].get_group(), device, seq_len, pad_id)
+                                       self.meshes[LANGUAGE]["pp"].get_group(), device, seq_len, pad_id,
+                                       rows=self.batch_size // self.dp_size)
 
     def _needs_bridge(self, m: ModuleLayout) -> bool:
         lm = self.layout.modules[LANGUAGE]
@@ -372,6 +375,8 @@ class ParallelContext:
         b = batch["input_ids"].shape[0]
         if self.dp_size == 1:
             return batch
+        if b % self.dp_size:  # rows would be lost (their tokens still count in the step's total)
+            raise ValueError(f"a global batch of {b} rows cannot be split over {self.dp_size} data-parallel ranks")
         per = b // self.dp_size
         lo, hi = self.dp_rank * per, (self.dp_rank + 1) * per
         # every per-row tensor goes with its rows: a packed batch's document_ids, a loss mask
@@ -475,5 +480,6 @@ def start_parallel(parallel: dict, train_cfg: dict, model: nn.Module) -> Paralle
     check_executable(layout)
     env = init_distributed()
     run = ParallelContext(layout, env.rank)
+    run.batch_size = int((train_cfg or {}).get("batch_size") or 0)
     run.parallelize(model)
     return run

@@ -135,7 +135,7 @@ class PipelineRunner:
     """Runs this rank's stage of the language model under a ``torch.distributed.pipelining`` schedule."""
 
     def __init__(self, model: nn.Module, stage: int, stages: int, microbatches: int, schedule: str,
-                 pp_group, device: torch.device, seq_len: int, pad_id: int = 0):
+                 pp_group, device: torch.device, seq_len: int, pad_id: int = 0, rows: int = 0):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.stage, self.stages, self.seq_len, self.pad_id, self.device = stage, stages, seq_len, pad_id, device
@@ -145,7 +145,8 @@ class PipelineRunner:
         self.pipe_stage = PipelineStage(self.module, stage, stages, device, group=pp_group)
         self.model = model
         self.total_tokens = 1
-        self.rows = 0  # rows per batch: the first batch's (stage-to-stage shapes are fixed from then on)
+        # rows per batch (0: the first batch's); stage-to-stage shapes are fixed after the first step
+        self.rows = int(rows)
         kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
         # losses are already divided by the global token count, so micro-batch gradients are summed
         self.schedule = kind(self.pipe_stage, microbatches, loss_fn=self._loss, scale_grads=False)
@@ -171,8 +172,8 @@ class PipelineRunner:
 
     def _padded(self, batch: dict) -> dict:
         """``batch`` right-padded to the pipeline's length (pad ids, ignored labels, a document of its own)
-        and, with fewer rows than the first batch's (stage shapes are fixed then: e.g. a last eval batch
-        packed into fewer rows), filled up with empty rows (pad ids, no label, no item)."""
+        and, with fewer rows than the pipeline's (stage shapes are fixed: e.g. a share whose samples were
+        all skipped), filled up with empty rows (pad ids, no label, no item)."""
         from mimo_spec.errors import InputError
 
         rows, length = batch["input_ids"].shape
@@ -182,7 +183,7 @@ class PipelineRunner:
         out = pad_batch(batch, self.seq_len, self.pad_id)
         self.rows = self.rows or int(rows)
         if rows > self.rows:
-            raise InputError(f"a batch of {rows} rows exceeds the pipeline's {self.rows} (its first batch's)",
+            raise InputError(f"a batch of {rows} rows exceeds the pipeline's {self.rows}",
                              path="train.batch_size", hint="pipeline stages take batches of one size")
         if rows < self.rows:
             extra = self.rows - rows

@@ -39,7 +39,7 @@ class SkipLog:
         self.read += sum(int(b.get("planned", 0)) for b in micro)
         if self.drun is not None:  # rows are loaded by their share's ranks: gather, once per sample
             loaded = self._gathered(loaded)
-        entries = {(s.kind, s.index, s.reason): s for s in planned + loaded}
+        entries = {(s.kind, s.position, s.index): s for s in planned + loaded}  # once per sample read
         new = list(entries.values())
         for s in new:
             if s.kind == "bad":
@@ -52,6 +52,10 @@ class SkipLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 for s in new:
                     f.write(json.dumps(s.to_dict(), ensure_ascii=False) + "\n")
+        if self.read >= self.min_read and self.bad + self.dropped >= self.read:
+            shown = "; ".join(f"{s.where or s.index}: {s.reason}" for s in new[:3])
+            raise DataError(f"none of the {self.read} samples read could be used (e.g. {shown})", path="data",
+                            hint="check the data and data.max_seq_len (action=data shows what is wrong)")
         if self.read >= self.min_read and self.bad > self.max_bad_fraction * self.read:
             shown = "; ".join(f"{e['where'] or e['sample']}: {e['reason']}" for e in self.examples[:3])
             raise DataError(f"{self.bad} of {self.read} samples read could not be used, more than "

@@ -39,7 +39,7 @@ FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "paddi
 
 # keys that may change between a run and its resumption
 RESUMABLE_CHANGES = ("action", "debug", "summary", "eval", "generate", "import_hf", "train.steps", "train.resume",
-                     "train.stop_after_steps",
+                     "train.stop_after_steps", "data_scan",
                      "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint", "train.num_threads",
                      "train.device", "hydra", "parallel", "data.num_workers")
 
@@ -198,7 +198,7 @@ def train(run: RunConfig | DictConfig | dict, out_dir: Path, *, console=None) ->
 
 def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     from mimo_spec.builders import build_model
-    from mimo_spec.data import build_dataset, collate, empty_parts, max_length
+    from mimo_spec.data import build_dataset, empty_parts, max_length
     from mimo_spec.data.loader import TrainBatches, step_tokens
     from mimo_spec.data.packing import LoaderState
     from mimo_spec.train.bad_samples import SkipLog

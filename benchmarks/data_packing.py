@@ -1,0 +1,158 @@
+"""Padding and loss tokens per second, packed (``data.packing: true``) vs padded rows, on variable-length data.
+
+The data (``make_llava_data.py``: 1-4 turn conversations with answers from one word to ~100 words, most
+short, 0-2 images) is trained with model=tiny + the vision modality (``--hidden`` / ``--layers`` scale the
+LM), ``--batch`` rows a step: packed, each row ``--seq-len`` tokens of whole samples (``document_ids``
+keep them apart); padded, one sample a row, right-padded to the longest of the batch. Both read the
+same sample order through ``TrainBatches`` and run the training loop's step (``forward_backward``,
+gradient clipping, AdamW).
+
+- padding: the share of the batches' positions that hold no token (``padding_fraction`` in metrics.csv);
+- loss tokens/s: labels the loss counts (the batches' ``num_tokens``) per second of training steps
+  (``step``: forward, backward, optimizer; ``+load``: also building the batch, in-process).
+
+Targets: padding < 5% packed, loss tokens/s >= 1.4x padded. With ``--loop``, the training loop itself is
+run both ways too and its metrics.json figures printed (padding_fraction; tokens_per_s counts real
+tokens over the run's wall time).
+
+    .venv/bin/python benchmarks/data_packing.py --steps 6
+    .venv/bin/python benchmarks/data_packing.py --steps 20 --hidden 256 --layers 4 --loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def config_overrides(args, jsonl: str, index_dir: str, packing: bool) -> list[str]:
+    h = args.hidden
+    return ["model=tiny", "modality=[vision_clip]", "data=llava_json", f"data.path='{jsonl}'",
+            f"++data.index_dir={index_dir}", f"++data.packing={str(packing).lower()}", "data.eval_fraction=0",
+            f"model.params.max_seq_len={args.seq_len}", f"model.params.hidden_size={h}",
+            f"model.params.num_layers={args.layers}", f"model.params.ffn_hidden_size={h * 11 // 4}",
+            f"train.batch_size={args.batch}"]
+
+
+def measure(args, jsonl: str, index_dir: str, packing: bool, seed: int) -> dict:
+    import torch
+
+    from mimo_spec.builders import build_model
+    from mimo_spec.config import compose_config
+    from mimo_spec.data import build_dataset
+    from mimo_spec.data.loader import TrainBatches
+    from mimo_spec.data.tokenizer import build_tokenizer
+    from mimo_spec.train.optim import build_optimizer
+    from mimo_spec.train.schema import validate_train_config
+    from mimo_spec.train.step import clip_grads, forward_backward
+
+    cfg = compose_config(config_overrides(args, jsonl, index_dir, packing))
+    torch.manual_seed(0)
+    model = build_model(cfg, seed=0)
+    tok = build_tokenizer(cfg.data, model)
+    data = build_dataset(cfg.data, model, tok, "train")
+    opt = build_optimizer(model, validate_train_config(cfg.train))
+    loader = TrainBatches(data, tok.pad_id, seed=seed, batch_size=args.batch,
+                          seq_len=args.seq_len if packing else None)
+    counted = positions = real = 0
+    step_s = load_s = 0.0
+    samples = 0
+    for k in range(args.steps + 1):  # the first step warms up, untimed
+        t0 = time.perf_counter()
+        batch = loader.next()
+        t1 = time.perf_counter()
+        n = int(batch["num_tokens"])
+        forward_backward(model, batch, max(1, n), device="cpu")
+        clip_grads(model, 1.0, None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if k == 0:
+            continue
+        load_s, step_s = load_s + t1 - t0, step_s + t2 - t1
+        counted += n
+        positions += int(batch["input_ids"].numel())
+        real += int(batch["attention_mask"].sum())
+        samples += batch["planned"] - len(batch["skipped"])
+    return {"padding": 1 - real / positions, "tps": counted / step_s, "tps_load": counted / (step_s + load_s),
+            "tokens_per_step": counted / args.steps, "samples_per_step": samples / args.steps,
+            "step_ms": step_s / args.steps * 1e3, "seq": positions / args.steps / args.batch}
+
+
+LOOP_CHILD = """
+import json, sys
+from pathlib import Path
+from mimo_spec.config import compose_config
+from mimo_spec.train.loop import train
+print(json.dumps(train(compose_config(json.loads(sys.argv[2])), Path(sys.argv[1]))))
+"""
+
+
+def loop(args, jsonl: str, index_dir: str, packing: bool) -> dict:
+    ov = config_overrides(args, jsonl, index_dir, packing) + [
+        f"train.steps={args.steps}", "train.eval_every=0", "train.checkpoint.every=0", "train.log_every=100000"]
+    with tempfile.TemporaryDirectory() as out:
+        r = subprocess.run([sys.executable, "-c", LOOP_CHILD, out, json.dumps(ov)], capture_output=True, text=True,
+                           cwd=out, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if r.returncode != 0:
+            raise SystemExit(f"training loop failed (packing={packing}):\n{r.stderr[-3000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=3000, help="dataset size")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per case (after one warm-up step)")
+    ap.add_argument("--batch", type=int, default=4, help="rows a step")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=64, help="LM hidden size (tiny: 64)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (round r reads seed r's order)")
+    ap.add_argument("--loop", action="store_true", help="also run the training loop both ways (metrics.json)")
+    ap.add_argument("--data-dir", help="where the dataset is written (kept, reused); default: a temp dir")
+    args = ap.parse_args()
+    from make_llava_data import make_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl = make_dataset(Path(args.data_dir or tmp) / f"packing_{args.samples}", args.samples)["jsonl"]
+        index_dir = str(Path(tmp) / "index")
+        res: dict[bool, list[dict]] = {True: [], False: []}
+        for r in range(args.rounds):
+            for packing in (False, True):
+                res[packing].append(measure(args, jsonl, index_dir, packing, seed=r))
+        loops = {p: loop(args, jsonl, index_dir, p) for p in (False, True)} if args.loop else {}
+
+    def med(p, key):
+        return statistics.median(x[key] for x in res[p])
+
+    print(f"model=tiny + vision, LM hidden {args.hidden} x {args.layers} layers, {args.batch} rows a step, "
+          f"max_seq_len {args.seq_len}, {args.steps} steps x {args.rounds} rounds")
+    print(f"\n{'rows':<8}{'padding':>9}{'row len':>9}{'samples/step':>14}{'loss tok/step':>15}{'step ms':>9}"
+          f"{'loss tok/s':>12}{'+load':>9}")
+    for p, name in ((False, "padded"), (True, "packed")):
+        print(f"{name:<8}{med(p, 'padding'):>9.1%}{med(p, 'seq'):>9.0f}{med(p, 'samples_per_step'):>14.1f}"
+              f"{med(p, 'tokens_per_step'):>15.0f}{med(p, 'step_ms'):>9.0f}{med(p, 'tps'):>12.0f}"
+              f"{med(p, 'tps_load'):>9.0f}")
+    print(f"\npacked / padded loss tokens/s: {med(True, 'tps') / med(False, 'tps'):.2f}x (step), "
+          f"{med(True, 'tps_load') / med(False, 'tps_load'):.2f}x (+load); target >= 1.4x. "
+          f"Packed padding {med(True, 'padding'):.1%} (target < 5%)")
+    if loops:
+        print(f"\ntraining loop, {args.steps} steps (metrics.json):")
+        for p, name in ((False, "padded"), (True, "packed")):
+            r = loops[p]
+            print(f"  {name:<8} padding_fraction {r['padding_fraction']:.3f}  tokens_per_s {r['tokens_per_s']:.0f}  "
+                  f"skipped {r['bad_samples'] + r['dropped_samples']}")
+
+
+if __name__ == "__main__":
+    main()
