@@ -71,12 +71,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="packed rows a batch")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (other seeds: other samples)")
+    ap.add_argument("--threads", type=int, help="torch threads of the main process (default: torch's own; "
+                    "workers use 1)")
     ap.add_argument("--data-dir", help="where the dataset is written (kept, reused); default: a temp dir")
     args = ap.parse_args()
     import torch
 
     from make_llava_data import make_dataset
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sources = args.sources.split(",")
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

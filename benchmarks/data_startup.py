@@ -69,7 +69,8 @@ def build_hf_tokenizer(directory: Path, corpus: list[str], vocab_size: int = 900
 
 
 def overrides(jsonl: str, index_dir: str, tokenizer: str | None) -> list[str]:
-    o = ["model=tiny", "modality=[vision_clip]", "data=llava_json", f"data.path={jsonl}", f"++data.index_dir={index_dir}",
+    o = ["model=tiny", "modality=[vision_clip]", "data=llava_json", f"data.path='{jsonl}'",
+         f"++data.index_dir={index_dir}",
          "model.params.max_seq_len=1024", "train.steps=1", "train.batch_size=8", "train.log_every=1",
          "train.eval_batches=1", "train.checkpoint.every=0", "train.checkpoint.keep_last=1"]
     if tokenizer:
@@ -133,11 +134,16 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "mimo_spec")], check=True)
         rows: dict[tuple, list[dict]] = {}
         index_dirs = {(t, s): str(tmp / f"index_{t.split()[0]}_{s}") for t in tokenizers_ for s in files}
+        imports = []  # the machine's pace: a fresh `import torch` each round
         for rep in range(args.repeats + 1):  # round 0: cold (no index yet); then warm; sizes interleaved
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import torch"], check=True)
+            imports.append(time.perf_counter() - t0)
             for tname, tok in tokenizers_.items():
                 for size, path in files.items():
                     r = run_measured(overrides(path, index_dirs[tname, size], tok), tmp)
                     rows.setdefault((tname, size, "cold" if rep == 0 else "warm"), []).append(r)
+    print(f"\nimport torch alone: {statistics.median(imports):.2f} s (median of {len(imports)})")
     print(f"\n{'tokenizer':<24}{'samples':>9}{'index':>7}{'first step s':>14}{'peak RSS MB':>13}{'skipped':>9}")
     for (tname, size, kind), rs in rows.items():
         n = args.small if size == "small" else args.large

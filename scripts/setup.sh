@@ -27,6 +27,20 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         "${PIP[@]}" "${MIMO_TORCH:-torch==2.13.0}"
     fi
 fi
-echo "setup: installing mimo-spec with its train, test, hf, slurm and sweep extras into $VENV" >&2
-"${PIP[@]}" -e ".[train,test,hf,slurm,sweep]"
+# the torch already installed is pinned for every later install: a dependency (or a companion such as
+# torchvision / torchaudio made for another torch) can never replace it, e.g. with a multi-GB CUDA build
+CONSTRAINTS="$VENV/.torch-constraint.txt"
+if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONSTRAINTS"
+    PIP+=(-c "$CONSTRAINTS")
+fi
+echo "setup: installing mimo-spec with its train, test, hf, data, slurm and sweep extras into $VENV" >&2
+"${PIP[@]}" -e ".[train,test,hf,data,slurm,sweep]"
+if [ -f "$CONSTRAINTS" ] && ! "$VENV/bin/python" -c "
+import sys, torch
+want = open('$CONSTRAINTS').read().strip().split('==', 1)[1]
+sys.exit(torch.__version__ != want)"; then
+    echo "setup: error: the install replaced $(cat "$CONSTRAINTS")" >&2
+    exit 1
+fi
 echo "$WANT" > "$STAMP"

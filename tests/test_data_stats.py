@@ -23,7 +23,8 @@ def _turns(user, answer):
 
 
 def _write_data(root: Path) -> tuple[Path, dict]:
-    """12 samples: 8 usable, 3 bad (a missing image, a truncated PNG, a bad conversation), 1 too long."""
+    """13 samples: 8 usable, 4 bad (a missing image, a truncated PNG, a bad conversation, a missing WAV), 1 too
+    long."""
     PIL.new("RGB", (20, 30), (200, 10, 10)).save(root / "red.png")
     PIL.new("RGBA", (31, 17), (10, 200, 10, 128)).save(root / "green.png")
     PIL.new("RGB", (64, 64), (10, 10, 200)).save(root / "whole.png")
@@ -48,10 +49,11 @@ def _write_data(root: Path) -> tuple[Path, dict]:
         {"id": "9", "image": "red.png", "conversations": _turns("<image>\nAnd this?", "Red again, quite red.")},
         {"id": "10", "conversations": _turns("Repeat: cat dog.", "cat dog")},
         {"id": "11", "conversations": _turns("What comes after 41?", "42")},
+        {"id": "12", "audio": "silent.wav", "conversations": _turns("<audio>\nHear?", "Nothing.")},
     ]
     path = root / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    expected = {"bad": {"4": "line 5", "5": "line 6", "6": "line 7"}, "dropped": {"7": "line 8"},
+    expected = {"bad": {"4": "line 5", "5": "line 6", "6": "line 7", "12": "line 13"}, "dropped": {"7": "line 8"},
                 "usable": ["0", "1", "2", "3", "8", "9", "10", "11"], "images": 3, "audio": 2}
     return path, expected
 
@@ -119,24 +121,25 @@ def test_validate_scans_the_data_and_stops_past_max_bad_fraction(cli, tmp_path):
     r = cli("action=validate", *_data_args(path, "++data.max_bad_fraction=0.1"))
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
-    assert "3 of 12 samples scanned (25.0%) cannot be used, more than data.max_bad_fraction=0.1" in r.stderr
+    assert "4 of 13 samples scanned (30.8%) cannot be used, more than data.max_bad_fraction=0.1" in r.stderr
     for sid, line in expected["bad"].items():  # every bad sample named with its line and id
         assert f"train.jsonl: {line} (id '{sid}')" in r.stderr, (sid, r.stderr)
-    assert "nowhere.png" in r.stderr and "cut.png" in r.stderr and "conversations[0]" in r.stderr
+    for named in ("nowhere.png", "silent.wav", "cut.png", "conversations[0]"):
+        assert named in r.stderr, named
     assert "line 8" not in r.stderr  # the too-long sample is dropped, not bad
     assert "config is valid" not in r.stdout
 
     r = cli("action=validate", *_data_args(path, "++data.max_bad_fraction=0.5"))
     assert r.returncode == 0, r.stderr
     assert "config is valid" in r.stdout
-    assert "data train: 12 samples: 8 usable, 3 bad, 1 dropped (length), 9 decoded" in r.stdout
+    assert "data train: 13 samples: 8 usable, 4 bad, 1 dropped (length), 9 decoded" in r.stdout
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 4, r.stderr
+    assert len(warnings) == 5, r.stderr
     assert any("bad (file)" in w and "line 5" in w and "missing file: nowhere.png" in w for w in warnings)
+    assert any("bad (file)" in w and "line 13" in w and "missing file: silent.wav" in w for w in warnings)
     assert any("bad (decode)" in w and "line 6" in w for w in warnings)
     assert any("bad (read)" in w and "line 7" in w for w in warnings)
     assert any("dropped (length)" in w and "line 8" in w and f"the limit is {SEQ}" in w for w in warnings)
-
 
 
 def test_data_action_reports_what_an_independent_count_finds(cli, tmp_path):
@@ -145,11 +148,12 @@ def test_data_action_reports_what_an_independent_count_finds(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     stats = json.loads((_run_dir(cli.cwd) / "data_stats.json").read_text())
     train = stats["train"]
-    assert (train["samples"], train["scanned"], train["usable"], train["bad"], train["dropped"]) == (12, 12, 8, 3, 1)
-    assert (train["missing_files"], train["undecodable"], train["decoded"]) == (1, 1, 9)
+    assert (train["samples"], train["scanned"], train["usable"], train["bad"], train["dropped"]) == (13, 13, 8, 4, 1)
+    assert (train["missing_files"], train["undecodable"], train["decoded"]) == (2, 1, 9)
     assert stats["eval"]["samples"] == 0
     listed = {(p["id"], p["kind"], p["check"]) for p in train["problems"]}
-    assert listed == {("4", "bad", "file"), ("5", "bad", "decode"), ("6", "bad", "read"), ("7", "dropped", "length")}
+    assert listed == {("4", "bad", "file"), ("5", "bad", "decode"), ("6", "bad", "read"), ("7", "dropped", "length"),
+                      ("12", "bad", "file")}
 
     dataset = _dataset(_data_args(path))
     ids = [dataset.source.record(i).id for i in range(len(dataset))]
@@ -180,7 +184,7 @@ def test_data_action_reports_what_an_independent_count_finds(cli, tmp_path):
     assert (padding["batch_size"], padding["seq_len"]) == (BATCH, SEQ)
     assert math.isclose(padding["unpacked"], unpacked) and math.isclose(padding["packed"], packed)
     assert f"padding: {unpacked:.1%} with one sample per row" in r.stdout and f"{packed:.1%} packed" in r.stdout
-    assert "train: 12 samples: 8 usable, 3 bad, 1 dropped (length), 9 decoded" in r.stdout
+    assert "train: 13 samples: 8 usable, 4 bad, 1 dropped (length), 9 decoded" in r.stdout
     assert "images: 3 items, 0.38 per sample (max 1), in 3 samples" in r.stdout
     png = _run_dir(cli.cwd) / "token_lengths.png"
     if _has_matplotlib():
@@ -195,8 +199,8 @@ def test_data_action_reports_what_an_independent_count_finds(cli, tmp_path):
 
     scanned = scan_dataset(dataset, decode_samples=100, seed=0)
     assert scanned.to_dict(BATCH, SEQ) == train
-    check_bad_samples([scanned], "skip", 0.25)  # 3 of 12: not more than a quarter
-    with pytest.raises(DataError, match="3 of 12 samples scanned cannot be used, and on_bad_sample is error"):
+    check_bad_samples([scanned], "skip", 4 / 13)  # 4 of 13: not more than that
+    with pytest.raises(DataError, match="4 of 13 samples scanned cannot be used, and on_bad_sample is error"):
         check_bad_samples([scanned], "error", 1.0)
 
 

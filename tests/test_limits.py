@@ -87,7 +87,7 @@ def test_sigterm_while_collating_undoes_the_step_and_saves_the_last_complete_one
     args = ["train.steps=50", "train.grad_accum=60", "train.batch_size=1", "modality=[]", "train.eval_every=0",
             "data.eval_samples=0", "data.num_samples=100000", "train.log_every=1000", "train.num_threads=1",
             "hydra.run.dir=coll"]
-    r, took = _signalled_run(tmp_path, args, "mimo_spec.data.collate", at=2 * 60 + 30, sleep=2)
+    r, took = _signalled_run(tmp_path, args, "mimo_spec.data.batch.collate", at=2 * 60 + 30, sleep=2)
     run = tmp_path / "coll"
     assert r.returncode == 0, r.stderr
     assert "received signal 15 during step 3: saved checkpoint at step 2" in r.stdout, r.stdout
@@ -103,7 +103,7 @@ def test_sigterm_while_evaluating_or_saving_in_the_loop_and_in_an_eval_job(tmp_p
     # during the loop's evaluation (a held-out split of 5000 samples, all evaluated): the step is complete
     args = ["train.steps=20", "train.eval_every=1", "data.eval_samples=5000", "train.eval_batches=null",
             "data.num_samples=64", "train.log_every=1000", "train.num_threads=1", "hydra.run.dir=ev"]
-    r, took = _signalled_run(tmp_path, args, "mimo_spec.data.collate", at=2, sleep=1)  # 1st eval batch
+    r, took = _signalled_run(tmp_path, args, "mimo_spec.data.batch.collate", at=2, sleep=1)  # 1st eval batch
     assert r.returncode == 0, r.stderr
     assert "received signal 15: saved checkpoint at step 1" in r.stdout and took < 30, (took, r.stdout)
     assert [p.name for p in list_checkpoints(tmp_path / "ev" / "checkpoints")] == ["step_000001"]

@@ -57,8 +57,8 @@ def test_a_refused_command_never_mixes_runs_nor_touches_the_record(tmp_path):
                                          ["train.resume", str(run), "hydra.run.dir=", "train.resume=auto"]),
         "config changed": ([*SMALL, "train.steps=6", "train.lr=0.01"], ["the config changed", "train.lr"]),
         "bad config": ([*SMALL, "train.steps=6", "model.params.num_kv_heads=3"], ["num_kv_heads"]),
-        "bad data": (["train.steps=6", "train.num_threads=1", "data=llava_json", f"data.path={bad_json}"],
-                     ["missing.jpg"]),
+        "bad data": (["train.steps=6", "train.num_threads=1", "data=llava_json", f"data.path={bad_json}.gone"],
+                     ["chats.json.gone"]),  # (a missing image is skipped when read: data.on_bad_sample)
         "another run's checkpoint": ([*SMALL, "train.steps=6", f"train.resume={tmp_path / 'other'}"],
                                      ["train.resume", "already holds checkpoints"]),
         "back to an older checkpoint": ([*SMALL, "train.steps=6",

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from mimo_spec.atomic import atomic_path
-from mimo_spec.data.tokenizer import resolve_path
+from mimo_spec.data.local import resolve_path
 from mimo_spec.errors import DataError
 
 INDEX_VERSION = 1

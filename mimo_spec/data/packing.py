@@ -139,18 +139,16 @@ class Planner:
 
 
 def collate_rows(rows: list[list[dict]], pad_id: int, seq_len: int | None) -> dict:
-    """Rows of samples -> a batch. ``seq_len`` None: one sample per row (or none: an empty row is left out),
+    """Rows of samples -> a batch. ``seq_len`` None: one sample per row (a filler for a skipped one),
     right-padded to the longest (``mimo_spec.data.batch.collate``). Else packed: every row ``seq_len``
     tokens, samples back to back with ``document_ids`` 0, 1, ... and the padding tail the next id;
     items of each modality row by row in sample order; ``items_per_sample`` counts per row; ``num_tokens``
     leaves out each document's first label (it is not predicted across documents)."""
     from mimo_spec.data.batch import collate, filler_sample
 
-    if seq_len is None:
-        samples = [s for row in rows for s in row]
-        if not samples:  # every sample of this share was skipped: one row that trains nothing
-            samples = [filler_sample({"input_ids": torch.tensor([int(pad_id)])})]
-        return collate(samples, pad_id)
+    if seq_len is None:  # a skipped sample's row stays, as a filler that trains nothing: the rows always divide
+        filler = filler_sample({"input_ids": torch.tensor([int(pad_id)])})  # over the data-parallel ranks
+        return collate([row[0] if row else filler for row in rows] or [filler], pad_id)
     b = max(1, len(rows))
     input_ids = torch.full((b, seq_len), int(pad_id), dtype=torch.long)
     labels = torch.full((b, seq_len), IGNORE_INDEX, dtype=torch.long)

@@ -177,7 +177,7 @@ def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD, resize: str = 
 def load_image_processor(directory: str | Path, key: str = "data.image_processor"):
     """The image processor saved in a LOCAL folder (``preprocessor_config.json``), Pillow backend.
     A folder asking transformers to run its own code is refused: nothing is imported from it."""
-    from mimo_spec.data.tokenizer import remote_code_request, resolve_path
+    from mimo_spec.data.local import remote_code_request, resolve_path
 
     folder = resolve_path(directory)
     if not folder.is_dir():

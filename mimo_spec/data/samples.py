@@ -250,7 +250,7 @@ class SampleBuilder:
 
 
 def _path(f):
-    from mimo_spec.data.tokenizer import resolve_path
+    from mimo_spec.data.local import resolve_path
 
     return resolve_path(f)
 

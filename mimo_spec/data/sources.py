@@ -49,7 +49,7 @@ from mimo_spec.data.file_index import (AUDIO_EXTS, IMAGE_EXTS, Files, cached_ind
 from mimo_spec.data.llava_json import _short
 from mimo_spec.data.loader import SampleOrder
 from mimo_spec.data.records import Media, Record
-from mimo_spec.data.tokenizer import resolve_path
+from mimo_spec.data.local import resolve_path
 from mimo_spec.errors import DataError, Problem, did_you_mean
 
 

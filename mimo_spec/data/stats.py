@@ -228,7 +228,7 @@ def scan_dataset(dataset, max_samples: int = 100_000, decode_samples: int = 64, 
     e.g. the synthetic one). ``seed``: the training seed (the order padding is measured in, the random
     choices). ``progress``: a rich Console to draw progress bars on (None: quiet)."""
     n = len(dataset)
-    records = hasattr(dataset, "encoded") and hasattr(dataset, "builder")
+    records = hasattr(dataset, "source") and hasattr(dataset, "builder")
     stats = DataStats(split, n, synthetic=not records, max_len=int(getattr(dataset, "max_len", 0) or 0))
     if records:
         stats.modalities = list(dataset.builder.input_modalities)
@@ -269,32 +269,34 @@ def _scan_records(dataset, chosen: list[int], decode_samples: int, seed: int, st
     task = bar.add("reading", len(chosen))
     for index in chosen:
         bar.advance(task)
-        record = None
         try:
             record = dataset.source.record(index)
+        except DataError as e:  # the record itself cannot be read (bad JSON, a broken shard member)
+            s = skipped_from(e, index)
+            stats._problem(ScanProblem("bad", "read", index, s.reason, s.where, s.file, s.id))
+            continue
+        absent = []  # files first: encoding reads audio headers, which would report a missing file less plainly
+        for m in [*record.images, *record.audios]:
+            if m.path is None:  # bytes from a shard or a Parquet cell
+                continue
+            key = str(m.path)
+            if key not in exists:
+                if len(exists) > 1 << 20:
+                    exists.clear()
+                exists[key] = m.exists()
+            if not exists[key] and m.name not in absent:
+                absent.append(m.name)
+                missing.add(key)
+        if absent:
+            stats._problem(ScanProblem("bad", "file", index, f"missing file{'s' if len(absent) > 1 else ''}: "
+                                       + ", ".join(absent), record.where, str(record.file or ""), record.id))
+            continue
+        try:
             enc = dataset.builder.encode(record)  # what dataset.encoded(index) does, with the record at hand
         except DataError as e:
             s = skipped_from(e, index)
-            where, file, rid = (record.where, record.file, record.id) if record is not None else (s.where, s.file, s.id)
             stats._problem(ScanProblem(s.kind, "length" if s.kind == "dropped" else "read", index, s.reason,
-                                       where or s.where, str(file or s.file or ""), rid))
-            continue
-        absent = []
-        for entries in enc.media.values():
-            for _, m in entries:
-                if m.path is None:
-                    continue
-                key = str(m.path)
-                if key not in exists:
-                    if len(exists) > 1 << 20:
-                        exists.clear()
-                    exists[key] = m.exists()
-                if not exists[key] and m.name not in absent:
-                    absent.append(m.name)
-                    missing.add(key)
-        if absent:
-            stats._problem(ScanProblem("bad", "file", index, f"missing file{'s' if len(absent) > 1 else ''}: "
-                                       + ", ".join(absent), enc.where, enc.file, enc.id))
+                                       record.where or s.where, str(record.file or s.file or ""), record.id))
             continue
         stats.lengths[index] = len(enc)
         stats.items[index] = {m: len(entries) for m, entries in enc.media.items()}
@@ -523,6 +525,8 @@ def validate_run_data(run, model, tokenizer, scan_config=None, console=None) -> 
 
 
 def nothing_usable(s: DataStats) -> list[Problem]:
+    if s.total == 0:
+        return [Problem("data", f"the {s.split} set is empty", "check data.path / data.num_samples")]
     head = Problem("data", f"none of the {s.scanned:,} {s.split} samples scanned can be used",
                    "check data.path, the media folders and data.max_seq_len")
     return [head] + [Problem(p.where or f"sample {p.index}", p.reason) for p in s.problems[:5]]
