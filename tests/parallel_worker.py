@@ -51,6 +51,10 @@ def main() -> None:
             train(config("pp2", ["parallel.default.pp_schedule=gpipe"]), out / sc)
         elif sc == "fsdp_ac":  # activation checkpointing of every 2nd block, under FSDP
             train(config("fsdp", ["+parallel.default.activation_checkpoint={mode: every, every: 2}"]), out / sc)
+        elif sc.startswith("data:"):  # real files, packed, 2 DataLoader workers per rank (test_parallel_data.py)
+            _, layout, mode = sc.split(":")
+            extra = {"full": [], "stop": ["train.stop_after_steps=2"], "resume": []}[mode]
+            train(data_config(layout, out, extra), out / f"data_{layout}_{'full' if mode == 'full' else 'split'}")
         elif sc.startswith("loop_packed:"):  # the training loop on packed rows (data.packing) of synthetic samples
             name = sc.split(":")[1]
             layout, extra = PACK_VARIANTS.get(name, (name, []))
@@ -65,6 +69,19 @@ def main() -> None:
     from mimo_spec.parallel.env import shutdown_distributed
 
     shutdown_distributed()
+
+
+def data_overrides(out: Path) -> list[str]:
+    """LLaVA-format JSONL with PNG files written by tests/test_parallel_data.py under OUT_DIR/data."""
+    return ["data=llava_json", f"data.path={out / 'data' / 'chats.jsonl'}", f"data.image_folder={out / 'data'}",
+            "data.eval_fraction=0.1", "data.num_workers=2", "data.packing=true", "data.max_seq_len=160",
+            "data.max_bad_fraction=0.6", "train.steps=4", "train.checkpoint.every=2", "train.eval_every=4"]
+
+
+def data_config(layout: str, out: Path, extra=()):
+    """``config`` on the real files of ``data_overrides`` (the synthetic source's keys left out)."""
+    common = [c for c in COMMON if not c.startswith("data.")]
+    return compose_config([f"parallel={layout}", *common, *data_overrides(out), *extra])
 
 
 def settle() -> None:

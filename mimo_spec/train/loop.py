@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mimo_spec.errors import ConfigError
+from mimo_spec.errors import ConfigError, DataError
 from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mimo_spec.train.metrics import MetricsWriter, NullMetrics, plot_loss, read_metrics, truncate_metrics
 from mimo_spec.train.progress import Silent, log_line, progress_display, say
@@ -402,6 +402,11 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
         except Diverged as e:
             status, failure = "failed", e
             say(console, f"error: {e}")
+        except DataError:
+            # the data is unusable (too many bad samples): a fresh run that logged no step leaves no metrics
+            if source is None and not metrics.rows_written:
+                metrics.discard()
+            raise
         finally:
             batches.close()  # the loader's worker processes end with the loop
     stop.doing, stop.deferred = "writing the run's metrics", True  # short: finish them, then end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import io
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,27 @@ class MetricsWriter:
             self._tb = None
 
     def log(self, row: dict[str, Any]) -> None:
+        self.rows_written += 1
         self._csv.writerow(row)
         self._file.flush()
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, row["step"])
+
+    rows_written = 0
+
+    def discard(self) -> None:
+        """Remove the files of a run that failed before logging a row (the header, TensorBoard's folder)."""
+        import shutil
+
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+        self._file = open(os.devnull, "a", newline="")
 
     def _open(self) -> None:
         self._file = open(self.path, "a", newline="")
@@ -118,6 +134,13 @@ class NullMetrics:
 
     def log(self, row: dict) -> None:
         self.rows.append({k: str(v) for k, v in row.items()})
+
+    @property
+    def rows_written(self) -> int:
+        return len(self.rows)
+
+    def discard(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
