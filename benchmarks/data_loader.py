@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="packed rows a batch")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (other seeds: other samples)")
+    ap.add_argument("--row-group", type=int, default=1000, help="Parquet rows a row group")
     ap.add_argument("--threads", type=int, help="torch threads of the main process (default: torch's own; "
                     "workers use 1)")
     ap.add_argument("--data-dir", help="where the dataset is written (kept, reused); default: a temp dir")
@@ -85,7 +86,7 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data_dir or tmp) / f"loader_{args.samples}"
-        paths = make_dataset(data, args.samples, audio_fraction=args.audio_fraction,
+        paths = make_dataset(data, args.samples, audio_fraction=args.audio_fraction, row_group=args.row_group,
                              webdataset=4 if "webdataset" in sources else 0, parquet="parquet" in sources)
         sets = {s: build(s, paths, args.seq_len, str(Path(tmp) / "index")) for s in sources}
         print(f"{args.samples} samples, packed rows of {args.seq_len} tokens, {args.batch} rows a batch; "

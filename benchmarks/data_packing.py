@@ -1,8 +1,12 @@
 """Padding and loss tokens per second, packed (``data.packing: true``) vs padded rows, on variable-length data.
 
 The data (``make_llava_data.py``: 1-4 turn conversations with answers from one word to ~100 words, most
-short, 0-2 images) is trained with model=tiny + the vision modality (``--hidden`` / ``--layers`` scale the
-LM), ``--batch`` rows a step: packed, each row ``--seq-len`` tokens of whole samples (``document_ids``
+short, 0-2 images) is trained with model=tiny + the vision modality, its LM widened to ``--hidden`` 512
+(``--layers`` 2), ``--batch`` rows a step. The width matters: attention runs over whole packed rows (a
+dense block-diagonal mask), so its cost grows with the row length squared, not with the samples' own
+lengths; in tiny's 64-wide LM attention dominates and packing gains nothing per token, while in an LM
+as wide as the rows are long or wider (LLaVA: 4096 wide, 2048-token rows) the linear layers dominate,
+as here. Rows: packed, each row ``--seq-len`` tokens of whole samples (``document_ids``
 keep them apart); padded, one sample a row, right-padded to the longest of the batch. Both read the
 same sample order through ``TrainBatches`` and run the training loop's step (``forward_backward``,
 gradient clipping, AdamW).
@@ -17,8 +21,8 @@ Targets: padding < 5% packed, loss tokens/s >= 1.4x padded. With ``--loop``, the
 run both ways too and its metrics.json figures printed (padding_fraction; tokens_per_s counts real
 tokens over the run's wall time).
 
-    .venv/bin/python benchmarks/data_packing.py --steps 8
-    .venv/bin/python benchmarks/data_packing.py --steps 20 --hidden 256 --layers 4 --loop
+    .venv/bin/python benchmarks/data_packing.py
+    .venv/bin/python benchmarks/data_packing.py --steps 10 --hidden 64 --batch 4 --loop   # the tiny LM itself
 """
 
 from __future__ import annotations
@@ -100,6 +104,31 @@ class Case:
                 "step_ms": statistics.median(x["step"] for x in s) * 1e3, "seq": total["positions"] / len(s) / rows}
 
 
+def planned_padding(args, jsonl: str, index_dir: str, rows: list[int], batches: int = 16) -> list[tuple]:
+    """(rows, lookahead, padding) of the packer's plans alone (token lengths only, nothing decoded): the
+    default lookahead (samples waiting before a batch closes: max(8, rows)) and 4x that."""
+    from mimo_spec.builders import build_model
+    from mimo_spec.config import compose_config
+    from mimo_spec.data import build_dataset
+    from mimo_spec.data.loader import SampleOrder
+    from mimo_spec.data.packing import LoaderState, Planner
+    from mimo_spec.data.tokenizer import build_tokenizer
+
+    cfg = compose_config(config_overrides(args, jsonl, index_dir, True))
+    model = build_model(cfg, seed=0)
+    data = build_dataset(cfg.data, model, build_tokenizer(cfg.data, model), "train")
+    out = []
+    for n in rows:
+        for lookahead in (max(8, n), 4 * max(8, n)):
+            planner = Planner(data, SampleOrder(len(data), 0), n, args.seq_len, True, lookahead=lookahead)
+            state, used = LoaderState(), 0
+            for _ in range(batches):
+                plan = planner.plan(state)
+                state, used = plan.state, used + plan.tokens
+            out.append((n, lookahead, 1 - used / (batches * n * args.seq_len)))
+    return out
+
+
 LOOP_CHILD = """
 import json, sys
 from pathlib import Path
@@ -123,10 +152,10 @@ def loop(args, jsonl: str, index_dir: str, packing: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=3000, help="dataset size")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per case and round (after a warm-up step)")
-    ap.add_argument("--batch", type=int, default=4, help="rows a step")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per case and round (after a warm-up step)")
+    ap.add_argument("--batch", type=int, default=8, help="rows a step")
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--hidden", type=int, default=64, help="LM hidden size (tiny: 64)")
+    ap.add_argument("--hidden", type=int, default=512, help="LM hidden size (tiny: 64; see the module doc)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (round r reads seed r's order)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are step seconds)")
@@ -149,6 +178,7 @@ def main() -> None:
                     cases[p].step()
             for p in (False, True):
                 res[p].append(cases[p].summary(args.batch))
+        plans = planned_padding(args, jsonl, index_dir, [4, 8, 16, 32])
         loops = {p: loop(args, jsonl, index_dir, p) for p in (False, True)} if args.loop else {}
 
     def med(p, key):
@@ -166,6 +196,9 @@ def main() -> None:
           f"{med(True, 'tps_load') / med(False, 'tps_load'):.2f}x (+load), "
           f"{med(True, 'tpcpu') / med(False, 'tpcpu'):.2f}x per CPU second (target >= 1.4x); "
           f"packed padding {med(True, 'padding'):.1%} (target < 5%)")
+    print("\npacked padding as planned (token lengths only, 16 batches), by rows a batch and lookahead (samples "
+          "waiting before a batch closes; the loader uses max(8, rows)):")
+    print("  " + "   ".join(f"{n} rows, {la}: {pad:.1%}" for n, la, pad in plans))
     if loops:
         print(f"\ntraining loop, {args.steps} steps (metrics.json):")
         for p, name in ((False, "padded"), (True, "packed")):

@@ -13,6 +13,9 @@ tokenizer built here (a byte-level BPE trained with the tokenizers library, save
 
 Time to first step = process start -> end of step 1 (imports, config, model, tokenizer, dataset,
 loader, the step), from the metrics.csv row of step 1; the end-of-run eval and checkpoint are excluded.
+On a shared machine other processes stretch wall times: the ratios use the best run of each case, and
+the CPU seconds of the whole process (wait4's user + system time, eval and checkpoint included), which
+other processes do not inflate.
 
     .venv/bin/python benchmarks/data_startup.py --repeats 2
     .venv/bin/python benchmarks/data_startup.py --large 1000000 --repeats 3 --data-dir /tmp/llava_startup
@@ -93,6 +96,7 @@ def run_measured(ov: list[str], tmp: Path) -> dict:
         first = next(csv.DictReader(f))
     after_step1 = result["wall_time_s"] - float(first["elapsed_s"])
     return {"ttfs": result["returned_at"] - started - after_step1, "rss": usage.ru_maxrss / 1024,
+            "cpu": usage.ru_utime + usage.ru_stime,
             "skipped": result["bad_samples"] + result["dropped_samples"]}
 
 
@@ -144,20 +148,23 @@ def main() -> None:
                     r = run_measured(overrides(path, index_dirs[tname, size], tok), tmp)
                     rows.setdefault((tname, size, "cold" if rep == 0 else "warm"), []).append(r)
     print(f"\nimport torch alone: {statistics.median(imports):.2f} s (median of {len(imports)})")
-    print(f"\n{'tokenizer':<24}{'samples':>9}{'index':>7}{'first step s':>14}{'peak RSS MB':>13}{'skipped':>9}")
+    print(f"\n{'tokenizer':<24}{'samples':>9}{'index':>7}{'first step s: best':>20}{'median':>8}{'CPU s':>7}"
+          f"{'peak RSS MB':>13}{'skipped':>9}")
     for (tname, size, kind), rs in rows.items():
         n = args.small if size == "small" else args.large
-        ttfs = statistics.median(r["ttfs"] for r in rs)
-        print(f"{tname:<24}{n:>9,}{kind:>7}{ttfs:>14.2f}{max(r['rss'] for r in rs):>13.0f}{rs[0]['skipped']:>9}")
+        print(f"{tname:<24}{n:>9,}{kind:>7}{min(r['ttfs'] for r in rs):>20.2f}"
+              f"{statistics.median(r['ttfs'] for r in rs):>8.2f}{statistics.median(r['cpu'] for r in rs):>7.2f}"
+              f"{max(r['rss'] for r in rs):>13.0f}{rs[0]['skipped']:>9}")
     print(f"\nlarge / small ({args.large:,} vs {args.small:,} samples; target: within 1.5x, peak RSS < 800 MB)")
     for tname in tokenizers_:
         for kind in ("cold", "warm"):
             if (tname, "large", kind) not in rows:
                 continue
             big, small = rows[tname, "large", kind], rows[tname, "small", kind]
-            t = statistics.median(r["ttfs"] for r in big) / statistics.median(r["ttfs"] for r in small)
+            t = min(r["ttfs"] for r in big) / min(r["ttfs"] for r in small)
+            c = statistics.median(r["cpu"] for r in big) / statistics.median(r["cpu"] for r in small)
             m = max(r["rss"] for r in big) / max(r["rss"] for r in small)
-            print(f"  {tname:<24}{kind:<6} first step {t:.2f}x   peak RSS {m:.2f}x "
+            print(f"  {tname:<24}{kind:<6} first step {t:.2f}x (best), CPU {c:.2f}x, peak RSS {m:.2f}x "
                   f"({max(r['rss'] for r in big):.0f} MB)")
 
 

@@ -180,7 +180,7 @@ def make_sample(k: int, rng: random.Random, images: list[str], audios: list[str]
 
 def make_dataset(out, samples: int, *, n_images: int = 48, n_audios: int = 24, audio_fraction: float = 0.0,
                  text_only: float = 0.1, long_share: float = 0.1, seed: int = 0, name: str = "train.jsonl",
-                 webdataset: int = 0, parquet: bool = False) -> dict:
+                 webdataset: int = 0, parquet: bool = False, row_group: int = 1000) -> dict:
     """Write the dataset (see the module doc); returns its paths: ``jsonl``, ``folder``, and ``shards`` (a brace
     pattern) / ``parquet`` when written."""
     out = Path(out)
@@ -195,7 +195,7 @@ def make_dataset(out, samples: int, *, n_images: int = 48, n_audios: int = 24, a
     if webdataset:
         paths["shards"] = write_shards(out, recs, webdataset)
     if parquet:
-        paths["parquet"] = write_parquet(out, recs)
+        paths["parquet"] = write_parquet(out, recs, row_group)
     return paths
 
 
@@ -257,10 +257,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--webdataset", type=int, default=0, metavar="N", help="also write N tar shards")
     ap.add_argument("--parquet", action="store_true", help="also write train.parquet")
+    ap.add_argument("--row-group", type=int, default=1000, help="Parquet rows a row group")
     args = ap.parse_args()
     paths = make_dataset(args.out, args.samples, n_images=args.images, n_audios=args.audios,
                          audio_fraction=args.audio_fraction, text_only=args.text_only, long_share=args.long_share,
-                         seed=args.seed, webdataset=args.webdataset, parquet=args.parquet)
+                         seed=args.seed, webdataset=args.webdataset, parquet=args.parquet, row_group=args.row_group)
     print(json.dumps(paths, indent=1))
 
 

@@ -43,7 +43,13 @@ def _raises(fn, cls, path, *messages):
 def test_deeply_nested_json_is_a_data_error_naming_the_file_and_the_limit(tmp_path):
     import sys
 
-    from mimo_spec.data.llava_json import read_records
+    from mimo_spec.data.config import validate_data_config
+    from mimo_spec.data.sources import open_source
+
+    def read_records(path):  # every record of the file, through the llava_json source (indexing, then reading)
+        source = open_source(validate_data_config({"source": "llava_json", "path": str(path), "eval_fraction": 0,
+                                                   "index_dir": str(tmp_path / "index")}), "train")
+        return [source.record(i) for i in range(len(source))]
 
     limit = f"about {sys.getrecursionlimit()} levels"
     deep = "[" * 5000 + "]" * 5000
@@ -53,9 +59,14 @@ def test_deeply_nested_json_is_a_data_error_naming_the_file_and_the_limit(tmp_pa
         "conv.jsonl": '{"id": 1, "conversations": []}\n\n{"id": 2, "conversations": ' + deep + "}\n",
         "keys.json": '{"a": ' * 3000 + "1" + "}" * 3000,
     }
-    lines = {"open.json": "line 1", "conv.json": "line 2", "conv.jsonl": "line 3", "keys.json": "line 1"}
+    # a JSON list file is indexed element by element: the line where the too-deep sample starts
+    lines = {"open.json": "line 1", "conv.json": "line 1", "conv.jsonl": "line 3"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+        if name == "keys.json":  # one huge object, not a list of samples: refused before its depth matters
+            _raises(lambda: read_records(tmp_path / name), DataError, "data.path", str(tmp_path / name),
+                    "expected a JSON list of samples, got an object")
+            continue
         _raises(lambda: read_records(tmp_path / name), DataError, "data.path", str(tmp_path / name),
                 "nested too deeply", lines[name], limit)
     # an integer longer than Python converts is a ValueError inside json: a DataError too, with the line
@@ -67,11 +78,11 @@ def test_deeply_nested_json_is_a_data_error_naming_the_file_and_the_limit(tmp_pa
     # brackets inside strings are text, not nesting: a sample with many of them still reads
     ok = tmp_path / "brackets.json"
     ok.write_text(json.dumps([{"id": "[" * 5000, "conversations": [{"from": "gpt", "value": "{" * 5000}]}]))
-    assert read_records(ok)[0]["id"] == "[" * 5000
+    assert read_records(ok)[0].id == "[" * 5000
     # JSON Lines split at newlines only: U+2028 inside a string is part of the line
     sep = tmp_path / "sep.jsonl"
     sep.write_text('{"id": "a\u2028b", "conversations": []}\n', encoding="utf-8")
-    assert read_records(sep)[0]["id"] == "a\u2028b"
+    assert read_records(sep)[0].id == "a\u2028b"
 
 
 def test_deeply_nested_json_from_the_cli(tmp_path):

@@ -116,7 +116,9 @@ class Planner:
             try:
                 n = int(self.dataset.token_length(index))
             except DataError as e:
-                if self.on_bad_sample == "error":
+                from mimo_spec.data.samples import Dropped
+
+                if self.on_bad_sample == "error" and not isinstance(e, Dropped):  # (drops are never errors)
                     raise
                 skipped.append(skipped_from(e, index, pos))
                 unusable += 1

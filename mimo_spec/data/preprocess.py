@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,7 @@ def load_image(item, where: str = ""):
         raise
     except Exception as e:
         reason = "the file is empty" if media.size() == 0 else (str(e) or f"{type(e).__name__} while decoding")
+        reason = re.sub(r" ?<_io\.\w+ object at 0x[0-9a-f]+>", "", reason)  # Pillow names its in-memory file object
         raise DataError(f"cannot read image {media.name}: {reason}", path=where, hint=_IMAGE_HINT) from None
 
 

@@ -46,7 +46,7 @@ from mimo_spec.data.config import (FileDataConfig, LlavaJsonDataConfig, MixtureD
                                    WebDatasetDataConfig)
 from mimo_spec.data.file_index import (AUDIO_EXTS, IMAGE_EXTS, Files, cached_index, expand_paths, scan_json_list,
                                        scan_lines, scan_shard, too_deep)
-from mimo_spec.data.llava_json import _short
+from mimo_spec.data.samples import short as _short
 from mimo_spec.data.loader import SampleOrder
 from mimo_spec.data.records import Media, Record
 from mimo_spec.data.local import resolve_path
