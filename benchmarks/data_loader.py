@@ -35,7 +35,7 @@ def build(source: str, paths: dict, seq_len: int, index_dir: str):
     from mimo_spec.data import build_dataset
     from mimo_spec.data.tokenizer import build_tokenizer
 
-    path = {"llava_json": paths["jsonl"], "webdataset": paths["shards"], "parquet": paths["parquet"]}[source]
+    path = paths[{"llava_json": "jsonl", "webdataset": "shards", "parquet": "parquet"}[source]]
     cfg = compose_config(MODEL + [f"data={source}", f"data.path='{path}'", f"++data.index_dir={index_dir}",
                                   f"model.params.max_seq_len={seq_len}", "data.eval_fraction=0"])
     model = build_model(cfg, seed=0)

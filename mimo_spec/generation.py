@@ -124,13 +124,15 @@ def next_token_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None, *, max_new_tokens: int = 32,
              strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, use_cache: bool = True, seed: int = 0) -> Generation:
+             eos_id: int | list[int] | tuple[int, ...] | None = None, use_cache: bool = True,
+             seed: int = 0) -> Generation:
     """Continue one prompt (input_ids (1, S)) by up to ``max_new_tokens`` tokens.
 
     When the LM emits an output modality's generation token, the rest of that
     item's generation tokens are fed in, and the LM hidden states at all of them
     are decoded into the item (e.g. an image). ``use_cache=False`` recomputes the
-    whole sequence every step (the reference the cache must match).
+    whole sequence every step (the reference the cache must match). ``eos_id``: the token id (or ids:
+    eos and a chat template's end-of-turn token) that ends the generation.
     """
     from mimo_spec.models.mimo import MimoModel
 
@@ -141,11 +143,14 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
                          hint="build it on a real device (build_model(cfg, device='cpu')) or load a checkpoint")
     check_sampling(strategy, temperature, top_k, top_p, max_new_tokens)
     check_seed(seed)
-    if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool)):
-        raise InputError(f"expected a token id (an integer) or None, got {type(eos_id).__name__}", path="eos_id")
+    stop_ids = [] if eos_id is None else list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id]
     vocab = getattr(model.language_model, "vocab_size", None)
-    if eos_id is not None and vocab is not None and not 0 <= eos_id < int(vocab):
-        raise InputError(f"token id {eos_id} is outside the vocabulary [0, {vocab})", path="eos_id")
+    for stop in stop_ids:
+        if not isinstance(stop, int) or isinstance(stop, bool):
+            raise InputError(f"expected a token id (an integer), a list of them or None, got {type(stop).__name__}",
+                             path="eos_id")
+        if vocab is not None and not 0 <= stop < int(vocab):
+            raise InputError(f"token id {stop} is outside the vocabulary [0, {vocab})", path="eos_id")
     modality_inputs = {} if modality_inputs is None else modality_inputs
     check_prompt(model, input_ids, modality_inputs)
     model.eval()
@@ -189,7 +194,7 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
         if token in outputs_by_token:
             states = hidden[:, -chunk.shape[1]:]  # (1, n_gen, H): the item's generation tokens
             result.outputs.setdefault(name, []).append(mod.decode(states)[0])
-        if eos_id is not None and token == eos_id:
+        if token in stop_ids:
             break
     return result
 

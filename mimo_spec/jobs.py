@@ -230,6 +230,7 @@ def _new_tokens(model, prompt_tokens: int, asked: int, device) -> int:
 
 def _run_generate(run: RunConfig, out_dir: Path) -> int:
     from mimo_spec.data import encode_prompt
+    from mimo_spec.data.tokenizer import stop_token_ids
     from mimo_spec.generation import generate, save_image, start_parallel_generation
     from mimo_spec.data.batch import to_device
 
@@ -245,7 +246,7 @@ def _run_generate(run: RunConfig, out_dir: Path) -> int:
     max_new = _new_tokens(model, int(input_ids.shape[1]), g.max_new_tokens, device)  # before the KV cache
     out = generate(model, input_ids, modality_inputs, max_new_tokens=max_new, strategy=g.strategy,
                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                   eos_id=tokenizer.eos_id, use_cache=g.kv_cache, seed=g.seed)
+                   eos_id=stop_token_ids(tokenizer, trained_data.template), use_cache=g.kv_cache, seed=g.seed)
     if not main:  # rank 0 prints and writes the outputs
         return 0
     specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}

@@ -572,3 +572,32 @@ def test_bad_media_found_in_a_worker_is_the_same_data_error(av_model, fixture_di
         messages.append(str(e.value))
         assert batches.position == 0  # nothing consumed
     assert messages[0] == messages[1] and "blue.png" in messages[0] and "Traceback" not in messages[1], messages
+
+
+def test_training_skips_and_logs_bad_samples_and_reports_padding(fixture_dir, capsys):
+    """A training run on real files with an unreadable image and a missing one: both skipped, logged once each to
+    bad_samples.jsonl with id, file and reason, counted in the progress line and metrics.json (with the padding)."""
+    from mimo_spec.train.loop import train
+
+    (fixture_dir / "img" / "cut.png").write_bytes((fixture_dir / "img" / "red.png").read_bytes()[:60])
+    records = json.loads((fixture_dir / "data.json").read_text())
+    records += [{"id": "cut", "image": "cut.png", "conversations": [human("<image>"), gpt("?")]},
+                {"id": "gone", "image": "gone.png", "conversations": [human("<image>"), gpt("?")]}]
+    (fixture_dir / "data.json").write_text(json.dumps(records))
+    overrides = ["modality=[vision_clip,audio_whisper]", "data=llava_json", f"data.path={fixture_dir / 'data.json'}",
+                 f"data.image_folder={fixture_dir / 'img'}", f"data.audio_folder={fixture_dir / 'wav'}",
+                 "data.eval_fraction=0", "data.max_bad_fraction=0.5", "data.max_seq_len=200", "train.batch_size=2",
+                 "train.steps=4", "train.log_every=1", "train.eval_every=0", "train.checkpoint.every=0"]
+    result = train(compose_config(overrides), fixture_dir / "run")
+    logged = [json.loads(line) for line in (fixture_dir / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    # 4 steps of 2 packed rows go through the 7 samples several times: each read of a bad one is logged once
+    assert {e["id"] for e in logged} == {"cut", "gone"} and len({e["position"] for e in logged}) == len(logged)
+    assert all(e["kind"] == "bad" and e["file"].endswith("data.json") for e in logged)
+    assert "gone.png" in next(e["reason"] for e in logged if e["id"] == "gone")
+    assert "truncated" in next(e["reason"] for e in logged if e["id"] == "cut")
+    metrics = json.loads((fixture_dir / "run" / "metrics.json").read_text())
+    assert metrics["bad_samples"] == result["bad_samples"] == len(logged) and metrics["samples_read"] >= 7
+    # packed rows of 200 tokens: the padding of what was trained, as the rows' attention masks say
+    assert 0.0 < metrics["padding_fraction"] < 1.0 and metrics["packing"] is True
+    out = capsys.readouterr().out
+    assert f"skipped {len(logged)}" in out and "pad " in out, out

@@ -273,3 +273,26 @@ def test_tokenizers_own_placeholder_token(placeholder_dir):
     with pytest.raises(ConfigError, match=r"data.tokenizer: the tokenizer's eos token '<\|im_end\|>' is id 2, which "
                                           r"is also modalities.images.params.special_token_id"):
         build_tokenizer({**cfg, "image_token": "<img>"}, eos)
+
+
+def test_generation_stops_at_the_templates_end_of_turn_token(tmp_path):
+    """A model fine-tuned with ChatML learns to end answers with <|im_end|>, not the tokenizer's eos: both stop
+    generation; a layout whose answers end with eos (the byte tokenizer's) stops at eos only."""
+    from mimo_spec.data.tokenizer import ByteTokenizer, stop_token_ids
+
+    tok = save_bpe(tmp_path / "tok", CHATML_SPECIALS, CHATML, eos="<|endoftext|>")
+    im_end = tok.added_vocab["<|im_end|>"]
+    assert tok.eos_id == tok.added_vocab["<|endoftext|>"] != im_end
+    assert stop_token_ids(tok) == [tok.eos_id, im_end]
+    assert stop_token_ids(tok, ChatTemplate()) == [tok.eos_id]  # LLaVA's layout trains eos after each answer
+    byte = ByteTokenizer()
+    assert stop_token_ids(byte) == [byte.eos_id]
+    # generate() stops at any of them: a model whose first greedy token is <|im_end|> stops after it
+    model = build_model(compose_config([]), seed=0)
+    from mimo_spec.generation import generate
+
+    ids = torch.tensor([[1, 2, 3]])
+    full = generate(model, ids, max_new_tokens=5).tokens
+    other = next(t for t in range(256) if t not in full)
+    assert generate(model, ids, max_new_tokens=5, eos_id=[other, full[1]]).tokens == full[:full.index(full[1]) + 1]
+    assert generate(model, ids, max_new_tokens=5, eos_id=other).tokens == full

@@ -664,3 +664,19 @@ def encode_conversation(tokenizer: Tokenizer, turns: list[tuple[str, str]], tags
     """
     encoder = conversation_encoder(tokenizer, tags, template, reserved)
     return encoder(turns, add_generation_prompt=add_generation_prompt, where=where)
+
+
+def stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate | None = None) -> list[int]:
+    """The ids that end a generated answer: eos, and the end-of-turn token the chat template trains after
+    every answer (ChatML's ``<|im_end|>``, Llama-3's ``<|eot_id|>``) when it is another special token."""
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    try:
+        enc = encode_conversation(tokenizer, [("user", "Hi"), ("assistant", "Yes")], {}, template)
+    except Exception:  # a template refusing a plain two-turn chat: eos only
+        return ids
+    trained = [t for t in enc.labels if t != IGNORE_INDEX]
+    special = set(getattr(tokenizer, "special_ids", ())) | set((getattr(tokenizer, "added_vocab", None) or {}).values())
+    if trained and trained[-1] in special and trained[-1] not in ids:
+        ids.append(int(trained[-1]))
+    return ids
+

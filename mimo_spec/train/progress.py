@@ -13,6 +13,10 @@ class Silent:
 def log_line(row: dict, steps: int) -> str:
     line = (f"step {row['step']}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
             f"{row['tokens_per_s']:.0f} tok/s")
+    if row.get("padding_fraction") is not None:
+        line += f"  pad {100 * float(row['padding_fraction']):.1f}%"
+    if row.get("skipped_samples"):
+        line += f"  skipped {row['skipped_samples']}"
     if "eval_loss" in row:
         line += f"  eval loss {row['eval_loss']:.4f} (ppl {row['eval_ppl']:.2f})"
     return line
