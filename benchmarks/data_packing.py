@@ -106,7 +106,8 @@ class Case:
 
 def planned_padding(args, jsonl: str, index_dir: str, rows: list[int], batches: int = 16) -> list[tuple]:
     """(rows, lookahead, padding) of the packer's plans alone (token lengths only, nothing decoded): the
-    default lookahead (samples waiting before a batch closes: max(8, rows)) and 4x that."""
+    default lookahead (samples waiting before a batch closes: the Planner's own, max(16, 2 x rows)) and
+    the old max(8, rows) and 4x that."""
     from mimo_spec.builders import build_model
     from mimo_spec.config import compose_config
     from mimo_spec.data import build_dataset
@@ -119,13 +120,13 @@ def planned_padding(args, jsonl: str, index_dir: str, rows: list[int], batches: 
     data = build_dataset(cfg.data, model, build_tokenizer(cfg.data, model), "train")
     out = []
     for n in rows:
-        for lookahead in (max(8, n), 4 * max(8, n)):
+        for lookahead in (max(8, n), None, 4 * max(8, n)):
             planner = Planner(data, SampleOrder(len(data), 0), n, args.seq_len, True, lookahead=lookahead)
             state, used = LoaderState(), 0
             for _ in range(batches):
                 plan = planner.plan(state)
                 state, used = plan.state, used + plan.tokens
-            out.append((n, lookahead, 1 - used / (batches * n * args.seq_len)))
+            out.append((n, planner.lookahead, 1 - used / (batches * n * args.seq_len)))
     return out
 
 
@@ -197,7 +198,7 @@ def main() -> None:
           f"{med(True, 'tpcpu') / med(False, 'tpcpu'):.2f}x per CPU second (target >= 1.4x); "
           f"packed padding {med(True, 'padding'):.1%} (target < 5%)")
     print("\npacked padding as planned (token lengths only, 16 batches), by rows a batch and lookahead (samples "
-          "waiting before a batch closes; the loader uses max(8, rows)):")
+          "waiting before a batch closes; the loader uses max(16, 2 x rows)):")
     print("  " + "   ".join(f"{n} rows, {la}: {pad:.1%}" for n, la, pad in plans))
     if loops:
         print(f"\ntraining loop, {args.steps} steps (metrics.json):")

@@ -162,8 +162,8 @@ def run_eval(run: RunConfig | DictConfig, out_dir: Path) -> int:
 
 def _run_eval(run: RunConfig, out_dir: Path) -> int:
     from mimo_spec.parallel.parallelize import start_parallel
-    from mimo_spec.data import build_dataset, collate
-    from mimo_spec.train.loop import evaluate, model_max_len
+    from mimo_spec.data import build_dataset
+    from mimo_spec.train.loop import SkippingDataset, collate_skipping, evaluate, model_max_len
 
     path, trained_train, trained_data, model, tokenizer = _load_trained(run, "eval")
     # the data follows the whole model's modalities: built before a pipeline stage drops some of them
@@ -171,7 +171,9 @@ def _run_eval(run: RunConfig, out_dir: Path) -> int:
     if len(dataset) == 0:
         raise ConfigError("the held-out split is empty", path="data", hint="set data.eval_samples / eval_fraction")
     drun = start_parallel(run.parallel.layout, trained_train.model_dump(), model)
-    collate_fn = lambda s: collate(s, tokenizer.pad_id)  # noqa: E731
+    # unusable samples (unreadable files, over the length limit) are left out, as in training
+    dataset = SkippingDataset(dataset)
+    collate_fn = lambda s: collate_skipping(s, tokenizer.pad_id)  # noqa: E731
     batch_size, batches = trained_train.batch_size, run.eval.batches
     if drun is not None and drun.pp > 1:
         drun.start_pipeline(model, int(getattr(dataset, "max_len", model_max_len(model))), tokenizer.pad_id)

@@ -93,7 +93,9 @@ class Planner:
         self.dataset, self.order = dataset, order
         self.batch_size, self.seq_len, self.packing = int(batch_size), int(seq_len), bool(packing)
         self.on_bad_sample = on_bad_sample
-        self.lookahead = int(lookahead) if lookahead is not None else max(8, self.batch_size)
+        # samples that may wait for a later batch while this one fills (2 x rows: padding ~3-5%, see
+        # benchmarks/data_packing.py); the waiting ones open the next batch
+        self.lookahead = int(lookahead) if lookahead is not None else max(16, 2 * self.batch_size)
 
     def plan(self, state: LoaderState) -> Plan:
         if not self.packing:

@@ -454,7 +454,8 @@ class SkippingDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset):
         self.dataset = dataset
-        self.max_len = getattr(dataset, "max_len", None)
+        if hasattr(dataset, "max_len"):
+            self.max_len = dataset.max_len
 
     def __len__(self) -> int:
         return len(self.dataset)
