@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mimo_spec.data.packing import Skipped
 from mimo_spec.errors import ConfigError, DataError, Problem
 
 MAX_LISTED = 20  # problems kept with their details; the rest are counted
@@ -70,22 +71,22 @@ def validate_scan_config(value) -> DataScanConfig:
 
 
 @dataclass
-class ScanProblem:
-    """A sample that cannot be used. ``kind``: ``bad`` (unusable) or ``dropped`` (the length limit);
-    ``check``: what found it: ``read`` (the record or its text), ``length``, ``file`` (a media file is
-    missing) or ``decode`` (its media did not decode)."""
+class ScanProblem(Skipped):
+    """A sample that cannot be used (a :class:`~mimo_spec.data.packing.Skipped`), and ``check``: what found
+    it: ``read`` (the record or its text), ``length``, ``file`` (a media file is missing) or ``decode``
+    (its media did not decode)."""
 
-    kind: str
-    check: str
-    index: int
-    reason: str
-    where: str = ""
-    file: str = ""
-    id: str | None = None
+    check: str = "read"
+
+    @classmethod
+    def of(cls, check: str, kind: str, index: int, reason: str, where: str = "", file: str = "",
+           id: str | None = None) -> ScanProblem:
+        return cls(kind, index, reason, where, file, id, check=check)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "check": self.check, "sample": self.index, "id": self.id, "file": self.file,
-                "where": self.where, "reason": self.reason}
+        d = super().to_dict()
+        del d["position"]
+        return {"kind": d.pop("kind"), "check": self.check, **d}
 
     def line(self) -> str:
         return f"{self.where or f'sample {self.index}'}: {self.reason}"
@@ -273,7 +274,7 @@ def _scan_records(dataset, chosen: list[int], decode_samples: int, seed: int, st
             record = dataset.source.record(index)
         except DataError as e:  # the record itself cannot be read (bad JSON, a broken shard member)
             s = skipped_from(e, index)
-            stats._problem(ScanProblem("bad", "read", index, s.reason, s.where, s.file, s.id))
+            stats._problem(ScanProblem.of("read", "bad", index, s.reason, s.where, s.file, s.id))
             continue
         absent = []  # files first: encoding reads audio headers, which would report a missing file less plainly
         for m in [*record.images, *record.audios]:
@@ -288,14 +289,14 @@ def _scan_records(dataset, chosen: list[int], decode_samples: int, seed: int, st
                 absent.append(m.name)
                 missing.add(key)
         if absent:
-            stats._problem(ScanProblem("bad", "file", index, f"missing file{'s' if len(absent) > 1 else ''}: "
+            stats._problem(ScanProblem.of("file", "bad", index, f"missing file{'s' if len(absent) > 1 else ''}: "
                                        + ", ".join(absent), record.where, str(record.file or ""), record.id))
             continue
         try:
             enc = dataset.builder.encode(record)  # what dataset.encoded(index) does, with the record at hand
         except DataError as e:
             s = skipped_from(e, index)
-            stats._problem(ScanProblem(s.kind, "length" if s.kind == "dropped" else "read", index, s.reason,
+            stats._problem(ScanProblem.of("length" if s.kind == "dropped" else "read", s.kind, index, s.reason,
                                        record.where or s.where, str(record.file or s.file or ""), record.id))
             continue
         stats.lengths[index] = len(enc)
@@ -314,7 +315,7 @@ def _scan_records(dataset, chosen: list[int], decode_samples: int, seed: int, st
             dataset.builder.build(enc)
         except DataError as e:
             s = skipped_from(e, index)
-            stats._problem(ScanProblem("bad", "decode", index, s.reason, enc.where, enc.file, enc.id))
+            stats._problem(ScanProblem.of("decode", "bad", index, s.reason, enc.where, enc.file, enc.id))
             stats.undecodable += 1
             del stats.lengths[index], stats.items[index]
         stats.decoded += 1
@@ -331,7 +332,7 @@ def _scan_built(dataset, chosen: list[int], stats: DataStats, bar) -> None:
             sample = dataset[index]
         except DataError as e:
             s = skipped_from(e, index)
-            stats._problem(ScanProblem(s.kind, "read", index, s.reason, s.where, s.file, s.id))
+            stats._problem(ScanProblem.of("read", s.kind, index, s.reason, s.where, s.file, s.id))
             continue
         stats.decoded += 1
         stats.lengths[index] = int(sample["input_ids"].shape[0])
