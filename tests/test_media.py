@@ -222,8 +222,13 @@ def test_bytes_and_paths_decode_alike(media, tmp_path):
         a = load(path, "s")
         b = load(Media(f"shard.tar:{path.name}", data=path.read_bytes()), "s")
         c = load(Media(path.name, path=path), "s")
-        assert a.keys() == b.keys() == c.keys()
-        assert all(torch.equal(a[k][kw], b[k][kw]) and torch.equal(a[k][kw], c[k][kw]) for k in a for kw in a[k])
+        # a slice of a bigger file (a tar shard's member), read only when decoded
+        blob = tmp_path / f"{path.name}.blob"
+        blob.write_bytes(b"x" * 100 + path.read_bytes() + b"y" * 50)
+        sl = load(Media(f"blob.tar:{path.name}", path=blob, offset=100, length=path.stat().st_size), "s")
+        assert a.keys() == b.keys() == c.keys() == sl.keys()
+        assert all(torch.equal(a[k][kw], b[k][kw]) and torch.equal(a[k][kw], c[k][kw]) and torch.equal(a[k][kw], sl[k][kw])
+                   for k in a for kw in a[k])
 
 
 # ------------------------------------------------------------------------------------- audio

@@ -297,10 +297,13 @@ def test_webdataset_shards(tmp_path):
     r0, r1, r2, r4 = src.record(0), src.record(1), src.record(2), src.record(4)
     assert r0.conversations == sample(0)["conversations"] and r0.id == "000" and r0.file == str(d / "shard-0000.tar")
     assert r0.where == "shard-0000.tar: key s0 (id '000')"
-    assert [(m.name, m.data) for m in r0.images] == [("shard-0000.tar:s0.jpg", media["s0"][0])]
-    assert [(m.name, m.data, m.suffix) for m in r0.audios] == [("shard-0000.tar:s0.wav", media["s0"][1], "wav")]
+    # members stay slices of the shard until decoded (planning reads the json only)
+    assert all(m.data is None and m.path == d / "shard-0000.tar" and not m.whole_file for m in r0.images + r1.images)
+    assert [(m.name, m.open().read()) for m in r0.images] == [("shard-0000.tar:s0.jpg", media["s0"][0])]
+    assert [(m.name, m.open().read(), m.suffix) for m in r0.audios] == [("shard-0000.tar:s0.wav", media["s0"][1], "wav")]
     assert [m.name for m in r1.images] == [f"shard-0000.tar:s1.{k}.png" for k in (0, 2, 10)]
-    assert [m.data for m in r1.images] == media["s1"] and r1.id == "s1" and r1.audios[0].suffix == "flac"
+    assert [m.open().read() for m in r1.images] == media["s1"] and r1.id == "s1" and r1.audios[0].suffix == "flac"
+    assert [m.size() for m in r1.images] == [len(b) for b in media["s1"]]
     assert [(m.name, m.path) for m in r2.images] == [("pics/p.png", d / "pics/p.png")] and r2.audios[0].path == d / "a.wav"
     with pytest.raises(DataError, match=r"shard-0001.tar: sample 's3' has no s3.json member"):
         src.record(3)
@@ -310,14 +313,14 @@ def test_webdataset_shards(tmp_path):
 
     theirs = list(wds.WebDataset([str(p) for p in sorted(d.glob("*.tar"))], shardshuffle=False))
     assert [s["__key__"] for s in theirs] == ["s0", "s1", "s2", "s3", "dir/s4"]
-    assert theirs[1]["10.png"] == r1.images[2].data and theirs[0]["wav"] == r0.audios[0].data
+    assert theirs[1]["10.png"] == r1.images[2].open().read() and theirs[0]["wav"] == r0.audios[0].open().read()
     # indexed once per shard, then read from the cache; image_folder for json paths; globs and lists
     assert cache_files(d) == [".shard-0000.tar.mimo-index.npz", ".shard-0001.tar.mimo-index.npz"]
     src = open_source(validate_data_config({**cfg, "path": [str(d / "*0001.tar")], "image_folder": str(tmp_path)}),
                       "train")
     assert len(src) == 3 and src.record(0).images[0].path == tmp_path / "pics/p.png"
     copy = pickle.loads(pickle.dumps(src))
-    assert copy.record(2).images[0].data == b"RIFF....WEBP"
+    assert copy.record(2).images[0].open().read() == b"RIFF....WEBP"
     with pytest.raises(DataError, match=r"data.path: data file not found: .*shard-0002.tar \(from '.*\{0000..0002\}"):
         open_source(validate_data_config({**cfg, "path": str(d / "shard-{0000..0002}.tar")}), "train")
     (d / "bad.tar").write_bytes(b"x" * 1000)
@@ -465,7 +468,7 @@ class _Reads(torch.utils.data.Dataset):
             r = self.src.record(i)
         except DataError as e:
             return i, "bad", str(e)[:20]
-        return i, r.id, b"".join(m.data or b"" for m in r.images + r.audios)
+        return i, r.id, b"".join(m.open().read() if m.exists() else b"" for m in r.images + r.audios)
 
 
 def test_sources_read_the_same_in_dataloader_workers(tmp_path):

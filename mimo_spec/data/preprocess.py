@@ -30,7 +30,6 @@ skips such samples); a processor or setting that does not fit the model is a ``C
 from __future__ import annotations
 
 import functools
-import io
 import math
 import re
 from pathlib import Path
@@ -305,7 +304,7 @@ def _label(media: Media) -> str:
 def _open_sound(media: Media):
     import soundfile
 
-    return soundfile.SoundFile(str(media.path) if media.data is None else io.BytesIO(media.data))
+    return soundfile.SoundFile(str(media.path) if media.whole_file else media.open())
 
 
 def _cannot_read(media: Media, where: str, error: Exception | None, reason: str = "") -> DataError:

@@ -23,10 +23,20 @@ class Media:
     name: str
     path: Path | None = None
     data: bytes | None = None
+    # a slice of ``path`` (a tar shard's member): read only when the item is decoded
+    offset: int | None = None
+    length: int | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.data is None):
             raise ValueError("a Media item holds a path or bytes, exactly one of them")
+        if (self.offset is None) != (self.length is None) or (self.offset is not None and self.path is None):
+            raise ValueError("a slice of a file needs a path, an offset and a length")
+
+    @property
+    def whole_file(self) -> bool:
+        """True when the item is a file of its own (``path`` without a slice)."""
+        return self.path is not None and self.offset is None
 
     @property
     def suffix(self) -> str:
@@ -41,15 +51,25 @@ class Media:
         """Bytes of the item (0 for a missing file)."""
         if self.data is not None:
             return len(self.data)
+        if self.length is not None:
+            return self.length if self.exists() else 0
         try:
             return self.path.stat().st_size
         except OSError:
             return 0
 
     def open(self) -> BinaryIO:
-        """A binary file object: the file itself, or the bytes in memory. Raises OSError for a missing file."""
+        """A binary file object: the file itself, or the bytes in memory (a file's slice is read into memory).
+        Raises OSError for a missing file, EOFError for a slice past the file's end."""
         if self.data is not None:
             return io.BytesIO(self.data)
+        if self.offset is not None:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.length)
+            if len(data) != self.length:
+                raise EOFError(f"{self.path} ends inside {self.name} ({len(data)} of {self.length} bytes)")
+            return io.BytesIO(data)
         return open(self.path, "rb")
 
 

@@ -266,14 +266,15 @@ class WebDatasetSource(_FileSource):
         exts = {m: index["m_ext"][m].decode("utf-8", "surrogateescape") for m in range(lo, hi)}
         for m in sorted(exts, key=lambda m: _item_order(exts[m])):
             ext = exts[m]
-            data = self._files.read(str(p), int(index["m_offset"][m]), int(index["m_size"][m]))
+            offset, size = int(index["m_offset"][m]), int(index["m_size"][m])
             kind = ext.rsplit(".", 1)[-1]
+            # media stay slices of the shard: read where they are decoded (the planner reads the text only)
             if ext == "json":
-                json_data = data
+                json_data = self._files.read(str(p), offset, size)
             elif kind in IMAGE_EXTS:
-                images.append(Media(name=f"{p.name}:{key}.{ext}", data=data))
+                images.append(Media(name=f"{p.name}:{key}.{ext}", path=p, offset=offset, length=size))
             elif kind in AUDIO_EXTS:
-                audios.append(Media(name=f"{p.name}:{key}.{ext}", data=data))
+                audios.append(Media(name=f"{p.name}:{key}.{ext}", path=p, offset=offset, length=size))
         if json_data is None:
             raise DataError(f"{p}: sample {key!r} has no {key}.json member (the conversation)", path=where,
                             hint='key.json holds {"conversations": [...]} beside key.jpg / key.wav')
