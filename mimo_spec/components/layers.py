@@ -90,22 +90,75 @@ class RotaryEmbedding(nn.Module):
     shared by all layers). Computing from positions instead of slicing a cached
     table means no stale or meta-initialised buffers, no bound on positions, and
     no ``.max().item()`` to size a cache, so it compiles with ``fullgraph=True``.
+
+    Multimodal RoPE (M-RoPE, Qwen2-VL): with ``mrope_section`` = (t, h, w) rotary frequencies (summing to
+    ``head_dim // 2``), ``position_ids`` may be ``(3, B, S)`` (temporal, height, width positions) and
+    each frequency takes its position from one axis: the first ``t`` frequencies from the temporal
+    axis, the next ``h`` from height, the last ``w`` from width (Qwen2-VL / Qwen2.5-VL), or, with
+    ``mrope_interleaved`` (Qwen3-VL), frequency ``j`` from height when ``j % 3 == 1 and j < 3h``, from
+    width when ``j % 3 == 2 and j < 3w``, else from the temporal axis. ``(B, S)`` positions are the
+    same position on every axis (text), which is plain RoPE.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, mrope_section: list[int] | None = None,
+                 mrope_interleaved: bool = False):
         super().__init__()
         if head_dim % 2:
             raise ParamError("head_dim", f"head_dim ({head_dim}) must be even for rope")
         self.head_dim = head_dim
         self.theta = theta
+        self.mrope_section = None if mrope_section is None else tuple(mrope_section)
+        self.mrope_interleaved = mrope_interleaved
+        # Which axis (0 t, 1 h, 2 w) each of the head_dim // 2 frequencies reads (checked here; forward
+        # rebuilds it on the positions' device from an arange: no buffer, no host-to-device copy).
+        self.mrope_axes = None if mrope_section is None else mrope_axes(head_dim, mrope_section, mrope_interleaved)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Not a buffer: a buffer would be cast to bf16 by model.to(dtype) and lose precision.
         exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32)
         inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))  # (D/2,)
-        freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, S, D/2)
+        if position_ids.dim() == 3:  # (3, B, S): each frequency reads its axis' position
+            if self.mrope_axes is None:
+                raise ValueError("3-D position_ids need mrope_section")
+            axes = self._axes_on(position_ids.device)
+            positions = position_ids.permute(1, 2, 0).index_select(-1, axes)  # (B, S, D/2)
+            freqs = positions.to(torch.float32) * inv_freq
+        else:
+            freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, S, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, S, 1, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _axes_on(self, device: torch.device) -> torch.Tensor:
+        """``mrope_axes`` as a tensor built on ``device`` from an arange (no host-to-device copy)."""
+        j = torch.arange(self.head_dim // 2, device=device)
+        t, h, w = self.mrope_section
+        if self.mrope_interleaved:
+            return torch.where((j % 3 == 1) & (j < 3 * h), 1, torch.where((j % 3 == 2) & (j < 3 * w), 2, 0))
+        return (j >= t).long() + (j >= t + h).long()
+
+
+def mrope_axes(head_dim: int, mrope_section, interleaved: bool = False) -> tuple[int, ...]:
+    """The axis (0 temporal, 1 height, 2 width) each of the ``head_dim // 2`` rotary frequencies takes
+    its position from, for M-RoPE sections ``(t, h, w)``; ``ParamError("mrope_section")`` for sections
+    that do not fit (see :class:`RotaryEmbedding`)."""
+    half = head_dim // 2
+    section = list(mrope_section)
+    if len(section) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in section):
+        raise ParamError("mrope_section", f"mrope_section ({section}) must be 3 non-negative integers "
+                         "(temporal, height, width rotary frequencies, e.g. [16, 24, 24] for head_dim 128)")
+    if sum(section) != half:
+        raise ParamError("mrope_section", f"mrope_section ({section}) must sum to head_dim // 2 = {half} "
+                         f"(head_dim {head_dim}), not {sum(section)}")
+    if not interleaved:
+        return tuple(axis for axis, n in enumerate(section) for _ in range(n))
+    t, h, w = section
+    axes = tuple(1 if j % 3 == 1 and j < 3 * h else 2 if j % 3 == 2 and j < 3 * w else 0 for j in range(half))
+    counts = [axes.count(a) for a in range(3)]
+    if counts != section:
+        raise ParamError("mrope_section", f"interleaved mrope_section ({section}) does not fit head_dim // 2 = "
+                         f"{half}: interleaving gives {counts} frequencies per axis "
+                         "(height and width slots are j % 3 == 1, 2 below 3 x their section)")
+    return axes
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

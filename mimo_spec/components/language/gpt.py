@@ -60,6 +60,14 @@ class GPT(nn.Module):
         dropout: embedding, attention and residual dropout.
         head_dim: per-head size (None = hidden_size / num_heads).
         backend: "local", "te" or "auto" (see layers.check_backend).
+        mrope_section: multimodal RoPE (Qwen2-VL's ``rope_scaling.mrope_section``): how many of the
+            head_dim // 2 rotary frequencies take the temporal, height and width position (e.g.
+            [16, 24, 24] for head_dim 128; must sum to head_dim // 2). ``forward`` then also takes
+            (3, B, S) ``position_ids`` (see :func:`mimo_spec.models.mrope.mrope_position_ids`);
+            (B, S) positions are text (one position on all axes). None = plain RoPE.
+        mrope_interleaved: Qwen3-VL's interleaved sections (frequency j reads height when
+            j % 3 == 1, width when j % 3 == 2, within 3 x their section; else temporal) instead of
+            Qwen2-VL's contiguous ones. Needs mrope_section.
     """
 
     def __init__(
@@ -84,6 +92,8 @@ class GPT(nn.Module):
         dropout: float = 0.0,
         head_dim: int | None = None,
         backend: Backend = "local",
+        mrope_section: list[int] | None = None,
+        mrope_interleaved: bool = False,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
@@ -104,6 +114,12 @@ class GPT(nn.Module):
         if position_embedding not in ("rope", "learned", "none"):
             raise ParamError("position_embedding",
                              f"position_embedding ({position_embedding!r}) must be 'rope', 'learned' or 'none'")
+        if mrope_section is not None and position_embedding != "rope":
+            raise ParamError("mrope_section", f"mrope_section needs position_embedding 'rope', "
+                             f"not {position_embedding!r}")
+        if mrope_interleaved and mrope_section is None:
+            raise ParamError("mrope_interleaved", "mrope_interleaved needs mrope_section "
+                             "(e.g. [24, 20, 20] for Qwen3-VL's head_dim 128)")
         if not 0.0 <= dropout < 1.0:
             raise ParamError("dropout", f"dropout ({dropout}) must be in [0, 1)")
         activation = activation or ("silu" if mlp == "swiglu" else "gelu")
@@ -118,7 +134,9 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, hidden_size)
         if position_embedding == "learned":
             self.position_embedding = nn.Embedding(max_seq_len, hidden_size)
-        self.rope = RotaryEmbedding(head_dim, rope_theta) if position_embedding == "rope" else None
+        self.mrope_section = None if mrope_section is None else list(mrope_section)
+        self.rope = (RotaryEmbedding(head_dim, rope_theta, mrope_section, mrope_interleaved)
+                     if position_embedding == "rope" else None)
         self.embed_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_bias = attention_bias if attention_out_bias is None else attention_out_bias
         self.layers = nn.ModuleList(
@@ -175,7 +193,9 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """inputs_embeds (B, S, H) -> hidden states (B, S, H) after the final norm.
 
-        position_ids (B, S): default arange, offset by the cache length.
+        position_ids (B, S): default arange, offset by the cache length. With ``mrope_section``
+            also (3, B, S): temporal, height and width positions (M-RoPE); with a KV cache the
+            positions of new text tokens are (B, S) ones (see ``mimo_spec.models.mrope``).
         attention_mask (B, S): 1 = real token, 0 = padding (masks keys).
         document_ids (B, S): packed sequences; attention never crosses documents.
         kv_cache: from :meth:`new_kv_cache`; filled and advanced by this call.
@@ -189,6 +209,8 @@ class GPT(nn.Module):
             raise InputError(f"expected shape (B, S, {self.hidden_size}), got {tuple(inputs_embeds.shape)}",
                              path="inputs_embeds")
         B, S, _ = inputs_embeds.shape
+        if position_ids is not None:
+            self._check_position_ids(position_ids, B, S)
         if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             # No padding after all: drop the mask to keep the flash kernel (as HF does).
             # Costs one host sync in eager mode; callers that know avoid it by passing None.
@@ -214,6 +236,22 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(S)
         return self.norm(x)
+
+    def _check_position_ids(self, position_ids: torch.Tensor, B: int, S: int) -> None:
+        """Shapes only (no host sync). Without M-RoPE only 3-D positions are refused (any other shape
+        behaves as it always has); with it, (B|1, S) or (3, B|1, S)."""
+        if self.mrope_section is None:
+            if position_ids.dim() == 3:
+                raise InputError(f"expected shape ({B}, {S}), got {tuple(position_ids.shape)}", path="position_ids",
+                                 hint="3-D (temporal, height, width) positions need the LM's mrope_section")
+            return
+        if position_ids.dim() == 3:
+            ok = position_ids.shape[0] == 3 and position_ids.shape[1] in (1, B) and position_ids.shape[2] == S
+        else:
+            ok = position_ids.dim() == 2 and position_ids.shape[0] in (1, B) and position_ids.shape[1] == S
+        if not ok:
+            raise InputError(f"expected shape ({B}, {S}) or (3, {B}, {S}), got {tuple(position_ids.shape)}",
+                             path="position_ids", hint="M-RoPE positions are (temporal, height, width) x (B, S)")
 
     # The two halves of ``forward`` before the layers, public so that pipeline stages (which
     # run a slice of ``layers`` each) compute exactly what one process computes.
