@@ -344,3 +344,151 @@ def test_compile_fullgraph_3d_positions():
     with torch.no_grad():
         for kw in ({"position_ids": pos}, {"position_ids": pos, "attention_mask": mask}):
             assert (compiled(x, **kw) - ours(x, **kw)).abs().max() <= TOL
+
+
+# ------------------------------------------------------------------ MimoModel and HF import
+
+
+def _qwen2_vl_lm(tie=False):
+    """A tiny transformers Qwen2VLForConditionalGeneration and our MimoModel (no modalities, the gpt LM)
+    made from it by gpt_params_from_hf / gpt_state_dict_from_hf."""
+    from mimo_spec.models.mimo import MimoModel
+
+    torch.manual_seed(0)
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, spatial_merge_size=MERGE, patch_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    config = transformers.Qwen2VLConfig(text_config=_text_config(), vision_config=vision, image_token_id=IMG,
+                                        video_token_id=VID, tie_word_embeddings=tie)
+    hf = _perturb(transformers.Qwen2VLForConditionalGeneration(config))
+    params = hw.gpt_params_from_hf(config)
+    ours = MimoModel(GPT(**params)).eval()
+    ours.language_model.load_state_dict(hw.gpt_state_dict_from_hf(hf.state_dict(), params), strict=True)
+    return hf, ours, params
+
+
+def test_params_from_qwen2_vl_configs():
+    """mrope_section from Qwen2-VL / Qwen2.5-VL text configs (rope_parameters, or a pre-v5 rope_scaling
+    of type 'mrope'), and the VLM's tie_word_embeddings."""
+    text = transformers.Qwen2VLTextConfig(**_text_config())
+    p = hw.gpt_params_from_hf(text)
+    assert p["mrope_section"] == SECTION and p["mrope_interleaved"] is False
+    assert p["attention_bias"] is True and p["attention_out_bias"] is False and p["tie_embeddings"] is False
+    assert hw.params_from_hf(text) == ("gpt", p)
+    cfg = {k: v for k, v in _text_config().items() if k != "rope_parameters"}
+    old = transformers.Qwen2_5_VLTextConfig(**cfg, rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]},
+                                            rope_theta=1e6)
+    p = hw.gpt_params_from_hf(old)
+    assert p["mrope_section"] == [4, 2, 2] and p["rope_theta"] == 1e6
+    assert hw.params_from_hf(old)[0] == "gpt"
+    vlm = transformers.Qwen2_5_VLConfig(text_config=_text_config(), tie_word_embeddings=True)
+    p = hw.gpt_params_from_hf(vlm)
+    assert p["mrope_section"] == SECTION and p["tie_embeddings"] is True
+    GPT(**p)  # the kwargs build
+    # A raw dict without rope_type (as read from an old config.json) and a plain Qwen2 config.
+    raw = transformers.Qwen2Config(**cfg)
+    raw.rope_parameters = {"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 5.0}
+    assert hw.gpt_params_from_hf(raw)["mrope_section"] == [2, 3, 3]
+    assert "mrope_section" not in hw.gpt_params_from_hf(transformers.Qwen2Config(**cfg))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@torch.no_grad()
+def test_mimo_model_matches_qwen2_vl_language_model(tie):
+    """Logits through MimoModel (3-D positions from mrope_position_ids) equal Qwen2VLForConditionalGeneration's
+    on the same ids and positions (no pixels: placeholders embedded as text), padded and not."""
+    hf, ours, params = _qwen2_vl_lm(tie)
+    assert params["mrope_section"] == SECTION and params["tie_embeddings"] is tie
+    rows, grids = _images_batch()
+    ids, mask = _batch(rows, left_pad=(1,))
+    pos, _ = mrope_position_ids(ids, IMG, grids, MERGE, attention_mask=mask)
+    keep = mask.bool()
+    ref = hf(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+    got = ours(ids, position_ids=pos, attention_mask=mask).logits
+    assert (ref[keep] - got[keep]).abs().max() <= TOL
+    one, p1 = ids[:1, :20], pos[:, :1, :20]
+    ref = hf(input_ids=one, position_ids=p1).logits
+    assert (ref - ours(one, position_ids=p1).logits).abs().max() <= TOL
+    # (3, 1, S) broadcasts over the batch, as (1, S) does.
+    two = ids[:2, :20]
+    assert torch.equal(ours(two, position_ids=p1).logits, ours(two, position_ids=p1.expand(3, 2, 20)).logits)
+    # The loss path takes 3-D positions too.
+    out = ours(one, position_ids=p1, labels=one)
+    assert torch.isfinite(out.loss)
+
+
+@torch.no_grad()
+def test_mimo_model_text_positions_unchanged():
+    """(B, S) positions through MimoModel: bit for bit the same as (3, B, S) positions equal on every axis,
+    and as no positions at all when they count from 0; document_ids still make their own positions."""
+    _, ours, _ = _qwen2_vl_lm()
+    ids = torch.randint(1, 100, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    plain = ours(ids, position_ids=pos).logits
+    assert torch.equal(plain, ours(ids).logits)
+    assert torch.equal(plain, ours(ids, position_ids=pos[None].expand(3, 2, 9)).logits)
+    docs = torch.tensor([[0] * 4 + [1] * 5] * 2)
+    from mimo_spec.models.mimo import positions_from_document_ids
+
+    restart = positions_from_document_ids(docs)
+    assert torch.equal(ours(ids, document_ids=docs).logits,
+                       ours(ids, document_ids=docs, position_ids=restart[None].expand(3, 2, 9)).logits)
+
+
+def test_mimo_model_position_errors():
+    """3-D positions: an InputError naming position_ids for a wrong shape, a float dtype, a negative value,
+    or an LM without mrope_section."""
+    from mimo_spec.models.mimo import MimoModel
+
+    _, ours, params = _qwen2_vl_lm()
+    ids = torch.randint(1, 100, (2, 5))
+    cases = [
+        (torch.zeros(4, 2, 5, dtype=torch.long),
+         r"position_ids: expected shape \(2, 5\) \(same as input_ids\) or \(1, seq\), or \(3, 2, 5\) for M-RoPE"),
+        (torch.zeros(3, 2, 4, dtype=torch.long), r"position_ids: .*got \(3, 2, 4\)"),
+        (torch.zeros(3, 5, dtype=torch.long), r"position_ids: .*got \(3, 5\)"),
+        (torch.zeros(3, 2, 5), "position_ids: expected an integer tensor, got torch.float32"),
+        (torch.zeros(3, 2, 5, dtype=torch.long) - 1, r"position_ids: position -1 is outside \[0, \.\.\.\)"),
+    ]
+    for pos, message in cases:
+        with pytest.raises(InputError, match=message):
+            ours(ids, position_ids=pos)
+    plain = MimoModel(GPT(**{k: v for k, v in params.items() if not k.startswith("mrope")})).eval()
+    with pytest.raises(InputError, match=r"position_ids: expected shape \(2, 5\) \(same as input_ids\) or "
+                                         r"\(1, seq\), got \(3, 2, 5\) \(3-D .* need the language model's "
+                                         r"mrope_section \(model.params.mrope_section\)\)"):
+        plain(ids, position_ids=torch.zeros(3, 2, 5, dtype=torch.long))
+    with pytest.raises(InputError, match=r"position_ids: expected shape \(2, 5\) \(same as input_ids\) or "
+                                         r"\(1, seq\), got \(2, 4\)$"):
+        plain(ids, position_ids=torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_mimo_model_compile_fullgraph_3d_positions():
+    """The 3-D position checks are shapes only: the forward pass compiles with fullgraph (no host sync)."""
+    torch._dynamo.reset()
+    _, ours, _ = _qwen2_vl_lm()
+    rows, grids = _images_batch()
+    ids, mask = _batch(rows[:2])
+    pos, _ = mrope_position_ids(ids, IMG, grids[:3], MERGE, attention_mask=mask)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert (compiled(ids, position_ids=pos, labels=ids).loss - ours(ids, position_ids=pos, labels=ids).loss
+                ).abs() <= TOL
+
+
+def test_an_mrope_language_model_is_not_exported_as_a_plain_qwen2(tmp_path):
+    """transformers' Qwen2 would load an M-RoPE LM and compute other logits for image positions: refused."""
+    import transformers
+
+    from mimo_spec.interop import export_hf, import_hf
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg, model = import_hf(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=True, **common)))
+    assert export_hf(model, cfg, tmp_path / "plain").is_dir()  # the same LM without M-RoPE exports
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg) if not isinstance(cfg, dict) else cfg)
+    cfg.model.params.mrope_section = [2, 3, 3]
+    with pytest.raises(ConfigError, match=r"cannot export to Hugging Face: mrope_section=\[2, 3, 3\]: M-RoPE"):
+        export_hf(model, cfg, tmp_path / "mrope")
+    assert not (tmp_path / "mrope").exists()

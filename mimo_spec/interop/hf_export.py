@@ -77,6 +77,10 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
                           n_layer=p["num_layers"], n_head=p["num_heads"], n_inner=ffn, n_positions=p["max_seq_len"],
                           layer_norm_epsilon=p["norm_eps"], tie_word_embeddings=True,
                           activation_function="gelu_new" if act == "gelu_tanh" else "gelu")
+    if p.get("mrope_section") is not None:  # a plain Llama / Qwen2 would load it and compute other logits
+        raise _refuse(path, f"mrope_section={p['mrope_section']}: M-RoPE language models (Qwen2-VL's) are not "
+                            "exported yet", "export it without model.params.mrope_section only if it was trained "
+                            "on text (B, S) positions")
     if (p["position_embedding"], p["norm"], p["mlp"]) != ("rope", "rmsnorm", "swiglu"):
         raise _refuse(path, f"position_embedding={p['position_embedding']}, norm={p['norm']}, mlp={p['mlp']} "
                             "match no Hugging Face model", "Llama/Qwen2 need rope + rmsnorm + swiglu; "

@@ -111,21 +111,39 @@ def _add_layer_tables(table: Table, layer_table: Table, num_layers: int, ours: s
 # ---------------------------------------------------------------------- GPT
 
 
+# Qwen2-VL / Qwen2.5-VL: a Qwen2 text model with M-RoPE (``rope_parameters["mrope_section"]``).
+_QWEN2_VL = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}
+
+
 def gpt_params_from_hf(config: Any) -> dict[str, Any]:
-    """GPT kwargs from a LlamaConfig / MistralConfig / Qwen2Config / GPT2Config."""
+    """GPT kwargs from a LlamaConfig / MistralConfig / Qwen2Config / GPT2Config, or the text model of a
+    Qwen2-VL / Qwen2.5-VL config (its text config, or the whole VLM config: then its text_config with the
+    VLM's tie_word_embeddings), M-RoPE's ``mrope_section`` included."""
+    tie = getattr(config, "tie_word_embeddings", None)
+    if config.model_type in _QWEN2_VL:
+        config = config.text_config
     mt = config.model_type
+    if tie is None:
+        tie = getattr(config, "tie_word_embeddings", False)  # v5 text configs leave it to the VLM
     if mt == "gpt2":
         return dict(vocab_size=config.vocab_size, hidden_size=config.n_embd, num_layers=config.n_layer,
                     num_heads=config.n_head, ffn_hidden_size=config.n_inner or 4 * config.n_embd,
                     norm="layernorm", norm_eps=config.layer_norm_epsilon, position_embedding="learned",
                     max_seq_len=config.n_positions, mlp="gelu", activation=_activation(config.activation_function),
                     attention_bias=True, mlp_bias=True, tie_embeddings=True)
-    if mt not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, qwen2 or gpt2")
+    qwen2 = mt in ("qwen2", *_QWEN2_VL.values())
+    if mt not in ("llama", "mistral") and not qwen2:
+        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, qwen2, qwen2_vl(_text), "
+                         "qwen2_5_vl(_text) or gpt2")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    section = rope.get("mrope_section")
+    if rope_type == "mrope" and section is not None:  # Qwen2-VL's config before transformers 5
+        rope_type = "default"
     if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only plain RoPE)")
+        raise ValueError(f"rope_type {rope_type!r} is not supported (only plain RoPE and M-RoPE)")
+    mrope = {} if section is None else {"mrope_section": [int(v) for v in section],
+                                        "mrope_interleaved": bool(rope.get("mrope_interleaved", False))}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     bias = bool(getattr(config, "attention_bias", False))
@@ -137,9 +155,10 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
         position_embedding="rope", rope_theta=float(theta), max_seq_len=config.max_position_embeddings,
         mlp="swiglu", activation=_activation(config.hidden_act),
         # Qwen2: bias on q/k/v only.
-        attention_bias=True if mt == "qwen2" else bias, attention_out_bias=False if mt == "qwen2" else bias,
-        mlp_bias=bool(getattr(config, "mlp_bias", False)), tie_embeddings=bool(config.tie_word_embeddings),
+        attention_bias=True if qwen2 else bias, attention_out_bias=False if qwen2 else bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)), tie_embeddings=bool(tie),
         head_dim=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim,
+        **mrope,
     )
 
 
@@ -392,7 +411,8 @@ CONVERTERS = {
 # registry name -> import plan (key names only; for streaming checkpoints)
 PLANS = {"gpt": gpt_import_plan, "clip_vit": clip_vit_import_plan, "whisper_encoder": whisper_encoder_import_plan}
 
-_MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt", "clip": "clip_vit",
+_MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt", "qwen2_vl_text": "gpt",
+                "qwen2_5_vl_text": "gpt", "clip": "clip_vit",
                 "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
                 "whisper": "whisper_encoder"}
 

@@ -61,6 +61,24 @@ def _tensor(value: Any, path: str, what: str) -> torch.Tensor:
     return value
 
 
+def _check_position_shape(model, position_ids: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """(B, S) or (1, S); with an LM that has ``mrope_section`` also (3, B, S) or (3, 1, S) (temporal,
+    height and width positions, see :func:`mimo_spec.models.mrope.mrope_position_ids`). Shapes only."""
+    got = tuple(position_ids.shape)
+    if got in (shape, (1, shape[1])):
+        return
+    mrope = getattr(getattr(model, "language_model", None), "mrope_section", None) is not None
+    if mrope:
+        if got in ((3, *shape), (3, 1, shape[1])):
+            return
+        raise InputError(f"expected shape {shape} (same as input_ids) or (1, seq), or (3, {shape[0]}, {shape[1]}) "
+                         f"for M-RoPE (temporal, height, width), got {got}", path="position_ids",
+                         hint="3-D positions are (3, batch, seq): mimo_spec.models.mrope.mrope_position_ids")
+    raise InputError(f"expected shape {shape} (same as input_ids) or (1, seq), got {got}", path="position_ids",
+                     hint="3-D (temporal, height, width) positions need the language model's mrope_section "
+                          "(model.params.mrope_section)" if position_ids.dim() == 3 else "")
+
+
 def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any = None, document_ids: Any = None,
                   position_ids: Any = None, attention_mask: Any = None, modality_embeddings: Any = None,
                   modality_inputs: dict | None = None) -> None:
@@ -83,10 +101,10 @@ def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any =
         if value is None:
             continue
         t = _tensor(value, name, f"shape {shape}")
-        want = [shape] + ([(1, shape[1])] if name == "position_ids" else [])
-        if tuple(t.shape) not in want:
-            raise InputError(f"expected shape {shape} (same as input_ids){' or (1, seq)' if len(want) > 1 else ''}, "
-                             f"got {tuple(t.shape)}", path=name)
+        if name == "position_ids":
+            _check_position_shape(model, t, shape)
+        elif tuple(t.shape) != shape:
+            raise InputError(f"expected shape {shape} (same as input_ids), got {tuple(t.shape)}", path=name)
         if kind == "int64" and t.dtype != torch.int64:
             raise InputError(f"expected int64 token ids (-100 where no loss is taken), got {t.dtype}", path=name,
                              hint="pass labels.long()")
