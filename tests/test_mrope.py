@@ -14,6 +14,7 @@ from conftest import tiny_config  # noqa: E402
 from mimo_spec import build_model  # noqa: E402
 from mimo_spec.components.language.gpt import GPT  # noqa: E402
 from mimo_spec.errors import ConfigError, InputError, ParamError  # noqa: E402
+from test_components_hf import _perturb  # noqa: E402  (noise on every parameter of a transformers model)
 from mimo_spec.interop import hf_weights as hw  # noqa: E402
 from mimo_spec.models.mrope import mrope_next_positions, mrope_position_ids  # noqa: E402
 
@@ -21,14 +22,6 @@ TOL = 1e-5
 IMG, VID, PAD = 120, 121, 0
 MERGE = 2
 SECTION = [2, 3, 3]  # head_dim 16
-
-
-def _perturb(model: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def _text_config(section=SECTION):
