@@ -137,7 +137,7 @@ class Planner:
             rows[row].append((pos, index))
             room[row] -= n
             tokens += n
-            if min(room) == 0 and all(room[r] == 0 for r in range(self.batch_size)):
+            if not any(room):  # every row full
                 break
         return Plan(rows, skipped, LoaderState(position, tuple(waiting)), tokens)
 

@@ -32,6 +32,7 @@ each process.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -54,24 +55,24 @@ from mimo_spec.errors import DataError, Problem, did_you_mean
 
 
 # ----------------------------------------------------------------------------------------- base
-class RecordSource:
+class RecordSource(abc.ABC):
     """The records of one split: ``len(source)``, ``source.record(i)``, ``source.order(seed)``."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
+    @abc.abstractmethod
     def record(self, index: int) -> Record:
         """Record ``index`` (0 <= index < len); reads only that record. Raises DataError naming the file and
         line / key of a record that cannot be read."""
-        raise NotImplementedError
 
     def order(self, seed: int):
         """The record index at each global position (``order[p]``): an exact seeded permutation per epoch."""
         return SampleOrder(len(self), seed)
 
+    @abc.abstractmethod
     def files(self) -> list[str]:
         """The data files this split reads."""
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------- split rules
@@ -135,11 +136,13 @@ class _FileSource(RecordSource):
         file_no = int(np.searchsorted(self.starts, g, side="right")) - 1
         return self._read(file_no, g - int(self.starts[file_no]))
 
+    @abc.abstractmethod
     def _count(self, file_no: int) -> int:
-        raise NotImplementedError
+        """Records in file ``file_no`` (from its index)."""
 
+    @abc.abstractmethod
     def _read(self, file_no: int, local: int) -> Record:
-        raise NotImplementedError
+        """Record ``local`` of file ``file_no``."""
 
     def _root(self, folder: str | None, file: Path) -> Path:
         return resolve_path(folder) if folder else file.parent

@@ -104,7 +104,6 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __init__(self, cfg, model, tokenizer, split: str = "train"):
         # only shapes and ids are kept from the model, so the dataset pickles cheaply into DataLoader workers
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
-        self.num_dropped, self.drop_reasons = 0, {}  # nothing is ever dropped; the trainer may ask
         self.template = cfg.template
         self.max_len = max_length(cfg, model)
         self.length = cfg.num_samples if split == "train" else cfg.eval_samples

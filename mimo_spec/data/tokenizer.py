@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mimo_spec.data.config import ChatTemplate, validate_data_config
-from mimo_spec.data.local import REMOTE_CODE_FILES, remote_code_request, resolve_path  # noqa: F401  (re-exported)
+from mimo_spec.data.local import remote_code_request, resolve_path
 from mimo_spec.errors import ConfigError, InputError
 from mimo_spec.loss import IGNORE_INDEX
 
