@@ -166,14 +166,16 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
                          + f" plus {max_new_tokens} new tokens exceeds the language model's max_seq_len {limit} "
                          "(learned positions)", path="max_new_tokens",
                          hint=f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt")
-    embeds = model.embed_inputs(input_ids, modality_inputs)  # (1, S, H)
+    embeds, additions = model.embed_with_additions(input_ids, modality_inputs, None)  # (1, S, H); DeepStack {layer: (1, S, H)}
+    positions, rope_deltas = model.positions_and_deltas(input_ids, modality_inputs, None, None)  # M-RoPE: (3, 1, S), (1, 1)
     max_len = embeds.shape[1] + max_new_tokens + extra
     if use_cache:  # refuse a cache that cannot fit before allocating it
         from mimo_spec.train.limits import check_generation_memory
 
         check_generation_memory(model, embeds.shape[1] + extra, max_new_tokens, embeds.device)
     cache = lm.new_kv_cache(1, max_len) if use_cache else None
-    hidden = lm(embeds, kv_cache=cache)
+    deep = {"layer_additions": additions} if additions else {}
+    hidden = lm(embeds, kv_cache=cache, position_ids=positions, **deep)
     result = Generation(tokens=[])
     while len(result.tokens) < max_new_tokens:
         next_id = _agree(pick_next(next_token_logits(lm, hidden), strategy, temperature, top_k, top_p, gen))
@@ -186,11 +188,22 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
             chunk = next_id.view(1, 1)
             result.tokens.append(token)
         new_embeds = lm.embed_tokens(chunk)
+        new_positions = None
+        if positions is not None:  # M-RoPE: text after the prompt counts on from its largest position
+            from mimo_spec.models.mrope import mrope_next_positions
+
+            past = embeds.shape[1] if cache is None else cache.length
+            new_positions = mrope_next_positions(rope_deltas, chunk.shape[1], past_length=past)
         if cache is not None:
-            hidden = lm(new_embeds, kv_cache=cache)
+            hidden = lm(new_embeds, kv_cache=cache, position_ids=new_positions)
         else:
             embeds = torch.cat([embeds, new_embeds], dim=1)
-            hidden = lm(embeds)
+            if positions is not None:
+                positions = torch.cat([positions, new_positions[None].expand(3, -1, -1)], dim=2)
+            if deep:
+                additions = {i: torch.cat([a, torch.zeros_like(new_embeds)], dim=1) for i, a in additions.items()}
+                deep = {"layer_additions": additions}
+            hidden = lm(embeds, position_ids=positions, **deep)
         if token in outputs_by_token:
             states = hidden[:, -chunk.shape[1]:]  # (1, n_gen, H): the item's generation tokens
             result.outputs.setdefault(name, []).append(mod.decode(states)[0])

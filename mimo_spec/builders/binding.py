@@ -61,7 +61,8 @@ def signature_of(cls: type) -> tuple[dict[str, tuple[Any, Any]], dict[str, str |
 # What the model calls on a component of each kind, besides forward (checked on the class when binding).
 INTERFACES: dict[str, tuple[str, ...]] = {
     "language_model": ("embed_tokens", "logits"),
-    "encoder": ("validate_inputs", "tokens_per_item", "example_inputs"),
+    # "a|b": either (fixed-size items count tokens from a shape, items of any size per item from a grid)
+    "encoder": ("validate_inputs", "tokens_per_item|item_tokens", "example_inputs"),
     "projector": ("tokens_out",),
     "decoder": ("example_targets",),
 }
@@ -223,12 +224,13 @@ def _bind_one(spec: ModuleSpec, kind: str, allow_imports: list[str], problems: P
         for p in e.problems:  # one, or one per broken plugin
             problems.add(f"{spec.path}.module", p.message, p.hint)
         return None
-    missing = [m for m in INTERFACES.get(kind, ()) if not hasattr(cls, m)]
+    missing = [m.replace("|", " or ") for m in INTERFACES.get(kind, ())
+               if not any(hasattr(cls, alt) for alt in m.split("|"))]
     if missing:
         a = "an" if kind[0] in "aeiou" else "a"
         problems.add(f"{spec.path}.module", f"{_label(spec, cls)} cannot serve as {a} {kind}: it has no "
                      f"{', '.join(missing)}", f"{a} {kind} implements {', '.join(INTERFACES[kind])}: use a "
-                     f"registered {kind}, or wrap the class in a component that implements them")
+                     f"registered {kind}, or wrap the class in a component that implements them".replace("|", " or "))
     params, subs, var_kw = signature_of(cls)
     reason, foreign = unbindable(cls)
     if reason:

@@ -111,11 +111,16 @@ def _check_token_counts(p: str, mod: nn.Module, problems: ProblemCollector) -> N
              else [(e, e) for e in encoders if e in projections])
     for ename, qname in pairs:
         enc, proj = encoders[ename], projections[qname]
-        if not all(hasattr(enc, a) for a in ("example_inputs", "tokens_per_item")) or not hasattr(proj, "tokens_out"):
+        if not hasattr(enc, "example_inputs") or not hasattr(proj, "tokens_out"):
             continue
-        with torch.device("meta"), _random_as_empty():  # shapes only, nothing allocated
-            shape = tuple(next(iter(enc.example_inputs(1).values())).shape)
-        tokens = enc.tokens_per_item(shape)
+        if getattr(enc, "grid_inputs", None):  # items of any size: an example item's count, from its grid
+            tokens = int(enc.item_tokens(enc.example_inputs(1, generator=torch.Generator()))[0])
+        elif hasattr(enc, "tokens_per_item"):
+            with torch.device("meta"), _random_as_empty():  # shapes only, nothing allocated
+                shape = tuple(next(iter(enc.example_inputs(1).values())).shape)
+            tokens = enc.tokens_per_item(shape)
+        else:
+            continue
         try:
             proj.tokens_out(tokens)
         except ParamError as e:

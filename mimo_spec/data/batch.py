@@ -119,21 +119,40 @@ def empty_parts(model) -> dict[str, dict]:
     return {"inputs": inputs, "targets": targets}
 
 
-def to_device(x, device: torch.device | str):
-    """Tensors, and nested dicts of them (``modality_inputs``), moved to ``device``."""
+def to_device(x, device: torch.device | str, keep: frozenset[str] | set[str] = frozenset()):
+    """Tensors, and nested dicts of them (``modality_inputs``), moved to ``device``; entries named in
+    ``keep`` (items' grids: host data, see :func:`host_keys`) stay where they are."""
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
+        return {k: v if k in keep else to_device(v, device, keep) for k, v in x.items()}
     return x
 
 
-def model_kwargs(batch: dict, device: torch.device | str) -> dict:
+def host_keys(model) -> frozenset[str]:
+    """Input names ``model``'s encoders keep on the host (their items' grids, e.g. ``image_grid_thw``)."""
+    mods = getattr(model, "modalities", None) or {}
+    return frozenset(k for m in mods.values() for e in getattr(m, "encoders", {}).values()
+                     for k in (getattr(e, "grid_inputs", None) or {}))
+
+
+def model_kwargs(batch: dict, device: torch.device | str, model=None) -> dict:
     """The collated batch as MimoModel.forward keyword arguments, on ``device``. A packed batch's
     ``document_ids`` go with them: the model restarts positions and keeps attention inside each document
-    (its loss, with the same ids, counts no document's first token)."""
+    (its loss, with the same ids, counts no document's first token). Given ``model``, the items' grids
+    stay on the host and positions that depend on the items (M-RoPE) are computed here, on the host,
+    so the forward pass does not read token ids back from the device."""
+    keep = host_keys(model) if model is not None else frozenset()
     kw = {"input_ids": to_device(batch["input_ids"], device), "labels": to_device(batch["labels"], device),
-          "modality_inputs": to_device(batch.get("modality_inputs") or {}, device)}
+          "modality_inputs": to_device(batch.get("modality_inputs") or {}, device, keep)}
+    positions = getattr(model, "position_ids", None)
+    if callable(positions) and batch.get("position_ids") is None:
+        pos = positions(batch["input_ids"], batch.get("modality_inputs") or {},
+                        document_ids=batch.get("document_ids"))
+        if pos is not None:
+            kw["position_ids"] = to_device(pos, device)
+    elif batch.get("position_ids") is not None:
+        kw["position_ids"] = to_device(batch["position_ids"], device)
     if batch.get("document_ids") is not None:
         kw["document_ids"] = to_device(batch["document_ids"], device)
     if batch.get("output_targets"):

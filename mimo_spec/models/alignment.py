@@ -77,30 +77,42 @@ def check_placeholder_counts(input_ids: torch.Tensor, expected: dict[str, tuple[
                     hint="expand each item to exactly one placeholder per embedding")
 
 
-def split_items_by_placeholders(input_ids: torch.Tensor, token_id: int, tokens_per_item: int,
+def split_items_by_placeholders(input_ids: torch.Tensor, token_id: int, item_tokens: list[int] | int,
                                 num_items: int, name: str) -> list[int]:
-    """Per-sample embedding counts implied by the placeholders, checked against the item total."""
+    """Per-sample item counts implied by the placeholders, checked against the items' token counts.
+
+    ``item_tokens``: each item's placeholder count (or one count for all ``num_items`` items). Items are
+    consumed in order, sample by sample; a sample must end exactly at an item boundary.
+    """
+    if isinstance(item_tokens, int):
+        item_tokens = [item_tokens] * num_items
     found = (input_ids.detach().cpu() == token_id).sum(dim=1).tolist()
+    path = f"modality_inputs.{name}"
+    uniform = len(set(item_tokens)) == 1 and item_tokens[0] > 0
     for i, have in enumerate(found):
-        if tokens_per_item and have % tokens_per_item:
+        if uniform and have % item_tokens[0]:
             raise InputError(f"sample {i} has {have} placeholder tokens (id {token_id}), not a multiple of "
-                             f"the {tokens_per_item} embeddings each item produces",
-                             path=f"modality_inputs.{name}",
+                             f"the {item_tokens[0]} embeddings each item produces", path=path,
                              hint="expand each item to exactly one placeholder per embedding")
-    # items are consumed in order, sample by sample: name the first sample that runs short
-    remaining = num_items
+    per_sample, k = [], 0
     for i, have in enumerate(found):
-        need = have // tokens_per_item if tokens_per_item else 0
-        if need > remaining:
-            raise InputError(
-                f"sample {i} has {have} placeholder tokens (id {token_id}) but its items produce "
-                f"{remaining * tokens_per_item} embeddings ({num_items} items for the batch, "
-                f"{num_items - remaining} used by earlier samples)", path=f"modality_inputs.{name}",
-                hint="one placeholder per embedding; per sample: " + ", ".join(map(str, found)))
-        remaining -= need
-    if remaining:
-        raise InputError(f"{remaining} of the {num_items} items have no placeholders (the batch has "
-                         f"{sum(found)} placeholder tokens, id {token_id}, {tokens_per_item} per item)",
-                         path=f"modality_inputs.{name}",
-                         hint="one placeholder per embedding; per sample: " + ", ".join(map(str, found)))
-    return found
+        start, used = k, 0
+        while used < have and k < len(item_tokens):
+            used += item_tokens[k]
+            k += 1
+        if used != have:
+            given = item_tokens[start:k]
+            if used < have:
+                msg = (f"sample {i} has {have} placeholder tokens (id {token_id}) but its items produce {used} "
+                       f"embeddings ({len(item_tokens)} items for the batch, {start} used by earlier samples)")
+            else:
+                msg = (f"sample {i} has {have} placeholder tokens (id {token_id}), which do not end at an item: "
+                       f"its items {start}..{k - 1} produce {given} embeddings ({used} in all)")
+            raise InputError(msg, path=path, hint="one placeholder per embedding, item after item; per sample: "
+                             + ", ".join(map(str, found)))
+        per_sample.append(k - start)
+    if k < len(item_tokens):
+        raise InputError(f"{len(item_tokens) - k} of the {len(item_tokens)} items have no placeholders (the batch "
+                         f"has {sum(found)} placeholder tokens, id {token_id}; the items produce {sum(item_tokens)})",
+                         path=path, hint="one placeholder per embedding; per sample: " + ", ".join(map(str, found)))
+    return per_sample

@@ -149,9 +149,7 @@ def expected_placeholders(model, modality_inputs: dict, modality_embeddings: dic
             if modality_embeddings and name in modality_embeddings:
                 out[f"modality_embeddings.{name}"] = (mod.special_token_id, int(modality_embeddings[name].shape[0]))
             elif name in modality_inputs:
-                inputs = modality_inputs[name]
-                n_items = next(iter(next(iter(inputs.values())).values())).shape[0]
-                out[f"modality_inputs.{name}"] = (mod.special_token_id, int(n_items) * mod.tokens_per_item(inputs))
+                out[f"modality_inputs.{name}"] = (mod.special_token_id, int(sum(mod.item_tokens(modality_inputs[name]))))
             else:
                 out[f"modality_inputs.{name}"] = (mod.special_token_id, 0)
         if output_targets and name in output_targets and mod.generation_token_id is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mimo_spec.errors import InputError
+from mimo_spec.errors import InputError, ParamError
 from mimo_spec.loss import IGNORE_INDEX, mimo_loss
 from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts,
                                         gather_positions, split_items_by_placeholders)
@@ -69,6 +69,24 @@ class MimoModel(nn.Module):
         self.language_model = language_model
         self.modalities = nn.ModuleDict(modalities or {})
         self.check_inputs = check_inputs
+        for name, mod in self.modalities.items():  # a modality whose items go through another's encoders
+            source = getattr(mod, "inputs_from", None)
+            if source is None:
+                continue
+            other = self.modalities[source] if source in self.modalities else None
+            if other is None or other is mod or getattr(other, "inputs_from", None) is not None or not other.has_input:
+                usable = [n for n, m in self.modalities.items()
+                          if n != name and m.has_input and getattr(m, "inputs_from", None) is None]
+                raise ParamError(f"modalities.{name}.inputs_from",
+                                 f"inputs_from ({source!r}) must name another modality with encoders of its own; "
+                                 f"this model's: {', '.join(usable) or 'none'}")
+            mod.link_inputs(other)
+        lm_layers = getattr(language_model, "num_layers", None)
+        for name, mod in self.modalities.items():
+            deep = getattr(mod, "deepstack_lm_layers", None) or []
+            if lm_layers is not None and any(i >= lm_layers for i in deep):
+                raise ParamError(f"modalities.{name}.deepstack_lm_layers",
+                                 f"deepstack_lm_layers ({deep}) must be layers of the {lm_layers}-layer language model")
 
     # ---- input preparation (host side, cheap) ---------------------------------------------
     def _validate(self, input_ids, modality_inputs, labels, loss_mask, output_targets,
@@ -143,15 +161,17 @@ class MimoModel(nn.Module):
                 expected[name] = (mod.special_token_id, [0] * input_ids.shape[0])
                 continue
             inputs = modality_inputs[name]
-            per_item = mod.tokens_per_item(inputs)
-            n_items = next(iter(next(iter(inputs.values())).values())).shape[0]
+            per_item = mod.item_tokens(inputs)
+            n_items = len(per_item)
             if items_per_sample and name in items_per_sample:
                 counts = list(items_per_sample[name])
                 if sum(counts) != n_items:
                     raise InputError(f"items_per_sample sums to {sum(counts)} but {n_items} items are given",
                                      path=f"items_per_sample.{name}",
                                      hint=f"count each sample's {name} items, in the order they are given")
-                expected[name] = (mod.special_token_id, [c * per_item for c in counts])
+                bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+                expected[name] = (mod.special_token_id, [sum(per_item[bounds[i]:bounds[i + 1]])
+                                                         for i in range(len(counts))])
             else:
                 split_items_by_placeholders(input_ids, mod.special_token_id, per_item, n_items, name)
         check_placeholder_counts(input_ids, expected)
@@ -190,13 +210,18 @@ class MimoModel(nn.Module):
                      modality_embeddings: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Text embeddings with every modality's embeddings at its placeholders: (B, S) -> (B, S, H).
 
-        ``modality_embeddings`` {modality: (items * tokens_per_item, H)} are already-encoded items
+        ``modality_embeddings`` {modality: (sum of item tokens, H)} are already-encoded items
         (cached features, or encoders that ran on other ranks); they replace that modality's encoders.
         """
+        return self.embed_with_additions(input_ids, modality_inputs, modality_embeddings)[0]
+
+    def embed_with_additions(self, input_ids, modality_inputs=None, modality_embeddings=None):
+        """:meth:`embed_inputs`, and the DeepStack additions: (embeddings (B, S, H), DeepStack additions {LM layer: (B, S, H)}: zeros except at the
+        placeholders of modalities with deepstack_projections)."""
         modality_inputs, modality_embeddings = _or_empty(modality_inputs), _or_empty(modality_embeddings)
         check_tensors(self, input_ids, modality_embeddings=modality_embeddings, modality_inputs=modality_inputs)
         embeds = self.language_model.embed_tokens(input_ids)
-        merged = []
+        merged, deep = [], {}
         for name, mod in self.modalities.items():
             if name in modality_embeddings:
                 merged.append((mod.special_token_id, modality_embeddings[name].to(embeds.dtype)))
@@ -204,10 +229,58 @@ class MimoModel(nn.Module):
             if not mod.has_input:
                 continue
             if name in modality_inputs:
-                merged.append((mod.special_token_id, mod.encode(modality_inputs[name])))
+                out, extra = mod.encode_deep(modality_inputs[name])
+                merged.append((mod.special_token_id, out))
+                for layer, e in zip(mod.src.deepstack_lm_layers, extra):
+                    deep.setdefault(layer, []).append((mod.special_token_id, e))
             else:  # no item of this modality in the batch: there must be no placeholder either
                 merged.append((mod.special_token_id, embeds.new_zeros(0, embeds.shape[-1])))
-        return align_modality_embeddings(embeds, input_ids, merged)
+        additions = {layer: align_modality_embeddings(torch.zeros_like(embeds), input_ids, parts)
+                     for layer, parts in deep.items()}
+        return align_modality_embeddings(embeds, input_ids, merged), additions
+
+    def position_ids(self, input_ids: torch.Tensor, modality_inputs: dict | None = None, *,
+                     attention_mask: torch.Tensor | None = None,
+                     document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The positions the model uses when none are given, where they depend on the items: M-RoPE
+        (a language model with ``mrope_section``) over the items' grids, (3, B, S), computed as
+        transformers' ``get_rope_index`` does (:mod:`mimo_spec.models.mrope`). None otherwise (plain
+        positions, restarting per document). Reads token ids and grids on the host: the data pipeline
+        calls it before moving a batch to the device, so the forward pass does not have to."""
+        return self.positions_and_deltas(input_ids, _or_empty(modality_inputs), attention_mask, document_ids)[0]
+
+    def positions_and_deltas(self, input_ids, modality_inputs, attention_mask=None, document_ids=None):
+        """(M-RoPE positions (3, B, S), rope_deltas (B, 1)) for a batch with grid items and a language model
+        with ``mrope_section``, else (None, None); generation continues text positions from the deltas."""
+        from mimo_spec.models.items import grid_of
+        from mimo_spec.models.mrope import MropeStream, mrope_positions
+
+        lm = self.language_model
+        if getattr(lm, "mrope_section", None) is None:
+            return None, None
+        streams = []
+        for name, mod in self.modalities.items():
+            if not mod.has_input or name not in modality_inputs or mod.special_token_id is None:
+                continue
+            enc_name, enc = next(iter(mod.src.encoders.items()))
+            kwargs = modality_inputs[name][enc_name]
+            g = grid_of(enc, kwargs)
+            merge = getattr(enc, "spatial_merge_size", None)
+            if g is None or merge is None:  # fixed-size items: their placeholders count as text positions
+                continue
+            grid = kwargs[g[0]]
+            video = mod.item_kind == "video" or g[0].startswith("video")
+            interval = None
+            tps = getattr(lm, "mrope_tokens_per_second", None)
+            if video and tps is not None:
+                spg = kwargs.get("second_per_grid_ts")
+                spg = torch.ones(grid.shape[0]) if spg is None else spg.detach().float().cpu().flatten()
+                interval = spg * float(tps)
+            streams.append(MropeStream(name, mod.special_token_id, grid, int(merge), interval,
+                                       video and bool(getattr(lm, "mrope_frames_as_items", False))))
+        if not streams:
+            return None, None
+        return mrope_positions(input_ids, streams, attention_mask=attention_mask, document_ids=document_ids)
 
     def forward(self, input_ids: torch.Tensor, modality_inputs: dict | None = None, *,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -227,10 +300,15 @@ class MimoModel(nn.Module):
             check_values(self, input_ids, labels=labels, position_ids=position_ids,
                          placeholders=expected_placeholders(self, modality_inputs, modality_embeddings, output_targets))
         lm = self.language_model
-        embeds = self.embed_inputs(input_ids, modality_inputs, modality_embeddings)
+        embeds, additions = self.embed_with_additions(input_ids, modality_inputs, modality_embeddings)
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, modality_inputs, attention_mask=attention_mask,
+                                             document_ids=document_ids)
         if document_ids is not None and position_ids is None:
             position_ids = positions_from_document_ids(document_ids)
-        hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids)
+        extra = {"layer_additions": additions} if additions else {}
+        hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids,
+                    **extra)
         out = MimoOutput(logits=lm.logits(hidden))
         for name, target in output_targets.items():  # the target only gives the item count here
             mod = self.modalities[name]
@@ -288,9 +366,9 @@ class MimoModel(nn.Module):
         for name, mod in self.modalities.items():
             if mod.has_input:
                 modality_inputs[name] = mod.example_inputs(batch_size, generator=g)
-                per_item = mod.tokens_per_item(modality_inputs[name])
+                per_item = mod.item_tokens(modality_inputs[name])
                 for b in range(batch_size):
-                    pieces[b].append(torch.full((per_item,), mod.special_token_id))
+                    pieces[b].append(torch.full((per_item[b],), mod.special_token_id))
         for b in range(batch_size):
             pieces[b].append(text(text_tokens - text_tokens // 2))
         for name, mod in self.modalities.items():
@@ -298,7 +376,11 @@ class MimoModel(nn.Module):
                 targets[name] = mod.decoder.example_targets(batch_size, generator=g)
                 for b in range(batch_size):
                     pieces[b].append(torch.full((mod.num_generation_tokens,), mod.generation_token_id))
-        input_ids = torch.stack([torch.cat(p) for p in pieces]).long()
+        rows = [torch.cat(p) for p in pieces]
+        longest = max(len(r) for r in rows)
+        pad = int(allowed[0])  # items of different sizes: shorter rows end in text, with no labels
+        input_ids = torch.stack([torch.cat([r, torch.full((longest - len(r),), pad)]) for r in rows]).long()
+        lengths = [len(r) for r in rows]
         max_len = getattr(lm, "max_seq_len", None)
         if max_len is not None and input_ids.shape[1] > max_len:
             raise InputError(f"one item of every modality plus {text_tokens} text tokens needs "
@@ -307,6 +389,8 @@ class MimoModel(nn.Module):
         labels = input_ids.clone()
         for tok in specials:
             labels[input_ids == tok] = IGNORE_INDEX
+        for b, n in enumerate(lengths):
+            labels[b, n:] = IGNORE_INDEX
         batch = {"input_ids": input_ids, "modality_inputs": modality_inputs, "labels": labels}
         if targets:
             batch["output_targets"] = targets

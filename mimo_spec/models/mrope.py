@@ -21,13 +21,14 @@ grids is an ``InputError`` naming both numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from mimo_spec.errors import InputError
 
-__all__ = ["mrope_position_ids", "mrope_next_positions"]
+__all__ = ["MropeStream", "mrope_position_ids", "mrope_positions", "mrope_next_positions"]
 
 
 def mrope_position_ids(
@@ -41,6 +42,7 @@ def mrope_position_ids(
     video_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None = None,
     video_time_interval: torch.Tensor | Sequence[float] | float | None = None,
     video_frames_as_items: bool = False,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D M-RoPE positions and generation deltas for a batch.
 
@@ -59,6 +61,7 @@ def mrope_position_ids(
         video_frames_as_items: Qwen3-VL: each frame group of a video is its own item (its
             placeholder runs are separated by timestamp text), as transformers splits
             ``video_grid_thw`` into ``t`` grids of ``t = 1``.
+        document_ids: (B, S) packed rows: positions restart at 0 in every document.
 
     Returns:
         position_ids (3, B, S) int64 (padding 0) and rope_deltas (B, 1) int64.
@@ -67,6 +70,34 @@ def mrope_position_ids(
         InputError: placeholder counts that disagree with the grids (both numbers named), an item
         whose placeholders are not one run inside one row, a grid not divisible by the merge.
     """
+    streams = [MropeStream("image", image_token_id, image_grid_thw, spatial_merge_size),
+               MropeStream("video", video_token_id, video_grid_thw, spatial_merge_size, video_time_interval,
+                           video_frames_as_items)]
+    for st in streams:
+        if st.token_id is None and st.grids is not None and len(st.grids):
+            raise InputError(f"{st.name}_grid_thw given without {st.name}_token_id", path=f"{st.name}_token_id")
+    return mrope_positions(input_ids, [st for st in streams if st.token_id is not None],
+                           attention_mask=attention_mask, document_ids=document_ids)
+
+
+@dataclass
+class MropeStream:
+    """One kind of item in the sequence: its placeholder token, its (N, 3) patch grids (t, h, w) before
+    merging, the tower's spatial merge, the temporal step per frame group (a number or one per item;
+    None: 1) and whether each frame group is an item of its own (Qwen3-VL videos)."""
+
+    name: str
+    token_id: int | None
+    grids: object
+    spatial_merge_size: int = 2
+    time_interval: object = None
+    frames_as_items: bool = False
+
+
+def mrope_positions(input_ids: torch.Tensor, streams: Sequence[MropeStream], *,
+                    attention_mask: torch.Tensor | None = None,
+                    document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mrope_position_ids` for any number of item streams (modalities)."""
     if input_ids.dim() != 2:
         raise InputError(f"expected shape (B, S), got {tuple(input_ids.shape)}", path="input_ids")
     B, S = input_ids.shape
@@ -78,16 +109,11 @@ def mrope_position_ids(
     step = real.flatten().long()  # how far each token moves the next position: text 1, padding 0
     offsets = torch.zeros(3, B * S, dtype=torch.long, device=device)  # item tokens' (t, h, w) offsets
 
-    streams = [("image", image_token_id, image_grid_thw, None, False),
-               ("video", video_token_id, video_grid_thw, video_time_interval, video_frames_as_items)]
-    for name, token_id, grids, interval, split_frames in streams:
-        if token_id is None:
-            if grids is not None and len(grids):
-                raise InputError(f"{name}_grid_thw given without {name}_token_id", path=f"{name}_token_id")
-            continue
-        grid = _grids(grids, name, spatial_merge_size)  # (N, 3) merged grids, on the host
+    for st in streams:
+        name, token_id, interval = st.name, st.token_id, st.time_interval
+        grid = _grids(st.grids, name, st.spatial_merge_size)  # (N, 3) merged grids, on the host
         times = _intervals(interval, len(grid), name)
-        if split_frames and len(grid):
+        if st.frames_as_items and len(grid):
             times = times.repeat_interleave(grid[:, 0])
             grid = grid.repeat_interleave(grid[:, 0], dim=0)
             grid[:, 0] = 1
@@ -95,9 +121,9 @@ def mrope_position_ids(
         counts = grid.prod(1)
         if where.numel() != int(counts.sum()):
             raise InputError(f"{where.numel()} {name} placeholder tokens (id {token_id}) but the {len(grid)} "
-                             f"{name} grid(s) make {int(counts.sum())} (t * h * w / {spatial_merge_size}**2 each: "
-                             f"{counts.tolist()})", path="input_ids",
-                             hint=f"one run of placeholders per {name}, in the order of {name}_grid_thw")
+                             f"{name} grid(s) make {int(counts.sum())} (t * h * w / {st.spatial_merge_size}**2 "
+                             f"each: {counts.tolist()})", path="input_ids",
+                             hint=f"one run of placeholders per {name}, in the order of its grids")
         if not len(grid):
             continue
         grid, counts, times = grid.to(device), counts.to(device), times.to(device)
@@ -108,7 +134,7 @@ def mrope_position_ids(
         if bool(bad.any()):
             k = int(bad.nonzero()[0])
             raise InputError(f"{name} {k}'s {int(counts[k])} placeholder tokens are not one run in one row",
-                             path="input_ids", hint=f"check {name}_grid_thw[{k}] against the placeholders")
+                             path="input_ids", hint=f"check {name} {k}'s grid against the placeholders")
         index = torch.arange(where.numel(), device=device)
         item = torch.searchsorted(ends, index, right=True)  # which item each placeholder belongs to
         o = index - starts[item]  # offset inside the item, row-major over (t, h, w)
@@ -121,6 +147,12 @@ def mrope_position_ids(
 
     step = step.view(B, S)
     base = step.cumsum(1) - step  # the position before each token (an item's tokens share their start)
+    if document_ids is not None:  # every document starts again at 0
+        idx = torch.arange(S, device=device).expand(B, S)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+        base = base - base.gather(1, first)
     positions = torch.where(real, base[None] + offsets.view(3, B, S), 0)
     top = torch.where(real, positions, -1).amax(dim=(0, 2))  # -1 for a row of padding only
     rope_deltas = (top + 1 - real.sum(1))[:, None]

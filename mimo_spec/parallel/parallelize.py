@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from mimo_spec.errors import ConfigError
 from mimo_spec.loss import token_weights
+from mimo_spec.models.items import slice_modality_items
 from mimo_spec.parallel.layout import DEGREES, LANGUAGE, Layout, ModuleLayout
 
 # the (B, S) tensors of a collated batch, sliced by rows into data-parallel shares
@@ -385,9 +386,9 @@ class ParallelContext:
         for name, counts in (batch.get("items_per_sample") or {}).items():
             start, stop = sum(counts[:lo]), sum(counts[:hi])
             out["items_per_sample"][name] = counts[lo:hi]
-            if name in (batch.get("modality_inputs") or {}):
-                out["modality_inputs"][name] = {enc: {kw: t[start:stop] for kw, t in kws.items()}
-                                                for enc, kws in batch["modality_inputs"][name].items()}
+            if name in (batch.get("modality_inputs") or {}):  # items of any size: packed inputs by their rows
+                out["modality_inputs"][name] = slice_modality_items(model.modalities[name].src,
+                                                                    batch["modality_inputs"][name], start, stop)
         if batch.get("output_targets"):
             out["output_targets"] = {}
             for name, target in batch["output_targets"].items():

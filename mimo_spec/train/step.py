@@ -49,7 +49,7 @@ def _loss_of(model, batch: dict, device, precision: str, embeddings=None):
 
     ``embeddings``: {modality: embeddings of the batch's items} encoded elsewhere (split layouts, bridged
     modalities), or a function returning them (run inside the autocast), passed as ``modality_embeddings=``."""
-    kwargs = model_kwargs(batch, device)
+    kwargs = model_kwargs(batch, device, model)
     labels, targets = kwargs.pop("labels"), kwargs.pop("output_targets", None)
     with autocast(precision, device):
         if callable(embeddings):  # bridged modalities: encoded from the global batch, on this rank's samples

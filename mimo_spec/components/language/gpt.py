@@ -68,6 +68,10 @@ class GPT(nn.Module):
         mrope_interleaved: Qwen3-VL's interleaved sections (frequency j reads height when
             j % 3 == 1, width when j % 3 == 2, within 3 x their section; else temporal) instead of
             Qwen2-VL's contiguous ones. Needs mrope_section.
+        mrope_tokens_per_second: Qwen2.5-VL: a video's temporal positions step by
+            ``tokens_per_second * second_per_grid_ts`` per frame group (None: by 1, Qwen2-VL).
+        mrope_frames_as_items: Qwen3-VL: each frame group of a video is its own item for positions
+            (its placeholder runs are separated by timestamp text).
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class GPT(nn.Module):
         backend: Backend = "local",
         mrope_section: list[int] | None = None,
         mrope_interleaved: bool = False,
+        mrope_tokens_per_second: float | None = None,
+        mrope_frames_as_items: bool = False,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
@@ -135,6 +141,11 @@ class GPT(nn.Module):
         if position_embedding == "learned":
             self.position_embedding = nn.Embedding(max_seq_len, hidden_size)
         self.mrope_section = None if mrope_section is None else list(mrope_section)
+        if (mrope_tokens_per_second is not None or mrope_frames_as_items) and mrope_section is None:
+            raise ParamError("mrope_tokens_per_second" if mrope_tokens_per_second is not None
+                             else "mrope_frames_as_items", "needs mrope_section (M-RoPE)")
+        self.mrope_tokens_per_second = mrope_tokens_per_second
+        self.mrope_frames_as_items = mrope_frames_as_items
         self.rope = (RotaryEmbedding(head_dim, rope_theta, mrope_section, mrope_interleaved)
                      if position_embedding == "rope" else None)
         self.embed_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -190,6 +201,7 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        layer_additions: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, S, H) -> hidden states (B, S, H) after the final norm.
 
@@ -199,6 +211,8 @@ class GPT(nn.Module):
         attention_mask (B, S): 1 = real token, 0 = padding (masks keys).
         document_ids (B, S): packed sequences; attention never crosses documents.
         kv_cache: from :meth:`new_kv_cache`; filled and advanced by this call.
+        layer_additions: {layer index: (B, S, H)} added to the hidden states after that layer
+            (DeepStack: a modality's deeper features at its placeholders, zeros elsewhere).
 
         Any mask forces SDPA's memory-efficient kernel instead of flash. An all-ones
         mask is dropped (one host sync in eager mode), so pass ``attention_mask=None``
@@ -231,8 +245,15 @@ class GPT(nn.Module):
             position_ids = torch.arange(past, past + S, device=inputs_embeds.device)[None].expand(B, S)
         x = self.add_positions(inputs_embeds, position_ids)
         rope, attn_mask, is_causal = self.attention_inputs(x, position_ids, attention_mask, document_ids, kv_cache)
-        for layer in self.layers:
+        if layer_additions:
+            bad = [i for i in layer_additions if not 0 <= i < len(self.layers)]
+            if bad:
+                raise InputError(f"layer {bad[0]} is not a layer of this {len(self.layers)}-layer model",
+                                 path="layer_additions", hint="check the modality's deepstack_lm_layers")
+        for i, layer in enumerate(self.layers):
             x = layer(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache)
+            if layer_additions and i in layer_additions:
+                x = x + layer_additions[i].to(x.dtype)
         if kv_cache is not None:
             kv_cache.advance(S)
         return self.norm(x)
