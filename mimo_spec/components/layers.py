@@ -220,9 +220,11 @@ class Attention(nn.Module):
         layer_idx: int = 0,
         *,
         te_norm: tuple[str, float] | None = None,
+        qk_norm: float | None = None,
     ):
         """``te_norm=(norm, eps)``: transformer-engine projections, the block's pre-attention norm fused
-        into ``qkv`` (a ``te.LayerNormLinear``) and ``out`` a ``te.Linear``."""
+        into ``qkv`` (a ``te.LayerNormLinear``) and ``out`` a ``te.Linear``. ``qk_norm=eps``: an RMSNorm
+        over each head's queries and keys before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
@@ -245,6 +247,8 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(hidden_size, qkv_size, bias=qkv_bias)
             self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
 
     def forward(
         self,
@@ -263,6 +267,8 @@ class Attention(nn.Module):
         h = hkv * group
         qk = qkv[..., : (h + hkv) * D].unflatten(-1, (h + hkv, D))  # (B, S, h+hkv, D)
         v = qkv[..., (h + hkv) * D :].unflatten(-1, (hkv, D))
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k rotated in one pass
         q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, heads, S, D)
@@ -387,6 +393,7 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         layer_idx: int = 0,
         backend: str = "local",
+        qk_norm: bool = False,
     ):
         super().__init__()
         if backend not in ("local", "te"):
@@ -401,7 +408,7 @@ class TransformerBlock(nn.Module):
             build_norm(norm, hidden_size, norm_eps)  # the same error for a bad norm name as local
             self.attn_norm = nn.Identity()
             self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,
-                                  layer_idx, te_norm=(norm, norm_eps))
+                                  layer_idx, te_norm=(norm, norm_eps), qk_norm=norm_eps if qk_norm else None)
             self.mlp_norm = nn.Identity()
             self.mlp = te_backend.layernorm_mlp(hidden_size, ffn_hidden_size, norm=norm, eps=norm_eps,
                                                 activation=activation, gated=mlp == "swiglu", bias=mlp_bias)
@@ -411,7 +418,7 @@ class TransformerBlock(nn.Module):
         else:
             self.attn_norm = build_norm(norm, hidden_size, norm_eps)
             self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,
-                                  layer_idx)
+                                  layer_idx, qk_norm=norm_eps if qk_norm else None)
             self.mlp_norm = build_norm(norm, hidden_size, norm_eps)
             self.mlp = MLP(hidden_size, ffn_hidden_size, mlp, activation, mlp_bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

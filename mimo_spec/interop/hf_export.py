@@ -94,6 +94,12 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
     rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"]}}
             if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters
             else {"rope_theta": p["rope_theta"]})
+    if p.get("qk_norm"):
+        if out_bias != p["attention_bias"] or p["mlp_bias"]:
+            raise _refuse(path, "qk_norm with these biases matches no Hugging Face model (Qwen3 has q/k/v and "
+                                "output bias alike and none in the MLP)")
+        return _hf_config("Qwen3Config", dtype, "Qwen3ForCausalLM", attention_bias=p["attention_bias"],
+                          use_sliding_window=False, **common, **rope)
     if p["attention_bias"] and not out_bias and not p["mlp_bias"]:
         return _hf_config("Qwen2Config", dtype, "Qwen2ForCausalLM", use_sliding_window=False, **common, **rope)
     if p["attention_bias"] != out_bias:

@@ -112,7 +112,8 @@ def _add_layer_tables(table: Table, layer_table: Table, num_layers: int, ours: s
 
 
 # Qwen2-VL / Qwen2.5-VL: a Qwen2 text model with M-RoPE (``rope_parameters["mrope_section"]``).
-_QWEN2_VL = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}
+_QWEN2_VL = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text"}
+_QWEN3 = ("qwen3", "qwen3_vl_text")  # q_norm / k_norm on each head, no q/k/v bias
 
 
 def gpt_params_from_hf(config: Any) -> dict[str, Any]:
@@ -131,10 +132,11 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
                     norm="layernorm", norm_eps=config.layer_norm_epsilon, position_embedding="learned",
                     max_seq_len=config.n_positions, mlp="gelu", activation=_activation(config.activation_function),
                     attention_bias=True, mlp_bias=True, tie_embeddings=True)
-    qwen2 = mt in ("qwen2", *_QWEN2_VL.values())
-    if mt not in ("llama", "mistral") and not qwen2:
-        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, qwen2, qwen2_vl(_text), "
-                         "qwen2_5_vl(_text) or gpt2")
+    qwen3 = mt in _QWEN3
+    qwen2 = mt in ("qwen2", *_QWEN2_VL.values()) and not qwen3
+    if mt not in ("llama", "mistral") and not qwen2 and not qwen3:
+        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, qwen2, qwen3, qwen2_vl(_text), "
+                         "qwen2_5_vl(_text), qwen3_vl(_text) or gpt2")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     section = rope.get("mrope_section")
@@ -158,7 +160,7 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
         attention_bias=True if qwen2 else bias, attention_out_bias=False if qwen2 else bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)), tie_embeddings=bool(tie),
         head_dim=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim,
-        **mrope,
+        **mrope, **({"qk_norm": True} if qwen3 else {}),
     )
 
 
@@ -191,6 +193,9 @@ def _llama_table(p: Mapping[str, Any]) -> Table:
     if mlp_bias:
         layer["mlp.fc1.bias"] = [("mlp.gate_proj.bias", ffn), ("mlp.up_proj.bias", ffn)]
         layer["mlp.fc2.bias"] = _one("mlp.down_proj.bias")
+    if p.get("qk_norm"):
+        layer["attn.q_norm.weight"] = _one("self_attn.q_norm.weight")
+        layer["attn.k_norm.weight"] = _one("self_attn.k_norm.weight")
     table: Table = {"token_embedding.weight": _one("embed_tokens.weight"), "norm.weight": _one("norm.weight")}
     _add_layer_tables(table, layer, p["num_layers"], "layers.", "layers.")
     return table
@@ -412,7 +417,7 @@ CONVERTERS = {
 PLANS = {"gpt": gpt_import_plan, "clip_vit": clip_vit_import_plan, "whisper_encoder": whisper_encoder_import_plan}
 
 _MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt", "qwen2_vl_text": "gpt",
-                "qwen2_5_vl_text": "gpt", "clip": "clip_vit",
+                "qwen2_5_vl_text": "gpt", "qwen3": "gpt", "qwen3_vl_text": "gpt", "clip": "clip_vit",
                 "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
                 "whisper": "whisper_encoder"}
 

@@ -70,6 +70,7 @@ class GPT(nn.Module):
             Qwen2-VL's contiguous ones. Needs mrope_section.
         mrope_tokens_per_second: Qwen2.5-VL: a video's temporal positions step by
             ``tokens_per_second * second_per_grid_ts`` per frame group (None: by 1, Qwen2-VL).
+        qk_norm: an RMSNorm (norm_eps) over each head's queries and keys before RoPE (Qwen3).
         mrope_frames_as_items: Qwen3-VL: each frame group of a video is its own item for positions
             (its placeholder runs are separated by timestamp text).
     """
@@ -100,6 +101,7 @@ class GPT(nn.Module):
         mrope_interleaved: bool = False,
         mrope_tokens_per_second: float | None = None,
         mrope_frames_as_items: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
@@ -155,7 +157,7 @@ class GPT(nn.Module):
                 hidden_size, num_heads, ffn_hidden_size or 4 * hidden_size,
                 num_kv_heads=num_kv_heads, head_dim=head_dim, norm=norm, norm_eps=norm_eps,
                 mlp=mlp, activation=activation, qkv_bias=attention_bias, out_bias=out_bias,
-                mlp_bias=mlp_bias, dropout=dropout, layer_idx=i, backend=self.backend,
+                mlp_bias=mlp_bias, dropout=dropout, layer_idx=i, backend=self.backend, qk_norm=qk_norm,
             )
             for i in range(num_layers)
         )
