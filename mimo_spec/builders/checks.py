@@ -30,9 +30,21 @@ def cross_check(spec: MimoSpec, lm: nn.Module | None, modalities: dict[str, nn.M
         subs = node.submodules
         enc_names = list(getattr(mod, "encoders", {}).keys())
         proj_names = list(getattr(mod, "input_projections", {}).keys())
-        if not enc_names and getattr(mod, "decoder", None) is None:
-            problems.add(f"{p}.submodules", "a modality needs encoders (input) or a decoder (output)",
-                         f"add {p}.submodules.encoders")
+        source = getattr(mod, "inputs_from", None)
+        if source is not None:  # its items go through another modality's encoders and projectors
+            other = modalities.get(source)
+            if other is None or other is mod or getattr(other, "inputs_from", None) is not None \
+                    or not getattr(other, "encoders", None):
+                usable = [n for n, m in modalities.items() if n != name and getattr(m, "encoders", None)
+                          and getattr(m, "inputs_from", None) is None]
+                problems.add(f"{p}.params.inputs_from", f"{source!r} is not another modality with encoders of "
+                             "its own", f"name one of: {', '.join(usable) or 'none (add one)'}")
+            if mod.special_token_id is None:
+                problems.add(f"{p}.params.special_token_id", "missing: every input modality needs a special "
+                             "(placeholder) token id", f"set {p}.params.special_token_id to an unused token id")
+        elif not enc_names and getattr(mod, "decoder", None) is None:
+            problems.add(f"{p}.submodules", "a modality needs encoders (input), inputs_from (another modality's "
+                         "encoders) or a decoder (output)", f"add {p}.submodules.encoders")
         if enc_names:
             if mod.special_token_id is None:
                 problems.add(f"{p}.params.special_token_id", "missing: every input modality needs a special "

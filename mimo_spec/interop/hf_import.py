@@ -34,12 +34,15 @@ from mimo_spec.interop.hf_safetensors import (HFCheckpoint, check_plan, load_fro
 
 # model_type -> what it becomes
 SUPPORTED = {
-    "llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt",
+    "llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "qwen3": "gpt", "gpt2": "gpt",
     "clip": "clip_vit", "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
     "whisper": "whisper_encoder",
     "llava": "mimo (gpt + clip_vit + mlp)",
+    "qwen2_vl": "mimo (gpt with M-RoPE + qwen_vit + patch_merger; images and videos)",
+    "qwen2_5_vl": "mimo (gpt with M-RoPE + qwen_vit with window attention + patch_merger; images and videos)",
+    "qwen3_vl": "mimo (gpt with interleaved M-RoPE and qk_norm + qwen_vit with DeepStack; images and videos)",
 }
-_LM_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 _VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 # HF tensors every import may skip: buffers that older checkpoints saved.
 _ALWAYS_IGNORED = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
@@ -56,11 +59,15 @@ class _Conversion:
     parts: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     projector: tuple[str, bool] | None = None  # LLaVA: (our key prefix, bias)
     ignore: list[str] = field(default_factory=list)  # regexes of HF tensors deliberately left out
+    # (our key prefix, keys -> plan) for components without a PLANS entry (Qwen vision towers)
+    extra: list[tuple[str, Any]] = field(default_factory=list)
 
     def plan(self, keys: list[str]) -> hw.Plan:
         plan: hw.Plan = {}
         for prefix, name, params in self.parts:
             plan.update({prefix + k: v for k, v in hw.PLANS[name](keys, params).items()})
+        for prefix, make in self.extra:
+            plan.update({prefix + k: v for k, v in make(keys).items()})
         if self.projector is not None:
             prefix, bias = self.projector
             plan.update({prefix + k: v for k, v in hw.llava_projector_import_plan(keys, bias).items()})
@@ -122,6 +129,8 @@ def _convert(config: Any, where: str) -> _Conversion:
                            [("", "whisper_encoder", params)], ignore=ignore)
     if mt == "llava":
         return _llava(config, where)
+    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return _qwen_vl(config, where)
     raise _unsupported(mt, ", ".join(getattr(config, "architectures", None) or []), where)
 
 
@@ -154,6 +163,45 @@ def _llava(config: Any, where: str) -> _Conversion:
     parts = [("language_model.", "gpt", lm), (f"modalities.images.encoders.{enc}.", "clip_vit", vit)]
     return _Conversion(cfg, True, parts, projector=(f"modalities.images.input_projections.{enc}.", bias),
                        ignore=ignore + [r"(^|\.)head\."])
+
+
+def _qwen_vl(config: Any, where: str) -> _Conversion:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the text model (M-RoPE gpt), an ``images`` modality (the vision
+    tower and its 2x2 patch merger; Qwen3-VL's DeepStack mergers feeding the first LM layers) and a
+    ``videos`` modality through the same tower and merger (``inputs_from: images``: one set of weights)."""
+    from mimo_spec.interop import hf_qwen_vision as hq
+
+    mt = config.model_type
+    lm = _clean(_feature(hw.gpt_params_from_hf, config, where=where))
+    if mt == "qwen2_5_vl":  # a video's temporal positions step by tokens_per_second * second_per_grid_ts
+        lm["mrope_tokens_per_second"] = float(config.vision_config.tokens_per_second)
+    if mt == "qwen3_vl":  # each frame group of a video is its own item (timestamps between them)
+        lm["mrope_frames_as_items"] = True
+    ignore = [r"(^|\.)lm_head\.weight$"] if lm["tie_embeddings"] else []
+    enc, merger = _feature(hq.vision_params_from_hf, config.vision_config, where=where)
+    subs: dict[str, Any] = {"encoders": {"vit": {"module": "qwen_vit", "params": enc}},
+                            "input_projections": {"vit": {"module": "patch_merger", "params": merger}}}
+    deep = list(enc.get("deepstack_layers") or [])
+    if deep:
+        subs["deepstack_projections"] = [{"module": "patch_merger", "params": hq.deepstack_merger_params(merger)}
+                                         for _ in deep]
+    images = {"module": "modality", "params": {"special_token_id": config.image_token_id, "item_kind": "image"},
+              "submodules": subs}
+    videos = {"module": "modality", "params": {"special_token_id": config.video_token_id, "item_kind": "video",
+                                               "inputs_from": "images"}}
+    cfg = {"model": {"module": "gpt", "params": lm}, "modalities": {"images": images, "videos": videos}}
+
+    def vision(part: int):
+        def make(keys: list[str]) -> hw.Plan:
+            plans = hq.vision_import_plan(keys)
+            return plans[part] if part < 2 else {f"{j}.{k}": v for j, p in enumerate(plans[2]) for k, v in p.items()}
+        return make
+
+    base = "modalities.images."
+    extra = [(f"{base}encoders.vit.", vision(0)), (f"{base}input_projections.vit.", vision(1))]
+    if deep:
+        extra.append((f"{base}deepstack_projections.", vision(2)))
+    return _Conversion(cfg, True, [("language_model.", "gpt", lm)], ignore=ignore, extra=extra)
 
 
 # --------------------------------------------------------------------------- sources

@@ -214,9 +214,15 @@ class Modality(nn.Module):
             # trip DTensor's sharding rules) and none of it is kept
             blank = {}
             for enc, kws in inputs.items():
-                if grid_of(src.encoders[enc], kws) is not None:  # an example item, on the inputs' devices
-                    example = src.encoders[enc].example_inputs(1, generator=torch.Generator())
-                    blank[enc] = {kw: example[kw].to(device=t.device, dtype=t.dtype) for kw, t in kws.items()}
+                encoder = src.encoders[enc]
+                given = grid_of(encoder, kws)
+                if given is not None:  # an example item under the given names (grids stay on the host)
+                    example = encoder.example_inputs(1, generator=torch.Generator())
+                    made = grid_of(encoder, example)
+                    names = {made[0]: given[0], **dict(zip(made[1], given[1]))}
+                    example = {names.get(k, k): v for k, v in example.items()}
+                    blank[enc] = {kw: example[kw] if kw == given[0] else example[kw].to(device=t.device, dtype=t.dtype)
+                                  for kw, t in kws.items() if kw in example}
                 else:
                     blank[enc] = {kw: t.new_zeros((1, *t.shape[1:])) for kw, t in kws.items()}
             out, deep = self.encode_deep(blank)

@@ -214,6 +214,7 @@ class ParallelContext:
         modules' data-parallel gradients; replicated-only modules are summed by :meth:`sync_grads`."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        self._check_items_of_any_size(model)
         if self.pp > 1:  # this rank keeps only its stage; the other modules' parts are dropped
             from mimo_spec.parallel.pipeline import keep_stage
 
@@ -256,6 +257,27 @@ class ParallelContext:
             if name != LANGUAGE and self.layout.colocated and self._needs_bridge(m):
                 self._bridge(name, model.modalities[name], m)
         return model
+
+    def _check_items_of_any_size(self, model: nn.Module) -> None:
+        """Refuse, naming the modality, what the pipeline, split and bridged layouts do not carry yet:
+        items of different sizes (grid inputs), a modality using another's encoders, DeepStack."""
+        bridged = any(self._needs_bridge(m) for n, m in self.layout.modules.items() if n != LANGUAGE)
+        where = ("parallel: pp > 1" if self.pp > 1 else "parallel: encoders on their own ranks"
+                 if not self.layout.colocated else "parallel: a modality's data-parallel layout unlike the LM's"
+                 if bridged else None)
+        if where is None:
+            return
+        for name, mod in getattr(model, "modalities", {}).items():
+            encoders = getattr(getattr(mod, "src", mod), "encoders", {})
+            what = ("takes the encoders of another modality (inputs_from)" if getattr(mod, "inputs_from", None)
+                    else "feeds deeper language-model layers (deepstack_projections)"
+                    if getattr(mod, "deepstack_projections", None) is not None
+                    else "has items of different sizes (grid inputs)"
+                    if any(getattr(e, "grid_inputs", None) for e in encoders.values()) else None)
+            if what:
+                raise ConfigError(f"modality {name!r} {what}, which this layout ({where}) does not support yet",
+                                  path=f"modalities.{name}",
+                                  hint="use single, ddp, fsdp or tp layouts (parallel=ddp|fsdp|tp2|tp2_fsdp)")
 
     def sync_grads(self, model: nn.Module) -> None:
         """Sum the gradients of replicated-only modules (dp_replicate > 1, dp_shard == 1) over their

@@ -27,12 +27,16 @@ BUILTINS: dict[str, dict[str, str]] = {
     "encoder": {
         "clip_vit": "mimo_spec.components.vision.clip_vit:ClipViT",
         "whisper_encoder": "mimo_spec.components.audio.whisper:WhisperEncoder",
+        "siglip2_naflex": "mimo_spec.components.vision.siglip2:Siglip2NaFlex",
+        "radio": "mimo_spec.components.vision.radio:RadioViT",
+        "qwen_vit": "mimo_spec.components.vision.qwen_vit:QwenViT",
     },
     "projector": {
         "identity": "mimo_spec.components.projectors:IdentityProjector",
         "linear": "mimo_spec.components.projectors:LinearProjector",
         "mlp": "mimo_spec.components.projectors:MLPProjector",
         "pixel_shuffle_mlp": "mimo_spec.components.projectors:PixelShuffleMLPProjector",
+        "patch_merger": "mimo_spec.components.vision.qwen_vit:PatchMerger",
     },
     "decoder": {
         "patch_image_decoder": "mimo_spec.components.decoders:PatchImageDecoder",
