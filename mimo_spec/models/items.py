@@ -62,12 +62,18 @@ def slice_items(encoder, kwargs: dict, lo: int, hi: int, rows: list[int] | None 
 def modality_item_count(modality, inputs: dict) -> int:
     """Items of a modality's inputs ``{encoder: {kw: tensor}}`` (every encoder sees the same items)."""
     name = next(iter(inputs))
-    return count_items(modality.encoders[name], inputs[name])
+    return count_items(_encoders(modality)[name], inputs[name])
 
 
 def slice_modality_items(modality, inputs: dict, lo: int, hi: int) -> dict:
     """Items ``[lo, hi)`` of a modality's inputs ``{encoder: {kw: tensor}}``."""
-    return {enc: slice_items(modality.encoders[enc], kws, lo, hi) for enc, kws in inputs.items()}
+    encoders = _encoders(modality)
+    return {enc: slice_items(encoders[enc], kws, lo, hi) for enc, kws in inputs.items()}
+
+
+def _encoders(modality):
+    """The encoders a modality's items go through (its own, or those of the modality it takes them from)."""
+    return getattr(modality, "src", modality).encoders
 
 
 def check_grid_rows(encoder, kwargs: dict, path: str, what: str = "item") -> None:
