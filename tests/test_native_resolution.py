@@ -163,3 +163,16 @@ def test_generation_with_a_native_size_image_cached_equals_recomputed(qwen):
     a = generate(model, s["input_ids"], s["modality_inputs"], max_new_tokens=5, use_cache=True)
     b = generate(model, s["input_ids"], s["modality_inputs"], max_new_tokens=5, use_cache=False)
     assert a.tokens == b.tokens and len(a.tokens) == 5
+
+
+def test_a_batch_over_the_patch_budget_names_the_item(qwen):
+    _, _, model = qwen
+    batch = collate(_samples(), pad_id=0)
+    tower = model.modalities["images"].encoders["vit"]
+    tower.max_patches = 40
+    try:
+        with pytest.raises(InputError, match=r"modality_inputs.images.vit.image_grid_thw\[1\]: image 1's 24 patches "
+                                             r"bring the batch to 48, over the patch budget max_patches 40"):
+            model(batch["input_ids"], batch["modality_inputs"])
+    finally:
+        tower.max_patches = None

@@ -154,6 +154,8 @@ class QwenViT(nn.Module):
             bilinearly to each item's grid (Qwen3-VL: 2304 = 48 x 48); null = none.
         deepstack_layers: layers (0-based, ascending) whose output is also returned (Qwen3-VL DeepStack,
             HF deepstack_visual_indexes).
+        max_patches: the patch budget of one call (all items of a batch together); more is an InputError
+            naming the item that crosses it and both numbers. null = no budget.
         backend: "local", "te" or "auto".
     """
 
@@ -179,6 +181,7 @@ class QwenViT(nn.Module):
         fullatt_layers: list[int] | None = None,
         num_position_embeddings: int | None = None,
         deepstack_layers: list[int] | None = None,
+        max_patches: int | None = None,
         backend: Backend = "local",
     ):
         super().__init__()
@@ -229,6 +232,10 @@ class QwenViT(nn.Module):
         self.rope_theta = rope_theta
         self.fullatt_layers = frozenset(fullatt_layers)
         self.deepstack_layers = deepstack_layers
+        if max_patches is not None and (isinstance(max_patches, bool) or not isinstance(max_patches, int)
+                                        or max_patches < 1):
+            raise ParamError("max_patches", f"max_patches ({max_patches!r}) must be null or an integer >= 1")
+        self.max_patches = max_patches
 
         self.patch_embed = PatchEmbed3d(num_channels, temporal_patch_size, patch_size, hidden_size, patch_bias)
         self.pos_embed = (nn.Parameter(torch.zeros(num_position_embeddings, hidden_size))
@@ -322,6 +329,11 @@ class QwenViT(nn.Module):
                                  f"of spatial_merge_size {m}", path=f"{where}[{i}]",
                                  hint=f"resize the {item} to a multiple of {m * self.patch_size} pixels a side")
             n = t * h * w
+            if self.max_patches is not None and start + n > self.max_patches:
+                raise InputError(f"{item} {i}'s {n} patches bring the batch to {start + n}, over the patch budget "
+                                 f"max_patches {self.max_patches}", path=f"{where}[{i}]",
+                                 hint=f"fewer or smaller {item}s per batch (the data's max_pixels), or raise "
+                                      "the encoder's max_patches")
             if start + n > total:
                 raise InputError(f"{item} {i}'s grid ({t}, {h}, {w}) makes {n} patches but {pixel_name} holds "
                                  f"{max(total - start, 0)} rows for it (rows {start}.. of {total})",
