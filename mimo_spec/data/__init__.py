@@ -65,8 +65,9 @@ def build_dataset(data_cfg, model, tokenizer, split: Literal["train", "eval"] = 
 
 # ------------------------------------------------------------------------------------- prompts
 
-def encode_prompt(prompt: str, model, tokenizer, data_cfg, *, images=(), audio=()) -> tuple[torch.Tensor, dict]:
-    """A user prompt with image / audio files -> (input_ids (1, S), modality_inputs) ready to generate from.
+def encode_prompt(prompt: str, model, tokenizer, data_cfg, *, images=(), audio=(),
+                  videos=()) -> tuple[torch.Tensor, dict]:
+    """A user prompt with image / audio / video files -> (input_ids (1, S), modality_inputs) ready to generate from.
 
     Laid out with the training data's chat template and ending with the assistant
     prefix. ``data.image_token`` / ``data.audio_token`` tags (``<image>`` / ``<audio>``) in the prompt
@@ -75,4 +76,5 @@ def encode_prompt(prompt: str, model, tokenizer, data_cfg, *, images=(), audio=(
     """
     from mimo_spec.data.samples import SampleBuilder
 
-    return SampleBuilder(validate_data_config(data_cfg), model, tokenizer).prompt(prompt, images, audio)
+    return SampleBuilder(validate_data_config(data_cfg), model, tokenizer).prompt(prompt, images, audio,
+                                                                                  videos=videos)

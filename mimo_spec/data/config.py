@@ -70,8 +70,22 @@ class CommonDataConfig(BaseModel):
     # audio longer than the encoder's window: split into several items, or cut (counted in a warning)
     audio_overflow: Literal["split", "truncate"] = "split"
     # a local Hugging Face image processor folder (preprocessor_config.json); null: built from the
-    # encoder's image size and image_mean / image_std
+    # encoder's image size and image_mean / image_std (a native-resolution encoder: Qwen2-VL's processor)
     image_processor: str | None = None
+    # the text tag placing a video (each becomes the video modality's placeholder run, one per video)
+    video_token: str = Field("<video>", min_length=1)
+    # native-resolution encoders (Qwen2-VL's processor): an image is resized, keeping its aspect ratio, to
+    # sides divisible by patch_size * merge and between min_pixels and max_pixels pixels in all
+    min_pixels: int = Field(56 * 56, ge=1)
+    max_pixels: int = Field(28 * 28 * 1280, ge=1)
+    # the same bounds for each video frame (transformers' Qwen2-VL video processor defaults)
+    video_min_pixels: int = Field(128 * 28 * 28, ge=1)
+    video_max_pixels: int = Field(28 * 28 * 768, ge=1)
+    # video files are sampled at this many frames per second (a frame folder's frames are all taken), then
+    # at least video_min_frames and at most video_max_frames of them, spread evenly over the video
+    video_fps: float = Field(2.0, gt=0.0)
+    video_min_frames: int = Field(4, ge=1)
+    video_max_frames: int = Field(768, ge=1)
 
 
 class SyntheticDataConfig(CommonDataConfig):
@@ -101,6 +115,7 @@ class FileDataConfig(CommonDataConfig):
     truncation: Literal["drop", "truncate"] = "drop"
     image_resize: Literal["pad", "crop", "squash"] = "pad"
     image_modality: str | None = None
+    video_modality: str | None = None
     audio_modality: str | None = None
     max_samples: int | None = Field(None, ge=1)
     # where offset indexes of the data files are cached; null: beside the data when writable, else
@@ -114,6 +129,8 @@ class LlavaJsonDataConfig(FileDataConfig):
     source: Literal["llava_json"] = "llava_json"
     image_folder: str | None = None
     audio_folder: str | None = None
+    # relative video paths (files, or folders of frame images) resolve here (null: the JSON file's folder)
+    video_folder: str | None = None
     check_files: bool = True
 
 
@@ -124,6 +141,7 @@ class WebDatasetDataConfig(FileDataConfig):
     # media paths written in a sample's json (a sample without media members) resolve here (null: the shard's folder)
     image_folder: str | None = None
     audio_folder: str | None = None
+    video_folder: str | None = None
 
 
 class ParquetDataConfig(FileDataConfig):
@@ -136,10 +154,13 @@ class ParquetDataConfig(FileDataConfig):
     # files lack gives no items; null: none read
     image_column: str | None = "images"
     audio_column: str | None = "audios"
+    # video files: binary, a path (a file or a folder of frame images), a {bytes, path} struct, or a list
+    video_column: str | None = "videos"
     id_column: str | None = "id"
     # path-only cells resolve here (null: the Parquet file's folder)
     image_folder: str | None = None
     audio_folder: str | None = None
+    video_folder: str | None = None
 
 
 # what a mixture entry sets besides its source's own keys: where its data is; the other FileDataConfig keys

@@ -27,9 +27,10 @@ from mimo_spec.atomic import atomic_path
 from mimo_spec.data.local import resolve_path
 from mimo_spec.errors import DataError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: shards index video members too
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("wav", "flac", "mp3", "ogg")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 _OPEN_FILES = 64  # file descriptors a process keeps open per source (least recently used are closed)
 
 
@@ -280,7 +281,7 @@ def scan_shard(path: Path) -> dict[str, np.ndarray]:
 
     keys, dup = [], []
     m_sample, m_ext, m_offset, m_size = [], [], [], []
-    kinds = ("json",) + IMAGE_EXTS + AUDIO_EXTS
+    kinds = ("json",) + IMAGE_EXTS + AUDIO_EXTS + VIDEO_EXTS
     try:
         with tarfile.open(path, mode="r:") as tf:
             seen: set[str] = set()

@@ -1,9 +1,17 @@
-"""Turning media into encoder inputs: images through a Hugging Face image processor, audio through
-libsndfile, a proper resampler and Whisper's log-mel features.
+"""Turning media into encoder inputs: images through a Hugging Face image processor, videos through
+PyAV and Qwen2-VL's processing, audio through libsndfile, a proper resampler and Whisper's log-mel
+features.
 
-``MediaProcessor`` knows, for one model, which modality takes images and which takes audio, how
+``MediaProcessor`` knows, for one model, which modality takes images, videos and audio, how
 many placeholder tokens one item needs, and how to load a :class:`~mimo_spec.data.records.Media`
 (a file, or bytes from a tar shard or a Parquet cell) into ``{encoder_name: {kwarg: tensor (n, ...)}}``.
+
+Native-resolution encoders (``grid_inputs`` with ``image_grid_thw`` / ``video_grid_thw``, e.g.
+``qwen_vit``): each image keeps its aspect ratio and gets its own token count (:class:`QwenVision`:
+transformers' Qwen2-VL image processor with ``data.min_pixels`` / ``data.max_pixels``); a video
+(a file PyAV decodes, or a folder of frame images) is sampled at ``data.video_fps`` with at most
+``data.video_max_frames`` frames. Counts are known before decoding: from the image header, the
+video container's frame count / rate / size, or the folder listing and its first frame's header.
 The sources, the sample builder and prompt-time generation all use it, so training and inference
 see the same pixels and features.
 
@@ -284,6 +292,352 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m.view(-1, 1, 1)) / s.view(-1, 1, 1)
 
 
+# ------------------------------------------------------------ native-resolution images and videos (Qwen2-VL)
+
+# a frame folder's images (sorted by name, numbers in names compared as numbers)
+FRAME_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+
+_VIDEO_HINT = ("a video is a file PyAV decodes (mp4, webm, mkv, avi, mov...) or a folder of frame images; "
+               "re-encode it (ffmpeg -i in out.mp4) or remove the sample")
+
+
+def natural_key(name: str) -> list:
+    """Sort key comparing the numbers in a name as numbers: frame_2.jpg before frame_10.jpg."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t]
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
+                 name: str = "", where: str = "") -> tuple[int, int]:
+    """transformers' Qwen2-VL rule: (height, width) -> the nearest sides divisible by ``factor`` with
+    ``min_pixels <= h * w <= max_pixels``, the aspect ratio kept as far as it can be. An aspect ratio over
+    200 raises DataError naming the item."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as rule
+    except ImportError:  # transformers 4.x
+        try:
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as rule
+        except ImportError:
+            raise ConfigError("native-resolution images need transformers with Qwen2-VL", path="data.image_processor",
+                              hint="pip install 'mimo-spec[data]'") from None
+    try:
+        return rule(int(height), int(width), factor=int(factor), min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+    except (ValueError, ZeroDivisionError) as e:
+        raise DataError(f"{name}: {width}x{height} cannot be resized for the encoder: {e}", path=where,
+                        hint="crop the item to an aspect ratio under 200:1, or remove the sample") from None
+
+
+def image_size(item, where: str = "") -> tuple[int, int]:
+    """(width, height) of an image as :func:`load_image` turns it upright (EXIF orientation), from its
+    header only (a file or a shard member is read only as far as its header goes). DataError naming the
+    item as :func:`load_image`."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise InputError("reading images needs Pillow", path=where, hint="pip install pillow") from None
+    media = as_media(item, "image")
+    if not media.exists():
+        raise DataError(f"image file not found: {media.name}", path=where, hint="check data.image_folder")
+
+    def probe(f) -> tuple[int, int]:
+        img = Image.open(f, formats=IMAGE_FORMATS)
+        w, h = img.size
+        if img.format == "PNG" and "exif" not in img.info:
+            return w, h  # Pillow's PNG getexif() decodes the image to look past it: an eXIf chunk goes before the pixels
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # an unreadable EXIF block: load_image keeps the pixels as stored
+            orientation = 1
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+    try:
+        with media.stream() as f:  # a shard member is read only as far as its header goes
+            return probe(f)
+    except Exception as e:
+        reason = "the file is empty" if media.size() == 0 else (str(e) or f"{type(e).__name__} while decoding")
+        reason = re.sub(r" ?<_io\.\w+ object at 0x[0-9a-f]+>", "", reason)
+        raise DataError(f"cannot read image {media.name}: {reason}", path=where, hint=_IMAGE_HINT) from None
+
+
+def qwen2vl_image_processor(min_pixels: int, max_pixels: int, patch_size: int, temporal_patch_size: int,
+                            merge_size: int, mean=CLIP_MEAN, std=CLIP_STD):
+    """transformers' Qwen2-VL image processor (Pillow backend) for an encoder's geometry: bicubic resize by
+    :func:`smart_resize`, rescale to 0..1, normalise, and patches flattened to ``(t*h*w, C*T*p*p)``."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("native-resolution images need the transformers package", path="data.image_processor",
+                          hint="pip install 'mimo-spec[data]'") from None
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    pil = {} if hasattr(transformers, "Qwen2VLImageProcessorPil") else {"use_fast": False}
+    return cls(min_pixels=int(min_pixels), max_pixels=int(max_pixels), patch_size=int(patch_size),
+               temporal_patch_size=int(temporal_patch_size), merge_size=int(merge_size),
+               image_mean=list(mean), image_std=list(std), **pil)
+
+
+def _pixel_bounds(processor) -> tuple[int, int]:
+    size = getattr(processor, "size", None) or {}
+    size = dict(size) if not isinstance(size, dict) else size
+    low = size.get("shortest_edge", getattr(processor, "min_pixels", None))
+    high = size.get("longest_edge", getattr(processor, "max_pixels", None))
+    return int(low), int(high)
+
+
+def sample_frame_indices(total: int, video_fps: float | None, fps: float, min_frames: int, max_frames: int,
+                         temporal_patch_size: int) -> list[int]:
+    """The frames of a ``total``-frame video to use, as transformers' ``Qwen2VLVideoProcessor.sample_frames``
+    picks them: ``total / video_fps * fps`` frames, at least ``min_frames``, at most ``max_frames`` and
+    ``total``, rounded down to a multiple of ``temporal_patch_size``, spread evenly
+    (``arange(0, total, total / n)``). ``video_fps`` None (a frame folder, already sampled): all its frames
+    up to ``max_frames``, else ``max_frames`` of them spread evenly. A video shorter than one temporal patch
+    keeps all its frames (the processor repeats the last one)."""
+    t = int(temporal_patch_size)
+    if video_fps is None and total <= max_frames:
+        return list(range(total))
+    cap = math.floor(min(max_frames, total) / t) * t
+    n = cap if video_fps is None else min(max(total / video_fps * fps, min_frames), cap, total)
+    n = math.floor(n / t) * t
+    if n <= 0:
+        n = min(total, max_frames)
+    if n <= 0:
+        return []
+    return torch.arange(0, total, total / n).int().tolist()[:n]
+
+
+class VideoPlan:
+    """What one video becomes, known before decoding: its frame count and rate (from the container or
+    the folder listing), the frames used, the frame size and the grid ``(t, h, w)``.
+    ``seconds_per_grid``: seconds per temporal patch as transformers' Qwen2.5-VL processor states it
+    (``temporal_patch_size / data.video_fps``; its ``second_per_grid_ts``)."""
+
+    def __init__(self, frames: int, fps: float | None, width: int, height: int, indices: list[int],
+                 grid: tuple[int, int, int], files: list[Path] | None = None, seconds_per_grid: float = 1.0):
+        self.frames, self.fps, self.width, self.height = frames, fps, width, height
+        self.indices, self.grid, self.files = indices, grid, files
+        self.seconds_per_grid = seconds_per_grid
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("videos need PyAV", path="data.video_token", hint="pip install 'mimo-spec[data]' (av)") \
+            from None
+    return av
+
+
+def _open_container(media: Media):
+    av = _av()
+    return av.open(str(media.path) if media.whole_file else media.stream(), mode="r")
+
+
+def _video_error(media: Media, where: str, reason) -> DataError:
+    reason = str(reason) or type(reason).__name__
+    reason = re.sub(r" ?<_io\.\w+ object at 0x[0-9a-f]+>", "", reason)
+    if not media.exists():
+        reason = "the file does not exist"
+    elif media.size() == 0 and not media.is_dir():
+        reason = "the file is empty"
+    return DataError(f"cannot read video {media.name}: {reason}", path=where, hint=_VIDEO_HINT)
+
+
+def video_info(item, where: str = "") -> tuple[int, float, int, int]:
+    """(frames, frames per second, width, height) of a video file from its container: the stream's frame
+    count, or (containers that do not store it: webm, mkv) its packets counted without decoding. DataError
+    naming the item for a missing, unreadable or empty video."""
+    media = as_media(item, "video")
+    if not media.exists():
+        raise DataError(f"video not found: {media.name}", path=where, hint="check data.video_folder")
+    try:
+        with _open_container(media) as container:
+            if not container.streams.video:
+                raise ValueError("it holds no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+            frames = int(stream.frames or 0)
+            if frames <= 0:
+                frames = sum(1 for packet in container.demux(stream) if packet.size)
+    except DataError:
+        raise
+    except Exception as e:
+        raise _video_error(media, where, e) from None
+    if frames <= 0:
+        raise _video_error(media, where, "it holds no frames")
+    if not rate or float(rate) <= 0:
+        raise _video_error(media, where, "its container declares no frame rate")
+    if width <= 0 or height <= 0:
+        raise _video_error(media, where, f"it declares a frame size of {width}x{height}")
+    return frames, float(rate), width, height
+
+
+def frame_files(media: Media, where: str = "") -> list[Path]:
+    """The frame images of a video folder, sorted by name (numbers compared as numbers)."""
+    files = sorted((p for p in media.path.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and p.suffix.lower().lstrip(".") in FRAME_SUFFIXES), key=lambda p: natural_key(p.name))
+    if not files:
+        raise DataError(f"the video folder {media.name} holds no frame images", path=where,
+                        hint=f"a frame folder holds images ({', '.join(FRAME_SUFFIXES)}), one per frame, in name order")
+    return files
+
+
+class QwenVision:
+    """Qwen2-VL's preprocessing for one grid encoder: images and video frames at their own size.
+
+    Images go through transformers' Qwen2-VL image processor (``data.image_processor``, a local folder, or
+    one built from ``min_pixels`` / ``max_pixels`` and the encoder's ``patch_size``, ``temporal_patch_size``
+    and ``spatial_merge_size``): ``pixel_values (t*h*w, C*T*p*p)`` and ``image_grid_thw (1, 3)``.
+    Video frames go through the same processor with ``video_min_pixels`` / ``video_max_pixels`` (each frame
+    resized as transformers' video processor resizes it), then ``temporal_patch_size`` consecutive frames
+    make one temporal patch (the last frame repeated to fill the last one), laid out as transformers'
+    ``Qwen2VLVideoProcessor`` lays them out: ``pixel_values_videos (t*h*w, C*T*p*p)``, ``video_grid_thw``.
+    Token counts (``t*h*w / merge**2``) come from headers alone (:meth:`image_grid`, :meth:`video_plan`).
+    """
+
+    def __init__(self, encoder, *, min_pixels: int, max_pixels: int, video_min_pixels: int, video_max_pixels: int,
+                 mean=CLIP_MEAN, std=CLIP_STD, processor: str | None = None, fps: float = 2.0, min_frames: int = 4,
+                 max_frames: int = 768, where: str = "data"):
+        missing = [a for a in ("patch_size", "temporal_patch_size", "spatial_merge_size") if not hasattr(encoder, a)]
+        if missing:
+            raise ConfigError(f"the encoder {type(encoder).__name__} takes grid inputs but has no {missing[0]}",
+                              path=where, hint="a Qwen2-VL-style encoder states patch_size, temporal_patch_size "
+                                               "and spatial_merge_size")
+        self.patch = int(encoder.patch_size)
+        self.temporal = int(encoder.temporal_patch_size)
+        self.merge = int(encoder.spatial_merge_size)
+        self.channels = int(getattr(encoder, "num_channels", 3))
+        if self.channels != 3:
+            raise ConfigError(f"the Qwen2-VL processor makes RGB pixels, but the encoder takes {self.channels} "
+                              "channel(s)", path=where, hint="num_channels: 3")
+        for low, high, a, b in (("data.min_pixels", "data.max_pixels", min_pixels, max_pixels),
+                                ("data.video_min_pixels", "data.video_max_pixels", video_min_pixels, video_max_pixels)):
+            if a > b:
+                raise ConfigError(f"{low} ({a}) exceeds {high} ({b})", path=low, hint=f"lower {low} or raise {high}")
+        if processor is not None:
+            self.processor = load_image_processor(processor)
+            have = {a: getattr(self.processor, a, None) for a in ("patch_size", "temporal_patch_size", "merge_size")}
+            want = {"patch_size": self.patch, "temporal_patch_size": self.temporal, "merge_size": self.merge}
+            bad = [a for a in want if have[a] != want[a]]
+            if bad or not hasattr(self.processor, "size"):
+                raise ConfigError(f"the image processor in {processor} is not a Qwen2-VL one for this encoder"
+                                  + (f": its {bad[0]} is {have[bad[0]]}, the encoder's {want[bad[0]]}" if bad else ""),
+                                  path="data.image_processor",
+                                  hint="save the processor of the same model, or null to build one from data.min_pixels"
+                                       " / data.max_pixels and the encoder")
+            mean, std = self.processor.image_mean, self.processor.image_std
+        else:
+            self.processor = qwen2vl_image_processor(min_pixels, max_pixels, self.patch, self.temporal, self.merge,
+                                                     mean, std)
+        self.min_pixels, self.max_pixels = _pixel_bounds(self.processor)
+        self.frame_processor = qwen2vl_image_processor(video_min_pixels, video_max_pixels, self.patch, self.temporal,
+                                                       self.merge, mean, std)
+        self.video_min_pixels, self.video_max_pixels = int(video_min_pixels), int(video_max_pixels)
+        self.fps, self.min_frames, self.max_frames = float(fps), int(min_frames), int(max_frames)
+
+    @property
+    def factor(self) -> int:
+        return self.patch * self.merge
+
+    @property
+    def row_width(self) -> int:
+        """Values per patch row: C * T * p * p."""
+        return self.channels * self.temporal * self.patch * self.patch
+
+    def tokens(self, grid) -> int:
+        """Placeholder tokens of an item with grid (t, h, w): t*h*w / merge**2."""
+        t, h, w = (int(x) for x in grid)
+        return t * h * w // (self.merge * self.merge)
+
+    # ------------------------------------------------------------------------------ images
+    def image_grid(self, width: int, height: int, name: str = "", where: str = "") -> tuple[int, int, int]:
+        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels, name, where)
+        return 1, h // self.patch, w // self.patch
+
+    def image(self, img, name: str = "", where: str = "") -> dict[str, torch.Tensor]:
+        """A decoded RGB image -> ``{"pixel_values": (h*w, C*T*p*p), "image_grid_thw": (1, 3)}``."""
+        _, gh, gw = self.image_grid(*img.size, name, where)
+        _require_image_fits(max(img.width * img.height, gh * gw * self.patch ** 2) * 4 * 3 * (1 + self.temporal), name,
+                            where, f"resizing it ({img.width}x{img.height}) to {gw * self.patch}x{gh * self.patch}")
+        out = self.processor(images=img, return_tensors="pt")
+        return {"pixel_values": torch.as_tensor(out["pixel_values"], dtype=torch.float32),
+                "image_grid_thw": torch.as_tensor(out["image_grid_thw"], dtype=torch.long).reshape(-1, 3)}
+
+    # ------------------------------------------------------------------------------ videos
+    def video_plan(self, item, where: str = "") -> VideoPlan:
+        """The frames a video (a file, or a folder of frame images) gives and its grid, before decoding."""
+        media = as_media(item, "video")
+        files = None
+        if media.is_dir():
+            files = frame_files(media, where)
+            frames, fps = len(files), None
+            width, height = image_size(files[0], where)
+        else:
+            frames, fps, width, height = video_info(media, where)
+        indices = sample_frame_indices(frames, fps, self.fps, self.min_frames, self.max_frames, self.temporal)
+        h, w = smart_resize(height, width, self.factor, self.video_min_pixels, self.video_max_pixels, media.name, where)
+        t = -(-len(indices) // self.temporal)
+        return VideoPlan(frames, fps, width, height, indices, (t, h // self.patch, w // self.patch), files,
+                         self.temporal / self.fps)
+
+    def read_frames(self, item, plan: VideoPlan, where: str = "") -> list:
+        """The plan's frames as RGB images (a file decoded up to the last frame used; a folder's chosen
+        images loaded). Every frame must have the first frame's size."""
+        media = as_media(item, "video")
+        _require_image_fits(len(plan.indices) * plan.width * plan.height * 3 * 2, media.name, where,
+                            f"decoding {len(plan.indices)} frames ({plan.width}x{plan.height}) of")
+        if plan.files is not None:
+            frames = [load_image(plan.files[i], where) for i in plan.indices]
+        else:
+            frames = self._decode(media, plan, where)
+        for k, f in zip(plan.indices, frames):
+            if f.size != (plan.width, plan.height):
+                raise DataError(f"frame {k} of video {media.name} is {f.width}x{f.height}, but its first frame "
+                                f"(or container) says {plan.width}x{plan.height}", path=where,
+                                hint="every frame of a video has one size: resize the frames or remove the sample")
+        return frames
+
+    def _decode(self, media: Media, plan: VideoPlan, where: str) -> list:
+        want = {i: None for i in plan.indices}
+        last, decoded = max(plan.indices), 0
+        try:
+            with _open_container(media) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for frame in container.decode(stream):
+                    if decoded in want:
+                        want[decoded] = frame.to_image()  # RGB
+                    decoded += 1
+                    if decoded > last:
+                        break
+        except Exception as e:
+            raise _video_error(media, where, e) from None
+        if decoded <= last:
+            raise _video_error(media, where, f"the file ends early: its container declares {plan.frames} frames "
+                                             f"but only {decoded} decode")
+        return [want[i] for i in plan.indices]
+
+    def video(self, item, where: str = "", plan: VideoPlan | None = None) -> dict[str, torch.Tensor]:
+        """A video -> ``{"pixel_values_videos": (t*h*w, C*T*p*p), "video_grid_thw": (1, 3),
+        "second_per_grid_ts": (1,)}``."""
+        media = as_media(item, "video")
+        plan = plan or self.video_plan(media, where)
+        frames = self.read_frames(media, plan, where)
+        out = self.frame_processor(images=frames, return_tensors="pt")
+        t, gh, gw = plan.grid
+        n, c, tp, p = len(frames), self.channels, self.temporal, self.patch
+        got = tuple(int(x) for x in out["image_grid_thw"][0])
+        if got != (1, gh, gw):
+            raise DataError(f"video {media.name}: the processor made a {got[1]}x{got[2]} patch grid, the plan "
+                            f"{gh}x{gw}", path=where, hint="the frames' size differs from the container's")
+        # each frame's own pixels (the image processor repeats a frame over the temporal patch)
+        x = torch.as_tensor(out["pixel_values"], dtype=torch.float32).reshape(n, gh * gw, c, tp, p, p)[:, :, :, 0]
+        if n % tp:
+            x = torch.cat([x, x[-1:].expand(tp - n % tp, *x.shape[1:])])
+        x = x.reshape(t, tp, gh * gw, c, p, p).permute(0, 2, 3, 1, 4, 5).reshape(t * gh * gw, c * tp * p * p)
+        return {"pixel_values_videos": x.contiguous(),
+                "video_grid_thw": torch.tensor([[t, gh, gw]], dtype=torch.long),
+                "second_per_grid_ts": torch.tensor([float(plan.seconds_per_grid)])}
+
+
 # ------------------------------------------------------------------------------------- audio
 
 # sample rates an audio file may declare (a header claiming 1 Hz or 2**31 Hz is damaged, not audio)
@@ -512,14 +866,29 @@ def log_mel(waveform: torch.Tensor, num_mel_bins: int, num_frames: int) -> torch
 # ---------------------------------------------------------------------------- per-model view
 
 def input_kind(encoder) -> str:
-    """What an encoder eats: "image" (pixel_values), "audio" (input_features) or "other"."""
+    """What an encoder eats: "image" (pixel_values, or a grid encoder taking ``image_grid_thw``),
+    "video" (a grid encoder taking only ``video_grid_thw``), "audio" (input_features) or "other"."""
+    grids = getattr(encoder, "grid_inputs", None) or {}
+    if "image_grid_thw" in grids:
+        return "image"
+    if "video_grid_thw" in grids:
+        return "video"
     name = getattr(encoder, "input_name", None)
     return {"pixel_values": "image", "input_features": "audio"}.get(name, "other")
 
 
+def modality_encoders(mod) -> dict:
+    """The encoders a modality's items go through (another modality's for one sharing its tower)."""
+    return dict(getattr(mod, "src", mod).encoders)
+
+
 def modality_kind(mod) -> str:
-    """A modality's input kind when all its encoders agree, else "other"."""
-    kinds = {input_kind(e) for e in mod.encoders.values()}
+    """A modality's item kind: its ``item_kind`` when set, else its encoders' input kind when they all
+    agree, else "other"."""
+    kind = getattr(mod, "item_kind", None)
+    if kind:
+        return kind
+    kinds = {input_kind(e) for e in modality_encoders(mod).values()}
     return kinds.pop() if len(kinds) == 1 else "other"
 
 
@@ -529,7 +898,8 @@ def find_modality(model, kind: str, chosen: str | None, key: str) -> str | None:
     if chosen is not None:
         if chosen not in found:
             raise ConfigError(f"{chosen!r} is not an input modality taking {kind}s", path=f"data.{key}",
-                              hint=f"{kind} modalities of this model: {', '.join(found) or 'none'}")
+                              hint=f"{kind} modalities of this model: {', '.join(found) or 'none'}"
+                                   + ("; a modality says what it takes with item_kind" if kind == "video" else ""))
         return chosen
     if len(found) > 1:
         raise ConfigError(f"several modalities take {kind}s: {', '.join(found)}", path=f"data.{key}",
@@ -537,10 +907,50 @@ def find_modality(model, kind: str, chosen: str | None, key: str) -> str | None:
     return found[0] if found else None
 
 
-class MediaProcessor:
-    """Loads image and audio items into one model's encoder inputs.
+def _grid_encoder(mod, name: str, grid: str, kind: str):
+    """(encoder name, encoder) of a native-resolution modality: exactly one encoder, taking ``grid``."""
+    encoders = modality_encoders(mod)
+    if len(encoders) != 1:
+        raise ConfigError(f"the {kind} modality {name!r} has {len(encoders)} encoders; native-resolution {kind}s "
+                          "go to one grid encoder", path=f"data.{kind}_modality",
+                          hint="give the modality one encoder (e.g. qwen_vit)")
+    (enc_name, enc), = encoders.items()
+    grids = getattr(enc, "grid_inputs", None) or {}
+    if grid not in grids or len(grids[grid]) != 1:
+        raise ConfigError(f"the encoder {enc_name!r} of modality {name!r} takes {', '.join(grids) or 'no grid'}: the "
+                          f"data path prepares {kind}s for a Qwen2-VL-style encoder taking {grid}",
+                          path=f"data.{kind}_modality",
+                          hint="use an encoder with grid_inputs {'image_grid_thw': ('pixel_values',), "
+                               "'video_grid_thw': ('pixel_values_videos',)} (qwen_vit)")
+    return enc_name, enc
 
-    ``image(media)`` -> ``{encoder_name: {"pixel_values": (1, C, H, W)}}``;
+
+def _check_item_tokens(mod, name: str, enc_name: str, grid_name: str, packed: str, vision: "QwenVision",
+                       t: int) -> None:
+    """The modality's own count (``item_tokens``) for two probe grids equals the processor's ``t*h*w / merge**2``."""
+    item_tokens = getattr(mod, "item_tokens", None)
+    if item_tokens is None:
+        return
+    m = vision.merge
+    grids = torch.tensor([[t, 2 * m, 3 * m], [t, m, m]], dtype=torch.long)
+    rows = int(grids.prod(-1).sum())
+    probe = {enc_name: {packed: torch.zeros(1, vision.row_width).expand(rows, vision.row_width), grid_name: grids}}
+    got = [int(x) for x in item_tokens(probe)]
+    want = [vision.tokens(g) for g in grids.tolist()]
+    if got != want:
+        raise ConfigError(f"modality {name!r} makes {got} tokens for items of grids {grids.tolist()}, but the "
+                          f"Qwen2-VL processor's spatial merge ({m}x{m}) makes {want}", path=f"modalities.{name}",
+                          hint="the encoder's spatial_merge_size must be the merge its projector does")
+
+
+class MediaProcessor:
+    """Loads image, video and audio items into one model's encoder inputs.
+
+    ``image(media)`` -> ``{encoder_name: {"pixel_values": (1, C, H, W)}}``, or for a native-resolution
+    encoder ``{encoder_name: {"pixel_values": (t*h*w, C*T*p*p), "image_grid_thw": (1, 3)}}`` (its
+    placeholder count: ``image_tokens(media)``, from the header);
+    ``video(media)`` -> ``{encoder_name: {"pixel_values_videos": ..., "video_grid_thw": (1, 3)}}``
+    (``video_tokens(media)``; the video modality is the one with ``item_kind: video``);
     ``audio(media)`` -> ``{encoder_name: {"input_features": (n, mel_bins, frames)}}`` with
     ``n = audio_items(media)[0]`` (several windows under ``audio_overflow="split"``);
     ``tokens_per_item[modality]`` is the placeholder run length of one item. ``media`` is a
@@ -548,14 +958,20 @@ class MediaProcessor:
     processors are kept (not the model), so datasets holding one pickle cheaply into DataLoader workers.
 
     ``image_processor``: a local Hugging Face image processor folder, else a ``CLIPImageProcessor``
-    built from each encoder's size and ``image_mean`` / ``image_std``. ``audio_overflow``: "split"
+    built from each encoder's size and ``image_mean`` / ``image_std`` (native-resolution encoders: a
+    Qwen2-VL processor from ``min_pixels`` / ``max_pixels`` and the encoder's patch, temporal patch and
+    merge sizes; video frames use ``video_min_pixels`` / ``video_max_pixels``, sampled per
+    ``video_fps`` / ``video_min_frames`` / ``video_max_frames``). ``audio_overflow``: "split"
     (one item per encoder window, at most ``max_audio_items``) or "truncate" (the first window).
     """
 
     def __init__(self, model, *, image_modality: str | None = None, audio_modality: str | None = None,
                  image_mean=CLIP_MEAN, image_std=CLIP_STD, image_resize: str = "pad",
                  image_processor: str | None = None, audio_overflow: str = "split",
-                 max_audio_items: int = MAX_AUDIO_ITEMS):
+                 max_audio_items: int = MAX_AUDIO_ITEMS, video_modality: str | None = None,
+                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, video_min_pixels: int = 128 * 28 * 28,
+                 video_max_pixels: int = 28 * 28 * 768, video_fps: float = 2.0, video_min_frames: int = 4,
+                 video_max_frames: int = 768):
         if image_resize not in IMAGE_RESIZES:
             raise ConfigError(f"unknown image_resize {image_resize!r}", path="data.image_resize",
                               hint=f"one of {', '.join(IMAGE_RESIZES)}")
@@ -565,19 +981,38 @@ class MediaProcessor:
         if max_audio_items < 1:
             raise ConfigError(f"max_audio_items must be at least 1, got {max_audio_items}", path="data.audio_overflow")
         self.image_modality = find_modality(model, "image", image_modality, "image_modality")
+        self.video_modality = find_modality(model, "video", video_modality, "video_modality")
         self.audio_modality = find_modality(model, "audio", audio_modality, "audio_modality")
         self.image_mean, self.image_std, self.image_resize = tuple(image_mean), tuple(image_std), image_resize
         self.image_processor, self.audio_overflow = image_processor, audio_overflow
         self.max_audio_items = int(max_audio_items)
+        # native-resolution modalities: name -> (encoder name, grid input, packed input, processing)
+        self.native: dict[str, tuple[str, str, str, QwenVision]] = {}
+        options = dict(min_pixels=min_pixels, max_pixels=max_pixels, video_min_pixels=video_min_pixels,
+                       video_max_pixels=video_max_pixels, mean=self.image_mean, std=self.image_std,
+                       processor=image_processor, fps=video_fps, min_frames=video_min_frames,
+                       max_frames=video_max_frames)
+        for kind, name, grid in (("image", self.image_modality, "image_grid_thw"),
+                                 ("video", self.video_modality, "video_grid_thw")):
+            if name is None:
+                continue
+            mod = model.modalities[name]
+            if kind == "image" and not any(getattr(e, "grid_inputs", None) for e in modality_encoders(mod).values()):
+                continue  # a fixed-size image encoder: below
+            enc_name, enc = _grid_encoder(mod, name, grid, kind)
+            packed = tuple(enc.grid_inputs[grid])[0]
+            vision = QwenVision(enc, where=f"data.{kind}_modality", **options)
+            _check_item_tokens(mod, name, enc_name, grid, packed, vision, 1 if kind == "image" else 2)
+            self.native[name] = (enc_name, grid, packed, vision)
         self.tokens_per_item: dict[str, int] = {}
         for name in (self.image_modality, self.audio_modality):
-            if name is not None:
+            if name is not None and name not in self.native:
                 mod = model.modalities[name]
                 self.tokens_per_item[name] = mod.tokens_per_item(mod.example_inputs(1))
         # encoder name -> (image_size, num_channels) / (num_mel_bins, max_frames)
         self.image_encoders = {n: (e.image_size, e.num_channels)
-                               for n, e in model.modalities[self.image_modality].encoders.items()} \
-            if self.image_modality else {}
+                               for n, e in modality_encoders(model.modalities[self.image_modality]).items()} \
+            if self.image_modality and self.image_modality not in self.native else {}
         self.audio_encoders = {n: (e.num_mel_bins, e.max_frames)
                                for n, e in model.modalities[self.audio_modality].encoders.items()} \
             if self.audio_modality else {}
@@ -596,11 +1031,60 @@ class MediaProcessor:
                     self.image_transforms[name] = ImageTransform(folder, size, channels, image_resize)
 
     # ---------------------------------------------------------------------------- images
+    def is_native(self, modality: str | None) -> bool:
+        """True when ``modality``'s items each have their own size (a grid encoder)."""
+        return modality in self.native
+
+    def image_tokens(self, item, where: str = "") -> int:
+        """Placeholder tokens of one image, known before decoding it (a native-resolution encoder's from
+        the image's header)."""
+        if self.image_modality not in self.native:
+            return self.tokens_per_item[self.image_modality]
+        media = as_media(item, "image")
+        vision = self.native[self.image_modality][3]
+        return vision.tokens(vision.image_grid(*image_size(media, where), media.name, where))
+
     def image(self, item, where: str = "") -> dict:
+        """-> ``{encoder: {"pixel_values": (1, C, H, W)}}``; for a native-resolution encoder
+        ``{encoder: {"pixel_values": (t*h*w, C*T*p*p), "image_grid_thw": (1, 3)}}``."""
         media = as_media(item, "image")
         img = load_image(media, where)
+        if self.image_modality in self.native:
+            enc_name, grid, packed, vision = self.native[self.image_modality]
+            out = vision.image(img, media.name, where)
+            return {enc_name: {packed: out["pixel_values"], grid: out["image_grid_thw"]}}
         return {name: {"pixel_values": transform(img, media.name, where)}
                 for name, transform in self.image_transforms.items()}
+
+    # ---------------------------------------------------------------------------- videos
+    def _video_vision(self) -> tuple[str, str, str, QwenVision]:
+        if self.video_modality is None:
+            raise ConfigError("the model has no video modality", path="data.video_modality",
+                              hint="add a modality with item_kind: video (e.g. sharing the image tower)")
+        return self.native[self.video_modality]
+
+    def video_plan(self, item, where: str = "") -> VideoPlan:
+        """The frames one video gives and its grid, from its container or folder listing (nothing decoded)."""
+        return self._video_vision()[3].video_plan(item, where)
+
+    def video_tokens(self, item, where: str = "") -> int:
+        """Placeholder tokens of one video, known before decoding it."""
+        vision = self._video_vision()[3]
+        return vision.tokens(vision.video_plan(item, where).grid)
+
+    def video(self, item, where: str = "", plan: VideoPlan | None = None) -> dict:
+        """-> ``{encoder: {"pixel_values_videos": (t*h*w, C*T*p*p), "video_grid_thw": (1, 3)}}``, frames
+        sampled at ``video_fps`` (a file) or all of a frame folder, at most ``video_max_frames``."""
+        enc_name, grid, packed, vision = self._video_vision()
+        out = vision.video(item, where, plan)
+        # seconds per temporal patch group: Qwen2.5-VL's M-RoPE time step (mrope_tokens_per_second)
+        return {enc_name: {packed: out["pixel_values_videos"], grid: out["video_grid_thw"],
+                           "second_per_grid_ts": out["second_per_grid_ts"]}}
+
+    def item_tokens(self, modality: str, inputs: dict) -> list[int]:
+        """Tokens of each item in one decoded item's (or several items') inputs of a native modality."""
+        enc_name, grid, _, vision = self.native[modality]
+        return [vision.tokens(g) for g in inputs[enc_name][grid].tolist()]
 
     # ----------------------------------------------------------------------------- audio
     def _items(self, frames: int, rate: int) -> tuple[int, bool]:

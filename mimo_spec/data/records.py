@@ -16,9 +16,9 @@ from typing import Any, BinaryIO
 
 @dataclass(frozen=True)
 class Media:
-    """One image or audio item of a record: a file on disk, or bytes read from a tar shard or a
-    Parquet cell. ``name`` is what messages show (``coco/000.jpg``, ``shard-0003.tar:000017.jpg``);
-    its suffix, when it has one, says the format."""
+    """One image, video or audio item of a record: a file on disk (for a video also a folder of frame
+    images), or bytes read from a tar shard or a Parquet cell. ``name`` is what messages show
+    (``coco/000.jpg``, ``shard-0003.tar:000017.jpg``); its suffix, when it has one, says the format."""
 
     name: str
     path: Path | None = None
@@ -45,7 +45,31 @@ class Media:
         return tail.rsplit(".", 1)[-1].lower() if "." in tail else ""
 
     def exists(self) -> bool:
-        return self.data is not None or (self.path is not None and self.path.is_file())
+        """The bytes, or the file (or, for a whole-file item, a folder: a video's frames) are there."""
+        return self.data is not None or (self.path is not None and (
+            self.path.is_file() or (self.offset is None and self.path.is_dir())))
+
+    def is_dir(self) -> bool:
+        """True for a folder on disk (a video given as its frame images)."""
+        return self.whole_file and self.path.is_dir()
+
+    def stream(self) -> BinaryIO:
+        """A seekable binary file object reading only what is asked: the file, the bytes, or a view of a file's
+        slice (a tar member read as far as the reader goes, never the whole member up front)."""
+        if self.offset is None:
+            return self.open()
+        return io.BufferedReader(_SliceReader(self.path, self.offset, self.length))
+
+    def head(self, n: int) -> bytes:
+        """The first ``n`` bytes (fewer when the item is shorter), reading no more of a file or slice.
+        Raises OSError for a missing file."""
+        if self.data is not None:
+            return self.data[:n]
+        with open(self.path, "rb") as f:
+            if self.offset is None:
+                return f.read(n)
+            f.seek(self.offset)
+            return f.read(min(n, self.length))
 
     def size(self) -> int:
         """Bytes of the item (0 for a missing file)."""
@@ -78,8 +102,8 @@ class Record:
     """A sample as read from its source, in the LLaVA conversation layout.
 
     ``conversations``: the raw turns (``[{"from": "human", "value": "<image>\\nWhat?"}, {"from": "gpt",
-    "value": "A cat."}]``), checked by the sample builder, not here. ``images`` / ``audios``: the items
-    in order (each ``<image>`` / ``<audio>`` tag takes the next one). ``where`` names the sample in
+    "value": "A cat."}]``), checked by the sample builder, not here. ``images`` / ``videos`` / ``audios``:
+    the items in order (each ``<image>`` / ``<video>`` / ``<audio>`` tag takes the next one). ``where`` names the sample in
     messages (``train.jsonl: line 12 (id 000)``); ``file`` is the file or shard it came from.
     ``extra`` holds other fields a source passes on (e.g. ``chosen`` / ``rejected`` answers).
     """
@@ -91,3 +115,42 @@ class Record:
     where: str = ""
     file: str = ""
     extra: dict = field(default_factory=dict)
+    videos: list[Media] = field(default_factory=list)
+
+
+class _SliceReader(io.RawIOBase):
+    """``length`` bytes of ``path`` from ``offset`` as a seekable read-only file (positions relative to the slice)."""
+
+    def __init__(self, path: Path, offset: int, length: int):
+        super().__init__()
+        self._f = open(path, "rb")
+        self._offset, self._length, self._pos = int(offset), int(length), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + int(pos))
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._offset + self._pos)
+        data = self._f.read(n)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()

@@ -3,9 +3,12 @@
 :class:`SampleBuilder` turns one :class:`~mimo_spec.data.records.Record` into a sample in two steps:
 
 - ``encode(record)``: the text only (chat template, placeholder runs, the length limit) plus what the
-  media need (how many items each audio file becomes, read from its header). Cheap: the packer asks
-  every sample's length with it before any media is decoded.
-- ``build(encoded)``: decodes the images and audio into encoder inputs (in a DataLoader worker).
+  media need (how many items each audio file becomes, read from its header; the placeholder count of
+  each native-resolution image or video, from its header or container: each ``<image>`` / ``<video>``
+  tag becomes a run of its own item's length). Cheap: the packer asks every sample's length with it
+  before any media is decoded.
+- ``build(encoded)``: decodes the images, videos and audio into encoder inputs (in a DataLoader worker),
+  checking each native item makes the count planned for it.
 
 :class:`RecordDataset` is the map-style dataset of a record source (``mimo_spec.data.sources``):
 ``dataset[i]`` is sample ``i`` built on access, ``dataset.token_length(i)`` its token count without
@@ -25,7 +28,7 @@ from mimo_spec.data.config import max_length
 from mimo_spec.data.preprocess import MediaProcessor
 from mimo_spec.data.records import Media, Record
 from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids
-from mimo_spec.errors import DataError, InputError
+from mimo_spec.errors import ConfigError, DataError, InputError, Problem
 from mimo_spec.loss import IGNORE_INDEX
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -59,13 +62,17 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    media: dict[str, list[tuple[str, Media]]]  # modality -> [(kind "image" | "audio", media)]
+    media: dict[str, list[tuple[str, Media]]]  # modality -> [(kind "image" | "video" | "audio", media)]
     where: str
     file: str = ""
     id: str | None = None
     truncated: bool = False
     audio_cut: int = 0
     extra: dict = field(default_factory=dict)
+    # native-resolution modalities: the placeholder count of each item (planned from headers), and what
+    # decoding each needs (a video's frames and grid; None for an image)
+    item_tokens: dict[str, list[int]] = field(default_factory=dict)
+    plans: dict[str, list] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -85,11 +92,19 @@ class SampleBuilder:
         self.input_modalities = [n for n, m in model.modalities.items() if m.has_input]
         self.tags: dict[str, Tag] = {}
         self.kinds: dict[str, tuple[str, str | None]] = {}  # tag text -> (kind, modality)
-        for kind, tag, name in (("image", cfg.image_token, self.media.image_modality),
-                                ("audio", cfg.audio_token, self.media.audio_modality)):
+        video_token = getattr(cfg, "video_token", "<video>")
+        tags = [(cfg.image_token, "image"), (video_token, "video"), (cfg.audio_token, "audio")]
+        if len({t for t, _ in tags}) < len(tags):
+            raise ConfigError("data.image_token, data.video_token and data.audio_token must differ",
+                              path="data.video_token", hint="e.g. <image>, <video>, <audio>")
+        for tag, kind in tags:
+            name = getattr(self.media, f"{kind}_modality", None)
             self.kinds[tag] = (kind, name)
             if name is not None:
-                self.tags[tag] = Tag(name, model.modalities[name].special_token_id, self.media.tokens_per_item[name])
+                # a native-resolution modality's tag stands for one placeholder here; encode() widens each
+                # run to its own item's count
+                length = 1 if self.media.is_native(name) else self.media.tokens_per_item[name]
+                self.tags[tag] = Tag(name, model.modalities[name].special_token_id, length)
 
     # ------------------------------------------------------------------------------ text
     def turns(self, record: Record) -> list[list[str]]:
@@ -114,19 +129,25 @@ class SampleBuilder:
 
     def encode(self, record: Record) -> Encoded:
         """The record's tokens and the media its placeholders stand for; no media is decoded (audio headers
-        are read when an audio file may become several items). Raises DataError / :class:`Dropped`."""
+        are read when an audio file may become several items; a native-resolution image's header and a
+        video's container give their token counts). Raises DataError / :class:`Dropped`."""
         where = record.where
         turns = self.turns(record)
         media: dict[str, list[tuple[str, Media]]] = {}
+        counts: dict[str, list[int]] = {}  # native-resolution modalities: each item's placeholder count
+        plans: dict[str, list] = {}  # ... and what decoding it needs (a video's frames), known already
         audio_cut = 0
         for tag, items, one in ((self.cfg.image_token, record.images, "image"),
+                                (getattr(self.cfg, "video_token", "<video>"), getattr(record, "videos", []), "video"),
                                 (self.cfg.audio_token, record.audios, "audio")):
             kind, name = self.kinds[tag]
             n_tags = sum(t[1].count(tag) for t in turns)
             if (items or n_tags) and name is None:
+                example = {"image": "vision_clip", "audio": "audio_whisper", "video": "a video modality"}[one]
                 raise DataError(f"the sample has {one} input but the model has no {one} modality", path=where,
-                                hint=f"add one, e.g. modality=[{'vision_clip' if one == 'image' else 'audio_whisper'}]"
-                                     f", or remove the {one} samples")
+                                hint=f"add one, e.g. modality=[{example}], or remove the {one} samples"
+                                if one != "video" else "add a modality with item_kind: video (it may share the "
+                                                       "image tower), or remove the video samples")
             if items and n_tags == 0:  # LLaVA: the files go in front of the first user turn
                 first = next((t for t in turns if t[0] == "user"), turns[0])
                 first[1] = f"{tag}\n" * len(items) + first[1]
@@ -136,16 +157,21 @@ class SampleBuilder:
             if not items:
                 continue
             if kind == "audio":  # a long audio file may become several items: one placeholder run each
-                counts = []
-                for m in items:
-                    n, cut = self.audio_items(m, where)
-                    counts.append(n)
+                per_file = []
+                for k, m in enumerate(items):
+                    n, cut = _naming(lambda: self.audio_items(m, where), kind, k, len(items), m)
+                    per_file.append(n)
                     audio_cut += int(cut)
-                if any(n != 1 for n in counts):
-                    turns = _expand_tags(turns, tag, counts)
-                media[name] = [(kind, m) for m, n in zip(items, counts) for _ in range(n)]
+                if any(n != 1 for n in per_file):
+                    turns = _expand_tags(turns, tag, per_file)
+                media[name] = [(kind, m) for m, n in zip(items, per_file) for _ in range(n)]
             else:
                 media[name] = [(kind, m) for m in items]
+                if self.media.is_native(name):
+                    planned = [_naming(lambda: self.plan_item(kind, m, where), kind, k, len(items), m)
+                               for k, m in enumerate(items)]
+                    counts[name] = [n for n, _ in planned]
+                    plans[name] = [plan for _, plan in planned]
         try:
             enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
                                       reserved=self.reserved, where=where)
@@ -156,7 +182,7 @@ class SampleBuilder:
                             hint="a lone surrogate escape in the JSON: fix or remove the sample") from None
         except InputError as e:
             raise DataError(e.problems) from None
-        ids, labels, runs = enc.input_ids, enc.labels, enc.runs
+        ids, labels, runs = widen_runs(enc.input_ids, enc.labels, enc.runs, counts)
         truncated = False
         if len(ids) > self.max_len:
             cut = self.max_len
@@ -168,13 +194,28 @@ class SampleBuilder:
             kept = [r for r in runs if r[1] < cut]
             for name in list(media):  # items whose runs were cut off go too
                 media[name] = media[name][: sum(1 for r in kept if r[0] == name)]
+                if name in counts:
+                    counts[name] = counts[name][: len(media[name])]
+                    plans[name] = plans[name][: len(media[name])]
                 if not media[name]:
                     del media[name]
+                    counts.pop(name, None)
+                    plans.pop(name, None)
         if not any(lab != IGNORE_INDEX for lab in labels[1:]):
             raise DataError(f"no trainable tokens left after truncating to {self.max_len} tokens", path=where,
                             hint="the answers start past the limit: raise data.max_seq_len, use "
                                  "truncation: drop, or shorten the sample")
-        return Encoded(ids, labels, media, where, record.file, record.id, truncated, audio_cut, record.extra)
+        return Encoded(ids, labels, media, where, record.file, record.id, truncated, audio_cut, record.extra,
+                       counts, plans)
+
+    def plan_item(self, kind: str, media: Media, where: str) -> tuple[int, object]:
+        """(placeholder tokens, plan) of one native-resolution image or video, from its header / container
+        (nothing decoded); the plan (a video's :class:`~mimo_spec.data.preprocess.VideoPlan`, None for an
+        image) is what decoding it reuses."""
+        if kind == "video":
+            plan = self.media.video_plan(media, where)
+            return self.media.native[self.media.video_modality][3].tokens(plan.grid), plan
+        return self.media.image_tokens(media, where), None
 
     def audio_items(self, media: Media, where: str) -> tuple[int, bool]:
         """(items, cut) an audio file becomes: several for audio longer than the encoder's window
@@ -187,14 +228,19 @@ class SampleBuilder:
         """The sample: ids and labels as tensors, every item decoded into its encoder's inputs."""
         items, num_items = {}, {name: 0 for name in self.input_modalities}
         for name, entries in enc.media.items():
-            items[name], num_items[name] = self.decode(name, entries, enc.where)
+            items[name], num_items[name] = self.decode(name, entries, enc.where, enc.item_tokens.get(name),
+                                                       enc.plans.get(name))
         return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
                 "labels": torch.tensor(enc.labels, dtype=torch.long), "items": items, "num_items": num_items,
                 "targets": {}}
 
-    def decode(self, name: str, entries: list[tuple[str, Media]], where: str) -> tuple[dict, int]:
-        """One modality's items, in order: ({encoder: {kwarg: (n, ...)}}, n). A split audio file stands
-        for several consecutive entries and is decoded once (truncation may have kept only its first ones)."""
+    def decode(self, name: str, entries: list[tuple[str, Media]], where: str,
+               counts: list[int] | None = None, plans: list | None = None) -> tuple[dict, int]:
+        """One modality's items, in order: ({encoder: {kwarg: (n, ...)}}, n); a native-resolution modality's
+        packed inputs are the items' rows back to back, its grid one row per item. A split audio file stands
+        for several consecutive entries and is decoded once (truncation may have kept only its first ones).
+        ``counts``: the placeholder count planned for each item (native modalities), checked against what
+        the decoded item makes; ``plans``: what :meth:`plan_item` found for each (videos are not re-read)."""
         loaded, k = [], 0
         while k < len(entries):
             kind, m = entries[k]
@@ -209,21 +255,33 @@ class SampleBuilder:
                                     path=where, hint="the audio file changed while it was read, or its header is wrong")
                 loaded.append({e: {kw: t[:run] for kw, t in kws.items()} for e, kws in x.items()})
             else:
-                loaded += [self.media.image(m, where) for _ in range(1)]
                 run = 1
+                plan = plans[k] if plans is not None else None
+                x = _naming(lambda: self.media.video(m, where, plan) if kind == "video" else self.media.image(m, where),
+                            kind, k, len(entries), m)
+                if counts is not None:
+                    got = self.media.item_tokens(name, x)[0]
+                    if got != counts[k]:
+                        raise DataError(f"{kind} {k + 1} of {len(entries)} ({m.name}) makes {got} tokens once "
+                                        f"decoded, but its header said {counts[k]}", path=where,
+                                        hint="the file changed while in use, or its header disagrees with its "
+                                             "pixels (e.g. EXIF orientation): re-export it")
+                loaded.append(x)
             k += run
         merged = {e: {kw: torch.cat([x[e][kw] for x in loaded]) for kw in kws} for e, kws in loaded[0].items()}
         return merged, len(entries)
 
-    def prompt(self, text: str, images=(), audio=(), where: str = "prompt") -> tuple[torch.Tensor, dict]:
-        """A user prompt with image / audio files -> (input_ids (1, S), modality_inputs), laid out as training
-        samples are and ending with the assistant prefix. Tags (``data.image_token`` / ``data.audio_token``)
-        place the files in order; without tags the files go first, one per line, in the model's modality order."""
+    def prompt(self, text: str, images=(), audio=(), where: str = "prompt", videos=()) -> tuple[torch.Tensor, dict]:
+        """A user prompt with image / video / audio files -> (input_ids (1, S), modality_inputs), laid out as
+        training samples are and ending with the assistant prefix. Tags (``data.image_token`` /
+        ``data.video_token`` / ``data.audio_token``) place the files in order; without tags the files go
+        first, one per line, in the model's modality order. A video is a file or a folder of frame images."""
         groups = [(self.cfg.image_token, [Media(str(f), path=_path(f)) for f in images]),
+                  (getattr(self.cfg, "video_token", "<video>"), [Media(str(f), path=_path(f)) for f in videos]),
                   (self.cfg.audio_token, [Media(str(f), path=_path(f)) for f in audio])]
         order = self.input_modalities  # untagged files go first in the model's modality order, as in synthetic data
         groups.sort(key=lambda g: order.index(self.kinds[g[0]][1]) if self.kinds[g[0]][1] in order else len(order))
-        prefix, media = "", {}
+        prefix, media, counts, plans = "", {}, {}, {}
         for tag, files in groups:
             kind, name = self.kinds[tag]
             n_tags = text.count(tag)
@@ -235,18 +293,71 @@ class SampleBuilder:
                 raise InputError(f"{n_tags} {tag} tag(s) in the prompt but {len(files)} file(s)", path=where,
                                  hint="each tag takes the next file, in order")
             if files:
-                counts = [self.audio_items(m, where)[0] if kind == "audio" else 1 for m in files]
-                media[tag] = (kind, name, files, counts)
+                per_file = [self.audio_items(m, where)[0] if kind == "audio" else 1 for m in files]
+                media[tag] = (kind, name, files, per_file)
+                if self.media.is_native(name):
+                    planned = [_naming(lambda: self.plan_item(kind, m, where), kind, k, len(files), m)
+                               for k, m in enumerate(files)]
+                    counts[name], plans[name] = [n for n, _ in planned], [p for _, p in planned]
         turns = [["user", prefix + text]]
-        for tag, (kind, name, files, counts) in media.items():
-            if any(n != 1 for n in counts):
-                turns = _expand_tags(turns, tag, counts)
+        for tag, (kind, name, files, per_file) in media.items():
+            if any(n != 1 for n in per_file):
+                turns = _expand_tags(turns, tag, per_file)
         enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
                                   add_generation_prompt=True, reserved=self.reserved, where=where)
+        ids, _, _ = widen_runs(enc.input_ids, enc.labels, enc.runs, counts)
         inputs = {}
-        for tag, (kind, name, files, counts) in media.items():
-            inputs[name] = self.decode(name, [(kind, m) for m, n in zip(files, counts) for _ in range(n)], where)[0]
-        return torch.tensor([enc.input_ids], dtype=torch.long), inputs
+        for tag, (kind, name, files, per_file) in media.items():
+            inputs[name] = self.decode(name, [(kind, m) for m, n in zip(files, per_file) for _ in range(n)], where,
+                                       counts.get(name), plans.get(name))[0]
+        return torch.tensor([ids], dtype=torch.long), inputs
+
+
+def _naming(call, kind: str, k: int, n: int, media: Media):
+    """``call()``, its DataError naming the item when the sample has several of its kind: "video 2 of 3: ..."
+    (the message names the file too)."""
+    try:
+        return call()
+    except DataError as e:
+        what = f"{kind} {k + 1} of {n}"
+        if n == 1:
+            raise
+        if any(p.message.startswith(what) for p in e.problems):
+            raise
+        raise DataError([Problem(p.path, f"{what}: {p.message}", p.hint) for p in e.problems]) from None
+
+
+def widen_runs(ids: list[int], labels: list[int], runs: list[tuple[str, int, int]],
+               counts: dict[str, list[int]]) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
+    """Each run of a modality in ``counts`` (one placeholder per tag) widened to its item's own count: the
+    k-th run of modality m becomes ``counts[m][k]`` copies of its placeholder (and its label)."""
+    if not counts:
+        return ids, labels, runs
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    out_runs: list[tuple[str, int, int]] = []
+    seen = dict.fromkeys(counts, 0)
+    pos = 0
+    for name, start, length in runs:
+        out_ids += ids[pos:start]
+        out_labels += labels[pos:start]
+        if name in counts:
+            if length != 1 or seen[name] >= len(counts[name]):
+                raise DataError(f"{name}: {seen[name] + 1} placeholder runs for {len(counts[name])} items",
+                                hint="each tag takes one item")
+            n = counts[name][seen[name]]
+            seen[name] += 1
+            out_runs.append((name, len(out_ids), n))
+            out_ids += [ids[start]] * n
+            out_labels += [labels[start]] * n
+        else:
+            out_runs.append((name, len(out_ids), length))
+            out_ids += ids[start:start + length]
+            out_labels += labels[start:start + length]
+        pos = start + length
+    out_ids += ids[pos:]
+    out_labels += labels[pos:]
+    return out_ids, out_labels, out_runs
 
 
 def _path(f):
@@ -255,10 +366,17 @@ def _path(f):
     return resolve_path(f)
 
 
+_NATIVE_OPTIONS = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_fps", "video_min_frames",
+                   "video_max_frames")
+
+
 def media_options(cfg) -> dict:
     """The MediaProcessor keyword arguments a data config sets."""
     return {"image_modality": getattr(cfg, "image_modality", None),
-            "audio_modality": getattr(cfg, "audio_modality", None), "image_mean": cfg.image_mean,
+            "audio_modality": getattr(cfg, "audio_modality", None),
+            "video_modality": getattr(cfg, "video_modality", None),
+            **{k: getattr(cfg, k) for k in _NATIVE_OPTIONS if getattr(cfg, k, None) is not None},
+            "image_mean": cfg.image_mean,
             "image_std": cfg.image_std, "image_resize": getattr(cfg, "image_resize", "pad"),
             **({"image_processor": cfg.image_processor} if cfg.image_processor else {}),
             **({"audio_overflow": cfg.audio_overflow} if cfg.audio_overflow != "split" else {})}

@@ -4,7 +4,7 @@
 
 * ``llava_json``: JSON Lines (``.jsonl``, one sample a line) or JSON list (``.json``) files;
 * ``webdataset``: tar shards in the WebDataset layout (``key.json`` + ``key.jpg`` / ``key.0.png`` /
-  ``key.wav`` ...);
+  ``key.mp4`` / ``key.wav`` ...);
 * ``parquet``: Parquet files (or Arrow IPC ``.arrow`` files), one sample a row;
 * ``mixture``: weighted sources (``data.mixture``).
 
@@ -45,8 +45,8 @@ import torch
 
 from mimo_spec.data.config import (FileDataConfig, LlavaJsonDataConfig, MixtureDataConfig, ParquetDataConfig,
                                    WebDatasetDataConfig)
-from mimo_spec.data.file_index import (AUDIO_EXTS, IMAGE_EXTS, Files, cached_index, expand_paths, scan_json_list,
-                                       scan_lines, scan_shard, too_deep)
+from mimo_spec.data.file_index import (AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, Files, cached_index, expand_paths,
+                                       scan_json_list, scan_lines, scan_shard, too_deep)
 from mimo_spec.data.samples import short as _short
 from mimo_spec.data.loader import SampleOrder
 from mimo_spec.data.records import Media, Record
@@ -160,14 +160,16 @@ def _media_list(rec: dict, one: str, many: str, where: str) -> list[str]:
     return values
 
 
-_MEDIA_KEYS = ("image", "images", "audio", "audios")
+_MEDIA_KEYS = ("image", "images", "audio", "audios", "video", "videos")
 
 
 def llava_record(rec, where: str, file: Path, image_root: Path, audio_root: Path,
                  images: list[Media] | None = None, audios: list[Media] | None = None,
-                 default_id: str | None = None) -> Record:
-    """A parsed LLaVA sample -> Record: ``"image"`` / ``"images"`` and ``"audio"`` / ``"audios"`` paths resolved
-    against the roots (unless ``images`` / ``audios`` are given), other fields in ``extra``."""
+                 default_id: str | None = None, video_root: Path | None = None,
+                 videos: list[Media] | None = None) -> Record:
+    """A parsed LLaVA sample -> Record: ``"image"`` / ``"images"``, ``"video"`` / ``"videos"`` (files or
+    folders of frame images) and ``"audio"`` / ``"audios"`` paths resolved against the roots (unless
+    ``images`` / ``videos`` / ``audios`` are given), other fields in ``extra``."""
     if not isinstance(rec, dict):
         raise DataError(f"expected a JSON object, got {type(rec).__name__}", path=where,
                         hint='a sample is {"id": ..., "image": ..., "conversations": [...]}')
@@ -179,9 +181,12 @@ def llava_record(rec, where: str, file: Path, image_root: Path, audio_root: Path
         images = [Media(name=n, path=image_root / n) for n in _media_list(rec, "image", "images", where)]
     if not audios:
         audios = [Media(name=n, path=audio_root / n) for n in _media_list(rec, "audio", "audios", where)]
+    if not videos:
+        root = video_root if video_root is not None else file.parent
+        videos = [Media(name=n, path=root / n) for n in _media_list(rec, "video", "videos", where)]
     extra = {k: v for k, v in rec.items() if k not in ("conversations", "id") + _MEDIA_KEYS}
     return Record(conversations=rec.get("conversations"), images=images, audios=audios, id=rid, where=where,
-                  file=str(file), extra=extra)
+                  file=str(file), extra=extra, videos=videos)
 
 
 def parse_json(data: bytes, path: Path, key: str, where: str, line: int | None = None):
@@ -225,7 +230,8 @@ class JsonSource(_FileSource):
         line = int(index["line"][local]) if "line" in index else None
         where = f"{p.name}: line {line}" if line is not None else f"{p.name}: sample {local}"
         rec = parse_json(self._files.read(str(p), start, end - start), p, self.key, where, line)
-        return llava_record(rec, where, p, self._root(self.cfg.image_folder, p), self._root(self.cfg.audio_folder, p))
+        return llava_record(rec, where, p, self._root(self.cfg.image_folder, p), self._root(self.cfg.audio_folder, p),
+                            video_root=self._root(self.cfg.video_folder, p))
 
 
 # -------------------------------------------------------------------------------- webdataset
@@ -238,8 +244,8 @@ def _item_order(ext: str) -> tuple:
 class WebDatasetSource(_FileSource):
     """``webdataset``: indexed tar shards; ``record(i)`` reads that sample's members only.
 
-    ``key.json`` is the LLaVA record (its ``id``, else the key); image members (``jpg jpeg png webp``) and
-    audio members (``wav flac mp3 ogg``) are its items, ``key.jpg`` first, then ``key.0.jpg``, ``key.1.jpg``, ...
+    ``key.json`` is the LLaVA record (its ``id``, else the key); image members (``jpg jpeg png webp``),
+    video members (``mp4 webm mkv avi mov``) and audio members (``wav flac mp3 ogg``) are its items, ``key.jpg`` first, then ``key.0.jpg``, ``key.1.jpg``, ...
     in numeric order; without members of a kind, the json's paths are read (``image_folder`` / the shard's
     folder). Other members (``key.txt``, ``key.cls``) are ignored; a sample without ``key.json`` is a bad record.
     """
@@ -264,7 +270,7 @@ class WebDatasetSource(_FileSource):
         if index["dup"][local]:
             raise DataError(f"{p}: two members of sample {key!r} have the same extension", path=where,
                             hint="each sample has one key.json and distinct key.<n>.jpg / key.<n>.wav names")
-        json_data, images, audios = None, [], []
+        json_data, images, audios, videos = None, [], [], []
         lo, hi = int(index["m_first"][local]), int(index["m_first"][local + 1])
         exts = {m: index["m_ext"][m].decode("utf-8", "surrogateescape") for m in range(lo, hi)}
         for m in sorted(exts, key=lambda m: _item_order(exts[m])):
@@ -278,12 +284,15 @@ class WebDatasetSource(_FileSource):
                 images.append(Media(name=f"{p.name}:{key}.{ext}", path=p, offset=offset, length=size))
             elif kind in AUDIO_EXTS:
                 audios.append(Media(name=f"{p.name}:{key}.{ext}", path=p, offset=offset, length=size))
+            elif kind in VIDEO_EXTS:
+                videos.append(Media(name=f"{p.name}:{key}.{ext}", path=p, offset=offset, length=size))
         if json_data is None:
             raise DataError(f"{p}: sample {key!r} has no {key}.json member (the conversation)", path=where,
                             hint='key.json holds {"conversations": [...]} beside key.jpg / key.wav')
         rec = parse_json(json_data, p, self.key, f"{p.name}: {key}.json")
         return llava_record(rec, where, p, self._root(self.cfg.image_folder, p), self._root(self.cfg.audio_folder, p),
-                            images, audios, default_id=key)
+                            images, audios, default_id=key, video_root=self._root(self.cfg.video_folder, p),
+                            videos=videos)
 
 
 # ----------------------------------------------------------------------------------- parquet
@@ -317,15 +326,16 @@ class ParquetSource(_FileSource):
                             f"({e})"[:400], path=self.key, hint="write it with pyarrow or datasets' to_parquet")
         names = schema.names
         cfg = self.cfg
-        for key in ("conversations_column", "image_column", "audio_column", "id_column"):
-            column = getattr(cfg, key)
+        for key in ("conversations_column", "image_column", "audio_column", "video_column", "id_column"):
+            column = getattr(cfg, key, None)
             # the default media / id columns are optional; a column named in the config must be there
             if column is not None and column not in names and (
                     key == "conversations_column" or column != type(cfg).model_fields[key].default):
                 raise DataError(f"{p}: no column {column!r} (it has {', '.join(names)})",
                                 path=self.key.rsplit(".", 1)[0] + "." + key,
                                 hint=did_you_mean(column, names) or f"set {key} to one of the file's columns")
-        self._columns.append([c for c in (cfg.conversations_column, cfg.image_column, cfg.audio_column, cfg.id_column)
+        self._columns.append([c for c in (cfg.conversations_column, cfg.image_column, cfg.audio_column,
+                                          getattr(cfg, "video_column", None), cfg.id_column)
                               if c is not None and c in names])
         self._groups.append(np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64))
         return int(sum(rows))
@@ -395,8 +405,9 @@ class ParquetSource(_FileSource):
             conv = parse_json(conv.encode() if isinstance(conv, str) else conv, p, self.key, where)
         images = self._media(cell.get(cfg.image_column), cfg.image_column, local, p, cfg.image_folder, where)
         audios = self._media(cell.get(cfg.audio_column), cfg.audio_column, local, p, cfg.audio_folder, where)
+        videos = self._media(cell.get(cfg.video_column), cfg.video_column, local, p, cfg.video_folder, where)
         return Record(conversations=conv, images=images, audios=audios, id=None if rid is None else str(rid),
-                      where=where, file=str(p))
+                      where=where, file=str(p), videos=videos)
 
     def _media(self, value, column: str | None, row: int, p: Path, folder: str | None, where: str) -> list[Media]:
         """A media cell -> items: bytes, a path, a Hugging Face Image / Audio struct ``{bytes, path}``, or a list."""

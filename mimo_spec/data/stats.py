@@ -277,7 +277,7 @@ def _scan_records(dataset, chosen: list[int], decode_samples: int, seed: int, st
             stats._problem(ScanProblem.of("read", "bad", index, s.reason, s.where, s.file, s.id))
             continue
         absent = []  # files first: encoding reads audio headers, which would report a missing file less plainly
-        for m in [*record.images, *record.audios]:
+        for m in [*record.images, *record.audios, *record.videos]:
             if m.path is None:  # bytes from a shard or a Parquet cell
                 continue
             key = str(m.path)

@@ -9,6 +9,12 @@ Every sample is a short chat whose answer is learnable:
   user turn holds 1..``max_items_per_sample`` items (placeholder runs of
   ``tokens_per_item``), the answer names them in order: ``a red circle and a high beep``.
   Encoders of an unknown input kind get random inputs and the caption ``an item``.
+- **items of any size** (encoders with grid inputs, e.g. Qwen2-VL's packed patches with
+  ``image_grid_thw``): each item is one of the encoder's own example items (``example_inputs``: items
+  of different sizes), its floating inputs redrawn around a level that the caption names
+  (``a bright image``, ``a dark video``), so a batch mixes item sizes and each item's placeholder run
+  has that item's own length. A video modality whose encoder has a video grid (Qwen's
+  ``video_grid_thw``) gets videos of 1 and 2 frame groups.
 - **text only** (``text_only_fraction``): counting, repeating words, successors.
 - **generation** (output modalities, ``generation_fraction``): ``draw a red circle``
   answered with the modality's generation tokens (trained, so the LM learns to
@@ -26,13 +32,17 @@ import torch
 from mimo_spec.data.config import max_length
 from mimo_spec.data.preprocess import modality_kind, normalize
 from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids
-from mimo_spec.errors import ConfigError
+from mimo_spec.errors import ConfigError, InputError
 
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
 SHAPES = ("square", "circle", "cross", "ring")
 PITCHES = {"low": 0.2, "high": 0.65}  # centre of the energy band, as a fraction of the mel bins
 SOUNDS = ("hum", "beep", "chirp")
-QUESTIONS = {"image": "What is shown?", "audio": "What do you hear?"}
+QUESTIONS = {"image": "What is shown?", "audio": "What do you hear?", "video": "What happens?"}
+# items of any size: a caption word -> the mean of the item's floating inputs (unit-variance noise around it)
+LEVELS = {"dark": -1.0, "bright": 1.0}
+# items of any size: the encoder's example items drawn from (sizes differ from one example item to the next)
+GRID_POOL = 8
 WORDS = ("red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "one", "two")
 # a sample's text (besides the template and its items) stays below this many tokens (bytes) ...
 TEXT_BUDGET = 64
@@ -115,7 +125,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.text_budget = TEXT_BUDGET + len(empty.input_ids)  # the template's own tokens count too
         self.inputs, self.outputs, self.tags = {}, {}, {}
         for name, mod in model.modalities.items():
-            if mod.has_input:
+            if mod.has_input and _takes_grids(mod):
+                self._grid_modality(name, mod)
+            elif mod.has_input:
                 # shapes of one item per encoder, from the encoder itself
                 example = mod.example_inputs(1)
                 shapes = {e: {k: tuple(v.shape[1:]) for k, v in kws.items()} for e, kws in example.items()}
@@ -130,6 +142,27 @@ class SyntheticDataset(torch.utils.data.Dataset):
                 self.tags[f"<gen:{name}>"] = Tag(name, mod.generation_token_id, n, trainable=True)
                 self._check_fits(n, f"generating one {name} item takes {n} tokens")
 
+    def _grid_modality(self, name: str, mod) -> None:
+        """An input modality whose items differ in size: a pool of the encoder's example items, each kept as
+        templates (floating inputs by shape, redrawn per item; grids and masks as they are) with its token
+        count. Its tag stands for one placeholder; each run is widened to its item's count."""
+        from mimo_spec.models.items import modality_item_count, slice_modality_items
+
+        example = mod.example_inputs(GRID_POOL, generator=torch.Generator().manual_seed(0))
+        if modality_kind(mod) == "video":
+            example = _video_example(mod, example) or example
+        count = modality_item_count(mod, example)
+        tokens = [int(t) for t in mod.item_tokens(example)]
+        pool = []
+        for j in range(count):
+            item = slice_modality_items(mod, example, j, j + 1)
+            pool.append({e: {kw: tuple(t.shape) if t.is_floating_point() else t.clone() for kw, t in kws.items()}
+                         for e, kws in item.items()})
+        cost = max(tokens) + ITEM_TEXT
+        self.inputs[name] = {"kind": modality_kind(mod), "pool": pool, "tokens": tokens, "cost": cost}
+        self.tags[f"<{name}>"] = Tag(name, mod.special_token_id, 1)
+        self._check_fits(cost, f"one {name} item takes up to {max(tokens)} placeholder tokens")
+
     def _check_fits(self, tokens: int, what: str) -> None:
         if tokens + self.text_budget > self.max_len:
             raise ConfigError(f"{what}; with ~{self.text_budget} text tokens that exceeds the maximum length "
@@ -141,8 +174,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------------ sample parts
     def _item(self, name: str, g: torch.Generator) -> tuple[dict, str]:
-        """One item of input modality ``name``: ({encoder: {kwarg: (1, ...)}}, caption)."""
+        """One item of input modality ``name``: ({encoder: {kwarg: (1, ...)}}, caption); an item of any
+        size: ({encoder: {kwarg: tensor}}, caption, placeholder count)."""
         spec, noise = self.inputs[name], self.cfg.noise
+        if "pool" in spec:
+            j = _pick(g, len(spec["pool"]))
+            word = list(LEVELS)[_pick(g, len(LEVELS))]
+            level = LEVELS[word]
+            out = {enc: {kw: level + torch.randn(t, generator=g) if isinstance(t, tuple) else t.clone()
+                         for kw, t in kws.items()}
+                   for enc, kws in spec["pool"][j].items()}
+            kind = spec["kind"] if spec["kind"] in QUESTIONS else "item"
+            return out, f"a {word} {kind}", spec["tokens"][j]
         if spec["kind"] == "image":
             color, shape = list(COLORS)[_pick(g, len(COLORS))], SHAPES[_pick(g, len(SHAPES))]
             out = {}
@@ -215,7 +258,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return int(self[index]["input_ids"].shape[0])
 
     def _sample(self, counts: dict, user: str, answer: str, targets: dict, g: torch.Generator) -> dict:
-        items, captions, tags = {}, [], []
+        items, captions, tags, lengths = {}, [], [], {}
         for name, n in counts.items():
             parts = [self._item(name, g) for _ in range(n)]
             if parts:
@@ -223,6 +266,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
                                for enc, kws in parts[0][0].items()}
                 captions += [p[1] for p in parts]
                 tags += [f"<{name}>"] * n
+                if len(parts[0]) == 3:  # items of any size: each run takes its own item's count
+                    lengths[name] = [p[2] for p in parts]
         if captions:
             kinds = {self.inputs[n]["kind"] for n, c in counts.items() if c}
             question = QUESTIONS.get(kinds.pop() if len(kinds) == 1 else "mixed", "Describe these.")
@@ -230,10 +275,67 @@ class SyntheticDataset(torch.utils.data.Dataset):
             answer = " and ".join(captions)
         enc = encode_conversation(self.tokenizer, [("user", user), ("assistant", answer)], self.tags,
                                   self.template, reserved=self.reserved, where=f"synthetic[{self.split}]")
-        if len(enc.input_ids) > self.max_len:  # only a tokenizer far wordier than bytes gets here
-            raise ConfigError(f"a synthetic sample takes {len(enc.input_ids)} tokens, more than {self.max_len}",
+        ids, labels = _widen(enc.input_ids, enc.labels, enc.runs, lengths)
+        if len(ids) > self.max_len:  # only a tokenizer far wordier than bytes gets here
+            raise ConfigError(f"a synthetic sample takes {len(ids)} tokens, more than {self.max_len}",
                               path="data.max_seq_len", hint="raise it or lower data.max_items_per_sample")
-        return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-                "labels": torch.tensor(enc.labels, dtype=torch.long),
+        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
                 "items": items, "num_items": dict(counts),
                 "targets": {m: t.float() for m, t in targets.items()}}
+
+
+def _takes_grids(mod) -> bool:
+    """Whether a modality's items go through an encoder with grid inputs (items of any size)."""
+    return any(getattr(e, "grid_inputs", None) for e in getattr(mod, "src", mod).encoders.values())
+
+
+def _widen(ids: list[int], labels: list[int], runs: list[tuple[str, int, int]],
+           lengths: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+    """The k-th placeholder run of each modality in ``lengths`` (one token) repeated to ``lengths[m][k]``."""
+    if not lengths:
+        return list(ids), list(labels)
+    out_ids, out_labels, pos, seen = [], [], 0, dict.fromkeys(lengths, 0)
+    for name, start, length in runs:
+        if name not in lengths:
+            continue
+        n = lengths[name][seen[name]]
+        seen[name] += 1
+        out_ids += ids[pos:start] + [ids[start]] * n
+        out_labels += labels[pos:start] + [labels[start]] * n
+        pos = start + length
+    return out_ids + ids[pos:], out_labels + labels[pos:]
+
+
+def _video_example(mod, example: dict) -> dict | None:
+    """A video modality's example items as videos: for encoders with a video grid (a grid input named
+    ``video*`` whose rows are (t, h, w), e.g. Qwen's ``video_grid_thw``), the example items under those
+    names with every second one of 2 frame groups. None when an encoder has no such grid or the result is
+    not valid input (the example then stays as it is)."""
+    from mimo_spec.models.items import grid_of
+
+    encoders = getattr(mod, "src", mod).encoders
+    out = {}
+    for name, kws in example.items():
+        enc = encoders[name]
+        g = grid_of(enc, kws)
+        grids = getattr(enc, "grid_inputs", None) or {}
+        video = next((n for n in grids if n.startswith("video") and g is not None and n != g[0]), None)
+        if video is None or kws[g[0]].dim() != 2 or kws[g[0]].shape[1] != 3 or len(grids[video]) != len(g[1]):
+            return None
+        grid = kws[g[0]].clone()
+        grid[1::2, 0] *= 2
+        rows = sum(int(r) for r in enc.rows_per_item(video, grid))
+        packed = dict(zip(g[1], grids[video]))
+        item = {video: grid}
+        for kw, t in kws.items():
+            if kw in packed:
+                item[packed[kw]] = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype)  # values are redrawn per item
+            elif kw != g[0]:
+                item[kw] = t
+        out[name] = item
+    try:
+        mod.validate_inputs(out, "videos")
+    except InputError:
+        return None
+    return out

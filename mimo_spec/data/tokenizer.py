@@ -188,7 +188,7 @@ def placeholder_modalities(data_cfg, model) -> dict[str, str]:
 
     cfg = validate_data_config(data_cfg)
     out = {}
-    for kind in ("image", "audio"):
+    for kind in ("image", "video", "audio"):
         name = find_modality(model, kind, getattr(cfg, f"{kind}_modality", None), f"{kind}_modality")
         if name is not None:
             out[getattr(cfg, f"{kind}_token")] = name
@@ -210,7 +210,7 @@ def check_placeholder_tokens(data_cfg, model, tok: HFTokenizer) -> None:
         tags = placeholder_modalities(cfg, model)
     except ConfigError:  # several image modalities and none chosen: the dataset says so when it needs one
         tags = {}
-    for key in ("image_token", "audio_token"):
+    for key in ("image_token", "video_token", "audio_token"):
         text = getattr(cfg, key)
         tid, name = tok.added_vocab.get(text), tags.get(text)
         if tid is None or name is None:
