@@ -64,6 +64,8 @@ def use_imported_model(cfg) -> None:
         cfg.modalities = imported.get("modalities") or {}
         if imported.get("dtype"):
             cfg.dtype = imported.dtype
+        if imported.get("hf_config"):  # ids of the original that the model does not use (export writes them back)
+            cfg.hf_config = imported.hf_config
 
 
 def run(cfg, overrides: list[str], out_dir: Path | None) -> int:

@@ -59,6 +59,17 @@ def main() -> None:
             name = sc.split(":")[1]
             layout, extra = PACK_VARIANTS.get(name, (name, []))
             train(config(layout, PACK_LOOP + extra), out / f"loop_packed_{name}")
+        elif sc.startswith("native:"):  # a Qwen2-VL-shaped model: images of different sizes and videos
+            layout = sc.split(":")[1]
+            train(native_config(layout), out / f"native_{layout}")
+        elif sc.startswith("native_refused:"):  # layouts that do not carry items of any size yet say so
+            from mimo_spec.errors import ConfigError
+
+            layout = sc.split(":")[1]
+            try:  # (untied embeddings: pp refuses tied ones first)
+                train(native_config(layout, ["model.params.tie_embeddings=false"]), out / f"native_refused_{layout}")
+            except ConfigError as e:
+                (out / f"native_refused_{layout}_rank{os.environ['RANK']}.txt").write_text(str(e))
         elif sc.startswith("packed:"):  # hand-packed rows (document_ids) through the layout's training step
             name = sc.split(":")[1]
             layout, extra = PACK_VARIANTS.get(name, (name, []))
@@ -69,6 +80,16 @@ def main() -> None:
     from mimo_spec.parallel.env import shutdown_distributed
 
     shutdown_distributed()
+
+
+# SGD: weights move by gradient sums (see data_overrides); 70% text-only samples: some rank's share of a
+# batch holds no image or no video
+NATIVE = ["train.optimizer=sgd", "train.lr=0.2", "train.warmup_steps=0", "data.text_only_fraction=0.5"]
+
+
+def native_config(layout: str, extra=()):
+    """preset=qwen2_vl_tiny (native-resolution images and videos, M-RoPE) under ``layout``."""
+    return compose_config(["preset=qwen2_vl_tiny", f"parallel={layout}", *COMMON, *NATIVE, *extra])
 
 
 def data_overrides(out: Path) -> list[str]:

@@ -7,8 +7,23 @@ What can be exported (anything else is a ConfigError that says why):
   (bias on q/k/v only -> Qwen2ForCausalLM) or GPT-2-shaped (-> GPT2LMHeadModel);
 - a LLaVA-shaped model: that LM plus one ``images`` modality with one clip_vit
   encoder and a 2-layer mlp projector (-> LlavaForConditionalGeneration);
-- a lone clip_vit (-> CLIPVisionModel or SiglipVisionModel) or whisper_encoder
-  (-> transformers' WhisperEncoder).
+- a Qwen-VL-shaped model: an M-RoPE gpt, one modality with a qwen_vit encoder and a
+  patch_merger projector (+ DeepStack patch_mergers feeding LM layers 0, 1, ...), and
+  at most one video modality reading it (``inputs_from``) -> Qwen2VLForConditionalGeneration
+  (Qwen2-VL tower), Qwen2_5_VLForConditionalGeneration (SwiGLU/RMSNorm tower with
+  windows) or Qwen3VLForConditionalGeneration (position table, DeepStack). The HF
+  config is read back with the importer's own functions and must give every parameter
+  again, else the parameter that differs is named. config.json ids our model does not
+  use come from the run config's ``hf_config`` (``import_hf`` fills it):
+  ``vision_start_token_id``, ``vision_end_token_id`` and ``text_config.{bos,eos,pad}_token_id``;
+  without it, Qwen's tokenizer layout: vision start/end = image_token_id - 3 / - 2,
+  bos/eos = 151643/151645 when inside the vocabulary (else none), no video modality:
+  video_token_id = image_token_id + 1. Qwen2(.5)-VL tensors are written in their Hub
+  layout (``model.layers.*``, ``visual.*``), Qwen3-VL's as published
+  (``model.language_model.*``, ``model.visual.*``). A text-only M-RoPE LM matches no
+  Hugging Face class and is refused;
+- a lone clip_vit (-> CLIPVisionModel or SiglipVisionModel), siglip2_naflex
+  (-> Siglip2VisionModel) or whisper_encoder (-> transformers' WhisperEncoder).
 
 The tensor names follow the Hugging Face Hub layout (``vision_model.``,
 ``language_model.model.``), which every transformers version loads. A vision
@@ -78,9 +93,11 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
                           layer_norm_epsilon=p["norm_eps"], tie_word_embeddings=True,
                           activation_function="gelu_new" if act == "gelu_tanh" else "gelu")
     if p.get("mrope_section") is not None:  # a plain Llama / Qwen2 would load it and compute other logits
-        raise _refuse(path, f"mrope_section={p['mrope_section']}: M-RoPE language models (Qwen2-VL's) are not "
-                            "exported yet", "export it without model.params.mrope_section only if it was trained "
-                            "on text (B, S) positions")
+        raise _refuse(path, f"mrope_section={p['mrope_section']}: M-RoPE language models match no Hugging Face "
+                            "class on their own (a plain Qwen2 would compute other positions)",
+                      "M-RoPE exports as Qwen2-VL / Qwen2.5-VL / Qwen3-VL, with an images modality (qwen_vit + "
+                      "patch_merger); export a text model without model.params.mrope_section only if it was "
+                      "trained on text (B, S) positions")
     if (p["position_embedding"], p["norm"], p["mlp"]) != ("rope", "rmsnorm", "swiglu"):
         raise _refuse(path, f"position_embedding={p['position_embedding']}, norm={p['norm']}, mlp={p['mlp']} "
                             "match no Hugging Face model", "Llama/Qwen2 need rope + rmsnorm + swiglu; "
@@ -161,6 +178,35 @@ def _whisper_config(p: dict[str, Any], dtype: torch.dtype, path: str):
                       activation_function=_HF_ACT[p["activation"]])
 
 
+def _siglip2_config(p: dict[str, Any], dtype: torch.dtype, path: str):
+    """Siglip2VisionConfig for full Siglip2NaFlex params: the blocks ours holds (all of them with
+    keep_unused_layers, else up to the feature layer, which becomes the last), the pooling head if held."""
+    from mimo_spec.components.vision.clip_vit import resolve_feature_layer
+
+    layers = p["num_layers"] if p["keep_unused_layers"] else resolve_feature_layer(p["feature_layer"], p["num_layers"])
+    if layers == 0:
+        raise _refuse(path, "the tower has no blocks", "set keep_unused_layers: true")
+    if p["activation"] not in _HF_ACT:
+        raise _refuse(f"{path}.activation", f"{p['activation']!r} has no Hugging Face name")
+    return _hf_config("Siglip2VisionConfig", dtype, "Siglip2VisionModel", hidden_size=p["hidden_size"],
+                      intermediate_size=p["ffn_hidden_size"], num_hidden_layers=layers,
+                      num_attention_heads=p["num_heads"], num_channels=p["num_channels"],
+                      num_patches=p["num_patches"], patch_size=p["patch_size"], hidden_act=_HF_ACT[p["activation"]],
+                      layer_norm_eps=p["layer_norm_eps"],
+                      vision_use_head=bool(p["keep_unused_layers"] and p["pooling_head"]))
+
+
+def _siglip2_tensors(enc: nn.Module, p: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    from mimo_spec.components.vision.siglip2 import siglip2_state_dict_to_hf
+
+    out = siglip2_state_dict_to_hf(enc.state_dict(), p, prefix=prefix)
+    if prefix + "post_layernorm.weight" not in out:  # HF always has one; ours only when used or kept
+        ref = enc.pos_embed
+        out[prefix + "post_layernorm.weight"] = torch.ones(p["hidden_size"], dtype=ref.dtype, device=ref.device)
+        out[prefix + "post_layernorm.bias"] = torch.zeros(p["hidden_size"], dtype=ref.dtype, device=ref.device)
+    return out
+
+
 # --------------------------------------------------------------------------- whole models
 
 
@@ -168,7 +214,7 @@ def _params_of(node, cls: type) -> dict[str, Any]:
     return _full_params(cls, dict(node.params))
 
 
-def _mimo(model: nn.Module, spec, dtype: torch.dtype):
+def _mimo(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any] | None = None):
     """(HF config, HF tensors) for a MimoModel."""
     from mimo_spec.components.language.gpt import GPT
     from mimo_spec.components.projectors import MLPProjector
@@ -177,6 +223,8 @@ def _mimo(model: nn.Module, spec, dtype: torch.dtype):
     if not isinstance(model.language_model, GPT):
         raise _refuse("model.module", f"the language model is a {type(model.language_model).__name__}, not gpt")
     lm_p = _params_of(spec.language_model, GPT)
+    if lm_p.get("mrope_section") is not None and model.modalities:
+        return _qwen_vl(model, spec, lm_p, dtype, extras or {})
     text_config = _lm_config(lm_p, dtype, "model.params")
     if not model.modalities:
         return text_config, _lm_tensors(model.language_model, lm_p)
@@ -215,6 +263,180 @@ def _mimo(model: nn.Module, spec, dtype: torch.dtype):
     return config, tensors
 
 
+# --------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+
+# Our kind (the vision tower's, see hf_qwen_vision) -> (HF config class, architecture)
+_QWEN_VL = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+            "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}
+# config.json values our model does not use, kept by import_hf under the run config's ``hf_config`` key
+HF_CONFIG_KEYS = ("vision_start_token_id", "vision_end_token_id")
+HF_TEXT_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Qwen's tokenizers put <|vision_start|> and <|vision_end|> 3 and 2 ids below <|image_pad|> (151652, 151653,
+# 151655 in every Qwen2-VL / Qwen2.5-VL / Qwen3-VL release): the default when the config does not say
+_QWEN_VISION_START_OFFSET, _QWEN_VISION_END_OFFSET = -3, -2
+# <|endoftext|> and <|im_end|>: the text config's defaults, written when they fall inside the vocabulary
+_QWEN_BOS, _QWEN_EOS = 151643, 151645
+
+
+def _gpt_canonical(p: dict[str, Any]) -> dict[str, Any]:
+    """Full GPT params with every derived default resolved, minus what Hugging Face does not describe."""
+    from mimo_spec.components.language.gpt import GPT
+
+    p = _full_params(GPT, p)
+    heads = p["num_heads"]
+    p["num_kv_heads"] = p["num_kv_heads"] or heads
+    p["head_dim"] = p["head_dim"] or p["hidden_size"] // heads
+    p["ffn_hidden_size"] = p["ffn_hidden_size"] or 4 * p["hidden_size"]
+    p["activation"] = p["activation"] or ("silu" if p["mlp"] == "swiglu" else "gelu")
+    if p["attention_out_bias"] is None:
+        p["attention_out_bias"] = p["attention_bias"]
+    if p["mrope_section"] is not None:
+        p["mrope_section"] = [int(v) for v in p["mrope_section"]]
+    for k in ("backend", "dropout"):  # how it runs or trains, not what it computes
+        p.pop(k)
+    return p
+
+
+def _differences(ours: dict[str, Any], back: dict[str, Any], path: str) -> list[str]:
+    return [f"{path}.{k}: {ours.get(k)!r} (Hugging Face's would be {back.get(k)!r})"
+            for k in sorted(set(ours) | set(back)) if ours.get(k) != back.get(k)]
+
+
+def _qwen_vl(model: nn.Module, spec, lm_p: dict[str, Any], dtype: torch.dtype, extras: dict[str, Any]):
+    """(HF config, HF tensors) for a Qwen2-VL / Qwen2.5-VL / Qwen3-VL-shaped MimoModel: an M-RoPE gpt, one
+    modality with a qwen_vit encoder and a patch_merger projector (Qwen3-VL: DeepStack patch_mergers into
+    LM layers 0, 1, ...), and at most one video modality reading it (``inputs_from``).
+
+    What Hugging Face cannot express is refused by name: the config is mapped back with the importer's
+    functions and must give every parameter of ours again."""
+    from mimo_spec.components.vision.qwen_vit import PatchMerger, QwenViT
+    from mimo_spec.interop import hf_qwen_vision as hq
+
+    hint = ("Qwen2-VL / Qwen2.5-VL / Qwen3-VL: an images modality (one qwen_vit encoder, its patch_merger "
+            "projector; Qwen3-VL also deepstack_projections) and optionally a videos modality with "
+            "inputs_from: images")
+    own = [n for n, m in model.modalities.items() if m.inputs_from is None]
+    if len(own) != 1:
+        raise _refuse("modalities", f"an M-RoPE model exports as a Qwen-VL, whose items all go through one "
+                      f"vision tower; {len(own)} modalities have their own encoders ({', '.join(own) or 'none'})",
+                      hint)
+    name = own[0]
+    mod, node = model.modalities[name], spec.modalities[name].submodules
+    path = f"modalities.{name}"
+    videos = [n for n, m in model.modalities.items() if m.inputs_from is not None]
+    if len(videos) > 1 or any(model.modalities[v].inputs_from != name or model.modalities[v].item_kind != "video"
+                              for v in videos):
+        raise _refuse("modalities", f"modalities {', '.join(videos)} read {name}'s encoders: a Qwen-VL has one "
+                      "such modality, of item_kind video", hint)
+    for n, m in model.modalities.items():
+        if m.decoder is not None or m.output_projection is not None or m.combine != "per_item" \
+                or m.special_token_id is None:
+            raise _refuse(f"modalities.{n}", "a Qwen-VL modality is an input with a special_token_id, per_item, "
+                          "no decoder or output projection", hint)
+    if mod.item_kind not in (None, "image"):
+        raise _refuse(f"{path}.params.item_kind", f"{mod.item_kind!r}: the tower's own modality holds images",
+                      hint)
+    if len(mod.encoders) != 1:
+        raise _refuse(f"{path}.submodules.encoders", f"{len(mod.encoders)} encoders", hint)
+    enc_name, vit = next(iter(mod.encoders.items()))
+    proj = mod.input_projections[enc_name] if enc_name in mod.input_projections else None
+    if not isinstance(vit, QwenViT) or not isinstance(proj, PatchMerger):
+        raise _refuse(path, f"encoder {type(vit).__name__}, projector {type(proj).__name__}", hint)
+    enc_p = _full_params(QwenViT, dict(node["encoders"][enc_name].params))
+    merger_p = _full_params(PatchMerger, dict(node["input_projections"][enc_name].params))
+    deep = list(mod.deepstack_projections or [])
+    deep_nodes = node.get("deepstack_projections") or []
+    if any(not isinstance(d, PatchMerger) for d in deep):
+        raise _refuse(f"{path}.submodules.deepstack_projections", "DeepStack projections must be patch_mergers",
+                      hint)
+    if mod.deepstack_lm_layers != list(range(len(deep))):
+        raise _refuse(f"{path}.params.deepstack_lm_layers", f"{mod.deepstack_lm_layers}: Qwen3-VL adds the "
+                      f"DeepStack features to the first LM layers, {list(range(len(deep)))}", hint)
+
+    try:
+        vision = hq.vision_config_to_hf(enc_p, merger_p)
+    except ValueError as e:
+        raise _refuse(f"{path}.submodules.encoders.{enc_name}", str(e), hint) from None
+    kind = hq.vision_kind(vision)
+    cls_name, arch = _QWEN_VL[kind]
+    vision.pop("model_type")
+    if kind == "qwen2_5_vl":  # HF: an integer, read by the video positions
+        tps = lm_p.get("mrope_tokens_per_second")
+        if tps is None or float(tps) != int(tps):
+            raise _refuse("model.params.mrope_tokens_per_second", f"{tps!r}: Qwen2.5-VL steps a video's temporal "
+                          "positions by vision_config.tokens_per_second, an integer", "set it (2 in the releases)")
+        vision["tokens_per_second"] = int(tps)
+
+    head_dim = lm_p["head_dim"] or lm_p["hidden_size"] // lm_p["num_heads"]
+    text: dict[str, Any] = dict(
+        vocab_size=lm_p["vocab_size"], hidden_size=lm_p["hidden_size"],
+        intermediate_size=lm_p["ffn_hidden_size"] or 4 * lm_p["hidden_size"], num_hidden_layers=lm_p["num_layers"],
+        num_attention_heads=lm_p["num_heads"], num_key_value_heads=lm_p["num_kv_heads"] or lm_p["num_heads"],
+        hidden_act=_HF_ACT.get(lm_p["activation"] or "silu", lm_p["activation"]),
+        max_position_embeddings=lm_p["max_seq_len"], rms_norm_eps=lm_p["norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(lm_p["rope_theta"]),
+                         "mrope_section": [int(v) for v in lm_p["mrope_section"]],
+                         **({"mrope_interleaved": True} if kind == "qwen3_vl" else {})})
+    if kind == "qwen3_vl":
+        text.update(head_dim=head_dim, attention_bias=bool(lm_p["attention_bias"]))
+    else:
+        text.update(use_sliding_window=False)
+    vocab = lm_p["vocab_size"]
+    text_extra = dict(extras.get("text_config") or {})
+    for key, default in (("bos_token_id", _QWEN_BOS), ("eos_token_id", _QWEN_EOS), ("pad_token_id", None)):
+        text[key] = text_extra[key] if key in text_extra else (default if default is not None and default < vocab
+                                                                else None)
+    image_id = mod.special_token_id
+    video_id = model.modalities[videos[0]].special_token_id if videos else image_id + 1
+    top = {"vision_start_token_id": image_id + _QWEN_VISION_START_OFFSET,
+           "vision_end_token_id": image_id + _QWEN_VISION_END_OFFSET}
+    top.update({k: extras[k] for k in HF_CONFIG_KEYS if extras.get(k) is not None})
+    config = _hf_config(cls_name, dtype, arch, text_config=text, vision_config=vision, image_token_id=image_id,
+                        video_token_id=video_id, tie_word_embeddings=lm_p["tie_embeddings"], **top)
+
+    # The config, read back as import_hf reads it, must give this very model.
+    try:
+        back_lm = hw.gpt_params_from_hf(config)
+        back_enc, back_merger = hq.vision_params_from_hf(config.vision_config)
+    except ValueError as e:  # e.g. an activation Hugging Face has no name for
+        raise _refuse("model", str(e), hint) from None
+    if kind == "qwen2_5_vl":
+        back_lm["mrope_tokens_per_second"] = float(config.vision_config.tokens_per_second)
+    if kind == "qwen3_vl":
+        back_lm["mrope_frames_as_items"] = True
+    bad = _differences(_gpt_canonical(lm_p), _gpt_canonical({k: v for k, v in back_lm.items() if v is not None}),
+                       "model.params")
+    ignore = ("backend", "max_patches")  # how it runs; a budget of ours
+    enc_path = f"{path}.submodules.encoders.{enc_name}.params"
+    ours_enc = {k: v for k, v in enc_p.items() if k not in ignore}
+    back_full = {k: v for k, v in _full_params(QwenViT, back_enc).items() if k not in ignore}
+    bad += _differences(ours_enc, back_full, enc_path)
+    bad += _differences(merger_p, _full_params(PatchMerger, back_merger),
+                        f"{path}.submodules.input_projections.{enc_name}.params")
+    if len(deep) != len(enc_p.get("deepstack_layers") or []):
+        bad.append(f"{path}.submodules.deepstack_projections: {len(deep)} for "
+                   f"{len(enc_p.get('deepstack_layers') or [])} deepstack_layers")
+    want = _full_params(PatchMerger, hq.deepstack_merger_params(back_merger))
+    for j, d in enumerate(deep_nodes):
+        bad += _differences(_full_params(PatchMerger, dict(d.params)), want,
+                            f"{path}.submodules.deepstack_projections.{j}.params")
+    if bad:
+        raise _refuse(bad[0].split(":")[0], f"{'; '.join(bad[:6])}" + (f" ... ({len(bad)} in all)" if len(bad) > 6
+                                                                       else ""),
+                      f"no {arch} computes this model: {hint}")
+
+    tensors = _lm_tensors(model.language_model, lm_p)  # model.* + lm_head: the Hub layout of Qwen2(.5)-VL
+    visual = "visual."
+    if kind == "qwen3_vl":  # Qwen3-VL checkpoints are published in transformers 5's layout
+        tensors = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+                   for k, v in tensors.items()}
+        visual = "model.visual."
+    tensors.update(hq.vision_state_dict_to_hf(vit.state_dict(), proj.state_dict(), [d.state_dict() for d in deep],
+                                              encoder_params=enc_p, prefix=visual))
+    return config, tensors
+
+
 def _check_matches(model: nn.Module, reference: nn.Module) -> None:
     """The config must describe this very model: same tensor names and shapes."""
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -232,7 +454,8 @@ def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: boo
     """Write ``model`` as a Hugging Face checkpoint directory; returns ``out_dir``.
 
     Args:
-        model: a MimoModel (text-only or LLaVA-shaped), a ClipViT or a WhisperEncoder.
+        model: a MimoModel (text-only, LLaVA- or Qwen-VL-shaped), a ClipViT, a Siglip2NaFlex or a
+            WhisperEncoder.
         cfg: the config it was built from (run config, dict, YAML path; for a lone
             encoder its node ``{module, params}``). None uses ``model.spec``.
         out_dir: created if missing; existing files are replaced only with ``overwrite``.
@@ -244,8 +467,9 @@ def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: boo
     from mimo_spec.builders.build import _skip_init, build_model, build_module
     from mimo_spec.components.audio.whisper import WhisperEncoder
     from mimo_spec.components.vision.clip_vit import ClipViT
+    from mimo_spec.components.vision.siglip2 import Siglip2NaFlex
     from mimo_spec.models.mimo import MimoModel
-    from mimo_spec.spec import ModuleSpec, from_config, load_config
+    from mimo_spec.spec import MimoSpec, ModuleSpec, from_config, load_config
 
     first = next(iter(model.state_dict().values()), None)
     if first is None or first.is_meta:
@@ -255,8 +479,9 @@ def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: boo
     if isinstance(model, MimoModel):
         spec = model.spec if cfg is None else from_config(cfg)
         _check_matches(model, build_model(spec, device="meta"))
-        config, tensors = _mimo(model, spec, dtype)
-    elif isinstance(model, (ClipViT, WhisperEncoder)):
+        extras = {} if cfg is None or isinstance(cfg, MimoSpec) else (load_config(cfg).get("hf_config") or {})
+        config, tensors = _mimo(model, spec, dtype, extras if isinstance(extras, dict) else {})
+    elif isinstance(model, (ClipViT, WhisperEncoder, Siglip2NaFlex)):
         node = getattr(model, "spec", None) if cfg is None else cfg
         if node is None:
             raise ConfigError("a lone encoder needs its config node", path="cfg",
@@ -269,12 +494,15 @@ def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: boo
         if isinstance(model, ClipViT):
             config, _ = _vit_config(p, dtype, "params", True)
             tensors = _vit_tensors(model, p, "vision_model.")
+        elif isinstance(model, Siglip2NaFlex):
+            config = _siglip2_config(p, dtype, "params")
+            tensors = _siglip2_tensors(model, p, "vision_model.")
         else:
             config = _whisper_config(p, dtype, "params")
             tensors = hw.whisper_encoder_state_dict_to_hf(model.state_dict(), p)
     else:
         raise ConfigError(f"cannot export a {type(model).__name__}", path="model",
-                          hint="export a MimoModel, a ClipViT or a WhisperEncoder")
+                          hint="export a MimoModel, a ClipViT, a Siglip2NaFlex or a WhisperEncoder")
 
     def write(tmp: Path) -> None:
         config.to_json_file(str(tmp / "config.json"), use_diff=False)  # every value: no default drift

@@ -6,6 +6,8 @@ transformers model and returns ``(cfg, model)``:
 - Llama / Mistral / Qwen2 / GPT-2 causal LMs -> a text-only ``MimoModel`` (``model: {module: gpt}``),
 - LLaVA -> a ``MimoModel`` with an ``images`` modality (clip_vit + 2-layer mlp),
 - CLIP / SigLIP (vision tower, or the vision half of the dual model) -> a ``ClipViT``,
+- SigLIP2 NaFlex (Siglip2VisionModel, or the vision half of a Siglip2Model) -> a ``Siglip2NaFlex``,
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL -> a ``MimoModel`` (M-RoPE gpt, ``images`` and ``videos`` modalities),
 - Whisper (the encoder of any Whisper checkpoint) -> a ``WhisperEncoder``.
 
 For whole models ``cfg`` is a run config in our schema (``build_model`` takes
@@ -36,6 +38,7 @@ from mimo_spec.interop.hf_safetensors import (HFCheckpoint, check_plan, load_fro
 SUPPORTED = {
     "llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "qwen3": "gpt", "gpt2": "gpt",
     "clip": "clip_vit", "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
+    "siglip2": "siglip2_naflex", "siglip2_vision_model": "siglip2_naflex",
     "whisper": "whisper_encoder",
     "llava": "mimo (gpt + clip_vit + mlp)",
     "qwen2_vl": "mimo (gpt with M-RoPE + qwen_vit + patch_merger; images and videos)",
@@ -122,6 +125,15 @@ def _convert(config: Any, where: str) -> _Conversion:
         ignore = [r"^text_model\.", r"(^|\.)(text_projection|visual_projection)\.", r"^logit_(scale|bias)$",
                   r"(^|\.)head\."]  # the text half of a dual model, and SigLIP's pooling head
         return _Conversion({"module": "clip_vit", "params": params}, False, [("", "clip_vit", params)], ignore=ignore)
+    if mt in ("siglip2", "siglip2_vision_model"):
+        from mimo_spec.components.vision import siglip2 as s2
+
+        # last_hidden_state at the real patches: every block and the post-norm; the pooling head held, unused
+        params = _feature(s2.siglip2_params_from_hf, config, feature_layer=-1, post_norm=True,
+                          keep_unused_layers=True, where=where)
+        ignore = [r"^text_model\.", r"^logit_(scale|bias)$"]  # the text half of a Siglip2Model
+        return _Conversion({"module": "siglip2_naflex", "params": params}, False,
+                           extra=[("", lambda keys: s2.siglip2_import_plan(keys, params))], ignore=ignore)
     if mt == "whisper":
         params = _feature(hw.whisper_encoder_params_from_hf, config, where=where)
         ignore = [r"(^|\.)decoder\.", r"(^|\.)proj_out\."]
@@ -190,6 +202,12 @@ def _qwen_vl(config: Any, where: str) -> _Conversion:
     videos = {"module": "modality", "params": {"special_token_id": config.video_token_id, "item_kind": "video",
                                                "inputs_from": "images"}}
     cfg = {"model": {"module": "gpt", "params": lm}, "modalities": {"images": images, "videos": videos}}
+    # config.json ids our model does not use, for export_hf to write back (hf_export.HF_CONFIG_KEYS)
+    extras = {k: getattr(config, k) for k in ("vision_start_token_id", "vision_end_token_id")
+              if isinstance(getattr(config, k, None), int)}
+    text_ids = {k: getattr(config.text_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    extras["text_config"] = {k: v for k, v in text_ids.items() if v is None or isinstance(v, (int, list))}
+    cfg["hf_config"] = extras
 
     def vision(part: int):
         def make(keys: list[str]) -> hw.Plan:

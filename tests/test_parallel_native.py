@@ -1,0 +1,30 @@
+"""A native-resolution model (preset=qwen2_vl_tiny: images of different sizes and videos through one tower,
+M-RoPE) under 2 ranks (gloo, CPU): DDP, FSDP and TP train as one process does, with ranks whose share of a
+batch has no image or no video; the layouts that cannot carry such items yet refuse them by name."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parallel_worker import native_config  # noqa: E402
+from test_parallel_run import RTOL, losses, torchrun  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+
+
+def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
+    from mimo_spec.train.loop import train
+
+    scenarios = "native:ddp,native:fsdp,native:tp2,native_refused:pp2"
+    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    train(native_config("single"), tmp_path / "single")
+    single = losses(tmp_path / "single")
+    assert len(single) == 3
+    for layout in ("ddp", "fsdp", "tp2"):
+        assert losses(tmp_path / f"native_{layout}") == pytest.approx(single, rel=RTOL), layout
+    for rank in (0, 1):
+        message = (tmp_path / f"native_refused_pp2_rank{rank}.txt").read_text()
+        assert "modalities.images" in message and "items of different sizes" in message and "pp > 1" in message
