@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_worker import native_config  # noqa: E402
+from parallel_worker import NATIVE_LAYOUTS, native_config  # noqa: E402
 from test_parallel_run import RTOL, losses, torchrun  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
@@ -17,7 +17,7 @@ from conftest import ROOT  # noqa: E402
 def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
     from mimo_spec.train.loop import train
 
-    scenarios = "native:ddp,native:fsdp,native:tp2,native_refused:pp2"
+    scenarios = "native:ddp,native:fsdp,native:tp2,native:pp2,native_refused_split"
     r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(native_config("single"), tmp_path / "single")
@@ -25,6 +25,10 @@ def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
     assert len(single) == 3
     for layout in ("ddp", "fsdp", "tp2"):
         assert losses(tmp_path / f"native_{layout}") == pytest.approx(single, rel=RTOL), layout
+    # pipeline stages: items packed per sample by their patch rows, M-RoPE positions on every stage
+    train(native_config("single", NATIVE_LAYOUTS["single_untied"]), tmp_path / "single_untied")
+    assert losses(tmp_path / "native_pp2") == pytest.approx(losses(tmp_path / "single_untied"), rel=RTOL)
     for rank in (0, 1):
-        message = (tmp_path / f"native_refused_pp2_rank{rank}.txt").read_text()
-        assert "modalities.images" in message and "items of different sizes" in message and "pp > 1" in message
+        message = (tmp_path / f"native_refused_split_rank{rank}.txt").read_text()
+        assert "modalities.images" in message and "items of different sizes" in message, message
+        assert "encoders on their own ranks" in message, message

@@ -81,6 +81,19 @@ class MimoModel(nn.Module):
                                  f"inputs_from ({source!r}) must name another modality with encoders of its own; "
                                  f"this model's: {', '.join(usable) or 'none'}")
             mod.link_inputs(other)
+        # what M-RoPE positions need of each modality with grid items, as plain data (pipeline stages past
+        # the first drop the encoders and still compute positions): placeholder, encoder name, grid input
+        # names, spatial merge, whether its items are videos
+        self._grid_items: dict[str, tuple[int, str, tuple[str, ...], int, bool]] = {}
+        for name, mod in self.modalities.items():
+            if not mod.has_input or mod.special_token_id is None:
+                continue
+            enc_name, enc = next(iter(mod.src.encoders.items()))
+            grids = tuple(getattr(enc, "grid_inputs", None) or {})
+            merge = getattr(enc, "spatial_merge_size", None)
+            if grids and merge is not None:  # fixed-size items: their placeholders count as text positions
+                self._grid_items[name] = (mod.special_token_id, enc_name, grids, int(merge),
+                                          mod.item_kind == "video")
         lm_layers = getattr(language_model, "num_layers", None)
         for name, mod in self.modalities.items():
             deep = getattr(mod, "deepstack_lm_layers", None) or []
@@ -252,31 +265,26 @@ class MimoModel(nn.Module):
     def positions_and_deltas(self, input_ids, modality_inputs, attention_mask=None, document_ids=None):
         """(M-RoPE positions (3, B, S), rope_deltas (B, 1)) for a batch with grid items and a language model
         with ``mrope_section``, else (None, None); generation continues text positions from the deltas."""
-        from mimo_spec.models.items import grid_of
         from mimo_spec.models.mrope import MropeStream, mrope_positions
 
         lm = self.language_model
         if getattr(lm, "mrope_section", None) is None:
             return None, None
         streams = []
-        for name, mod in self.modalities.items():
-            if not mod.has_input or name not in modality_inputs or mod.special_token_id is None:
+        for name, (token, enc_name, grids, merge, video_kind) in self._grid_items.items():
+            kwargs = (modality_inputs.get(name) or {}).get(enc_name) or {}
+            grid_name = next((g for g in grids if g in kwargs), None)
+            if grid_name is None:
                 continue
-            enc_name, enc = next(iter(mod.src.encoders.items()))
-            kwargs = modality_inputs[name][enc_name]
-            g = grid_of(enc, kwargs)
-            merge = getattr(enc, "spatial_merge_size", None)
-            if g is None or merge is None:  # fixed-size items: their placeholders count as text positions
-                continue
-            grid = kwargs[g[0]]
-            video = mod.item_kind == "video" or g[0].startswith("video")
+            grid = kwargs[grid_name]
+            video = video_kind or grid_name.startswith("video")
             interval = None
             tps = getattr(lm, "mrope_tokens_per_second", None)
             if video and tps is not None:
                 spg = kwargs.get("second_per_grid_ts")
                 spg = torch.ones(grid.shape[0]) if spg is None else spg.detach().float().cpu().flatten()
                 interval = spg * float(tps)
-            streams.append(MropeStream(name, mod.special_token_id, grid, int(merge), interval,
+            streams.append(MropeStream(name, token, grid, merge, interval,
                                        video and bool(getattr(lm, "mrope_frames_as_items", False))))
         if not streams:
             return None, None

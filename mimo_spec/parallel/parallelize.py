@@ -262,16 +262,17 @@ class ParallelContext:
         """Refuse, naming the modality, what the pipeline, split and bridged layouts do not carry yet:
         items of different sizes (grid inputs), a modality using another's encoders, DeepStack."""
         bridged = any(self._needs_bridge(m) for n, m in self.layout.modules.items() if n != LANGUAGE)
-        where = ("parallel: pp > 1" if self.pp > 1 else "parallel: encoders on their own ranks"
-                 if not self.layout.colocated else "parallel: a modality's data-parallel layout unlike the LM's"
-                 if bridged else None)
+        where = ("parallel: encoders on their own ranks" if not self.layout.colocated
+                 else "parallel: a modality's data-parallel layout unlike the LM's" if bridged
+                 else "parallel: pp > 1" if self.pp > 1 else None)
         if where is None:
             return
         for name, mod in getattr(model, "modalities", {}).items():
             encoders = getattr(getattr(mod, "src", mod), "encoders", {})
-            what = ("takes the encoders of another modality (inputs_from)" if getattr(mod, "inputs_from", None)
-                    else "feeds deeper language-model layers (deepstack_projections)"
+            what = ("feeds deeper language-model layers (deepstack_projections)"
                     if getattr(mod, "deepstack_projections", None) is not None
+                    else None if self.layout.colocated and not bridged  # the pipeline carries the rest
+                    else "takes the encoders of another modality (inputs_from)" if getattr(mod, "inputs_from", None)
                     else "has items of different sizes (grid inputs)"
                     if any(getattr(e, "grid_inputs", None) for e in encoders.values()) else None)
             if what:

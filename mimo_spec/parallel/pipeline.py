@@ -34,6 +34,8 @@ from mimo_spec.loss import IGNORE_INDEX, causal_lm_loss
 
 SCHEDULES = ("1f1b", "gpipe")
 _COUNT = "__count__"
+_ROWS = "__rows__"  # per sample: rows of its items in the inputs packed by a grid
+_BY_ROWS = "@rows"  # a packed input sent per sample by rows, not per item
 
 
 def stage_layers(num_layers: int, stages: int) -> list[range]:
@@ -66,16 +68,38 @@ def keep_stage(model: nn.Module, stage: int, stages: int) -> range:
 
 # ---- modality items <-> per-sample padded tensors ------------------------------------------
 
-def pack_items(modality_inputs: dict, items_per_sample: dict, batch: int) -> dict[str, torch.Tensor]:
-    """{modality: {encoder: {kwarg: (N, ...)}}} -> flat {"m/enc/kw": (B, max, ...), "m/__count__": (B,)}."""
+def pack_items(modality_inputs: dict, items_per_sample: dict, batch: int, model: nn.Module | None = None
+               ) -> dict[str, torch.Tensor]:
+    """{modality: {encoder: {kwarg: (N, ...)}}} -> flat {"m/enc/kw": (B, max, ...), "m/__count__": (B,)}.
+
+    Inputs packed by a grid (items of any size: their rows are patches, item after item; ``model`` says
+    which) travel per sample as ``"m/enc/kw@rows"`` (B, most rows of a sample, ...) with each sample's
+    row count in ``"m/enc/__rows__"`` (B,); the grids themselves go per item like any other input."""
+    from mimo_spec.models.items import grid_of, item_rows
+
     packs: dict[str, torch.Tensor] = {}
     for name, encoders in modality_inputs.items():
         counts = torch.tensor(items_per_sample.get(name, [0] * batch), dtype=torch.long)
         most = max(int(counts.max()), 1)
         slots = torch.arange(most)[None] < counts[:, None]  # (B, max): which slots hold an item
         packs[f"{name}/{_COUNT}"] = counts
+        mod = model.modalities[name] if model is not None else None
         for enc, kws in encoders.items():
+            encoder = mod.src.encoders[enc] if mod is not None else None
+            g = grid_of(encoder, kws) if encoder is not None else None
+            rowwise = set(g[1]) if g is not None else set()
+            if rowwise:  # each sample's rows: the rows of its items
+                rows = item_rows(encoder, kws)
+                bounds = torch.tensor([0, *counts.tolist()]).cumsum(0).tolist()
+                per_sample = torch.tensor([sum(rows[bounds[i]:bounds[i + 1]]) for i in range(batch)])
+                packs[f"{name}/{enc}/{_ROWS}"] = per_sample
+                room = torch.arange(max(int(per_sample.max()), 1))[None] < per_sample[:, None]
             for kw, t in kws.items():
+                if kw in rowwise:
+                    padded = t.new_zeros(batch, room.shape[1], *t.shape[1:])
+                    padded[room] = t
+                    packs[f"{name}/{enc}/{kw}{_BY_ROWS}"] = padded
+                    continue
                 padded = t.new_zeros(batch, most, *t.shape[1:])
                 padded[slots] = t
                 packs[f"{name}/{enc}/{kw}"] = padded
@@ -91,11 +115,15 @@ def unpack_items(packs: dict[str, torch.Tensor]) -> dict:
     out: dict = {}
     for name, parts in by_modality.items():
         counts = parts.pop(_COUNT)
+        rows = {rest.split("/", 1)[0]: parts.pop(rest) for rest in list(parts) if rest.endswith(f"/{_ROWS}")}
         # a microbatch without items of a modality the batch has still runs its encoders (on no item),
         # so every data-parallel rank of the stage runs the same collectives
         for rest, t in parts.items():
-            slots = torch.arange(t.shape[1], device=t.device)[None] < counts[:, None]
             enc, kw = rest.split("/", 1)
+            held = counts
+            if kw.endswith(_BY_ROWS):
+                kw, held = kw[: -len(_BY_ROWS)], rows[enc]
+            slots = torch.arange(t.shape[1], device=t.device)[None] < held.to(t.device)[:, None]
             out.setdefault(name, {}).setdefault(enc, {})[kw] = t[slots]
     return out
 
@@ -109,13 +137,16 @@ class PipelineStageModule(nn.Module):
         self.first, self.last, self.layer_ids = stage == 0, stage == stages - 1, layers
 
     def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None,
-                **packs: torch.Tensor) -> torch.Tensor:
+                positions: torch.Tensor | None = None, **packs: torch.Tensor) -> torch.Tensor:
         """``x``: input_ids (B, S) on the first stage, else the previous stage's hidden states;
-        ``document_ids`` (B, S): this microbatch's packed documents (every stage gets them), or None."""
+        ``document_ids`` (B, S): this microbatch's packed documents (every stage gets them), or None;
+        ``positions`` (B, 3, S): M-RoPE positions from the items' grids (batch first, so they split with
+        the rows), or None."""
         lm = self.model.language_model
         b, s = x.shape[:2]
-        positions = None
-        if document_ids is not None:  # as MimoModel.forward: positions restart at every document
+        if positions is not None:  # (B, 3, S) -> (3, B, S)
+            positions = positions.permute(1, 0, 2)
+        elif document_ids is not None:  # as MimoModel.forward: positions restart at every document
             from mimo_spec.models.mimo import positions_from_document_ids
 
             positions = positions_from_document_ids(document_ids)
@@ -206,17 +237,39 @@ class PipelineRunner:
         # packed rows: every stage takes its microbatch's document ids (split with the rows by the schedule)
         docs = ({"document_ids": padded["document_ids"].to(self.device)} if padded.get("document_ids") is not None
                 else {})
+        positions = self._positions(batch, padded)
+        if positions is not None:  # M-RoPE: computed here, on the host, from the whole batch's grids
+            docs["positions"] = positions.to(self.device)
         if self.first:
             self.model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                                       items_per_sample=batch.get("items_per_sample"))
             packs = pack_items(batch.get("modality_inputs") or {}, padded.get("items_per_sample") or {},
-                               ids.shape[0])
-            call(ids, **docs, **to_device(packs, self.device))
+                               ids.shape[0], self.model)
+            call(ids, **docs, **to_device(packs, self.device, self._host_packs(packs)))
         elif self.last:
             call(target=self._target(padded).to(self.device), losses=losses, **docs)
         else:
             call(**docs)
         return float(sum(float(x.detach()) for x in losses))
+
+    def _positions(self, batch: dict, padded: dict) -> torch.Tensor | None:
+        """M-RoPE positions (rows, 3, seq_len) of the padded batch (padding at position 0), or None. Every
+        stage computes them from its copy of the batch (the grids are host data: no communication)."""
+        pos = self.model.position_ids(batch["input_ids"], batch.get("modality_inputs") or {},
+                                      document_ids=batch.get("document_ids"))
+        if pos is None:
+            return None
+        rows, length = padded["input_ids"].shape
+        out = pos.new_zeros(rows, 3, length)
+        out[: pos.shape[1], :, : pos.shape[2]] = pos.permute(1, 0, 2)
+        return out
+
+    def _host_packs(self, packs: dict) -> set[str]:
+        """The packed inputs that stay on the host: the items' grids (and their counts)."""
+        from mimo_spec.data.batch import host_keys
+
+        grids = host_keys(self.model)
+        return {k for k in packs if k.rsplit("/", 1)[-1] in grids}
 
     def train_batch(self, batch: dict, total_tokens: int) -> float:
         return self._run(batch, total_tokens, train=True)
