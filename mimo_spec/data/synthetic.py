@@ -173,7 +173,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return self.length
 
     # ------------------------------------------------------------------------ sample parts
-    def _item(self, name: str, g: torch.Generator) -> tuple[dict, str]:
+    def _item(self, name: str, g: torch.Generator) -> tuple[dict, str] | tuple[dict, str, int]:
         """One item of input modality ``name``: ({encoder: {kwarg: (1, ...)}}, caption); an item of any
         size: ({encoder: {kwarg: tensor}}, caption, placeholder count)."""
         spec, noise = self.inputs[name], self.cfg.noise

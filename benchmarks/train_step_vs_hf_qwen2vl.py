@@ -1,0 +1,195 @@
+"""Training-step time and memory of an imported Qwen2-VL vs transformers' Qwen2VLForConditionalGeneration.
+
+One process, side by side: transformers' model is built from a small Qwen2-VL config with random weights
+and imported with ``import_hf`` (the same weights). A step is forward + backward + AdamW step on one batch
+that mixes image sizes and a video (4 rows of 256 tokens: images of 16x16, 12x12, 8x20, 20x8 and 6x10
+patches, a video of 2 frame groups of 8x12 patches; 972 patches through the vision tower, 243 of the
+1024 positions are image/video tokens). Our step includes computing the M-RoPE positions from the grids
+on the host (the training loop's way); transformers computes them inside its forward. The steps are
+interleaved so machine noise hits both alike; the median step time is reported.
+
+Shapes: LM hidden 256, 4 layers, 4 heads (2 KV), FFN 704, vocab 4096, mrope_section [8, 12, 12];
+vision tower width 128, 4 blocks, 4 heads, patch 14, temporal patch 2, 2x2 merge.
+
+Reports: both steps' initial loss (equal: the same weights), median step time and the ratio ours / HF,
+tokens/s (all positions of the batch per second), and the step's peak memory above what was resident
+before it (activations, gradients, temporaries): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU
+the process's peak resident set (VmHWM, reset through /proc/self/clear_refs after glibc's malloc_trim
+returns freed memory), measured on one extra step of each model.
+
+    .venv/bin/python benchmarks/train_step_vs_hf_qwen2vl.py --steps 5 --threads 2
+    python benchmarks/train_step_vs_hf_qwen2vl.py --device cuda --steps 20
+    python benchmarks/train_step_vs_hf_qwen2vl.py --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+VOCAB, IMG, VID, VSTART, VEND = 4096, 4000, 4001, 4002, 4003
+SEQ, MERGE = 256, 2
+IMAGES = [(1, 16, 16), (1, 12, 12), (1, 8, 20), (1, 20, 8), (1, 6, 10)]  # (t, h, w) patch grids, in token order
+VIDEOS = [(2, 8, 12)]
+# each row: the items it holds, in order ("i", k) = image k, ("v", k) = video k
+ROWS = [[("i", 0), ("i", 1)], [("i", 2), ("v", 0)], [("i", 3)], [("i", 4)]]
+
+
+def hf_model():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0})
+    vision = dict(depth=4, embed_dim=128, hidden_size=256, mlp_ratio=4, num_heads=4, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=MERGE)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=VID,
+                        vision_start_token_id=VSTART, vision_end_token_id=VEND, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(cfg).train()
+
+
+def batch():
+    """(input_ids, labels, mm_token_type_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)."""
+    g = torch.Generator().manual_seed(0)
+    patch = 3 * 2 * 14 * 14
+    ids = torch.randint(0, 3900, (len(ROWS), SEQ), generator=g)
+    for r, items in enumerate(ROWS):
+        pos = 5
+        for kind, k in items:
+            t, h, w = (IMAGES if kind == "i" else VIDEOS)[k]
+            n = t * h * w // MERGE**2
+            ids[r, pos] = VSTART
+            ids[r, pos + 1:pos + 1 + n] = IMG if kind == "i" else VID
+            ids[r, pos + 1 + n] = VEND
+            pos += n + 2 + 7
+        assert pos < SEQ - 16
+    labels = ids.clone()
+    labels[(ids == IMG) | (ids == VID) | (ids == VSTART) | (ids == VEND)] = -100
+    types = torch.zeros_like(ids)
+    types[ids == IMG], types[ids == VID] = 1, 2
+    grid = torch.tensor(IMAGES)
+    vgrid = torch.tensor(VIDEOS)
+    px = torch.randn(int(grid.prod(1).sum()), patch, generator=g)
+    pxv = torch.randn(int(vgrid.prod(1).sum()), patch, generator=g)
+    return ids, labels, types, px, grid, pxv, vgrid
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status size in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_step_memory(step, device: torch.device) -> int | None:
+    """Bytes the step's peak holds above what was resident before it (None where it cannot be measured)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory back to the OS, so the next step's shows
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
+        base = _status("VmRSS")
+    except (OSError, KeyError):
+        return None
+    step()
+    return _status("VmHWM") - base
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:8.1f} MiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast for both")
+    ap.add_argument("--backend", default="local", choices=["local", "te", "auto"], help="mimo-spec's layers")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+
+    from mimo_spec.interop import import_hf
+
+    m_hf = hf_model()
+    cfg, m_ours = import_hf(m_hf)
+    if args.backend != "local":
+        from mimo_spec import build_model
+
+        cfg["backend"] = args.backend
+        state = m_ours.state_dict()
+        m_ours = build_model(cfg)
+        m_ours.load_state_dict(state)
+    m_ours, m_hf = m_ours.to(dev).train(), m_hf.to(dev).train()
+    ids, labels, types, px, grid, pxv, vgrid = batch()
+    ids_d, labels_d, types_d, px_d, pxv_d = (t.to(dev) for t in (ids, labels, types, px, pxv))
+    o_ours = torch.optim.AdamW(m_ours.parameters(), lr=1e-4)
+    o_hf = torch.optim.AdamW(m_hf.parameters(), lr=1e-4)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    host_inputs = {"images": {"vit": {"pixel_values": px, "image_grid_thw": grid}},
+                   "videos": {"vit": {"pixel_values_videos": pxv, "video_grid_thw": vgrid}}}
+    dev_inputs = {"images": {"vit": {"pixel_values": px_d, "image_grid_thw": grid}},       # grids stay on the host
+                  "videos": {"vit": {"pixel_values_videos": pxv_d, "video_grid_thw": vgrid}}}
+    losses = {}
+
+    def step_ours():
+        o_ours.zero_grad(set_to_none=True)
+        pos = m_ours.position_ids(ids, host_inputs).to(dev, non_blocking=True)  # on the host, as the loop does
+        with amp:
+            loss = m_ours(ids_d, dev_inputs, position_ids=pos, labels=labels_d).loss
+        loss.backward()
+        o_ours.step()
+        losses.setdefault("mimo-spec", float(loss.detach()))
+
+    def step_hf():
+        o_hf.zero_grad(set_to_none=True)
+        with amp:
+            loss = m_hf(input_ids=ids_d, mm_token_type_ids=types_d, pixel_values=px_d, image_grid_thw=grid.to(dev),
+                        pixel_values_videos=pxv_d, video_grid_thw=vgrid.to(dev), labels=labels_d).loss
+        loss.backward()
+        o_hf.step()
+        losses.setdefault("hf", float(loss.detach()))
+
+    times = {"mimo-spec": [], "hf": []}
+    for i in range(args.warmup + args.steps):
+        for name, fn in (("mimo-spec", step_ours), ("hf", step_hf)):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    peak = {"mimo-spec": peak_step_memory(step_ours, dev), "hf": peak_step_memory(step_hf, dev)}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = ids.numel()
+    n_ours = sum(p.numel() for p in m_ours.parameters())
+    n_hf = sum(p.numel() for p in m_hf.parameters())
+    print(f"device={dev} precision={args.precision} backend={m_ours.language_model.backend} threads={args.threads} "
+          f"steps={args.steps} batch={tuple(ids.shape)} images={len(IMAGES)} videos={len(VIDEOS)} "
+          f"vision patches={px.shape[0] + pxv.shape[0]}")
+    print(f"first-step loss: mimo-spec {losses['mimo-spec']:.6f}  HF {losses['hf']:.6f}  "
+          f"(|diff| {abs(losses['mimo-spec'] - losses['hf']):.1e})")
+    print(f"{'':12s}{'ms/step':>10s}{'tokens/s':>12s}{'step peak memory':>20s}   params")
+    for name, label, n in (("mimo-spec", "mimo-spec", n_ours), ("hf", "HF Qwen2-VL", n_hf)):
+        print(f"{label:12s}{med[name] * 1000:10.1f}{tokens / med[name]:12.0f}{_mib(peak[name]):>20s}   {n:,}")
+    print(f"ratio mimo-spec / HF: time {med['mimo-spec'] / med['hf']:.2f}x"
+          + (f", peak memory {peak['mimo-spec'] / peak['hf']:.2f}x" if peak["mimo-spec"] and peak["hf"] else ""))
+
+
+if __name__ == "__main__":
+    main()
