@@ -37,6 +37,8 @@ def _counts(module: nn.Module, seen: set[int] | None = None) -> tuple[int, int]:
 
 def _label(module: nn.Module) -> str:
     label = getattr(module, "_registry_name", None) or type(module).__name__
+    if isinstance(getattr(module, "inputs_from", None), str):  # its items go through another modality's weights
+        label = f"{label} -> {module.inputs_from}"
     return f"{label} [te]" if getattr(module, "backend", None) == "te" else label
 
 
