@@ -240,7 +240,8 @@ def _run_generate(run: RunConfig, out_dir: Path) -> int:
     path, _, trained_data, model, tokenizer = _load_trained(run, "generate")
     # the prompt follows the whole model's modalities: encoded before a pipeline stage drops some of them
     input_ids, modality_inputs = encode_prompt(g.prompt, model, tokenizer, trained_data,
-                                               images=list(g.images), audio=list(g.audio))
+                                               images=list(g.images), audio=list(g.audio),
+                                               videos=list(g.videos))
     drun = start_parallel_generation(model, run.parallel.layout)  # under torchrun: every rank generates
     main = drun is None or drun.rank == 0
     device = next(model.parameters()).device

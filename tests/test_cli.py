@@ -105,3 +105,34 @@ def test_console_script_is_the_same_app(cli):
     assert exe, "the mimo-spec console script is installed with the package"
     r = subprocess.run([exe, "action=validate"], cwd=cli.cwd, capture_output=True, text=True)
     assert r.returncode == 0 and "config is valid" in r.stdout
+
+
+def test_generate_from_a_native_resolution_model_with_an_image_and_a_video(cli, tmp_path):
+    """action=generate with generate.images and generate.videos on a Qwen2-VL-shaped run: the prompt's tags
+    take the files in order, each expanded to its own placeholder count."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "red.png")
+    with av.open(str(tmp_path / "clip.mp4"), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), i * 30, dtype=np.uint8), format="rgb24")
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    run = tmp_path / "run"
+    r = cli("preset=qwen2_vl_tiny", "train.steps=1", "model.params.max_seq_len=4096", f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "gen"
+    r = cli("action=generate", f"generate.checkpoint={run}", f"generate.images=[{tmp_path / 'red.png'}]",
+            f"generate.videos=[{tmp_path / 'clip.mp4'}]", 'generate.prompt="<image> then <video>: what changes?"',
+            "generate.max_new_tokens=3", f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / "generation.json").read_text())
+    assert len(record["tokens"]) == 3 and record["prompt"] == "<image> then <video>: what changes?"
+    (tmp_path / "broken.mp4").write_bytes(b"not a video" * 10)
+    r = cli("action=generate", f"generate.checkpoint={run}", f"generate.videos=[{tmp_path / 'broken.mp4'}]",
+            f"hydra.run.dir={tmp_path / 'bad'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "broken.mp4" in r.stderr, r.stderr

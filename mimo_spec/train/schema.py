@@ -81,6 +81,7 @@ class GenerateConfig(_Strict):
     prompt: str = "Describe the image."
     images: list[str] = []
     audio: list[str] = []
+    videos: list[str] = []  # video files or frame folders (a model with a video modality)
     max_new_tokens: pydantic.PositiveInt = 32
     strategy: Literal["greedy", "sample"] = "greedy"  # the strategies generate() implements
     temperature: float = Field(1.0, ge=0.0)
