@@ -258,8 +258,12 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         kv_cache: "KVCache | None" = None,
+        segments: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
-        """x (B, S, hidden) -> (B, S, hidden). ``attn_mask`` (B|1, 1, S, S_k) bool, True = attend."""
+        """x (B, S, hidden) -> (B, S, hidden). ``attn_mask`` (B|1, 1, S, S_k) bool, True = attend.
+        ``segments`` (host ints summing to S, instead of a mask): attention only inside each consecutive
+        run of that many positions (packed items), computed run by run (equal-length runs batched) rather
+        than over S x S."""
         B, S, _ = x.shape
         D, group = self.head_dim, self.num_heads // self.num_kv_heads
         qkv = self.qkv(x)
@@ -282,6 +286,9 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(B, hkv, h // hkv, k.shape[2], D).flatten(1, 2)
             v = v[:, :, None].expand(B, hkv, h // hkv, v.shape[2], D).flatten(1, 2)
             gqa = False
+        if segments is not None and len(segments) > 1:
+            y = _segment_attention(q, k, v, segments, self.dropout if self.training else 0.0, gqa)
+            return self.out(y.transpose(1, 2).flatten(2))
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
@@ -290,6 +297,29 @@ class Attention(nn.Module):
             enable_gqa=gqa,
         )
         return self.out(y.transpose(1, 2).flatten(2))
+
+
+def _segment_attention(q, k, v, segments, dropout: float, gqa: bool) -> torch.Tensor:
+    """Bidirectional attention inside consecutive runs of positions: q, k, v (B, heads, S, D) with
+    ``segments`` summing to S -> (B, heads, S, D). Each stretch of equal-length runs is one SDPA call
+    over (B * runs, heads, length, D), so S x S scores are never formed."""
+    B, _, S, D = q.shape
+    if sum(segments) != S:
+        raise ValueError(f"segments sum to {sum(segments)}, not the sequence length {S}")
+    outs, start, i = [], 0, 0
+    while i < len(segments):
+        length, j = segments[i], i
+        while j < len(segments) and segments[j] == length:
+            j += 1
+        n, stop = j - i, start + (j - i) * length
+
+        def runs(t):  # (B, h, n*L, D) -> (B*n, h, L, D)
+            return t[:, :, start:stop].unflatten(2, (n, length)).transpose(1, 2).flatten(0, 1)
+
+        y = F.scaled_dot_product_attention(runs(q), runs(k), runs(v), dropout_p=dropout, enable_gqa=gqa)
+        outs.append(y.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3))
+        start, i = stop, j
+    return torch.cat(outs, dim=2)
 
 
 class KVCache:
@@ -431,10 +461,11 @@ class TransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         kv_cache: KVCache | None = None,
+        segments: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
-        """x (B, S, hidden) -> (B, S, hidden)."""
+        """x (B, S, hidden) -> (B, S, hidden). ``segments``: see :meth:`Attention.forward`."""
         x = x + self.dropout(self.attn(self.attn_norm(x), rope=rope, attn_mask=attn_mask,
-                                       is_causal=is_causal, kv_cache=kv_cache))
+                                       is_causal=is_causal, kv_cache=kv_cache, segments=segments))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 

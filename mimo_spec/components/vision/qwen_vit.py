@@ -388,14 +388,6 @@ class QwenViT(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[None, :, None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    @staticmethod
-    def _segment_mask(host_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        """(1, 1, S, S) True inside a segment, built on ``ids``' device (S ids cross, not S*S booleans);
-        None when everything is one segment, which is read from the host copy ``host_ids``."""
-        if host_ids.numel() == 0 or bool(host_ids[0] == host_ids[-1]):
-            return None
-        return (ids[:, None] == ids[None, :])[None, None]
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -422,8 +414,10 @@ class QwenViT(nn.Module):
                              hint="check the inputs with validate_inputs for the item at fault")
         dev = pixels.device
         lay = {k: v.to(dev, non_blocking=True) for k, v in layout.items()}
-        full_mask = self._segment_mask(layout["frames"], lay["frames"])
-        window_mask = self._segment_mask(layout["windows"], lay["windows"]) if "windows" in lay else None
+        # attention stays inside each frame (full layers) or window: runs of consecutive patches
+        frames = tuple(torch.unique_consecutive(layout["frames"], return_counts=True)[1].tolist())
+        windows = (tuple(torch.unique_consecutive(layout["windows"], return_counts=True)[1].tolist())
+                   if "windows" in layout else None)
 
         x = self.patch_embed(pixels)  # (S, H)
         if self.pos_embed is not None:
@@ -436,7 +430,7 @@ class QwenViT(nn.Module):
         deepstack = []
         for i, layer in enumerate(self.layers):
             windowed = "windows" in lay and i not in self.fullatt_layers
-            x = layer(x, rope=rope, attn_mask=window_mask if windowed else full_mask)
+            x = layer(x, rope=rope, segments=windows if windowed else frames)
             if i in self.deepstack_layers:
                 deepstack.append(x[0])
         x = x[0]
