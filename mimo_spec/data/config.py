@@ -121,6 +121,12 @@ class FileDataConfig(CommonDataConfig):
     # where offset indexes of the data files are cached; null: beside the data when writable, else
     # in ~/.cache/mimo-spec/index
     index_dir: str | None = None
+    # [before, after]: text put around every image's / video's / audio item's placeholder run (Qwen2-VL, Qwen2.5-VL,
+    # Qwen3-VL: ["<|vision_start|>", "<|vision_end|>"]), tokenised alone with the data's tokenizer, never trained
+    # (label -100); not added again where the text already has them right around the tag; null: nothing
+    image_wrap: tuple[str, str] | None = None
+    video_wrap: tuple[str, str] | None = None
+    audio_wrap: tuple[str, str] | None = None
 
 
 class LlavaJsonDataConfig(FileDataConfig):

@@ -12,6 +12,9 @@ transformers' Qwen2-VL image processor with ``data.min_pixels`` / ``data.max_pix
 (a file PyAV decodes, or a folder of frame images) is sampled at ``data.video_fps`` with at most
 ``data.video_max_frames`` frames. Counts are known before decoding: from the image header, the
 video container's frame count / rate / size, or the folder listing and its first frame's header.
+SigLIP2 NaFlex (an encoder taking ``spatial_shapes``, ``siglip2_naflex``): each image at its own patch grid
+of at most ``max_num_patches`` patches, padded to that budget (:class:`NaFlexVision`: transformers'
+SigLIP2 image processor), h*w tokens counted from the header.
 The sources, the sample builder and prompt-time generation all use it, so training and inference
 see the same pixels and features.
 
@@ -943,6 +946,162 @@ def _check_item_tokens(mod, name: str, enc_name: str, grid_name: str, packed: st
                           hint="the encoder's spatial_merge_size must be the merge its projector does")
 
 
+# ------------------------------------------------------------ native-resolution images (SigLIP2 NaFlex)
+
+# SigLIP2's own normalisation (Siglip2ImageProcessor's defaults)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def _siglip2_size_rule():
+    """transformers' ``get_image_size_for_max_num_patches``: (height, width, patch_size, max_num_patches) ->
+    the resized (height, width) in pixels, both multiples of the patch, at most max_num_patches patches."""
+    try:
+        from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+    except ImportError:  # transformers 4.x: one module
+        try:
+            from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+        except ImportError:
+            raise ConfigError("SigLIP2 NaFlex images need transformers with SigLIP2", path="data.image_processor",
+                              hint="pip install 'mimo-spec[data]'") from None
+    return get_image_size_for_max_num_patches
+
+
+def siglip2_image_processor(patch_size: int, max_num_patches: int, mean=SIGLIP_MEAN, std=SIGLIP_STD):
+    """transformers' SigLIP2 image processor (Pillow backend) for an encoder's patch size and patch budget:
+    bilinear resize to the largest patch grid of at most ``max_num_patches`` patches keeping the aspect
+    ratio, rescale to 0..1, normalise, patches flattened to ``(max_num_patches, C*p*p)`` (zero rows after
+    the image's own) with ``pixel_attention_mask`` and ``spatial_shapes``."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("SigLIP2 NaFlex images need the transformers package", path="data.image_processor",
+                          hint="pip install 'mimo-spec[data]'") from None
+    cls = getattr(transformers, "Siglip2ImageProcessorPil", None)
+    pil = {}
+    if cls is None:  # transformers 4.x: Siglip2ImageProcessor is the Pillow/numpy one
+        cls, pil = transformers.Siglip2ImageProcessor, {"use_fast": False}
+    return cls(patch_size=int(patch_size), max_num_patches=int(max_num_patches), image_mean=list(mean),
+               image_std=list(std), **pil)
+
+
+class NaFlexVision:
+    """SigLIP2 NaFlex's preprocessing for one encoder (``siglip2_naflex``): each image at its own patch grid.
+
+    Images go through transformers' SigLIP2 image processor (``data.image_processor``, a local folder whose
+    ``patch_size`` and ``max_num_patches`` must be the encoder's, or one built from the encoder's
+    ``patch_size`` and ``max_num_patches``, else ``num_patches``): ``pixel_values (1, max_num_patches, C*p*p)``,
+    ``pixel_attention_mask (1, max_num_patches)``, ``spatial_shapes (1, 2)``. Every image is padded to the
+    same budget, so the items of a batch stack. An image of grid (h, w) makes h*w tokens, known from its
+    header alone (:meth:`image_grid`, transformers' ``get_image_size_for_max_num_patches``).
+    Normalisation: ``mean`` / ``std``; at CLIP's values (``data.image_mean`` / ``image_std`` left at their
+    defaults) SigLIP's own 0.5 / 0.5 is used instead.
+    """
+
+    def __init__(self, encoder, *, mean=CLIP_MEAN, std=CLIP_STD, processor: str | None = None, where: str = "data"):
+        missing = [a for a in ("patch_size", "num_channels") if not hasattr(encoder, a)]
+        if missing:
+            raise ConfigError(f"the encoder {type(encoder).__name__} takes spatial_shapes but has no {missing[0]}",
+                              path=where, hint="a SigLIP2 NaFlex-style encoder states patch_size, num_channels and "
+                                               "max_num_patches (or num_patches)")
+        self.patch = int(encoder.patch_size)
+        self.channels = int(encoder.num_channels)
+        if self.channels != 3:
+            raise ConfigError(f"the SigLIP2 processor makes RGB pixels, but the encoder takes {self.channels} "
+                              "channel(s)", path=where, hint="num_channels: 3")
+        budget = getattr(encoder, "max_num_patches", None)
+        encoder_budget = int(budget) if budget is not None else None
+        if processor is not None:
+            self.processor = load_image_processor(processor)
+            have = {a: getattr(self.processor, a, None) for a in ("patch_size", "max_num_patches")}
+            if have["patch_size"] is None or have["max_num_patches"] is None:
+                raise ConfigError(f"the image processor in {processor} ({type(self.processor).__name__}) is not a "
+                                  "SigLIP2 NaFlex one: it has no patch_size / max_num_patches",
+                                  path="data.image_processor",
+                                  hint="save a Siglip2ImageProcessor, or null to build one from the encoder")
+            if int(have["patch_size"]) != self.patch:
+                raise ConfigError(f"the image processor in {processor} cuts {have['patch_size']}-pixel patches, the "
+                                  f"encoder takes {self.patch}-pixel ones (its patch_size is {have['patch_size']}, "
+                                  f"the encoder's {self.patch})", path="data.image_processor",
+                                  hint="save the processor of the same model, or null to build one from the encoder")
+            if encoder_budget is not None and int(have["max_num_patches"]) != encoder_budget:
+                raise ConfigError(f"the image processor in {processor} pads images to max_num_patches "
+                                  f"{have['max_num_patches']}, the encoder's max_num_patches is {encoder_budget}",
+                                  path="data.image_processor",
+                                  hint="use the same patch budget in both (the encoder's max_num_patches param, or "
+                                       "the processor's), or null to build the processor from the encoder")
+            self.budget = int(have["max_num_patches"])
+        else:
+            self.budget = encoder_budget if encoder_budget is not None else int(encoder.num_patches)
+            if tuple(mean) == tuple(CLIP_MEAN) and tuple(std) == tuple(CLIP_STD):
+                mean, std = SIGLIP_MEAN, SIGLIP_STD  # the data config's defaults: SigLIP's own normalisation
+            normalize(torch.zeros(self.channels, 1, 1), mean, std)  # mean/std lengths fit
+            self.processor = siglip2_image_processor(self.patch, self.budget, mean, std)
+        self._size_rule = _siglip2_size_rule()
+
+    @property
+    def row_width(self) -> int:
+        """Values per patch row: C * p * p."""
+        return self.channels * self.patch * self.patch
+
+    def tokens(self, grid) -> int:
+        """Tokens of an image with patch grid (h, w): h*w."""
+        h, w = (int(x) for x in grid)
+        return h * w
+
+    def image_grid(self, width: int, height: int, name: str = "", where: str = "") -> tuple[int, int]:
+        """The (h, w) patch grid a width x height image gets (the processor's rule, from the size alone)."""
+        if width < 1 or height < 1:
+            raise DataError(f"{name}: an image of {width}x{height} pixels holds nothing", path=where,
+                            hint="remove the sample")
+        h, w = self._size_rule(int(height), int(width), self.patch, self.budget)
+        return int(h) // self.patch, int(w) // self.patch
+
+    def image(self, img, name: str = "", where: str = "") -> dict[str, torch.Tensor]:
+        """A decoded RGB image -> ``{"pixel_values": (1, max_num_patches, C*p*p), "pixel_attention_mask":
+        (1, max_num_patches), "spatial_shapes": (1, 2)}``."""
+        gh, gw = self.image_grid(*img.size, name, where)
+        _require_image_fits(max(img.width * img.height, gh * gw * self.patch ** 2) * 4 * 3 * 3, name, where,
+                            f"resizing it ({img.width}x{img.height}) to {gw * self.patch}x{gh * self.patch}")
+        out = self.processor(images=img, return_tensors="pt")
+        return {"pixel_values": torch.as_tensor(out["pixel_values"], dtype=torch.float32),
+                "pixel_attention_mask": torch.as_tensor(out["pixel_attention_mask"]),
+                "spatial_shapes": torch.as_tensor(out["spatial_shapes"], dtype=torch.long).reshape(-1, 2)}
+
+
+def _naflex_encoder(mod, name: str):
+    """(encoder name, encoder) of a SigLIP2 NaFlex image modality: exactly one encoder, taking spatial_shapes."""
+    encoders = modality_encoders(mod)
+    if len(encoders) != 1:
+        raise ConfigError(f"the image modality {name!r} has {len(encoders)} encoders, one of them a SigLIP2 NaFlex "
+                          "one; native-resolution images go to one encoder", path="data.image_modality",
+                          hint="give the modality one encoder (siglip2_naflex)")
+    return next(iter(encoders.items()))
+
+
+def _takes_spatial_shapes(mod) -> bool:
+    return any("spatial_shapes" in (getattr(e, "grid_inputs", None) or {}) for e in modality_encoders(mod).values())
+
+
+def _check_naflex_tokens(mod, name: str, enc_name: str, vision: NaFlexVision) -> None:
+    """The modality's own count (``item_tokens``) for two probe grids equals h*w (no projector that changes it)."""
+    item_tokens = getattr(mod, "item_tokens", None)
+    if item_tokens is None:
+        return
+    k = max(1, math.isqrt(vision.budget))
+    grids = [(1, 1), (k, vision.budget // k)]
+    shapes = torch.tensor(grids, dtype=torch.long)
+    mask = (torch.arange(vision.budget)[None, :] < shapes.prod(-1)[:, None]).to(torch.int32)
+    probe = {enc_name: {"pixel_values": torch.zeros(1, 1, vision.row_width).expand(2, vision.budget, -1),
+                        "pixel_attention_mask": mask, "spatial_shapes": shapes}}
+    got = [int(x) for x in item_tokens(probe)]
+    want = [h * w for h, w in grids]
+    if got != want:
+        raise ConfigError(f"modality {name!r} makes {got} tokens for images of patch grids {grids}, but the data path "
+                          f"gives a SigLIP2 NaFlex image h*w placeholders ({want})", path=f"modalities.{name}",
+                          hint="use a projector that keeps the token count (mlp, linear)")
+
+
 class MediaProcessor:
     """Loads image, video and audio items into one model's encoder inputs.
 
@@ -960,8 +1119,9 @@ class MediaProcessor:
     ``image_processor``: a local Hugging Face image processor folder, else a ``CLIPImageProcessor``
     built from each encoder's size and ``image_mean`` / ``image_std`` (native-resolution encoders: a
     Qwen2-VL processor from ``min_pixels`` / ``max_pixels`` and the encoder's patch, temporal patch and
-    merge sizes; video frames use ``video_min_pixels`` / ``video_max_pixels``, sampled per
-    ``video_fps`` / ``video_min_frames`` / ``video_max_frames``). ``audio_overflow``: "split"
+    merge sizes, or a SigLIP2 one from a NaFlex encoder's patch size and ``max_num_patches``; video frames
+    use ``video_min_pixels`` / ``video_max_pixels``, sampled per ``video_fps`` / ``video_min_frames`` /
+    ``video_max_frames``). ``audio_overflow``: "split"
     (one item per encoder window, at most ``max_audio_items``) or "truncate" (the first window).
     """
 
@@ -987,7 +1147,7 @@ class MediaProcessor:
         self.image_processor, self.audio_overflow = image_processor, audio_overflow
         self.max_audio_items = int(max_audio_items)
         # native-resolution modalities: name -> (encoder name, grid input, packed input, processing)
-        self.native: dict[str, tuple[str, str, str, QwenVision]] = {}
+        self.native: dict[str, tuple[str, str, str, QwenVision | NaFlexVision]] = {}
         options = dict(min_pixels=min_pixels, max_pixels=max_pixels, video_min_pixels=video_min_pixels,
                        video_max_pixels=video_max_pixels, mean=self.image_mean, std=self.image_std,
                        processor=image_processor, fps=video_fps, min_frames=video_min_frames,
@@ -999,6 +1159,13 @@ class MediaProcessor:
             mod = model.modalities[name]
             if kind == "image" and not any(getattr(e, "grid_inputs", None) for e in modality_encoders(mod).values()):
                 continue  # a fixed-size image encoder: below
+            if kind == "image" and _takes_spatial_shapes(mod):  # SigLIP2 NaFlex: padded items, (h, w) grids
+                enc_name, enc = _naflex_encoder(mod, name)
+                naflex = NaFlexVision(enc, mean=self.image_mean, std=self.image_std, processor=image_processor,
+                                      where="data.image_modality")
+                _check_naflex_tokens(mod, name, enc_name, naflex)
+                self.native[name] = (enc_name, "spatial_shapes", "pixel_values", naflex)
+                continue
             enc_name, enc = _grid_encoder(mod, name, grid, kind)
             packed = tuple(enc.grid_inputs[grid])[0]
             vision = QwenVision(enc, where=f"data.{kind}_modality", **options)
@@ -1046,12 +1213,16 @@ class MediaProcessor:
 
     def image(self, item, where: str = "") -> dict:
         """-> ``{encoder: {"pixel_values": (1, C, H, W)}}``; for a native-resolution encoder
-        ``{encoder: {"pixel_values": (t*h*w, C*T*p*p), "image_grid_thw": (1, 3)}}``."""
+        ``{encoder: {"pixel_values": (t*h*w, C*T*p*p), "image_grid_thw": (1, 3)}}`` (Qwen2-VL) or
+        ``{encoder: {"pixel_values": (1, P, C*p*p), "pixel_attention_mask": (1, P), "spatial_shapes": (1, 2)}}``
+        (SigLIP2 NaFlex, P = max_num_patches)."""
         media = as_media(item, "image")
         img = load_image(media, where)
         if self.image_modality in self.native:
             enc_name, grid, packed, vision = self.native[self.image_modality]
             out = vision.image(img, media.name, where)
+            if isinstance(vision, NaFlexVision):  # the processor's names are the encoder's
+                return {enc_name: out}
             return {enc_name: {packed: out["pixel_values"], grid: out["image_grid_thw"]}}
         return {name: {"pixel_values": transform(img, media.name, where)}
                 for name, transform in self.image_transforms.items()}

@@ -5,8 +5,9 @@
 - ``encode(record)``: the text only (chat template, placeholder runs, the length limit) plus what the
   media need (how many items each audio file becomes, read from its header; the placeholder count of
   each native-resolution image or video, from its header or container: each ``<image>`` / ``<video>``
-  tag becomes a run of its own item's length). Cheap: the packer asks every sample's length with it
-  before any media is decoded.
+  tag becomes a run of its own item's length; ``data.image_wrap`` / ``video_wrap`` / ``audio_wrap`` put
+  their [before, after] ids around every run, e.g. Qwen's ``<|vision_start|>`` ... ``<|vision_end|>``).
+  Cheap: the packer asks every sample's length with it before any media is decoded.
 - ``build(encoded)``: decodes the images, videos and audio into encoder inputs (in a DataLoader worker),
   checking each native item makes the count planned for it.
 
@@ -105,6 +106,12 @@ class SampleBuilder:
                 # run to its own item's count
                 length = 1 if self.media.is_native(name) else self.media.tokens_per_item[name]
                 self.tags[tag] = Tag(name, model.modalities[name].special_token_id, length)
+        # modality -> (ids before, ids after) each of its items' runs (data.image_wrap / video_wrap / audio_wrap)
+        self.wraps: dict[str, tuple[list[int], list[int]]] = {}
+        for kind in ("image", "video", "audio"):
+            wrap, name = getattr(cfg, f"{kind}_wrap", None), getattr(self.media, f"{kind}_modality", None)
+            if wrap is not None and name is not None:
+                self.wraps[name] = wrap_ids(tokenizer, wrap, self.reserved, f"data.{kind}_wrap")
 
     # ------------------------------------------------------------------------------ text
     def turns(self, record: Record) -> list[list[str]]:
@@ -182,13 +189,13 @@ class SampleBuilder:
                             hint="a lone surrogate escape in the JSON: fix or remove the sample") from None
         except InputError as e:
             raise DataError(e.problems) from None
-        ids, labels, runs = widen_runs(enc.input_ids, enc.labels, enc.runs, counts)
+        ids, labels, runs = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps)
         truncated = False
         if len(ids) > self.max_len:
             cut = self.max_len
             if self.truncation == "drop":
                 raise Dropped("too_long", where, len(ids), self.max_len)
-            if any(start < cut < start + length for _, start, length in runs):
+            if any(a < cut < b for a, b in (run_span(r, self.wraps) for r in runs)):  # inside an item or its wrap
                 raise Dropped("cut_inside_placeholders", where, len(ids), self.max_len)
             ids, labels, truncated = ids[:cut], labels[:cut], True
             kept = [r for r in runs if r[1] < cut]
@@ -305,7 +312,7 @@ class SampleBuilder:
                 turns = _expand_tags(turns, tag, per_file)
         enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
                                   add_generation_prompt=True, reserved=self.reserved, where=where)
-        ids, _, _ = widen_runs(enc.input_ids, enc.labels, enc.runs, counts)
+        ids, _, _ = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps)
         inputs = {}
         for tag, (kind, name, files, per_file) in media.items():
             inputs[name] = self.decode(name, [(kind, m) for m, n in zip(files, per_file) for _ in range(n)], where,
@@ -328,19 +335,30 @@ def _naming(call, kind: str, k: int, n: int, media: Media):
 
 
 def widen_runs(ids: list[int], labels: list[int], runs: list[tuple[str, int, int]],
-               counts: dict[str, list[int]]) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
+               counts: dict[str, list[int]],
+               wraps: dict[str, tuple[list[int], list[int]]] | None = None,
+               ) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
     """Each run of a modality in ``counts`` (one placeholder per tag) widened to its item's own count: the
-    k-th run of modality m becomes ``counts[m][k]`` copies of its placeholder (and its label)."""
-    if not counts:
+    k-th run of modality m becomes ``counts[m][k]`` copies of its placeholder (and its label). ``wraps``:
+    modality -> (ids before, ids after) put around each of its runs, labelled -100 (Qwen's
+    ``<|vision_start|>`` ... ``<|vision_end|>``); where the text already holds them right around the tag
+    they are not added again. The runs returned are the placeholders' (without the wraps)."""
+    wraps = wraps or {}
+    if not counts and not wraps:
         return ids, labels, runs
     out_ids: list[int] = []
     out_labels: list[int] = []
     out_runs: list[tuple[str, int, int]] = []
     seen = dict.fromkeys(counts, 0)
     pos = 0
+    added = 0  # out_ids up to here hold ids this function put in (a wrap is never taken for the text's own)
     for name, start, length in runs:
         out_ids += ids[pos:start]
         out_labels += labels[pos:start]
+        before, after = wraps.get(name, ((), ()))
+        if before and not (len(out_ids) - len(before) >= added and out_ids[len(out_ids) - len(before):] == before):
+            out_ids += before
+            out_labels += [IGNORE_INDEX] * len(before)
         if name in counts:
             if length != 1 or seen[name] >= len(counts[name]):
                 raise DataError(f"{name}: {seen[name] + 1} placeholder runs for {len(counts[name])} items",
@@ -355,9 +373,39 @@ def widen_runs(ids: list[int], labels: list[int], runs: list[tuple[str, int, int
             out_ids += ids[start:start + length]
             out_labels += labels[start:start + length]
         pos = start + length
+        if after and ids[pos:pos + len(after)] != after:
+            out_ids += after
+            out_labels += [IGNORE_INDEX] * len(after)
+        added = len(out_ids)
     out_ids += ids[pos:]
     out_labels += labels[pos:]
     return out_ids, out_labels, out_runs
+
+
+def run_span(run: tuple[str, int, int], wraps: dict[str, tuple[list[int], list[int]]]) -> tuple[int, int]:
+    """[start, end) of a run of placeholders (from :func:`widen_runs`) with its wrap ids around it."""
+    name, start, length = run
+    before, after = wraps.get(name, ((), ()))
+    return start - len(before), start + length + len(after)
+
+
+def wrap_ids(tokenizer, wrap, reserved, key: str) -> tuple[list[int], list[int]]:
+    """``[before, after]`` text (``data.image_wrap`` ...) -> their ids, each tokenised alone; a ConfigError
+    naming ``key`` when one holds a modality's placeholder id."""
+    from mimo_spec.data.tokenizer import encode_many
+
+    if len(wrap) != 2 or not all(isinstance(w, str) for w in wrap):
+        raise ConfigError(f"expected [before, after] text, got {short(wrap)}", path=key,
+                          hint='e.g. ["<|vision_start|>", "<|vision_end|>"], or null')
+    try:
+        before, after = (list(x) for x in encode_many(tokenizer, list(wrap)))
+    except UnicodeEncodeError:
+        raise ConfigError(f"{short(wrap)} is not valid Unicode text", path=key) from None
+    bad = sorted(set(before + after) & set(reserved))
+    if bad:
+        raise ConfigError(f"{short(wrap)} tokenises to id {bad[0]}, a modality's placeholder or generation id",
+                          path=key, hint="wrap the items in other text, or give the modality another token id")
+    return before, after
 
 
 def _path(f):
