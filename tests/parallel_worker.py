@@ -62,13 +62,10 @@ def main() -> None:
         elif sc.startswith("native:"):  # a Qwen2-VL-shaped model: images of different sizes and videos
             layout = sc.split(":")[1]
             train(native_config(layout, NATIVE_LAYOUTS.get(layout, [])), out / f"native_{layout}")
-        elif sc == "native_refused_split":  # layouts that do not carry items of any size yet say so
-            from mimo_spec.errors import ConfigError
-
-            try:
-                train(native_config("hetero_split", SPLIT2), out / sc)
-            except ConfigError as e:
-                (out / f"{sc}_rank{os.environ['RANK']}.txt").write_text(str(e))
+        elif sc.startswith("native_split:"):  # the same model under split / bridged layouts (NATIVE_SPLIT)
+            name = sc.split(":")[1]
+            layout, extra = NATIVE_SPLIT[name]
+            train(native_config(layout, extra), out / f"native_split_{name}")
         elif sc.startswith("packed:"):  # hand-packed rows (document_ids) through the layout's training step
             name = sc.split(":")[1]
             layout, extra = PACK_VARIANTS.get(name, (name, []))
@@ -88,6 +85,21 @@ NATIVE = ["train.optimizer=sgd", "train.lr=0.2", "train.warmup_steps=0", "data.t
 
 # pipeline stages cannot share a tied embedding: pp2 and its single-process reference untie it
 NATIVE_LAYOUTS = {"pp2": ["model.params.tie_embeddings=false"], "single_untied": ["model.params.tie_embeddings=false"]}
+
+
+# split and bridged layouts for the native-resolution model: name -> (layout, overrides). Videos go
+# through the images' tower (inputs_from), so they sit on its ranks
+NATIVE_SPLIT = {
+    "split2": ("hetero_split", ["parallel.default.ranks.size=1", "parallel.modules.language.tp=1",
+                                "parallel.modules.language.ranks={offset: 1, size: 1}"]),
+    # images and videos FSDP-sharded on 2 ranks, the LM replicated: both bridged (chunks of items of
+    # different sizes all-gathered), the videos through the images' tower
+    "bridged": ("ddp", ["+parallel.modules.images={dp_replicate: 1, dp_shard: -1}",
+                        "+parallel.modules.videos={dp_replicate: 1, dp_shard: -1}"]),
+    # 4 ranks: the encoders FSDP on ranks 0-1 (each encodes a chunk of the items), the LM FSDP on ranks
+    # 2-3 (each takes its samples' items and M-RoPE positions)
+    "split4": ("hetero_split", ["parallel.modules.language.tp=1"]),
+}
 
 
 def native_config(layout: str, extra=()):

@@ -1,6 +1,6 @@
 """A native-resolution model (preset=qwen2_vl_tiny: images of different sizes and videos through one tower,
 M-RoPE) under 2 ranks (gloo, CPU): DDP, FSDP and TP train as one process does, with ranks whose share of a
-batch has no image or no video; the layouts that cannot carry such items yet refuse them by name."""
+batch has no image or no video (split and bridged layouts: tests/test_parallel_native_split.py)."""
 
 import sys
 from pathlib import Path
@@ -17,7 +17,7 @@ from conftest import ROOT  # noqa: E402
 def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
     from mimo_spec.train.loop import train
 
-    scenarios = "native:ddp,native:fsdp,native:tp2,native:pp2,native_refused_split"
+    scenarios = "native:ddp,native:fsdp,native:tp2,native:pp2"  # split / bridged: test_parallel_native_split.py
     r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(native_config("single"), tmp_path / "single")
@@ -28,7 +28,3 @@ def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
     # pipeline stages: items packed per sample by their patch rows, M-RoPE positions on every stage
     train(native_config("single", NATIVE_LAYOUTS["single_untied"]), tmp_path / "single_untied")
     assert losses(tmp_path / "native_pp2") == pytest.approx(losses(tmp_path / "single_untied"), rel=RTOL)
-    for rank in (0, 1):
-        message = (tmp_path / f"native_refused_split_rank{rank}.txt").read_text()
-        assert "modalities.images" in message and "items of different sizes" in message, message
-        assert "encoders on their own ranks" in message, message

@@ -81,10 +81,10 @@ class MimoModel(nn.Module):
                                  f"inputs_from ({source!r}) must name another modality with encoders of its own; "
                                  f"this model's: {', '.join(usable) or 'none'}")
             mod.link_inputs(other)
-        # what M-RoPE positions need of each modality with grid items, as plain data (pipeline stages past
-        # the first drop the encoders and still compute positions): placeholder, encoder name, grid input
-        # names, spatial merge, whether its items are videos
-        self._grid_items: dict[str, tuple[int, str, tuple[str, ...], int, bool]] = {}
+        # grid_items: what M-RoPE positions need of each modality with grid items, as plain data (pipeline
+        # stages past the first drop the encoders and still compute positions, and slice a batch's grids
+        # by item): placeholder, encoder name, grid input names, spatial merge, whether its items are videos
+        self.grid_items: dict[str, tuple[int, str, tuple[str, ...], int, bool]] = {}
         for name, mod in self.modalities.items():
             if not mod.has_input or mod.special_token_id is None:
                 continue
@@ -92,7 +92,7 @@ class MimoModel(nn.Module):
             grids = tuple(getattr(enc, "grid_inputs", None) or {})
             merge = getattr(enc, "spatial_merge_size", None)
             if grids and merge is not None:  # fixed-size items: their placeholders count as text positions
-                self._grid_items[name] = (mod.special_token_id, enc_name, grids, int(merge),
+                self.grid_items[name] = (mod.special_token_id, enc_name, grids, int(merge),
                                           mod.item_kind == "video")
         lm_layers = getattr(language_model, "num_layers", None)
         for name, mod in self.modalities.items():
@@ -271,7 +271,7 @@ class MimoModel(nn.Module):
         if getattr(lm, "mrope_section", None) is None:
             return None, None
         streams = []
-        for name, (token, enc_name, grids, merge, video_kind) in self._grid_items.items():
+        for name, (token, enc_name, grids, merge, video_kind) in self.grid_items.items():
             kwargs = (modality_inputs.get(name) or {}).get(enc_name) or {}
             grid_name = next((g for g in grids if g in kwargs), None)
             if grid_name is None:

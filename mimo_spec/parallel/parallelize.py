@@ -259,26 +259,38 @@ class ParallelContext:
         return model
 
     def _check_items_of_any_size(self, model: nn.Module) -> None:
-        """Refuse, naming the modality, what the pipeline, split and bridged layouts do not carry yet:
-        items of different sizes (grid inputs), a modality using another's encoders, DeepStack."""
+        """Refuse, naming the modality, what the pipeline, split and bridged layouts cannot carry: DeepStack
+        (``deepstack_projections`` add feature maps at deeper language-model layers; these layouts hand
+        the language model one embedding per placeholder), and, split, a modality taking another's
+        encoders (``inputs_from``) on other ranks than that modality (it encodes through them). Items of
+        different sizes (grid inputs) they all carry."""
         bridged = any(self._needs_bridge(m) for n, m in self.layout.modules.items() if n != LANGUAGE)
         where = ("parallel: encoders on their own ranks" if not self.layout.colocated
                  else "parallel: a modality's data-parallel layout unlike the LM's" if bridged
                  else "parallel: pp > 1" if self.pp > 1 else None)
         if where is None:
             return
-        for name, mod in getattr(model, "modalities", {}).items():
-            encoders = getattr(getattr(mod, "src", mod), "encoders", {})
-            what = ("feeds deeper language-model layers (deepstack_projections)"
-                    if getattr(mod, "deepstack_projections", None) is not None
-                    else None if self.layout.colocated and not bridged  # the pipeline carries the rest
-                    else "takes the encoders of another modality (inputs_from)" if getattr(mod, "inputs_from", None)
-                    else "has items of different sizes (grid inputs)"
-                    if any(getattr(e, "grid_inputs", None) for e in encoders.values()) else None)
-            if what:
-                raise ConfigError(f"modality {name!r} {what}, which this layout ({where}) does not support yet",
+        modalities = getattr(model, "modalities", {})
+        for name, mod in modalities.items():
+            if getattr(getattr(mod, "src", mod), "deepstack_projections", None) is not None:
+                via = "" if getattr(mod, "src", mod) is mod else f" (through the encoders of {mod.inputs_from!r})"
+                raise ConfigError(f"modality {name!r} feeds deeper language-model layers (deepstack_projections)"
+                                  f"{via}, which this layout ({where}) does not support yet",
                                   path=f"modalities.{name}",
                                   hint="use single, ddp, fsdp or tp layouts (parallel=ddp|fsdp|tp2|tp2_fsdp)")
+        if self.layout.colocated:
+            return
+        for name, mod in modalities.items():
+            source = getattr(mod, "inputs_from", None)
+            if source is None or name not in self.layout.modules or source not in self.layout.modules:
+                continue
+            m, s = self.layout.modules[name], self.layout.modules[source]
+            if (m.offset, m.size) != (s.offset, s.size):
+                raise ConfigError(f"modality {name!r} encodes through the encoders of {source!r} (inputs_from), which "
+                                  f"sit on ranks {s.offset}..{s.offset + s.size - 1}, but it is placed on ranks "
+                                  f"{m.offset}..{m.offset + m.size - 1}", path=m.path,
+                                  hint=f"give {name} the ranks of {source} (ranks: {{offset: {s.offset}, "
+                                       f"size: {s.size}}})")
 
     def sync_grads(self, model: nn.Module) -> None:
         """Sum the gradients of replicated-only modules (dp_replicate > 1, dp_shard == 1) over their
@@ -409,9 +421,17 @@ class ParallelContext:
         for name, counts in (batch.get("items_per_sample") or {}).items():
             start, stop = sum(counts[:lo]), sum(counts[:hi])
             out["items_per_sample"][name] = counts[lo:hi]
-            if name in (batch.get("modality_inputs") or {}):  # items of any size: packed inputs by their rows
-                out["modality_inputs"][name] = slice_modality_items(model.modalities[name].src,
-                                                                    batch["modality_inputs"][name], start, stop)
+            items = (batch.get("modality_inputs") or {}).get(name)
+            if items is None:
+                continue
+            if name in model.modalities:  # items of any size: packed inputs by their rows
+                out["modality_inputs"][name] = slice_modality_items(model.modalities[name].src, items, start, stop)
+            elif name in getattr(model, "grid_items", {}):
+                # a pipeline stage without the encoders needs only the grids (its M-RoPE positions)
+                enc, grids = model.grid_items[name][1], model.grid_items[name][2]
+                kws = items.get(enc) or {}
+                out["modality_inputs"][name] = {enc: {k: t[start:stop] for k, t in kws.items()
+                                                      if k in grids or k == "second_per_grid_ts"}}
         if batch.get("output_targets"):
             out["output_targets"] = {}
             for name, target in batch["output_targets"].items():
