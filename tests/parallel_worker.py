@@ -60,8 +60,16 @@ def main() -> None:
             layout, extra = PACK_VARIANTS.get(name, (name, []))
             train(config(layout, PACK_LOOP + extra), out / f"loop_packed_{name}")
         elif sc.startswith("native:"):  # a Qwen2-VL-shaped model: images of different sizes and videos
-            layout = sc.split(":")[1]
-            train(native_config(layout, NATIVE_LAYOUTS.get(layout, [])), out / f"native_{layout}")
+            case = sc.split(":")[1]
+            layout = case.split("_")[0]
+            train(native_config(layout, NATIVE_LAYOUTS.get(case, [])), out / f"native_{case}")
+        elif sc == "native_deep_late":  # DeepStack past the first pipeline stage: refused by name
+            from mimo_spec.errors import ConfigError
+
+            try:
+                train(native_config("pp2", [*DEEP, "modalities.images.params.deepstack_lm_layers=[1]"]), out / sc)
+            except ConfigError as e:
+                (out / f"{sc}_rank{os.environ['RANK']}.txt").write_text(str(e))
         elif sc.startswith("native_split:"):  # the same model under split / bridged layouts (NATIVE_SPLIT)
             name = sc.split(":")[1]
             layout, extra = NATIVE_SPLIT[name]
@@ -84,7 +92,12 @@ NATIVE = ["train.optimizer=sgd", "train.lr=0.2", "train.warmup_steps=0", "data.t
 
 
 # pipeline stages cannot share a tied embedding: pp2 and its single-process reference untie it
-NATIVE_LAYOUTS = {"pp2": ["model.params.tie_embeddings=false"], "single_untied": ["model.params.tie_embeddings=false"]}
+# DeepStack (Qwen3-VL's): the tower's layer-0 features, merged, added after LM layer 0 (the first stage's)
+DEEP = ["modalities.images.submodules.encoders.vit.params.deepstack_layers=[0]",
+        "+modalities.images.submodules.deepstack_projections=[{module: patch_merger, params: {in_features: 64, "
+        "out_features: 128, norm_after_merge: true}}]", "model.params.tie_embeddings=false"]
+NATIVE_LAYOUTS = {"pp2": ["model.params.tie_embeddings=false"], "single_untied": ["model.params.tie_embeddings=false"],
+                  "pp2_deep": DEEP, "single_deep": DEEP}
 
 
 # split and bridged layouts for the native-resolution model: name -> (layout, overrides). Videos go

@@ -17,7 +17,8 @@ from conftest import ROOT  # noqa: E402
 def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
     from mimo_spec.train.loop import train
 
-    scenarios = "native:ddp,native:fsdp,native:tp2,native:pp2"  # split / bridged: test_parallel_native_split.py
+    # split / bridged: test_parallel_native_split.py
+    scenarios = "native:ddp,native:fsdp,native:tp2,native:pp2,native:pp2_deep,native_deep_late"
     r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(native_config("single"), tmp_path / "single")
@@ -28,3 +29,11 @@ def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
     # pipeline stages: items packed per sample by their patch rows, M-RoPE positions on every stage
     train(native_config("single", NATIVE_LAYOUTS["single_untied"]), tmp_path / "single_untied")
     assert losses(tmp_path / "native_pp2") == pytest.approx(losses(tmp_path / "single_untied"), rel=RTOL)
+    # DeepStack on the first stage's layers; past them, refused naming the key
+    train(native_config("single", NATIVE_LAYOUTS["single_deep"]), tmp_path / "single_deep")
+    deep = losses(tmp_path / "single_deep")
+    assert deep != losses(tmp_path / "single_untied")  # the DeepStack features change the model
+    assert losses(tmp_path / "native_pp2_deep") == pytest.approx(deep, rel=RTOL)
+    for rank in (0, 1):
+        message = (tmp_path / f"native_deep_late_rank{rank}.txt").read_text()
+        assert "modalities.images.params.deepstack_lm_layers" in message and "past the first pipeline stage" in message

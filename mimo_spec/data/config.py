@@ -74,13 +74,21 @@ class CommonDataConfig(BaseModel):
     image_processor: str | None = None
     # the text tag placing a video (each becomes the video modality's placeholder run, one per video)
     video_token: str = Field("<video>", min_length=1)
-    # native-resolution encoders (Qwen2-VL's processor): an image is resized, keeping its aspect ratio, to
-    # sides divisible by patch_size * merge and between min_pixels and max_pixels pixels in all
-    min_pixels: int = Field(56 * 56, ge=1)
-    max_pixels: int = Field(28 * 28 * 1280, ge=1)
-    # the same bounds for each video frame (transformers' Qwen2-VL video processor defaults)
-    video_min_pixels: int = Field(128 * 28 * 28, ge=1)
-    video_max_pixels: int = Field(28 * 28 * 768, ge=1)
+    # native-resolution encoders (Qwen's processors): an image is resized, keeping its aspect ratio, to
+    # sides divisible by patch_size * merge and between min_pixels and max_pixels pixels in all; null: the
+    # processor's default (Qwen2-VL: 3136 / 1003520; Qwen3-VL: 65536 / 16777216)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+    # the same bounds for each video frame (Qwen2-VL: 100352 / 602112), or under qwen_vl qwen3_vl for the whole
+    # clip, sampled frames x height x width (Qwen3-VL: 4096 / 25165824); null: those defaults
+    video_min_pixels: int | None = Field(None, ge=1)
+    video_max_pixels: int | None = Field(None, ge=1)
+    # which Qwen processing a grid encoder (qwen_vit) gets: qwen2_vl (Qwen2-VL, Qwen2.5-VL: one placeholder run
+    # per video), qwen3_vl (Qwen3-VL: its pixel defaults and 0.5 / 0.5 normalisation when image_mean / image_std
+    # are left at CLIP's, its frame sampling and whole-clip resize, and each video laid out as its frame groups,
+    # each after its "<1.5 seconds>" timestamp text and inside video_wrap), or auto: qwen3_vl for a language
+    # model with mrope_frames_as_items (Qwen3-VL's M-RoPE), else qwen2_vl
+    qwen_vl: Literal["auto", "qwen2_vl", "qwen3_vl"] = "auto"
     # video files are sampled at this many frames per second (a frame folder's frames are all taken), then
     # at least video_min_frames and at most video_max_frames of them, spread evenly over the video
     video_fps: float = Field(2.0, gt=0.0)

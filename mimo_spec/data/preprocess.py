@@ -12,6 +12,11 @@ transformers' Qwen2-VL image processor with ``data.min_pixels`` / ``data.max_pix
 (a file PyAV decodes, or a folder of frame images) is sampled at ``data.video_fps`` with at most
 ``data.video_max_frames`` frames. Counts are known before decoding: from the image header, the
 video container's frame count / rate / size, or the folder listing and its first frame's header.
+Qwen3-VL (``data.qwen_vl``; auto: a language model with ``mrope_frames_as_items``): its processors' pixel
+bounds and 0.5 / 0.5 normalisation as defaults, frames sampled and the whole clip resized by
+``Qwen3VLVideoProcessor``'s rules (:func:`qwen3_frame_indices`, :func:`qwen3_video_size`), and each video
+planned with its frame groups' timestamps (:func:`frame_group_timestamps`), which the sample builder writes
+as ``<1.5 seconds>`` text before each group.
 SigLIP2 NaFlex (an encoder taking ``spatial_shapes``, ``siglip2_naflex``): each image at its own patch grid
 of at most ``max_num_patches`` patches, padded to that budget (:class:`NaFlexVision`: transformers'
 SigLIP2 image processor), h*w tokens counted from the header.
@@ -406,17 +411,90 @@ def sample_frame_indices(total: int, video_fps: float | None, fps: float, min_fr
     return torch.arange(0, total, total / n).int().tolist()[:n]
 
 
+# the processors' defaults when data.min_pixels ... are null: transformers' Qwen2-VL image / video processors
+# (per image, per frame), and Qwen3-VL's (Qwen/Qwen3-VL-*'s preprocessor_config.json / video_preprocessor_config.json:
+# per image, and for a video over the whole clip: frames x height x width)
+QWEN2_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "video_min_pixels": 128 * 28 * 28,
+                "video_max_pixels": 28 * 28 * 768}
+QWEN3_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216, "video_min_pixels": 4096, "video_max_pixels": 25165824}
+# Qwen3-VL's normalisation (its processors' image_mean / image_std)
+QWEN3_MEAN = (0.5, 0.5, 0.5)
+QWEN3_STD = (0.5, 0.5, 0.5)
+QWEN_VL = ("auto", "qwen2_vl", "qwen3_vl")
+
+
+def qwen3_frame_indices(total: int, video_fps: float | None, fps: float, min_frames: int,
+                        max_frames: int) -> list[int]:
+    """The frames of a ``total``-frame video to use, as transformers' ``Qwen3VLVideoProcessor.sample_frames``
+    picks them: ``int(total / video_fps * fps)`` frames, at least ``min_frames``, at most ``max_frames`` and
+    ``total`` (no rounding to the temporal patch: the last frame is repeated to fill it), at
+    ``linspace(0, total - 1, n)`` rounded half to even. ``video_fps`` None (a frame folder, already sampled):
+    all its frames up to ``max_frames``, else ``max_frames`` of them spread the same way."""
+    if video_fps is None:
+        n = min(total, max_frames)
+    else:
+        n = min(max(int(total / video_fps * fps), min_frames), max_frames, total)
+    if n <= 0:
+        return []
+    return [int(i) for i in np.linspace(0, total - 1, n).round().astype(int)]
+
+
+def qwen3_video_size(frames: int, height: int, width: int, temporal: int, factor: int, min_pixels: int,
+                     max_pixels: int, name: str = "", where: str = "") -> tuple[int, int]:
+    """Qwen3-VL's video resize rule: (height, width) -> sides divisible by ``factor``, the bounds applying to the
+    whole clip: ``frames`` (rounded to the temporal patch) x height x width between ``min_pixels`` and
+    ``max_pixels``, the aspect ratio kept as far as it can be. Sides under ``factor`` are first scaled up to it.
+    Fewer frames than one temporal patch, or an aspect ratio over 200, raise DataError naming the item."""
+    if frames < temporal:
+        raise DataError(f"{name}: {frames} frame(s) sampled, but Qwen3-VL's video processing needs at least "
+                        f"{temporal} (one temporal patch)", path=where,
+                        hint="give the video more frames, or pass a single frame as an image")
+    h, w = float(height), float(width)
+    if h < factor or w < factor:
+        scale = max(factor / h, factor / w)
+        h, w = float(int(h * scale)), float(int(w * scale))
+    if min(h, w) <= 0 or max(h, w) / min(h, w) > 200:
+        raise DataError(f"{name}: {width}x{height} cannot be resized for the encoder: its aspect ratio is over 200",
+                        path=where, hint="crop the video to an aspect ratio under 200:1, or remove the sample")
+    new_h, new_w = round(h / factor) * factor, round(w / factor) * factor
+    volume = round(frames / temporal) * temporal * new_h * new_w
+    if volume > max_pixels:
+        beta = math.sqrt(frames * h * w / max_pixels)
+        new_h = max(factor, math.floor(h / beta / factor) * factor)
+        new_w = max(factor, math.floor(w / beta / factor) * factor)
+    elif volume < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * h * w))
+        new_h, new_w = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return int(new_h), int(new_w)
+
+
+def frame_group_timestamps(indices: list[int], fps: float, temporal: int) -> list[float]:
+    """Seconds of each temporal patch (frame group) of a Qwen3-VL video: the sampled frame indices, the last
+    repeated to fill the last group, divided by the frame rate; each group's time is the mean of its first and
+    last frame's (transformers' ``Qwen3VLProcessor``)."""
+    idx = list(indices) + [indices[-1]] * (-len(indices) % temporal) if indices else []
+    return [(idx[i] / fps + idx[i + temporal - 1] / fps) / 2 for i in range(0, len(idx), temporal)]
+
+
+def timestamp_text(seconds: float) -> str:
+    """The text before a Qwen3-VL frame group: ``<0.5 seconds>`` (one decimal)."""
+    return f"<{seconds:.1f} seconds>"
+
+
 class VideoPlan:
     """What one video becomes, known before decoding: its frame count and rate (from the container or
     the folder listing), the frames used, the frame size and the grid ``(t, h, w)``.
     ``seconds_per_grid``: seconds per temporal patch as transformers' Qwen2.5-VL processor states it
-    (``temporal_patch_size / data.video_fps``; its ``second_per_grid_ts``)."""
+    (``temporal_patch_size / data.video_fps``; its ``second_per_grid_ts``). ``timestamps`` (Qwen3-VL's layout,
+    else None): the seconds of each of the ``t`` frame groups (:func:`frame_group_timestamps`)."""
 
     def __init__(self, frames: int, fps: float | None, width: int, height: int, indices: list[int],
-                 grid: tuple[int, int, int], files: list[Path] | None = None, seconds_per_grid: float = 1.0):
+                 grid: tuple[int, int, int], files: list[Path] | None = None, seconds_per_grid: float = 1.0,
+                 timestamps: list[float] | None = None):
         self.frames, self.fps, self.width, self.height = frames, fps, width, height
         self.indices, self.grid, self.files = indices, grid, files
         self.seconds_per_grid = seconds_per_grid
+        self.timestamps = timestamps
 
 
 def _av():
@@ -494,11 +572,17 @@ class QwenVision:
     make one temporal patch (the last frame repeated to fill the last one), laid out as transformers'
     ``Qwen2VLVideoProcessor`` lays them out: ``pixel_values_videos (t*h*w, C*T*p*p)``, ``video_grid_thw``.
     Token counts (``t*h*w / merge**2``) come from headers alone (:meth:`image_grid`, :meth:`video_plan`).
+
+    ``qwen3``: Qwen3-VL's video processing (transformers' ``Qwen3VLVideoProcessor``, which needs torchvision, so
+    its rules are followed here with the image processor on the frames): frames sampled by
+    :func:`qwen3_frame_indices`, every frame resized (bicubic, Pillow) to the size :func:`qwen3_video_size` gives
+    the whole clip (``video_min_pixels`` / ``video_max_pixels`` bound frames x height x width), and each plan
+    carries its frame groups' timestamps.
     """
 
     def __init__(self, encoder, *, min_pixels: int, max_pixels: int, video_min_pixels: int, video_max_pixels: int,
                  mean=CLIP_MEAN, std=CLIP_STD, processor: str | None = None, fps: float = 2.0, min_frames: int = 4,
-                 max_frames: int = 768, where: str = "data"):
+                 max_frames: int = 768, where: str = "data", qwen3: bool = False):
         missing = [a for a in ("patch_size", "temporal_patch_size", "spatial_merge_size") if not hasattr(encoder, a)]
         if missing:
             raise ConfigError(f"the encoder {type(encoder).__name__} takes grid inputs but has no {missing[0]}",
@@ -535,6 +619,7 @@ class QwenVision:
                                                        self.merge, mean, std)
         self.video_min_pixels, self.video_max_pixels = int(video_min_pixels), int(video_max_pixels)
         self.fps, self.min_frames, self.max_frames = float(fps), int(min_frames), int(max_frames)
+        self.qwen3 = bool(qwen3)
 
     @property
     def factor(self) -> int:
@@ -575,11 +660,20 @@ class QwenVision:
             width, height = image_size(files[0], where)
         else:
             frames, fps, width, height = video_info(media, where)
-        indices = sample_frame_indices(frames, fps, self.fps, self.min_frames, self.max_frames, self.temporal)
-        h, w = smart_resize(height, width, self.factor, self.video_min_pixels, self.video_max_pixels, media.name, where)
+        if self.qwen3:
+            indices = qwen3_frame_indices(frames, fps, self.fps, self.min_frames, self.max_frames)
+            h, w = qwen3_video_size(len(indices), height, width, self.temporal, self.factor, self.video_min_pixels,
+                                    self.video_max_pixels, media.name, where)
+            # a frame folder's frames are taken as sampled at data.video_fps
+            stamps = frame_group_timestamps(indices, fps if fps is not None else self.fps, self.temporal)
+        else:
+            indices = sample_frame_indices(frames, fps, self.fps, self.min_frames, self.max_frames, self.temporal)
+            h, w = smart_resize(height, width, self.factor, self.video_min_pixels, self.video_max_pixels, media.name,
+                                where)
+            stamps = None
         t = -(-len(indices) // self.temporal)
         return VideoPlan(frames, fps, width, height, indices, (t, h // self.patch, w // self.patch), files,
-                         self.temporal / self.fps)
+                         self.temporal / self.fps, stamps)
 
     def read_frames(self, item, plan: VideoPlan, where: str = "") -> list:
         """The plan's frames as RGB images (a file decoded up to the last frame used; a folder's chosen
@@ -624,8 +718,16 @@ class QwenVision:
         media = as_media(item, "video")
         plan = plan or self.video_plan(media, where)
         frames = self.read_frames(media, plan, where)
-        out = self.frame_processor(images=frames, return_tensors="pt")
         t, gh, gw = plan.grid
+        if self.qwen3:  # one size for the whole clip: resized here as the processor's resize would, then kept
+            from PIL import Image
+
+            size = (gw * self.patch, gh * self.patch)
+            resample = Image.Resampling(int(getattr(self.frame_processor, "resample", Image.BICUBIC)))
+            frames = [f if f.size == size else f.resize(size, resample) for f in frames]
+            out = self.frame_processor(images=frames, return_tensors="pt", do_resize=False)
+        else:
+            out = self.frame_processor(images=frames, return_tensors="pt")
         n, c, tp, p = len(frames), self.channels, self.temporal, self.patch
         got = tuple(int(x) for x in out["image_grid_thw"][0])
         if got != (1, gh, gw):
@@ -1121,7 +1223,12 @@ class MediaProcessor:
     Qwen2-VL processor from ``min_pixels`` / ``max_pixels`` and the encoder's patch, temporal patch and
     merge sizes, or a SigLIP2 one from a NaFlex encoder's patch size and ``max_num_patches``; video frames
     use ``video_min_pixels`` / ``video_max_pixels``, sampled per ``video_fps`` / ``video_min_frames`` /
-    ``video_max_frames``). ``audio_overflow``: "split"
+    ``video_max_frames``). ``qwen_vl``: which Qwen processing a grid encoder gets: "qwen2_vl" (Qwen2-VL,
+    Qwen2.5-VL), "qwen3_vl" (Qwen3-VL: its pixel bounds and 0.5 / 0.5 normalisation as defaults, its frame
+    sampling and whole-clip resize, videos laid out as timestamped frame groups: ``video_timestamps``) or
+    "auto" (qwen3_vl for a language model with ``mrope_frames_as_items``, Qwen3-VL's marker). Pixel bounds left
+    None take that processor's defaults (:data:`QWEN2_PIXELS` / :data:`QWEN3_PIXELS`); image_mean / image_std
+    left at CLIP's take Qwen3-VL's 0.5 / 0.5 under qwen3_vl. ``audio_overflow``: "split"
     (one item per encoder window, at most ``max_audio_items``) or "truncate" (the first window).
     """
 
@@ -1129,9 +1236,9 @@ class MediaProcessor:
                  image_mean=CLIP_MEAN, image_std=CLIP_STD, image_resize: str = "pad",
                  image_processor: str | None = None, audio_overflow: str = "split",
                  max_audio_items: int = MAX_AUDIO_ITEMS, video_modality: str | None = None,
-                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, video_min_pixels: int = 128 * 28 * 28,
-                 video_max_pixels: int = 28 * 28 * 768, video_fps: float = 2.0, video_min_frames: int = 4,
-                 video_max_frames: int = 768):
+                 min_pixels: int | None = None, max_pixels: int | None = None, video_min_pixels: int | None = None,
+                 video_max_pixels: int | None = None, video_fps: float = 2.0, video_min_frames: int = 4,
+                 video_max_frames: int = 768, qwen_vl: str = "auto"):
         if image_resize not in IMAGE_RESIZES:
             raise ConfigError(f"unknown image_resize {image_resize!r}", path="data.image_resize",
                               hint=f"one of {', '.join(IMAGE_RESIZES)}")
@@ -1146,12 +1253,23 @@ class MediaProcessor:
         self.image_mean, self.image_std, self.image_resize = tuple(image_mean), tuple(image_std), image_resize
         self.image_processor, self.audio_overflow = image_processor, audio_overflow
         self.max_audio_items = int(max_audio_items)
+        if qwen_vl not in QWEN_VL:
+            raise ConfigError(f"unknown qwen_vl {qwen_vl!r}", path="data.qwen_vl", hint=f"one of {', '.join(QWEN_VL)}")
+        lm = getattr(model, "language_model", None)
+        frames_as_items = bool(getattr(lm, "mrope_frames_as_items", False))
+        # Qwen3-VL's processing and video layout (timestamped frame groups), else Qwen2-VL's
+        self.qwen3 = frames_as_items if qwen_vl == "auto" else qwen_vl == "qwen3_vl"
         # native-resolution modalities: name -> (encoder name, grid input, packed input, processing)
         self.native: dict[str, tuple[str, str, str, QwenVision | NaFlexVision]] = {}
-        options = dict(min_pixels=min_pixels, max_pixels=max_pixels, video_min_pixels=video_min_pixels,
-                       video_max_pixels=video_max_pixels, mean=self.image_mean, std=self.image_std,
-                       processor=image_processor, fps=video_fps, min_frames=video_min_frames,
-                       max_frames=video_max_frames)
+        given = dict(min_pixels=min_pixels, max_pixels=max_pixels, video_min_pixels=video_min_pixels,
+                     video_max_pixels=video_max_pixels)
+        pixels = {k: int(v) if v is not None else (QWEN3_PIXELS if self.qwen3 else QWEN2_PIXELS)[k]
+                  for k, v in given.items()}
+        mean, std = self.image_mean, self.image_std
+        if self.qwen3 and mean == tuple(CLIP_MEAN) and std == tuple(CLIP_STD):
+            mean, std = QWEN3_MEAN, QWEN3_STD  # the data config's defaults: Qwen3-VL's own normalisation
+        options = dict(**pixels, mean=mean, std=std, processor=image_processor, fps=video_fps,
+                       min_frames=video_min_frames, max_frames=video_max_frames, qwen3=self.qwen3)
         for kind, name, grid in (("image", self.image_modality, "image_grid_thw"),
                                  ("video", self.video_modality, "video_grid_thw")):
             if name is None:
@@ -1171,6 +1289,13 @@ class MediaProcessor:
             vision = QwenVision(enc, where=f"data.{kind}_modality", **options)
             _check_item_tokens(mod, name, enc_name, grid, packed, vision, 1 if kind == "image" else 2)
             self.native[name] = (enc_name, grid, packed, vision)
+        if (self.video_modality in self.native and getattr(lm, "mrope_section", None) is not None
+                and self.qwen3 != frames_as_items):
+            raise ConfigError(f"data.qwen_vl is {qwen_vl}, but the language model's M-RoPE "
+                              + ("takes each frame group of a video as its own item (Qwen3-VL)" if frames_as_items
+                                 else "takes each video as one item (Qwen2-VL)"), path="data.qwen_vl",
+                              hint="auto (follows model.params.mrope_frames_as_items), or "
+                                   + ("qwen3_vl" if frames_as_items else "qwen2_vl"))
         self.tokens_per_item: dict[str, int] = {}
         for name in (self.image_modality, self.audio_modality):
             if name is not None and name not in self.native:
@@ -1237,6 +1362,19 @@ class MediaProcessor:
     def video_plan(self, item, where: str = "") -> VideoPlan:
         """The frames one video gives and its grid, from its container or folder listing (nothing decoded)."""
         return self._video_vision()[3].video_plan(item, where)
+
+    @property
+    def video_timestamps(self) -> bool:
+        """True when videos are laid out as Qwen3-VL lays them out: per frame group, its timestamp text
+        (:func:`timestamp_text`), the wrap markers and that group's placeholders."""
+        return self.qwen3 and self.video_modality in self.native
+
+    def video_groups(self, plan: VideoPlan) -> list[tuple[str, int]]:
+        """(timestamp text, placeholder tokens) of each frame group of a planned video (Qwen3-VL's layout)."""
+        vision = self._video_vision()[3]
+        _, h, w = plan.grid
+        per_group = vision.tokens((1, h, w))
+        return [(timestamp_text(t), per_group) for t in plan.timestamps]
 
     def video_tokens(self, item, where: str = "") -> int:
         """Placeholder tokens of one video, known before decoding it."""

@@ -6,7 +6,9 @@
   media need (how many items each audio file becomes, read from its header; the placeholder count of
   each native-resolution image or video, from its header or container: each ``<image>`` / ``<video>``
   tag becomes a run of its own item's length; ``data.image_wrap`` / ``video_wrap`` / ``audio_wrap`` put
-  their [before, after] ids around every run, e.g. Qwen's ``<|vision_start|>`` ... ``<|vision_end|>``).
+  their [before, after] ids around every run, e.g. Qwen's ``<|vision_start|>`` ... ``<|vision_end|>``;
+  under Qwen3-VL's layout, ``data.qwen_vl``, a video's tag becomes per frame group its ``<1.5 seconds>``
+  timestamp text, the wrap and that group's placeholders, as transformers' Qwen3VLProcessor expands it).
   Cheap: the packer asks every sample's length with it before any media is decoded.
 - ``build(encoded)``: decodes the images, videos and audio into encoder inputs (in a DataLoader worker),
   checking each native item makes the count planned for it.
@@ -112,6 +114,7 @@ class SampleBuilder:
             wrap, name = getattr(cfg, f"{kind}_wrap", None), getattr(self.media, f"{kind}_modality", None)
             if wrap is not None and name is not None:
                 self.wraps[name] = wrap_ids(tokenizer, wrap, self.reserved, f"data.{kind}_wrap")
+        self._text_ids: dict[str, list[int]] = {}  # timestamp text -> ids (Qwen3-VL's videos)
 
     # ------------------------------------------------------------------------------ text
     def turns(self, record: Record) -> list[list[str]]:
@@ -189,16 +192,17 @@ class SampleBuilder:
                             hint="a lone surrogate escape in the JSON: fix or remove the sample") from None
         except InputError as e:
             raise DataError(e.problems) from None
-        ids, labels, runs = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps)
+        ids, labels, spans = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps,
+                                        self.frame_groups(plans))
         truncated = False
         if len(ids) > self.max_len:
             cut = self.max_len
             if self.truncation == "drop":
                 raise Dropped("too_long", where, len(ids), self.max_len)
-            if any(a < cut < b for a, b in (run_span(r, self.wraps) for r in runs)):  # inside an item or its wrap
+            if any(a < cut < b for _, a, b in spans):  # inside an item, its wrap or its timestamps
                 raise Dropped("cut_inside_placeholders", where, len(ids), self.max_len)
             ids, labels, truncated = ids[:cut], labels[:cut], True
-            kept = [r for r in runs if r[1] < cut]
+            kept = [r for r in spans if r[1] < cut]
             for name in list(media):  # items whose runs were cut off go too
                 media[name] = media[name][: sum(1 for r in kept if r[0] == name)]
                 if name in counts:
@@ -223,6 +227,31 @@ class SampleBuilder:
             plan = self.media.video_plan(media, where)
             return self.media.native[self.media.video_modality][3].tokens(plan.grid), plan
         return self.media.image_tokens(media, where), None
+
+    def frame_groups(self, plans: dict[str, list]) -> dict[str, list[list[tuple[list[int], int]]]]:
+        """Qwen3-VL's video layout (``data.qwen_vl``): per video, its frame groups as (timestamp text ids,
+        placeholders), from the plans; {} for other layouts."""
+        name = self.media.video_modality
+        if not self.media.video_timestamps or name not in plans:
+            return {}
+        return {name: [[(self.text_ids(text), n) for text, n in self.media.video_groups(plan)]
+                       for plan in plans[name]]}
+
+    def text_ids(self, text: str) -> list[int]:
+        """``text`` tokenised alone (a timestamp such as ``<1.5 seconds>``), remembered."""
+        ids = self._text_ids.get(text)
+        if ids is None:
+            from mimo_spec.data.tokenizer import encode_many
+
+            ids = list(encode_many(self.tokenizer, [text])[0])
+            bad = sorted(set(ids) & self.reserved)
+            if bad:
+                raise ConfigError(f"{text!r} tokenises to id {bad[0]}, a modality's placeholder or generation id",
+                                  path="data.qwen_vl", hint="give the modality another token id")
+            if len(self._text_ids) > 4096:
+                self._text_ids.clear()
+            self._text_ids[text] = ids
+        return ids
 
     def audio_items(self, media: Media, where: str) -> tuple[int, bool]:
         """(items, cut) an audio file becomes: several for audio longer than the encoder's window
@@ -312,7 +341,7 @@ class SampleBuilder:
                 turns = _expand_tags(turns, tag, per_file)
         enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
                                   add_generation_prompt=True, reserved=self.reserved, where=where)
-        ids, _, _ = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps)
+        ids, _, _ = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps, self.frame_groups(plans))
         inputs = {}
         for tag, (kind, name, files, per_file) in media.items():
             inputs[name] = self.decode(name, [(kind, m) for m, n in zip(files, per_file) for _ in range(n)], where,
@@ -337,18 +366,24 @@ def _naming(call, kind: str, k: int, n: int, media: Media):
 def widen_runs(ids: list[int], labels: list[int], runs: list[tuple[str, int, int]],
                counts: dict[str, list[int]],
                wraps: dict[str, tuple[list[int], list[int]]] | None = None,
+               groups: dict[str, list[list[tuple[list[int], int]]]] | None = None,
                ) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
     """Each run of a modality in ``counts`` (one placeholder per tag) widened to its item's own count: the
     k-th run of modality m becomes ``counts[m][k]`` copies of its placeholder (and its label). ``wraps``:
     modality -> (ids before, ids after) put around each of its runs, labelled -100 (Qwen's
     ``<|vision_start|>`` ... ``<|vision_end|>``); where the text already holds them right around the tag
-    they are not added again. The runs returned are the placeholders' (without the wraps)."""
+    they are not added again. ``groups``: modality -> per item its parts [(text ids, placeholders)]
+    (Qwen3-VL's videos: a frame group's timestamp text and its placeholders); such an item's tag becomes,
+    part after part, the text ids, the wrap, the placeholders and the wrap (text and wraps labelled -100;
+    markers the text holds around the tag stay where they are, outside). Returns the ids, the labels and
+    each item's span ``(modality, start, end)``: its placeholders with its wrap ids (and timestamp text)."""
     wraps = wraps or {}
+    groups = groups or {}
     if not counts and not wraps:
-        return ids, labels, runs
+        return ids, labels, [(name, start, start + length) for name, start, length in runs]
     out_ids: list[int] = []
     out_labels: list[int] = []
-    out_runs: list[tuple[str, int, int]] = []
+    spans: list[tuple[str, int, int]] = []
     seen = dict.fromkeys(counts, 0)
     pos = 0
     added = 0  # out_ids up to here hold ids this function put in (a wrap is never taken for the text's own)
@@ -356,37 +391,46 @@ def widen_runs(ids: list[int], labels: list[int], runs: list[tuple[str, int, int
         out_ids += ids[pos:start]
         out_labels += labels[pos:start]
         before, after = wraps.get(name, ((), ()))
-        if before and not (len(out_ids) - len(before) >= added and out_ids[len(out_ids) - len(before):] == before):
-            out_ids += before
-            out_labels += [IGNORE_INDEX] * len(before)
+        parts = None
         if name in counts:
             if length != 1 or seen[name] >= len(counts[name]):
                 raise DataError(f"{name}: {seen[name] + 1} placeholder runs for {len(counts[name])} items",
                                 hint="each tag takes one item")
+            if name in groups:
+                parts = groups[name][seen[name]]
+        if parts is not None:  # timestamped frame groups, each in its own wrap
+            seen[name] += 1
+            begin = len(out_ids)
+            for text, n in parts:
+                out_ids += list(text) + list(before) + [ids[start]] * n + list(after)
+                out_labels += ([IGNORE_INDEX] * (len(text) + len(before)) + [labels[start]] * n
+                               + [IGNORE_INDEX] * len(after))
+            spans.append((name, begin, len(out_ids)))
+            pos = start + length
+            added = len(out_ids)
+            continue
+        if before and not (len(out_ids) - len(before) >= added and out_ids[len(out_ids) - len(before):] == before):
+            out_ids += before
+            out_labels += [IGNORE_INDEX] * len(before)
+        begin = len(out_ids) - len(before)  # the wrap before it, added or the text's own
+        if name in counts:
             n = counts[name][seen[name]]
             seen[name] += 1
-            out_runs.append((name, len(out_ids), n))
             out_ids += [ids[start]] * n
             out_labels += [labels[start]] * n
         else:
-            out_runs.append((name, len(out_ids), length))
             out_ids += ids[start:start + length]
             out_labels += labels[start:start + length]
         pos = start + length
         if after and ids[pos:pos + len(after)] != after:
             out_ids += after
             out_labels += [IGNORE_INDEX] * len(after)
+        spans.append((name, begin, len(out_ids) + (len(after) if after and ids[pos:pos + len(after)] == after
+                                                   else 0)))
         added = len(out_ids)
     out_ids += ids[pos:]
     out_labels += labels[pos:]
-    return out_ids, out_labels, out_runs
-
-
-def run_span(run: tuple[str, int, int], wraps: dict[str, tuple[list[int], list[int]]]) -> tuple[int, int]:
-    """[start, end) of a run of placeholders (from :func:`widen_runs`) with its wrap ids around it."""
-    name, start, length = run
-    before, after = wraps.get(name, ((), ()))
-    return start - len(before), start + length + len(after)
+    return out_ids, out_labels, spans
 
 
 def wrap_ids(tokenizer, wrap, reserved, key: str) -> tuple[list[int], list[int]]:
@@ -424,6 +468,7 @@ def media_options(cfg) -> dict:
             "audio_modality": getattr(cfg, "audio_modality", None),
             "video_modality": getattr(cfg, "video_modality", None),
             **{k: getattr(cfg, k) for k in _NATIVE_OPTIONS if getattr(cfg, k, None) is not None},
+            "qwen_vl": getattr(cfg, "qwen_vl", "auto"),
             "image_mean": cfg.image_mean,
             "image_std": cfg.image_std, "image_resize": getattr(cfg, "image_resize", "pad"),
             **({"image_processor": cfg.image_processor} if cfg.image_processor else {}),

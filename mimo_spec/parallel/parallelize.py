@@ -260,8 +260,9 @@ class ParallelContext:
 
     def _check_items_of_any_size(self, model: nn.Module) -> None:
         """Refuse, naming the modality, what the pipeline, split and bridged layouts cannot carry: DeepStack
-        (``deepstack_projections`` add feature maps at deeper language-model layers; these layouts hand
-        the language model one embedding per placeholder), and, split, a modality taking another's
+        (``deepstack_projections`` add feature maps at deeper language-model layers; the split and bridged
+        layouts hand the language model one embedding per placeholder; a pipeline adds them on its first
+        stage, so they must feed that stage's layers), and, split, a modality taking another's
         encoders (``inputs_from``) on other ranks than that modality (it encodes through them). Items of
         different sizes (grid inputs) they all carry."""
         bridged = any(self._needs_bridge(m) for n, m in self.layout.modules.items() if n != LANGUAGE)
@@ -271,6 +272,23 @@ class ParallelContext:
         if where is None:
             return
         modalities = getattr(model, "modalities", {})
+        if self.pp > 1 and self.layout.colocated and not bridged:  # the first stage adds DeepStack features
+            from mimo_spec.parallel.pipeline import stage_layers
+
+            first = stage_layers(len(model.language_model.layers), self.pp)[0]
+            for name, mod in modalities.items():
+                src = getattr(mod, "src", mod)
+                deep = list(getattr(src, "deepstack_lm_layers", None) or []) \
+                    if getattr(src, "deepstack_projections", None) is not None else []
+                late = [i for i in deep if i not in first]
+                if late:
+                    raise ConfigError(f"modality {name!r} adds DeepStack features after language-model layers "
+                                      f"{late}, past the first pipeline stage's layers {first.start}..{first.stop - 1}",
+                                      path=f"modalities.{getattr(mod, 'inputs_from', None) or name}."
+                                           "params.deepstack_lm_layers",
+                                      hint="fewer pipeline stages (parallel.default.pp), or DeepStack layers within "
+                                           "the first stage")
+            return
         for name, mod in modalities.items():
             if getattr(getattr(mod, "src", mod), "deepstack_projections", None) is not None:
                 via = "" if getattr(mod, "src", mod) is mod else f" (through the encoders of {mod.inputs_from!r})"

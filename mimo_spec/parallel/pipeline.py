@@ -152,11 +152,15 @@ class PipelineStageModule(nn.Module):
             positions = positions_from_document_ids(document_ids)
         elif lm.position_embedding_kind != "none":
             positions = torch.arange(s, device=x.device)[None].expand(b, s)
+        additions = {}  # DeepStack features for the first stage's layers (checked when the layout started)
         if self.first:  # x: input_ids (B, S)
-            x = lm.add_positions(self.model.embed_inputs(x, unpack_items(packs)), positions)
+            embeds, additions = self.model.embed_with_additions(x, unpack_items(packs))
+            x = lm.add_positions(embeds, positions)
         rope, attn_mask, is_causal = lm.attention_inputs(x, positions, None, document_ids)
         for i in self.layer_ids:
             x = lm.layers[i](x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            if i in additions:
+                x = x + additions[i].to(x.dtype)
         if self.last:
             return lm.logits(lm.norm(x))
         return x
