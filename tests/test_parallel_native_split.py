@@ -141,6 +141,12 @@ def test_split_layouts_refuse_what_they_cannot_carry_by_name():
     cfg = native_config("pp2", ["model.params.tie_embeddings=false"])
     model = build_model(cfg, seed=0, device="meta")
     pp = resolve(RunConfig.from_config(cfg).parallel.layout, model, 2)
-    with pytest.raises(ConfigError, match="pp > 1"):
-        _check(pp, SimpleNamespace(modalities={"images": images}), pp=2)
+    # a pipeline adds DeepStack features on its first stage: they must feed that stage's layers (0 of 0..1)
+    lm = SimpleNamespace(layers=[object(), object()])
+    images.deepstack_lm_layers = [1]
+    with pytest.raises(ConfigError, match=r"modalities.images.params.deepstack_lm_layers: .* after language-model "
+                                          r"layers \[1\], past the first pipeline stage's layers 0..0"):
+        _check(pp, SimpleNamespace(modalities={"images": images}, language_model=lm), pp=2)
+    images.deepstack_lm_layers = [0]
+    _check(pp, SimpleNamespace(modalities={"images": images}, language_model=lm), pp=2)
     _check(pp, model, pp=2)  # items of any size and inputs_from go through the pipeline
