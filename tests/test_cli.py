@@ -109,7 +109,7 @@ def test_console_script_is_the_same_app(cli):
 
 def test_generate_from_a_native_resolution_model_with_an_image_and_a_video(cli, tmp_path):
     """action=generate with generate.images and generate.videos on a Qwen2-VL-shaped run: the prompt's tags
-    take the files in order, each expanded to its own placeholder count."""
+    take the files in order, each expanded to its own placeholder count (an unreadable video: the data tests)."""
     import av
     import numpy as np
     from PIL import Image
@@ -123,7 +123,8 @@ def test_generate_from_a_native_resolution_model_with_an_image_and_a_video(cli, 
             c.mux(s.encode(frame))
         c.mux(s.encode())
     run = tmp_path / "run"
-    r = cli("preset=qwen2_vl_tiny", "train.steps=1", "model.params.max_seq_len=4096", f"hydra.run.dir={run}")
+    r = cli("preset=qwen2_vl_tiny", "train.steps=1", "train.eval_every=0", "data.num_samples=8",
+            "data.eval_samples=2", f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "gen"
     r = cli("action=generate", f"generate.checkpoint={run}", f"generate.images=[{tmp_path / 'red.png'}]",
@@ -132,7 +133,4 @@ def test_generate_from_a_native_resolution_model_with_an_image_and_a_video(cli, 
     assert r.returncode == 0, r.stderr
     record = json.loads((out / "generation.json").read_text())
     assert len(record["tokens"]) == 3 and record["prompt"] == "<image> then <video>: what changes?"
-    (tmp_path / "broken.mp4").write_bytes(b"not a video" * 10)
-    r = cli("action=generate", f"generate.checkpoint={run}", f"generate.videos=[{tmp_path / 'broken.mp4'}]",
-            f"hydra.run.dir={tmp_path / 'bad'}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "broken.mp4" in r.stderr, r.stderr
+
