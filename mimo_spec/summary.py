@@ -91,7 +91,28 @@ def render_summary(model: nn.Module, dtype: torch.dtype = torch.float32, depth: 
     lines.append(f"{'total':<{width}}{'':<{kind_w}}{_fmt(t + f):>10}{_fmt(t):>12}{_fmt(f):>10}"
                  f"{_bytes((t + f) * itemsize):>13}")
     lines.append(f"exact: {t + f:,} parameters ({t:,} trainable, {f:,} frozen) at {str(dtype).removeprefix('torch.')}")
+    lines += _placeholder_lines(model)
     return "\n".join(lines)
+
+
+def _placeholder_lines(model: nn.Module) -> list[str]:
+    """Per input modality, the placeholders one item takes in the LM's sequence: a fixed count, or for
+    items of any size (grid inputs) the count of the encoder's example item with its grid."""
+    lines = []
+    for name, mod in getattr(model, "modalities", {}).items():
+        if not getattr(mod, "has_input", False) or not hasattr(mod, "item_tokens"):
+            continue
+        src = mod.src
+        example = mod.example_inputs(1, generator=torch.Generator())
+        tokens = mod.item_tokens(example)[0]
+        declared = [g for enc in src.encoders.values() for g in (getattr(enc, "grid_inputs", None) or {})]
+        given = [example[e][g] for e in example for g in declared if g in example[e]]
+        if given:
+            lines.append(f"modalities.{name}: placeholders per item from its grid ({' or '.join(declared)}; e.g. "
+                         f"{tuple(given[0][0].tolist())}: {tokens})")
+        else:
+            lines.append(f"modalities.{name}: {tokens} placeholders per item")
+    return lines
 
 
 def render_registry() -> str:

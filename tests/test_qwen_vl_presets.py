@@ -153,3 +153,19 @@ def test_preset_files_list_every_parameter(preset):
     for kind, node in nodes:
         wanted = set(inspect.signature(resolve(kind, node["module"]).__init__).parameters) - {"self", "backend"}
         assert set(node["params"]) == wanted, (node["module"], wanted ^ set(node["params"]))
+
+
+def test_summary_names_each_modalitys_placeholders_per_item():
+    from mimo_spec import build_model
+    from mimo_spec.config import compose_config
+    from mimo_spec.summary import render_summary
+
+    model = build_model(compose_config(["preset=qwen2_vl_2b"]), device="meta")
+    text = render_summary(model)
+    example = model.modalities["images"].example_inputs(1, generator=torch.Generator())["vit"]["image_grid_thw"][0]
+    t, h, w = example.tolist()
+    assert (f"modalities.images: placeholders per item from its grid (image_grid_thw or video_grid_thw; e.g. "
+            f"({t}, {h}, {w}): {t * h * w // 4})") in text
+    assert "modalities.videos" in text and "modality -> images" in text
+    llava = render_summary(build_model(compose_config(["preset=llava_1_5_7b"]), device="meta"))
+    assert "modalities.images: 576 placeholders per item" in llava
