@@ -452,11 +452,8 @@ def test_model_takes_the_batch(tmp_path):
     conf.mkdir(parents=True)
     (conf / "qwen_images.yaml").write_text(IMAGES_YAML)
     (conf / "qwen_videos.yaml").write_text(VIDEOS_YAML)
-    try:
-        model = build_model(compose_config([f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-                                            "modality=[qwen_images,qwen_videos]"]), seed=0)
-    except ConfigError as e:  # the framework side of shared towers is not there yet
-        pytest.skip(f"the model side cannot build a shared video modality yet: {e}")
+    model = build_model(compose_config([f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                                        "modality=[qwen_images,qwen_videos]"]), seed=0)
     noise_image(37, 61).save(tmp_path / "a.png")
     noise_image(20, 28, 1).save(tmp_path / "b.png")
     write_video(tmp_path / "v.mp4", 12, fps=10)

@@ -4,8 +4,10 @@ start/end markers around every item's placeholders (``data.image_wrap`` / ``data
 transformers' Qwen2VLProcessor + a Qwen-style chat template and its M-RoPE ``get_rope_index``."""
 
 import json
+import sys
 import pickle
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,9 @@ from mimo_spec.data.sources import open_source
 from mimo_spec.data.tokenizer import ByteTokenizer
 from mimo_spec.errors import ConfigError
 from mimo_spec.loss import IGNORE_INDEX
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_native_data import gpt, human, runs_of  # noqa: E402
 
 PIL = pytest.importorskip("PIL.Image")
 transformers = pytest.importorskip("transformers")
@@ -48,25 +53,6 @@ def noise_image(w, h, seed=0):
 
 def hf_siglip(**kw):
     return transformers.Siglip2ImageProcessorPil(**{"patch_size": PATCH, "max_num_patches": BUDGET, **kw})
-
-
-def human(text):
-    return {"from": "human", "value": text}
-
-
-def gpt(text):
-    return {"from": "gpt", "value": text}
-
-
-def runs_of(ids, token):
-    out, n = [], 0
-    for t in list(ids) + [None]:
-        if t == token:
-            n += 1
-        elif n:
-            out.append(n)
-            n = 0
-    return out
 
 
 # ------------------------------------------------------------------------------------ SigLIP2 NaFlex
