@@ -117,8 +117,8 @@ def test_all_problems_reported_together():
 def test_constructor_errors_name_the_parameter_or_the_node():
     probs, _ = problems_of(with_(tiny_config(), "model.params.num_heads", 3))
     assert probs["model.params.num_heads"].message == "num_heads (3) must be divisible by num_kv_heads (2)"
-    probs, _ = problems_of(with_(tiny_config(), f"{ENC}.params.image_size", 20))  # not about one parameter
-    assert probs[f"{ENC}.params.image_size"].message == "image_size (20) must be divisible by patch_size (8)"
+    probs, _ = problems_of(with_(tiny_config(), f"{ENC}.params.image_size", 4))  # not about one parameter
+    assert probs[f"{ENC}.params.image_size"].message == "image_size (4) must be at least patch_size (8)"
 
 
 def test_swapping_a_module_from_the_command_line_replaces_the_whole_node():

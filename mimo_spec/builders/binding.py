@@ -64,6 +64,7 @@ INTERFACES: dict[str, tuple[str, ...]] = {
     # "a|b": either (fixed-size items count tokens from a shape, items of any size per item from a grid)
     "encoder": ("validate_inputs", "tokens_per_item|item_tokens", "example_inputs"),
     "projector": ("tokens_out",),
+    "layout": ("item_tokens",),
     "decoder": ("example_targets",),
 }
 

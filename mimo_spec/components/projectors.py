@@ -88,22 +88,44 @@ class MLPProjector(nn.Module):
 
 @register("projector", "pixel_shuffle_mlp")
 class PixelShuffleMLPProjector(nn.Module):
-    """Token-reducing projector (InternVL style): merge each s x s patch neighbourhood
-    into one token (pixel unshuffle), normalise, then a 2-layer MLP.
+    """Token-reducing connector: merge each s x s patch neighbourhood into one token (pixel unshuffle:
+    the block's tokens row by row become the channels), optionally LayerNorm, then an MLP.
 
-    (N, T, C) with T = g*g  ->  (N, T / s^2, out_features).
+    (N, T, C) with T = g*g  ->  (N, T / s^2, out_features). InternVL's ``mlp1``: LayerNorm, Linear,
+    GELU, Linear (``norm: true, num_layers: 2``); Idefics3 / SmolVLM's connector: one Linear without
+    bias (``norm: false, num_layers: 1, bias: false``). Both merge neighbours in the same order.
+
+    Args:
+        in_features: the encoder's width C (the merged token has C * s^2 channels).
+        out_features: the language model's hidden size.
+        scale_factor: s, the side of the merged neighbourhood (InternVL 2: downsample_ratio 0.5;
+            Idefics3: 2 or 3; SmolVLM: 3 or 4).
+        hidden_features: the MLP's inner width (default out_features).
+        activation: between the MLP's layers.
+        norm: LayerNorm over the merged channels first.
+        num_layers: Linear layers in the MLP (1: one Linear from C * s^2 straight to out_features).
+        bias: biases on the Linear layers.
     """
 
     def __init__(self, in_features: int, out_features: int, scale_factor: int = 2,
-                 hidden_features: int | None = None, activation: ActivationName = "gelu", norm: bool = True):
+                 hidden_features: int | None = None, activation: ActivationName = "gelu", norm: bool = True,
+                 num_layers: int = 2, bias: bool = True):
         super().__init__()
         if scale_factor < 1:
             raise ParamError("scale_factor", f"scale_factor must be >= 1, got {scale_factor}")
+        if num_layers < 1:
+            raise ParamError("num_layers", f"num_layers must be >= 1, got {num_layers}")
         self.in_features, self.out_features, self.scale_factor = in_features, out_features, scale_factor
         merged = in_features * scale_factor * scale_factor
         self.norm = nn.LayerNorm(merged) if norm else nn.Identity()
         hidden = hidden_features or out_features
-        self.mlp = nn.Sequential(nn.Linear(merged, hidden), Activation(activation), nn.Linear(hidden, out_features))
+        widths = [merged] + [hidden] * (num_layers - 1) + [out_features]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+            if i < num_layers - 1:
+                layers.append(Activation(activation))
+        self.mlp = nn.Sequential(*layers)
 
     def tokens_out(self, tokens_in: int) -> int:
         grid = math.isqrt(tokens_in)

@@ -34,6 +34,8 @@ identity-initialised post-layernorm, which LLaVA never reads.
 
 from __future__ import annotations
 
+import importlib
+
 import inspect
 import json
 from pathlib import Path
@@ -214,6 +216,11 @@ def _params_of(node, cls: type) -> dict[str, Any]:
     return _full_params(cls, dict(node.params))
 
 
+# modules of mimo_spec.interop whose export(model, spec, lm_params, dtype, extras) writes one family back
+# ((HF config, HF tensors), or None when the model does not have that family's shape); tried in order
+_FAMILY_EXPORTERS = ("hf_llava_next", "hf_internvl", "hf_idefics3", "hf_qwen2_audio")
+
+
 def _mimo(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any] | None = None):
     """(HF config, HF tensors) for a MimoModel."""
     from mimo_spec.components.language.gpt import GPT
@@ -228,6 +235,10 @@ def _mimo(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any] | N
     text_config = _lm_config(lm_p, dtype, "model.params")
     if not model.modalities:
         return text_config, _lm_tensors(model.language_model, lm_p)
+    for family in _FAMILY_EXPORTERS:  # each says whether the model has its shape (None: not its shape)
+        made = importlib.import_module(f"mimo_spec.interop.{family}").export(model, spec, lm_p, dtype, extras or {})
+        if made is not None:
+            return made
     shape_hint = "LLaVA is one modality with one clip_vit encoder and a 2-layer mlp projector, no decoder"
     if len(model.modalities) != 1:
         raise _refuse("modalities", f"{len(model.modalities)} modalities ({', '.join(model.modalities)})", shape_hint)

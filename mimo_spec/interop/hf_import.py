@@ -44,7 +44,19 @@ SUPPORTED = {
     "qwen2_vl": "mimo (gpt with M-RoPE + qwen_vit + patch_merger; images and videos)",
     "qwen2_5_vl": "mimo (gpt with M-RoPE + qwen_vit with window attention + patch_merger; images and videos)",
     "qwen3_vl": "mimo (gpt with interleaved M-RoPE and qk_norm + qwen_vit with DeepStack; images and videos)",
+    "llava_next": "mimo (gpt + anyres tiles of a clip_vit + mlp + anyres_layout: unpadding, image_newline)",
+    "llava_onevision": "mimo (gpt + anyres tiles of a SigLIP clip_vit + mlp + anyres_layout; images and videos)",
+    "llava_next_video": "mimo (gpt + anyres tiles of a clip_vit + mlp + anyres_layout; videos pooled 2x2)",
+    "internvl": "mimo (gpt + InternViT clip_vit with layer scale + pixel_shuffle_mlp; images as tiles)",
+    "idefics3": "mimo (gpt + SigLIP clip_vit + pixel_shuffle_mlp connector; images as tiles)",
+    "smolvlm": "mimo (gpt + SigLIP clip_vit + pixel_shuffle_mlp connector; images as tiles)",
+    "qwen2_audio": "mimo (gpt + whisper_encoder with average pooling + linear; audio)",
 }
+# model_type -> the module of mimo_spec.interop converting that family: its ``import_conversion(config, where)``
+# returns a _Conversion; its ``export(model, spec, lm_params, dtype, extras)`` (hf_export) writes it back.
+FAMILIES = {"llava_next": "hf_llava_next", "llava_onevision": "hf_llava_next", "llava_next_video": "hf_llava_next",
+            "internvl": "hf_internvl", "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3",
+            "qwen2_audio": "hf_qwen2_audio"}
 _LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 _VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 # HF tensors every import may skip: buffers that older checkpoints saved.
@@ -143,6 +155,10 @@ def _convert(config: Any, where: str) -> _Conversion:
         return _llava(config, where)
     if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return _qwen_vl(config, where)
+    if mt in FAMILIES:
+        import importlib
+
+        return importlib.import_module(f"mimo_spec.interop.{FAMILIES[mt]}").import_conversion(config, where)
     raise _unsupported(mt, ", ".join(getattr(config, "architectures", None) or []), where)
 
 

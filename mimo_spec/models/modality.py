@@ -39,12 +39,19 @@ class Modality(nn.Module):
             to the language model's hidden states after layer ``deepstack_lm_layers[i]`` at this
             modality's placeholders.
         deepstack_lm_layers: those layers (default ``0 .. k-1``).
+        item_layout: a stage after the projectors (a ``layout`` component) that arranges each item's
+            projected tokens into what the language model sees, from the item's geometry in the
+            encoder inputs: LLaVA-NeXT's tiles stitched into one grid, unpadded, with a learned newline
+            after each row. ``item_tokens(tokens_in, encoder, inputs) -> list[int]`` gives each item's
+            count after it (host data); ``forward(x, tokens_in, encoder, inputs)`` maps the flat projected
+            tokens ``(sum(tokens_in), H)`` to ``(sum(item_tokens), H)``. ``encoder`` / ``inputs`` are the
+            first encoder and its keyword inputs. A modality with ``inputs_from`` uses its source's.
         generation_token_id, output_projection, decoder, output_loss, output_loss_weight: the output path.
     """
 
     submodule_kinds = {"encoders": "encoder", "input_projections": "projector",
                        "output_projection": "projector", "decoder": "decoder",
-                       "deepstack_projections": "projector"}
+                       "deepstack_projections": "projector", "item_layout": "layout"}
 
     def __init__(
         self,
@@ -61,11 +68,16 @@ class Modality(nn.Module):
         inputs_from: str | None = None,
         deepstack_projections: list[nn.Module] | None = None,
         deepstack_lm_layers: list[int] | None = None,
+        item_layout: nn.Module | None = None,
     ):
         super().__init__()
-        if inputs_from is not None and (encoders or input_projections or deepstack_projections):
+        if inputs_from is not None and (encoders or input_projections or deepstack_projections
+                                        or item_layout is not None):
             raise ParamError("inputs_from", f"a modality with inputs_from ({inputs_from!r}) uses that modality's "
-                             "encoders and projectors: declare none of its own")
+                             "encoders, projectors and item_layout: declare none of its own")
+        if item_layout is not None and deepstack_projections:
+            raise ParamError("item_layout", "item_layout and deepstack_projections cannot be combined (the "
+                             "DeepStack maps would need the same arrangement)")
         deep = list(deepstack_projections or [])
         layers = list(range(len(deep))) if deepstack_lm_layers is None else list(deepstack_lm_layers)
         if len(layers) != len(deep) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
@@ -76,6 +88,7 @@ class Modality(nn.Module):
         self.input_projections = nn.ModuleDict(input_projections or {})
         self.deepstack_projections = nn.ModuleList(deep) if deep else None
         self.deepstack_lm_layers = layers
+        self.item_layout = item_layout
         self.item_kind = item_kind
         self.inputs_from = inputs_from
         self._source: list[Modality] = []  # the modality named by inputs_from, linked by MimoModel (not a submodule)
@@ -154,6 +167,15 @@ class Modality(nn.Module):
 
     def item_tokens(self, inputs: dict) -> list[int]:
         """Embeddings each item contributes to the LM sequence (host data: shapes and grids only)."""
+        tokens = self._projected_tokens(inputs)
+        layout = self.src.item_layout
+        if layout is None:
+            return tokens
+        first = next(iter(self.src.encoders))
+        return [int(t) for t in layout.item_tokens(tokens, self.src.encoders[first], inputs[first])]
+
+    def _projected_tokens(self, inputs: dict) -> list[int]:
+        """Tokens of each item after the projectors (before any item_layout)."""
         from mimo_spec.models.items import count_items, grid_of
 
         src = self.src
@@ -249,6 +271,9 @@ class Modality(nn.Module):
                     counts = [src.input_projections[n].tokens_out(t) for t in src.encoders[n].item_tokens(inputs[n])]
                     parts.append(list(p.split(counts)))
             out = torch.cat([t for item in zip(*parts) for t in item])
+        if src.item_layout is not None:
+            first = next(iter(src.encoders))
+            out = src.item_layout(out, self._projected_tokens(inputs), src.encoders[first], inputs[first])
         deep = []
         if src.deepstack_projections is not None:
             maps = next((d for d in deep_feats.values() if d), [])

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from mimo_spec.errors import ConfigError, Problem, did_you_mean
 
-KINDS = ("language_model", "encoder", "projector", "decoder", "modality", "model")
+KINDS = ("language_model", "encoder", "projector", "layout", "decoder", "modality", "model")
 
 # name -> "module:attribute" for every built-in component, per kind.
 # tests/test_registry.py checks this index against the @register decorators.
@@ -38,6 +38,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "pixel_shuffle_mlp": "mimo_spec.components.projectors:PixelShuffleMLPProjector",
         "patch_merger": "mimo_spec.components.vision.qwen_vit:PatchMerger",
     },
+    "layout": {},
     "decoder": {
         "patch_image_decoder": "mimo_spec.components.decoders:PatchImageDecoder",
     },

@@ -55,7 +55,9 @@ class ClipViT(nn.Module):
     """Image encoder: pixel_values (N, C, H, W) -> features (N, T, hidden_size).
 
     Args:
-        image_size, patch_size, num_channels: input geometry (square images).
+        image_size, patch_size, num_channels: input geometry (square images). The patch grid is
+            ``image_size // patch_size`` per side: pixels past the last whole patch are not seen (as
+            SigLIP-so400m at 384 px with 14-px patches: 27 x 27 patches, the last 6 pixels unused).
         hidden_size, num_layers, num_heads, ffn_hidden_size: transformer sizes
             (num_layers = the checkpoint's depth, even if fewer blocks are built).
         activation: "quick_gelu" (CLIP) or "gelu_tanh" (SigLIP), or any layers name.
@@ -105,8 +107,8 @@ class ClipViT(nn.Module):
                             ("ffn_hidden_size", ffn_hidden_size), ("num_channels", num_channels)):
             if value < 1:
                 raise ParamError(name, f"{name} ({value}) must be >= 1")
-        if image_size % patch_size:
-            raise ParamError("image_size", f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        if image_size < patch_size:
+            raise ParamError("image_size", f"image_size ({image_size}) must be at least patch_size ({patch_size})")
         if hidden_size % num_heads:
             raise ParamError("hidden_size", f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if feature_select not in ("patch", "all"):
