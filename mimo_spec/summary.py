@@ -95,6 +95,11 @@ def render_summary(model: nn.Module, dtype: torch.dtype = torch.float32, depth: 
     return "\n".join(lines)
 
 
+def _first_tensor(inputs: dict) -> torch.Tensor:
+    """The first keyword tensor of a modality's inputs ``{encoder: {name: tensor}}``."""
+    return next(iter(next(iter(inputs.values())).values()))
+
+
 def _placeholder_lines(model: nn.Module) -> list[str]:
     """Per input modality, the placeholders one item takes in the LM's sequence: a fixed count, or for
     items of any size (grid inputs) the count of the encoder's example item with its grid."""
@@ -108,8 +113,13 @@ def _placeholder_lines(model: nn.Module) -> list[str]:
         declared = [g for enc in src.encoders.values() for g in (getattr(enc, "grid_inputs", None) or {})]
         given = [example[e][g] for e in example for g in declared if g in example[e]]
         if given:
+            row = given[0][0]  # a mask row (an audio item's frames) is told by its count, not value by value
+            shown = tuple(row.tolist()) if row.numel() <= 8 else f"{int(row.ne(0).sum())} of {row.numel()} set"
             lines.append(f"modalities.{name}: placeholders per item from its grid ({' or '.join(declared)}; e.g. "
-                         f"{tuple(given[0][0].tolist())}: {tokens})")
+                         f"{shown}: {tokens})")
+        elif getattr(mod, "item_kind", None) == "video" and _first_tensor(example).dim() == 5:  # (N, frames, ...)
+            frames = _first_tensor(example).shape[1]
+            lines.append(f"modalities.{name}: placeholders per video from its frames (e.g. {frames} frames: {tokens})")
         else:
             lines.append(f"modalities.{name}: {tokens} placeholders per item")
     return lines

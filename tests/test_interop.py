@@ -371,3 +371,33 @@ def test_cli_import_then_summary_and_training_from_the_imported_weights(tmp_path
     assert list_checkpoints(tmp_path / "run" / "checkpoints")
     r = run_cli(["action=import", f"import_hf.source={tmp_path / 'nothing'}"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "config.json" in r.stderr
+
+
+def test_llama3_rope_scaling_imports_and_exports_exactly(tmp_path):
+    """Llama 3.1's rope scaling (Idefics3-8B's LM): logits equal transformers' at positions past the original
+    context, the scaling survives export, and leaving it out would change the logits."""
+    torch.manual_seed(0)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_parameters={"rope_theta": 500000.0, **scaling})).eval()
+    cfg, ours = import_hf(hf)
+    assert cfg["model"]["params"]["rope_scaling"] == scaling
+    ids = torch.randint(0, 100, (2, 160))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(ours.eval()(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        plain = json.loads(json.dumps(cfg))
+        del plain["model"]["params"]["rope_scaling"]
+        unscaled = build_model(plain).eval()
+        unscaled.load_state_dict(ours.state_dict())
+        assert (unscaled(ids).logits - ref).abs().max() > 1e-3
+        export_hf(ours, cfg, tmp_path / "out")
+        back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert back.config.rope_parameters["rope_type"] == "llama3"
+        torch.testing.assert_close(back(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    bad = json.loads(json.dumps(cfg))
+    bad["model"]["params"]["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    with pytest.raises(ConfigError, match=r"model\.params\.rope_scaling.*missing low_freq_factor"):
+        build_model(bad, device="meta")

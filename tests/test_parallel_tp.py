@@ -1,7 +1,8 @@
 """Tensor parallelism under torchrun (gloo, CPU), against single-process numbers: the vocab-parallel
 loss (the LM head's logits stay sharded on the vocabulary, never gathered for the loss), TP with
 tied embeddings (one vocab-sharded weight for the embedding and the head, saved and resumed through
-DCP), and ``action=generate`` under tp2 / fsdp / ddp giving the single-process tokens."""
+DCP), ``action=generate`` under tp2 / fsdp / ddp giving the single-process tokens, and attention biases on
+q and v only (Whisper's) sharded with their heads."""
 
 import csv
 import json
@@ -73,7 +74,7 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
     scenarios = ["loss:tp2", "loss:tp2:tied", "loss:tp2:gather",
                  "train:tp2:tied", "train:fsdp:tied", "resume:train_tp2_tied:tp2:tied", "train:tp2",
                  "generate:tp2:train_tp2", "generate:fsdp:train_tp2", "generate:ddp:train_tp2", "generate:pp2:train_tp2",
-                 "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied", "plugin"]
+                 "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied", "plugin", "qv_attention"]
     r = torchrun(2, WORKER, out, ",".join(scenarios))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
@@ -113,6 +114,14 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
         assert plugin["placements"][f"{part}.up.weight"] == "(Shard(dim=0),)", plugin
         assert plugin["placements"][f"{part}.down.weight"] == "(Shard(dim=1),)", plugin
         assert plugin["local_rows"][f"{part}.up.weight"] == 8  # 16 rows over 2 ranks
+
+    # 5. an attention with q and v biases only (Whisper's, qkv_bias "qv"): the biases are sharded with their
+    # heads (q: 4 heads of 8 -> 16 rows a rank, v: 2 kv heads -> 8), the unsharded numbers
+    qv = json.loads((out / "qv_attention.json").read_text())
+    assert qv["out_diff"] < 1e-5 and qv["grad_diff"] < 1e-5, qv
+    for part in ("0", "1"):
+        assert qv["placements"][f"{part}.q_bias"] == qv["placements"][f"{part}.v_bias"] == "(Shard(dim=0),)", qv
+        assert (qv["local_rows"][f"{part}.q_bias"], qv["local_rows"][f"{part}.v_bias"]) == (16, 8), qv
 
 
 def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):

@@ -13,6 +13,8 @@ Scenarios:
                                  into OUT_DIR/gen_<layout>_<run>/rank<r>
   plugin                         a plugin's own module class (and a subclass) with a registered TP plan,
                                  sharded over 2 ranks against an unsharded copy; writes plugin.json
+  qv_attention                   GQA attention with q and v biases only (qkv_bias "qv", Whisper's) sharded
+                                 over 2 ranks against an unsharded copy; writes qv_attention.json
 """
 
 import copy
@@ -165,6 +167,38 @@ def run_plugin(out: Path) -> None:
         (out / "plugin.json").write_text(json.dumps(result, indent=1))
 
 
+def run_qv_attention(out: Path) -> None:
+    """Attention(qkv_bias="qv"): its own q_bias / v_bias are sharded with their heads (TPPlan.sharded), the
+    bias-free qkv part by part. Output and gradients against an unsharded copy."""
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mimo_spec.components.layers import Attention
+    from mimo_spec.parallel.env import init_distributed
+    from mimo_spec.parallel.tp import apply_tp, canonical
+
+    env = init_distributed()
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(32, 4, 2, qkv_bias="qv", out_bias=True), Attention(32, 4, 2, qkv_bias="qv"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.2)  # the q / v biases no longer zero
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 5, 32)
+    (ref(x) ** 2).sum().backward()
+    fused = apply_tp(model, init_device_mesh("cpu", (2,)), "")
+    y = model(x)
+    (y ** 2).sum().backward()
+    grads = {k: canonical(k, p.grad, fused) for k, p in model.named_parameters()}
+    result = {"placements": {k: str(p.placements) for k, p in model.named_parameters()},
+              "local_rows": {k: p.to_local().shape[0] for k, p in model.named_parameters()},
+              "out_diff": float((y - ref(x)).detach().abs().max() / y.detach().abs().max()),
+              "grad_diff": max(float((grads[k] - p.grad).abs().max() / p.grad.abs().max())
+                               for k, p in ref.named_parameters())}
+    if env.rank == 0:
+        (out / "qv_attention.json").write_text(json.dumps(result, indent=1))
+
+
 def run_train(out: Path, layout: str, flags: list[str]) -> None:
     from mimo_spec.train.loop import train
 
@@ -207,6 +241,8 @@ def main() -> None:
             run_generate(out, args[0], args[1])
         elif kind == "plugin":
             run_plugin(out)
+        elif kind == "qv_attention":
+            run_qv_attention(out)
         else:
             raise ValueError(f"unknown scenario {sc!r}")
         settle()

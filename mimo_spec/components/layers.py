@@ -101,12 +101,13 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0, mrope_section: list[int] | None = None,
-                 mrope_interleaved: bool = False):
+                 mrope_interleaved: bool = False, scaling: dict | None = None):
         super().__init__()
         if head_dim % 2:
             raise ParamError("head_dim", f"head_dim ({head_dim}) must be even for rope")
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = check_rope_scaling(scaling)
         self.mrope_section = None if mrope_section is None else tuple(mrope_section)
         self.mrope_interleaved = mrope_interleaved
         # Which axis (0 t, 1 h, 2 w) each of the head_dim // 2 frequencies reads (checked here; forward
@@ -117,6 +118,8 @@ class RotaryEmbedding(nn.Module):
         # Not a buffer: a buffer would be cast to bf16 by model.to(dtype) and lose precision.
         exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32)
         inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))  # (D/2,)
+        if self.scaling is not None:
+            inv_freq = scale_inv_freq(inv_freq, self.scaling)
         if position_ids.dim() == 3:  # (3, B, S): each frequency reads its axis' position
             if self.mrope_axes is None:
                 raise ValueError("3-D position_ids need mrope_section")
@@ -135,6 +138,48 @@ class RotaryEmbedding(nn.Module):
         if self.mrope_interleaved:
             return torch.where((j % 3 == 1) & (j < 3 * h), 1, torch.where((j % 3 == 2) & (j < 3 * w), 2, 0))
         return (j >= t).long() + (j >= t + h).long()
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: dict | None) -> dict | None:
+    """A rope_scaling mapping checked: ``{rope_type: linear, factor}`` or ``{rope_type: llama3, factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings}`` (Llama 3.1 / 3.2); None: none."""
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ParamError("rope_scaling", f"rope_scaling needs rope_type {' or '.join(ROPE_SCALING_KEYS)}, got "
+                         f"{scaling!r}")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))
+               or isinstance(scaling.get(k), bool)]
+    extra = sorted(set(scaling) - {"rope_type", *ROPE_SCALING_KEYS[kind]})
+    if missing or extra:
+        raise ParamError("rope_scaling", f"rope_scaling {kind} takes the numbers {', '.join(ROPE_SCALING_KEYS[kind])}"
+                         + (f"; missing {', '.join(missing)}" if missing else "")
+                         + (f"; unknown {', '.join(extra)}" if extra else ""))
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ParamError("rope_scaling", "rope_scaling llama3 needs high_freq_factor > low_freq_factor")
+    return {k: (v if k == "rope_type" else int(v) if k == "original_max_position_embeddings" else float(v))
+            for k, v in scaling.items()}
+
+
+def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """RoPE frequencies under ``scaling`` (see :func:`check_rope_scaling`). llama3: wavelengths longer than
+    original / low_freq_factor are slowed by ``factor``, those shorter than original / high_freq_factor kept,
+    and those between blended smoothly, as Llama 3.1 was trained."""
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    old, low, high = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    between = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(between, blended, slowed)
 
 
 def mrope_axes(head_dim: int, mrope_section, interleaved: bool = False) -> tuple[int, ...]:
@@ -206,6 +251,11 @@ class Attention(nn.Module):
     ``qkv.weight`` rows are ``[q (num_heads*D); k (num_kv_heads*D); v (num_kv_heads*D)]``. The head
     counts of a call are read from the projection's output size, so a ``qkv`` that holds a share of
     the heads (tensor parallelism shards q, k and v alike) runs that share unchanged.
+
+    ``qkv_bias``: True, one bias ``qkv.bias`` over all three parts; False, none; ``"qv"``, biases on the
+    queries and values only (Whisper's attention has no key bias): ``qkv`` holds no bias and ``q_bias``
+    (num_heads*D) and ``v_bias`` (num_kv_heads*D) are added to their parts, so the parameters are exactly
+    those of separate q/k/v projections with ``k_proj`` bias-free.
     """
 
     def __init__(
@@ -214,7 +264,7 @@ class Attention(nn.Module):
         num_heads: int,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
-        qkv_bias: bool = False,
+        qkv_bias: bool | Literal["qv"] = False,
         out_bias: bool = False,
         dropout: float = 0.0,
         layer_idx: int = 0,
@@ -238,6 +288,13 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.layer_idx = layer_idx  # which slot of a KV cache this layer owns
         qkv_size = (num_heads + 2 * num_kv_heads) * head_dim
+        if qkv_bias not in (True, False, "qv"):
+            raise ParamError("qkv_bias", f"qkv_bias ({qkv_bias!r}) must be true, false or 'qv' (q and v biases only)")
+        qv_only = qkv_bias == "qv"
+        qkv_bias = False if qv_only else bool(qkv_bias)
+        if qv_only and te_norm is not None:
+            raise ParamError("qkv_bias", "qkv_bias 'qv' (no key bias) has no transformer-engine projection",
+                             hint="use backend: local for this attention")
         if te_norm is not None:
             from mimo_spec.components import te_backend
 
@@ -247,6 +304,9 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(hidden_size, qkv_size, bias=qkv_bias)
             self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+        # qkv_bias "qv": the q and v biases, zero-initialised (the qkv Linear holds no bias then)
+        self.q_bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if qv_only else None
+        self.v_bias = nn.Parameter(torch.zeros(num_kv_heads * head_dim)) if qv_only else None
         self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
         self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
 
@@ -267,6 +327,12 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         D, group = self.head_dim, self.num_heads // self.num_kv_heads
         qkv = self.qkv(x)
+        if self.q_bias is not None:  # no key bias: zeros between the q and v biases
+            q_bias, v_bias = self.q_bias, self.v_bias
+            if hasattr(q_bias, "to_local"):  # tensor parallelism shards them with the heads: this rank's rows
+                q_bias, v_bias = q_bias.to_local(), v_bias.to_local()
+            k_rows = qkv.shape[-1] - q_bias.shape[0] - v_bias.shape[0]
+            qkv = qkv + torch.cat([q_bias, q_bias.new_zeros(k_rows), v_bias])
         hkv = qkv.shape[-1] // ((group + 2) * D)  # the kv heads this projection holds (all, or a TP share)
         h = hkv * group
         qk = qkv[..., : (h + hkv) * D].unflatten(-1, (h + hkv, D))  # (B, S, h+hkv, D)
@@ -424,7 +490,10 @@ class TransformerBlock(nn.Module):
         layer_idx: int = 0,
         backend: str = "local",
         qk_norm: bool = False,
+        layer_scale: float | None = None,
     ):
+        """``layer_scale``: LayerScale (InternViT's ``lambda_1`` / ``lambda_2``): learned per-channel gains
+        ``attn_scale`` / ``mlp_scale`` on each residual branch, initialised to this value (None: none)."""
         super().__init__()
         if backend not in ("local", "te"):
             raise ParamError("backend",
@@ -452,6 +521,9 @@ class TransformerBlock(nn.Module):
             self.mlp_norm = build_norm(norm, hidden_size, norm_eps)
             self.mlp = MLP(hidden_size, ffn_hidden_size, mlp, activation, mlp_bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        gain = None if layer_scale is None else torch.full((hidden_size,), float(layer_scale))
+        self.attn_scale = None if gain is None else nn.Parameter(gain.clone())
+        self.mlp_scale = None if gain is None else nn.Parameter(gain.clone())
 
     def forward(
         self,
@@ -464,9 +536,11 @@ class TransformerBlock(nn.Module):
         segments: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """x (B, S, hidden) -> (B, S, hidden). ``segments``: see :meth:`Attention.forward`."""
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope=rope, attn_mask=attn_mask,
-                                       is_causal=is_causal, kv_cache=kv_cache, segments=segments))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        a = self.attn(self.attn_norm(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache,
+                      segments=segments)
+        x = x + self.dropout(a if self.attn_scale is None else a * self.attn_scale)
+        m = self.mlp(self.mlp_norm(x))
+        return x + self.dropout(m if self.mlp_scale is None else m * self.mlp_scale)
 
 
 def init_transformer_weights(module: nn.Module, std: float = 0.02, num_layers: int = 1) -> None:

@@ -72,6 +72,20 @@ class CommonDataConfig(BaseModel):
     # a local Hugging Face image processor folder (preprocessor_config.json); null: built from the
     # encoder's image size and image_mean / image_std (a native-resolution encoder: Qwen2-VL's processor)
     image_processor: str | None = None
+    # tiled images (mimo_spec.data.tiling): internvl (dynamic tiles + thumbnail, each tile an item, inside
+    # <img> ... </img>), idefics3 (Idefics3 / SmolVLM splitting: row/column tokens, then the global image),
+    # llava_next (anyres: one item per image, its base image and crops), none (one fixed-size item), or auto:
+    # llava_next for an encoder taking image_sizes, else the scheme of image_processor's class, else none
+    image_tiling: Literal["auto", "none", "llava_next", "internvl", "idefics3"] = "auto"
+    # internvl: the tile grid has image_min_tiles..image_max_tiles tiles (null: 1 and 12, or the processor's
+    # min_patches / max_patches); image_thumbnail: the whole image as one more tile after a split
+    image_min_tiles: int | None = Field(None, ge=1)
+    image_max_tiles: int | None = Field(None, ge=1)
+    image_thumbnail: bool = True
+    # idefics3: the image's longest side is resized to this before splitting (null: 4 tiles, or the processor's
+    # size.longest_edge); image_split: false keeps the global image alone (null: true, or the processor's)
+    image_longest_edge: int | None = Field(None, ge=1)
+    image_split: bool | None = None
     # the text tag placing a video (each becomes the video modality's placeholder run, one per video)
     video_token: str = Field("<video>", min_length=1)
     # native-resolution encoders (Qwen's processors): an image is resized, keeping its aspect ratio, to
@@ -94,6 +108,9 @@ class CommonDataConfig(BaseModel):
     video_fps: float = Field(2.0, gt=0.0)
     video_min_frames: int = Field(4, ge=1)
     video_max_frames: int = Field(768, ge=1)
+    # videos through an anyres encoder (LLaVA-NeXT-Video, LLaVA-OneVision): every video gives exactly this many
+    # frames, spread evenly (transformers' uniform sampling; a shorter video repeats frames), so videos batch
+    video_num_frames: int = Field(8, ge=1)
 
 
 class SyntheticDataConfig(CommonDataConfig):

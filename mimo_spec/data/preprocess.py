@@ -17,6 +17,11 @@ bounds and 0.5 / 0.5 normalisation as defaults, frames sampled and the whole cli
 ``Qwen3VLVideoProcessor``'s rules (:func:`qwen3_frame_indices`, :func:`qwen3_video_size`), and each video
 planned with its frame groups' timestamps (:func:`frame_group_timestamps`), which the sample builder writes
 as ``<1.5 seconds>`` text before each group.
+Tiled images (``data.image_tiling``, :mod:`mimo_spec.data.tiling`): a fixed-size encoder's image cut into tiles by
+the model's own Hugging Face processor (InternVL's dynamic tiles, Idefics3 / SmolVLM's split with row/column
+text), each tile an item, or an anyres encoder's tiles as one item per image (LLaVA-NeXT / OneVision; OneVision
+tiles only a sample's single image, the images of a sample holding several are one base tile each); counts
+from the header as above.
 SigLIP2 NaFlex (an encoder taking ``spatial_shapes``, ``siglip2_naflex``): each image at its own patch grid
 of at most ``max_num_patches`` patches, padded to that budget (:class:`NaFlexVision`: transformers'
 SigLIP2 image processor), h*w tokens counted from the header.
@@ -38,6 +43,10 @@ resamples to 16 kHz (band-limited: no aliasing). Audio longer than the encoder's
 most ``MAX_AUDIO_ITEMS`` items, the rest is cut) or cut to one window (``truncate``). Files are read
 block by block and only as far as the items use, so neither a long file nor a damaged header
 makes a worker decode more than the items need.
+A variable-length audio encoder (``whisper_encoder`` with ``variable_length``, Qwen2-Audio) also gets each
+item's ``feature_attention_mask`` (its real frames, as WhisperFeatureExtractor's attention mask counts them),
+and each item's placeholder count follows its length, from the header, as Qwen2AudioProcessor counts it
+(``audio_overflow: truncate`` is that processor's own handling of audio longer than 30 s).
 
 Every unreadable file raises :class:`~mimo_spec.errors.DataError` naming it (the sample builder
 skips such samples); a processor or setting that does not fit the model is a ``ConfigError``.
@@ -55,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from mimo_spec.data.records import Media
+from mimo_spec.data.tiling import AnyResVideo, TiledImage, choose_tiling, make_tiling, takes_image_sizes
 from mimo_spec.errors import ConfigError, DataError, InputError
 
 # CLIP's normalisation (also LLaVA's)
@@ -968,13 +978,41 @@ def log_mel(waveform: torch.Tensor, num_mel_bins: int, num_frames: int) -> torch
     return (logs + 4.0) / 4.0
 
 
+def _audio_lengths(model, name: str | None, frames: int) -> tuple[bool, list[int] | None]:
+    """(whether modality ``name``'s audio encoders are variable-length, and then the placeholders of an item of
+    f real frames for f in 0..frames). Encoders of one modality must agree (one mask per item)."""
+    if name is None:
+        return False, None
+    mod = model.modalities[name]
+    encoders = modality_encoders(mod)
+    variable = {n for n, e in encoders.items() if getattr(e, "variable_length", False)}
+    if not variable:
+        return False, None
+    if len(variable) != len(encoders):
+        raise ConfigError(f"modality {name}: encoders {sorted(variable)} take items of their own length "
+                          f"(variable_length) but {sorted(set(encoders) - variable)} do not",
+                          path=f"modalities.{name}", hint="set variable_length alike on every audio encoder")
+    projections = mod.src.input_projections
+
+    def tokens(f: int) -> int:
+        try:
+            per = {n: e.tokens_for_frames(f) for n, e in encoders.items()}
+            if mod.src.combine == "concat":
+                return int(next(iter(projections.values())).tokens_out(next(iter(per.values()))))
+            return sum(int(projections[n].tokens_out(t)) for n, t in per.items())
+        except Exception:  # a projector refusing so few tokens: the item makes none
+            return 0
+
+    return True, [tokens(f) if f else 0 for f in range(frames + 1)]
+
+
 # ---------------------------------------------------------------------------- per-model view
 
 def input_kind(encoder) -> str:
     """What an encoder eats: "image" (pixel_values, or a grid encoder taking ``image_grid_thw``),
     "video" (a grid encoder taking only ``video_grid_thw``), "audio" (input_features) or "other"."""
     grids = getattr(encoder, "grid_inputs", None) or {}
-    if "image_grid_thw" in grids:
+    if "image_grid_thw" in grids or "image_sizes" in grids:  # Qwen2-VL's grid, or anyres tiles (LLaVA-NeXT)
         return "image"
     if "video_grid_thw" in grids:
         return "video"
@@ -1238,7 +1276,8 @@ class MediaProcessor:
                  max_audio_items: int = MAX_AUDIO_ITEMS, video_modality: str | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, video_min_pixels: int | None = None,
                  video_max_pixels: int | None = None, video_fps: float = 2.0, video_min_frames: int = 4,
-                 video_max_frames: int = 768, qwen_vl: str = "auto"):
+                 video_max_frames: int = 768, qwen_vl: str = "auto", image_tiling: str = "auto",
+                 tiling_options: dict | None = None, video_num_frames: int = 8):
         if image_resize not in IMAGE_RESIZES:
             raise ConfigError(f"unknown image_resize {image_resize!r}", path="data.image_resize",
                               hint=f"one of {', '.join(IMAGE_RESIZES)}")
@@ -1270,9 +1309,16 @@ class MediaProcessor:
             mean, std = QWEN3_MEAN, QWEN3_STD  # the data config's defaults: Qwen3-VL's own normalisation
         options = dict(**pixels, mean=mean, std=std, processor=image_processor, fps=video_fps,
                        min_frames=video_min_frames, max_frames=video_max_frames, qwen3=self.qwen3)
+        # tiled images (data.image_tiling, mimo_spec.data.tiling): the scheme, and the processor folder's processor
+        self.image_tiling, tile_processor = choose_tiling(model, self.image_modality, image_tiling, image_processor)
+        anyres = self.image_tiling == "llava_next"
+        # LLaVA-NeXT-Video / OneVision videos: through an anyres encoder (mimo_spec.data.tiling.AnyResVideo)
+        self.video_tiling = AnyResVideo(model.modalities[self.video_modality], video_num_frames, self.image_mean,
+                                        self.image_std) \
+            if self.video_modality and takes_image_sizes(model.modalities[self.video_modality]) else None
         for kind, name, grid in (("image", self.image_modality, "image_grid_thw"),
                                  ("video", self.video_modality, "video_grid_thw")):
-            if name is None:
+            if name is None or (kind == "image" and anyres) or (kind == "video" and self.video_tiling):
                 continue
             mod = model.modalities[name]
             if kind == "image" and not any(getattr(e, "grid_inputs", None) for e in modality_encoders(mod).values()):
@@ -1298,11 +1344,11 @@ class MediaProcessor:
                                    + ("qwen3_vl" if frames_as_items else "qwen2_vl"))
         self.tokens_per_item: dict[str, int] = {}
         for name in (self.image_modality, self.audio_modality):
-            if name is not None and name not in self.native:
+            if name is not None and name not in self.native and not (anyres and name == self.image_modality):
                 mod = model.modalities[name]
                 self.tokens_per_item[name] = mod.tokens_per_item(mod.example_inputs(1))
         # encoder name -> (image_size, num_channels) / (num_mel_bins, max_frames)
-        self.image_encoders = {n: (e.image_size, e.num_channels)
+        self.image_encoders = {n: (getattr(e, "image_size", None) or e.tile_size, e.num_channels)
                                for n, e in modality_encoders(model.modalities[self.image_modality]).items()} \
             if self.image_modality and self.image_modality not in self.native else {}
         self.audio_encoders = {n: (e.num_mel_bins, e.max_frames)
@@ -1310,8 +1356,16 @@ class MediaProcessor:
             if self.audio_modality else {}
         # the audio window in 16 kHz samples: every encoder sees the same items (padded to its own frames)
         self.audio_window = min((frames for _, frames in self.audio_encoders.values()), default=0) * HOP_LENGTH
+        # variable-length audio encoders (Qwen2-Audio): each item's real frames go with it as
+        # feature_attention_mask, and its placeholders follow its length (audio_token_table[frames])
+        self.audio_variable, self.audio_token_table = _audio_lengths(model, self.audio_modality,
+                                                                     self.audio_window // HOP_LENGTH)
         self.image_transforms: dict[str, ImageTransform] = {}
-        if self.image_encoders:
+        self.tiling = None if self.image_tiling == "none" else make_tiling(
+            self.image_tiling, model.modalities[self.image_modality], self.image_encoders,
+            self.tokens_per_item.get(self.image_modality), processor=tile_processor, folder=image_processor,
+            mean=self.image_mean, std=self.image_std, options=tiling_options)
+        if self.image_encoders and self.tiling is None:
             folder = load_image_processor(image_processor) if image_processor is not None else None
             for name, (size, channels) in self.image_encoders.items():
                 if folder is None:
@@ -1324,25 +1378,43 @@ class MediaProcessor:
 
     # ---------------------------------------------------------------------------- images
     def is_native(self, modality: str | None) -> bool:
-        """True when ``modality``'s items each have their own size (a grid encoder)."""
-        return modality in self.native
+        """True when ``modality``'s items each have their own size (a grid encoder, or a variable-length
+        audio encoder)."""
+        return modality in self.native or (self.audio_variable and modality == self.audio_modality)
+
+    def is_tiled(self, modality: str | None) -> bool:
+        """True when ``modality``'s images are tiled (``data.image_tiling``): planned per image from its header."""
+        return ((self.tiling is not None and modality == self.image_modality)
+                or (self.video_tiling is not None and modality == self.video_modality))
+
+    def image_plan(self, item, where: str = "", alone: bool = True) -> TiledImage:
+        """What one tiled image becomes (items, text and placeholders), from its header alone; ``alone``: the
+        image is its sample's only one (OneVision tiles only such an image)."""
+        media = as_media(item, "image")
+        return self.tiling.plan(*image_size(media, where), media.name, where, alone=alone)
 
     def image_tokens(self, item, where: str = "") -> int:
         """Placeholder tokens of one image, known before decoding it (a native-resolution encoder's from
         the image's header)."""
+        if self.tiling is not None:
+            return self.image_plan(item, where).tokens
         if self.image_modality not in self.native:
             return self.tokens_per_item[self.image_modality]
         media = as_media(item, "image")
         vision = self.native[self.image_modality][3]
         return vision.tokens(vision.image_grid(*image_size(media, where), media.name, where))
 
-    def image(self, item, where: str = "") -> dict:
+    def image(self, item, where: str = "", plan: TiledImage | None = None) -> dict:
         """-> ``{encoder: {"pixel_values": (1, C, H, W)}}``; for a native-resolution encoder
         ``{encoder: {"pixel_values": (t*h*w, C*T*p*p), "image_grid_thw": (1, 3)}}`` (Qwen2-VL) or
         ``{encoder: {"pixel_values": (1, P, C*p*p), "pixel_attention_mask": (1, P), "spatial_shapes": (1, 2)}}``
-        (SigLIP2 NaFlex, P = max_num_patches)."""
+        (SigLIP2 NaFlex, P = max_num_patches); tiled (``data.image_tiling``, :mod:`mimo_spec.data.tiling`)
+        ``{encoder: {"pixel_values": (tiles, C, S, S)}}`` (``plan``: :meth:`image_plan`'s, else planned here)."""
         media = as_media(item, "image")
         img = load_image(media, where)
+        if self.tiling is not None:  # tiles: (tiles, C, S, S); one item (llava_next) or one item per tile
+            plan = plan or self.tiling.plan(*img.size, media.name, where)
+            return {name: self.tiling.pixels(img, plan, media.name, where) for name in self.image_encoders}
         if self.image_modality in self.native:
             enc_name, grid, packed, vision = self.native[self.image_modality]
             out = vision.image(img, media.name, where)
@@ -1361,6 +1433,8 @@ class MediaProcessor:
 
     def video_plan(self, item, where: str = "") -> VideoPlan:
         """The frames one video gives and its grid, from its container or folder listing (nothing decoded)."""
+        if self.video_tiling is not None:  # anyres (LLaVA-NeXT-Video): its plan carries tokens / items
+            return self.video_tiling.plan(item, where)
         return self._video_vision()[3].video_plan(item, where)
 
     @property
@@ -1378,12 +1452,17 @@ class MediaProcessor:
 
     def video_tokens(self, item, where: str = "") -> int:
         """Placeholder tokens of one video, known before decoding it."""
+        if self.video_tiling is not None:
+            return self.video_tiling.tokens
         vision = self._video_vision()[3]
         return vision.tokens(vision.video_plan(item, where).grid)
 
     def video(self, item, where: str = "", plan: VideoPlan | None = None) -> dict:
         """-> ``{encoder: {"pixel_values_videos": (t*h*w, C*T*p*p), "video_grid_thw": (1, 3)}}``, frames
-        sampled at ``video_fps`` (a file) or all of a frame folder, at most ``video_max_frames``."""
+        sampled at ``video_fps`` (a file) or all of a frame folder, at most ``video_max_frames``; through an anyres
+        encoder ``{encoder: {"pixel_values_videos": (1, F, C, S, S)}}``, ``video_num_frames`` frames."""
+        if self.video_tiling is not None:
+            return {name: self.video_tiling.video(item, where, plan) for name in self.video_tiling.encoders}
         enc_name, grid, packed, vision = self._video_vision()
         out = vision.video(item, where, plan)
         # seconds per temporal patch group: Qwen2.5-VL's M-RoPE time step (mrope_tokens_per_second)
@@ -1405,22 +1484,57 @@ class MediaProcessor:
         limit = 1 if self.audio_overflow == "truncate" else self.max_audio_items
         return min(n, limit), n > limit
 
+    def _audio_plan(self, frames: int, rate: int, name: str, where: str) -> tuple[int, bool, list[int] | None]:
+        """(items, cut, each item's real feature frames or None) of an audio of ``frames`` at ``rate``.
+
+        Variable-length encoders: the audio is ``ceil(frames * 16000 / rate)`` samples at 16 kHz (the length
+        librosa's resampling gives, as the Hugging Face processors load audio), item k holds
+        ``min(window, samples - k * window)`` of them and ``ceil(samples_k / 160)`` real frames, as
+        WhisperFeatureExtractor's attention mask counts them. A last window too short for one token is
+        dropped; an audio too short for one token is a DataError."""
+        items, cut = self._items(frames, rate)
+        if not self.audio_variable:
+            return items, cut, None
+        total = -(-frames * SAMPLING_RATE // rate)
+        window = self.audio_window
+        feats = [-(-min(window, total - k * window) // HOP_LENGTH) for k in range(items)]
+        while len(feats) > 1 and self.audio_token_table[feats[-1]] == 0:
+            feats.pop()
+        if self.audio_token_table[feats[0]] == 0:
+            raise DataError(f"{name} is too short: {total} samples at 16 kHz ({feats[0]} frames) make no audio token",
+                            path=where, hint="remove the clip or pad it with silence")
+        return len(feats), cut, feats
+
     def audio_items(self, item, where: str = "") -> tuple[int, bool]:
         """(number of items the audio makes, whether some of it is cut), from the header alone.
 
-        "split": ``ceil(duration / window)`` items, at most ``max_audio_items``; "truncate": 1.
+        "split": ``ceil(duration / window)`` items, at most ``max_audio_items`` (a variable-length encoder
+        drops a last window too short for one token); "truncate": 1.
         Raises DataError like :meth:`audio` for a file that cannot be read.
         """
-        frames, rate, _ = audio_info(item, where)
-        return self._items(frames, rate)
+        media = as_media(item, "audio")
+        frames, rate, _ = audio_info(media, where)
+        items, cut, _ = self._audio_plan(frames, rate, media.name, where)
+        return items, cut
+
+    def audio_tokens(self, item, where: str = "") -> list[int]:
+        """Placeholder tokens of each item the audio makes, from the header alone: each item's own count for a
+        variable-length encoder (as Qwen2AudioProcessor counts them), else the fixed count per item."""
+        media = as_media(item, "audio")
+        frames, rate, _ = audio_info(media, where)
+        items, _, feats = self._audio_plan(frames, rate, media.name, where)
+        if feats is None:
+            return [self.tokens_per_item[self.audio_modality]] * items
+        return [self.audio_token_table[f] for f in feats]
 
     def audio(self, item, where: str = "") -> dict:
         """-> ``{encoder: {"input_features": (n, mel_bins, frames)}}``, item k holding the 16 kHz samples
-        ``[k * window, (k + 1) * window)`` (the last zero-padded). Only the frames the items use are read,
-        block by block, and resampled as a stream."""
+        ``[k * window, (k + 1) * window)`` (the last zero-padded); a variable-length encoder also gets
+        ``"feature_attention_mask"`` (n, frames) int32, 1 for each item's real frames (see :meth:`_audio_plan`).
+        Only the frames the items use are read, block by block, and resampled as a stream."""
         media = as_media(item, "audio")
         frames, rate, channels = audio_info(media, where)
-        items, _ = self._items(frames, rate)
+        items, _, feats = self._audio_plan(frames, rate, media.name, where)
         window = self.audio_window
         _require_audio_fits(items * sum(m * f * 4 for m, f in self.audio_encoders.values()) + window * 8
                             + _BLOCK_VALUES * 8, media, where, f"the features of {items} item(s) of")
@@ -1472,4 +1586,9 @@ class MediaProcessor:
             buf[:] = 0.0
             for k in range(done + 1, items):
                 emit(k, buf)
-        return {name: {"input_features": x} for name, x in out.items()}
+        if feats is None:
+            return {name: {"input_features": x} for name, x in out.items()}
+        real = torch.tensor(feats, dtype=torch.long)[:, None]
+        return {name: {"input_features": x,
+                       "feature_attention_mask": (torch.arange(x.shape[-1])[None, :] < real).to(torch.int32)}
+                for name, x in out.items()}

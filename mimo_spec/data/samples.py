@@ -106,12 +106,18 @@ class SampleBuilder:
             if name is not None:
                 # a native-resolution modality's tag stands for one placeholder here; encode() widens each
                 # run to its own item's count
-                length = 1 if self.media.is_native(name) else self.media.tokens_per_item[name]
+                length = 1 if self.planned(name) else self.media.tokens_per_item[name]
                 self.tags[tag] = Tag(name, model.modalities[name].special_token_id, length)
         # modality -> (ids before, ids after) each of its items' runs (data.image_wrap / video_wrap / audio_wrap)
         self.wraps: dict[str, tuple[list[int], list[int]]] = {}
         for kind in ("image", "video", "audio"):
             wrap, name = getattr(cfg, f"{kind}_wrap", None), getattr(self.media, f"{kind}_modality", None)
+            tiling = self.media.tiling if kind == "image" and self.media.is_tiled(name) else None
+            if tiling is not None and wrap is not None and tiling.name == "idefics3":
+                raise ConfigError("idefics3 tiling writes its own text around each image's tiles; data.image_wrap "
+                                  "would wrap every tile", path="data.image_wrap", hint="null")
+            if wrap is None and tiling is not None:
+                wrap = tiling.wrap  # the scheme's own markers (InternVL's <img> ... </img>)
             if wrap is not None and name is not None:
                 self.wraps[name] = wrap_ids(tokenizer, wrap, self.reserved, f"data.{kind}_wrap")
         self._text_ids: dict[str, list[int]] = {}  # timestamp text -> ids (Qwen3-VL's videos)
@@ -175,11 +181,13 @@ class SampleBuilder:
                 if any(n != 1 for n in per_file):
                     turns = _expand_tags(turns, tag, per_file)
                 media[name] = [(kind, m) for m, n in zip(items, per_file) for _ in range(n)]
+                if self.planned(name):  # a variable-length audio encoder: each item its own count
+                    counts[name], plans[name] = self.audio_counts(items, per_file, where)
             else:
                 media[name] = [(kind, m) for m in items]
-                if self.media.is_native(name):
-                    planned = [_naming(lambda: self.plan_item(kind, m, where), kind, k, len(items), m)
-                               for k, m in enumerate(items)]
+                if self.planned(name):
+                    planned = [_naming(lambda: self.plan_item(kind, m, where, len(items) == 1), kind, k,
+                                       len(items), m) for k, m in enumerate(items)]
                     counts[name] = [n for n, _ in planned]
                     plans[name] = [plan for _, plan in planned]
         try:
@@ -193,7 +201,7 @@ class SampleBuilder:
         except InputError as e:
             raise DataError(e.problems) from None
         ids, labels, spans = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps,
-                                        self.frame_groups(plans))
+                                        self.item_parts(plans))
         truncated = False
         if len(ids) > self.max_len:
             cut = self.max_len
@@ -219,14 +227,35 @@ class SampleBuilder:
         return Encoded(ids, labels, media, where, record.file, record.id, truncated, audio_cut, record.extra,
                        counts, plans)
 
-    def plan_item(self, kind: str, media: Media, where: str) -> tuple[int, object]:
-        """(placeholder tokens, plan) of one native-resolution image or video, from its header / container
-        (nothing decoded); the plan (a video's :class:`~mimo_spec.data.preprocess.VideoPlan`, None for an
-        image) is what decoding it reuses."""
+    def planned(self, name: str | None) -> bool:
+        """True when each item of modality ``name`` is planned from its header (its own count): native-resolution
+        and tiled modalities."""
+        return self.media.is_native(name) or self.media.is_tiled(name)
+
+    def plan_item(self, kind: str, media: Media, where: str, alone: bool = True) -> tuple[int, object]:
+        """(placeholder tokens, plan) of one native-resolution or tiled image or video, from its header /
+        container (nothing decoded); the plan (a video's :class:`~mimo_spec.data.preprocess.VideoPlan`, a tiled
+        image's :class:`~mimo_spec.data.tiling.TiledImage`, else None) is what decoding it reuses. ``alone``: the
+        image is its sample's only one (OneVision tiles only such an image)."""
         if kind == "video":
             plan = self.media.video_plan(media, where)
+            if self.media.is_tiled(self.media.video_modality):  # anyres (LLaVA-NeXT-Video): a fixed frame count
+                return plan.tokens, plan
             return self.media.native[self.media.video_modality][3].tokens(plan.grid), plan
+        if self.media.is_tiled(self.media.image_modality):
+            plan = self.media.image_plan(media, where, alone=alone)
+            return plan.tokens, plan
         return self.media.image_tokens(media, where), None
+
+    def item_parts(self, plans: dict[str, list]) -> dict[str, list[list[tuple[list[int], int]]]]:
+        """Items laid out as parts, (text ids, placeholders) each: Qwen3-VL's video frame groups
+        (:meth:`frame_groups`) and tiled images whose scheme writes text between their tiles (idefics3)."""
+        out = self.frame_groups(plans)
+        name = self.media.image_modality
+        if self.media.is_tiled(name) and name in plans and any(p.has_text for p in plans[name]):
+            out[name] = [[(self.text_ids(text, "data.image_tiling"), n) for text, n in plan.parts]
+                         for plan in plans[name]]
+        return out
 
     def frame_groups(self, plans: dict[str, list]) -> dict[str, list[list[tuple[list[int], int]]]]:
         """Qwen3-VL's video layout (``data.qwen_vl``): per video, its frame groups as (timestamp text ids,
@@ -237,8 +266,9 @@ class SampleBuilder:
         return {name: [[(self.text_ids(text), n) for text, n in self.media.video_groups(plan)]
                        for plan in plans[name]]}
 
-    def text_ids(self, text: str) -> list[int]:
-        """``text`` tokenised alone (a timestamp such as ``<1.5 seconds>``), remembered."""
+    def text_ids(self, text: str, key: str = "data.qwen_vl") -> list[int]:
+        """``text`` tokenised alone (a timestamp such as ``<1.5 seconds>``, a tile's ``<row_1_col_2>``),
+        remembered; ``key``: the option a ConfigError names."""
         ids = self._text_ids.get(text)
         if ids is None:
             from mimo_spec.data.tokenizer import encode_many
@@ -247,11 +277,18 @@ class SampleBuilder:
             bad = sorted(set(ids) & self.reserved)
             if bad:
                 raise ConfigError(f"{text!r} tokenises to id {bad[0]}, a modality's placeholder or generation id",
-                                  path="data.qwen_vl", hint="give the modality another token id")
+                                  path=key, hint="give the modality another token id")
             if len(self._text_ids) > 4096:
                 self._text_ids.clear()
             self._text_ids[text] = ids
         return ids
+
+    def audio_counts(self, files: list[Media], per_file: list[int], where: str) -> tuple[list[int], list]:
+        """(placeholders of each audio item, a None plan each) for a variable-length audio encoder: each
+        file's items' counts from its header (``per_file[k]`` items of file k)."""
+        counts = [t for k, (m, n) in enumerate(zip(files, per_file))
+                  for t in _naming(lambda: self.media.audio_tokens(m, where), "audio", k, len(files), m)[:n]]
+        return counts, [None] * len(counts)
 
     def audio_items(self, media: Media, where: str) -> tuple[int, bool]:
         """(items, cut) an audio file becomes: several for audio longer than the encoder's window
@@ -278,6 +315,8 @@ class SampleBuilder:
         ``counts``: the placeholder count planned for each item (native modalities), checked against what
         the decoded item makes; ``plans``: what :meth:`plan_item` found for each (videos are not re-read)."""
         loaded, k = [], 0
+        tiled = self.media.is_tiled(name) and plans is not None
+        items = 0  # tiled images: the items (tiles) of all of them
         while k < len(entries):
             kind, m = entries[k]
             run = 1
@@ -293,9 +332,12 @@ class SampleBuilder:
             else:
                 run = 1
                 plan = plans[k] if plans is not None else None
-                x = _naming(lambda: self.media.video(m, where, plan) if kind == "video" else self.media.image(m, where),
+                x = _naming(lambda: self.media.video(m, where, plan) if kind == "video"
+                            else self.media.image(m, where, plan) if plan is not None else self.media.image(m, where),
                             kind, k, len(entries), m)
-                if counts is not None:
+                if tiled:
+                    items += plan.items
+                elif counts is not None:
                     got = self.media.item_tokens(name, x)[0]
                     if got != counts[k]:
                         raise DataError(f"{kind} {k + 1} of {len(entries)} ({m.name}) makes {got} tokens once "
@@ -305,7 +347,7 @@ class SampleBuilder:
                 loaded.append(x)
             k += run
         merged = {e: {kw: torch.cat([x[e][kw] for x in loaded]) for kw in kws} for e, kws in loaded[0].items()}
-        return merged, len(entries)
+        return merged, items if tiled else len(entries)
 
     def prompt(self, text: str, images=(), audio=(), where: str = "prompt", videos=()) -> tuple[torch.Tensor, dict]:
         """A user prompt with image / video / audio files -> (input_ids (1, S), modality_inputs), laid out as
@@ -331,9 +373,11 @@ class SampleBuilder:
             if files:
                 per_file = [self.audio_items(m, where)[0] if kind == "audio" else 1 for m in files]
                 media[tag] = (kind, name, files, per_file)
-                if self.media.is_native(name):
-                    planned = [_naming(lambda: self.plan_item(kind, m, where), kind, k, len(files), m)
-                               for k, m in enumerate(files)]
+                if self.planned(name) and kind == "audio":
+                    counts[name], plans[name] = self.audio_counts(files, per_file, where)
+                elif self.planned(name):
+                    planned = [_naming(lambda: self.plan_item(kind, m, where, len(files) == 1), kind, k,
+                                       len(files), m) for k, m in enumerate(files)]
                     counts[name], plans[name] = [n for n, _ in planned], [p for _, p in planned]
         turns = [["user", prefix + text]]
         for tag, (kind, name, files, per_file) in media.items():
@@ -341,7 +385,7 @@ class SampleBuilder:
                 turns = _expand_tags(turns, tag, per_file)
         enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
                                   add_generation_prompt=True, reserved=self.reserved, where=where)
-        ids, _, _ = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps, self.frame_groups(plans))
+        ids, _, _ = widen_runs(enc.input_ids, enc.labels, enc.runs, counts, self.wraps, self.item_parts(plans))
         inputs = {}
         for tag, (kind, name, files, per_file) in media.items():
             inputs[name] = self.decode(name, [(kind, m) for m, n in zip(files, per_file) for _ in range(n)], where,
@@ -459,7 +503,11 @@ def _path(f):
 
 
 _NATIVE_OPTIONS = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_fps", "video_min_frames",
-                   "video_max_frames")
+                   "video_max_frames", "video_num_frames")
+
+
+# data.image_<name>: the tiling options (mimo_spec.data.tiling.build_tiling's keyword arguments)
+_TILING_OPTIONS = ("min_tiles", "max_tiles", "thumbnail", "longest_edge", "split")
 
 
 def media_options(cfg) -> dict:
@@ -469,6 +517,9 @@ def media_options(cfg) -> dict:
             "video_modality": getattr(cfg, "video_modality", None),
             **{k: getattr(cfg, k) for k in _NATIVE_OPTIONS if getattr(cfg, k, None) is not None},
             "qwen_vl": getattr(cfg, "qwen_vl", "auto"),
+            "image_tiling": getattr(cfg, "image_tiling", "auto"),
+            "tiling_options": {k: getattr(cfg, f"image_{k}") for k in _TILING_OPTIONS
+                               if getattr(cfg, f"image_{k}", None) is not None},
             "image_mean": cfg.image_mean,
             "image_std": cfg.image_std, "image_resize": getattr(cfg, "image_resize", "pad"),
             **({"image_processor": cfg.image_processor} if cfg.image_processor else {}),

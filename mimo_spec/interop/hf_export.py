@@ -110,9 +110,11 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
                   rms_norm_eps=p["norm_eps"], tie_word_embeddings=p["tie_embeddings"])
     import transformers
 
-    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"]}}
-            if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters
-            else {"rope_theta": p["rope_theta"]})
+    scaling = p.get("rope_scaling")
+    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"], **(scaling or {})}}
+    else:
+        rope = {"rope_theta": p["rope_theta"], **({"rope_scaling": dict(scaling)} if scaling else {})}
     if p.get("qk_norm"):
         if out_bias != p["attention_bias"] or p["mlp_bias"]:
             raise _refuse(path, "qk_norm with these biases matches no Hugging Face model (Qwen3 has q/k/v and "
@@ -146,6 +148,11 @@ def _vit_config(p: dict[str, Any], dtype: torch.dtype, path: str, standalone: bo
         raise _refuse(path, "a clip_vit is CLIP-style (class_token, pre_norm, no patch_bias) or SigLIP-style "
                             f"(none of them, patch_bias); got class_token={p['class_token']}, "
                             f"pre_norm={p['pre_norm']}, patch_bias={p['patch_bias']}")
+    plain = dict(layer_scale=None, norm="layernorm", mlp="gelu", qk_norm=False, qkv_bias=True, register_tokens=0)
+    for key, value in plain.items():  # InternViT's options (hf_internvl exports those): CLIP / SigLIP have none
+        if p.get(key, value) != value:
+            where = path if path.endswith("params") else f"{path}.params"
+            raise _refuse(f"{where}.{key}", f"{p[key]!r}: CLIP / SigLIP towers have {key} {value!r}")
     blocks = hw.resolve_feature_layer(p["feature_layer"], p["num_layers"])
     layers = p["num_layers"] if p["keep_unused_layers"] else blocks
     if layers == 0:
@@ -304,6 +311,9 @@ def _gpt_canonical(p: dict[str, Any]) -> dict[str, Any]:
         p["attention_out_bias"] = p["attention_bias"]
     if p["mrope_section"] is not None:
         p["mrope_section"] = [int(v) for v in p["mrope_section"]]
+    from mimo_spec.components.layers import check_rope_scaling
+
+    p["rope_scaling"] = check_rope_scaling(p.get("rope_scaling"))
     for k in ("backend", "dropout"):  # how it runs or trains, not what it computes
         p.pop(k)
     return p

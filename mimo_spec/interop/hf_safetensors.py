@@ -259,7 +259,7 @@ def check_plan(plan: Plan, available: Mapping[str, torch.Tensor], expected: Mapp
             got = tuple(materialize(parts, available.__getitem__).shape)
         except RuntimeError:  # fused parts whose trailing sizes disagree
             got = None
-        if got != want:
+        if got != want and not _unit_dims_only(got, want):
             for key, rows, transpose in parts:
                 if key is None:
                     continue
@@ -281,6 +281,17 @@ def check_plan(plan: Plan, available: Mapping[str, torch.Tensor], expected: Mapp
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _unit_dims_only(got: tuple | None, want: tuple) -> bool:
+    """Shapes that differ only in dimensions of size 1 (InternViT's (1, 1, H) class token for our (H,))."""
+    return got is not None and [d for d in got if d != 1] == [d for d in want if d != 1]
+
+
+def _fit(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Reshape tensors whose shape differs from the model's only in size-1 dimensions (check_plan allows it)."""
+    shapes = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if k in batch}
+    return {k: t.reshape(shapes[k]) if k in shapes and t.shape != shapes[k] else t for k, t in batch.items()}
 
 
 def _finish(t: torch.Tensor, dtype: torch.dtype | None, sources: list[torch.Tensor]) -> torch.Tensor:
@@ -360,7 +371,7 @@ def stream_into(model: nn.Module, plan: Plan, ckpt: HFCheckpoint, dtype: torch.d
                 keys = by_shard[i]
                 tensors = pool.map(lambda ours: _read(plan[ours], ckpt, fds, dtype), keys)
                 batch = {ours: t.to(device) if to_device else t for ours, t in zip(keys, tensors)}
-                model.load_state_dict(batch, strict=False, assign=True)
+                model.load_state_dict(_fit(batch, model), strict=False, assign=True)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -375,7 +386,7 @@ def load_from_state_dict(model: nn.Module, plan: Plan, state: Mapping[str, torch
     for ours, parts in plan.items():
         sources = [state[k] for k, _, _ in parts if k is not None]
         batch[ours] = _finish(materialize(parts, state.__getitem__), dtype, sources)
-    model.load_state_dict(batch, strict=False, assign=True)
+    model.load_state_dict(_fit(batch, model), strict=False, assign=True)
     _check_filled(model)
 
 

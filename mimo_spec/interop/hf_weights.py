@@ -3,7 +3,7 @@
 Every conversion is one table: ``our key -> [(HF key, rows), ...]``. A single
 entry is a rename; several are concatenated along dim 0 on import (fused QKV,
 fused gate/up) and split by ``rows`` on export. An HF key of ``None`` is a part
-HF does not store (Whisper's key bias): zeros on import, dropped on export.
+HF does not store (Whisper's key bias, with ``key_bias: true``): zeros on import, dropped on export.
 
 ``*_from_hf(hf_state_dict, params)`` take our constructor kwargs ``params`` (as
 returned by ``*_params_from_hf`` and possibly edited), find the component's
@@ -142,8 +142,14 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
     section = rope.get("mrope_section")
     if rope_type == "mrope" and section is not None:  # Qwen2-VL's config before transformers 5
         rope_type = "default"
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only plain RoPE and M-RoPE)")
+    scaling = None
+    if rope_type in ("llama3", "linear"):
+        keys = ("factor",) if rope_type == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                          "original_max_position_embeddings")
+        scaling = {"rope_type": rope_type, **{k: int(rope[k]) if k.startswith("original") else float(rope[k])
+                                              for k in keys}}
+    elif rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (plain RoPE, M-RoPE, llama3 and linear scaling)")
     mrope = {} if section is None else {"mrope_section": [int(v) for v in section],
                                         "mrope_interleaved": bool(rope.get("mrope_interleaved", False))}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -160,7 +166,7 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
         attention_bias=True if qwen2 else bias, attention_out_bias=False if qwen2 else bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)), tie_embeddings=bool(tie),
         head_dim=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim,
-        **mrope, **({"qk_norm": True} if qwen3 else {}),
+        **mrope, **({"qk_norm": True} if qwen3 else {}), **({"rope_scaling": scaling} if scaling else {}),
     )
 
 
@@ -263,6 +269,8 @@ def clip_vit_params_from_hf(config: Any, feature_layer: int = -1, feature_select
     ``hidden_states[k]`` (LLaVA) must set it False, as HF applies no post-norm there.
     """
     config = getattr(config, "vision_config", None) or config
+    if config.model_type == "internvl_vision":
+        return internvit_params_from_hf(config, feature_layer, feature_select, keep_unused_layers)
     siglip = config.model_type.startswith("siglip")
     if not siglip and not config.model_type.startswith("clip"):
         raise ValueError(f"model_type {config.model_type!r} is not supported: use a CLIP or SigLIP vision config")
@@ -304,8 +312,79 @@ def _vit_table(p: Mapping[str, Any]) -> Table:
     return table
 
 
+def internvit_params_from_hf(config: Any, feature_layer: int = -1, feature_select: str = "patch",
+                             keep_unused_layers: bool = False) -> dict[str, Any]:
+    """ClipViT kwargs from an InternVLVisionConfig (InternViT-300M / 6B as transformers' InternVL holds it):
+    class token, no pre-norm, a biased patch conv, LayerScale, ``norm_type``, ``use_qk_norm``,
+    ``attention_bias``. ``post_norm`` is HF's final ``layernorm`` (present when ``use_mean_pooling`` is
+    false), which HF applies to ``last_hidden_state`` only: set it False when reading another layer."""
+    if getattr(config, "use_mask_token", False):
+        raise ValueError("use_mask_token (masked image modelling) is not supported")
+    if not getattr(config, "use_absolute_position_embeddings", True):
+        raise ValueError("use_absolute_position_embeddings false (no position table) is not supported")
+    norms = {"layer_norm": "layernorm", "rms_norm": "rmsnorm"}
+    if config.norm_type not in norms:
+        raise ValueError(f"norm_type {config.norm_type!r} is not supported: use layer_norm or rms_norm")
+    if config.use_qk_norm and config.layer_norm_eps != 1e-6:  # HF's q/k norm eps is always 1e-6
+        raise ValueError(f"use_qk_norm with layer_norm_eps {config.layer_norm_eps}: the q/k norms' epsilon "
+                         "(1e-6 in transformers) would differ from ours (layer_norm_eps)")
+    size, patch = (v if isinstance(v, int) else v[0] for v in (config.image_size, config.patch_size))
+    if any(not isinstance(v, int) and v[0] != v[1] for v in (config.image_size, config.patch_size)):
+        raise ValueError(f"image_size {config.image_size} / patch_size {config.patch_size}: only square ones "
+                         "are supported")
+    return dict(
+        image_size=size, patch_size=patch, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads, ffn_hidden_size=config.intermediate_size,
+        num_channels=config.num_channels, activation=_activation(config.hidden_act),
+        layer_norm_eps=config.layer_norm_eps, class_token=True, pre_norm=False,
+        post_norm=not config.use_mean_pooling, patch_bias=True, feature_layer=feature_layer,
+        feature_select=feature_select, keep_unused_layers=keep_unused_layers,
+        layer_scale=float(config.layer_scale_init_value), norm=norms[config.norm_type], mlp="gelu",
+        qk_norm=bool(config.use_qk_norm), qkv_bias=bool(config.attention_bias), register_tokens=0,
+    )
+
+
+def _internvit_table(p: Mapping[str, Any]) -> Table:
+    """InternVLVisionModel's keys (transformers' InternVL). HF stores the class token as (1, 1, H) and the
+    positions as (1, P, H): same numbers, ours without the leading 1s (see hf_safetensors' loading)."""
+    h = p["hidden_size"]
+    layer: Table = {"attn_scale": _one("lambda_1"), "mlp_scale": _one("lambda_2"),
+                    "attn.qkv.weight": [(f"attention.{x}_proj.weight", h) for x in "qkv"]}
+    for leaf in ("weight", "bias") if p.get("norm", "layernorm") == "layernorm" else ("weight",):
+        layer[f"attn_norm.{leaf}"] = _one(f"layernorm_before.{leaf}")
+        layer[f"mlp_norm.{leaf}"] = _one(f"layernorm_after.{leaf}")
+    if p.get("qkv_bias", True):
+        layer["attn.qkv.bias"] = [(f"attention.{x}_proj.bias", h) for x in "qkv"]
+    for leaf in ("weight", "bias"):
+        layer[f"attn.out.{leaf}"] = _one(f"attention.projection_layer.{leaf}")
+        layer[f"mlp.fc1.{leaf}"] = _one(f"mlp.fc1.{leaf}")
+        layer[f"mlp.fc2.{leaf}"] = _one(f"mlp.fc2.{leaf}")
+    if p.get("qk_norm", False):
+        layer["attn.q_norm.weight"] = _one("attention.q_norm.weight")
+        layer["attn.k_norm.weight"] = _one("attention.k_norm.weight")
+    table: Table = {"patch_embed.weight": _one("embeddings.patch_embeddings.projection.weight"),
+                    "patch_embed.bias": _one("embeddings.patch_embeddings.projection.bias"),
+                    "class_embedding": _one("embeddings.cls_token"),
+                    "pos_embed": _one("embeddings.position_embeddings")}
+    keep = p.get("keep_unused_layers", False)
+    if p.get("post_norm", False) or keep:
+        for leaf in ("weight", "bias"):
+            table[f"post_norm.{leaf}"] = _one(f"layernorm.{leaf}")
+    blocks = p["num_layers"] if keep else resolve_feature_layer(p.get("feature_layer", -1), p["num_layers"])
+    _add_layer_tables(table, layer, blocks, "layers.", "encoder.layer.")
+    return table
+
+
+def _is_internvit(p: Mapping[str, Any]) -> bool:
+    """ClipViT params in InternViT's Hugging Face layout (LayerScale exists only there)."""
+    return p.get("layer_scale") is not None
+
+
 def clip_vit_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any], prefix: str | None = None) -> Plan:
     """Which HF tensors make each ClipViT tensor (see ``clip_vit_state_dict_from_hf``)."""
+    if _is_internvit(params):
+        return _plan(_internvit_table(params),
+                     _find_prefix(hf_keys, "embeddings.patch_embeddings.projection.weight", prefix))
     return _plan(_vit_table(params), _find_prefix(hf_keys, "embeddings.patch_embedding.weight", prefix))
 
 
@@ -322,7 +401,13 @@ def clip_vit_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mappi
 def clip_vit_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                               prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
     """ClipViT's state dict -> HF vision-model keys (only the blocks and norms ours has:
-    all of them with ``keep_unused_layers``)."""
+    all of them with ``keep_unused_layers``). InternViT's (``layer_scale`` set) come in its own layout,
+    the class token and positions with HF's leading 1s."""
+    if _is_internvit(params):
+        out = _export(sd, _internvit_table(params), prefix)
+        for key in ("embeddings.cls_token", "embeddings.position_embeddings"):  # (H,) / (P, H) -> (1, ., H)
+            out[prefix + key] = out[prefix + key].reshape(1, -1, params["hidden_size"])
+        return out
     return _export(sd, _vit_table(params), prefix)
 
 
@@ -341,11 +426,13 @@ def whisper_encoder_params_from_hf(config: Any) -> dict[str, Any]:
 
 def _whisper_table(p: Mapping[str, Any]) -> Table:
     h = p["hidden_size"]
-    layer: Table = {
-        "attn.qkv.weight": [(f"self_attn.{x}_proj.weight", h) for x in "qkv"],
-        # Whisper's k_proj has no bias: a zero part, exact (see whisper.py).
-        "attn.qkv.bias": [("self_attn.q_proj.bias", h), (None, h), ("self_attn.v_proj.bias", h)],
-    }
+    layer: Table = {"attn.qkv.weight": [(f"self_attn.{x}_proj.weight", h) for x in "qkv"]}
+    if p.get("key_bias", True):
+        # Whisper's k_proj has no bias: a zero part, exact (see whisper.py); dropped on export.
+        layer["attn.qkv.bias"] = [("self_attn.q_proj.bias", h), (None, h), ("self_attn.v_proj.bias", h)]
+    else:  # key_bias false: Hugging Face's own parameters, q and v biases apart
+        layer["attn.q_bias"] = _one("self_attn.q_proj.bias")
+        layer["attn.v_bias"] = _one("self_attn.v_proj.bias")
     for leaf in ("weight", "bias"):
         layer[f"attn_norm.{leaf}"] = _one(f"self_attn_layer_norm.{leaf}")
         layer[f"attn.out.{leaf}"] = _one(f"self_attn.out_proj.{leaf}")
@@ -419,7 +506,7 @@ PLANS = {"gpt": gpt_import_plan, "clip_vit": clip_vit_import_plan, "whisper_enco
 _MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt", "qwen2_vl_text": "gpt",
                 "qwen2_5_vl_text": "gpt", "qwen3": "gpt", "qwen3_vl_text": "gpt", "clip": "clip_vit",
                 "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
-                "whisper": "whisper_encoder"}
+                "internvl_vision": "clip_vit", "whisper": "whisper_encoder"}
 
 
 def params_from_hf(config: Any) -> tuple[str, dict[str, Any]]:

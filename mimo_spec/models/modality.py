@@ -210,7 +210,16 @@ class Modality(nn.Module):
         return counts.pop()
 
     def example_inputs(self, num_items: int, generator: torch.Generator | None = None) -> dict:
-        return {n: enc.example_inputs(num_items, generator=generator) for n, enc in self.src.encoders.items()}
+        """Valid random items: a video modality taking another modality's encoders gets their
+        ``example_videos`` where they have it (else their ``example_inputs``)."""
+        videos = self.item_kind == "video" and self.src is not self
+
+        def example(enc):
+            if videos and hasattr(enc, "example_videos"):
+                return enc.example_videos(num_items, generator=generator)
+            return enc.example_inputs(num_items, generator=generator)
+
+        return {n: example(enc) for n, enc in self.src.encoders.items()}
 
     def _encode_one(self, name: str, inputs: dict):
         encoder = self.src.encoders[name]

@@ -5,7 +5,8 @@ A plan says how :func:`mimo_spec.parallel.tp.apply_tp` shards one module's child
     register_tp_plan(Attention, TPPlan(
         styles={"qkv": "colwise", "out": "rowwise"},     # child -> style (tp.STYLES)
         divides=("num_heads", "num_kv_heads"),            # sizes that must divide by tp (layout checks)
-        fused=lambda m: {"qkv": [q_rows, k_rows, v_rows]}))  # fused projections, sharded part by part
+        fused=lambda m: {"qkv": [q_rows, k_rows, v_rows]},  # fused projections, sharded part by part
+        sharded=("q_bias", "v_bias")))                     # own parameters sharded by rows (with the heads)
 
 A plugin registers plans for its own classes the same way (:func:`register_tp_plan`); a class without
 a plan of its own takes its nearest registered base class's (:func:`tp_plan_for`). The components do
@@ -24,11 +25,14 @@ import torch.nn as nn
 @dataclass(frozen=True)
 class TPPlan:
     """``styles``: child name -> TP style; ``divides``: the module's attributes that must divide by tp;
-    ``fused``: module -> {child: [rows of each part]} for projections that concatenate several outputs."""
+    ``fused``: module -> {child: [rows of each part]} for projections that concatenate several outputs;
+    ``sharded``: the module's own parameters (not a child's) split by rows, rank r holding chunk r (None
+    ones are skipped); the module reads its share with ``to_local()``."""
 
     styles: Mapping[str, str]
     divides: tuple[str, ...] = ()
     fused: Callable[[nn.Module], dict[str, list[int]]] | None = field(default=None, compare=False)
+    sharded: tuple[str, ...] = ()
 
 
 # how a child is sharded: colwise / rowwise linear, vocabulary-sharded embedding, a column-sharded linear
@@ -94,9 +98,10 @@ def _load_builtins() -> None:
     from mimo_spec.components.language.gpt import GPT
     from mimo_spec.components.layers import MLP, Attention
 
-    # heads split over the TP ranks; the fused projection shards q, k and v each, not their concatenation
+    # heads split over the TP ranks; the fused projection shards q, k and v each, not their concatenation;
+    # q and v biases apart from it (qkv_bias "qv") go with their heads
     _PLANS.setdefault(Attention, TPPlan({"qkv": "colwise", "out": "rowwise"}, ("num_heads", "num_kv_heads"),
-                                        _attention_parts))
+                                        _attention_parts, sharded=("q_bias", "v_bias")))
     _PLANS.setdefault(MLP, TPPlan({"fc1": "colwise", "fc2": "rowwise"}, ("ffn_hidden_size",), _mlp_parts))
     # vocabulary-sharded embedding and head (the logits stay sharded for the loss; a tied head multiplies
     # by the sharded embedding weight); the KV cache holds this rank's kv heads only

@@ -55,6 +55,7 @@ def apply_tp(module: nn.Module, tp_mesh, prefix: str, loss_parallel: bool = True
     full logits on every TP rank). Nothing but the parameters changes: the modules read their per-rank
     head counts from the sharded projections' shapes.
     """
+    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
 
     from mimo_spec.parallel.plans import tp_plan_for
@@ -80,6 +81,11 @@ def apply_tp(module: nn.Module, tp_mesh, prefix: str, loss_parallel: bool = True
             styles[child] = _style(kind, loss_parallel)
         if styles:
             parallelize_module(sub, tp_mesh, styles)
+        for pname in plan.sharded:  # the module's own row-sharded parameters (Attention's q_bias / v_bias)
+            p = getattr(sub, pname, None)
+            if isinstance(p, nn.Parameter):
+                sub.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, tp_mesh, [Shard(0)]),
+                                                           requires_grad=p.requires_grad))
     return fused
 
 

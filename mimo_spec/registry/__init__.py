@@ -30,6 +30,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "siglip2_naflex": "mimo_spec.components.vision.siglip2:Siglip2NaFlex",
         "radio": "mimo_spec.components.vision.radio:RadioViT",
         "qwen_vit": "mimo_spec.components.vision.qwen_vit:QwenViT",
+        "anyres": "mimo_spec.components.vision.anyres:AnyRes",
     },
     "projector": {
         "identity": "mimo_spec.components.projectors:IdentityProjector",
@@ -37,8 +38,12 @@ BUILTINS: dict[str, dict[str, str]] = {
         "mlp": "mimo_spec.components.projectors:MLPProjector",
         "pixel_shuffle_mlp": "mimo_spec.components.projectors:PixelShuffleMLPProjector",
         "patch_merger": "mimo_spec.components.vision.qwen_vit:PatchMerger",
+        "avg_pool": "mimo_spec.components.pooling:AvgPoolProjector",
+        "pool2d": "mimo_spec.components.pooling:Pool2dProjector",
     },
-    "layout": {},
+    "layout": {
+        "anyres_layout": "mimo_spec.components.vision.anyres:AnyResLayout",
+    },
     "decoder": {
         "patch_image_decoder": "mimo_spec.components.decoders:PatchImageDecoder",
     },

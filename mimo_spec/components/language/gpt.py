@@ -52,6 +52,9 @@ class GPT(nn.Module):
         norm, norm_eps: "rmsnorm" (no bias) or "layernorm" (with bias).
         position_embedding: "rope", "learned" (GPT-2) or "none".
         rope_theta: RoPE base. max_seq_len: table size for learned positions.
+        rope_scaling: RoPE frequency scaling, as Hugging Face's ``rope_parameters``: ``{rope_type: llama3,
+            factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}`` (Llama 3.1 / 3.2,
+            e.g. Idefics3-8B's LM) or ``{rope_type: linear, factor}``; None: plain RoPE.
         mlp: "swiglu" (gated, fused gate/up) or "gelu" (2-layer).
         activation: MLP activation (None = silu for swiglu, gelu for gelu).
         attention_bias: bias on q/k/v. attention_out_bias: bias on the output
@@ -87,6 +90,7 @@ class GPT(nn.Module):
         norm_eps: float = 1e-5,
         position_embedding: Literal["rope", "learned", "none"] = "rope",
         rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
         max_seq_len: int = 2048,
         mlp: Literal["swiglu", "gelu"] = "swiglu",
         activation: ActivationName | None = None,
@@ -122,6 +126,8 @@ class GPT(nn.Module):
         if position_embedding not in ("rope", "learned", "none"):
             raise ParamError("position_embedding",
                              f"position_embedding ({position_embedding!r}) must be 'rope', 'learned' or 'none'")
+        if rope_scaling is not None and position_embedding != "rope":
+            raise ParamError("rope_scaling", f"rope_scaling needs position_embedding 'rope', got {position_embedding!r}")
         if mrope_section is not None and position_embedding != "rope":
             raise ParamError("mrope_section", f"mrope_section needs position_embedding 'rope', "
                              f"not {position_embedding!r}")
@@ -148,7 +154,7 @@ class GPT(nn.Module):
                              else "mrope_frames_as_items", "needs mrope_section (M-RoPE)")
         self.mrope_tokens_per_second = mrope_tokens_per_second
         self.mrope_frames_as_items = mrope_frames_as_items
-        self.rope = (RotaryEmbedding(head_dim, rope_theta, mrope_section, mrope_interleaved)
+        self.rope = (RotaryEmbedding(head_dim, rope_theta, mrope_section, mrope_interleaved, rope_scaling)
                      if position_embedding == "rope" else None)
         self.embed_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_bias = attention_bias if attention_out_bias is None else attention_out_bias

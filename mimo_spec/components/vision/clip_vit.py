@@ -1,7 +1,10 @@
-"""Vision transformer encoder in the CLIP / SigLIP layout.
+"""Vision transformer encoder in the CLIP / SigLIP / InternViT layout.
 
-CLIP:   class token, pre-norm (``pre_layrnorm``), quick_gelu, conv without bias.
-SigLIP: no class token, no pre-norm, gelu_tanh, conv with bias, post-norm on the output.
+CLIP:      class token, pre-norm (``pre_layrnorm``), quick_gelu, conv without bias.
+SigLIP:    no class token, no pre-norm, gelu_tanh, conv with bias, post-norm on the output.
+InternViT: class token, no pre-norm, gelu, conv with bias, LayerScale on both residual branches
+           (``layer_scale``); InternViT-6B: RMSNorm blocks, no q/k/v bias, RMSNorm over all heads'
+           queries and keys (``norm: rmsnorm, qkv_bias: false, qk_norm: true``).
 
 Only the blocks up to ``feature_layer`` are built: with 24 layers and
 ``feature_layer=-2`` (LLaVA) the model has 23 blocks and never runs the last.
@@ -13,9 +16,12 @@ State-dict keys::
 
     patch_embed.{weight,bias}    conv (H, C, p, p); bias only with patch_bias
     class_embedding              (H,)                  class_token only
+    registers                    (R, H)                register_tokens > 0 only
     pos_embed                    (num_positions, H)    class position first
     pre_norm.{weight,bias}       pre_norm only
     layers.{i}.attn_norm / attn.qkv / attn.out / mlp_norm / mlp.fc1 / mlp.fc2
+    layers.{i}.attn_scale / mlp_scale                  layer_scale only
+    layers.{i}.attn.q_norm / attn.k_norm               qk_norm only: (H,), over all heads
     post_norm.{weight,bias}      post_norm, or keep_unused_layers (then unused unless post_norm)
 """
 
@@ -31,6 +37,7 @@ from mimo_spec.components.encoder_inputs import the_only_input
 from mimo_spec.components.layers import (
     ActivationName,
     Backend,
+    NormKind,
     TransformerBlock,
     check_backend,
     get_activation,
@@ -38,6 +45,18 @@ from mimo_spec.components.layers import (
 )
 from mimo_spec.errors import InputError, ParamError
 from mimo_spec.registry import register
+
+
+class HeadsRMSNorm(nn.RMSNorm):
+    """RMSNorm over all heads of a (..., heads, head_dim) tensor at once: InternViT-6B's q/k norm, whose
+    statistics span the full width (Qwen3's per-head q/k norm is ``Attention(qk_norm=...)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] * x.shape[-1] != self.normalized_shape[0]:  # shapes only: no host sync
+            raise RuntimeError(f"qk_norm spans all {self.normalized_shape[0]} channels of the heads, but this "
+                               f"call holds {x.shape[-2]} heads of {x.shape[-1]}: a tensor-parallel share of the "
+                               "heads cannot be normalised alone (do not shard this tower's attention)")
+        return super().forward(x.flatten(-2)).view_as(x)
 
 
 def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
@@ -71,6 +90,16 @@ class ClipViT(nn.Module):
         feature_select: "patch" drops the class token, "all" keeps it.
         dynamic_image_size: accept any H, W that are multiples of patch_size by
             bicubic interpolation of the patch position embeddings.
+        layer_scale: LayerScale (InternViT's lambda_1 / lambda_2): per-channel learned gains on each
+            block's attention and MLP outputs, initialised to this value; null: none (CLIP, SigLIP).
+        norm: the blocks' norms, "layernorm" or "rmsnorm" (InternViT-6B); pre_norm / post_norm stay LayerNorm.
+        mlp: "gelu" (fc1, activation, fc2) or "swiglu" (gated; use activation silu).
+        qk_norm: RMSNorm (eps layer_norm_eps) over the queries and over the keys, all heads at once
+            (InternViT-6B's qk_normalization).
+        qkv_bias: bias on the q/k/v projections (InternViT-6B has none; the output projection keeps its bias).
+        register_tokens: learned register tokens inserted after the class token (after the position
+            embeddings are added; they have none), attended to by every block, and dropped from the
+            output whatever feature_select says.
         keep_unused_layers: also build the blocks past ``feature_layer`` and a
             post-norm that forward does not use (CLIP's ``post_layernorm`` feeds
             only the pooled output), so every tensor of the HF checkpoint has a
@@ -99,6 +128,12 @@ class ClipViT(nn.Module):
         feature_select: Literal["patch", "all"] = "patch",
         dynamic_image_size: bool = False,
         keep_unused_layers: bool = False,
+        layer_scale: float | None = None,
+        norm: NormKind = "layernorm",
+        mlp: Literal["gelu", "swiglu"] = "gelu",
+        qk_norm: bool = False,
+        qkv_bias: bool = True,
+        register_tokens: int = 0,
         backend: Backend = "local",
     ):
         super().__init__()
@@ -113,8 +148,16 @@ class ClipViT(nn.Module):
             raise ParamError("hidden_size", f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if feature_select not in ("patch", "all"):
             raise ParamError("feature_select", f"feature_select ({feature_select!r}) must be 'patch' or 'all'")
+        if norm not in ("layernorm", "rmsnorm"):
+            raise ParamError("norm", f"norm ({norm!r}) must be 'layernorm' or 'rmsnorm'")
+        if mlp not in ("gelu", "swiglu"):
+            raise ParamError("mlp", f"mlp ({mlp!r}) must be 'gelu' or 'swiglu'")
+        if isinstance(register_tokens, bool) or not isinstance(register_tokens, int) \
+                or register_tokens < 0:
+            raise ParamError("register_tokens", f"register_tokens ({register_tokens!r}) must be an "
+                             "integer >= 0")
         get_activation(activation)
-        self.backend = check_backend(backend, activation=activation)
+        self.backend = check_backend(backend, activation=activation, gated=mlp == "swiglu")
         num_blocks = resolve_feature_layer(feature_layer, num_layers)
 
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
@@ -129,14 +172,20 @@ class ClipViT(nn.Module):
 
         self.patch_embed = nn.Conv2d(num_channels, hidden_size, patch_size, stride=patch_size, bias=patch_bias)
         self.class_embedding = nn.Parameter(torch.zeros(hidden_size)) if class_token else None
+        self.register_tokens = register_tokens
+        self.registers = nn.Parameter(torch.zeros(register_tokens, hidden_size)) if register_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(self.num_patches + int(class_token), hidden_size))
         self.pre_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if pre_norm else None
         self.layers = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, ffn_hidden_size, norm="layernorm", norm_eps=layer_norm_eps,
-                             mlp="gelu", activation=activation, qkv_bias=True, out_bias=True, mlp_bias=True,
-                             layer_idx=i, backend=self.backend)
+            TransformerBlock(hidden_size, num_heads, ffn_hidden_size, norm=norm, norm_eps=layer_norm_eps,
+                             mlp=mlp, activation=activation, qkv_bias=qkv_bias, out_bias=True, mlp_bias=True,
+                             layer_idx=i, backend=self.backend, layer_scale=layer_scale)
             for i in range(num_layers if keep_unused_layers else num_blocks)
         )
+        if qk_norm:  # over the full width, not per head: replaces the attention's (absent) per-head norms
+            for layer in self.layers:
+                layer.attn.q_norm = HeadsRMSNorm(hidden_size, eps=layer_norm_eps)
+                layer.attn.k_norm = HeadsRMSNorm(hidden_size, eps=layer_norm_eps)
         keep_norm = post_norm or keep_unused_layers
         self.post_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if keep_norm else None
         self.init_weights()
@@ -151,6 +200,8 @@ class ClipViT(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.class_embedding is not None:
             nn.init.normal_(self.class_embedding, std=0.02)
+        if self.registers is not None:
+            nn.init.normal_(self.registers, std=0.02)
 
     # -------------------------------------------------------- framework hooks
 
@@ -206,15 +257,20 @@ class ClipViT(nn.Module):
                              f"{tuple(pixel_values.shape)}", path="pixel_values",
                              hint="resize the images, or set dynamic_image_size: true")
         x = x.flatten(2).transpose(1, 2) + self._patch_pos_embed(h, w)  # (N, h*w, H)
+        front = []  # tokens before the patches: the class token, then the registers
         if self.class_embedding is not None:
-            cls = (self.class_embedding + self.pos_embed[0]).expand(x.shape[0], 1, -1)
-            x = torch.cat((cls, x), dim=1)
+            front.append((self.class_embedding + self.pos_embed[0]).expand(x.shape[0], 1, -1))
+        if self.registers is not None:
+            front.append(self.registers.to(x.dtype).expand(x.shape[0], -1, -1))
+        if front:
+            x = torch.cat((*front, x), dim=1)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         for layer in self.layers[: self.num_blocks]:
             x = layer(x)
         if self.apply_post_norm:
             x = self.post_norm(x)
-        if self.class_embedding is not None and self.feature_select == "patch":
-            x = x[:, 1:]
-        return x
+        cls, registers = int(self.class_embedding is not None), self.register_tokens
+        if self.feature_select == "patch":
+            return x[:, cls + registers:]
+        return torch.cat((x[:, :cls], x[:, cls + registers:]), dim=1) if registers else x  # the registers go
