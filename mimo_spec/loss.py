@@ -50,8 +50,18 @@ def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
     return weight
 
 
+def counted_positions(labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat positions ``b * S + s`` of the ``(B, S)`` inputs whose next-token prediction counts (weight > 0 in
+    :func:`token_weights`): where the logits are needed. Computed where the labels are (the training step
+    does it on the host, before the batch moves)."""
+    weight = F.pad(token_weights(labels, loss_mask, document_ids), (0, 1))
+    return weight.reshape(-1).nonzero().squeeze(1)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                   document_ids: torch.Tensor | None = None, *, num_tokens: float | None = None) -> torch.Tensor:
+                   document_ids: torch.Tensor | None = None, *, num_tokens: float | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross entropy over the counted positions (label not -100, loss_mask != 0, not a document start).
 
     logits: (B, S, V) (a vocab-sharded DTensor under tensor parallelism); labels, loss_mask, document_ids:
@@ -60,6 +70,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     normalisation data-parallel ranks and pipeline microbatches share, so their gradients sum to the
     single-process gradient.
     """
+    if positions is not None:  # logits (K, V) at flat positions of the (B, S) inputs (forward(logits_at=))
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).index_select(0, positions)
+        weight = F.pad(token_weights(labels, loss_mask, document_ids), (0, 1)).reshape(-1).index_select(0, positions)
+        logits = logits.float()
+        per_token = F.cross_entropy(logits, _like_logits(target, logits), ignore_index=IGNORE_INDEX,
+                                    reduction="none")
+        total = (_local(per_token).reshape(-1) * weight).sum()
+        return total / (weight.sum().clamp(min=1.0) if num_tokens is None else float(num_tokens))
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
@@ -93,7 +111,8 @@ def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_ma
     out = Losses()
     total = None
     if labels is not None:
-        out.lm_loss = total = causal_lm_loss(output.logits, labels, loss_mask, document_ids, num_tokens=num_tokens)
+        out.lm_loss = total = causal_lm_loss(output.logits, labels, loss_mask, document_ids, num_tokens=num_tokens,
+                                             positions=getattr(output, "logits_at", None))
     for name, target in (output_targets or {}).items():
         mod = modalities[name]
         pred = output.modality_outputs[name]

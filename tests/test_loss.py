@@ -63,6 +63,40 @@ def test_causal_lm_loss_against_a_token_by_token_reference(model):
     assert float(summed) == pytest.approx(ref * weight, rel=1e-5)
 
 
+def test_logits_only_at_counted_positions_give_the_same_loss_and_gradients(model):
+    """forward(logits_at=counted_positions(...)), as the training step calls it: the LM head runs at the
+    positions whose next-token label counts (not at placeholders, masked or padded positions, document
+    ends); loss and every gradient equal the full-logits path and the token-by-token reference."""
+    from mimo_spec.loss import counted_positions
+
+    batch = packed(model)
+    b, s = batch["input_ids"].shape
+    at = counted_positions(batch["labels"], batch["loss_mask"], batch["document_ids"])
+    expected = [i * s + t for i in range(b) for t in range(s - 1)
+                if batch["labels"][i, t + 1] != -100 and batch["loss_mask"][i, t + 1]
+                and batch["document_ids"][i, t + 1] == batch["document_ids"][i, t]]
+    assert at.tolist() == expected and 0 < len(expected) < b * s // 2
+    grads = []
+    for kwargs in ({}, {"logits_at": at}):
+        model.zero_grad()
+        out = model(**batch, **kwargs)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if kwargs:
+            assert out.logits.shape == (len(expected), model.language_model.vocab_size)
+            assert torch.equal(out.logits_at, at)
+        else:
+            full = out.logits.detach()
+    ref = reference_lm_loss(full, batch["labels"], batch["loss_mask"], batch["document_ids"])
+    assert float(out.lm_loss) == pytest.approx(ref, rel=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    model.zero_grad()
+    with pytest.raises(Exception, match=r"logits_at: expected flat int64 positions"):
+        model(**batch, logits_at=at.int())
+
+
 def test_output_modality_losses_come_from_the_loss_module():
     """forward(labels=, output_targets=) and mimo_loss on the model's outputs give the same numbers, and
     the output loss is the modality's own loss function on its decoded items."""

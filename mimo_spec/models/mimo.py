@@ -22,6 +22,9 @@ class MimoOutput:
 
     logits: (B, S, V); under tensor parallelism a DTensor sharded on the vocabulary (the loss works on
     the shards; ``mimo_spec.parallel.tp.full_logits`` gathers them where all are needed).
+    With ``forward(logits_at=positions)`` the logits are ``(K, V)``: only at those K flat positions of the
+    ``(B, S)`` sequence (``logits_at`` keeps them; the training step asks for the positions whose next-token
+    label counts, so the LM head skips image placeholders and padding).
     modality_outputs: per output modality, the items decoded at its generation tokens.
     loss / lm_loss / modality_losses: filled by ``forward(labels=..., output_targets=...)``, a convenience
     that calls :func:`mimo_spec.loss.mimo_loss` (the training step calls it itself).
@@ -32,6 +35,7 @@ class MimoOutput:
     lm_loss: torch.Tensor | None = None
     modality_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits_at: torch.Tensor | None = None
 
 
 def _or_empty(value):
@@ -295,8 +299,13 @@ class MimoModel(nn.Module):
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
                 check_inputs: bool | None = None,
-                modality_embeddings: dict[str, torch.Tensor] | None = None) -> MimoOutput:
-        """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss."""
+                modality_embeddings: dict[str, torch.Tensor] | None = None,
+                logits_at: torch.Tensor | None = None) -> MimoOutput:
+        """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss.
+
+        ``logits_at``: flat positions into ``(B * S)`` (int64, on the model's device): the LM head runs only
+        there and the logits are ``(K, V)`` (see :class:`MimoOutput`); the loss then counts only those
+        positions (pass every position whose next-token label counts, as the training step does)."""
         modality_inputs = _or_empty(modality_inputs)
         output_targets = _or_empty(output_targets)
         self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets, document_ids,
@@ -317,7 +326,14 @@ class MimoModel(nn.Module):
         extra = {"layer_additions": additions} if additions else {}
         hidden = lm(embeds, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids,
                     **extra)
-        out = MimoOutput(logits=lm.logits(hidden))
+        if logits_at is not None:  # the head (the widest GEMM) only where a loss is taken
+            if logits_at.dim() != 1 or logits_at.dtype != torch.long:
+                raise InputError(f"expected flat int64 positions (K,), got {logits_at.dtype} "
+                                 f"{tuple(logits_at.shape)}", path="logits_at")
+            out = MimoOutput(logits=lm.logits(hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_at)),
+                             logits_at=logits_at)
+        else:
+            out = MimoOutput(logits=lm.logits(hidden))
         for name, target in output_targets.items():  # the target only gives the item count here
             mod = self.modalities[name]
             n_gen = mod.num_generation_tokens

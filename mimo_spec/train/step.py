@@ -29,7 +29,7 @@ import math
 import torch
 
 from mimo_spec.data.batch import model_kwargs, to_device
-from mimo_spec.loss import mimo_loss
+from mimo_spec.loss import counted_positions, mimo_loss
 
 
 def autocast(precision: str, device: torch.device | str = "cpu"):
@@ -51,6 +51,9 @@ def _loss_of(model, batch: dict, device, precision: str, embeddings=None):
     modalities), or a function returning them (run inside the autocast), passed as ``modality_embeddings=``."""
     kwargs = model_kwargs(batch, device, model)
     labels, targets = kwargs.pop("labels"), kwargs.pop("output_targets", None)
+    if labels is not None:  # the LM head only where the loss counts (not at placeholders or padding)
+        kwargs["logits_at"] = counted_positions(batch["labels"], batch.get("loss_mask"),
+                                                batch.get("document_ids")).to(device, non_blocking=True)
     with autocast(precision, device):
         if callable(embeddings):  # bridged modalities: encoded from the global batch, on this rank's samples
             embeddings = embeddings()
