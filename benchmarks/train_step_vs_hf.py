@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from mimo_spec.loss import counted_positions
+
 VOCAB, IMG_TOKEN, SEQ, BATCH = 4096, 4000, 256, 4
 
 
@@ -76,7 +78,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    ids, labels, px = (t.to(dev) for t in batch())
+    ids_host, labels_host, px_host = batch()
+    ids, labels, px = (t.to(dev) for t in (ids_host, labels_host, px_host))
     m_ours, m_hf = ours(args.feature_layer, args.backend).to(dev), hf(args.feature_layer).to(dev)
     o_ours = torch.optim.AdamW(m_ours.parameters(), lr=1e-4)
     o_hf = torch.optim.AdamW(m_hf.parameters(), lr=1e-4)
@@ -87,7 +90,8 @@ def main() -> None:
     def step_ours():
         o_ours.zero_grad(set_to_none=True)
         with amp:
-            loss = f_ours(ids, {"images": {"clip": {"pixel_values": px}}}, labels=labels).loss
+            at = counted_positions(labels_host).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            loss = f_ours(ids, {"images": {"clip": {"pixel_values": px}}}, labels=labels, logits_at=at).loss
         loss.backward()
         o_ours.step()
 

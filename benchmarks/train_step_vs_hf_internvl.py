@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from mimo_spec.loss import counted_positions
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step_vs_hf_qwen2vl import _mib, peak_step_memory  # noqa: E402
 
@@ -115,7 +117,8 @@ def main() -> None:
     def step_ours():
         o_ours.zero_grad(set_to_none=True)
         with amp:
-            loss = m_ours(ids_d, inputs, labels=labels_d).loss
+            at = counted_positions(labels).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            loss = m_ours(ids_d, inputs, labels=labels_d, logits_at=at).loss
         loss.backward()
         o_ours.step()
         losses.setdefault("mimo-spec", float(loss.detach()))

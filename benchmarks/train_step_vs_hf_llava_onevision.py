@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from mimo_spec.loss import counted_positions
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step_vs_hf_qwen2vl import _mib, peak_step_memory  # noqa: E402
 
@@ -145,7 +147,8 @@ def main() -> None:
 
     def loss_ours():
         with amp:
-            return m_ours(ids_d, inputs, labels=labels_d).loss
+            at = counted_positions(labels).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            return m_ours(ids_d, inputs, labels=labels_d, logits_at=at).loss
 
     def loss_hf():
         with amp:

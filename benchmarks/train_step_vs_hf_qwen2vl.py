@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from mimo_spec.loss import counted_positions
+
 VOCAB, IMG, VID, VSTART, VEND = 4096, 4000, 4001, 4002, 4003
 SEQ, MERGE = 256, 2
 IMAGES = [(1, 16, 16), (1, 12, 12), (1, 8, 20), (1, 20, 8), (1, 6, 10)]  # (t, h, w) patch grids, in token order
@@ -151,7 +153,8 @@ def main() -> None:
         o_ours.zero_grad(set_to_none=True)
         pos = m_ours.position_ids(ids, host_inputs).to(dev, non_blocking=True)  # on the host, as the loop does
         with amp:
-            loss = m_ours(ids_d, dev_inputs, position_ids=pos, labels=labels_d).loss
+            at = counted_positions(labels).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            loss = m_ours(ids_d, dev_inputs, position_ids=pos, labels=labels_d, logits_at=at).loss
         loss.backward()
         o_ours.step()
         losses.setdefault("mimo-spec", float(loss.detach()))
