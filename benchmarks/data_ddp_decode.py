@@ -39,7 +39,7 @@ def _from_loader() -> bool:
 
 def install_counters(count_dir: Path) -> None:
     """Wrap the decoders so that each call from the loader appends ``kind items`` to this process's file."""
-    from mimo_spec.data.preprocess import MediaProcessor
+    from mimo_spec.data.media import MediaProcessor
     from mimo_spec.data.samples import SampleBuilder
 
     rank = os.environ.get("RANK", "0")

@@ -268,7 +268,9 @@ def _wav(path: Path, rate: int, seconds: float, freq: float = 440.0) -> Path:
 def test_media_files_that_would_decode_to_too_much_are_data_errors(tmp_path):
     from PIL import Image
 
-    from mimo_spec.data.preprocess import MediaProcessor, read_wav
+    from mimo_spec.data.preprocess import read_wav
+
+    from mimo_spec.data.media import MediaProcessor
 
     model = build_model(compose_config(["modality=[vision_clip,audio_whisper]", *TINY]))
     media = MediaProcessor(model, audio_overflow="truncate")  # one window per file, whatever its length

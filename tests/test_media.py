@@ -16,8 +16,8 @@ from PIL import Image
 
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
-from mimo_spec.data.preprocess import (CLIP_MEAN, CLIP_STD, MediaProcessor, load_image, log_mel, read_audio,
-                                       resample)
+from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD, load_image, log_mel, read_audio, resample
+from mimo_spec.data.media import MediaProcessor
 from mimo_spec.data.records import Media
 from mimo_spec.errors import ConfigError, DataError
 

@@ -62,7 +62,7 @@ def test_weights_are_sized_before_they_are_allocated():
                             (["model.params.hidden_size=1048576", "model.params.ffn_hidden_size=1048576"], "parameters"),
                             (["modality=[audio_whisper]",
                               "modalities.audio.submodules.encoders.whisper.params.max_source_positions=2000000000"],
-                             "of buffers")]:
+                             "parameters")]:  # Whisper's sinusoid table: a frozen parameter, as Hugging Face's
         path, message, hint = _refused(overrides, device="cpu")
         assert path == "model" and "needs at least" in message and what in message
         assert "dtype=bfloat16" in hint and "parallel=fsdp" in hint

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mimo_spec.data import validate_data_config
-from mimo_spec.data.preprocess import MediaProcessor, QwenVision, sample_frame_indices
+from mimo_spec.data.preprocess import QwenVision, sample_frame_indices
+from mimo_spec.data.media import MediaProcessor
 from mimo_spec.data.records import Media
 from mimo_spec.data.samples import RecordDataset, SampleBuilder
 from mimo_spec.data.sources import open_source

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mimo_spec.data import validate_data_config
-from mimo_spec.data.preprocess import MediaProcessor
+from mimo_spec.data.media import MediaProcessor
 from mimo_spec.data.samples import RecordDataset, SampleBuilder
 from mimo_spec.data.sources import open_source
 from mimo_spec.data.tokenizer import ByteTokenizer

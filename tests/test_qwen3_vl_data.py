@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from mimo_spec.data import validate_data_config
-from mimo_spec.data.preprocess import MediaProcessor, qwen3_video_size
+from mimo_spec.data.preprocess import qwen3_video_size
+from mimo_spec.data.media import MediaProcessor
 from mimo_spec.data.samples import RecordDataset, SampleBuilder, widen_runs
 from mimo_spec.data.sources import open_source
 from mimo_spec.errors import ConfigError, DataError

@@ -89,7 +89,7 @@ def test_matches_transformers_swiglu_with_layer_scale_kept():
     assert ours.layers[0].mlp.ffn_hidden_size == hf.encoder.layer[0].mlp.gate_proj.out_features == 88
     # LayerScale kept as parameters: exactly HF's parameter count (HF's buffers are not weights)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
-    torch.testing.assert_close(ours.layers[1].mlp_scale.weight, hf.encoder.layer[1].layer_scale2.lambda1)
+    torch.testing.assert_close(ours.layers[1].mlp_scale, hf.encoder.layer[1].layer_scale2.lambda1)
     x = pixels((2, 3, 12, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).features, atol=ATOL, rtol=0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mimo_spec.data.config import max_length
-from mimo_spec.data.preprocess import MediaProcessor
+from mimo_spec.data.media import MediaProcessor
 from mimo_spec.data.records import Media, Record
 from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids
 from mimo_spec.errors import ConfigError, DataError, InputError, Problem

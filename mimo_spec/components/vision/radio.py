@@ -35,7 +35,7 @@ State-dict keys::
     pos_embed                        (max_rows * max_cols, hidden), row-major over the max grid
     pre_norm.{weight,bias}           pre_norm only
     layers.{i}.attn_norm / attn.qkv / attn.out / mlp_norm / mlp.fc1 / mlp.fc2
-    layers.{i}.attn_scale.weight, layers.{i}.mlp_scale.weight    layer_scale only
+    layers.{i}.attn_scale, layers.{i}.mlp_scale                  layer_scale only (TransformerBlock's LayerScale)
     post_norm.{weight,bias}          post_norm only
 """
 
@@ -62,28 +62,6 @@ from mimo_spec.registry import register
 
 CPE_MIN_SCALE = math.sqrt(0.1)  # smallest side of a training crop, as a fraction of the table
 CPE_MAX_ASPECT = 4 / 3  # training crops have aspect ratios in [3/4, 4/3]
-
-
-class LayerScale(nn.Module):
-    """Per-channel learned scale of one residual branch's output."""
-
-    def __init__(self, hidden_size: int, init_value: float):
-        super().__init__()
-        self.init_value = init_value
-        self.weight = nn.Parameter(torch.full((hidden_size,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
-
-
-def _scale_output(scale: LayerScale):
-    """A forward hook that passes a branch's output through ``scale`` (read at call time, so
-    sharding wrappers that swap the parameter keep working)."""
-
-    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        return scale(output)
-
-    return hook
 
 
 @register("encoder", "radio")
@@ -204,16 +182,10 @@ class RadioViT(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(hidden_size, num_heads, ffn_hidden_size, norm="layernorm", norm_eps=layer_norm_eps,
                              mlp=mlp, activation=activation, qkv_bias=qkv_bias, out_bias=True, mlp_bias=True,
-                             layer_idx=i, backend=self.backend)
+                             layer_idx=i, backend=self.backend, layer_scale=layer_scale)
             for i in range(num_layers)
         )
         self.layer_scale = layer_scale
-        if layer_scale is not None:
-            for block in self.layers:
-                block.attn_scale = LayerScale(hidden_size, layer_scale)
-                block.mlp_scale = LayerScale(hidden_size, layer_scale)
-                block.attn.register_forward_hook(_scale_output(block.attn_scale))
-                block.mlp.register_forward_hook(_scale_output(block.mlp_scale))
         self.post_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if post_norm else None
         self.init_weights()
 
@@ -224,9 +196,10 @@ class RadioViT(nn.Module):
         nn.init.normal_(self.pos_embed, std=self.hidden_size**-0.5)
         if self.class_token is not None:
             nn.init.normal_(self.class_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, LayerScale):
-                nn.init.constant_(module.weight, module.init_value)
+        if self.layer_scale is not None:
+            for block in self.layers:
+                nn.init.constant_(block.attn_scale, self.layer_scale)
+                nn.init.constant_(block.mlp_scale, self.layer_scale)
 
     # -------------------------------------------------------- framework hooks
 
@@ -460,7 +433,7 @@ def radio_state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], *, layer_sc
             fc2_w, fc2_b = take(src + "mlp.fc2.weight"), take(src + "mlp.fc2.bias")
         out_w, out_b = take(att + "o_proj.weight"), take(att + "o_proj.bias")
         if layer_scale:
-            out[dst + "attn_scale.weight"], out[dst + "mlp_scale.weight"] = lam1, lam2
+            out[dst + "attn_scale"], out[dst + "mlp_scale"] = lam1, lam2
         else:  # lambda * (W x + b) == (lambda[:, None] * W) x + lambda * b
             out_w, out_b = out_w * lam1[:, None], out_b * lam1
             fc2_w, fc2_b = fc2_w * lam2[:, None], fc2_b * lam2
