@@ -2,7 +2,7 @@
 PyAV and Qwen2-VL's processing, audio through libsndfile, a proper resampler and Whisper's log-mel
 features.
 
-``MediaProcessor`` knows, for one model, which modality takes images, videos and audio, how
+``MediaProcessor`` (:mod:`mimo_spec.data.media`, built on the pieces here) knows, for one model, which modality takes images, videos and audio, how
 many placeholder tokens one item needs, and how to load a :class:`~mimo_spec.data.records.Media`
 (a file, or bytes from a tar shard or a Parquet cell) into ``{encoder_name: {kwarg: tensor (n, ...)}}``.
 
