@@ -90,7 +90,8 @@ def main() -> None:
     def step_ours():
         o_ours.zero_grad(set_to_none=True)
         with amp:
-            at = counted_positions(labels_host).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            at = counted_positions(labels_host).to(dev, non_blocking=True)
             loss = f_ours(ids, {"images": {"clip": {"pixel_values": px}}}, labels=labels, logits_at=at).loss
         loss.backward()
         o_ours.step()

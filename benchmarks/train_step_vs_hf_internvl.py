@@ -46,7 +46,7 @@ def hf_model():
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     text = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
                 bos_token_id=0, eos_token_id=1)
     vision = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                   image_size=TILE, patch_size=PATCH, use_mean_pooling=False)
@@ -89,7 +89,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast for both")
     ap.add_argument("--backend", default="local", choices=["local", "te", "auto"], help="mimo-spec's layers")
+    ap.add_argument("--shape", default="text_heavy", choices=["text_heavy", "image_heavy"],
+                    help="text_heavy: 112-px tiles (16 tokens each), 4x256 tokens, 25%% image placeholders; "
+                         "image_heavy: 224-px tiles (64 tokens each), 4x512 tokens, 50%% image placeholders "
+                         "(InternVL's real data is image-heavier still: 256 tokens per tile)")
     args = ap.parse_args()
+    global TILE, SEQ, PER_TILE
+    if args.shape == "image_heavy":
+        TILE, SEQ = 224, 512
+        PER_TILE = (TILE // PATCH // 2) ** 2
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
 
@@ -117,7 +125,8 @@ def main() -> None:
     def step_ours():
         o_ours.zero_grad(set_to_none=True)
         with amp:
-            at = counted_positions(labels).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            at = counted_positions(labels).to(dev, non_blocking=True)
             loss = m_ours(ids_d, inputs, labels=labels_d, logits_at=at).loss
         loss.backward()
         o_ours.step()

@@ -147,7 +147,8 @@ def main() -> None:
 
     def loss_ours():
         with amp:
-            at = counted_positions(labels).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            at = counted_positions(labels).to(dev, non_blocking=True)
             return m_ours(ids_d, inputs, labels=labels_d, logits_at=at).loss
 
     def loss_hf():

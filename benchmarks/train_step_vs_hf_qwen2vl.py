@@ -153,7 +153,8 @@ def main() -> None:
         o_ours.zero_grad(set_to_none=True)
         pos = m_ours.position_ids(ids, host_inputs).to(dev, non_blocking=True)  # on the host, as the loop does
         with amp:
-            at = counted_positions(labels).to(dev, non_blocking=True)  # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            # the LM head only where the loss counts, as the training step does (mimo_spec.train.step)
+            at = counted_positions(labels).to(dev, non_blocking=True)
             loss = m_ours(ids_d, dev_inputs, position_ids=pos, labels=labels_d, logits_at=at).loss
         loss.backward()
         o_ours.step()

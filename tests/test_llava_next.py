@@ -301,3 +301,24 @@ def test_greedy_generation_cached_equals_recomputed_and_transformers():
     theirs = hf.generate(input_ids=ids, pixel_values=pv, image_sizes=image_sizes, max_new_tokens=8, do_sample=False,
                          min_new_tokens=8, pad_token_id=0)
     assert theirs[0, ids.shape[1]:].tolist() == cached.tokens
+
+
+@pytest.mark.parametrize("kind", ["onevision", "video"])
+@torch.no_grad()
+def test_greedy_generation_with_a_video_and_an_image_cached_equals_recomputed_and_transformers(kind):
+    """OneVision and NeXT-Video: a prompt holding an image and a video (through the same tower)."""
+    hf, _, model = _pair(kind)
+    pv, image_sizes, tiles = _images(kind, SIZES[kind][:1])
+    size = (SIGLIP if kind == "onevision" else CLIP)["image_size"]
+    pvv = torch.randn(1, 2, 3, size, size, generator=torch.Generator().manual_seed(5))
+    inputs = {"images": {"vit": {"pixel_values": tiles, "image_sizes": image_sizes}},
+              "videos": {"vit": {"pixel_values_videos": pvv}}}
+    n_img = model.modalities["images"].item_tokens(inputs["images"])[0]
+    n_vid = model.modalities["videos"].item_tokens(inputs["videos"])[0]
+    ids = torch.tensor([[1, 2] + [IMG] * n_img + [3] + [VID] * n_vid + [4, 5]])
+    cached = generate(model, ids, inputs, max_new_tokens=6, use_cache=True)
+    fresh = generate(model, ids, inputs, max_new_tokens=6, use_cache=False)
+    assert cached.tokens == fresh.tokens and len(cached.tokens) == 6
+    theirs = hf.generate(input_ids=ids, pixel_values=pv, image_sizes=image_sizes, pixel_values_videos=pvv,
+                         max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert theirs[0, ids.shape[1]:].tolist() == cached.tokens
