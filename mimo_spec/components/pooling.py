@@ -20,24 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimo_spec.components.layers import ActivationName
-from mimo_spec.components.projectors import Activation
+from mimo_spec.components.projectors import mlp_layers
 from mimo_spec.errors import InputError, ParamError
 from mimo_spec.registry import register
-
-
-def _mlp(in_features: int, out_features: int, hidden_features: int | None, num_layers: int,
-         activation: ActivationName, bias: bool) -> nn.Sequential:
-    """Linear layers (num_layers of them) with the activation between them: (…, in) -> (…, out)."""
-    if num_layers < 1:
-        raise ParamError("num_layers", f"num_layers must be >= 1, got {num_layers}")
-    hidden = hidden_features or out_features
-    widths = [in_features] + [hidden] * (num_layers - 1) + [out_features]
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
-        if i < num_layers - 1:
-            layers.append(Activation(activation))
-    return nn.Sequential(*layers)
 
 
 def _items_first(x: torch.Tensor, name: str) -> None:
@@ -75,7 +60,7 @@ class AvgPoolProjector(nn.Module):
             raise ParamError("stride", f"stride must be >= 1, got {stride}")
         self.in_features, self.out_features, self.stride = in_features, out_features, int(stride)
         self.norm = nn.LayerNorm(in_features, eps=norm_eps) if norm else nn.Identity()
-        self.mlp = _mlp(in_features, out_features, hidden_features, num_layers, activation, bias)
+        self.mlp = mlp_layers(in_features, out_features, hidden_features, num_layers, activation, bias)
 
     def tokens_out(self, tokens_in: int) -> int:
         """tokens_in // stride (a shorter tail is dropped)."""
@@ -131,7 +116,7 @@ class Pool2dProjector(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.stride, self.mode, self.order = int(stride), mode, order
         self.norm = nn.LayerNorm(in_features, eps=norm_eps) if norm else nn.Identity()
-        self.mlp = _mlp(in_features, out_features, hidden_features, num_layers, activation, bias)
+        self.mlp = mlp_layers(in_features, out_features, hidden_features, num_layers, activation, bias)
 
     def _side(self, tokens_in: int) -> int:
         g = math.isqrt(tokens_in)

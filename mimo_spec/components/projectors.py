@@ -25,6 +25,22 @@ class Activation(nn.Module):
         return self.name
 
 
+def mlp_layers(in_features: int, out_features: int, hidden_features: int | None = None, num_layers: int = 2,
+               activation: ActivationName = "gelu", bias: bool = True) -> nn.Sequential:
+    """``num_layers`` Linear layers with the activation between them, (..., in) -> (..., out); the inner width
+    is ``hidden_features`` (default out_features). Indices in the Sequential: Linear at even positions."""
+    if num_layers < 1:
+        raise ParamError("num_layers", f"num_layers must be >= 1, got {num_layers}")
+    hidden = hidden_features or out_features
+    widths = [in_features] + [hidden] * (num_layers - 1) + [out_features]
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+        if i < num_layers - 1:
+            layers.append(Activation(activation))
+    return nn.Sequential(*layers)
+
+
 @register("projector", "identity")
 class IdentityProjector(nn.Module):
     """Passes encoder features through unchanged (encoder width must equal the LM's)."""
@@ -67,17 +83,8 @@ class MLPProjector(nn.Module):
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None,
                  num_layers: int = 2, activation: ActivationName = "gelu", bias: bool = True):
         super().__init__()
-        if num_layers < 1:
-            raise ParamError("num_layers", f"num_layers must be >= 1, got {num_layers}")
         self.in_features, self.out_features = in_features, out_features
-        hidden = hidden_features or out_features
-        widths = [in_features] + [hidden] * (num_layers - 1) + [out_features]
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
-            if i < num_layers - 1:
-                layers.append(Activation(activation))
-        self.layers = nn.Sequential(*layers)
+        self.layers = mlp_layers(in_features, out_features, hidden_features, num_layers, activation, bias)
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in
@@ -113,19 +120,10 @@ class PixelShuffleMLPProjector(nn.Module):
         super().__init__()
         if scale_factor < 1:
             raise ParamError("scale_factor", f"scale_factor must be >= 1, got {scale_factor}")
-        if num_layers < 1:
-            raise ParamError("num_layers", f"num_layers must be >= 1, got {num_layers}")
         self.in_features, self.out_features, self.scale_factor = in_features, out_features, scale_factor
         merged = in_features * scale_factor * scale_factor
         self.norm = nn.LayerNorm(merged) if norm else nn.Identity()
-        hidden = hidden_features or out_features
-        widths = [merged] + [hidden] * (num_layers - 1) + [out_features]
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
-            if i < num_layers - 1:
-                layers.append(Activation(activation))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = mlp_layers(merged, out_features, hidden_features, num_layers, activation, bias)
 
     def tokens_out(self, tokens_in: int) -> int:
         grid = math.isqrt(tokens_in)

@@ -194,15 +194,12 @@ def export(model, spec, lm_params: dict, dtype, extras: dict):
     from mimo_spec.components.vision.clip_vit import ClipViT
     from mimo_spec.interop import hf_export as he
 
-    if len(model.modalities) != 1:
+    from mimo_spec.interop.hf_shapes import single_tower
+
+    shape = single_tower(model, ClipViT, PixelShuffleMLPProjector)
+    if shape is None:
         return None
-    name, mod = next(iter(model.modalities.items()))
-    if len(mod.encoders) != 1:
-        return None
-    enc_name, vit = next(iter(mod.encoders.items()))
-    proj = mod.input_projections[enc_name] if enc_name in mod.input_projections else None
-    if not isinstance(vit, ClipViT) or not isinstance(proj, PixelShuffleMLPProjector):
-        return None
+    name, mod, enc_name, vit, proj = shape
     node = spec.modalities[name].submodules
     proj_p = he._full_params(PixelShuffleMLPProjector, dict(node["input_projections"][enc_name].params))
     if vit.class_embedding is not None and (proj_p["num_layers"] != 1 or proj_p["norm"]):

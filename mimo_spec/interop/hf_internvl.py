@@ -94,15 +94,12 @@ def _shape(model) -> tuple[str, str, Any, Any] | None:
     from mimo_spec.components.projectors import PixelShuffleMLPProjector
     from mimo_spec.components.vision.clip_vit import ClipViT
 
-    if len(model.modalities) != 1:
+    from mimo_spec.interop.hf_shapes import single_tower
+
+    shape = single_tower(model, ClipViT, PixelShuffleMLPProjector)
+    if shape is None:
         return None
-    name, mod = next(iter(model.modalities.items()))
-    if len(mod.encoders) != 1:
-        return None
-    enc_name, vit = next(iter(mod.encoders.items()))
-    proj = mod.input_projections[enc_name] if enc_name in mod.input_projections else None
-    if not isinstance(vit, ClipViT) or not isinstance(proj, PixelShuffleMLPProjector):
-        return None
+    name, _, enc_name, vit, proj = shape
     if vit.class_embedding is None or vit.pre_norm is not None:  # SigLIP-style: Idefics3 / SmolVLM
         return None
     return name, enc_name, vit, proj

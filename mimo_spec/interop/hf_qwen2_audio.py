@@ -78,15 +78,12 @@ def export(model, spec, lm_params: dict, dtype, extras: dict):
     from mimo_spec.interop.hf_export import (_HF_ACT, _differences, _full_params, _gpt_canonical, _hf_config,
                                              _lm_config, _refuse)
 
-    if len(model.modalities) != 1:
+    from mimo_spec.interop.hf_shapes import single_tower
+
+    shape = single_tower(model, WhisperEncoder, LinearProjector)
+    if shape is None or shape[3].pool_stride != 2:
         return None
-    name, mod = next(iter(model.modalities.items()))
-    if len(mod.encoders) != 1:
-        return None
-    enc_name, enc = next(iter(mod.encoders.items()))
-    proj = mod.input_projections[enc_name] if enc_name in mod.input_projections else None
-    if not isinstance(enc, WhisperEncoder) or not isinstance(proj, LinearProjector) or enc.pool_stride != 2:
-        return None
+    name, mod, enc_name, enc, proj = shape
     path = f"modalities.{name}"
     hint = ("Qwen2-Audio: one audio modality (a whisper_encoder with pool_stride 2, a linear projector with bias) "
             "into a Qwen2-shaped gpt")
