@@ -48,3 +48,41 @@ def tiny_config(**overrides):
     }
     cfg.update(overrides)
     return cfg
+
+
+def subset_differences(expected, actual, path=""):
+    """Where ``actual`` (a preset's resolved node) differs from ``expected`` (what import_hf makes of the released
+    config), key by key: [] when every key import_hf sets has the same value (and type) in the preset."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: {actual!r} is not a mapping"]
+        return [d for k, v in expected.items() for d in subset_differences(v, actual.get(k), f"{path}.{k}")]
+    if isinstance(expected, list):
+        if not isinstance(actual, list) or len(actual) != len(expected):
+            return [f"{path}: {actual!r} != {expected!r}"]
+        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in subset_differences(e, a, f"{path}[{i}]")]
+    same = actual == expected and (type(actual) is type(expected) or isinstance(expected, float))
+    return [] if same else [f"{path}: {actual!r} != {expected!r}"]
+
+
+def check_preset_is_the_release(preset, hf_class, hf_config, count, keys=("model", "modalities")):
+    """The preset's parameter count equals transformers' model built on meta from the released config (and
+    ``count``), and the preset holds what importing that config makes, value for value. Returns the model
+    (on meta) and the resolved config."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mimo_spec import build_model
+    from mimo_spec.config import compose_config
+    from mimo_spec.interop.hf_import import _convert
+
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in hf_class(hf_config).parameters())
+    cfg = compose_config([f"preset={preset}"])
+    ours = build_model(cfg, device="meta")
+    assert sum(p.numel() for p in ours.parameters()) == theirs == count
+    imported = _convert(hf_config, preset).cfg
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in keys:
+        assert subset_differences(imported.get(key) or {}, resolved[key], key) == []
+    return ours, resolved, imported

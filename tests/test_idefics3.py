@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("PIL")
 
+from conftest import check_preset_is_the_release  # noqa: E402
 from mimo_spec.errors import ConfigError, InputError  # noqa: E402
 from mimo_spec.generation import generate  # noqa: E402
 from mimo_spec.interop import export_hf, import_hf  # noqa: E402
@@ -282,35 +283,11 @@ def _released(preset: str):
 @pytest.mark.parametrize("preset,count,tokens", [("smolvlm_256m", 256_484_928, 64),
                                                  ("idefics3_8b", 8_462_086_384, 169)])
 def test_preset_matches_the_released_model(preset, count, tokens):
-    from omegaconf import OmegaConf
-
-    from mimo_spec import build_model
-    from mimo_spec.config import compose_config
-    from mimo_spec.interop.hf_import import _convert
     from mimo_spec.summary import render_summary
 
     cls, hf_config = _released(preset)
-    with torch.device("meta"):
-        hf = cls(hf_config)
-    theirs = sum(p.numel() for p in hf.parameters())
-    cfg = compose_config([f"preset={preset}"])
-    ours = build_model(cfg, device="meta")
-    assert sum(p.numel() for p in ours.parameters()) == theirs == count
+    ours, _, _ = check_preset_is_the_release(preset, cls, hf_config, count)  # the imported config is the preset
     assert ours.modalities["images"].special_token_id == hf_config.image_token_id
     assert ours.modalities["images"].tokens_per_item(ours.modalities["images"].example_inputs(1)) == tokens
-    imported = _convert(hf_config, preset).cfg  # the preset is what importing the released config makes
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("model", "modalities"):
-        assert _subset(imported[key], resolved[key], key) == []
     text = render_summary(ours)  # what action=summary prints
     assert f"exact: {count:,} parameters" in text and f"modalities.images: {tokens} placeholders per item" in text
-
-
-def _subset(expected, actual, path=""):
-    """Where ``actual`` (a preset's resolved node) differs from ``expected`` (what import_hf makes)."""
-    if isinstance(expected, dict):
-        if not isinstance(actual, dict):
-            return [f"{path}: {actual!r} is not a mapping"]
-        return [d for k, v in expected.items() for d in _subset(v, actual.get(k), f"{path}.{k}")]
-    same = actual == expected and (type(actual) is type(expected) or isinstance(expected, float))
-    return [] if same else [f"{path}: {actual!r} != {expected!r}"]

@@ -3,8 +3,8 @@ equal transformers' models built on the meta device from the released config.jso
 those configs gives the presets' parameters); the summary works; one tower for images and videos."""
 
 import pytest
-import torch
 
+from conftest import check_preset_is_the_release
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
 
@@ -49,20 +49,6 @@ def _released(preset: str):
         vision_aspect_ratio="anyres_max_9")
 
 
-def _subset_differences(expected, actual, path=""):
-    """Where ``actual`` (a preset's resolved node) differs from ``expected`` (what import_hf makes), key by key."""
-    if isinstance(expected, dict):
-        if not isinstance(actual, dict):
-            return [f"{path}: {actual!r} is not a mapping"]
-        return [d for k, v in expected.items() for d in _subset_differences(v, actual.get(k), f"{path}.{k}")]
-    if isinstance(expected, list):
-        if not isinstance(actual, list) or len(actual) != len(expected):
-            return [f"{path}: {actual!r} != {expected!r}"]
-        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _subset_differences(e, a, f"{path}[{i}]")]
-    same = actual == expected and (type(actual) is type(expected) or isinstance(expected, float))
-    return [] if same else [f"{path}: {actual!r} != {expected!r}"]
-
-
 @pytest.mark.parametrize("preset,count,tokens", [
     ("llava_next_7b", 7_063_431_168, (32000, None)),
     ("llava_next_video_7b", 7_063_431_168, (32001, 32000)),
@@ -70,22 +56,7 @@ def _subset_differences(expected, actual, path=""):
     ("llava_onevision_7b", 8_030_807_584, (151646, 151647)),
 ])
 def test_preset_matches_the_released_model(preset, count, tokens):
-    from omegaconf import OmegaConf
-
-    from mimo_spec.interop.hf_import import _convert
-
-    cls, hf_config = _released(preset)
-    with torch.device("meta"):
-        hf = cls(hf_config)
-    theirs = sum(p.numel() for p in hf.parameters())
-    cfg = compose_config([f"preset={preset}"])
-    ours = build_model(cfg, device="meta")
-    assert sum(p.numel() for p in ours.parameters()) == theirs == count
-    # the preset is what importing the released config makes, value for value
-    imported = _convert(hf_config, preset).cfg
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert _subset_differences(imported["model"], resolved["model"], "model") == []
-    assert _subset_differences(imported["modalities"], resolved["modalities"], "modalities") == []
+    ours, resolved, imported = check_preset_is_the_release(preset, *_released(preset), count)
     assert set(resolved["modalities"]) == set(imported["modalities"])
     images = ours.modalities["images"]
     assert images.special_token_id == tokens[0]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import check_preset_is_the_release  # noqa: E402
 from mimo_spec import build_model  # noqa: E402
 from mimo_spec.config import compose_config  # noqa: E402
 from mimo_spec.errors import InputError, ParamError  # noqa: E402
@@ -171,23 +172,12 @@ def _released():
 
 
 def test_preset_matches_the_released_model():
-    from omegaconf import OmegaConf
-
-    from mimo_spec.interop.hf_import import _convert
     from mimo_spec.summary import render_summary
 
     config = _released()
-    with torch.device("meta"):
-        hf = transformers.Qwen2AudioForConditionalGeneration(config)
-    theirs = sum(p.numel() for p in hf.parameters())
-    cfg = compose_config(["preset=qwen2_audio_7b"])
-    ours = build_model(cfg, device="meta")
-    assert theirs == 8_397_094_912
-    assert sum(p.numel() for p in ours.parameters()) == theirs  # exactly: no key bias (key_bias false)
-    imported = _convert(config, "qwen2_audio_7b").cfg
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("model", "modalities"):
-        assert _subset(imported[key], resolved[key], key) == []
+    # exactly transformers' count (no key bias: key_bias false), and the imported config is the preset
+    ours, resolved, _ = check_preset_is_the_release("qwen2_audio_7b", transformers.Qwen2AudioForConditionalGeneration,
+                                                    config, 8_397_094_912)
     # the project's convention: the nodes spell out every constructor parameter (the layer backend excepted)
     import inspect
 
@@ -201,16 +191,6 @@ def test_preset_matches_the_released_model():
     text = render_summary(ours)
     assert "modalities.audio: placeholders per item from its grid (feature_attention_mask; e.g. 3000 of 3000 " \
            "set: 750)" in text
-
-
-def _subset(expected, actual, path):
-    """Where ``actual`` differs from ``expected``, key by key (``actual`` may hold more keys)."""
-    if isinstance(expected, dict):
-        if not isinstance(actual, dict):
-            return [f"{path}: {actual!r}"]
-        return [d for k, v in expected.items() for d in _subset(v, actual.get(k), f"{path}.{k}")]
-    ok = actual == expected and (type(actual) is type(expected) or isinstance(expected, float))
-    return [] if ok else [f"{path}: {actual!r} != {expected!r}"]
 
 
 def test_llava_json_audio_gets_the_processors_placeholders_and_trains(tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import check_preset_is_the_release
 from mimo_spec import build_model
 from mimo_spec.config import compose_config
 from mimo_spec.train.loop import train
@@ -52,39 +53,10 @@ def _released(preset: str):
         text_config=text, vision_config=vision, tie_word_embeddings=False, **TOKENS)
 
 
-def _subset_differences(expected, actual, path=""):
-    """Where ``actual`` (a preset's resolved node) differs from ``expected`` (what import_hf makes), key by key."""
-    if isinstance(expected, dict):
-        if not isinstance(actual, dict):
-            return [f"{path}: {actual!r} is not a mapping"]
-        return [d for k, v in expected.items() for d in _subset_differences(v, actual.get(k), f"{path}.{k}")]
-    if isinstance(expected, list):
-        if not isinstance(actual, list) or len(actual) != len(expected):
-            return [f"{path}: {actual!r} != {expected!r}"]
-        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _subset_differences(e, a, f"{path}[{i}]")]
-    same = actual == expected and (type(actual) is type(expected) or isinstance(expected, float))
-    return [] if same else [f"{path}: {actual!r} != {expected!r}"]
-
-
 @pytest.mark.parametrize("preset,count", [("qwen2_vl_2b", 2_208_985_600), ("qwen2_5_vl_7b", 8_292_166_656),
                                           ("qwen3_vl_8b", 8_767_123_696)])
 def test_preset_matches_the_released_model(preset, count):
-    from omegaconf import OmegaConf
-
-    from mimo_spec.interop.hf_import import _convert
-
-    cls, hf_config = _released(preset)
-    with torch.device("meta"):
-        hf = cls(hf_config)
-    theirs = sum(p.numel() for p in hf.parameters())
-    cfg = compose_config([f"preset={preset}"])
-    ours = build_model(cfg, device="meta")
-    assert sum(p.numel() for p in ours.parameters()) == theirs == count
-    # the preset is what importing the released config makes, value for value
-    imported = _convert(hf_config, preset).cfg
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert _subset_differences(imported["model"], resolved["model"], "model") == []
-    assert _subset_differences(imported["modalities"], resolved["modalities"], "modalities") == []
+    ours, _, _ = check_preset_is_the_release(preset, *_released(preset), count)
     assert ours.modalities["images"].special_token_id == 151655
     assert ours.modalities["videos"].special_token_id == 151656 and ours.modalities["videos"].src is ours.modalities["images"]
 
