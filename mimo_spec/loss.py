@@ -90,12 +90,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
 
 @dataclass
 class Losses:
-    """``loss``: LM loss + weighted output-modality losses (None when nothing was given to score);
-    ``lm_loss``: the next-token loss (None without labels); ``modality_losses``: per output modality."""
+    """``loss``: LM loss + weighted output-modality losses + weighted router losses (None when nothing was
+    given to score); ``lm_loss``: the next-token loss (None without labels); ``modality_losses``: per output
+    modality. A mixture-of-experts LM's routers: ``router_aux_loss`` (load balancing) and ``router_z_loss``
+    (unweighted), ``expert_counts`` (MoE layers, E) tokens each expert received (no gradient)."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_aux_loss: torch.Tensor | None = None
+    router_z_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None
 
 
 def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
@@ -105,8 +110,10 @@ def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_ma
     ``output_loss_fn(prediction, target)`` weighted by its ``output_loss_weight``.
 
     ``modalities``: the model's modalities (name -> Modality); ``output``: what the model returned
-    (``logits``, ``modality_outputs``). A data-parallel share with no item of an output modality keeps that
-    decoder in the graph at weight 0 (so every rank's backward runs the same collectives).
+    (``logits``, ``modality_outputs``, ``router``). A mixture-of-experts LM's router losses (``output.router``)
+    join the total with the LM's router_aux_loss_weight / router_z_loss_weight. A data-parallel share with no
+    item of an output modality keeps that decoder in the graph at weight 0 (so every rank's backward runs the
+    same collectives).
     """
     out = Losses()
     total = None
@@ -123,5 +130,10 @@ def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_ma
             out.modality_losses[name] = loss
             term = mod.output_loss_weight * loss
         total = term if total is None else total + term
+    router = getattr(output, "router", None)
+    if router is not None:
+        out.router_aux_loss, out.router_z_loss, out.expert_counts = router.aux_loss, router.z_loss, router.counts
+        if router.loss is not None and total is not None:
+            total = total + router.loss
     out.loss = total
     return out

@@ -91,8 +91,23 @@ def render_summary(model: nn.Module, dtype: torch.dtype = torch.float32, depth: 
     lines.append(f"{'total':<{width}}{'':<{kind_w}}{_fmt(t + f):>10}{_fmt(t):>12}{_fmt(f):>10}"
                  f"{_bytes((t + f) * itemsize):>13}")
     lines.append(f"exact: {t + f:,} parameters ({t:,} trainable, {f:,} frozen) at {str(dtype).removeprefix('torch.')}")
+    lines += _active_lines(model)
     lines += _placeholder_lines(model)
     return "\n".join(lines)
+
+
+def _active_lines(model: nn.Module) -> list[str]:
+    """A mixture-of-experts model's parameters per token: all but the routed experts a token skips."""
+    from mimo_spec.components.moe import MoE, active_parameters
+
+    counts = active_parameters(model)
+    if counts is None:
+        return []
+    total, active = counts
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    routes = sorted({f"{m.top_k} of {m.num_experts}" for m in moes})
+    return [f"active per token: {active:,} of {total:,} parameters ({_fmt(active)} of {_fmt(total)}; "
+            f"{' / '.join(routes)} routed experts in each of {len(moes)} MoE layers)"]
 
 
 def _first_tensor(inputs: dict) -> torch.Tensor:

@@ -491,14 +491,20 @@ class TransformerBlock(nn.Module):
         backend: str = "local",
         qk_norm: bool = False,
         layer_scale: float | None = None,
+        mlp_module: nn.Module | None = None,
     ):
         """``layer_scale``: LayerScale (InternViT's ``lambda_1`` / ``lambda_2``): learned per-channel gains
-        ``attn_scale`` / ``mlp_scale`` on each residual branch, initialised to this value (None: none)."""
+        ``attn_scale`` / ``mlp_scale`` on each residual branch, initialised to this value (None: none).
+        ``mlp_module``: the feed-forward to use instead of an :class:`MLP` (a
+        :class:`~mimo_spec.components.moe.MoE`; local backend only)."""
         super().__init__()
         if backend not in ("local", "te"):
             raise ParamError("backend",
                              f"backend ({backend!r}) must be 'local' or 'te' (resolve 'auto' with check_backend)")
         self.backend = backend
+        if backend == "te" and mlp_module is not None:
+            raise ParamError("backend", "a mixture-of-experts layer has no transformer-engine version",
+                             hint="use backend: local")
         if backend == "te":
             from mimo_spec.components import te_backend
 
@@ -519,7 +525,8 @@ class TransformerBlock(nn.Module):
             self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,
                                   layer_idx, qk_norm=norm_eps if qk_norm else None)
             self.mlp_norm = build_norm(norm, hidden_size, norm_eps)
-            self.mlp = MLP(hidden_size, ffn_hidden_size, mlp, activation, mlp_bias)
+            self.mlp = mlp_module if mlp_module is not None else MLP(hidden_size, ffn_hidden_size, mlp, activation,
+                                                                     mlp_bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         gain = None if layer_scale is None else torch.full((hidden_size,), float(layer_scale))
         self.attn_scale = None if gain is None else nn.Parameter(gain.clone())
@@ -554,11 +561,13 @@ def init_transformer_weights(module: nn.Module, std: float = 0.02, num_layers: i
         if is_te_module(m):
             init_te_module(name, m, std, out_std)
         elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            is_out = name.endswith("attn.out") or name.endswith("mlp.fc2")
+            is_out = name.endswith(("attn.out", "mlp.fc2", "mlp.shared.fc2"))
             nn.init.normal_(m.weight, mean=0.0, std=out_std if is_out else std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif hasattr(m, "reset_expert_weights"):  # MoE experts: 3-D weights, ``down`` is a residual output
+            m.reset_expert_weights(std, out_std)
         elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             m.reset_parameters()

@@ -4,14 +4,20 @@
 What can be exported (anything else is a ConfigError that says why):
 
 - a text-only model whose gpt is Llama-shaped (-> LlamaForCausalLM), Qwen2-shaped
-  (bias on q/k/v only -> Qwen2ForCausalLM) or GPT-2-shaped (-> GPT2LMHeadModel);
+  (bias on q/k/v only -> Qwen2ForCausalLM), Qwen3-shaped (qk_norm -> Qwen3ForCausalLM) or GPT-2-shaped
+  (-> GPT2LMHeadModel); a mixture-of-experts gpt (``num_experts``) -> MixtralForCausalLM (every layer
+  routed, softmax top-k renormalised, no biases), Qwen2MoeForCausalLM (a gated shared expert) or
+  Qwen3MoeForCausalLM (qk_norm), the experts one tensor each as the releases are; the HF config is read
+  back with the importer's functions and must give every parameter again (router_z_loss_weight, a
+  training loss with no Hugging Face field, excepted), else the parameter that differs is named;
 - a LLaVA-shaped model: that LM plus one ``images`` modality with one clip_vit
   encoder and a 2-layer mlp projector (-> LlavaForConditionalGeneration);
 - a Qwen-VL-shaped model: an M-RoPE gpt, one modality with a qwen_vit encoder and a
   patch_merger projector (+ DeepStack patch_mergers feeding LM layers 0, 1, ...), and
   at most one video modality reading it (``inputs_from``) -> Qwen2VLForConditionalGeneration
   (Qwen2-VL tower), Qwen2_5_VLForConditionalGeneration (SwiGLU/RMSNorm tower with
-  windows) or Qwen3VLForConditionalGeneration (position table, DeepStack). The HF
+  windows), Qwen3VLForConditionalGeneration (position table, DeepStack) or, with an MoE gpt,
+  Qwen3VLMoeForConditionalGeneration (fused experts stored transposed, as released). The HF
   config is read back with the importer's own functions and must give every parameter
   again, else the parameter that differs is named. config.json ids our model does not
   use come from the run config's ``hf_config`` (``import_hf`` fills it):
@@ -115,6 +121,8 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
         rope = {"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"], **(scaling or {})}}
     else:
         rope = {"rope_theta": p["rope_theta"], **({"rope_scaling": dict(scaling)} if scaling else {})}
+    if p.get("num_experts"):
+        return _moe_lm_config(p, dtype, path, common, rope)
     if p.get("qk_norm"):
         if out_bias != p["attention_bias"] or p["mlp_bias"]:
             raise _refuse(path, "qk_norm with these biases matches no Hugging Face model (Qwen3 has q/k/v and "
@@ -129,9 +137,65 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
                       mlp_bias=p["mlp_bias"], **common, **rope)
 
 
-def _lm_tensors(lm: nn.Module, p: dict[str, Any], legacy_prefix: str = "") -> dict[str, torch.Tensor]:
-    """GPT -> HF keys; ``legacy_prefix="language_model."`` for LLaVA's Hub layout."""
-    out = hw.gpt_state_dict_to_hf(lm.state_dict(), p)
+def _moe_family(p: dict[str, Any]) -> str:
+    """The Hugging Face family an MoE gpt exports as: qwen3_moe (q/k norms), qwen2_moe (a shared expert or
+    Qwen2's q/k/v-only bias) or mixtral (the rest; what it cannot express is then refused by name)."""
+    if p.get("qk_norm"):
+        return "qwen3_moe"
+    out_bias = p["attention_bias"] if p.get("attention_out_bias") is None else p["attention_out_bias"]
+    if p.get("shared_expert_ffn_hidden_size") or (p["attention_bias"] and not out_bias):
+        return "qwen2_moe"
+    return "mixtral"
+
+
+def _moe_lm_config(p: dict[str, Any], dtype: torch.dtype, path: str, common: dict[str, Any], rope: dict[str, Any]):
+    """(HF config) of a mixture-of-experts gpt: MixtralForCausalLM, Qwen2MoeForCausalLM or
+    Qwen3MoeForCausalLM. The config read back as import_hf reads it must give every parameter again, else the
+    parameter that differs is named."""
+    family = _moe_family(p)
+    aux = float(p.get("router_aux_loss_weight") or 0.0)
+    router = dict(num_experts_per_tok=p["num_experts_per_tok"], output_router_logits=aux > 0,
+                  router_aux_loss_coef=aux if aux > 0 else 0.001)
+    moe_ffn = p.get("moe_ffn_hidden_size") or common["intermediate_size"]
+    if family == "mixtral":
+        config = _hf_config("MixtralConfig", dtype, "MixtralForCausalLM", num_local_experts=p["num_experts"],
+                            sliding_window=None, **{**common, "intermediate_size": moe_ffn}, **router, **rope)
+    else:
+        qwen = dict(num_experts=p["num_experts"], moe_intermediate_size=moe_ffn,
+                    decoder_sparse_step=p.get("decoder_sparse_step") or 1,
+                    mlp_only_layers=sorted(p.get("mlp_only_layers") or []), norm_topk_prob=bool(p["norm_topk_prob"]),
+                    use_sliding_window=False, **router, **common, **rope)
+        if family == "qwen3_moe":
+            config = _hf_config("Qwen3MoeConfig", dtype, "Qwen3MoeForCausalLM", attention_bias=p["attention_bias"],
+                                **qwen)
+        else:
+            config = _hf_config("Qwen2MoeConfig", dtype, "Qwen2MoeForCausalLM", qkv_bias=bool(p["attention_bias"]),
+                                shared_expert_intermediate_size=p.get("shared_expert_ffn_hidden_size") or 0, **qwen)
+    try:
+        back = hw.gpt_params_from_hf(config)
+    except ValueError as e:
+        raise _refuse(path, str(e)) from None
+    bad = _differences(_gpt_canonical(p), _gpt_canonical({k: v for k, v in back.items() if v is not None}), path)
+    if bad:
+        raise _refuse(bad[0].split(":")[0], f"{'; '.join(bad[:6])}" + (f" ... ({len(bad)} in all)" if len(bad) > 6
+                                                                       else ""),
+                      f"no {config.architectures[0]} computes this model (Mixtral: softmax top-k renormalised, every "
+                      "layer routed, no biases; Qwen2-MoE: a gated shared expert; Qwen3-MoE: qk_norm)")
+    return config
+
+
+def _moe_layout(p: dict[str, Any]) -> str:
+    """How the routed experts of an exported text model are stored: as the family's releases are."""
+    return "mixtral" if _moe_family(p) == "mixtral" else "qwen"
+
+
+def _lm_tensors(lm: nn.Module, p: dict[str, Any], legacy_prefix: str = "",
+                moe_layout: str | None = None) -> dict[str, torch.Tensor]:
+    """GPT -> HF keys; ``legacy_prefix="language_model."`` for LLaVA's Hub layout; routed experts in
+    ``moe_layout`` (None: the text family's release layout)."""
+    if p.get("num_experts") and moe_layout is None:
+        moe_layout = _moe_layout(p)
+    out = hw.gpt_state_dict_to_hf(lm.state_dict(), p, moe_layout or "fused")
     if p["tie_embeddings"]:
         out.pop("lm_head.weight")  # HF ties it on load; safetensors cannot hold it twice
     return {legacy_prefix + k: v for k, v in out.items()}
@@ -286,7 +350,8 @@ def _mimo(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any] | N
 # Our kind (the vision tower's, see hf_qwen_vision) -> (HF config class, architecture)
 _QWEN_VL = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
             "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}
+            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+            "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration")}
 # config.json values our model does not use, kept by import_hf under the run config's ``hf_config`` key
 HF_CONFIG_KEYS = ("vision_start_token_id", "vision_end_token_id")
 HF_TEXT_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -316,7 +381,29 @@ def _gpt_canonical(p: dict[str, Any]) -> dict[str, Any]:
     p["rope_scaling"] = check_rope_scaling(p.get("rope_scaling"))
     for k in ("backend", "dropout"):  # how it runs or trains, not what it computes
         p.pop(k)
+    _moe_canonical(p)
     return p
+
+
+# GPT's mixture-of-experts parameters (their defaults apply when num_experts is None: a dense model)
+_MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_ffn_hidden_size", "decoder_sparse_step", "mlp_only_layers",
+             "router_scoring", "norm_topk_prob", "shared_expert_ffn_hidden_size", "shared_expert_gate",
+             "router_aux_loss_weight", "router_z_loss_weight", "router_bias_update_rate")
+
+
+def _moe_canonical(p: dict[str, Any]) -> None:
+    """Resolve the MoE defaults in full GPT params ``p`` (in place)."""
+    if not p.get("num_experts"):
+        for k in _MOE_KEYS:
+            p.pop(k, None)
+        return
+    p["moe_ffn_hidden_size"] = p.get("moe_ffn_hidden_size") or p["ffn_hidden_size"]
+    p["mlp_only_layers"] = sorted(int(i) for i in p.get("mlp_only_layers") or [])
+    p["decoder_sparse_step"] = p.get("decoder_sparse_step") or 1
+    p["router_aux_loss_weight"] = float(p.get("router_aux_loss_weight") or 0.0)
+    p.pop("router_z_loss_weight", None)  # a training loss Hugging Face has no field for: not what it computes
+    if all(hw.is_moe_layer(p, i) for i in range(p["num_layers"])):
+        p["ffn_hidden_size"] = p["moe_ffn_hidden_size"]  # no dense layer reads it
 
 
 def _differences(ours: dict[str, Any], back: dict[str, Any], path: str) -> list[str]:
@@ -380,7 +467,11 @@ def _qwen_vl(model: nn.Module, spec, lm_p: dict[str, Any], dtype: torch.dtype, e
     except ValueError as e:
         raise _refuse(f"{path}.submodules.encoders.{enc_name}", str(e), hint) from None
     kind = hq.vision_kind(vision)
-    cls_name, arch = _QWEN_VL[kind]
+    moe = bool(lm_p.get("num_experts"))
+    if moe and kind != "qwen3_vl":
+        raise _refuse("model.params.num_experts", f"{lm_p['num_experts']}: of the Qwen-VLs only Qwen3-VL has a "
+                      "mixture-of-experts release (Qwen3-VL-MoE)", hint)
+    cls_name, arch = _QWEN_VL["qwen3_vl_moe" if moe else kind]
     vision.pop("model_type")
     if kind == "qwen2_5_vl":  # HF: an integer, read by the video positions
         tps = lm_p.get("mrope_tokens_per_second")
@@ -401,6 +492,13 @@ def _qwen_vl(model: nn.Module, spec, lm_p: dict[str, Any], dtype: torch.dtype, e
                          **({"mrope_interleaved": True} if kind == "qwen3_vl" else {})})
     if kind == "qwen3_vl":
         text.update(head_dim=head_dim, attention_bias=bool(lm_p["attention_bias"]))
+    if moe:  # Qwen3-VL-MoE's router always renormalises its top-k: norm_topk_prob false is refused below
+        aux = float(lm_p.get("router_aux_loss_weight") or 0.0)
+        text.update(num_experts=lm_p["num_experts"], num_experts_per_tok=lm_p["num_experts_per_tok"],
+                    moe_intermediate_size=lm_p.get("moe_ffn_hidden_size") or text["intermediate_size"],
+                    decoder_sparse_step=lm_p.get("decoder_sparse_step") or 1,
+                    mlp_only_layers=sorted(lm_p.get("mlp_only_layers") or []), output_router_logits=aux > 0,
+                    router_aux_loss_coef=aux if aux > 0 else 0.001)
     else:
         text.update(use_sliding_window=False)
     vocab = lm_p["vocab_size"]
@@ -447,7 +545,8 @@ def _qwen_vl(model: nn.Module, spec, lm_p: dict[str, Any], dtype: torch.dtype, e
                                                                        else ""),
                       f"no {arch} computes this model: {hint}")
 
-    tensors = _lm_tensors(model.language_model, lm_p)  # model.* + lm_head: the Hub layout of Qwen2(.5)-VL
+    # model.* + lm_head: the Hub layout of Qwen2(.5)-VL; Qwen3-VL-MoE's experts fused and transposed, as released
+    tensors = _lm_tensors(model.language_model, lm_p, moe_layout="fused_t" if moe else None)
     visual = "visual."
     if kind == "qwen3_vl":  # Qwen3-VL checkpoints are published in transformers 5's layout
         tensors = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v

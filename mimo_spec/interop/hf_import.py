@@ -3,11 +3,14 @@
 ``import_hf(source)`` takes a local checkpoint directory or an in-memory
 transformers model and returns ``(cfg, model)``:
 
-- Llama / Mistral / Qwen2 / GPT-2 causal LMs -> a text-only ``MimoModel`` (``model: {module: gpt}``),
+- Llama / Mistral / Qwen2 / Qwen3 / GPT-2 causal LMs -> a text-only ``MimoModel`` (``model: {module: gpt}``),
+- Mixtral / Qwen2-MoE / Qwen3-MoE -> the same with a mixture-of-experts gpt (``num_experts`` ...; experts
+  read from the released per-expert tensors or transformers 5's fused ones),
 - LLaVA -> a ``MimoModel`` with an ``images`` modality (clip_vit + 2-layer mlp),
 - CLIP / SigLIP (vision tower, or the vision half of the dual model) -> a ``ClipViT``,
 - SigLIP2 NaFlex (Siglip2VisionModel, or the vision half of a Siglip2Model) -> a ``Siglip2NaFlex``,
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL -> a ``MimoModel`` (M-RoPE gpt, ``images`` and ``videos`` modalities),
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE -> a ``MimoModel`` (M-RoPE gpt, ``images`` and ``videos``
+  modalities),
 - Whisper (the encoder of any Whisper checkpoint) -> a ``WhisperEncoder``.
 
 For whole models ``cfg`` is a run config in our schema (``build_model`` takes
@@ -37,6 +40,9 @@ from mimo_spec.interop.hf_safetensors import (HFCheckpoint, check_plan, load_fro
 # model_type -> what it becomes
 SUPPORTED = {
     "llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "qwen3": "gpt", "gpt2": "gpt",
+    "mixtral": "gpt (mixture of experts in every layer)",
+    "qwen2_moe": "gpt (mixture of experts with a gated shared expert; decoder_sparse_step / mlp_only_layers)",
+    "qwen3_moe": "gpt (mixture of experts; decoder_sparse_step / mlp_only_layers)",
     "clip": "clip_vit", "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
     "siglip2": "siglip2_naflex", "siglip2_vision_model": "siglip2_naflex",
     "whisper": "whisper_encoder",
@@ -44,6 +50,7 @@ SUPPORTED = {
     "qwen2_vl": "mimo (gpt with M-RoPE + qwen_vit + patch_merger; images and videos)",
     "qwen2_5_vl": "mimo (gpt with M-RoPE + qwen_vit with window attention + patch_merger; images and videos)",
     "qwen3_vl": "mimo (gpt with interleaved M-RoPE and qk_norm + qwen_vit with DeepStack; images and videos)",
+    "qwen3_vl_moe": "mimo (Qwen3-VL with a mixture-of-experts gpt; images and videos)",
     "llava_next": "mimo (gpt + anyres tiles of a clip_vit + mlp + anyres_layout: unpadding, image_newline)",
     "llava_onevision": "mimo (gpt + anyres tiles of a SigLIP clip_vit + mlp + anyres_layout; images and videos)",
     "llava_next_video": "mimo (gpt + anyres tiles of a clip_vit + mlp + anyres_layout; videos pooled 2x2)",
@@ -57,7 +64,7 @@ SUPPORTED = {
 FAMILIES = {"llava_next": "hf_llava_next", "llava_onevision": "hf_llava_next", "llava_next_video": "hf_llava_next",
             "internvl": "hf_internvl", "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3",
             "qwen2_audio": "hf_qwen2_audio"}
-_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe")
 _VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 # HF tensors every import may skip: buffers that older checkpoints saved.
 _ALWAYS_IGNORED = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
@@ -89,8 +96,17 @@ class _Conversion:
         return plan
 
 
+# model types close to a supported one, and what of theirs we do not model
+_NOT_MODELLED = {
+    "olmoe": "OLMoE's q_norm / k_norm normalise all heads' queries and keys together (mimo-spec's qk_norm is per "
+             "head, as Qwen3's)",
+}
+
+
 def _unsupported(model_type: str, arch: str, where: str) -> InputError:
-    return InputError(f"unsupported architecture {model_type!r}{f' ({arch})' if arch else ''}", path=where,
+    why = _NOT_MODELLED.get(model_type.strip("'"))
+    return InputError(f"unsupported architecture {model_type!r}{f' ({arch})' if arch else ''}"
+                      + (f": {why}" if why else ""), path=where,
                       hint=f"supported model types: {', '.join(SUPPORTED)}")
 
 
@@ -113,7 +129,7 @@ def _lm(config: Any, where: str) -> tuple[dict[str, Any], list[str]]:
         raise _unsupported(config.model_type, "", where)
     params = _clean(_feature(hw.gpt_params_from_hf, config, where=where))
     window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
+    uses_window = getattr(config, "use_sliding_window", config.model_type in ("mistral", "mixtral"))
     if window and uses_window and window < params["max_seq_len"]:
         warnings.warn(f"{where}: sliding-window attention ({window} tokens) is not modelled; outputs match "
                       f"Hugging Face's for sequences up to {window} tokens", stacklevel=3)
@@ -153,7 +169,7 @@ def _convert(config: Any, where: str) -> _Conversion:
                            [("", "whisper_encoder", params)], ignore=ignore)
     if mt == "llava":
         return _llava(config, where)
-    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return _qwen_vl(config, where)
     if mt in FAMILIES:
         import importlib
@@ -203,7 +219,7 @@ def _qwen_vl(config: Any, where: str) -> _Conversion:
     lm = _clean(_feature(hw.gpt_params_from_hf, config, where=where))
     if mt == "qwen2_5_vl":  # a video's temporal positions step by tokens_per_second * second_per_grid_ts
         lm["mrope_tokens_per_second"] = float(config.vision_config.tokens_per_second)
-    if mt == "qwen3_vl":  # each frame group of a video is its own item (timestamps between them)
+    if mt in ("qwen3_vl", "qwen3_vl_moe"):  # each frame group of a video is its own item (timestamps between them)
         lm["mrope_frames_as_items"] = True
     ignore = [r"(^|\.)lm_head\.weight$"] if lm["tie_embeddings"] else []
     enc, merger = _feature(hq.vision_params_from_hf, config.vision_config, where=where)
@@ -235,6 +251,9 @@ def _qwen_vl(config: Any, where: str) -> _Conversion:
     extra = [(f"{base}encoders.vit.", vision(0)), (f"{base}input_projections.vit.", vision(1))]
     if deep:
         extra.append((f"{base}deepstack_projections.", vision(2)))
+    if mt == "qwen3_vl_moe":  # its releases store the fused experts transposed, (E, H, 2F) and (E, F, H)
+        extra.append(("language_model.", lambda keys: hw.gpt_import_plan(keys, lm, moe_layout="fused_t")))
+        return _Conversion(cfg, True, [], ignore=ignore, extra=extra)
     return _Conversion(cfg, True, [("language_model.", "gpt", lm)], ignore=ignore, extra=extra)
 
 
@@ -256,7 +275,10 @@ def _open(source: Any) -> tuple[Any, HFCheckpoint | None, dict[str, torch.Tensor
     if isinstance(source, nn.Module) and config is not None and hasattr(config, "model_type"):
         if config.model_type not in SUPPORTED:
             raise _unsupported(config.model_type, type(source).__name__, type(source).__name__)
-        return config, None, source.state_dict(), type(source).__name__
+        state = source.state_dict()
+        if config.model_type == "qwen3_vl_moe":  # in memory (E, 2F, H); its checkpoints, read as such: (E, H, 2F)
+            state = {k: v.transpose(1, 2) if k.endswith(hw.FUSED_T) else v for k, v in state.items()}
+        return config, None, state, type(source).__name__
     raise InputError(f"cannot import a {type(source).__name__}", path="source",
                      hint="pass a Hugging Face checkpoint directory or a transformers model (PreTrainedModel)")
 

@@ -31,7 +31,9 @@ from mimo_spec.interop.hf_weights import (Plan, Table, _activation, _add_layer_t
 
 _KINDS = {"qwen2_vl": "qwen2_vl", "qwen2_vl_vision": "qwen2_vl",
           "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_vl_vision": "qwen2_5_vl",
-          "qwen3_vl": "qwen3_vl", "qwen3_vl_vision": "qwen3_vl"}
+          "qwen3_vl": "qwen3_vl", "qwen3_vl_vision": "qwen3_vl",
+          # Qwen3-VL-MoE: the same vision tower (an MoE language model)
+          "qwen3_vl_moe": "qwen3_vl", "qwen3_vl_moe_vision": "qwen3_vl"}
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:

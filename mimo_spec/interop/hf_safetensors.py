@@ -260,12 +260,14 @@ def check_plan(plan: Plan, available: Mapping[str, torch.Tensor], expected: Mapp
         except RuntimeError:  # fused parts whose trailing sizes disagree
             got = None
         if got != want and not _unit_dims_only(got, want):
+            # experts stored one by one: (rows, C) parts of an (E, R, C) tensor
+            stacked = len(want) == 3 and len(parts) > 1 and sum(r or 0 for _, r, _ in parts) == want[0] * want[1]
             for key, rows, transpose in parts:
                 if key is None:
                     continue
                 have = tuple(available[key].shape)
-                part_want = want if len(parts) == 1 else (rows, *want[1:])
-                part_want = part_want[::-1] if transpose else part_want
+                part_want = want if len(parts) == 1 else (rows, *(want[2:] if stacked else want[1:]))
+                part_want = (*part_want[:-2], *part_want[-2:][::-1]) if transpose else part_want
                 if have != tuple(part_want):
                     mismatched.append(f"{key}: checkpoint {have}, config expects {tuple(part_want)}")
     if mismatched:
@@ -285,6 +287,8 @@ def check_plan(plan: Plan, available: Mapping[str, torch.Tensor], expected: Mapp
 
 def _unit_dims_only(got: tuple | None, want: tuple) -> bool:
     """Shapes that differ only in dimensions of size 1 (InternViT's (1, 1, H) class token for our (H,))."""
+    if got is not None and len(want) == 3 and got == (want[0] * want[1], want[2]):  # experts stored one by one
+        return True
     return got is not None and [d for d in got if d != 1] == [d for d in want if d != 1]
 
 
@@ -327,7 +331,8 @@ def _read(parts: list, ckpt: HFCheckpoint, fds: dict[Path, int], dtype: torch.dt
     infos = [None if key is None else ckpt.tensors[key] for key, _, _ in parts]
     ref = next(i for i in infos if i is not None)
     out_dtype = dtype if dtype is not None and ref.dtype.is_floating_point else ref.dtype
-    shapes = [None if i is None else (i.shape[::-1] if t else i.shape) for i, (_, _, t) in zip(infos, parts)]
+    shapes = [None if i is None else ((*i.shape[:-2], *i.shape[-2:][::-1]) if t else i.shape)
+              for i, (_, _, t) in zip(infos, parts)]
     trailing = next(s for s in shapes if s is not None)[1:]
     rows = [rows if s is None else (s[0] if s else 1) for s, (_, rows, _) in zip(shapes, parts)]
     out = torch.empty((sum(rows), *trailing) if len(parts) > 1 else shapes[0], dtype=out_dtype)
@@ -342,7 +347,7 @@ def _read(parts: list, ckpt: HFCheckpoint, fds: dict[Path, int], dtype: torch.dt
         else:  # a cast or a transpose needs the original first
             raw = torch.empty(info.shape, dtype=info.dtype)
             _read_into(fds[info.file], info, raw)
-            piece.copy_(raw.t() if transpose else raw)
+            piece.copy_(raw.transpose(-2, -1) if transpose else raw)
     return out
 
 

@@ -72,7 +72,8 @@ def _plan(table: Table, prefix: str, transposed: tuple[str, ...] = ()) -> Plan:
 def materialize(parts: list[Part], get: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """One of our tensors from its HF parts; ``get(hf_key)`` returns an HF tensor (meta tensors work too,
     which is how shapes are checked before any data is read)."""
-    loaded = [None if key is None else (get(key).t() if transpose else get(key)) for key, _, transpose in parts]
+    loaded = [None if key is None else (get(key).transpose(-2, -1) if transpose else get(key))
+              for key, _, transpose in parts]
     ref = next(t for t in loaded if t is not None)
     tensors = [ref.new_zeros((rows, *ref.shape[1:])) if t is None else t
                for t, (_, rows, _) in zip(loaded, parts)]
@@ -91,10 +92,12 @@ def _export(sd: Mapping[str, torch.Tensor], table: Table, prefix: str, transpose
     out: dict[str, torch.Tensor] = {}
     for ours, parts in table.items():
         t = sd[ours]
+        if len(parts) > 1 and t.dim() == 3:  # stacked experts written one by one: (E, R, C) -> (E * R, C)
+            t = t.reshape(-1, t.shape[-1])
         pieces = [t] if len(parts) == 1 else t.split([rows for _, rows in parts], dim=0)
         for (hf_key, _), piece in zip(parts, pieces):
             if hf_key is not None:
-                out[prefix + hf_key] = (piece.t() if hf_key.endswith(transposed) else piece).contiguous()
+                out[prefix + hf_key] = (piece.transpose(-2, -1) if hf_key.endswith(transposed) else piece).contiguous()
     return out
 
 
@@ -112,13 +115,44 @@ def _add_layer_tables(table: Table, layer_table: Table, num_layers: int, ours: s
 
 
 # Qwen2-VL / Qwen2.5-VL: a Qwen2 text model with M-RoPE (``rope_parameters["mrope_section"]``).
-_QWEN2_VL = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text"}
-_QWEN3 = ("qwen3", "qwen3_vl_text")  # q_norm / k_norm on each head, no q/k/v bias
+_QWEN2_VL = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text",
+             "qwen3_vl_moe": "qwen3_vl_moe_text"}
+_QWEN3 = ("qwen3", "qwen3_vl_text", "qwen3_moe", "qwen3_vl_moe_text")  # q_norm / k_norm on each head, no q/k/v bias
+# Mixture-of-experts language models (the keys of their routed layers: see ``_moe_layer_table``)
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_vl_moe_text")
+
+
+def _moe_params_from_hf(config: Any) -> dict[str, Any]:
+    """The MoE kwargs of GPT for a Mixtral / Qwen2-MoE / Qwen3-MoE / Qwen3-VL-MoE text config; ValueError
+    naming what we do not model."""
+    mt = config.model_type
+    jitter = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
+    if jitter:
+        raise ValueError(f"router_jitter_noise {jitter}: multiplicative noise on the router input in training "
+                         "is not modelled (set it to 0)")
+    experts = int(config.num_local_experts if mt == "mixtral" else config.num_experts)
+    if experts <= 0:  # Qwen2-MoE with num_experts 0: every layer dense
+        return {}
+    aux = float(config.router_aux_loss_coef) if getattr(config, "output_router_logits", False) else 0.0
+    out: dict[str, Any] = dict(num_experts=experts, num_experts_per_tok=int(config.num_experts_per_tok),
+                               router_scoring="softmax", router_aux_loss_weight=aux)
+    if mt == "mixtral":
+        return {**out, "moe_ffn_hidden_size": int(config.intermediate_size), "norm_topk_prob": True}
+    only = sorted(int(i) for i in (getattr(config, "mlp_only_layers", None) or []))
+    out.update(moe_ffn_hidden_size=int(config.moe_intermediate_size),
+               decoder_sparse_step=int(getattr(config, "decoder_sparse_step", 1) or 1),
+               mlp_only_layers=only or None,
+               # Qwen3-VL-MoE's router always renormalises its top-k (no norm_topk_prob in its config)
+               norm_topk_prob=True if mt == "qwen3_vl_moe_text" else bool(config.norm_topk_prob))
+    if mt == "qwen2_moe":  # a shared expert beside the routed ones, scaled by sigmoid(shared_expert_gate(x))
+        out.update(shared_expert_ffn_hidden_size=int(config.shared_expert_intermediate_size), shared_expert_gate=True)
+    return out
 
 
 def gpt_params_from_hf(config: Any) -> dict[str, Any]:
-    """GPT kwargs from a LlamaConfig / MistralConfig / Qwen2Config / GPT2Config, or the text model of a
-    Qwen2-VL / Qwen2.5-VL config (its text config, or the whole VLM config: then its text_config with the
+    """GPT kwargs from a LlamaConfig / MistralConfig / Qwen2Config / Qwen3Config / GPT2Config, a Mixtral /
+    Qwen2-MoE / Qwen3-MoE config (the MoE kwargs included), or the text model of a Qwen2-VL / Qwen2.5-VL /
+    Qwen3-VL / Qwen3-VL-MoE config (its text config, or the whole VLM config: then its text_config with the
     VLM's tie_word_embeddings), M-RoPE's ``mrope_section`` included."""
     tie = getattr(config, "tie_word_embeddings", None)
     if config.model_type in _QWEN2_VL:
@@ -133,10 +167,13 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
                     max_seq_len=config.n_positions, mlp="gelu", activation=_activation(config.activation_function),
                     attention_bias=True, mlp_bias=True, tie_embeddings=True)
     qwen3 = mt in _QWEN3
-    qwen2 = mt in ("qwen2", *_QWEN2_VL.values()) and not qwen3
-    if mt not in ("llama", "mistral") and not qwen2 and not qwen3:
-        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, qwen2, qwen3, qwen2_vl(_text), "
-                         "qwen2_5_vl(_text), qwen3_vl(_text) or gpt2")
+    qwen2 = mt in ("qwen2", "qwen2_moe", *_QWEN2_VL.values()) and not qwen3
+    if mt not in ("llama", "mistral", "mixtral") and not qwen2 and not qwen3:
+        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, "
+                         "qwen3_moe, qwen2_vl(_text), qwen2_5_vl(_text), qwen3_vl(_text), qwen3_vl_moe(_text) or gpt2")
+    moe = _moe_params_from_hf(config) if mt in MOE_TYPES else {}
+    if mt == "qwen2_moe" and not getattr(config, "qkv_bias", True):
+        qwen2 = False  # Qwen2-MoE's q/k/v bias is a config option
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     section = rope.get("mrope_section")
@@ -166,7 +203,7 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
         attention_bias=True if qwen2 else bias, attention_out_bias=False if qwen2 else bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)), tie_embeddings=bool(tie),
         head_dim=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim,
-        **mrope, **({"qk_norm": True} if qwen3 else {}), **({"rope_scaling": scaling} if scaling else {}),
+        **mrope, **({"qk_norm": True} if qwen3 else {}), **({"rope_scaling": scaling} if scaling else {}), **moe,
     )
 
 
@@ -180,7 +217,68 @@ def _gpt_sizes(p: Mapping[str, Any]) -> tuple[int, int, int, bool, bool, bool]:
     return heads * hd, kv * hd, ffn, qkv_bias, out_bias, p.get("mlp_bias", False)
 
 
-def _llama_table(p: Mapping[str, Any]) -> Table:
+def is_moe_layer(p: Mapping[str, Any], i: int) -> bool:
+    """Whether GPT layer ``i`` of params ``p`` is a mixture of experts (Qwen's decoder_sparse_step /
+    mlp_only_layers rule)."""
+    return bool(p.get("num_experts")) and i not in (p.get("mlp_only_layers") or []) \
+        and (i + 1) % (p.get("decoder_sparse_step") or 1) == 0
+
+
+# How a checkpoint stores the routed experts of one layer (HF key prefixes are relative to the layer):
+#   "fused":     mlp.gate.weight, mlp.experts.gate_up_proj (E, 2F, H), mlp.experts.down_proj (E, H, F)
+#                (transformers 5's modules, as an in-memory model holds them)
+#   "fused_t":   the same keys, the experts stored transposed: (E, H, 2F) and (E, F, H) (Qwen3-VL-MoE releases)
+#   "qwen":      mlp.gate.weight, mlp.experts.{j}.{gate,up,down}_proj.weight (Qwen2-MoE / Qwen3-MoE releases)
+#   "mixtral":   block_sparse_moe.gate.weight, block_sparse_moe.experts.{j}.{w1,w3,w2}.weight (Mixtral releases)
+MOE_LAYOUTS = ("fused", "fused_t", "qwen", "mixtral")
+# the HF key endings stored transposed in the fused_t layout
+FUSED_T = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def moe_layout_of(hf_keys: Iterable[str], transposed: bool = False) -> str:
+    """The MoE layout of a checkpoint, from its key names (``transposed``: fused experts are stored
+    (E, H, 2F), as Qwen3-VL-MoE releases are)."""
+    for k in hf_keys:
+        if ".block_sparse_moe." in k:
+            return "mixtral"
+        if k.endswith("mlp.experts.gate_up_proj"):
+            return "fused_t" if transposed else "fused"
+        if ".mlp.experts.0.gate_proj." in k:
+            return "qwen"
+    return "fused_t" if transposed else "fused"
+
+
+def _moe_layer_table(p: Mapping[str, Any], layout: str) -> Table:
+    """Our keys under ``layers.{i}.`` -> HF's for a routed layer."""
+    h, e = p["hidden_size"], p["num_experts"]
+    f = p.get("moe_ffn_hidden_size") or p.get("ffn_hidden_size") or 4 * h
+    if layout not in MOE_LAYOUTS:
+        raise ValueError(f"unknown MoE layout {layout!r}: use one of {', '.join(MOE_LAYOUTS)}")
+    if layout == "mixtral":
+        pre = "block_sparse_moe."
+        layer: Table = {"mlp.router.weight": _one(pre + "gate.weight"),
+                        "mlp.experts.gate_up": [(f"{pre}experts.{j}.{w}.weight", f) for j in range(e)
+                                                for w in ("w1", "w3")],
+                        "mlp.experts.down": [(f"{pre}experts.{j}.w2.weight", h) for j in range(e)]}
+    elif layout == "qwen":
+        layer = {"mlp.router.weight": _one("mlp.gate.weight"),
+                 "mlp.experts.gate_up": [(f"mlp.experts.{j}.{w}_proj.weight", f) for j in range(e)
+                                         for w in ("gate", "up")],
+                 "mlp.experts.down": [(f"mlp.experts.{j}.down_proj.weight", h) for j in range(e)]}
+    else:
+        layer = {"mlp.router.weight": _one("mlp.gate.weight"), "mlp.experts.gate_up": _one("mlp.experts.gate_up_proj"),
+                 "mlp.experts.down": _one("mlp.experts.down_proj")}
+    fs = p.get("shared_expert_ffn_hidden_size")
+    if fs:
+        layer["mlp.shared.fc1.weight"] = [("mlp.shared_expert.gate_proj.weight", fs),
+                                          ("mlp.shared_expert.up_proj.weight", fs)]
+        layer["mlp.shared.fc2.weight"] = _one("mlp.shared_expert.down_proj.weight")
+    if p.get("shared_expert_gate"):
+        layer["mlp.shared_gate.weight"] = _one("mlp.shared_expert_gate.weight")
+    return layer
+
+
+def _llama_table(p: Mapping[str, Any], moe_layout: str = "fused") -> Table:
     q, kv, ffn, qkv_bias, out_bias, mlp_bias = _gpt_sizes(p)
     layer: Table = {
         "attn_norm.weight": _one("input_layernorm.weight"),
@@ -188,22 +286,25 @@ def _llama_table(p: Mapping[str, Any]) -> Table:
                             ("self_attn.v_proj.weight", kv)],
         "attn.out.weight": _one("self_attn.o_proj.weight"),
         "mlp_norm.weight": _one("post_attention_layernorm.weight"),
-        "mlp.fc1.weight": [("mlp.gate_proj.weight", ffn), ("mlp.up_proj.weight", ffn)],
-        "mlp.fc2.weight": _one("mlp.down_proj.weight"),
     }
+    dense: Table = {"mlp.fc1.weight": [("mlp.gate_proj.weight", ffn), ("mlp.up_proj.weight", ffn)],
+                    "mlp.fc2.weight": _one("mlp.down_proj.weight")}
     if qkv_bias:
         layer["attn.qkv.bias"] = [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv),
                                   ("self_attn.v_proj.bias", kv)]
     if out_bias:
         layer["attn.out.bias"] = _one("self_attn.o_proj.bias")
     if mlp_bias:
-        layer["mlp.fc1.bias"] = [("mlp.gate_proj.bias", ffn), ("mlp.up_proj.bias", ffn)]
-        layer["mlp.fc2.bias"] = _one("mlp.down_proj.bias")
+        dense["mlp.fc1.bias"] = [("mlp.gate_proj.bias", ffn), ("mlp.up_proj.bias", ffn)]
+        dense["mlp.fc2.bias"] = _one("mlp.down_proj.bias")
     if p.get("qk_norm"):
         layer["attn.q_norm.weight"] = _one("self_attn.q_norm.weight")
         layer["attn.k_norm.weight"] = _one("self_attn.k_norm.weight")
     table: Table = {"token_embedding.weight": _one("embed_tokens.weight"), "norm.weight": _one("norm.weight")}
-    _add_layer_tables(table, layer, p["num_layers"], "layers.", "layers.")
+    routed = _moe_layer_table(p, moe_layout) if p.get("num_experts") else {}
+    for i in range(p["num_layers"]):
+        for k, parts in {**layer, **(routed if is_moe_layer(p, i) else dense)}.items():
+            table[f"layers.{i}.{k}"] = [(None if h is None else f"layers.{i}.{h}", r) for h, r in parts]
     return table
 
 
@@ -223,13 +324,18 @@ def _gpt2_table(p: Mapping[str, Any]) -> Table:
     return table
 
 
-def gpt_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any], prefix: str | None = None) -> Plan:
-    """Which HF tensors make each GPT tensor (see ``gpt_state_dict_from_hf``)."""
+def gpt_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any], prefix: str | None = None,
+                    moe_layout: str | None = None) -> Plan:
+    """Which HF tensors make each GPT tensor (see ``gpt_state_dict_from_hf``). ``moe_layout`` (see
+    ``MOE_LAYOUTS``): how the experts are stored; None: found from the key names (fused experts taken as
+    transformers 5 holds them, (E, 2F, H))."""
     keys = list(hf_keys)
     if params.get("position_embedding") == "learned":
         plan = _plan(_gpt2_table(params), _find_prefix(keys, "wte.weight", prefix), _GPT2_TRANSPOSED)
     else:
-        plan = _plan(_llama_table(params), _find_prefix(keys, "embed_tokens.weight", prefix))
+        layout = moe_layout or moe_layout_of(keys)
+        plan = _plan(_llama_table(params, layout), _find_prefix(keys, "embed_tokens.weight", prefix),
+                     FUSED_T if layout == "fused_t" else ())
     if not params.get("tie_embeddings", False):
         heads = [k for k in keys if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
         if len(heads) > 1:
@@ -240,12 +346,15 @@ def gpt_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any], prefix: s
 
 def gpt_state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                            prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """A Llama/Mistral/Qwen2 (or, for learned positions, GPT-2) causal-LM state dict -> GPT's."""
+    """A Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen-MoE (or, for learned positions, GPT-2) causal-LM state dict
+    -> GPT's."""
     return _import(hf_sd, gpt_import_plan(hf_sd.keys(), params, prefix))
 
 
-def gpt_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """GPT's state dict -> a LlamaForCausalLM-style one (GPT2LMHeadModel for learned positions).
+def gpt_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+                         moe_layout: str = "fused") -> dict[str, torch.Tensor]:
+    """GPT's state dict -> a LlamaForCausalLM-style one (GPT2LMHeadModel for learned positions); routed
+    experts in ``moe_layout`` (see ``MOE_LAYOUTS``).
 
     ``lm_head.weight`` is always written (the tied embedding when tied), as HF's
     ``state_dict()`` lists it either way.
@@ -253,7 +362,7 @@ def gpt_state_dict_to_hf(sd: Mapping[str, torch.Tensor], params: Mapping[str, An
     if params.get("position_embedding") == "learned":
         out = _export(sd, _gpt2_table(params), "transformer.", _GPT2_TRANSPOSED)
     else:
-        out = _export(sd, _llama_table(params), "model.")
+        out = _export(sd, _llama_table(params, moe_layout), "model.", FUSED_T if moe_layout == "fused_t" else ())
     out["lm_head.weight"] = sd["token_embedding.weight" if params.get("tie_embeddings", False) else "lm_head.weight"]
     return out
 
@@ -503,7 +612,8 @@ CONVERTERS = {
 # registry name -> import plan (key names only; for streaming checkpoints)
 PLANS = {"gpt": gpt_import_plan, "clip_vit": clip_vit_import_plan, "whisper_encoder": whisper_encoder_import_plan}
 
-_MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "gpt2": "gpt", "qwen2_vl_text": "gpt",
+_MODEL_TYPES = {"llama": "gpt", "mistral": "gpt", "mixtral": "gpt", "qwen2_moe": "gpt", "qwen3_moe": "gpt",
+                "qwen3_vl_moe_text": "gpt", "qwen2": "gpt", "gpt2": "gpt", "qwen2_vl_text": "gpt",
                 "qwen2_5_vl_text": "gpt", "qwen3": "gpt", "qwen3_vl_text": "gpt", "clip": "clip_vit",
                 "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
                 "internvl_vision": "clip_vit", "whisper": "whisper_encoder"}

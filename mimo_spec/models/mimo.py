@@ -28,6 +28,9 @@ class MimoOutput:
     modality_outputs: per output modality, the items decoded at its generation tokens.
     loss / lm_loss / modality_losses: filled by ``forward(labels=..., output_targets=...)``, a convenience
     that calls :func:`mimo_spec.loss.mimo_loss` (the training step calls it itself).
+    router: a mixture-of-experts language model's router losses and per-expert token counts of this forward
+    (:class:`mimo_spec.components.moe.RouterLosses`; None for a dense one, or in eval mode without labels);
+    ``loss`` includes their weighted sum. router_aux_loss / router_z_loss: filled with ``loss``.
     """
 
     logits: torch.Tensor
@@ -36,6 +39,9 @@ class MimoOutput:
     modality_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     modality_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     logits_at: torch.Tensor | None = None
+    router: object | None = None
+    router_aux_loss: torch.Tensor | None = None
+    router_z_loss: torch.Tensor | None = None
 
 
 def _or_empty(value):
@@ -334,6 +340,8 @@ class MimoModel(nn.Module):
                              logits_at=logits_at)
         else:
             out = MimoOutput(logits=lm.logits(hidden))
+        if callable(getattr(lm, "router_losses", None)) and (self.training or labels is not None or output_targets):
+            out.router = lm.router_losses(attention_mask)  # MoE layers: aux losses over the real tokens
         for name, target in output_targets.items():  # the target only gives the item count here
             mod = self.modalities[name]
             n_gen = mod.num_generation_tokens
@@ -343,6 +351,7 @@ class MimoModel(nn.Module):
             losses = mimo_loss(self.modalities, out, labels=labels, loss_mask=loss_mask, document_ids=document_ids,
                                output_targets=output_targets)
             out.loss, out.lm_loss, out.modality_losses = losses.loss, losses.lm_loss, losses.modality_losses
+            out.router_aux_loss, out.router_z_loss = losses.router_aux_loss, losses.router_z_loss
         return out
 
     # ---- smoke-test inputs -----------------------------------------------------------------

@@ -25,7 +25,8 @@ from mimo_spec.train.checkpoint import list_checkpoints, load_checkpoint, save_c
 from mimo_spec.train.metrics import MetricsWriter, NullMetrics, plot_loss, read_metrics, truncate_metrics
 from mimo_spec.train.progress import Silent, log_line, progress_display, say
 from mimo_spec.train.optim import build_optimizer, set_lr
-from mimo_spec.train.step import clip_grads, evaluate, forward_backward  # noqa: F401  (evaluate: jobs import it here)
+from mimo_spec.train.step import (RouterStats, clip_grads, evaluate,  # noqa: F401  (evaluate: jobs import it here)
+                                  forward_backward)
 
 if TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -34,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "padding_fraction", "skipped_samples",
           "eval_loss", "eval_ppl"]
+# a mixture-of-experts LM's columns (before eval_loss): its routers' losses (unweighted; "loss" includes them
+# weighted) and the most / least loaded expert's tokens over its layer's mean (1.0 / 1.0: perfectly balanced)
+MOE_FIELDS = ["router_aux_loss", "router_z_loss", "expert_load_max", "expert_load_min"]
 
 
 
@@ -271,7 +275,11 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
                            on_bad_sample=run.data.on_bad_sample, pin_memory=device.type == "cuda",
                            check=stop.check if drun is None else None)  # one process stops at the next sample
     skips = SkipLog(out_dir if main else None, main, drun, run.data.max_bad_fraction, len(train_set), skip_counts)
-    metrics = MetricsWriter(out_dir, FIELDS, resume=source is not None) if main else NullMetrics()
+    from mimo_spec.components.moe import MoE
+
+    has_moe = any(isinstance(m, MoE) for m in model.modules())
+    fields = FIELDS[:-2] + MOE_FIELDS + FIELDS[-2:] if has_moe else FIELDS
+    metrics = MetricsWriter(out_dir, fields, resume=source is not None) if main else NullMetrics()
     if source is not None and main:
         truncate_metrics(metrics, start_step)
     if main:  # every check has passed: the run starts, and its record is written now
@@ -317,13 +325,14 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
                 total_tokens = max(1, total_tokens)
                 t0 = time.perf_counter()
                 step_loss = 0.0
+                router = RouterStats()
                 for n_micro, batch in enumerate(micro):
                     if n_micro and poll is not None:
                         poll()
                     # forward, loss, backward for this layout; one global token count normalises every
                     # micro-batch's gradient (mimo_spec/train/step.py)
                     step_loss += forward_backward(model, batch, total_tokens, device=device, precision=precision,
-                                                  drun=drun)
+                                                  drun=drun, router_stats=router)
             except StopRequested:  # undo the step cut short: data position, RNG and gradients as at its start
                 batches.rewind(state0)
                 _set_rng_state(rng0)
@@ -344,6 +353,7 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
                 what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
                 raise _diverged(what, step + 1, out_dir / "checkpoints")
             optimizer.step()
+            moe_row = _router_step(model, router, drun) if has_moe else {}
             elapsed = time.perf_counter() - t0
             tokens_seen += real_tokens
             local_real = sum(int(b["attention_mask"].sum()) for b in micro)
@@ -356,7 +366,7 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
             done = step + 1
             row = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3),
-                   "padding_fraction": round(padding, 4), "skipped_samples": skips.bad + skips.dropped}
+                   "padding_fraction": round(padding, 4), "skipped_samples": skips.bad + skips.dropped, **moe_row}
             eval_every = tc.eval_every
             if len(eval_set) and ((eval_every and done % eval_every == 0) or done == steps):
                 if drun is not None and (drun.split or drun.pipeline) is not None:  # no rank holds the whole model
@@ -440,6 +450,36 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
             shutdown_distributed()
         raise failure
     return result
+
+
+def _router_step(model, router: RouterStats, drun) -> dict[str, float]:
+    """After the optimizer step of a mixture-of-experts LM: the step's router numbers summed over the
+    data-parallel ranks (layouts where every rank runs the whole LM; under pipeline stages no router numbers
+    are collected, under split layouts each LM rank keeps its own), the aux-loss-free router biases moved
+    by the step's expert loads (``router_bias_update_rate``), and the metrics row's MoE fields: CSV columns
+    :data:`MOE_FIELDS`, and per layer ``expert_load_max/layer_i`` / ``expert_load_min/layer_i`` for
+    TensorBoard."""
+    from mimo_spec.components.moe import load_ratio
+
+    if drun is not None and drun.split is None and drun.pipeline is None:  # every rank holds the numbers
+        import torch.distributed as dist
+
+        if router.counts is not None:
+            router.aux_loss, router.z_loss = drun.all_sum(router.aux_loss), drun.all_sum(router.z_loss)
+            dist.all_reduce(router.counts)  # summed over ranks (and replicas: ratios and signs stay the same)
+    if router.counts is None:
+        return {}
+    lm = getattr(model, "language_model", None)
+    if callable(getattr(lm, "update_router_bias", None)):
+        lm.update_router_bias(router.counts)
+    high, low = load_ratio(router.counts)
+    row = {"router_aux_loss": round(router.aux_loss, 6), "router_z_loss": round(router.z_loss, 6),
+           "expert_load_max": round(high, 4), "expert_load_min": round(low, 4)}
+    layers = getattr(lm, "moe_layer_ids", None) or range(router.counts.shape[0])
+    for i, counts in zip(layers, router.counts):
+        high, low = load_ratio(counts[None])
+        row[f"expert_load_max/layer_{i}"], row[f"expert_load_min/layer_{i}"] = high, low
+    return row
 
 
 def check_backend_device(model, device: torch.device, path: str = "train.device") -> None:

@@ -15,6 +15,9 @@ def log_line(row: dict, steps: int) -> str:
             f"{row['tokens_per_s']:.0f} tok/s")
     if row.get("padding_fraction") is not None:
         line += f"  pad {100 * float(row['padding_fraction']):.1f}%"
+    if row.get("router_aux_loss") is not None:  # a mixture-of-experts LM: balance of its experts
+        line += (f"  aux {float(row['router_aux_loss']):.4f}  load {float(row['expert_load_max']):.2f}/"
+                 f"{float(row['expert_load_min']):.2f}")
     if row.get("skipped_samples"):
         line += f"  skipped {row['skipped_samples']}"
     if "eval_loss" in row:

@@ -72,16 +72,37 @@ def _on(t, device):
     return None if t is None else t.to(device)
 
 
-def forward_backward(model, batch: dict, total_tokens: int, *, device, precision: str = "fp32", drun=None) -> float:
+class RouterStats:
+    """A mixture-of-experts LM's router numbers over one training step's micro-batches: ``aux_loss`` and
+    ``z_loss`` (unweighted, each micro-batch weighted by its share of the step's tokens, like the loss) and
+    ``counts`` (MoE layers, E): the tokens each expert received, summed. Empty (``counts`` None) for a
+    dense LM, and under pipeline stages (the schedule computes the loss)."""
+
+    def __init__(self):
+        self.aux_loss, self.z_loss, self.counts = 0.0, 0.0, None
+
+    def add(self, losses, weight: float) -> None:
+        """Add one micro-batch's :class:`~mimo_spec.loss.Losses` (weight: its share of the step's tokens)."""
+        if losses.expert_counts is None:
+            return
+        self.aux_loss += float(losses.router_aux_loss.detach()) * weight
+        self.z_loss += float(losses.router_z_loss.detach()) * weight
+        counts = losses.expert_counts.detach().to("cpu", torch.float64)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+
+def forward_backward(model, batch: dict, total_tokens: int, *, device, precision: str = "fp32", drun=None,
+                     router_stats: RouterStats | None = None) -> float:
     """One micro-batch of a training step: forward, loss, backward (gradients accumulate).
 
     ``batch``: the collated global micro-batch; ``total_tokens``: the step's counted tokens over every
     micro-batch. Returns this micro-batch's share of the step loss (summed over ranks by the caller).
+    ``router_stats``: where a mixture-of-experts LM's router losses and expert loads of the step are summed.
     """
     if drun is not None and drun.split is not None:  # encoders on their own ranks (the global batch)
         with autocast(precision, device):
             return drun.split.run(batch, total_tokens, True, lambda local, emb: _lm_step(
-                model, local, total_tokens, device, precision, drun, emb))
+                model, local, total_tokens, device, precision, drun, emb, router_stats))
     embeddings = None
     if drun is not None and drun.bridges:  # modalities with their own data-parallel layout read the global batch
         global_batch = batch
@@ -93,14 +114,17 @@ def forward_backward(model, batch: dict, total_tokens: int, *, device, precision
             return drun.pipeline.train_batch(batch, total_tokens)
     model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                          items_per_sample=batch.get("items_per_sample"))
-    return _lm_step(model, batch, total_tokens, device, precision, drun, embeddings)
+    return _lm_step(model, batch, total_tokens, device, precision, drun, embeddings, router_stats)
 
 
-def _lm_step(model, batch: dict, total_tokens: int, device, precision: str, drun, embeddings=None) -> float:
+def _lm_step(model, batch: dict, total_tokens: int, device, precision: str, drun, embeddings=None,
+             router_stats: RouterStats | None = None) -> float:
     with train_context(drun):
         _, losses = _loss_of(model, batch, device, precision, embeddings)
         weight = int(batch["num_tokens"]) / total_tokens
         (losses.loss * weight).backward()
+    if router_stats is not None:
+        router_stats.add(losses, weight)
     return float(losses.loss.detach()) * weight
 
 

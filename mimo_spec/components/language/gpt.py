@@ -15,10 +15,21 @@ State-dict keys::
     layers.{i}.mlp.fc2.{weight,bias}
     norm.{weight,bias}
     lm_head.weight                    (V, H)                 absent when tie_embeddings
+
+A mixture-of-experts layer (``num_experts``; see :mod:`mimo_spec.components.moe`) holds instead of ``mlp.fc1/fc2``::
+
+    layers.{i}.mlp.router.weight      (E, H)
+    layers.{i}.mlp.experts.gate_up    (E, 2F, H)             rows [gate; up] per expert
+    layers.{i}.mlp.experts.down       (E, H, F)
+    layers.{i}.mlp.shared.fc1.weight  (2Fs, H)               shared expert, rows [gate; up]
+    layers.{i}.mlp.shared.fc2.weight  (H, Fs)
+    layers.{i}.mlp.shared_gate.weight (1, H)                 shared_expert_gate
+    layers.{i}.mlp.router_bias        (E,)                   a buffer, with router_bias_update_rate
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -37,6 +48,7 @@ from mimo_spec.components.layers import (
     get_activation,
     init_transformer_weights,
 )
+from mimo_spec.components.moe import MoE, RouterLosses, router_losses
 from mimo_spec.errors import InputError, ParamError
 from mimo_spec.registry import register
 
@@ -76,6 +88,23 @@ class GPT(nn.Module):
         qk_norm: an RMSNorm (norm_eps) over each head's queries and keys before RoPE (Qwen3).
         mrope_frames_as_items: Qwen3-VL: each frame group of a video is its own item for positions
             (its placeholder runs are separated by timestamp text).
+        num_experts: mixture-of-experts layers with this many routed SwiGLU experts (None: a dense MLP in
+            every layer). Which layers: see decoder_sparse_step and mlp_only_layers.
+        num_experts_per_tok: experts each token is routed to (top-k).
+        moe_ffn_hidden_size: each expert's inner width (None: ffn_hidden_size, Mixtral's layout).
+        decoder_sparse_step: layer i is MoE when (i + 1) % decoder_sparse_step == 0 (1: every layer).
+        mlp_only_layers: layers that keep the dense MLP (Qwen's rule, with decoder_sparse_step).
+        router_scoring: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3) scores of the router logits.
+        norm_topk_prob: renormalise the chosen experts' scores to sum to 1 (Mixtral, Qwen3-MoE: true;
+            Qwen2-MoE: false).
+        shared_expert_ffn_hidden_size: a shared SwiGLU expert of this width beside the routed ones (Qwen2-MoE).
+        shared_expert_gate: Qwen2-MoE's sigmoid gate on the shared expert's output.
+        router_aux_loss_weight: weight of the load-balancing loss (transformers' load_balancing_loss_func,
+            Mixtral's router_aux_loss_coef) added to the training loss.
+        router_z_loss_weight: weight of the router z-loss (mean squared logsumexp of the router logits).
+        router_bias_update_rate: DeepSeek-V3's aux-loss-free balancing: a per-expert bias added to the scores
+            to choose the experts, moved by rate * sign(mean load - load) after each optimizer step
+            (None: off).
     """
 
     def __init__(
@@ -106,6 +135,18 @@ class GPT(nn.Module):
         mrope_tokens_per_second: float | None = None,
         mrope_frames_as_items: bool = False,
         qk_norm: bool = False,
+        num_experts: int | None = None,
+        num_experts_per_tok: int = 2,
+        moe_ffn_hidden_size: int | None = None,
+        decoder_sparse_step: int = 1,
+        mlp_only_layers: list[int] | None = None,
+        router_scoring: Literal["softmax", "sigmoid"] = "softmax",
+        norm_topk_prob: bool = True,
+        shared_expert_ffn_hidden_size: int | None = None,
+        shared_expert_gate: bool = False,
+        router_aux_loss_weight: float = 0.0,
+        router_z_loss_weight: float = 0.0,
+        router_bias_update_rate: float | None = None,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
@@ -158,18 +199,77 @@ class GPT(nn.Module):
                      if position_embedding == "rope" else None)
         self.embed_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_bias = attention_bias if attention_out_bias is None else attention_out_bias
+        ffn_hidden_size = ffn_hidden_size or 4 * hidden_size
+        moe_layers = self._moe_layers(num_layers, num_experts, num_experts_per_tok, decoder_sparse_step,
+                                      mlp_only_layers, mlp, mlp_bias, router_bias_update_rate)
+        self.moe_layer_ids = moe_layers
+        self.router_aux_loss_weight = float(router_aux_loss_weight)
+        self.router_z_loss_weight = float(router_z_loss_weight)
+        self.router_bias_update_rate = router_bias_update_rate
+
+        def moe() -> MoE:
+            return MoE(hidden_size, moe_ffn_hidden_size or ffn_hidden_size, num_experts, num_experts_per_tok,
+                       scoring=router_scoring, norm_topk_prob=norm_topk_prob, activation=activation,
+                       shared_ffn_hidden_size=shared_expert_ffn_hidden_size, shared_gate=shared_expert_gate,
+                       bias_balancing=router_bias_update_rate is not None)
+
         self.layers = nn.ModuleList(
             TransformerBlock(
-                hidden_size, num_heads, ffn_hidden_size or 4 * hidden_size,
+                hidden_size, num_heads, ffn_hidden_size,
                 num_kv_heads=num_kv_heads, head_dim=head_dim, norm=norm, norm_eps=norm_eps,
                 mlp=mlp, activation=activation, qkv_bias=attention_bias, out_bias=out_bias,
                 mlp_bias=mlp_bias, dropout=dropout, layer_idx=i, backend=self.backend, qk_norm=qk_norm,
+                mlp_module=moe() if i in moe_layers else None,
             )
             for i in range(num_layers)
         )
         self.norm = build_norm(norm, hidden_size, norm_eps)
         self.lm_head = None if tie_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
         self.init_weights()
+
+    @staticmethod
+    def _moe_layers(num_layers, num_experts, top_k, sparse_step, mlp_only_layers, mlp, mlp_bias,
+                    bias_rate) -> tuple[int, ...]:
+        """The indices of the mixture-of-experts layers (Qwen's rule), the MoE parameters checked."""
+        if num_experts is None:
+            return ()
+        if num_experts < 1:
+            raise ParamError("num_experts", f"num_experts ({num_experts}) must be >= 1 (or null for dense layers)")
+        if not 1 <= top_k <= num_experts:
+            raise ParamError("num_experts_per_tok", f"num_experts_per_tok ({top_k}) must be between 1 and "
+                             f"num_experts ({num_experts})")
+        if sparse_step < 1:
+            raise ParamError("decoder_sparse_step", f"decoder_sparse_step ({sparse_step}) must be >= 1")
+        dense = list(mlp_only_layers or [])
+        bad = [i for i in dense if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
+        if bad:
+            raise ParamError("mlp_only_layers", f"mlp_only_layers ({dense}) must be layers of the "
+                             f"{num_layers}-layer model: {bad[0]} is not in [0, {num_layers})")
+        if mlp != "swiglu" or mlp_bias:
+            raise ParamError("mlp" if mlp != "swiglu" else "mlp_bias",
+                             f"mixture-of-experts layers are SwiGLU without biases; got mlp {mlp!r}, "
+                             f"mlp_bias {mlp_bias}", hint="set mlp: swiglu and mlp_bias: false")
+        if bias_rate is not None and not (bias_rate >= 0 and math.isfinite(bias_rate)):
+            raise ParamError("router_bias_update_rate", f"router_bias_update_rate ({bias_rate}) must be >= 0")
+        return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % sparse_step == 0)
+
+    def moe_modules(self) -> list[MoE]:
+        """The MoE feed-forwards, layer by layer."""
+        return [m for m in (layer.mlp for layer in self.layers) if isinstance(m, MoE)]
+
+    def router_losses(self, token_mask: torch.Tensor | None = None) -> RouterLosses | None:
+        """The routers' losses of the last forward (None for a dense model): see
+        :func:`mimo_spec.components.moe.router_losses`; ``loss`` holds them weighted by
+        router_aux_loss_weight and router_z_loss_weight."""
+        return router_losses(self.moe_modules(), self.router_aux_loss_weight, self.router_z_loss_weight, token_mask)
+
+    def update_router_bias(self, counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing after an optimizer step: ``counts`` (MoE layers, E) tokens per expert over
+        the step (no-op unless router_bias_update_rate is set)."""
+        if self.router_bias_update_rate is None:
+            return
+        for m, c in zip(self.moe_modules(), counts):
+            m.update_bias(c, self.router_bias_update_rate)
 
     def init_weights(self) -> None:
         """Random init for training from scratch (checkpoints overwrite it)."""
