@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ import torch
 from mimo_spec.loss import counted_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step_vs_hf_qwen2vl import _mib, peak_step_memory  # noqa: E402
+from step_timing import alternate, mib, peak_step_memory  # noqa: E402
 
 VOCAB, IMG, START, END = 4096, 4000, 4001, 4002
 SEQ, TILE, PATCH = 256, 112, 14
@@ -140,15 +139,7 @@ def main() -> None:
         o_hf.step()
         losses.setdefault("hf", float(loss.detach()))
 
-    times = {"mimo-spec": [], "hf": []}
-    for i in range(args.warmup + args.steps):
-        for name, fn in (("mimo-spec", step_ours), ("hf", step_hf)):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t)
+    times, _ = alternate({"mimo-spec": step_ours, "hf": step_hf}, args.warmup, args.steps, sync)
     peak = {"mimo-spec": peak_step_memory(step_ours, dev), "hf": peak_step_memory(step_hf, dev)}
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = ids.numel()
@@ -161,7 +152,7 @@ def main() -> None:
           f"(|diff| {abs(losses['mimo-spec'] - losses['hf']):.1e})")
     print(f"{'':12s}{'ms/step':>10s}{'tokens/s':>12s}{'step peak memory':>20s}   params")
     for name, label, n in (("mimo-spec", "mimo-spec", n_ours), ("hf", "HF InternVL", n_hf)):
-        print(f"{label:12s}{med[name] * 1000:10.1f}{tokens / med[name]:12.0f}{_mib(peak[name]):>20s}   {n:,}")
+        print(f"{label:12s}{med[name] * 1000:10.1f}{tokens / med[name]:12.0f}{mib(peak[name]):>20s}   {n:,}")
     print(f"ratio mimo-spec / HF: time {med['mimo-spec'] / med['hf']:.2f}x"
           + (f", peak memory {peak['mimo-spec'] / peak['hf']:.2f}x" if peak["mimo-spec"] and peak["hf"] else ""))
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ import torch
 from mimo_spec.loss import counted_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step_vs_hf_qwen2vl import _mib, peak_step_memory  # noqa: E402
+from step_timing import alternate, mib, peak_step_memory  # noqa: E402
 
 VOCAB, IMG, VID = 4096, 4000, 4001
 SEQ, TILE, PATCH, MAX_TILES = 256, 90, 14, 4
@@ -174,18 +173,7 @@ def main() -> None:
         loss_hf().backward()
         o_hf.step()
 
-    times = {"mimo-spec": [], "hf": []}
-    cpu = {"mimo-spec": [], "hf": []}  # process CPU seconds: less sensitive to other processes on shared cores
-    for i in range(args.warmup + args.steps):
-        order = (("mimo-spec", step_ours), ("hf", step_hf))
-        for name, fn in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-            sync()
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            sync()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t)
-                cpu[name].append(time.process_time() - c)
+    times, cpu = alternate({"mimo-spec": step_ours, "hf": step_hf}, args.warmup, args.steps, sync)
     peak = {"mimo-spec": peak_step_memory(step_ours, dev), "hf": peak_step_memory(step_hf, dev)}
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
@@ -201,7 +189,7 @@ def main() -> None:
           "params")
     for name, label, n in (("mimo-spec", "mimo-spec", n_ours), ("hf", "HF OneVision", n_hf)):
         print(f"{label:14s}{best[name] * 1000:10.1f}{med[name] * 1000:11.1f}{cpu_med[name] * 1000:10.1f}"
-              f"{tokens / med[name]:12.0f}{_mib(peak[name]):>20s}   {n:,}")
+              f"{tokens / med[name]:12.0f}{mib(peak[name]):>20s}   {n:,}")
     print(f"ratio mimo-spec / HF: time {med['mimo-spec'] / med['hf']:.2f}x (median), "
           f"{best['mimo-spec'] / best['hf']:.2f}x (min), CPU time {cpu_med['mimo-spec'] / cpu_med['hf']:.2f}x (median)"
           + (f", peak memory {peak['mimo-spec'] / peak['hf']:.2f}x" if peak["mimo-spec"] and peak["hf"] else ""))

@@ -25,14 +25,16 @@ returns freed memory), measured on one extra step of each model.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 from mimo_spec.loss import counted_positions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import alternate, mib, peak_step_memory  # noqa: E402
 
 VOCAB, IMG, VID, VSTART, VEND = 4096, 4000, 4001, 4002, 4003
 SEQ, MERGE = 256, 2
@@ -80,37 +82,6 @@ def batch():
     px = torch.randn(int(grid.prod(1).sum()), patch, generator=g)
     pxv = torch.randn(int(vgrid.prod(1).sum()), patch, generator=g)
     return ids, labels, types, px, grid, pxv, vgrid
-
-
-def _status(field: str) -> int:
-    """A /proc/self/status size in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def peak_step_memory(step, device: torch.device) -> int | None:
-    """Bytes the step's peak holds above what was resident before it (None where it cannot be measured)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory back to the OS, so the next step's shows
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
-        base = _status("VmRSS")
-    except (OSError, KeyError):
-        return None
-    step()
-    return _status("VmHWM") - base
-
-
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:8.1f} MiB"
 
 
 def main() -> None:
@@ -169,15 +140,7 @@ def main() -> None:
         o_hf.step()
         losses.setdefault("hf", float(loss.detach()))
 
-    times = {"mimo-spec": [], "hf": []}
-    for i in range(args.warmup + args.steps):
-        for name, fn in (("mimo-spec", step_ours), ("hf", step_hf)):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t)
+    times, _ = alternate({"mimo-spec": step_ours, "hf": step_hf}, args.warmup, args.steps, sync)
     peak = {"mimo-spec": peak_step_memory(step_ours, dev), "hf": peak_step_memory(step_hf, dev)}
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = ids.numel()
@@ -190,7 +153,7 @@ def main() -> None:
           f"(|diff| {abs(losses['mimo-spec'] - losses['hf']):.1e})")
     print(f"{'':12s}{'ms/step':>10s}{'tokens/s':>12s}{'step peak memory':>20s}   params")
     for name, label, n in (("mimo-spec", "mimo-spec", n_ours), ("hf", "HF Qwen2-VL", n_hf)):
-        print(f"{label:12s}{med[name] * 1000:10.1f}{tokens / med[name]:12.0f}{_mib(peak[name]):>20s}   {n:,}")
+        print(f"{label:12s}{med[name] * 1000:10.1f}{tokens / med[name]:12.0f}{mib(peak[name]):>20s}   {n:,}")
     print(f"ratio mimo-spec / HF: time {med['mimo-spec'] / med['hf']:.2f}x"
           + (f", peak memory {peak['mimo-spec'] / peak['hf']:.2f}x" if peak["mimo-spec"] and peak["hf"] else ""))
 

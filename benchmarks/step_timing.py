@@ -1,0 +1,62 @@
+"""Timing shared by the side-by-side benchmarks: steps run alternately (who goes first alternates too),
+wall and process-CPU seconds per step, and the peak memory one step holds."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def alternate(steps: dict[str, Callable[[], object]], warmup: int, repeats: int,
+              sync: Callable[[], None] = lambda: None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run each of ``steps`` ``warmup + repeats`` times, interleaved (the order flips every round, so neither
+    side always runs on a warm cache); returns ({name: wall seconds}, {name: process CPU seconds}) of the
+    timed rounds. Process CPU time is less sensitive to other processes on shared cores."""
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    order = list(steps.items())
+    for i in range(warmup + repeats):
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            if i >= warmup:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    return wall, cpu
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status size in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_step_memory(step, device: torch.device) -> int | None:
+    """Bytes the step's peak holds above what was resident before it (None where it cannot be measured)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory back to the OS, so the next step's shows
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
+        base = _status("VmRSS")
+    except (OSError, KeyError):
+        return None
+    step()
+    return _status("VmHWM") - base
+
+
+def mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:8.1f} MiB"
