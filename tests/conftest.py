@@ -86,3 +86,20 @@ def check_preset_is_the_release(preset, hf_class, hf_config, count, keys=("model
     for key in keys:
         assert subset_differences(imported.get(key) or {}, resolved[key], key) == []
     return ours, resolved, imported
+
+
+def perturb(model, scale=0.05, louder=None, louder_scale=0.1, seed=1):
+    """Add N(0, scale) noise to every parameter (norms at one and biases at zero would hide swapped tensors),
+    and N(0, louder_scale) more to those whose name ``louder(name)`` picks (larger LM weights make greedy
+    generation vary from token to token). Returns the model in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+        if louder is not None:
+            for n, p in model.named_parameters():
+                if louder(n):
+                    p.add_(torch.randn(p.shape, generator=g) * louder_scale)
+    return model.eval()

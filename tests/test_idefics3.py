@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("PIL")
 
-from conftest import check_preset_is_the_release  # noqa: E402
+from conftest import check_preset_is_the_release, perturb  # noqa: E402
 from mimo_spec.errors import ConfigError, InputError  # noqa: E402
 from mimo_spec.generation import generate  # noqa: E402
 from mimo_spec.interop import export_hf, import_hf  # noqa: E402
@@ -51,14 +51,8 @@ def _hf_model(kind: str):
     torch.manual_seed(0)
     hf = model_cls(config_cls(text_config=dict(TEXT, model_type="llama"), vision_config=vision,
                               scale_factor=k["scale"], image_token_id=IMG, tie_word_embeddings=k["tie"]))
-    with torch.no_grad():  # norms at ones and biases at zeros would hide swapped tensors
-        g = torch.Generator().manual_seed(1)
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for n, p in hf.named_parameters():  # larger LM weights: greedy generation varies from token to token
-            if "embed_tokens" in n or ("text_model.layers" in n and "proj" in n):
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return hf.eval()
+    return perturb(hf, louder=lambda n: "embed_tokens" in n or ("text_model.layers" in n and "proj" in n),
+                   louder_scale=0.3)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
+from conftest import perturb  # noqa: E402
 from mimo_spec.components.vision.anyres import (anyres_geometry, anyres_image_tokens, anyres_tiles,  # noqa: E402
                                                  video_tokens)
 from mimo_spec.errors import ConfigError, InputError  # noqa: E402
@@ -53,14 +54,8 @@ def _hf_model(kind: str):
                             vision_feature_select_strategy="default", **extra)
     torch.manual_seed(0)
     hf = model_cls(config)
-    with torch.no_grad():  # unit norms, zero biases and a default newline would hide swapped tensors
-        g = torch.Generator().manual_seed(1)
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for n, p in hf.named_parameters():  # larger LM weights: greedy generation varies from token to token
-            if "language_model" in n and "proj" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return hf.eval()
+    # a default newline (and unit norms, zero biases) would hide swapped tensors
+    return perturb(hf, louder=lambda n: "language_model" in n and "proj" in n)
 
 
 @functools.lru_cache(maxsize=None)

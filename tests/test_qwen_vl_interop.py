@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import perturb  # noqa: E402
 from mimo_spec.errors import ConfigError  # noqa: E402
 from mimo_spec.generation import generate  # noqa: E402
 from mimo_spec.interop import export_hf, import_hf  # noqa: E402
@@ -46,15 +47,7 @@ def _hf_model(kind: str, tie: bool = False):
     torch.manual_seed(0)
     hf = model_cls(config_cls(text_config=text, vision_config=VISION[kind], image_token_id=IMG, video_token_id=VID,
                               vision_start_token_id=VS, vision_end_token_id=VS + 1, tie_word_embeddings=tie))
-    with torch.no_grad():  # norms at ones and biases at zeros would hide swapped tensors
-        g = torch.Generator().manual_seed(1)
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        # larger LM weights: greedy generation then varies from token to token (at init it repeats one)
-        for n, p in hf.named_parameters():
-            if "layers" in n and "proj" in n and "visual" not in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return hf.eval()
+    return perturb(hf, louder=lambda n: "layers" in n and "proj" in n and "visual" not in n)
 
 
 @functools.lru_cache(maxsize=None)
