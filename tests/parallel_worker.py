@@ -5,7 +5,8 @@ A scenario is ``<layout>`` (train 3 steps), ``fsdp_ac`` (fsdp with activation ch
 (3 steps on data where some rank's share of a batch has no image), ``resume:<from>:<layout>`` (one more step from
 <from>'s checkpoint under <layout>), ``fail`` (rank 1 raises mid-run), ``packed:<case>`` (3 steps of
 hand-packed rows through the training step; writes OUT_DIR/packed_<case>_rank<r>.pt) or ``loop_packed:<case>``
-(the training loop with data.packing); a case is a layout or a name in PACK_VARIANTS.
+(the training loop with data.packing); a case is a layout or a name in PACK_VARIANTS. ``moe:<layout>`` and
+``moe_resume:<from>:<layout>``: the same for the mixture-of-experts LM of MOE (tests/test_parallel_moe.py).
 """
 
 import os
@@ -21,6 +22,19 @@ COMMON = ["train.steps=3", "train.batch_size=4", "train.eval_every=0", "train.ev
           "train.checkpoint.every=0", "train.log_every=100", "data.num_samples=64", "data.eval_samples=4",
           "model.params.num_layers=2"]
 
+
+# a mixture-of-experts LM: 4 SwiGLU experts, top-2, beside a shared expert (tests/test_parallel_moe.py)
+MOE = ["++model.params.num_experts=4", "++model.params.num_experts_per_tok=2", "++model.params.moe_ffn_hidden_size=24",
+       "++model.params.shared_expert_ffn_hidden_size=48", "++model.params.router_aux_loss_weight=0.05",
+       "++model.params.router_z_loss_weight=0.01"]
+# MoE scenarios beyond the shipped layouts: name -> (layout, overrides). split_ep: the encoders FSDP on ranks 0-1,
+# the MoE LM on ranks 2-3 with its experts split over them (EP 2); ep2_dp4: ep2 on 4 ranks (DDP 4, EP 2: each
+# expert on 2 ranks, its gradients summed over them)
+MOE_VARIANTS = {"split_ep": ("hetero_split", ["parallel.modules.language.tp=1", "+parallel.modules.language.ep=2"]),
+                "ep2_dp4": ("ep2", []),
+                # TP 2 x FSDP 2 with the experts split over the 2 data-parallel ranks (each TP rank dispatches
+                # its replicated tokens in its own EP group), and TP 2 x FSDP 2 with every expert on every rank
+                "tp2_fsdp_ep2": ("tp2_fsdp", ["+parallel.modules.language.ep=2"]), "tp2_fsdp": ("tp2_fsdp", [])}
 
 # 70% of the samples text-only: some rank's share of a batch holds no image (steps 1 and 2)
 MIXED = ["data.text_only_fraction=0.7"]
@@ -74,6 +88,16 @@ def main() -> None:
             name = sc.split(":")[1]
             layout, extra = NATIVE_SPLIT[name]
             train(native_config(layout, extra), out / f"native_split_{name}")
+        elif sc.startswith("moe:"):  # a mixture-of-experts LM (MOE) under a layout, e.g. expert parallel
+            name = sc.split(":")[1]
+            layout, extra = MOE_VARIANTS.get(name, (name, []))
+            train(config(layout, [*MOE, *extra]), out / f"moe_{name}")
+        elif sc.startswith("moe_resume:"):  # one more step of the MoE LM from <from>'s checkpoint under <layout>
+            _, source, layout = sc.split(":")
+            train(config(layout, [*MOE, "train.steps=4", f"train.resume={out / ('moe_' + source)}"]),
+                  out / f"moe_resume_{source}_{layout}")
+        elif sc == "moe_dispatch":  # ExpertDispatch against the local path, rows and gradients (raises if not)
+            moe_dispatch()
         elif sc.startswith("packed:"):  # hand-packed rows (document_ids) through the layout's training step
             name = sc.split(":")[1]
             layout, extra = PACK_VARIANTS.get(name, (name, []))
@@ -113,6 +137,44 @@ NATIVE_SPLIT = {
     # 2-3 (each takes its samples' items and M-RoPE positions)
     "split4": ("hetero_split", ["parallel.modules.language.tp=1"]),
 }
+
+
+def moe_dispatch() -> None:
+    """Every rank routes its own tokens through an MoE whose 4 experts are split over the ranks (all-to-all) and
+    through the same MoE with every expert local: equal outputs, token gradients and (summed over the ranks)
+    expert gradients; also when every token picks experts 0 and 1 (the ranks holding 2 and 3 receive no row)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mimo_spec.components.moe import MoE
+    from mimo_spec.parallel.env import init_distributed
+    from mimo_spec.parallel.expert import shard_experts
+
+    rank, world = init_distributed().rank, dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    for skew in (False, True):
+        torch.manual_seed(0)
+        ref = MoE(16, 12, 4, 2, shared_ffn_hidden_size=8, bias_balancing=skew)
+        if skew:
+            ref.router_bias.copy_(torch.tensor([10.0, 10.0, -10.0, -10.0]))
+        ep = MoE(16, 12, 4, 2, shared_ffn_hidden_size=8, bias_balancing=skew)
+        ep.load_state_dict(ref.state_dict())
+        shard_experts(ep, mesh["ep"], rank)
+        x = torch.randn(5 + 3 * rank, 16, generator=torch.Generator().manual_seed(rank))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), ep(xb)
+        (ya * torch.arange(16)).sum().backward()
+        (yb * torch.arange(16)).sum().backward()
+        assert torch.allclose(ya, yb, atol=1e-6), (skew, (ya - yb).abs().max())
+        assert torch.allclose(xa.grad, xb.grad, atol=1e-6), skew
+        per = 4 // world
+        for name in ("gate_up", "down"):
+            full = getattr(ref.experts, name).grad.clone()
+            dist.all_reduce(full)  # the single process's gradient: every rank's tokens
+            got = getattr(ep.experts, name).grad.to_local()
+            assert torch.allclose(full[rank * per:(rank + 1) * per], got, atol=1e-6), (skew, name)
+        if skew:
+            assert int(ref.routing.counts[2:].sum()) == 0
 
 
 def native_config(layout: str, extra=()):

@@ -90,6 +90,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (T, H): rows sorted by expert; ``counts`` (E,) rows per expert -> (T, H), each row through its
         expert."""
+        if x.shape[0] == 0:  # no row (an expert-parallel rank may receive none): zeros still in x's and the
+            w1, w2 = self._weights()  # weights' graph, so every rank's backward runs the same collectives
+            return (x.sum(-1, keepdim=True) * 0).expand(0, self.hidden_size) + (w1.sum() + w2.sum()).to(x.dtype) * 0
         how = self.dispatch
         if how == "auto":
             how = "grouped_mm" if _has_grouped_mm(x.device) else "loop"
@@ -99,9 +102,17 @@ class Experts(nn.Module):
             return self._loop(x, counts.tolist())  # one read of the counts per layer (a sync on an accelerator)
         raise ParamError("dispatch", f"dispatch ({how!r}) must be 'auto', 'grouped_mm' or 'loop'")
 
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gate_up`` and ``down`` as plain tensors: under expert parallelism they are DTensors whose local
+        shard holds this rank's experts (the rows it is handed belong to them)."""
+        w1, w2 = self.gate_up, self.down
+        if hasattr(w1, "to_local"):
+            w1, w2 = w1.to_local(), w2.to_local()
+        return w1, w2
+
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # grouped_mm is not autocast-aware: under autocast it gets the autocast dtype by hand
-        w1, w2 = self.gate_up, self.down
+        w1, w2 = self._weights()
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else w1.dtype
         x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
         offs = counts.cumsum(0).to(torch.int32)
@@ -109,8 +120,9 @@ class Experts(nn.Module):
         return _ContiguousGrad.apply(_grouped_mm(self._swiglu(h), w2.transpose(1, 2), offs=offs))  # (T, H)
 
     def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        gate_up, down = self._weights()
         outs = [F.linear(self._swiglu(F.linear(rows, w1)), w2)
-                for rows, w1, w2, n in zip(x.split(counts), self.gate_up.unbind(0), self.down.unbind(0), counts) if n]
+                for rows, w1, w2, n in zip(x.split(counts), gate_up.unbind(0), down.unbind(0), counts) if n]
         return torch.cat(outs) if outs else x.new_zeros(0, self.hidden_size)
 
 
@@ -166,6 +178,13 @@ class MoE(nn.Module):
         else:
             self.router_bias = None
         self.routing: Routing | None = None  # the last forward's (see router_losses)
+        # how the routed rows reach the experts: None = here, every expert local (:meth:`dispatch_local`);
+        # expert parallelism sets an object with ``dispatch(experts, x, top_k, weights) -> (N, H)`` that sends
+        # each row to the rank holding its expert (mimo_spec.parallel.expert)
+        self.expert_dispatch = None
+        # data parallelism sets an object whose ``reduce(assigned, rows) -> (assigned, rows, scale)`` turns this
+        # rank's routing totals into the data-parallel batch's (see router_losses); None: this batch is all
+        self.router_stats = None
 
     def __getstate__(self):  # copies and pickles leave the last forward's routing (graph tensors) behind
         state = dict(super().__getstate__())
@@ -186,24 +205,32 @@ class MoE(nn.Module):
         """x (..., H) -> (..., H); records :attr:`routing`."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        n, k = x.shape[0], self.top_k
         r = self.route(x)
         self.routing = r
         weights = r.scores.gather(-1, r.top_k)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if self.scoring == "sigmoid" else 0.0))
-        flat = r.top_k.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        rows = x.index_select(0, order // k)
-        y = self.experts(rows, r.counts)  # (N*k, H), sorted by expert
-        y = torch.empty_like(y).index_copy(0, order, y).view(n, k, -1)  # back to (token, slot)
-        out = (y * weights.to(y.dtype).unsqueeze(-1)).sum(1).to(x.dtype)
+        if self.expert_dispatch is None:
+            out = self.dispatch_local(x, r.top_k, weights, r.counts)
+        else:
+            out = self.expert_dispatch.dispatch(self.experts, x, r.top_k, weights)
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x)) * s
             out = out + s
         return out.view(shape)
+
+    def dispatch_local(self, x: torch.Tensor, top_k: torch.Tensor, weights: torch.Tensor,
+                       counts: torch.Tensor) -> torch.Tensor:
+        """Every (token, slot) row through its expert, all experts here: x (N, H), ``top_k`` / ``weights`` (N, k),
+        ``counts`` (E,) -> (N, H), the routing-weighted sum of each token's experts."""
+        n, k = top_k.shape
+        order = top_k.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+        rows = x.index_select(0, order // k)
+        y = self.experts(rows, counts)  # (N*k, H), sorted by expert
+        y = torch.empty_like(y).index_copy(0, order, y).view(n, k, -1)  # back to (token, slot)
+        return (y * weights.to(y.dtype).unsqueeze(-1)).sum(1).to(x.dtype)
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor, rate: float) -> None:
@@ -262,12 +289,19 @@ def router_losses(moes: list[MoE], aux_weight: float = 0.0, z_weight: float = 0.
             z_sum = z_sum + (lse2 * mask).sum()
             rows = rows + mask.sum()
         counts.append(r.counts.float())
+    scale = 1.0
+    stats = getattr(moes[0], "router_stats", None)
+    if stats is not None and moes[0].training:
+        # data parallel: the loads and token count of every rank's share of the batch (no gradient), and the
+        # factor that makes this rank's weighted terms sum, over the ranks, to the loss over the whole batch
+        assigned, rows, scale = stats.reduce(torch.as_tensor(assigned).detach(),
+                                             torch.as_tensor(rows, dtype=torch.float32))
     if isinstance(rows, torch.Tensor):
         rows = rows.clamp(min=1.0)
     else:
         rows = max(rows, 1)
-    aux = num_experts * (assigned / rows * prob_sum / rows).sum()
-    z = z_sum / rows
+    aux = num_experts * (assigned / rows * prob_sum / rows).sum() * scale
+    z = z_sum / rows * scale
     total = None
     if aux_weight:
         total = aux_weight * aux

@@ -35,17 +35,17 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
                     if name == LANGUAGE and attr in _constructor_params(type(module)):
                         hint += f", or change model.params.{attr}"
                     problems.add(m.at("tp"), f"{owner}.{where}.{attr} = {value} does not divide by tp={m.tp}", hint)
+        if m.ep > 1:
+            _check_expert_parallel(name, m, module, problems)
         lm_layout = layout.modules[LANGUAGE]
         if name != LANGUAGE and (m.pp > 1 or lm_layout.pp > 1):
             _check_pipelined_modality(name, m, lm_layout, module, problems)
-        if name == LANGUAGE and (m.tp > 1 or m.pp > 1) and getattr(module, "moe_layer_ids", ()):
-            # expert parallelism (issue #18) is not built yet: no TP plan for the experts, and the pipeline
-            # schedule's loss has no router terms
-            what = "tp" if m.tp > 1 else "pp"
-            problems.add(m.at(what), f"the language model has {len(module.moe_layer_ids)} mixture-of-experts layers "
-                         f"(model.params.num_experts), which {'tensor' if what == 'tp' else 'pipeline'} parallelism "
-                         "does not shard yet", "use ddp or fsdp for the language module (experts are replicated or "
-                         "FSDP-sharded like any weight)")
+        if name == LANGUAGE and m.pp > 1 and getattr(module, "moe_layer_ids", ()):
+            # the pipeline schedule's loss has no router terms
+            problems.add(m.at("pp"), f"the language model has {len(module.moe_layer_ids)} mixture-of-experts layers "
+                         "(model.params.num_experts), which pipeline parallelism does not shard yet",
+                         "use ddp, fsdp or tp for the language module, with ep: N to split its experts over N "
+                         "data-parallel ranks (parallel=ep2, parallel=fsdp_ep2)")
         if m.pp > 1 and name == LANGUAGE:
             layers = len(getattr(module, "layers", []))
             if layers == 0:
@@ -61,6 +61,22 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
                              "lives in the first stage, the LM head in the last)", "set model.params.tie_embeddings=false")
     if not layout.colocated:
         check_split(layout, model, problems)
+
+
+def _check_expert_parallel(name: str, m, module, problems) -> None:
+    """``ep`` needs MoE layers whose expert count it divides."""
+    from mimo_spec.parallel.expert import moe_layers
+
+    owner = "model" if name == LANGUAGE else f"modalities.{name}"
+    moes = moe_layers(module)
+    if not moes:
+        problems.add(m.at("ep"), f"ep={m.ep} but {owner} has no mixture-of-experts layers ({owner}.params.num_experts "
+                     "is not set)", "expert parallelism splits MoE experts over ranks; use ep: 1 for this module")
+        return
+    for experts in sorted({moe.num_experts for moe in moes}):
+        if experts % m.ep:
+            problems.add(m.at("ep"), f"ep={m.ep} does not divide the {experts} experts of each MoE layer "
+                         f"({owner}.params.num_experts)", f"choose an ep that divides {experts}")
 
 
 def _check_pipelined_modality(name: str, m, lm, module, problems) -> None:

@@ -14,6 +14,10 @@ Within a span, ranks are laid out row-major over ``(pp, dp_replicate, dp_shard,
 tp)`` (tp innermost, so a TP group is neighbouring ranks). One degree may be
 ``-1``: the rest of the span. Spans are identical (colocated) or disjoint
 (split) and together cover the world.
+
+``ep`` (expert parallelism, a module with mixture-of-experts layers) is carved out of the module's
+``dp_replicate x dp_shard`` data-parallel ranks rather than multiplied into the span: it must divide
+them (and the experts of each MoE layer); see :mod:`mimo_spec.parallel.expert`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 from mimo_spec.parallel.names import DEGREES, LANGUAGE  # noqa: F401  (re-exported)
 
-MODULE_KEYS = DEGREES + ("cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches",
+MODULE_KEYS = DEGREES + ("ep", "cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches",
                          "pp_schedule", "loss_parallel")
 PP_SCHEDULES = ("1f1b", "gpipe")
 MAX_WORLD = 1 << 17  # ranks a layout may span: per-rank tables are built for each of them
@@ -58,6 +62,7 @@ class ModuleLayout:
     path: str = ""  # where in the config this module's layout comes from (for errors)
     origin: dict[str, str] = field(default_factory=dict)  # key -> the config path that set it
     loss_parallel: bool = True  # under TP: the LM's logits stay vocab-sharded and the loss is vocab-parallel
+    ep: int = 1  # expert parallelism: MoE experts split over groups of ep of the module's data-parallel ranks
 
     def at(self, key: str) -> str:
         return self.origin.get(key, f"{self.path}.{key}")
@@ -209,8 +214,10 @@ def _smallest_world(raw: dict[str, tuple[dict, str, dict]]) -> int:
         if isinstance(ranks, dict) and isinstance(ranks.get("offset"), int) and isinstance(ranks.get("size"), int):
             need = max(need, ranks["offset"] + ranks["size"])
         else:
-            fixed = [node.get(d, 1) for d in DEGREES]
-            need = max(need, math.prod(v for v in fixed if isinstance(v, int) and v > 0))
+            fixed = math.prod(v for v in (node.get(d, 1) for d in DEGREES) if isinstance(v, int) and v > 0)
+            ep = node.get("ep", 1)  # experts split over ep data-parallel ranks: at least ep of them
+            need = max(need, math.lcm(fixed, ep) if isinstance(ep, int) and not isinstance(ep, bool) and ep > 0
+                       else fixed)
     return need
 
 
@@ -253,6 +260,18 @@ def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], wo
             problems.add(path, f"degrees ({shown}, product {fixed}) do not match the span of {size} ranks "
                          f"(world size {world})", f"use -1 on one degree to take the rest of the span, or run with "
                          f"{fixed} processes")
+    ep = _int(node.get("ep", 1), at("ep"), problems)
+    if ep and ep > 1 and None not in degrees.values() and -1 not in degrees.values():
+        dp = degrees["dp_replicate"] * degrees["dp_shard"]
+        if dp % ep:
+            problems.add(at("ep"), f"ep={ep} does not divide the data-parallel degree dp_replicate x dp_shard = "
+                         f"{degrees['dp_replicate']} x {degrees['dp_shard']} = {dp} ({path})",
+                         "expert parallelism splits each MoE layer's experts over groups of ep data-parallel ranks; "
+                         "choose an ep that divides dp_replicate x dp_shard")
+        if degrees["pp"] > 1:
+            problems.add(at("ep"), f"ep={ep} beside pp={degrees['pp']} ({at('pp')}) is not supported yet",
+                         "expert parallelism runs beside data and tensor parallelism, not pipeline stages; "
+                         "use pp: 1 for this module, or ep: 1")
     cp = _int(node.get("cp", 1), at("cp"), problems)
     if cp and cp > 1:
         problems.add(at("cp"), "context parallelism is not supported",
@@ -297,7 +316,7 @@ def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], wo
         return None
     return ModuleLayout(name, offset, size, degrees["pp"], degrees["dp_replicate"], degrees["dp_shard"],
                         degrees["tp"], cp or 1, tp_plan, dict(fsdp), dict(ac), compile_, micro or 1, schedule, path,
-                        dict(origin), loss_parallel=loss_parallel)
+                        dict(origin), loss_parallel=loss_parallel, ep=ep or 1)
 
 
 def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, problems: ProblemCollector) -> None:
@@ -341,7 +360,7 @@ def render_rank_map(layout: Layout) -> str:
     lines = [f"layout {layout.name}: world size {layout.world_size}"]
     for name, m in layout.modules.items():
         degrees = ", ".join(f"{d}={getattr(m, d)}" for d in DEGREES)
-        extra = [f"fsdp={m.fsdp}" if m.fsdp else "", f"ac={m.activation_checkpoint['mode']}"
+        extra = [f"ep={m.ep}" if m.ep > 1 else "", f"fsdp={m.fsdp}" if m.fsdp else "", f"ac={m.activation_checkpoint['mode']}"
                  if m.activation_checkpoint.get("mode", "none") != "none" else "", "compile" if m.compile else ""]
         extra_s = "  ".join(e for e in extra if e)
         lines.append(f"  {name}: ranks {m.offset}-{m.offset + m.size - 1}  {degrees}" + (f"  {extra_s}" if extra_s else ""))
@@ -350,8 +369,26 @@ def render_rank_map(layout: Layout) -> str:
         cells = []
         for m in layout.modules.values():
             c = m.coords(r)
-            cells.append(f"{'-':<28}" if c is None else f"{'pp%d dpr%d dps%d tp%d' % tuple(c[d] for d in DEGREES):<28}")
+            if c is None:
+                cells.append(f"{'-':<28}")
+                continue
+            cell = "pp%d dpr%d dps%d tp%d" % tuple(c[d] for d in DEGREES)
+            if m.ep > 1:  # this rank's place in its EP group (which experts it holds)
+                cell += " ep%d" % ((c["dp_replicate"] * m.dp_shard + c["dp_shard"]) % m.ep)
+            cells.append(f"{cell:<28}")
         lines.append(f"{r:>4}  " + "  ".join(cells))
+    for name, m in layout.modules.items():
+        if m.ep > 1:
+            from mimo_spec.parallel.expert import ep_groups
+
+            groups = ep_groups(m)
+            lines.append(f"{name}: expert parallel ep={m.ep}, EP groups "
+                         f"{' '.join('[' + ','.join(map(str, g)) + ']' for g in groups)} (rank ep<i> of a group holds "
+                         f"experts [i*E/{m.ep}, (i+1)*E/{m.ep}) of every MoE layer); "
+                         + (f"expert weights {'FSDP-sharded' if m.dp_shard > 1 else 'replicated'} over the "
+                            f"{m.dp // m.ep} ranks holding the same experts" if m.dp > m.ep
+                            else "each rank the only holder of its experts")
+                         + f", everything else data parallel over all {m.dp} ranks")
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -118,7 +118,7 @@ def apply_one_process(parallel: dict, model: nn.Module, train_cfg: dict | None =
     per-block compile; the degrees (which need more processes) are left out."""
     from mimo_spec.parallel.layout import resolve
 
-    strip = set(DEGREES) | {"cp", "ranks", "microbatches", "pp_schedule"}
+    strip = set(DEGREES) | {"ep", "cp", "ranks", "microbatches", "pp_schedule"}
 
     def keep(node):
         return {k: v for k, v in node.items() if k not in strip} if isinstance(node, dict) else node
@@ -200,6 +200,23 @@ class ParallelContext:
         self.dp_rank = coords["dp_replicate"] * lm.dp_shard + coords["dp_shard"]
         self.fused: dict[str, torch.Tensor] = {}
         self.bridges: dict[str, Any] = {}  # modalities whose data-parallel layout differs from the LM's
+        self.router_stats = None  # an MoE LM's router losses over the data-parallel batch (expert.GlobalRouterStats)
+        # expert parallelism (ep > 1): module -> its (pp, edp, ep, tp) mesh, and its replicated expert parameters
+        # (gradients summed by sync_grads over edp; FSDP-sharded ones are not listed)
+        self.ep_meshes: dict[str, Any] = {}
+        self.expert_params: dict[str, list[nn.Parameter]] = {}
+        for name, m in layout.modules.items():
+            if m.ep > 1:
+                from mimo_spec.parallel.expert import EP_DIMS
+
+                shape = (m.pp, m.dp // m.ep, m.ep, m.tp)
+                if m.size == self.world_size:
+                    self.ep_meshes[name] = self._world_view(shape, EP_DIMS)
+                else:
+                    from torch.distributed.device_mesh import DeviceMesh
+
+                    ranks = torch.arange(m.offset, m.offset + m.size).view(shape)
+                    self.ep_meshes[name] = DeviceMesh(device_type(), ranks, mesh_dim_names=EP_DIMS)
 
     def _world_view(self, shape: tuple[int, ...], names: tuple[str, ...]):
         """The world mesh unflattened to ``shape`` (dims ``names``), built once per shape (collective)."""
@@ -235,6 +252,14 @@ class ParallelContext:
                 from mimo_spec.parallel.tp import apply_tp
 
                 self.fused.update(apply_tp(module, mesh["tp"], prefix, loss_parallel=m.loss_parallel))
+            experts: set[nn.Parameter] = set()
+            if m.ep > 1:  # this rank's experts only, as DTensors over the EP group; tokens dispatched by all-to-all
+                from mimo_spec.parallel.expert import shard_experts
+
+                c = m.coords(self.rank)
+                dp_index = c["dp_replicate"] * m.dp_shard + c["dp_shard"]
+                self.expert_params[name] = shard_experts(module, self.ep_meshes[name]["ep"], dp_index % m.ep)
+                experts = set(self.expert_params[name])
             apply_activation_checkpointing(module, m.activation_checkpoint)
             compile_blocks(module, m.compile)
             if m.dp_shard > 1:  # FSDP2 (HSDP with dp_replicate > 1)
@@ -243,6 +268,14 @@ class ParallelContext:
                 dp_mesh = mesh["dp_replicate", "dp_shard"] if m.dp_replicate > 1 else mesh["dp_shard"]
                 kw = {"mesh": dp_mesh, "mp_policy": mp,
                       "reshard_after_forward": m.fsdp.get("reshard_after_forward", True)}
+                if experts and m.dp > m.ep:  # experts FSDP-sharded over the ranks holding the same experts
+                    from mimo_spec.parallel.expert import moe_layers
+
+                    for moe in moe_layers(module):
+                        fully_shard(moe.experts, **{**kw, "mesh": self.ep_meshes[name]["edp"]})
+                    self.expert_params[name], experts = [], set()  # FSDP reduces them (and the blocks skip them)
+                elif experts:  # on no other rank: the blocks' FSDP leaves them alone (nothing to reduce)
+                    kw["ignored_params"] = experts
                 for unit in _fsdp_units(module):
                     fully_shard(unit, **kw)
                 if _tied_children(module):
@@ -254,6 +287,10 @@ class ParallelContext:
                     if hasattr(sub, "set_gradient_divide_factor"):
                         sub.set_gradient_divide_factor(1.0)  # a sum: losses carry the global token weight
                         sub.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum
+            if name == LANGUAGE and m.dp > 1 and m.pp == 1:
+                from mimo_spec.parallel.expert import install_router_stats  # MoE router losses over the batch
+
+                self.router_stats = install_router_stats(module, self._dp_group(name, m))
             if name != LANGUAGE and self.layout.colocated and self._needs_bridge(m):
                 self._bridge(name, model.modalities[name], m)
         return model
@@ -328,10 +365,17 @@ class ParallelContext:
 
         for name, m in self.layout.modules.items():
             module = self._module(model, name)
-            if m.dp_shard > 1 or m.dp_replicate == 1 or module is None or self.rank not in m.ranks:
+            if module is None or self.rank not in m.ranks:
+                continue
+            experts = {id(p) for p in self.expert_params.get(name, ())}
+            if experts and m.dp > m.ep:  # expert weights: summed over the ranks holding the same experts
+                from mimo_spec.parallel.expert import sum_expert_grads
+
+                sum_expert_grads(self.expert_params[name], self.ep_meshes[name]["edp"].get_group())
+            if m.dp_shard > 1 or m.dp_replicate == 1:
                 continue
             grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                     for p in module.parameters() if p.grad is not None]
+                     for p in module.parameters() if p.grad is not None and id(p) not in experts]
             if not grads:
                 continue
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -425,6 +469,7 @@ class ParallelContext:
         A batch the loader built from this rank's share alone (``batch["share"]`` set, see
         :meth:`data_share`) is that share already and comes back as it is."""
         if batch.get("share") is not None:
+            self._count_tokens(batch)
             return batch
         b = batch["input_ids"].shape[0]
         if self.dp_size == 1:
@@ -459,7 +504,13 @@ class ParallelContext:
                 out["output_targets"][name] = target[sum(per_sample[:lo]):sum(per_sample[:hi])]
         # the tokens the loss counts: no ignored label, masked position or first token of a packed document
         out["num_tokens"] = int(token_weights(out["labels"], out.get("loss_mask"), out.get("document_ids")).sum())
+        self._count_tokens(out)
         return out
+
+    def _count_tokens(self, share: dict) -> None:
+        """An MoE LM's router losses weigh this rank's share by its counted tokens (expert.GlobalRouterStats)."""
+        if self.router_stats is not None:
+            self.router_stats.tokens = int(share["num_tokens"])
 
     def all_sum(self, value: float) -> float:
         """Sum of a per-data-parallel-shard value. Each shard's value is held by its world/dp ranks, or
