@@ -301,3 +301,27 @@ def test_moe_training_logs_router_numbers_and_moves_biases(tmp_path):
     biases = [v for k, v in state.items() if k.endswith("mlp.router_bias")]
     assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases)
     assert all(b.abs().max() <= 0.01 * 8 + 1e-6 for b in biases)  # rate x steps at most
+
+
+def test_the_training_step_routes_no_padding_into_the_aux_loss():
+    """A right-padded batch through the training step's loss: the router losses count the real tokens only
+    (as transformers does with the attention mask), while attention runs unmasked (right padding)."""
+    from mimo_spec.train.step import _loss_of
+
+    torch.manual_seed(3)
+    gpt = GPT(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_experts=4, num_experts_per_tok=2,
+              router_aux_loss_weight=0.1, router_z_loss_weight=0.01)
+    _perturb(gpt, 0.1)
+    model = MimoModel(gpt).train()
+    ids = torch.randint(1, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    ids[0, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    _, losses = _loss_of(model, {"input_ids": ids, "labels": labels, "attention_mask": mask}, "cpu", "fp32")
+    masked = model(ids, labels=labels, attention_mask=mask)
+    unmasked = model(ids, labels=labels)
+    torch.testing.assert_close(losses.router_aux_loss, masked.router_aux_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(losses.router_z_loss, masked.router_z_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(losses.lm_loss, unmasked.lm_loss, rtol=1e-6, atol=1e-7)
+    assert abs(float(unmasked.router_z_loss) - float(masked.router_z_loss)) > 1e-4  # the padding would count

@@ -306,9 +306,11 @@ class MimoModel(nn.Module):
                 loss_mask: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
                 check_inputs: bool | None = None,
                 modality_embeddings: dict[str, torch.Tensor] | None = None,
-                logits_at: torch.Tensor | None = None) -> MimoOutput:
+                logits_at: torch.Tensor | None = None, router_mask: torch.Tensor | None = None) -> MimoOutput:
         """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss.
 
+        ``router_mask``: (B, S), 1 at the tokens a mixture-of-experts LM's router losses count (default
+        ``attention_mask``): the training step gives the batch's padding mask without masking attention.
         ``logits_at``: flat positions into ``(B * S)`` (int64, on the model's device): the LM head runs only
         there and the logits are ``(K, V)`` (see :class:`MimoOutput`); the loss then counts only those
         positions (pass every position whose next-token label counts, as the training step does)."""
@@ -341,7 +343,8 @@ class MimoModel(nn.Module):
         else:
             out = MimoOutput(logits=lm.logits(hidden))
         if callable(getattr(lm, "router_losses", None)) and (self.training or labels is not None or output_targets):
-            out.router = lm.router_losses(attention_mask)  # MoE layers: aux losses over the real tokens
+            # MoE layers: aux losses over the real tokens
+            out.router = lm.router_losses(router_mask if router_mask is not None else attention_mask)
         for name, target in output_targets.items():  # the target only gives the item count here
             mod = self.modalities[name]
             n_gen = mod.num_generation_tokens

@@ -54,6 +54,11 @@ def _loss_of(model, batch: dict, device, precision: str, embeddings=None):
     if labels is not None:  # the LM head only where the loss counts (not at placeholders or padding)
         kwargs["logits_at"] = counted_positions(batch["labels"], batch.get("loss_mask"),
                                                 batch.get("document_ids")).to(device, non_blocking=True)
+    lm = getattr(getattr(model, "module", model), "language_model", None)
+    if getattr(lm, "moe_layer_ids", ()) and batch.get("attention_mask") is not None:
+        # padding is not routed for the aux losses (transformers counts the attention mask's tokens); attention
+        # itself needs no mask for right padding
+        kwargs["router_mask"] = batch["attention_mask"].to(device, non_blocking=True)
     with autocast(precision, device):
         if callable(embeddings):  # bridged modalities: encoded from the global batch, on this rank's samples
             embeddings = embeddings()
