@@ -560,6 +560,17 @@ def video_info(item, where: str = "") -> tuple[int, float, int, int]:
     return frames, float(rate), width, height
 
 
+def probe_video(media: Media, where: str = "") -> tuple[list[Path] | None, int, float | None, int, int]:
+    """(frame files or None, frames, fps or None, width, height) of a video file (its container's header) or
+    a folder of frame images (its listing and first frame's header); nothing is decoded."""
+    if media.is_dir():
+        files = frame_files(media, where)
+        width, height = image_size(files[0], where)
+        return files, len(files), None, width, height
+    frames, fps, width, height = video_info(media, where)
+    return None, frames, fps, width, height
+
+
 def frame_files(media: Media, where: str = "") -> list[Path]:
     """The frame images of a video folder, sorted by name (numbers compared as numbers)."""
     files = sorted((p for p in media.path.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -662,13 +673,7 @@ class QwenVision:
     def video_plan(self, item, where: str = "") -> VideoPlan:
         """The frames a video (a file, or a folder of frame images) gives and its grid, before decoding."""
         media = as_media(item, "video")
-        files = None
-        if media.is_dir():
-            files = frame_files(media, where)
-            frames, fps = len(files), None
-            width, height = image_size(files[0], where)
-        else:
-            frames, fps, width, height = video_info(media, where)
+        files, frames, fps, width, height = probe_video(media, where)
         if self.qwen3:
             indices = qwen3_frame_indices(frames, fps, self.fps, self.min_frames, self.max_frames)
             h, w = qwen3_video_size(len(indices), height, width, self.temporal, self.factor, self.video_min_pixels,

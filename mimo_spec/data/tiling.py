@@ -33,6 +33,7 @@ normalisation) are used, and ``data.image_min_tiles`` ... when set override them
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ def _mean_std(mean, std, own) -> tuple[list[float], list[float]]:
     return [float(m) for m in mean], [float(s) for s in std]
 
 
-class Tiling:
+class Tiling(abc.ABC):
     """One scheme for one encoder: ``plan(width, height)`` -> :class:`TiledImage` from the size alone;
     ``pixels(img, plan)`` -> the encoder's keyword inputs of the image's items. ``alone``: the image is its
     sample's only one (OneVision tiles only such an image; the other schemes tile every image)."""
@@ -120,11 +121,13 @@ class Tiling:
     name = "none"
     wrap: tuple[str, str] | None = None  # the markers around each image's run (data.image_wrap null)
 
+    @abc.abstractmethod
     def plan(self, width: int, height: int, name: str = "", where: str = "", alone: bool = True) -> TiledImage:
-        raise NotImplementedError
+        """The image's tiles and placeholder text, from its size alone."""
 
+    @abc.abstractmethod
     def pixels(self, img, plan: TiledImage, name: str = "", where: str = "") -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The encoder's keyword inputs of the image's items, as ``plan`` laid them out."""
 
 
 def _check_made(made: int, plan: TiledImage, name: str, where: str) -> None:
@@ -528,16 +531,9 @@ class AnyResVideo:
 
     def plan(self, item, where: str = ""):
         """The video's frames (container or folder listing only) as a ``VideoPlan`` carrying ``tokens`` / ``items``."""
-        from mimo_spec.data.preprocess import as_media, frame_files, image_size, video_info, VideoPlan
+        from mimo_spec.data.preprocess import VideoPlan, as_media, probe_video
 
-        media = as_media(item, "video")
-        files = None
-        if media.is_dir():
-            files = frame_files(media, where)
-            total, fps = len(files), None
-            width, height = image_size(files[0], where)
-        else:
-            total, fps, width, height = video_info(media, where)
+        files, total, fps, width, height = probe_video(as_media(item, "video"), where)
         plan = VideoPlan(total, fps, width, height, uniform_frames(total, self.frames), (self.frames, 1, 1), files)
         plan.tokens, plan.items = self.tokens, 1
         return plan
