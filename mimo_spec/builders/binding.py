@@ -66,6 +66,7 @@ INTERFACES: dict[str, tuple[str, ...]] = {
     "projector": ("tokens_out",),
     "layout": ("item_tokens",),
     "decoder": ("example_targets",),
+    "tokenizer": ("encode", "decode"),
 }
 
 # the Python types a value from a YAML config can have

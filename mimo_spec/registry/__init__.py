@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from mimo_spec.errors import ConfigError, Problem, did_you_mean
 
-KINDS = ("language_model", "encoder", "projector", "layout", "decoder", "modality", "model")
+KINDS = ("language_model", "encoder", "projector", "layout", "decoder", "tokenizer", "modality", "model")
 
 # name -> "module:attribute" for every built-in component, per kind.
 # tests/test_registry.py checks this index against the @register decorators.
@@ -46,6 +46,9 @@ BUILTINS: dict[str, dict[str, str]] = {
     },
     "decoder": {
         "patch_image_decoder": "mimo_spec.components.decoders:PatchImageDecoder",
+    },
+    # discrete tokenizers (VQ image tokenizers, neural audio codecs): items <-> codes
+    "tokenizer": {
     },
     "modality": {
         "modality": "mimo_spec.models.modality:Modality",
