@@ -37,6 +37,8 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
                     problems.add(m.at("tp"), f"{owner}.{where}.{attr} = {value} does not divide by tp={m.tp}", hint)
         if m.ep > 1:
             _check_expert_parallel(name, m, module, problems)
+        if m.sp > 1:
+            _check_sequence_parallel(name, m, layout, module, model, problems)
         lm_layout = layout.modules[LANGUAGE]
         if name != LANGUAGE and (m.pp > 1 or lm_layout.pp > 1):
             _check_pipelined_modality(name, m, lm_layout, module, problems)
@@ -79,6 +81,49 @@ def _check_expert_parallel(name: str, m, module, problems) -> None:
                          f"({owner}.params.num_experts)", f"choose an ep that divides {experts}")
 
 
+def _check_sequence_parallel(name: str, m, layout, module, model, problems) -> None:
+    """``sp`` splits the language model's sequences: its attention heads (and kv heads) must divide by it, and
+    what would need the whole sequence on one rank (an MoE router's batch losses, an output modality's
+    decoder, encoders on other ranks or with another data-parallel layout) is refused."""
+    if name != LANGUAGE:
+        problems.add(m.at("sp"), f"sp={m.sp} on modality {name!r}: sequence parallelism splits the language model's "
+                     "sequence (encoders run whole items on every rank of an SP group)",
+                     f"set sp on parallel.modules.{LANGUAGE} only")
+        return
+    from mimo_spec.parallel.sequence import sp_unsupported
+
+    why = sp_unsupported(module)
+    if why is not None:
+        problems.add(m.at("sp"), f"sp={m.sp}: the language model cannot run sequence parallel ({why})",
+                     "sequence parallelism runs the built-in gpt language model; use sp: 1")
+        return
+    for attr in ("num_heads", "num_kv_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value % m.sp:
+            problems.add(m.at("sp"), f"sp={m.sp} does not divide the language model's {value} "
+                         f"{'attention heads' if attr == 'num_heads' else 'key/value heads'} (model.params.{attr})",
+                         "Ulysses sequence parallelism gives every rank of an SP group heads/sp of every attention "
+                         f"layer; choose an sp that divides {value}")
+    if getattr(module, "moe_layer_ids", ()):
+        problems.add(m.at("sp"), f"sp={m.sp}: the language model has mixture-of-experts layers "
+                     "(model.params.num_experts), whose router losses sequence parallelism does not gather yet",
+                     "use sp: 1 with an MoE language model (ep: N splits its experts)")
+    if not layout.colocated:
+        problems.add(m.at("sp"), f"sp={m.sp} in a split layout (encoders on their own ranks) is not supported",
+                     "use a colocated layout (parallel=sp2 or fsdp_sp2)")
+    for mod_name, mod_layout in layout.modules.items():
+        if mod_name == LANGUAGE:
+            continue
+        if getattr(model.modalities[mod_name], "has_output", False):
+            problems.add(m.at("sp"), f"sp={m.sp}: output modality {mod_name!r} decodes from the language model's "
+                         "hidden states, which sequence parallelism leaves split over ranks",
+                         "use sp: 1 for a model with output modalities")
+        if (mod_layout.dp_replicate, mod_layout.dp_shard) != (m.dp_replicate, m.dp_shard) and layout.colocated:
+            problems.add(mod_layout.path, f"under sp={m.sp} ({m.at('sp')}) modality {mod_name!r} needs the language "
+                         f"model's data-parallel layout (dp_replicate={m.dp_replicate}, dp_shard={m.dp_shard})",
+                         "put dp_replicate / dp_shard in parallel.default")
+
+
 def _check_pipelined_modality(name: str, m, lm, module, problems) -> None:
     """A modality next to a pipelined language model runs inside its first stage."""
     if lm.pp == 1:
@@ -97,14 +142,27 @@ def _check_pipelined_modality(name: str, m, lm, module, problems) -> None:
 
 def check_batch(layout, batch_size: int, grad_accum: int, problems: ProblemCollector) -> None:
     """The global batch (``train.batch_size`` samples) splits evenly over every module's data-parallel ranks."""
+    sp = layout.modules[LANGUAGE].sp  # the ranks of an SP group see the same samples (and encode the same items)
     for name, m in layout.modules.items():
-        if batch_size % m.dp:
-            problems.add("train.batch_size", f"{batch_size} samples do not split over {name}'s {m.dp} "
-                         "data-parallel ranks", f"use a multiple of {m.dp}")
+        shares = m.dp // sp if m.dp % sp == 0 else m.dp
+        if batch_size % shares:
+            where = f"{name}'s {shares} data-parallel shares ({m.dp} ranks, sp={sp})" if shares != m.dp \
+                else f"{name}'s {m.dp} data-parallel ranks"
+            problems.add("train.batch_size", f"{batch_size} samples do not split over {where}",
+                         f"use a multiple of {shares}")
         elif m.pp > 1 and (batch_size // m.dp) % m.microbatches:
             problems.add(f"parallel.modules.{name}.microbatches", f"the per-rank batch of {batch_size // m.dp} "
                          f"does not split into {m.microbatches} microbatches",
                          f"make train.batch_size a multiple of {m.dp * m.microbatches}")
+
+
+def check_train(layout, train: dict, problems: ProblemCollector) -> None:
+    """Training settings a layout cannot run: DPO's sequence log-probabilities need whole sequences on a rank,
+    which sequence parallelism splits."""
+    lm = layout.modules[LANGUAGE]
+    if lm.sp > 1 and train.get("objective", "sft") == "dpo":
+        problems.add(lm.at("sp"), f"sp={lm.sp} with train.objective dpo: preference training scores whole "
+                     "sequences, which sequence parallelism splits over ranks", "use sp: 1 for DPO")
 
 
 def check_split(layout, model, problems) -> None:

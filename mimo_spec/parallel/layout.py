@@ -18,6 +18,10 @@ tp)`` (tp innermost, so a TP group is neighbouring ranks). One degree may be
 ``ep`` (expert parallelism, a module with mixture-of-experts layers) is carved out of the module's
 ``dp_replicate x dp_shard`` data-parallel ranks rather than multiplied into the span: it must divide
 them (and the experts of each MoE layer); see :mod:`mimo_spec.parallel.expert`.
+
+``sp`` (Ulysses sequence parallelism, the language module) is carved out of the same data-parallel ranks: groups
+of ``sp`` neighbouring data-parallel ranks see the same samples, each a contiguous ``1/sp`` slice of every
+sequence; ``dp / sp`` data-parallel shares remain. See :mod:`mimo_spec.parallel.sequence`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 from mimo_spec.parallel.names import DEGREES, LANGUAGE  # noqa: F401  (re-exported)
 
-MODULE_KEYS = DEGREES + ("ep", "cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches",
+MODULE_KEYS = DEGREES + ("ep", "sp", "cp", "ranks", "tp_plan", "fsdp", "activation_checkpoint", "compile", "microbatches",
                          "pp_schedule", "loss_parallel")
 PP_SCHEDULES = ("1f1b", "gpipe")
 MAX_WORLD = 1 << 17  # ranks a layout may span: per-rank tables are built for each of them
@@ -63,6 +67,20 @@ class ModuleLayout:
     origin: dict[str, str] = field(default_factory=dict)  # key -> the config path that set it
     loss_parallel: bool = True  # under TP: the LM's logits stay vocab-sharded and the loss is vocab-parallel
     ep: int = 1  # expert parallelism: MoE experts split over groups of ep of the module's data-parallel ranks
+    sp: int = 1  # sequence parallelism: each sequence split over groups of sp of the module's data-parallel ranks
+
+    @property
+    def shares(self) -> int:
+        """Data-parallel shares of the batch: the data-parallel ranks, sp of them per share under sequence
+        parallelism (they see the same samples)."""
+        return self.dp // self.sp
+
+    def sp_index(self, rank: int) -> tuple[int, int] | None:
+        """(data-parallel share, place in its SP group) of ``rank``, or None when the rank does not hold it."""
+        c = self.coords(rank)
+        if c is None:
+            return None
+        return divmod(c["dp_replicate"] * self.dp_shard + c["dp_shard"], self.sp)
 
     def at(self, key: str) -> str:
         return self.origin.get(key, f"{self.path}.{key}")
@@ -215,9 +233,10 @@ def _smallest_world(raw: dict[str, tuple[dict, str, dict]]) -> int:
             need = max(need, ranks["offset"] + ranks["size"])
         else:
             fixed = math.prod(v for v in (node.get(d, 1) for d in DEGREES) if isinstance(v, int) and v > 0)
-            ep = node.get("ep", 1)  # experts split over ep data-parallel ranks: at least ep of them
-            need = max(need, math.lcm(fixed, ep) if isinstance(ep, int) and not isinstance(ep, bool) and ep > 0
-                       else fixed)
+            for key in ("ep", "sp"):  # carved out of the data-parallel ranks: at least that many of them
+                v = node.get(key, 1)
+                fixed = math.lcm(fixed, v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else fixed
+            need = max(need, fixed)
     return need
 
 
@@ -272,10 +291,27 @@ def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], wo
             problems.add(at("ep"), f"ep={ep} beside pp={degrees['pp']} ({at('pp')}) is not supported yet",
                          "expert parallelism runs beside data and tensor parallelism, not pipeline stages; "
                          "use pp: 1 for this module, or ep: 1")
+    sp = _int(node.get("sp", 1), at("sp"), problems)
+    if sp and sp > 1 and None not in degrees.values() and -1 not in degrees.values():
+        dp = degrees["dp_replicate"] * degrees["dp_shard"]
+        if dp % sp:
+            problems.add(at("sp"), f"sp={sp} does not divide the data-parallel degree dp_replicate x dp_shard = "
+                         f"{degrees['dp_replicate']} x {degrees['dp_shard']} = {dp} ({path})",
+                         "sequence parallelism splits each sequence over groups of sp data-parallel ranks; "
+                         "choose an sp that divides dp_replicate x dp_shard")
+        for key, why in (("pp", "pipeline stages"), ("tp", "tensor parallelism")):
+            if degrees[key] > 1:
+                problems.add(at("sp"), f"sp={sp} beside {key}={degrees[key]} ({at(key)}) is not supported",
+                             f"sequence parallelism runs beside data parallelism (ddp, fsdp), not {why}; use "
+                             f"{key}: 1 for this module, or sp: 1")
+        if ep and ep > 1:
+            problems.add(at("sp"), f"sp={sp} beside ep={ep} ({at('ep')}) is not supported yet",
+                         "use sp: 1 or ep: 1 for this module")
     cp = _int(node.get("cp", 1), at("cp"), problems)
     if cp and cp > 1:
         problems.add(at("cp"), "context parallelism is not supported",
-                     "torch's context parallel needs CUDA attention kernels (no CPU/gloo rule); remove cp")
+                     "torch's context parallel needs CUDA attention kernels (no CPU/gloo rule); use sp: N "
+                     "(Ulysses sequence parallelism) for the language module instead")
     tp_plan = node.get("tp_plan", "default")
     if tp_plan not in TP_PLANS:
         problems.add(at("tp_plan"), f"unknown TP plan {tp_plan!r}", did_you_mean(str(tp_plan), TP_PLANS))
@@ -316,7 +352,7 @@ def _resolve_module(name: str, node: dict, path: str, origin: dict[str, str], wo
         return None
     return ModuleLayout(name, offset, size, degrees["pp"], degrees["dp_replicate"], degrees["dp_shard"],
                         degrees["tp"], cp or 1, tp_plan, dict(fsdp), dict(ac), compile_, micro or 1, schedule, path,
-                        dict(origin), loss_parallel=loss_parallel, ep=ep or 1)
+                        dict(origin), loss_parallel=loss_parallel, ep=ep or 1, sp=sp or 1)
 
 
 def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, problems: ProblemCollector) -> None:
@@ -341,7 +377,7 @@ def _check_spans(modules: dict[str, ModuleLayout], raw: dict, world: int, proble
 
 def resolve(parallel: dict, model, world_size: int | None, *, train: dict | None = None) -> Layout:
     """Parse and check a layout against a (meta) model; raises one ConfigError with every problem."""
-    from mimo_spec.parallel.checks import check_batch, check_model
+    from mimo_spec.parallel.checks import check_batch, check_model, check_train
 
     problems = ProblemCollector()
     names = [LANGUAGE] + list(model.modalities.keys())
@@ -350,6 +386,7 @@ def resolve(parallel: dict, model, world_size: int | None, *, train: dict | None
         check_model(layout, model, problems)
         if train is not None:
             check_batch(layout, int(train.get("batch_size", 1)), int(train.get("grad_accum", 1)), problems)
+            check_train(layout, train, problems)
     _dedupe(problems)
     problems.raise_if_any()
     return layout
@@ -360,7 +397,7 @@ def render_rank_map(layout: Layout) -> str:
     lines = [f"layout {layout.name}: world size {layout.world_size}"]
     for name, m in layout.modules.items():
         degrees = ", ".join(f"{d}={getattr(m, d)}" for d in DEGREES)
-        extra = [f"ep={m.ep}" if m.ep > 1 else "", f"fsdp={m.fsdp}" if m.fsdp else "", f"ac={m.activation_checkpoint['mode']}"
+        extra = [f"ep={m.ep}" if m.ep > 1 else "", f"sp={m.sp}" if m.sp > 1 else "", f"fsdp={m.fsdp}" if m.fsdp else "", f"ac={m.activation_checkpoint['mode']}"
                  if m.activation_checkpoint.get("mode", "none") != "none" else "", "compile" if m.compile else ""]
         extra_s = "  ".join(e for e in extra if e)
         lines.append(f"  {name}: ranks {m.offset}-{m.offset + m.size - 1}  {degrees}" + (f"  {extra_s}" if extra_s else ""))
@@ -375,6 +412,8 @@ def render_rank_map(layout: Layout) -> str:
             cell = "pp%d dpr%d dps%d tp%d" % tuple(c[d] for d in DEGREES)
             if m.ep > 1:  # this rank's place in its EP group (which experts it holds)
                 cell += " ep%d" % ((c["dp_replicate"] * m.dp_shard + c["dp_shard"]) % m.ep)
+            if m.sp > 1:  # this rank's slice of every sequence
+                cell += " sp%d" % m.sp_index(r)[1]
             cells.append(f"{cell:<28}")
         lines.append(f"{r:>4}  " + "  ".join(cells))
     for name, m in layout.modules.items():
@@ -389,6 +428,16 @@ def render_rank_map(layout: Layout) -> str:
                             f"{m.dp // m.ep} ranks holding the same experts" if m.dp > m.ep
                             else "each rank the only holder of its experts")
                          + f", everything else data parallel over all {m.dp} ranks")
+        if m.sp > 1:
+            from mimo_spec.parallel.sequence import sp_groups
+
+            groups = sp_groups(m)
+            lines.append(f"{name}: sequence parallel sp={m.sp}, SP groups "
+                         f"{' '.join('[' + ','.join(map(str, g)) + ']' for g in groups)} (the ranks of a group see the "
+                         f"same samples; rank sp<i> holds tokens [i*S/{m.sp}, (i+1)*S/{m.sp}) of every sequence, "
+                         f"attention all-to-all over heads); {m.shares} data-parallel share(s); parameters "
+                         + (f"FSDP-sharded over all {m.dp} ranks" if m.dp_shard > 1 else f"replicated on all {m.dp} ranks")
+                         + "; encoders run whole on every rank of a group")
     return "\n".join(line.rstrip() for line in lines)
 
 

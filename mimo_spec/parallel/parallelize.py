@@ -118,7 +118,7 @@ def apply_one_process(parallel: dict, model: nn.Module, train_cfg: dict | None =
     per-block compile; the degrees (which need more processes) are left out."""
     from mimo_spec.parallel.layout import resolve
 
-    strip = set(DEGREES) | {"ep", "cp", "ranks", "microbatches", "pp_schedule"}
+    strip = set(DEGREES) | {"ep", "sp", "cp", "ranks", "microbatches", "pp_schedule"}
 
     def keep(node):
         return {k: v for k, v in node.items() if k not in strip} if isinstance(node, dict) else node
@@ -192,12 +192,16 @@ class ParallelContext:
                 self.meshes[name] = self._views[key]
         lm = layout.modules[LANGUAGE]
         coords = lm.coords(rank) or {d: 0 for d in DEGREES}  # 0s on ranks that only encode (split)
-        self.dp_size, self.pp = lm.dp, lm.pp
+        # data-parallel shares of the batch (the ranks of an SP group see the same samples): dp_size of them,
+        # dp_rank this rank's; sp_rank its place (sequence slice) in its SP group
+        self.dp_size, self.pp = lm.shares, lm.pp
         self.split = None  # a SplitRunner when modules sit on different ranks
         self.pp_stage = coords["pp"]
         self.pipeline = None  # a PipelineRunner once start_pipeline() ran (pp > 1)
         self.batch_size = 0  # the run's global batch (train.batch_size; 0: unknown), set by start_parallel
-        self.dp_rank = coords["dp_replicate"] * lm.dp_shard + coords["dp_shard"]
+        self.dp_rank, self.sp_rank = divmod(coords["dp_replicate"] * lm.dp_shard + coords["dp_shard"], lm.sp)
+        self.sp = lm.sp  # sequence parallelism: each sequence split over the sp ranks of a share (sequence.py)
+        self.sp_group = None
         self.fused: dict[str, torch.Tensor] = {}
         self.bridges: dict[str, Any] = {}  # modalities whose data-parallel layout differs from the LM's
         self.router_stats = None  # an MoE LM's router losses over the data-parallel batch (expert.GlobalRouterStats)
@@ -217,6 +221,11 @@ class ParallelContext:
 
                     ranks = torch.arange(m.offset, m.offset + m.size).view(shape)
                     self.ep_meshes[name] = DeviceMesh(device_type(), ranks, mesh_dim_names=EP_DIMS)
+
+        if lm.sp > 1:  # (pp, shares, sp, tp): the SP groups (sp requires a colocated layout: the whole world)
+            from mimo_spec.parallel.sequence import SP_DIMS
+
+            self.sp_group = self._world_view((lm.pp, lm.dp // lm.sp, lm.sp, lm.tp), SP_DIMS)["sp"].get_group()
 
     def _world_view(self, shape: tuple[int, ...], names: tuple[str, ...]):
         """The world mesh unflattened to ``shape`` (dims ``names``), built once per shape (collective)."""
@@ -260,6 +269,10 @@ class ParallelContext:
                 dp_index = c["dp_replicate"] * m.dp_shard + c["dp_shard"]
                 self.expert_params[name] = shard_experts(module, self.ep_meshes[name]["ep"], dp_index % m.ep)
                 experts = set(self.expert_params[name])
+            if name == LANGUAGE and m.sp > 1:  # each rank runs its slice of every sequence; heads all-to-all
+                from mimo_spec.parallel.sequence import install_sequence_parallel
+
+                install_sequence_parallel(module, self.sp_group, m.sp, self.sp_rank)
             apply_activation_checkpointing(module, m.activation_checkpoint)
             compile_blocks(module, m.compile)
             if m.dp_shard > 1:  # FSDP2 (HSDP with dp_replicate > 1)
@@ -467,7 +480,28 @@ class ParallelContext:
         packed batch rows, with their ``document_ids`` and their per-row ``items_per_sample``).
 
         A batch the loader built from this rank's share alone (``batch["share"]`` set, see
-        :meth:`data_share`) is that share already and comes back as it is."""
+        :meth:`data_share`) is that share already and comes back as it is. Under sequence parallelism the
+        share's rows stay whole and a loss mask scores only this rank's slice (``sequence.sequence_share``)."""
+        out = self._share_of(batch, model)
+        if self.sp > 1:
+            from mimo_spec.parallel.sequence import sequence_share
+
+            out = sequence_share(out, self.sp, self.sp_rank)
+            self._count_tokens(out)
+        return out
+
+    def sequence_sum(self, value: float) -> float:
+        """A per-rank value summed over this rank's SP group (a share's loss from its slices' parts); the value
+        itself without sequence parallelism."""
+        if self.sp == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.sp_group)
+        return float(t)
+
+    def _share_of(self, batch: dict, model: nn.Module) -> dict:
         if batch.get("share") is not None:
             self._count_tokens(batch)
             return batch
