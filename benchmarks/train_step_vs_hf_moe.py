@@ -13,6 +13,13 @@ default where torch has grouped GEMMs). The first step's losses are printed side
 Measured (2 CPU cores, torch 2.13, transformers 5.24; about 20 s): Qwen3-MoE-like 351 ms/step (2,918 tokens/s)
 vs 941 ms eager (0.37x) and 393 ms grouped_mm (0.89x); Mixtral-like 262 ms/step (3,905 tokens/s) vs 326 ms eager
 (0.80x: with 8 experts the eager loop costs little) and 270 ms grouped_mm (0.97x). First-step losses equal.
+With the hand-written dispatch backwards (components/moe.py) and the attention's split/RoPE passes
+(components/layers.py), measured in one process against the previous code on a shared machine, 15 steps:
+Mixtral-like vs eager by process CPU time 0.81x at 1 thread (was 0.84x) and 0.79x at 2 threads (was 0.82x);
+by wall time at 2 threads 0.67x-0.86x depending on the machine's load (the previous code alongside: 0.71x-0.85x);
+the script itself, 2 threads, OMP_WAIT_POLICY=PASSIVE: 0.75x (was 0.80x). What is left is GEMMs both sides
+run alike (the experts' GEMMs are ~2/3 of our MoE layer) and AdamW, so 0.7x is not reliably reached. The
+script also prints the ratio of process CPU times (steadier on shared cores).
     python benchmarks/train_step_vs_hf_moe.py --device cuda --precision bf16
 """
 
@@ -21,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +38,9 @@ from mimo_spec.components.language.gpt import GPT  # noqa: E402
 from mimo_spec.components.moe import MoE  # noqa: E402
 from mimo_spec.loss import counted_positions  # noqa: E402
 from mimo_spec.models.mimo import MimoModel  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import alternate  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV, BATCH, SEQ, AUX = 4096, 256, 4, 8, 4, 4, 256, 0.01
 
@@ -104,7 +113,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print(f"device={dev} precision={args.precision} threads={args.threads} batch={BATCH}x{SEQ} steps={args.steps}")
     for kind in args.models.split(","):
-        runners, first = {}, {}
+        runners, losses = {}, {}
         for impl in ("eager", "grouped_mm"):
             hf, ours = pair(kind, impl)
             hf, ours = hf.to(dev).train(), ours.to(dev).train()
@@ -117,35 +126,28 @@ def main() -> None:
                         loss = model(ids, labels=ids, logits_at=at).loss
                     loss.backward()
                     opt.step()
-                    return float(loss.detach())
+                    losses.setdefault("mimo-spec", float(loss.detach()))
 
                 runners["mimo-spec"] = step_ours
             opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
 
-            def step_hf(model=hf, opt=opt_hf):
+            def step_hf(model=hf, opt=opt_hf, name=f"HF {impl}"):
                 opt.zero_grad(set_to_none=True)
                 with amp:
                     loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 opt.step()
-                return float(loss.detach())
+                losses.setdefault(name, float(loss.detach()))
 
             runners[f"HF {impl}"] = step_hf
-        times = {name: [] for name in runners}
-        for i in range(args.warmup + args.steps):
-            for name, fn in runners.items():
-                sync()
-                t = time.perf_counter()
-                loss = fn()
-                sync()
-                if i == 0:
-                    first[name] = loss
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+        wall, cpu = alternate(runners, args.warmup, args.steps, sync)
+        first = {name: losses[name] for name in runners}
+        med = {name: statistics.median(ts) for name, ts in wall.items()}
+        cmed = {name: statistics.median(ts) for name, ts in cpu.items()}
         print(f"\n{kind}: first-step loss (LM + {AUX} x aux): " + ", ".join(f"{n} {v:.6f}" for n, v in first.items()))
         for name, s in med.items():
-            ratio = "" if name == "mimo-spec" else f"   ours / this: {med['mimo-spec'] / s:.2f}x"
+            ratio = "" if name == "mimo-spec" else (f"   ours / this: {med['mimo-spec'] / s:.2f}x "
+                                                    f"(process CPU time {cmed['mimo-spec'] / cmed[name]:.2f}x)")
             print(f"  {name:<14}{s * 1000:9.1f} ms/step  {BATCH * SEQ / s:9.0f} tokens/s{ratio}")
 
 

@@ -122,6 +122,10 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
     for part in ("0", "1"):
         assert qv["placements"][f"{part}.q_bias"] == qv["placements"][f"{part}.v_bias"] == "(Shard(dim=0),)", qv
         assert (qv["local_rows"][f"{part}.q_bias"], qv["local_rows"][f"{part}.v_bias"]) == (16, 8), qv
+    # and per-head q/k LayerNorm weights (Chameleon's, (heads, head_dim)) go with their heads: 2 q heads, 1 kv head
+    rows = {k: qv["local_rows"][f"2.attn.{k}"] for k in ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")}
+    assert rows == {"q_norm_weight": 2, "q_norm_bias": 2, "k_norm_weight": 1, "k_norm_bias": 1}, qv
+    assert qv["placements"]["2.attn.q_norm_weight"] == qv["placements"]["2.attn.k_norm_bias"] == "(Shard(dim=0),)", qv
 
 
 def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):

@@ -13,8 +13,9 @@ Scenarios:
                                  into OUT_DIR/gen_<layout>_<run>/rank<r>
   plugin                         a plugin's own module class (and a subclass) with a registered TP plan,
                                  sharded over 2 ranks against an unsharded copy; writes plugin.json
-  qv_attention                   GQA attention with q and v biases only (qkv_bias "qv", Whisper's) sharded
-                                 over 2 ranks against an unsharded copy; writes qv_attention.json
+  qv_attention                   GQA attention with q and v biases only (qkv_bias "qv", Whisper's), and one with
+                                 per-head q/k LayerNorms (Chameleon's), sharded over 2 ranks against an
+                                 unsharded copy; writes qv_attention.json
 """
 
 import copy
@@ -179,7 +180,18 @@ def run_qv_attention(out: Path) -> None:
 
     env = init_distributed()
     torch.manual_seed(0)
-    model = nn.Sequential(Attention(32, 4, 2, qkv_bias="qv", out_bias=True), Attention(32, 4, 2, qkv_bias="qv"))
+    from mimo_spec.components.layers import RotaryEmbedding
+
+    class Roped(nn.Module):  # RoPE after the q/k norms: else softmax ignores the key bias (its gradient is 0)
+        def __init__(self, attn):
+            super().__init__()
+            self.attn, self.rope = attn, RotaryEmbedding(8)
+
+        def forward(self, x):
+            return self.attn(x, rope=self.rope(torch.arange(x.shape[1])[None], x.dtype))
+
+    model = nn.Sequential(Attention(32, 4, 2, qkv_bias="qv", out_bias=True), Attention(32, 4, 2, qkv_bias="qv"),
+                          Roped(Attention(32, 4, 2, qk_norm=1e-5, qk_norm_kind="layernorm_per_head")))  # Chameleon's
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.2)  # the q / v biases no longer zero

@@ -18,6 +18,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from mimo_spec.errors import ParamError
 
@@ -206,8 +207,36 @@ def mrope_axes(head_dim: int, mrope_section, interleaved: bool = False) -> tuple
     return axes
 
 
+class _Rope(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` in three passes each way (no chunk, neg or cat temporaries);
+    ``cos``/``sin`` take no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        half = g.shape[-1] // 2
+        dx = g * cos
+        dx[..., :half].addcmul_(g[..., half:], sin[..., half:])
+        dx[..., half:].addcmul_(g[..., :half], sin[..., :half], value=-1)
+        return dx, None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (B, S, heads, D) by ``cos``/``sin`` (B, S, 1, D)."""
+    if (not torch.compiler.is_compiling()  # compiled: the plain ops below fuse
+            and not (cos.requires_grad or sin.requires_grad) and x.dtype == torch.promote_types(x.dtype, cos.dtype)
+            and x.shape == torch.broadcast_shapes(x.shape, cos.shape, sin.shape)):
+        return _Rope.apply(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -271,10 +300,15 @@ class Attention(nn.Module):
         *,
         te_norm: tuple[str, float] | None = None,
         qk_norm: float | None = None,
+        qk_norm_kind: Literal["rmsnorm", "layernorm_per_head"] = "rmsnorm",
     ):
         """``te_norm=(norm, eps)``: transformer-engine projections, the block's pre-attention norm fused
         into ``qkv`` (a ``te.LayerNormLinear``) and ``out`` a ``te.Linear``. ``qk_norm=eps``: an RMSNorm
-        over each head's queries and keys before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""
+        over each head's queries and keys before RoPE (Qwen3's ``q_norm`` / ``k_norm``);
+        ``qk_norm_kind="layernorm_per_head"``: instead a LayerNorm over each head's queries and keys whose
+        affine weight and bias are the head's own (Chameleon): parameters ``q_norm_weight`` /
+        ``q_norm_bias`` (num_heads, head_dim) and ``k_norm_weight`` / ``k_norm_bias`` (num_kv_heads,
+        head_dim), sharded with their heads under tensor parallelism."""
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
@@ -307,8 +341,22 @@ class Attention(nn.Module):
         # qkv_bias "qv": the q and v biases, zero-initialised (the qkv Linear holds no bias then)
         self.q_bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if qv_only else None
         self.v_bias = nn.Parameter(torch.zeros(num_kv_heads * head_dim)) if qv_only else None
-        self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
-        self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
+        if qk_norm_kind not in ("rmsnorm", "layernorm_per_head"):
+            raise ParamError("qk_norm_kind", f"qk_norm_kind ({qk_norm_kind!r}) must be 'rmsnorm' or "
+                             "'layernorm_per_head'")
+        per_head = qk_norm is not None and qk_norm_kind == "layernorm_per_head"
+        self.qk_norm_eps = qk_norm
+        self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None and not per_head else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None and not per_head else None
+        # layernorm_per_head: each head's own affine weight and bias (rows = heads: sharded with them under TP)
+        self.q_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim)) if per_head else None
+        self.q_norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim)) if per_head else None
+        self.k_norm_weight = nn.Parameter(torch.ones(num_kv_heads, head_dim)) if per_head else None
+        self.k_norm_bias = nn.Parameter(torch.zeros(num_kv_heads, head_dim)) if per_head else None
+        # an optional wrapper of the core attention, ``hook(core, q, k, v, **kw) -> y``, with ``core`` =
+        # :meth:`core_attention`: a parallel layout installs one (sequence parallelism exchanges sequence
+        # slices for head groups around it); None runs the core directly
+        self.attention_hook = None
 
     def forward(
         self,
@@ -324,7 +372,6 @@ class Attention(nn.Module):
         ``segments`` (host ints summing to S, instead of a mask): attention only inside each consecutive
         run of that many positions (packed items), computed run by run (equal-length runs batched) rather
         than over S x S."""
-        B, S, _ = x.shape
         D, group = self.head_dim, self.num_heads // self.num_kv_heads
         qkv = self.qkv(x)
         if self.q_bias is not None:  # no key bias: zeros between the q and v biases
@@ -335,16 +382,35 @@ class Attention(nn.Module):
             qkv = qkv + torch.cat([q_bias, q_bias.new_zeros(k_rows), v_bias])
         hkv = qkv.shape[-1] // ((group + 2) * D)  # the kv heads this projection holds (all, or a TP share)
         h = hkv * group
-        qk = qkv[..., : (h + hkv) * D].unflatten(-1, (h + hkv, D))  # (B, S, h+hkv, D)
-        v = qkv[..., (h + hkv) * D :].unflatten(-1, (hkv, D))
+        # split, not slices: a split's backward is one cat, a slice's a zero-filled full-size buffer per part
+        qk, v = qkv.split([(h + hkv) * D, hkv * D], dim=-1)
+        qk, v = qk.unflatten(-1, (h + hkv, D)), v.unflatten(-1, (hkv, D))  # (B, S, h+hkv, D), (B, S, hkv, D)
         if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
+            q, k = qk.split([h, hkv], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        elif self.q_norm_weight is not None:  # LayerNorm over each head's D, that head's own weight and bias
+            w = torch.cat([_local(self.q_norm_weight), _local(self.k_norm_weight)])  # (h + hkv, D)
+            b = torch.cat([_local(self.q_norm_bias), _local(self.k_norm_bias)])
+            qk = F.layer_norm(qk, (D,), eps=self.qk_norm_eps) * w + b
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k rotated in one pass
-        q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, heads, S, D)
+        q, k = (t.transpose(1, 2) for t in qk.split([h, hkv], dim=2))  # (B, heads, S, D)
         v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
+        kw = {"attn_mask": attn_mask, "is_causal": is_causal, "segments": segments}
+        hook = self.attention_hook
+        y = self.core_attention(q, k, v, **kw) if hook is None else hook(self.core_attention, q, k, v, **kw)
+        return self.out(y.transpose(1, 2).flatten(2))
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                       attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                       segments: tuple[int, ...] | None = None) -> torch.Tensor:
+        """q (B, h, S, D), k / v (B, hkv, S_k, D) (rotated, cached) -> (B, h, S, D): SDPA (GQA when hkv < h),
+        under ``attn_mask`` (B|1, 1, S, S_k), causally, or inside ``segments``. The head counts come from
+        the shapes, so a share of the heads (tensor or sequence parallelism) runs unchanged."""
+        B, h, _, D = q.shape
+        hkv = k.shape[1]
         gqa = hkv != h
         if gqa and attn_mask is not None:
             # Masked SDPA runs on the memory-efficient kernel, which lacks enable_gqa
@@ -353,16 +419,19 @@ class Attention(nn.Module):
             v = v[:, :, None].expand(B, hkv, h // hkv, v.shape[2], D).flatten(1, 2)
             gqa = False
         if segments is not None and len(segments) > 1:
-            y = _segment_attention(q, k, v, segments, self.dropout if self.training else 0.0, gqa)
-            return self.out(y.transpose(1, 2).flatten(2))
-        y = F.scaled_dot_product_attention(
+            return _segment_attention(q, k, v, segments, self.dropout if self.training else 0.0, gqa)
+        return F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal and attn_mask is None,
             enable_gqa=gqa,
         )
-        return self.out(y.transpose(1, 2).flatten(2))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a parameter tensor parallelism shards with the heads (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _segment_attention(q, k, v, segments, dropout: float, gqa: bool) -> torch.Tensor:
@@ -372,19 +441,23 @@ def _segment_attention(q, k, v, segments, dropout: float, gqa: bool) -> torch.Te
     B, _, S, D = q.shape
     if sum(segments) != S:
         raise ValueError(f"segments sum to {sum(segments)}, not the sequence length {S}")
-    outs, start, i = [], 0, 0
+    stretches, i = [], 0  # (runs, length) of each stretch of equal-length runs
     while i < len(segments):
         length, j = segments[i], i
         while j < len(segments) and segments[j] == length:
             j += 1
-        n, stop = j - i, start + (j - i) * length
+        stretches.append((j - i, length))
+        i = j
+    sizes = [n * length for n, length in stretches]
+    outs = []
+    # split, not slices: a split's backward is one cat, a slice's a zero-filled full-size buffer per stretch
+    for (n, length), qs, ks, vs in zip(stretches, q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2)):
 
         def runs(t):  # (B, h, n*L, D) -> (B*n, h, L, D)
-            return t[:, :, start:stop].unflatten(2, (n, length)).transpose(1, 2).flatten(0, 1)
+            return t.unflatten(2, (n, length)).transpose(1, 2).flatten(0, 1)
 
-        y = F.scaled_dot_product_attention(runs(q), runs(k), runs(v), dropout_p=dropout, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(runs(qs), runs(ks), runs(vs), dropout_p=dropout, enable_gqa=gqa)
         outs.append(y.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3))
-        start, i = stop, j
     return torch.cat(outs, dim=2)
 
 
@@ -430,6 +503,28 @@ class KVCache:
 # ---------------------------------------------------------------------------- MLP
 
 
+class _SiluMul(torch.autograd.Function):
+    """``silu(gate) * up`` of ``h = [gate | up]`` (..., 2F); the backward writes both halves' gradients into
+    one (..., 2F) buffer (no chunk-backward cat)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        f = h.shape[-1] // 2
+        s = F.silu(h[..., :f])
+        ctx.save_for_backward(h, s)
+        return s * h[..., f:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        h, s = ctx.saved_tensors
+        f = s.shape[-1]
+        dh = torch.empty_like(h)
+        torch.mul(g, s, out=dh[..., f:])
+        torch.ops.aten.silu_backward.grad_input(g * h[..., f:], h[..., :f], grad_input=dh[..., :f])
+        return dh
+
+
 class MLP(nn.Module):
     """Feed-forward: ``"gelu"`` = fc2(act(fc1(x))); ``"swiglu"`` = fc2(act(gate) * up).
 
@@ -451,7 +546,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> (..., hidden)."""
         h = self.fc1(x)
-        if self.gated:
+        if self.gated and self.act is F.silu and not torch.compiler.is_compiling():  # compiled: the plain ops fuse
+            h = _SiluMul.apply(h)
+        elif self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
@@ -492,19 +589,30 @@ class TransformerBlock(nn.Module):
         qk_norm: bool = False,
         layer_scale: float | None = None,
         mlp_module: nn.Module | None = None,
+        qk_norm_kind: str = "rmsnorm",
+        qk_norm_eps: float | None = None,
+        swin_norm: bool = False,
     ):
-        """``layer_scale``: LayerScale (InternViT's ``lambda_1`` / ``lambda_2``): learned per-channel gains
+        """``swin_norm`` (Chameleon-30B's layout): each sublayer's output is normalised before the residual add,
+        ``x + attn_norm(attn(x))`` then ``x + mlp_norm(mlp(x))``, instead of its input (local backend only).
+        ``layer_scale``: LayerScale (InternViT's ``lambda_1`` / ``lambda_2``): learned per-channel gains
         ``attn_scale`` / ``mlp_scale`` on each residual branch, initialised to this value (None: none).
         ``mlp_module``: the feed-forward to use instead of an :class:`MLP` (a
-        :class:`~mimo_spec.components.moe.MoE`; local backend only)."""
+        :class:`~mimo_spec.components.moe.MoE`; local backend only). ``qk_norm_kind`` / ``qk_norm_eps``: see
+        :class:`Attention` (the eps defaults to ``norm_eps``)."""
         super().__init__()
         if backend not in ("local", "te"):
             raise ParamError("backend",
                              f"backend ({backend!r}) must be 'local' or 'te' (resolve 'auto' with check_backend)")
         self.backend = backend
+        qk_eps = (norm_eps if qk_norm_eps is None else qk_norm_eps) if qk_norm else None
         if backend == "te" and mlp_module is not None:
             raise ParamError("backend", "a mixture-of-experts layer has no transformer-engine version",
                              hint="use backend: local")
+        if backend == "te" and swin_norm:
+            raise ParamError("backend", "swin_norm has no transformer-engine version (it fuses the norm into the "
+                             "input projections)", hint="use backend: local")
+        self.swin_norm = bool(swin_norm)
         if backend == "te":
             from mimo_spec.components import te_backend
 
@@ -513,7 +621,7 @@ class TransformerBlock(nn.Module):
             build_norm(norm, hidden_size, norm_eps)  # the same error for a bad norm name as local
             self.attn_norm = nn.Identity()
             self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,
-                                  layer_idx, te_norm=(norm, norm_eps), qk_norm=norm_eps if qk_norm else None)
+                                  layer_idx, te_norm=(norm, norm_eps), qk_norm=qk_eps, qk_norm_kind=qk_norm_kind)
             self.mlp_norm = nn.Identity()
             self.mlp = te_backend.layernorm_mlp(hidden_size, ffn_hidden_size, norm=norm, eps=norm_eps,
                                                 activation=activation, gated=mlp == "swiglu", bias=mlp_bias)
@@ -523,7 +631,7 @@ class TransformerBlock(nn.Module):
         else:
             self.attn_norm = build_norm(norm, hidden_size, norm_eps)
             self.attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias, dropout,
-                                  layer_idx, qk_norm=norm_eps if qk_norm else None)
+                                  layer_idx, qk_norm=qk_eps, qk_norm_kind=qk_norm_kind)
             self.mlp_norm = build_norm(norm, hidden_size, norm_eps)
             self.mlp = mlp_module if mlp_module is not None else MLP(hidden_size, ffn_hidden_size, mlp, activation,
                                                                      mlp_bias)
@@ -543,6 +651,12 @@ class TransformerBlock(nn.Module):
         segments: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """x (B, S, hidden) -> (B, S, hidden). ``segments``: see :meth:`Attention.forward`."""
+        if self.swin_norm:  # the sublayers' outputs normalised (Chameleon's swin_norm)
+            a = self.attn_norm(self.attn(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache,
+                                         segments=segments))
+            x = x + self.dropout(a if self.attn_scale is None else a * self.attn_scale)
+            m = self.mlp_norm(self.mlp(x))
+            return x + self.dropout(m if self.mlp_scale is None else m * self.mlp_scale)
         a = self.attn(self.attn_norm(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache,
                       segments=segments)
         x = x + self.dropout(a if self.attn_scale is None else a * self.attn_scale)
@@ -571,3 +685,7 @@ def init_transformer_weights(module: nn.Module, std: float = 0.02, num_layers: i
             m.reset_expert_weights(std, out_std)
         elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             m.reset_parameters()
+        if isinstance(m, Attention) and m.q_norm_weight is not None:  # per-head q/k LayerNorms: identity
+            for p, value in ((m.q_norm_weight, 1.0), (m.q_norm_bias, 0.0), (m.k_norm_weight, 1.0),
+                             (m.k_norm_bias, 0.0)):
+                nn.init.constant_(p, value)

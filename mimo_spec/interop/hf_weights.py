@@ -297,7 +297,11 @@ def _llama_table(p: Mapping[str, Any], moe_layout: str = "fused") -> Table:
     if mlp_bias:
         dense["mlp.fc1.bias"] = [("mlp.gate_proj.bias", ffn), ("mlp.up_proj.bias", ffn)]
         dense["mlp.fc2.bias"] = _one("mlp.down_proj.bias")
-    if p.get("qk_norm"):
+    if p.get("qk_norm") and p.get("qk_norm_kind", "rmsnorm") == "layernorm_per_head":  # Chameleon: (heads, D)
+        for t in ("q", "k"):
+            layer[f"attn.{t}_norm_weight"] = _one(f"self_attn.{t}_norm.weight")
+            layer[f"attn.{t}_norm_bias"] = _one(f"self_attn.{t}_norm.bias")
+    elif p.get("qk_norm"):
         layer["attn.q_norm.weight"] = _one("self_attn.q_norm.weight")
         layer["attn.k_norm.weight"] = _one("self_attn.k_norm.weight")
     table: Table = {"token_embedding.weight": _one("embed_tokens.weight"), "norm.weight": _one("norm.weight")}

@@ -8,6 +8,9 @@ A plan says how :func:`mimo_spec.parallel.tp.apply_tp` shards one module's child
         fused=lambda m: {"qkv": [q_rows, k_rows, v_rows]},  # fused projections, sharded part by part
         sharded=("q_bias", "v_bias")))                     # own parameters sharded by rows (with the heads)
 
+The ``fused`` parts also tell LoRA / DoRA adapters (:mod:`mimo_spec.peft`) where a fused projection's
+parts are: each part gets its own adapter, as on a model with separate projections.
+
 A plugin registers plans for its own classes the same way (:func:`register_tp_plan`); a class without
 a plan of its own takes its nearest registered base class's (:func:`tp_plan_for`). The components do
 not know about tensor parallelism: each rank's modules read their head counts from the shapes of
@@ -99,9 +102,10 @@ def _load_builtins() -> None:
     from mimo_spec.components.layers import MLP, Attention
 
     # heads split over the TP ranks; the fused projection shards q, k and v each, not their concatenation;
-    # q and v biases apart from it (qkv_bias "qv") go with their heads
+    # q and v biases apart from it (qkv_bias "qv") and per-head q/k norm weights (Chameleon) go with their heads
     _PLANS.setdefault(Attention, TPPlan({"qkv": "colwise", "out": "rowwise"}, ("num_heads", "num_kv_heads"),
-                                        _attention_parts, sharded=("q_bias", "v_bias")))
+                                        _attention_parts, sharded=("q_bias", "v_bias", "q_norm_weight", "q_norm_bias",
+                                                                   "k_norm_weight", "k_norm_bias")))
     _PLANS.setdefault(MLP, TPPlan({"fc1": "colwise", "fc2": "rowwise"}, ("ffn_hidden_size",), _mlp_parts))
     # vocabulary-sharded embedding and head (the logits stay sharded for the loss; a tied head multiplies
     # by the sharded embedding weight); the KV cache holds this rank's kv heads only

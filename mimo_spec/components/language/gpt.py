@@ -10,6 +10,8 @@ State-dict keys::
     layers.{i}.attn_norm.{weight,bias}
     layers.{i}.attn.qkv.{weight,bias} rows [q; k; v]
     layers.{i}.attn.out.{weight,bias}
+    layers.{i}.attn.{q,k}_norm.weight (D,)                  qk_norm (rmsnorm) only
+    layers.{i}.attn.{q,k}_norm_{weight,bias} (heads, D)     qk_norm_kind="layernorm_per_head" only
     layers.{i}.mlp_norm.{weight,bias}
     layers.{i}.mlp.fc1.{weight,bias}  swiglu: rows [gate; up]
     layers.{i}.mlp.fc2.{weight,bias}
@@ -86,6 +88,12 @@ class GPT(nn.Module):
         mrope_tokens_per_second: Qwen2.5-VL: a video's temporal positions step by
             ``tokens_per_second * second_per_grid_ts`` per frame group (None: by 1, Qwen2-VL).
         qk_norm: an RMSNorm (norm_eps) over each head's queries and keys before RoPE (Qwen3).
+        qk_norm_kind: with qk_norm, "rmsnorm" (Qwen3: one (head_dim,) weight shared by the heads) or
+            "layernorm_per_head" (Chameleon: a LayerNorm over each head's queries / keys with that head's own
+            weight and bias, keys ``layers.{i}.attn.{q,k}_norm_{weight,bias}`` of shape (heads, head_dim)).
+        qk_norm_eps: the q/k norms' epsilon (None = norm_eps; Chameleon's LayerNorms use 1e-5).
+        swin_norm: normalise each sublayer's output before the residual add (``x + attn_norm(attn(x))``, then
+            ``x + mlp_norm(mlp(x))``; Chameleon's ``swin_norm``) instead of its input (pre-norm). Local backend.
         mrope_frames_as_items: Qwen3-VL: each frame group of a video is its own item for positions
             (its placeholder runs are separated by timestamp text).
         num_experts: mixture-of-experts layers with this many routed SwiGLU experts (None: a dense MLP in
@@ -135,6 +143,9 @@ class GPT(nn.Module):
         mrope_tokens_per_second: float | None = None,
         mrope_frames_as_items: bool = False,
         qk_norm: bool = False,
+        qk_norm_kind: Literal["rmsnorm", "layernorm_per_head"] = "rmsnorm",
+        qk_norm_eps: float | None = None,
+        swin_norm: bool = False,
         num_experts: int | None = None,
         num_experts_per_tok: int = 2,
         moe_ffn_hidden_size: int | None = None,
@@ -175,6 +186,14 @@ class GPT(nn.Module):
         if mrope_interleaved and mrope_section is None:
             raise ParamError("mrope_interleaved", "mrope_interleaved needs mrope_section "
                              "(e.g. [24, 20, 20] for Qwen3-VL's head_dim 128)")
+        if qk_norm_kind not in ("rmsnorm", "layernorm_per_head"):
+            raise ParamError("qk_norm_kind", f"qk_norm_kind ({qk_norm_kind!r}) must be 'rmsnorm' or "
+                             "'layernorm_per_head'")
+        if (qk_norm_kind != "rmsnorm" or qk_norm_eps is not None) and not qk_norm:
+            raise ParamError("qk_norm_kind" if qk_norm_kind != "rmsnorm" else "qk_norm_eps",
+                             "needs qk_norm: true", hint="set qk_norm: true (or leave the q/k norm options out)")
+        if qk_norm_eps is not None and not qk_norm_eps > 0:
+            raise ParamError("qk_norm_eps", f"qk_norm_eps ({qk_norm_eps}) must be > 0")
         if not 0.0 <= dropout < 1.0:
             raise ParamError("dropout", f"dropout ({dropout}) must be in [0, 1)")
         activation = activation or ("silu" if mlp == "swiglu" else "gelu")
@@ -219,6 +238,7 @@ class GPT(nn.Module):
                 num_kv_heads=num_kv_heads, head_dim=head_dim, norm=norm, norm_eps=norm_eps,
                 mlp=mlp, activation=activation, qkv_bias=attention_bias, out_bias=out_bias,
                 mlp_bias=mlp_bias, dropout=dropout, layer_idx=i, backend=self.backend, qk_norm=qk_norm,
+                qk_norm_kind=qk_norm_kind, qk_norm_eps=qk_norm_eps, swin_norm=swin_norm,
                 mlp_module=moe() if i in moe_layers else None,
             )
             for i in range(num_layers)
