@@ -23,7 +23,7 @@ from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 NODE_KEYS = ("module", "params", "submodules")
 # Top-level keys that describe the model; the rest of a run config (action,
 # train, data, parallel, hydra, ...) is ignored by from_config.
-MODEL_KEYS = ("model", "modalities", "freeze", "allow_imports", "backend")
+MODEL_KEYS = ("model", "modalities", "freeze", "allow_imports", "backend", "adapters", "trainable")
 
 SubmoduleValue = Union["ModuleSpec", list["ModuleSpec"], dict[str, "ModuleSpec"]]
 
@@ -90,15 +90,21 @@ class MimoSpec:
     # default layer backend (local | te | auto) for every component that takes one and
     # does not set its own params.backend; None: each component's default
     backend: str | None = None
+    # LoRA / DoRA adapter entries and the modules kept trainable beside them (checked by mimo_spec.peft)
+    adapters: list[Any] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.language_model.to_dict(),
             "modalities": {k: v.to_dict() for k, v in self.modalities.items()},
             "freeze": list(self.freeze),
             "allow_imports": list(self.allow_imports),
             "backend": self.backend,
         }
+        if self.adapters or self.trainable:
+            out.update(adapters=list(self.adapters), trainable=list(self.trainable))
+        return out
 
     def to_yaml(self) -> str:
         from omegaconf import OmegaConf
@@ -250,9 +256,15 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
         problems.add("backend", f"unknown layer backend {backend!r}: expected one of {', '.join(BACKENDS)} (or null)",
                      did_you_mean(str(backend), BACKENDS))
         backend = None
+    adapters = data.get("adapters") or []
+    trainable = data.get("trainable") or []
+    if isinstance(trainable, str):
+        trainable = [trainable]
     if not collect or lm is None:
         problems.raise_if_any()
-    return MimoSpec(lm, modalities, list(freeze), list(allow), backend)
+    return MimoSpec(lm, modalities, list(freeze), list(allow), backend,  # adapters: checked by mimo_spec.peft
+                    adapters if isinstance(adapters, list) else [adapters],
+                    trainable if isinstance(trainable, list) else [trainable])
 
 
 BACKENDS = ("local", "te", "auto")

@@ -91,9 +91,27 @@ def render_summary(model: nn.Module, dtype: torch.dtype = torch.float32, depth: 
     lines.append(f"{'total':<{width}}{'':<{kind_w}}{_fmt(t + f):>10}{_fmt(t):>12}{_fmt(f):>10}"
                  f"{_bytes((t + f) * itemsize):>13}")
     lines.append(f"exact: {t + f:,} parameters ({t:,} trainable, {f:,} frozen) at {str(dtype).removeprefix('torch.')}")
+    lines += _adapter_lines(model, t, t + f)
     lines += _active_lines(model)
     lines += _placeholder_lines(model)
     return "\n".join(lines)
+
+
+def _adapter_lines(model: nn.Module, trainable: int, total: int) -> list[str]:
+    """LoRA / DoRA adapters (mimo_spec.peft): their parameters per kind and rank, and what trains."""
+    from mimo_spec.peft import adapters_of
+
+    groups: dict[tuple[str, int], list[int]] = {}
+    for _, _, ad in adapters_of(model):
+        g = groups.setdefault((ad.kind, ad.rank), [0, 0])
+        g[0] += 1
+        g[1] += sum(p.numel() for p in ad.parameters())
+    if not groups:
+        return []
+    count = sum(g[1] for g in groups.values())
+    kinds = ", ".join(f"{kind} rank {rank} on {n} layers" for (kind, rank), (n, _) in sorted(groups.items()))
+    return [f"adapters: {count:,} parameters ({kinds}); trainable with them: {trainable:,} of {total:,} "
+            f"({100 * trainable / max(total, 1):.2f}%), the rest frozen"]
 
 
 def _active_lines(model: nn.Module) -> list[str]:
@@ -137,6 +155,11 @@ def _placeholder_lines(model: nn.Module) -> list[str]:
             lines.append(f"modalities.{name}: placeholders per video from its frames (e.g. {frames} frames: {tokens})")
         else:
             lines.append(f"modalities.{name}: {tokens} placeholders per item")
+    for name, mod in getattr(model, "modalities", {}).items():  # output modalities: positions per generated item
+        if getattr(mod, "has_output", False) and getattr(mod, "tokenizer", None) is not None:
+            mode = "LM tokens" if mod.code_token_offset is not None else "its own head"
+            lines.append(f"modalities.{name}: generates items of {mod.num_generation_tokens} codes ({mod.num_codes} "
+                         f"codes, as {mode}) between begin / end tokens {mod.begin_token_id} / {mod.end_token_id}")
     return lines
 
 

@@ -164,7 +164,8 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
     and optimizer state spread over ``world_size`` processes, cannot fit in the device's memory.
 
     Only the model sections of ``cfg`` are read (``model``, ``modalities``, ``freeze``,
-    ``allow_imports``, ``backend``): the model knows nothing of processes or layouts.
+    ``adapters``, ``trainable``, ``allow_imports``, ``backend``; adapters: :mod:`mimo_spec.peft`): the
+    model knows nothing of processes or layouts.
     ``checks``: further checks ``check(spec, lm, modalities, problems)`` run on the modules built
     on the meta device, whose problems join the model's in one ConfigError (the app checks the
     parallel layout this way: :func:`mimo_spec.run_config.layout_check`).
@@ -213,8 +214,12 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
             check(spec, lm, built, problems)
         problems.raise_if_any()
         model = MimoModel(language_model=lm, modalities=mods)
-    model.spec = spec
-    apply_freeze(model, spec.freeze)
+        model.spec = spec
+        apply_freeze(model, spec.freeze)
+        if spec.adapters or spec.trainable:  # seeded with the model: the same seed, the same adapters
+            from mimo_spec.peft import add_adapters
+
+            add_adapters(model, spec.adapters, spec.trainable)
     return model
 
 

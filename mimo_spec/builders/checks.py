@@ -42,9 +42,15 @@ def cross_check(spec: MimoSpec, lm: nn.Module | None, modalities: dict[str, nn.M
             if mod.special_token_id is None:
                 problems.add(f"{p}.params.special_token_id", "missing: every input modality needs a special "
                              "(placeholder) token id", f"set {p}.params.special_token_id to an unused token id")
-        elif not enc_names and getattr(mod, "decoder", None) is None:
+        elif not enc_names and getattr(mod, "decoder", None) is None and getattr(mod, "tokenizer", None) is None:
             problems.add(f"{p}.submodules", "a modality needs encoders (input), inputs_from (another modality's "
-                         "encoders) or a decoder (output)", f"add {p}.submodules.encoders")
+                         "encoders), a decoder (output) or a tokenizer (discrete items)",
+                         f"add {p}.submodules.encoders")
+        elif getattr(mod, "tokenizer", None) is not None and mod.special_token_id is None \
+                and mod.generation_token_id is None:
+            problems.add(f"{p}.params.generation_token_id", "missing: a discrete modality needs generation_token_id "
+                         "(items to generate) and/or special_token_id (input items)",
+                         f"set {p}.params.generation_token_id")
         if enc_names:
             if mod.special_token_id is None:
                 problems.add(f"{p}.params.special_token_id", "missing: every input modality needs a special "
@@ -66,7 +72,7 @@ def cross_check(spec: MimoSpec, lm: nn.Module | None, modalities: dict[str, nn.M
         if getattr(mod, "decoder", None) is not None and mod.generation_token_id is None:
             problems.add(f"{p}.params.generation_token_id", "missing: an output modality needs a generation "
                          "token id", f"set {p}.params.generation_token_id")
-        for key in ("special_token_id", "generation_token_id"):
+        for key in ("special_token_id", "generation_token_id", "begin_token_id", "end_token_id"):
             tok = getattr(mod, key, None)
             if tok is None:
                 continue

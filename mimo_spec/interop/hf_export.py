@@ -121,6 +121,11 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
         rope = {"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"], **(scaling or {})}}
     else:
         rope = {"rope_theta": p["rope_theta"], **({"rope_scaling": dict(scaling)} if scaling else {})}
+    if p.get("qk_norm") and p.get("qk_norm_kind", "rmsnorm") != "rmsnorm" or p.get("qk_norm_eps") is not None \
+            or p.get("swin_norm"):
+        raise _refuse(path, f"qk_norm_kind {p.get('qk_norm_kind')!r} / qk_norm_eps {p.get('qk_norm_eps')} / swin_norm "
+                            f"{p.get('swin_norm')} match no Hugging Face causal LM (Chameleon's per-head LayerNorms and "
+                            "swin_norm export with its images only)")
     if p.get("num_experts"):
         return _moe_lm_config(p, dtype, path, common, rope)
     if p.get("qk_norm"):
@@ -289,7 +294,7 @@ def _params_of(node, cls: type) -> dict[str, Any]:
 
 # modules of mimo_spec.interop whose export(model, spec, lm_params, dtype, extras) writes one family back
 # ((HF config, HF tensors), or None when the model does not have that family's shape); tried in order
-_FAMILY_EXPORTERS = ("hf_llava_next", "hf_internvl", "hf_idefics3", "hf_qwen2_audio")
+_FAMILY_EXPORTERS = ("hf_llava_next", "hf_internvl", "hf_idefics3", "hf_qwen2_audio", "hf_janus", "hf_chameleon")
 
 
 def _mimo(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any] | None = None):
@@ -303,13 +308,13 @@ def _mimo(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any] | N
     lm_p = _params_of(spec.language_model, GPT)
     if lm_p.get("mrope_section") is not None and model.modalities:
         return _qwen_vl(model, spec, lm_p, dtype, extras or {})
-    text_config = _lm_config(lm_p, dtype, "model.params")
     if not model.modalities:
-        return text_config, _lm_tensors(model.language_model, lm_p)
+        return _lm_config(lm_p, dtype, "model.params"), _lm_tensors(model.language_model, lm_p)
     for family in _FAMILY_EXPORTERS:  # each says whether the model has its shape (None: not its shape)
         made = importlib.import_module(f"mimo_spec.interop.{family}").export(model, spec, lm_p, dtype, extras or {})
         if made is not None:
             return made
+    text_config = _lm_config(lm_p, dtype, "model.params")  # (Chameleon's LM is no plain causal LM: it exports above)
     shape_hint = "LLaVA is one modality with one clip_vit encoder and a 2-layer mlp projector, no decoder"
     if len(model.modalities) != 1:
         raise _refuse("modalities", f"{len(model.modalities)} modalities ({', '.join(model.modalities)})", shape_hint)
@@ -570,8 +575,15 @@ def _check_matches(model: nn.Module, reference: nn.Module) -> None:
 
 
 def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: bool = False,
-              max_shard_size: int | None = None) -> Path:
+              max_shard_size: int | None = None, adapters: str = "merge") -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory; returns ``out_dir``.
+
+    A model with LoRA / DoRA adapters (:mod:`mimo_spec.peft`): ``adapters="merge"`` folds them into
+    the weights (a plain checkpoint of the fine-tuned model); ``adapters="peft"`` writes only the
+    adapters in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``, Hugging Face
+    module names, one adapter per q/k/v and gate/up part), which
+    ``peft.PeftModel.from_pretrained(<the transformers model>, out_dir)`` loads; the ``trainable``
+    modules (whole Hugging Face modules) go in as PEFT's ``modules_to_save``.
 
     Args:
         model: a MimoModel (text-only, LLaVA- or Qwen-VL-shaped), a ClipViT, a Siglip2NaFlex or a
@@ -595,9 +607,17 @@ def export_hf(model: nn.Module, cfg: Any, out_dir: str | Path, *, overwrite: boo
     if first is None or first.is_meta:
         raise ConfigError("the model has no weights (built on the meta device?)", path="model",
                           hint="load or train weights before exporting")
+    from mimo_spec import peft
+
+    if adapters not in ("merge", "peft"):
+        raise ConfigError(f"adapters={adapters!r}: expected 'merge' or 'peft'", path="adapters")
+    if peft.has_adapters(model) or adapters == "peft":
+        return _export_adapted(model, cfg, out_dir, overwrite, max_shard_size, adapters)
     dtype = hw.main_dtype(model.parameters())
     if isinstance(model, MimoModel):
         spec = model.spec if cfg is None else from_config(cfg)
+        if spec.adapters or spec.trainable:  # here the adapters are merged or detached (_export_adapted)
+            spec = _without_adapters(spec)
         _check_matches(model, build_model(spec, device="meta"))
         extras = {} if cfg is None or isinstance(cfg, MimoSpec) else (load_config(cfg).get("hf_config") or {})
         config, tensors = _mimo(model, spec, dtype, extras if isinstance(extras, dict) else {})
@@ -653,3 +673,240 @@ def _write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- adapters (mimo_spec.peft)
+
+
+def _without_adapters(spec):
+    from dataclasses import replace
+
+    return replace(spec, adapters=[], trainable=[])
+
+
+def _export_adapted(model: nn.Module, cfg: Any, out_dir: str | Path, overwrite: bool, max_shard_size: int | None,
+                    mode: str) -> Path:
+    """export_hf of a model with adapters: merged into the weights, or PEFT's adapter files."""
+    from mimo_spec import peft
+    from mimo_spec.models.mimo import MimoModel
+    from mimo_spec.spec import MimoSpec, from_config, load_config
+
+    if not isinstance(model, MimoModel):
+        raise ConfigError(f"adapters export a MimoModel, not a {type(model).__name__}", path="model")
+    if not peft.has_adapters(model):
+        raise ConfigError("adapters='peft': the model has no adapters", path="adapters",
+                          hint="add them with mimo_spec.peft.add_adapters (or adapters: in the config)")
+    spec = _without_adapters(model.spec if cfg is None else from_config(cfg))
+    extras = {} if cfg is None or isinstance(cfg, MimoSpec) else (load_config(cfg).get("hf_config") or {})
+    extras = extras if isinstance(extras, dict) else {}
+    if mode == "merge":
+        with peft.base_view(model, merge=True):
+            return export_hf(model, cfg, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)
+    dtype = hw.main_dtype(model.parameters())
+    with peft.base_view(model, merge=False):
+        config, names = _probe_hf_rows(model, spec, dtype, extras)
+        saved_modules = _trained_hf_tensors(model, spec, dtype, extras)  # `trainable` modules, whole
+    module_names, key_names = _hf_module_names(config)
+    kinds = {ad.kind for _, _, ad in peft.adapters_of(model)}
+    if len(kinds) > 1:
+        raise ConfigError("adapters='peft': PEFT's LoRA config is all LoRA or all DoRA, this model mixes them",
+                          path="adapters", hint="export adapters='merge'")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dropouts = set()
+    for name, lin, ad in peft.adapters_of(model):
+        dropouts.add(ad.dropout.p if isinstance(ad.dropout, nn.Dropout) else 0.0)
+        for part in ad.parts:
+            hub, perm = names[(name, part)]
+            target = module_names(hub)
+            if target is None:
+                raise ConfigError(f"{name}{'.' + part if part else ''}: Hugging Face's {hub} is no Linear module of "
+                                  f"{type(config).__name__}'s model", path="adapters")
+            prefix = f"base_model.model.{target}"
+            a, b = peft._full(ad.tensor("lora_A", part)).detach(), peft._full(ad.tensor("lora_B", part)).detach()
+            tensors[f"{prefix}.lora_A.weight"] = a.contiguous().cpu()
+            tensors[f"{prefix}.lora_B.weight"] = b[perm].contiguous().cpu()
+            if ad.dora:
+                m = peft._full(ad.tensor("magnitude", part)).detach()
+                tensors[f"{prefix}.lora_magnitude_vector"] = m[perm].contiguous().cpu()
+            ranks[target], alphas[target] = ad.rank, float(ad.alpha)
+    if len(dropouts) > 1:
+        raise ConfigError("adapters='peft': PEFT's LoRA config has one dropout, the entries differ", path="adapters")
+    modules_to_save = set()
+    for hub_key, tensor in saved_modules.items():  # PEFT's modules_to_save: base_model.model.<module>.<param>
+        key = key_names(hub_key)
+        if key is None:
+            raise ConfigError(f"adapters='peft': the trained tensor {hub_key} has no place in "
+                              f"{type(config).__name__}'s model", path="trainable", hint="export adapters='merge'")
+        module = key.rpartition(".")[0]
+        if module in ranks:
+            raise ConfigError(f"adapters='peft': {module} both has an adapter and trains in full (trainable); PEFT "
+                              "keeps one of them per module", path="trainable", hint="export adapters='merge'")
+        modules_to_save.add(module)
+        tensors[f"base_model.model.{key}"] = tensor.detach().contiguous().cpu()
+    from peft import LoraConfig
+
+    first = next(iter(ranks))
+    same = len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1
+    lora = LoraConfig(r=ranks[first], lora_alpha=alphas[first], lora_dropout=dropouts.pop(), bias="none",
+                      use_dora=kinds == {"dora"}, target_modules=sorted(ranks),
+                      rank_pattern={} if same else dict(ranks), alpha_pattern={} if same else dict(alphas),
+                      modules_to_save=sorted(modules_to_save) or None)
+
+    def write(tmp: Path) -> None:
+        lora.save_pretrained(str(tmp))
+        write_safetensors(tmp / "adapter_model.safetensors", tensors)
+
+    return publish(out_dir, write, overwrite=overwrite, expect=("adapter_config.json", "adapter_model.safetensors"))
+
+
+def _trained_hf_tensors(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The Hub-layout tensors of every Hugging Face module that holds a ``trainable`` (non-adapter) parameter, all
+    of that module's tensors: found by exporting twice, the trainable parameters shifted the second time."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if not trained:
+        return {}
+    def sums(tensors):  # the export's tensors may be views of the parameters: compared by their sums
+        return {k: (float(v.double().sum()), float(v.double().abs().sum())) for k, v in tensors.items()}
+
+    _, plain = _mimo(model, spec, dtype, extras)
+    before = sums(plain)
+    with torch.no_grad():
+        kept = [p.detach().clone() for p in trained]
+        try:
+            for p in trained:
+                p.add_(1.0)
+            after = sums(_mimo(model, spec, dtype, extras)[1])
+        finally:
+            for p, k in zip(trained, kept):
+                p.copy_(k)
+    changed = {k for k in before if after.get(k, before[k]) != before[k]}
+    modules = {k.rpartition(".")[0] for k in changed}
+    return {k: v for k, v in plain.items() if k.rpartition(".")[0] in modules}
+
+
+def _probe_hf_rows(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str, Any]):
+    """Where each adapted Linear's parts land in the Hugging Face export: {(our Linear, part): (HF module name
+    (Hub layout), index: HF row j holds our part's row index[j])}, found by exporting probe weights through the
+    family's own tables (every code path that renames, splits or reorders rows is the real one). Returns
+    (HF config, that map). The weights are restored afterwards."""
+    from mimo_spec import peft
+
+    adapted = []
+    for name, mod in model.named_modules():
+        ad = getattr(mod, "_peft_detached", None)
+        if ad is not None:
+            adapted.append((name, mod, ad))
+    code, where, saved = 1, {}, []
+    try:
+        for name, lin, ad in adapted:
+            out, inp = lin.weight.shape
+            probe = torch.zeros(out, inp, dtype=torch.float32, device=lin.weight.device)
+            start = 0
+            for part, rows in zip(ad.parts, [peft._full(ad.tensor("lora_B", p)).shape[0] for p in ad.parts]):
+                probe[start:start + rows, 0] = torch.arange(code, code + rows, dtype=torch.float32)
+                probe[start, 1:] = -torch.arange(1, inp, dtype=torch.float32)
+                for r in range(rows):
+                    where[code + r] = (name, part, r)
+                code += rows
+                start += rows
+            if code >= 2**24:
+                raise ConfigError("adapters='peft': too many adapted rows to locate in the export", path="adapters")
+            saved.append((lin, lin.weight))
+            lin.weight = nn.Parameter(probe, requires_grad=False)
+        config, tensors = _mimo(model, spec, dtype, extras)
+    finally:
+        for lin, w in saved:
+            lin.weight = w
+    found: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if t.dim() != 2 or not key.endswith(".weight") or t.shape[1] < 1:
+            continue
+        col = t[:, 0].detach().float().cpu()
+        hits = [where.get(int(c)) if c > 0 and float(c).is_integer() else None for c in col.tolist()]
+        if not any(hits):
+            continue
+        owners = {(h[0], h[1]) for h in hits if h is not None}
+        if len(owners) != 1 or any(h is None for h in hits):
+            raise ConfigError(f"adapters='peft': Hugging Face's {key} mixes rows of {sorted(owners)} and others: no "
+                              "separate adapter can equal ours", path="adapters", hint="export adapters='merge'")
+        owner = owners.pop()
+        index = torch.tensor([h[2] for h in hits])
+        first = t[int((index == 0).nonzero()[0])] if (index == 0).any() else None
+        cols = t.shape[1]
+        if first is None or cols > 1 and not torch.equal(first[1:].float().cpu(), -torch.arange(1, cols).float()):
+            raise ConfigError(f"adapters='peft': Hugging Face's {key} reorders the inputs of {owner[0]}",
+                              path="adapters", hint="export adapters='merge'")
+        found[owner] = (key[: -len(".weight")], index)
+    for name, _, ad in adapted:
+        for part in ad.parts:
+            if (name, part) not in found:
+                raise ConfigError(f"adapters='peft': {name}{' part ' + part if part else ''} has no Linear of its own "
+                                  "in the Hugging Face export", path="adapters", hint="export adapters='merge'")
+            rows = peft._full(ad.tensor("lora_B", part)).shape[0]
+            if sorted(found[(name, part)][1].tolist()) != list(range(rows)):
+                raise ConfigError(f"adapters='peft': {name} {part}: its rows are spread over several Hugging Face "
+                                  "tensors", path="adapters", hint="export adapters='merge'")
+    return config, found
+
+
+def _hf_key_renamer(hf: nn.Module):
+    """The renaming transformers applies to a Hub-layout key when ``from_pretrained`` loads it into ``hf``
+    (transformers 5's conversion mapping); None where this transformers has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conversions = get_model_conversion_mapping(hf)
+    except (ImportError, AttributeError, TypeError):
+        return lambda key: None
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = hf.state_dict()
+
+    def rename(key: str) -> str | None:
+        try:
+            return rename_source_key(key, renamings, converters, getattr(hf, "base_model_prefix", None), meta)[0]
+        except Exception:  # noqa: BLE001 - an internal API: the name heuristics then decide
+            return None
+
+    return rename
+
+
+def _hf_module_names(config):
+    """(Linear resolver, key resolver) for the transformers model ``config`` builds (on the meta device): a
+    Hub-layout module name -> that Linear's module name, a Hub-layout tensor key -> its state-dict key
+    (transformers 5 renames some prefixes on load: ``language_model.model.layers`` -> ``model.language_model.layers``),
+    None when there is none."""
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ConfigError(f"adapters='peft': no transformers class {arch!r}", path="adapters")
+    with torch.device("meta"):
+        hf = cls(config)
+    skip = {"model", "language_model"}
+    linears = {name for name, mod in hf.named_modules() if isinstance(mod, nn.Linear)}
+    keys = set(hf.state_dict())
+    by_norm: dict[tuple[str, ...], list[str]] = {}
+    for key in keys:
+        by_norm.setdefault(tuple(t for t in key.split(".") if t not in skip), []).append(key)
+    rename = _hf_key_renamer(hf)
+
+    def resolve_key(hub_key: str) -> str | None:
+        if hub_key in keys:
+            return hub_key
+        renamed = rename(hub_key)
+        if renamed in keys:
+            return renamed
+        hits = by_norm.get(tuple(t for t in hub_key.split(".") if t not in skip), [])
+        return hits[0] if len(hits) == 1 else None
+
+    def resolve(hub: str) -> str | None:
+        key = resolve_key(hub + ".weight")
+        module = key[: -len(".weight")] if key is not None and key.endswith(".weight") else None
+        return module if module in linears else None
+
+    return resolve, resolve_key

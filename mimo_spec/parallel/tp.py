@@ -1,5 +1,10 @@
 """Tensor parallelism from the plans in :mod:`mimo_spec.parallel.plans` (keyed by component class).
 
+A LoRA / DoRA adapter on a sharded Linear (``<linear>.adapter``, :mod:`mimo_spec.peft`) follows its
+base: column-parallel base, ``B`` and the DoRA magnitude sharded on rows (one tensor per fused part,
+so no interleaving) and ``A`` replicated; row-parallel base, ``A`` sharded on columns, the rest
+replicated (:func:`mimo_spec.peft.shard_adapter`).
+
 A fused projection (rows ``[q; k; v]``) is sharded part by part: its rows are
 interleaved before sharding so rank r holds ``[q_r; k_r; v_r]``, and
 :func:`canonical` undoes it wherever weights leave the model (checkpoints,
@@ -67,11 +72,13 @@ def apply_tp(module: nn.Module, tp_mesh, prefix: str, loss_parallel: bool = True
         if plan is None or not plan.styles:
             continue
         parts = plan.fused(sub) if plan.fused is not None else {}
-        styles = {}
+        styles, adapted = {}, {}
         for child, kind in plan.styles.items():
             lin = getattr(sub, child, None)
             if lin is None:
                 continue
+            if "adapter" in lin._modules:  # a LoRA / DoRA adapter (mimo_spec.peft): sharded after its base
+                adapted[child] = (lin, lin._modules.pop("adapter"), kind)
             if child in parts:
                 index = interleave_index(parts[child], tp)
                 for pname, p in lin.named_parameters(recurse=False):
@@ -81,6 +88,11 @@ def apply_tp(module: nn.Module, tp_mesh, prefix: str, loss_parallel: bool = True
             styles[child] = _style(kind, loss_parallel)
         if styles:
             parallelize_module(sub, tp_mesh, styles)
+        for child, (lin, adapter, kind) in adapted.items():
+            from mimo_spec.peft import shard_adapter
+
+            lin.add_module("adapter", adapter)
+            shard_adapter(lin, kind, tp_mesh, ".".join(x for x in (prefix, name, child) if x))
         for pname in plan.sharded:  # the module's own row-sharded parameters (Attention's q_bias / v_bias)
             p = getattr(sub, pname, None)
             if isinstance(p, nn.Parameter):

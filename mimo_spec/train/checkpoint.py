@@ -21,6 +21,11 @@ process (resharding on load). DCP folders are read through mimo_spec.train.dcp_s
 which never unpickles anything but DCP's own metadata classes; a ``.metadata`` file in
 a single-process folder is never read.
 
+A model with adapters (mimo_spec.peft) checkpoints only what trains: model.safetensors (or the DCP
+model state) holds the adapter and ``trainable`` tensors, the optimizer state is theirs alone, and
+state.json's ``adapters.base_hash`` records the frozen base (from ``init_from`` or the seed) they were
+trained on; resuming onto another base is a CheckpointError.
+
 Every failure to read a checkpoint is a CheckpointError naming the file (resume then
 falls back to the previous checkpoint); a refused write (a full disk, a read-only
 folder) is a StorageError naming the checkpoint and the last good one.
@@ -90,7 +95,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_weights(model, tmp / "model.safetensors")
+        adapters = _adapter_record(model)
+        if adapters is None:
+            save_weights(model, tmp / "model.safetensors")
+        else:  # the base comes from init_from / the seed: only what trains is saved
+            keep = set(adapters["keys"])
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in keep},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "mimo-spec"})
+            extra = {**extra, "adapters": {"base_hash": adapters["base_hash"]}}
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -110,6 +122,41 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str
     for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _adapter_record(model) -> dict[str, Any] | None:
+    """With adapters: the state-dict keys a checkpoint holds (what trains) and the base's fingerprint."""
+    from mimo_spec import peft
+
+    if not peft.has_adapters(model):
+        return None
+    base = getattr(model, "adapter_base_hash", None)
+    if base is None:  # the training loop records it before sharding (peft.base_loaded); else now, once
+        base = model.adapter_base_hash = peft.base_fingerprint(model)
+    return {"keys": peft.trainable_keys(model), "base_hash": base}
+
+
+def _check_adapter_base(path: Path, state: dict[str, Any], model) -> list[str] | None:
+    """The keys to load from an adapter checkpoint (None: a whole-model one), after checking that it
+    and the model agree: both with adapters or neither, and the same base (its fingerprint)."""
+    saved = state.get("adapters")
+    ours = _adapter_record(model)
+    if saved is None and ours is None:
+        return None
+    if saved is None or ours is None:
+        has, lacks = ("this run", "the checkpoint") if saved is None else ("the checkpoint", "this run")
+        err = CheckpointError(f"{has} has adapters and {lacks} has none: {path} holds "
+                              f"{'the whole model' if saved is None else 'adapter weights only'}",
+                              path="train.resume", hint="resume with the adapters: setting the run was started with")
+    elif not isinstance(saved, dict) or saved.get("base_hash") != ours["base_hash"]:
+        err = CheckpointError(f"{path} holds adapters trained on another base model (base fingerprint "
+                              f"{str(saved.get('base_hash') if isinstance(saved, dict) else saved)[:12]}..., this run's "
+                              f"base {ours['base_hash'][:12]}...)", path="train.resume",
+                              hint="resume with the init_from (and seed) the run was started with")
+    else:
+        return ours["keys"]
+    err.not_damage = True  # a sound checkpoint of another run: resume must not fall back to older ones
+    raise err
 
 
 def write_error(ckpt_dir: Path, final: Path, why: str) -> StorageError:
@@ -224,13 +271,17 @@ def load_checkpoint(path: Path, model, optimizer=None, *, drun=None) -> dict[str
         _resume_fields(path, state, fmt)
         rng = _read_tensors(path / "rng.safetensors", "the random state")
         _check_rng(rng, path / "rng.safetensors")
+    adapter_keys = _check_adapter_base(path, state, model)
     if fmt == "dcp":
-        _load_distributed(path, model, optimizer, drun)
+        _load_distributed(path, model, optimizer, drun, adapter_keys)
     else:
         opt_tensors = None
         if optimizer is not None:
             opt_tensors = _read_tensors(path / "optimizer.safetensors", "the optimizer state")
-        load_weights(model, path / "model.safetensors")
+        if adapter_keys is None:
+            load_weights(model, path / "model.safetensors")
+        else:
+            _load_adapter_weights(model, path / "model.safetensors", adapter_keys)
         if optimizer is not None:
             try:
                 _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
@@ -254,6 +305,21 @@ def load_checkpoint(path: Path, model, optimizer=None, *, drun=None) -> dict[str
     return state
 
 
+def _load_adapter_weights(model, file: Path, keys: list[str]) -> None:
+    """An adapter checkpoint's tensors: exactly ``keys`` (what trains), each of its shape."""
+    tensors = _read_tensors(file, "the adapter weights")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tensors.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        what = (["missing: " + ", ".join(missing[:6])] if missing else []) + \
+            (["unexpected: " + ", ".join(unexpected[:6])] if unexpected else []) + wrong[:6]
+        raise CheckpointError("the adapter weights do not fit this run: " + "; ".join(what), path=str(file),
+                              hint="resume with the adapters and trainable settings the run was started with")
+    model.load_state_dict(tensors, strict=False)
+
+
 # ------------------------------------------------------------------ distributed (DCP)
 
 
@@ -264,7 +330,10 @@ def _canonical_states(model, optimizer, fused: dict):
 
     from mimo_spec.parallel.tp import canonical
 
-    msd = {k: canonical(k, v, fused) if k in fused else v for k, v in model.state_dict().items()}
+    keep = _adapter_record(model)
+    keep = None if keep is None else set(keep["keys"])  # adapters: only what trains
+    msd = {k: canonical(k, v, fused) if k in fused else v for k, v in model.state_dict().items()
+           if keep is None or k in keep}
     osd = None
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
@@ -320,6 +389,7 @@ def save_distributed_checkpoint(ckpt_dir: Path, step: int, model, optimizer, ext
         except Exception as e:  # noqa: BLE001 - refused() re-raises what is not the disk's answer
             why = refused(e)
     _agree(why, drun, ckpt_dir, final, tmp)
+    adapters = _adapter_record(model)
     msd, osd = _canonical_states(model, optimizer, drun.fused)
     try:
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
@@ -339,6 +409,8 @@ def save_distributed_checkpoint(ckpt_dir: Path, step: int, model, optimizer, ext
             save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
             state = {"step": step, "format": "dcp", "world_size": drun.world_size, "layout": drun.layout.name,
                      "python_rng": _py_rng_state(), **extra}
+            if adapters is not None:
+                state["adapters"] = {"base_hash": adapters["base_hash"]}
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             replace_dir(tmp, final)
         except Exception as e:  # noqa: BLE001 - refused() re-raises what is not the disk's answer
@@ -384,8 +456,9 @@ def _agree(why: str | None, drun, ckpt_dir: Path, final: Path, tmp: Path) -> Non
         raise write_error(ckpt_dir, final, why or "rank 0 could not write it (see rank 0's error)")
 
 
-def _load_distributed(path: Path, model, optimizer, drun) -> None:
-    """Load a DCP folder into ``model`` (and ``optimizer``) under this run's layout, or in one process."""
+def _load_distributed(path: Path, model, optimizer, drun, adapter_keys: list[str] | None = None) -> None:
+    """Load a DCP folder into ``model`` (and ``optimizer``) under this run's layout, or in one process
+    (``adapter_keys``: an adapter checkpoint's tensors, the base left as it is)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_optimizer_state_dict)
 
     from mimo_spec.train import dcp_safe
@@ -394,7 +467,8 @@ def _load_distributed(path: Path, model, optimizer, drun) -> None:
     msd, osd = _canonical_states(model, optimizer, fused)
     target = {"model": msd} if osd is None else {"model": msd, "optimizer": osd}
     dcp_safe.load(target, path)  # restricted metadata unpickler, weights_only items: a CheckpointError
-    model.load_state_dict({k: _from_canonical(k, v, model, fused) for k, v in msd.items()})
+    model.load_state_dict({k: _from_canonical(k, v, model, fused) for k, v in msd.items()},
+                          strict=adapter_keys is None)
     if osd is not None:
         params = dict(model.named_parameters())
         back = {local: te for te, local in te_parameter_renames(model).items()}
