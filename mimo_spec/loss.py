@@ -101,13 +101,17 @@ class Losses:
     router_aux_loss: torch.Tensor | None = None
     router_z_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None
+    modality_accuracy: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
               document_ids: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
               num_tokens: float | None = None) -> Losses:
     """Every loss of one forward pass: the LM loss of ``output.logits`` and each output modality's
-    ``output_loss_fn(prediction, target)`` weighted by its ``output_loss_weight``.
+    ``output_loss_fn(prediction, target)`` weighted by its ``output_loss_weight``. A discrete modality (a
+    tokenizer) is scored by teacher-forced cross entropy of its code logits against the target items' codes
+    (``output.output_codes``; with the delay pattern the mean over its (position, codebook) entries that hold a
+    code, the pads left out), and its accuracy (argmax == code) goes to ``modality_accuracy``.
 
     ``modalities``: the model's modalities (name -> Modality); ``output``: what the model returned
     (``logits``, ``modality_outputs``, ``router``). A mixture-of-experts LM's router losses (``output.router``)
@@ -123,8 +127,17 @@ def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_ma
     for name, target in (output_targets or {}).items():
         mod = modalities[name]
         pred = output.modality_outputs[name]
+        if getattr(mod, "tokenizer", None) is not None:  # codes: teacher-forced cross entropy
+            target = output.output_codes[name]
         if target.shape[0] == 0:
             term = pred.float().sum() * 0.0
+        elif getattr(mod, "tokenizer", None) is not None:
+            targets = mod.code_targets(target) if hasattr(mod, "code_targets") else target  # delay pads: -100
+            loss = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+            out.modality_losses[name] = loss
+            out.modality_accuracy[name] = mod.code_accuracy(pred.detach(), target)
+            term = mod.output_loss_weight * loss
         else:
             loss = mod.output_loss_fn(pred, target)
             out.modality_losses[name] = loss
@@ -137,3 +150,44 @@ def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_ma
             total = total + router.loss
     out.loss = total
     return out
+
+
+# ---------------------------------------------------------------------------- preference training (DPO)
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, *,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled tokens (B,): ``sum_s log p(labels[s+1] | ..s)`` over
+    the positions whose next label is not -100 (an answer's tokens). ``logits``: (B, S, V), or (K, V) at flat
+    ``positions`` of the (B, S) inputs (``forward(logits_at=)``). The per-token log-probabilities are
+    ``-cross_entropy``, so vocab-sharded logits work inside ``loss_parallel()`` as in :func:`causal_lm_loss`."""
+    b, s = labels.shape
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    if positions is None:
+        positions = torch.arange(b * s, device=labels.device)
+        logits = logits.reshape(b * s, -1)
+    target = target.index_select(0, positions)
+    logits = logits.float()
+    nll = _local(F.cross_entropy(logits, _like_logits(target, logits), ignore_index=IGNORE_INDEX,
+                                 reduction="none")).reshape(-1)
+    counted = (target != IGNORE_INDEX).to(nll.dtype)
+    rows = torch.div(positions, s, rounding_mode="floor")
+    return torch.zeros(b, dtype=nll.dtype, device=nll.device).index_add(0, rows, -nll * counted)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sigmoid DPO loss of each pair (Rafailov et al. 2023; with ``label_smoothing`` the conservative
+    variant, as TRL's ``loss_type="sigmoid"``), from sequence log-probabilities (P,) of the chosen and rejected
+    answers under the policy and the frozen reference:
+    ``logits = (pi_c - pi_r) - (ref_c - ref_r)``,
+    ``loss = -(1 - ls) * logsigmoid(beta * logits) - ls * logsigmoid(-beta * logits)``.
+    Returns (losses (P,), chosen rewards ``beta * (pi_c - ref_c)``, rejected rewards ``beta * (pi_r - ref_r)``;
+    the rewards carry no gradient)."""
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    losses = (-(1.0 - label_smoothing) * F.logsigmoid(beta * logits)
+              - label_smoothing * F.logsigmoid(-beta * logits))
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards

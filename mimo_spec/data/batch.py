@@ -41,6 +41,8 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """
     if not samples:
         raise InputError("cannot collate an empty list of samples", path="batch")
+    if any("rejected_input_ids" in s for s in samples):  # preference pairs: two rows each
+        return collate_pairs(samples, pad_id)
     b = len(samples)
     seq = max(int(s["input_ids"].shape[0]) for s in samples)
     input_ids = torch.full((b, seq), int(pad_id), dtype=torch.long)
@@ -75,6 +77,27 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
              "num_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
     if targets:
         batch["output_targets"] = {m: _cat_items(t, f"output_targets.{m}") for m, t in targets.items()}
+    return batch
+
+
+def collate_pairs(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Preference pairs (samples with ``rejected_input_ids`` / ``rejected_labels``) -> a batch of two adjacent
+    rows per pair: row ``2p`` the chosen conversation, row ``2p + 1`` the rejected one, both with the pair's
+    items (decoded once, given to both rows). A sample without a pair (a filler for a skipped one) becomes two
+    filler rows. Besides :func:`collate`'s keys: ``pair_valid`` (P,) bool, true where both rows have a counted
+    label, and ``num_tokens``: the number of valid pairs (what a preference loss is averaged over)."""
+    rows = []
+    for s in samples:
+        if "rejected_input_ids" in s:
+            shared = {k: s[k] for k in ("items", "num_items", "targets") if k in s}
+            rows += [{"input_ids": s["input_ids"], "labels": s["labels"], **shared},
+                     {"input_ids": s["rejected_input_ids"], "labels": s["rejected_labels"], **shared}]
+        else:
+            rows += [filler_sample(s)] * 2
+    batch = collate(rows, pad_id)
+    counted = (batch["labels"][:, 1:] != IGNORE_INDEX).any(1).view(-1, 2)
+    batch["pair_valid"] = counted.all(1)
+    batch["num_tokens"] = int(batch["pair_valid"].sum())
     return batch
 
 
@@ -114,7 +137,7 @@ def empty_parts(model) -> dict[str, dict]:
     batch has gets these, so its rank runs the encoder / decoder (on nothing) in step with the others."""
     g = torch.Generator()  # example inputs draw from it: the run's global RNG stays untouched
     inputs = {name: mod.example_inputs(0, generator=g) for name, mod in model.modalities.items() if mod.has_input}
-    targets = {name: mod.decoder.example_targets(0, generator=g)
+    targets = {name: mod.example_targets(0, generator=g)
                for name, mod in model.modalities.items() if mod.has_output}
     return {"inputs": inputs, "targets": targets}
 

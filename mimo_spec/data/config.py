@@ -188,6 +188,11 @@ class ParquetDataConfig(FileDataConfig):
     # video files: binary, a path (a file or a folder of frame images), a {bytes, path} struct, or a list
     video_column: str | None = "videos"
     id_column: str | None = "id"
+    # preference pairs (train.objective: dpo): the chosen / rejected answers, each a text or a list of turns (or
+    # a JSON string of one); the prompt is then conversations_column (turns, or a plain text: one user turn,
+    # e.g. conversations_column: question); a column the files lack gives no pair
+    chosen_column: str | None = "chosen"
+    rejected_column: str | None = "rejected"
     # path-only cells resolve here (null: the Parquet file's folder)
     image_folder: str | None = None
     audio_folder: str | None = None

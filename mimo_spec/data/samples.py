@@ -76,6 +76,10 @@ class Encoded:
     # decoding each needs (a video's frames and grid; None for an image)
     item_tokens: dict[str, list[int]] = field(default_factory=dict)
     plans: dict[str, list] = field(default_factory=dict)
+    # a preference pair (SampleBuilder.pairs): the rejected conversation's (input_ids, labels); these are the chosen
+    rejected: tuple[list[int], list[int]] | None = None
+    # output modalities: the files of the items to generate ("output_images" / "output_audios", data/targets.py)
+    targets: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -86,8 +90,10 @@ class SampleBuilder:
     data config's template, tags and length limit. Keeps only ids and shapes (not the model), so it
     pickles cheaply into DataLoader workers."""
 
-    def __init__(self, cfg, model, tokenizer):
+    def __init__(self, cfg, model, tokenizer, pairs: bool = False):
         self.cfg, self.tokenizer = cfg, tokenizer
+        # preference pairs (train.objective: dpo): every record is a prompt with a chosen and a rejected answer
+        self.pairs = bool(pairs)
         self.max_len = max_length(cfg, model)
         self.truncation = getattr(cfg, "truncation", "drop")
         self.reserved = set(reserved_token_ids(model))
@@ -121,6 +127,13 @@ class SampleBuilder:
             if wrap is not None and name is not None:
                 self.wraps[name] = wrap_ids(tokenizer, wrap, self.reserved, f"data.{kind}_wrap")
         self._text_ids: dict[str, list[int]] = {}  # timestamp text -> ids (Qwen3-VL's videos)
+        from mimo_spec.data.targets import OutputTargets  # items to generate: <gen:NAME> tags and their files
+
+        from pathlib import Path
+
+        folder = lambda key: Path(getattr(cfg, key)) if getattr(cfg, key, None) else None  # noqa: E731
+        self.outputs = OutputTargets(model, folder("image_folder"), folder("audio_folder"))
+        self.tags.update(self.outputs.tags)
 
     # ------------------------------------------------------------------------------ text
     def turns(self, record: Record) -> list[list[str]]:
@@ -129,24 +142,47 @@ class SampleBuilder:
         if not isinstance(conv, list) or not conv:
             raise DataError("missing or empty 'conversations'", path=where,
                             hint='"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]')
-        turns = []
-        for k, turn in enumerate(conv):
-            role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-            value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-            if not isinstance(value, str) or not isinstance(role, str) or role not in ROLES:
-                raise DataError(f"conversations[{k}] must be {{\"from\": human|gpt|system, \"value\": text}}, got "
-                                f"{short(turn)}", path=where,
-                                hint='each turn is one object, e.g. {"from": "gpt", "value": "A cat."}')
-            turns.append([ROLES[role], value])
+        turns = parse_turns(conv, where)
         if not any(r == "assistant" and v.strip() for r, v in turns):
+            pair = "chosen" in (record.extra or {}) and "rejected" in (record.extra or {})
             raise DataError("no assistant answer: nothing to train on", path=where,
-                            hint="every sample needs at least one non-empty gpt turn")
+                            hint="a preference pair (chosen / rejected answers) trains with train.objective=dpo"
+                            if pair else "every sample needs at least one non-empty gpt turn")
         return turns
 
     def encode(self, record: Record) -> Encoded:
         """The record's tokens and the media its placeholders stand for; no media is decoded (audio headers
         are read when an audio file may become several items; a native-resolution image's header and a
-        video's container give their token counts). Raises DataError / :class:`Dropped`."""
+        video's container give their token counts). Raises DataError / :class:`Dropped`.
+
+        Under ``pairs`` (preference training) the record is a prompt with a ``chosen`` and a ``rejected``
+        answer (:func:`pair_turns`): the result is the chosen conversation, with the rejected one's ids and
+        labels in ``rejected``; each labels its final answer only (the prompt is -100 in both)."""
+        if self.pairs:
+            return self.encode_pair(record)
+        return self._encode(record)
+
+    def encode_pair(self, record: Record) -> Encoded:
+        """A preference record -> the chosen conversation's :class:`Encoded` with ``rejected`` set (see
+        :meth:`encode`). Both share the prompt and its media (planned from the chosen one; decoded once)."""
+        prompt, chosen, rejected = pair_turns(record)
+        encoded = []
+        for answer in (chosen, rejected):
+            conv = [{"from": role, "value": text} for role, text in prompt + [answer]]
+            one = self._encode(Record(conversations=conv, images=record.images, audios=record.audios, id=record.id,
+                                      where=record.where, file=record.file, extra=record.extra,
+                                      videos=record.videos))
+            encoded.append(one)
+        good, bad = encoded
+        if {k: len(v) for k, v in good.media.items()} != {k: len(v) for k, v in bad.media.items()}:
+            raise Dropped("cut_inside_placeholders", record.where, max(len(good), len(bad)), self.max_len)
+        for enc in encoded:  # the answer alone is scored: the last run of trained labels
+            enc.labels = answer_labels(enc.labels)
+        good.rejected = (bad.input_ids, bad.labels)
+        good.truncated = good.truncated or bad.truncated
+        return good
+
+    def _encode(self, record: Record) -> Encoded:
         where = record.where
         turns = self.turns(record)
         media: dict[str, list[tuple[str, Media]]] = {}
@@ -190,6 +226,7 @@ class SampleBuilder:
                                        len(items), m) for k, m in enumerate(items)]
                     counts[name] = [n for n, _ in planned]
                     plans[name] = [plan for _, plan in planned]
+        targets = self.outputs.files(record, turns, where) if self.outputs.tags else {}
         try:
             enc = encode_conversation(self.tokenizer, [tuple(t) for t in turns], self.tags, self.cfg.template,
                                       reserved=self.reserved, where=where)
@@ -224,8 +261,14 @@ class SampleBuilder:
             raise DataError(f"no trainable tokens left after truncating to {self.max_len} tokens", path=where,
                             hint="the answers start past the limit: raise data.max_seq_len, use "
                                  "truncation: drop, or shorten the sample")
-        return Encoded(ids, labels, media, where, record.file, record.id, truncated, audio_cut, record.extra,
-                       counts, plans)
+        for name, files in targets.items() if truncated else ():  # an item to generate cut off: dropped
+            tag = self.outputs.tags[f"<gen:{name}>"]
+            if ids.count(tag.token_id) != len(files) * tag.length:
+                raise Dropped("cut_inside_placeholders", where, len(ids), self.max_len)
+        out = Encoded(ids, labels, media, where, record.file, record.id, truncated, audio_cut, record.extra,
+                      counts, plans)
+        out.targets = targets
+        return out
 
     def planned(self, name: str | None) -> bool:
         """True when each item of modality ``name`` is planned from its header (its own count): native-resolution
@@ -303,9 +346,13 @@ class SampleBuilder:
         for name, entries in enc.media.items():
             items[name], num_items[name] = self.decode(name, entries, enc.where, enc.item_tokens.get(name),
                                                        enc.plans.get(name))
-        return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-                "labels": torch.tensor(enc.labels, dtype=torch.long), "items": items, "num_items": num_items,
-                "targets": {}}
+        sample = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                  "labels": torch.tensor(enc.labels, dtype=torch.long), "items": items, "num_items": num_items,
+                  "targets": self.outputs.load(enc.targets, enc.where) if enc.targets else {}}
+        if enc.rejected is not None:  # a preference pair: collate makes it two adjacent rows sharing the items
+            sample["rejected_input_ids"] = torch.tensor(enc.rejected[0], dtype=torch.long)
+            sample["rejected_labels"] = torch.tensor(enc.rejected[1], dtype=torch.long)
+        return sample
 
     def decode(self, name: str, entries: list[tuple[str, Media]], where: str,
                counts: list[int] | None = None, plans: list | None = None) -> tuple[dict, int]:
@@ -391,6 +438,93 @@ class SampleBuilder:
             inputs[name] = self.decode(name, [(kind, m) for m, n in zip(files, per_file) for _ in range(n)], where,
                                        counts.get(name), plans.get(name))[0]
         return torch.tensor([ids], dtype=torch.long), inputs
+
+
+def parse_turns(conv, where: str, key: str = "conversations") -> list[list[str]]:
+    """Turns ``[{"from"|"role": ..., "value"|"content": text}]`` -> [[role, text]] (roles user / assistant /
+    system); DataError naming ``where`` and ``key[k]`` for a malformed turn."""
+    turns = []
+    for k, turn in enumerate(conv):
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if not isinstance(value, str) or not isinstance(role, str) or role not in ROLES:
+            raise DataError(f"{key}[{k}] must be {{\"from\": human|gpt|system, \"value\": text}}, got "
+                            f"{short(turn)}", path=where,
+                            hint='each turn is one object, e.g. {"from": "gpt", "value": "A cat."}')
+        turns.append([ROLES[role], value])
+    return turns
+
+
+PAIR_HINT = ('a preference record is {"image": ..., "conversations": [prompt turns], "chosen": "answer", '
+             '"rejected": "answer"} (also "question" / "prompt" for the prompt, or chosen / rejected as whole '
+             'conversations)')
+
+
+def pair_turns(record: Record) -> tuple[list[list[str]], list[str], list[str]]:
+    """A preference record -> (prompt turns, chosen answer turn, rejected answer turn), each turn [role, text].
+
+    Accepted shapes: ``conversations`` (or ``prompt``: turns or text; or ``question``: text) holding the prompt,
+    with ``chosen`` / ``rejected`` each an answer text, one answer turn, or a list of turns (the answer alone,
+    or the whole conversation: the prompt's turns, then the answer). Without a prompt, ``chosen`` and
+    ``rejected`` are whole conversations: their common turns are the prompt (TRL's implicit prompt). Each answer
+    is one assistant turn. Raises DataError naming the record."""
+    where, extra = record.where, record.extra or {}
+    if "chosen" not in extra or "rejected" not in extra:
+        missing = " and ".join(repr(k) for k in ("chosen", "rejected") if k not in extra)
+        raise DataError(f"no preference pair: the record has no {missing} answer (train.objective dpo trains on "
+                        "chosen / rejected pairs)", path=where, hint=PAIR_HINT)
+    prompt = record.conversations
+    if prompt is None:
+        prompt = extra.get("prompt", extra.get("question"))
+    if isinstance(prompt, str):
+        prompt = [{"from": "human", "value": prompt}]
+    if prompt is not None and (not isinstance(prompt, list) or not prompt):
+        raise DataError(f"the prompt must be a list of turns or a text, got {short(prompt)}", path=where,
+                        hint=PAIR_HINT)
+    prompt_turns = parse_turns(prompt, where) if prompt is not None else None
+
+    def answer_turns(key: str) -> list[list[str]]:
+        value = extra[key]
+        if isinstance(value, str):
+            return [["assistant", value]]
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise DataError(f"{key!r} must be an answer text or a list of turns, got {short(value)}", path=where,
+                            hint=PAIR_HINT)
+        return parse_turns(value, where, key)
+
+    chosen, rejected = answer_turns("chosen"), answer_turns("rejected")
+    if prompt_turns is None:  # whole conversations: the turns they share are the prompt
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt_turns = chosen[:n]
+        chosen, rejected = chosen[n:], rejected[n:]
+    else:
+        for key, turns in (("chosen", chosen), ("rejected", rejected)):
+            if len(turns) > len(prompt_turns) and turns[:len(prompt_turns)] == prompt_turns:
+                turns[:] = turns[len(prompt_turns):]  # the whole conversation given: the prompt's turns dropped
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) != 1 or turns[0][0] != "assistant" or not turns[0][1].strip():
+            raise DataError(f"{key!r} must end the prompt with one non-empty assistant answer, got "
+                            f"{short(turns)}", path=where, hint=PAIR_HINT)
+    if not prompt_turns or not any(r == "user" for r, _ in prompt_turns):
+        raise DataError("the preference record has no prompt (no user turn before the answers)", path=where,
+                        hint=PAIR_HINT)
+    return prompt_turns, chosen[0], rejected[0]
+
+
+def answer_labels(labels: list[int]) -> list[int]:
+    """``labels`` with only their last run of trained labels kept (the final answer, its end-of-sequence token
+    included); every label before it -100."""
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [IGNORE_INDEX] * start + labels[start:]
 
 
 def _naming(call, kind: str, k: int, n: int, media: Media):
@@ -551,6 +685,11 @@ class RecordDataset(torch.utils.data.Dataset):
         self.source, self.builder = source, builder
         self.max_len = builder.max_len
         self._lengths: OrderedDict[int, int] = OrderedDict()
+
+    def use_pairs(self) -> None:
+        """Read every record as a preference pair (``train.objective: dpo``, see :meth:`SampleBuilder.encode`)."""
+        self.builder.pairs = True
+        self._lengths.clear()
 
     def __len__(self) -> int:
         return len(self.source)

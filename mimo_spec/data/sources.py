@@ -270,7 +270,7 @@ class WebDatasetSource(_FileSource):
         if index["dup"][local]:
             raise DataError(f"{p}: two members of sample {key!r} have the same extension", path=where,
                             hint="each sample has one key.json and distinct key.<n>.jpg / key.<n>.wav names")
-        json_data, images, audios, videos = None, [], [], []
+        json_data, images, audios, videos, outputs = None, [], [], [], {}
         lo, hi = int(index["m_first"][local]), int(index["m_first"][local + 1])
         exts = {m: index["m_ext"][m].decode("utf-8", "surrogateescape") for m in range(lo, hi)}
         for m in sorted(exts, key=lambda m: _item_order(exts[m])):
@@ -280,6 +280,10 @@ class WebDatasetSource(_FileSource):
             # media stay slices of the shard: read where they are decoded (the planner reads the text only)
             if ext == "json":
                 json_data = self._files.read(str(p), offset, size)
+            elif ext.split(".")[0] == "out" and kind in IMAGE_EXTS + AUDIO_EXTS:  # key.out.png: an item to generate
+                key_name = "output_images" if kind in IMAGE_EXTS else "output_audios"  # (data/targets.py)
+                outputs.setdefault(key_name, []).append(Media(name=f"{p.name}:{key}.{ext}", path=p, offset=offset,
+                                                              length=size))
             elif kind in IMAGE_EXTS:
                 images.append(Media(name=f"{p.name}:{key}.{ext}", path=p, offset=offset, length=size))
             elif kind in AUDIO_EXTS:
@@ -290,6 +294,8 @@ class WebDatasetSource(_FileSource):
             raise DataError(f"{p}: sample {key!r} has no {key}.json member (the conversation)", path=where,
                             hint='key.json holds {"conversations": [...]} beside key.jpg / key.wav')
         rec = parse_json(json_data, p, self.key, f"{p.name}: {key}.json")
+        if outputs and isinstance(rec, dict):
+            rec = {**rec, **outputs}
         return llava_record(rec, where, p, self._root(self.cfg.image_folder, p), self._root(self.cfg.audio_folder, p),
                             images, audios, default_id=key, video_root=self._root(self.cfg.video_folder, p),
                             videos=videos)
@@ -326,7 +332,8 @@ class ParquetSource(_FileSource):
                             f"({e})"[:400], path=self.key, hint="write it with pyarrow or datasets' to_parquet")
         names = schema.names
         cfg = self.cfg
-        for key in ("conversations_column", "image_column", "audio_column", "video_column", "id_column"):
+        for key in ("conversations_column", "image_column", "audio_column", "video_column", "id_column",
+                    "chosen_column", "rejected_column"):
             column = getattr(cfg, key, None)
             # the default media / id columns are optional; a column named in the config must be there
             if column is not None and column not in names and (
@@ -335,7 +342,8 @@ class ParquetSource(_FileSource):
                                 path=self.key.rsplit(".", 1)[0] + "." + key,
                                 hint=did_you_mean(column, names) or f"set {key} to one of the file's columns")
         self._columns.append([c for c in (cfg.conversations_column, cfg.image_column, cfg.audio_column,
-                                          getattr(cfg, "video_column", None), cfg.id_column)
+                                          getattr(cfg, "video_column", None), cfg.id_column,
+                                          getattr(cfg, "chosen_column", None), getattr(cfg, "rejected_column", None))
                               if c is not None and c in names])
         self._groups.append(np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64))
         return int(sum(rows))
@@ -401,13 +409,20 @@ class ParquetSource(_FileSource):
         if rid is not None:
             where += f" (id {_short(rid, 40)})"
         conv = cell[cfg.conversations_column]
+        extra = {}  # a preference pair's answers (train.objective: dpo)
+        for key in ("chosen", "rejected"):
+            column = getattr(cfg, f"{key}_column", None)
+            if column is not None and column in cell:
+                extra[key] = _turns_cell(cell[column])
+        if extra and isinstance(conv, str) and not conv.lstrip().startswith(("[", "{")):
+            conv = [{"from": "human", "value": conv}]  # a plain-text prompt (e.g. RLAIF-V's question)
         if isinstance(conv, (str, bytes)):
             conv = parse_json(conv.encode() if isinstance(conv, str) else conv, p, self.key, where)
         images = self._media(cell.get(cfg.image_column), cfg.image_column, local, p, cfg.image_folder, where)
         audios = self._media(cell.get(cfg.audio_column), cfg.audio_column, local, p, cfg.audio_folder, where)
         videos = self._media(cell.get(cfg.video_column), cfg.video_column, local, p, cfg.video_folder, where)
         return Record(conversations=conv, images=images, audios=audios, id=None if rid is None else str(rid),
-                      where=where, file=str(p), videos=videos)
+                      where=where, file=str(p), videos=videos, extra=extra)
 
     def _media(self, value, column: str | None, row: int, p: Path, folder: str | None, where: str) -> list[Media]:
         """A media cell -> items: bytes, a path, a Hugging Face Image / Audio struct ``{bytes, path}``, or a list."""
@@ -426,6 +441,20 @@ class ParquetSource(_FileSource):
                 raise DataError(f"{column}[{k}] holds no bytes and no path: {_short(v)}", path=where,
                                 hint="binary, a path, or a {bytes, path} struct (Hugging Face Image / Audio)")
         return out
+
+
+def _turns_cell(value):
+    """A chosen / rejected cell: a text, a list of turn structs, or a JSON string of a turn list (parsed)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+        if isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed):
+            return parsed
+    return value
 
 
 # ----------------------------------------------------------------------------------- mixture

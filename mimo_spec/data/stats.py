@@ -507,6 +507,15 @@ def scan_run_data(run, model, tokenizer, scan: DataScanConfig, console=None, qui
     out = []
     for split in ("train", "eval"):
         dataset = build_dataset(run.data, model, tokenizer, split)
+        if getattr(run.train, "objective", "sft") == "dpo":  # records are preference pairs, read as training reads them
+            inner = getattr(dataset, "dataset", dataset)
+            if not callable(getattr(inner, "use_pairs", None)):
+                from mimo_spec.errors import ConfigError
+                from mimo_spec.train.preference import PAIR_DATA_HINT
+
+                raise ConfigError(f"train.objective dpo needs preference pairs, and data.source {run.data.source} "
+                                  "has none", path="train.objective", hint=PAIR_DATA_HINT)
+            inner.use_pairs()
         cap = scan.max_samples
         if quick and run.data.source == "synthetic":
             cap = min(cap, max(1, scan.decode_samples))

@@ -18,7 +18,8 @@ Every sample is a short chat whose answer is learnable:
 - **text only** (``text_only_fraction``): counting, repeating words, successors.
 - **generation** (output modalities, ``generation_fraction``): ``draw a red circle``
   answered with the modality's generation tokens (trained, so the LM learns to
-  emit them), with the rendered image (values in [0, 1]) as the decoder's target.
+  emit them; a discrete modality's begin token, codes and end token), with the rendered image (values
+  in [0, 1], the shape centred) as the target.
 
 Sample ``i`` of a split depends only on (seed, split, i).
 """
@@ -60,21 +61,28 @@ def _pick(g: torch.Generator, n: int) -> int:
     return int(torch.randint(n, (1,), generator=g))
 
 
-def render_image(color: str, shape: str, size: int, channels: int = 3, *, noise: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """A ``color`` ``shape`` on a dark background: (channels, size, size) in [0, 1].
-
-    The shape is shifted a little at random (with ``generator``) so samples differ.
-    """
-    shift = (torch.rand(2, generator=generator) - 0.5) * 0.3 if generator is not None else torch.zeros(2)
+def shape_mask(shape: str, size: int, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """The (size, size) bool mask of ``shape`` on [-1, 1]^2, moved by ``shift`` (dy, dx). The shapes stay
+    apart even on an 8 x 8 grid of patches (a 6 x 6 square, a rounded circle, a hollow ring, a cross)."""
     axis = torch.linspace(-1, 1, size)
-    y, x = torch.meshgrid(axis - shift[0], axis - shift[1], indexing="ij")
-    mask = {
-        "square": torch.maximum(x.abs(), y.abs()) < 0.55,
-        "circle": x**2 + y**2 < 0.65**2,
+    y, x = torch.meshgrid(axis - float(shift[0]), axis - float(shift[1]), indexing="ij")
+    return {
+        "square": torch.maximum(x.abs(), y.abs()) < 0.75,
+        "circle": x**2 + y**2 < 0.7**2,
         "cross": ((x.abs() < 0.22) | (y.abs() < 0.22)) & (torch.maximum(x.abs(), y.abs()) < 0.85),
         "ring": ((x**2 + y**2).sqrt() - 0.6).abs() < 0.18,
     }[shape]
+
+
+def render_image(color: str, shape: str, size: int, channels: int = 3, *, noise: float = 0.0,
+                 generator: torch.Generator | None = None, shift: bool = True) -> torch.Tensor:
+    """A ``color`` ``shape`` on a dark background: (channels, size, size) in [0, 1].
+
+    The shape is shifted a little at random (with ``generator``, unless ``shift`` is false) so samples differ.
+    """
+    moved = generator is not None and shift
+    offset = (torch.rand(2, generator=generator) - 0.5) * 0.3 if moved else torch.zeros(2)
+    mask = shape_mask(shape, size, (float(offset[0]), float(offset[1])))
     rgb = torch.tensor(COLORS[color])
     fg = rgb.repeat((channels + 2) // 3)[:channels] if channels != 1 else rgb.mean().view(1)
     img = torch.where(mask, fg.view(-1, 1, 1), torch.full((channels, 1, 1), 0.1))
@@ -136,11 +144,15 @@ class SyntheticDataset(torch.utils.data.Dataset):
                 self.tags[f"<{name}>"] = Tag(name, mod.special_token_id, per_item)
                 self._check_fits(per_item + ITEM_TEXT, f"one {name} item takes {per_item} placeholder tokens")
             if mod.has_output:
-                shape = tuple(mod.decoder.example_targets(1).shape[1:])
+                shape = tuple(mod.example_targets(1).shape[1:])
                 n = mod.num_generation_tokens
                 self.outputs[name] = {"shape": shape, "tokens": n}
-                self.tags[f"<gen:{name}>"] = Tag(name, mod.generation_token_id, n, trainable=True)
-                self._check_fits(n, f"generating one {name} item takes {n} tokens")
+                discrete = getattr(mod, "tokenizer", None) is not None  # begin, n codes, end
+                self.tags[f"<gen:{name}>"] = Tag(name, mod.generation_token_id, n, trainable=True,
+                                                 begin_id=getattr(mod, "begin_token_id", None) if discrete else None,
+                                                 end_id=getattr(mod, "end_token_id", None) if discrete else None,
+                                                 codes=discrete)
+                self._check_fits(n + 2, f"generating one {name} item takes {n} tokens")
 
     def _grid_modality(self, name: str, mod) -> None:
         """An input modality whose items differ in size: a pool of the encoder's example items, each kept as
@@ -222,7 +234,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         shape = self.outputs[name]["shape"]
         if len(shape) == 3:  # an image (C, H, W)
             color, kind = list(COLORS)[_pick(g, len(COLORS))], SHAPES[_pick(g, len(SHAPES))]
-            target = render_image(color, kind, shape[1], shape[0], generator=g)
+            # the drawing a prompt asks for is centred: one image per prompt, which greedy decoding can match
+            target = render_image(color, kind, shape[1], shape[0], generator=g, shift=False)
             prompt = f"draw a {color} {kind}"
         else:
             target = torch.rand(shape, generator=g)

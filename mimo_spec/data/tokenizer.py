@@ -177,6 +177,9 @@ def reserved_token_ids(model) -> dict[int, str]:
             out[int(mod.special_token_id)] = f"modalities.{name}.params.special_token_id"
         if mod.generation_token_id is not None:
             out[int(mod.generation_token_id)] = f"modalities.{name}.params.generation_token_id"
+        for key in ("begin_token_id", "end_token_id"):
+            if getattr(mod, key, None) is not None:
+                out[int(getattr(mod, key))] = f"modalities.{name}.params.{key}"
     return out
 
 
@@ -280,6 +283,11 @@ class Tag:
     token_id: int
     length: int
     trainable: bool = False  # generation tokens of an output modality are trained; input placeholders never
+    # a discrete modality's item: its begin / end tokens around the run (trained with a trainable tag), and the
+    # run's positions are codes (scored by the modality's own loss, so their LM labels are -100)
+    begin_id: int | None = None
+    end_id: int | None = None
+    codes: bool = False
 
 
 @dataclass
@@ -450,9 +458,16 @@ class ConversationEncoder:
 
     @staticmethod
     def _run(tag: Tag, train: bool, ids: list[int], labels: list[int], runs: list) -> None:
+        trained = train and tag.trainable
+        if tag.begin_id is not None:
+            ids.append(tag.begin_id)
+            labels.append(tag.begin_id if trained else IGNORE_INDEX)
         runs.append((tag.modality, len(ids), tag.length))
         ids.extend([tag.token_id] * tag.length)
-        labels.extend([tag.token_id if train and tag.trainable else IGNORE_INDEX] * tag.length)
+        labels.extend([tag.token_id if trained and not tag.codes else IGNORE_INDEX] * tag.length)
+        if tag.end_id is not None:
+            ids.append(tag.end_id)
+            labels.append(tag.end_id if trained else IGNORE_INDEX)
 
     # --------------------------------------------------------------- the tokenizer's Jinja chat template
     def _render(self, messages, add_generation_prompt: bool, where: str, **kw):

@@ -41,6 +41,17 @@ MOE_FIELDS = ["router_aux_loss", "router_z_loss", "expert_load_max", "expert_loa
 
 
 
+def output_fields(model) -> list[str]:
+    """Evaluation's columns for each output modality: its loss, and a discrete one's code accuracy."""
+    out = []
+    for name, mod in model.modalities.items():
+        if getattr(mod, "has_output", False):
+            out.append(f"eval_{name}_loss")
+            if getattr(mod, "tokenizer", None) is not None:
+                out.append(f"eval_{name}_acc")
+    return out
+
+
 # keys that may change between a run and its resumption
 RESUMABLE_CHANGES = ("action", "debug", "summary", "eval", "generate", "import_hf", "train.steps", "train.resume",
                      "train.stop_after_steps", "data_scan",
@@ -131,6 +142,8 @@ def _resume(resume, out_dir: Path, model, optimizer, current: dict, console, dru
         try:
             return path, load_checkpoint(path, model, optimizer, drun=drun)
         except CheckpointError as e:
+            if getattr(e, "not_damage", False):  # sound, but not for this run (adapters on another base)
+                raise
             say(console, f"warning: skipping damaged checkpoint {path}: {e}")
             damaged.append(f"{path} ({e.problems[0].path}: {e.problems[0].message})")
     if damaged:  # the model may hold half-loaded weights: never train on from there
@@ -224,21 +237,32 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
                         world_size=launched.world_size if launched is not None else 1,
                         checks=[layout_check(run.parallel.layout)])
     check_backend_device(model, device)
+    from mimo_spec.peft import base_loaded, base_view
+
     if run.init_from:  # start from imported weights (a resumed checkpoint then overrides them)
         from mimo_spec.weights import load_weights
 
-        load_weights(model, Path(run.init_from) / "model.safetensors")
+        with base_view(model, merge=False):  # the base's tensors, strictly; the adapters start fresh
+            load_weights(model, Path(run.init_from) / "model.safetensors")
+    base_loaded(model)  # adapters: DoRA magnitudes from the base, its fingerprint for the checkpoints
     # the data follows the whole model's modalities: built before a pipeline stage drops some of them
     tokenizer = build_tokenizer(run.data, model)
     train_set = build_dataset(run.data, model, tokenizer, "train")
     eval_set = build_dataset(run.data, model, tokenizer, "eval")
     empty = empty_parts(model)  # what a rank's share lacks of its global batch (all modalities, before any drop)
+    objective = None
+    if tc.objective == "dpo":  # preference pairs; the reference is the model as it starts (before any layout)
+        from mimo_spec.train.preference import DPO
+
+        objective = DPO.prepare(run, model, train_set, eval_set)
     from mimo_spec.parallel.parallelize import apply_one_process, start_parallel
 
     layout_train = tc.model_dump()  # parallel/ reads the train section as a mapping
     drun = start_parallel(run.parallel.layout, layout_train, model)  # None: one process, the plain loop
     if drun is None:  # the layout's activation checkpointing and compile still apply
         apply_one_process(run.parallel.layout, model, layout_train)
+    if objective is not None:
+        objective.check_layout(drun)
     main = drun is None or drun.rank == 0
     if not main:
         console = Silent()
@@ -279,6 +303,11 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
 
     has_moe = any(isinstance(m, MoE) for m in model.modules())
     fields = FIELDS[:-2] + MOE_FIELDS + FIELDS[-2:] if has_moe else FIELDS
+    if objective is not None:  # DPO: rewards and accuracy per step; evaluation's loss is the DPO loss
+        from mimo_spec.train.preference import EVAL_FIELDS, STEP_FIELDS
+
+        fields = fields[:-2] + STEP_FIELDS + EVAL_FIELDS
+    fields = fields + output_fields(model)
     metrics = MetricsWriter(out_dir, fields, resume=source is not None) if main else NullMetrics()
     if source is not None and main:
         truncate_metrics(metrics, start_step)
@@ -332,11 +361,13 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
                     # forward, loss, backward for this layout; one global token count normalises every
                     # micro-batch's gradient (mimo_spec/train/step.py)
                     step_loss += forward_backward(model, batch, total_tokens, device=device, precision=precision,
-                                                  drun=drun, router_stats=router)
+                                                  drun=drun, router_stats=router, objective=objective)
             except StopRequested:  # undo the step cut short: data position, RNG and gradients as at its start
                 batches.rewind(state0)
                 _set_rng_state(rng0)
                 optimizer.zero_grad(set_to_none=True)
+                if objective is not None:
+                    objective.reset()
                 if step > start_step and saved_at["step"] != step:
                     save(step)
                     say(console, f"received signal {stop.signal} during step {step + 1}: saved checkpoint at step "
@@ -367,16 +398,19 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
             row = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - t_start, 3),
                    "padding_fraction": round(padding, 4), "skipped_samples": skips.bad + skips.dropped, **moe_row}
+            if objective is not None:  # every rank: the pair sums are all-reduced
+                row.update(objective.step_row(drun))
+            run_eval = evaluate if objective is None else objective.evaluate
             eval_every = tc.eval_every
             if len(eval_set) and ((eval_every and done % eval_every == 0) or done == steps):
                 if drun is not None and (drun.split or drun.pipeline) is not None:  # no rank holds the whole model
-                    scores = evaluate(model, eval_set, collate_fn, batch_size, tc.eval_batches, precision, device,
+                    scores = run_eval(model, eval_set, collate_fn, batch_size, tc.eval_batches, precision, device,
                                       drun=drun)
                 else:
                     asked = (lambda: stop.signal is not None) if drun is None else \
                         (lambda: drun.any_rank(stop.signal is not None))
                     try:
-                        scores = evaluate(model, eval_set, collate_fn, batch_size, tc.eval_batches, precision,
+                        scores = run_eval(model, eval_set, collate_fn, batch_size, tc.eval_batches, precision,
                                           device, should_stop=asked, drun=drun)
                     except StopRequested:  # the step itself is complete: its checkpoint is saved below
                         stop.signal = stop.signal or signal.SIGTERM
@@ -529,7 +563,10 @@ def measure_samples(dataset, seq_len: int | None, n: int = 8) -> tuple[float, fl
             s = dataset[i]
         except DataError:
             continue
-        sizes.append((tensor_bytes(s), int(s["input_ids"].shape[0])))
+        # a preference pair is two rows (chosen and rejected): its tokens are both rows'
+        rejected = s.get("rejected_input_ids")
+        rows = int(s["input_ids"].shape[0]) + (int(rejected.shape[0]) if rejected is not None else 0)
+        sizes.append((tensor_bytes(s), rows))
         if len(sizes) == n:
             break
     if not sizes:

@@ -18,10 +18,20 @@ def log_line(row: dict, steps: int) -> str:
     if row.get("router_aux_loss") is not None:  # a mixture-of-experts LM: balance of its experts
         line += (f"  aux {float(row['router_aux_loss']):.4f}  load {float(row['expert_load_max']):.2f}/"
                  f"{float(row['expert_load_min']):.2f}")
+    if row.get("reward_accuracy") is not None:  # preference training (DPO)
+        line += f"  acc {float(row['reward_accuracy']):.2f}  margin {float(row['reward_margin']):.4f}"
     if row.get("skipped_samples"):
         line += f"  skipped {row['skipped_samples']}"
-    if "eval_loss" in row:
+    if "eval_loss" in row and "eval_ppl" in row:
         line += f"  eval loss {row['eval_loss']:.4f} (ppl {row['eval_ppl']:.2f})"
+    elif "eval_loss" in row:
+        line += f"  eval loss {row['eval_loss']:.4f}"
+        if "eval_reward_accuracy" in row:
+            line += f" (acc {float(row['eval_reward_accuracy']):.2f})"
+    for key in row:  # output modalities: eval_<name>_loss and a discrete one's eval_<name>_acc
+        name = key[5:-5]
+        if key.startswith("eval_") and key.endswith("_loss") and f"eval_{name}_acc" in row and row[key] is not None:
+            line += f"  {name} {float(row[key]):.4f} (acc {float(row[f'eval_{name}_acc']):.2f})"
     return line
 
 

@@ -36,6 +36,15 @@ class ParamGroupConfig(_Strict):
     weight_decay: pydantic.NonNegativeFloat | None = None
 
 
+class DPOConfig(_Strict):
+    """``train.dpo``: direct preference optimisation (``train.objective: dpo``, see ``mimo_spec.train.preference``)."""
+
+    # how far the policy may move from the reference: the loss is -logsigmoid(beta * the log-ratio difference)
+    beta: pydantic.PositiveFloat = 0.1
+    # conservative DPO: the share of pairs assumed mislabelled (0: plain DPO)
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.5)
+
+
 class TrainConfig(_Strict):
     steps: pydantic.PositiveInt
     batch_size: pydantic.PositiveInt
@@ -61,6 +70,9 @@ class TrainConfig(_Strict):
     seed: Seed = 0
     num_threads: int | None = Field(None, ge=1, le=4096)
     device: str | None = None
+    # sft: next-token loss on the answers; dpo: preference pairs (chosen / rejected answers) against a frozen reference
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DPOConfig = DPOConfig()
 
 
 class EvalConfig(_Strict):
@@ -89,6 +101,8 @@ class GenerateConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1.0: off
     kv_cache: bool = True
     seed: Seed = 0
+    output_modality: str | None = None  # start an item of this output modality at once (after the prompt)
+    guidance_scale: float = 1.0  # classifier-free guidance of a discrete output modality's codes (1: off)
 
     @pydantic.field_validator("temperature")
     @classmethod

@@ -97,12 +97,13 @@ class RouterStats:
 
 
 def forward_backward(model, batch: dict, total_tokens: int, *, device, precision: str = "fp32", drun=None,
-                     router_stats: RouterStats | None = None) -> float:
+                     router_stats: RouterStats | None = None, objective=None) -> float:
     """One micro-batch of a training step: forward, loss, backward (gradients accumulate).
 
     ``batch``: the collated global micro-batch; ``total_tokens``: the step's counted tokens over every
     micro-batch. Returns this micro-batch's share of the step loss (summed over ranks by the caller).
     ``router_stats``: where a mixture-of-experts LM's router losses and expert loads of the step are summed.
+    ``objective``: preference training (``mimo_spec.train.preference.DPO``; its batches count pairs), else SFT.
     """
     if drun is not None and drun.split is not None:  # encoders on their own ranks (the global batch)
         with autocast(precision, device):
@@ -117,6 +118,8 @@ def forward_backward(model, batch: dict, total_tokens: int, *, device, precision
     if drun is not None and drun.pipeline is not None:  # the schedule runs forward and backward
         with autocast(precision, device), train_context(drun):
             return drun.pipeline.train_batch(batch, total_tokens)
+    if objective is not None:  # preference pairs: policy and reference log-probabilities (train/preference.py)
+        return objective.train_step(model, batch, total_tokens, device=device, precision=precision, drun=drun)
     model.prepare_inputs(batch["input_ids"], batch.get("modality_inputs") or {},
                          items_per_sample=batch.get("items_per_sample"))
     return _lm_step(model, batch, total_tokens, device, precision, drun, embeddings, router_stats)
@@ -130,7 +133,9 @@ def _lm_step(model, batch: dict, total_tokens: int, device, precision: str, drun
         (losses.loss * weight).backward()
     if router_stats is not None:
         router_stats.add(losses, weight)
-    return float(losses.loss.detach()) * weight
+    value = float(losses.loss.detach()) * weight
+    # sequence parallelism: each rank scored its slice; the share's loss is their sum
+    return drun.sequence_sum(value) if getattr(drun, "sp", 1) > 1 else value
 
 
 def clip_grads(model, max_norm: float | None, drun=None) -> float:
@@ -158,7 +163,7 @@ def clip_grads(model, max_norm: float | None, drun=None) -> float:
 # ---------------------------------------------------------------------------- evaluation
 
 
-def eval_nll(model, batch: dict, *, device, precision: str = "fp32", drun=None) -> float:
+def eval_nll(model, batch: dict, *, device, precision: str = "fp32", drun=None, outputs: dict | None = None) -> float:
     """The summed next-token NLL of one collated (global) batch's counted tokens on this rank: the whole
     batch in one process; this rank's data-parallel share, or 0 where the rank holds no loss (pipeline
     stages before the last, encoder ranks), under a layout (the caller sums over ranks)."""
@@ -169,12 +174,21 @@ def eval_nll(model, batch: dict, *, device, precision: str = "fp32", drun=None) 
     if drun is not None and drun.pipeline is not None:
         with autocast(precision, device), train_context(drun):
             return drun.pipeline.eval_batch(drun.local_batch(batch, model))
-    return _eval_local(model, batch, device, precision, drun)
+    return _eval_local(model, batch, device, precision, drun, outputs=outputs)
 
 
-def _eval_local(model, batch: dict, device, precision: str, drun, embeddings=None) -> float:
+def _eval_local(model, batch: dict, device, precision: str, drun, embeddings=None, outputs: dict | None = None) -> float:
     with torch.no_grad(), train_context(drun):
         _, losses = _loss_of(model, batch, device, precision, embeddings)
+    if outputs is not None:  # output modalities: [loss * items, accuracy * items, items] summed over batches
+        for name, loss in losses.modality_losses.items():
+            n = int(batch["output_targets"][name].shape[0])
+            acc = losses.modality_accuracy.get(name)
+            sums = outputs.setdefault(name, [0.0, None if acc is None else 0.0, 0])
+            sums[0] += float(loss) * n
+            if acc is not None:
+                sums[1] += float(acc) * n
+            sums[2] += n
     return float(losses.lm_loss) * int(batch["num_tokens"])
 
 
@@ -195,6 +209,7 @@ def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | Non
     shared = drun is not None and (drun.split or drun.pipeline) is not None
     model.eval()
     total_nll, total_tokens = 0.0, 0
+    outputs: dict = {}  # output modalities' loss and accuracy (layouts where every rank evaluates every batch)
     n = len(dataset)
     try:
         for b, start in enumerate(range(0, n, batch_size)):
@@ -208,10 +223,16 @@ def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | Non
                 samples += [filler_sample(samples[0])] * missing
             batch = collate_fn(samples)
             total_tokens += int(batch["num_tokens"])
-            total_nll += eval_nll(model, batch, device=device, precision=precision, drun=drun)
+            total_nll += eval_nll(model, batch, device=device, precision=precision, drun=drun,
+                                  outputs=None if shared else outputs)
     finally:
         model.train()
     if shared:
         total_nll = drun.all_sum(total_nll)
     loss = total_nll / max(total_tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
+    for name, (loss_sum, acc_sum, n) in outputs.items():  # per output modality: eval_<name>_loss / _acc
+        result[f"eval_{name}_loss"] = loss_sum / max(n, 1)
+        if acc_sum is not None:
+            result[f"eval_{name}_acc"] = acc_sum / max(n, 1)
+    return result
