@@ -21,10 +21,17 @@ STRATEGIES = ("greedy", "sample")
 
 @dataclass
 class Generation:
-    """What ``generate`` produced: new token ids and decoded output-modality items."""
+    """What ``generate`` produced: new token ids (an item's positions included: its begin token, one
+    generation token per code, its end token), the decoded output-modality items (``outputs[name]``) and,
+    for discrete modalities, each item's codes (``codes[name]``: int64 (positions,) tensors, as
+    ``Modality.tokenize`` lays them out; (positions, K) with the delay pattern). ``scores[name]``: with
+    ``output_scores=True``, each item's (positions, num_codes) logits the codes were picked from (guided when
+    ``guidance_scale`` != 1; (positions, K, codebook_size) with the delay pattern)."""
 
     tokens: list[int]
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    codes: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    scores: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def _shown(value) -> str:
@@ -121,18 +128,61 @@ def next_token_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return full_logits(lm.logits(hidden[:, -1]))
 
 
+def unconditional_ids(ids: torch.Tensor, begin_token_id: int | None, pad_id: int) -> torch.Tensor:
+    """The unconditional row of classifier-free guidance, as Janus builds it: every token of ``ids`` (1, L)
+    but the first (bos) and the item's begin tokens replaced by ``pad_id``."""
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, 0] = True
+    if begin_token_id is not None:
+        keep |= ids == begin_token_id
+    return torch.where(keep, ids, torch.full_like(ids, pad_id))
+
+
+def _check_guidance(model, output_modality, guidance_scale, pad_id) -> None:
+    """``output_modality`` names an output modality; ``guidance_scale`` is a finite number and, when it is not 1,
+    ``pad_id`` a token id (the unconditional row is made of it) and the LM no M-RoPE one."""
+    outputs = [n for n, m in model.modalities.items() if m.has_output]
+    if output_modality is not None and (not isinstance(output_modality, str) or output_modality not in outputs):
+        raise InputError(f"expected the name of an output modality, got {_shown(output_modality)}",
+                         path="output_modality", hint=f"this model's output modalities: {', '.join(outputs) or 'none'}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise InputError(f"expected a finite number (1: no guidance), got {_shown(guidance_scale)}",
+                         path="guidance_scale")
+    if guidance_scale != 1:
+        if pad_id is None or isinstance(pad_id, bool) or not isinstance(pad_id, int) \
+                or not 0 <= pad_id < int(getattr(model.language_model, "vocab_size", 2**62)):
+            raise InputError(f"expected the pad token id the unconditional row is made of, got {_shown(pad_id)}",
+                             path="pad_id", hint="classifier-free guidance replaces the prompt by pad tokens "
+                                                 "(Janus): pass the tokenizer's pad id")
+        if getattr(model.language_model, "mrope_section", None) is not None:
+            raise InputError("guidance with an M-RoPE language model is not implemented", path="guidance_scale",
+                             hint="use guidance_scale=1")
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None, *, max_new_tokens: int = 32,
              strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | list[int] | tuple[int, ...] | None = None, use_cache: bool = True,
-             seed: int = 0) -> Generation:
-    """Continue one prompt (input_ids (1, S)) by up to ``max_new_tokens`` tokens.
+             seed: int = 0, output_modality: str | None = None, guidance_scale: float = 1.0,
+             pad_id: int | None = None, output_scores: bool = False) -> Generation:
+    """Continue one prompt (input_ids (1, S)) by up to ``max_new_tokens`` tokens, text and output items
+    interleaved.
 
-    When the LM emits an output modality's generation token, the rest of that
-    item's generation tokens are fed in, and the LM hidden states at all of them
-    are decoded into the item (e.g. an image). ``use_cache=False`` recomputes the
-    whole sequence every step (the reference the cache must match). ``eos_id``: the token id (or ids:
-    eos and a chat template's end-of-turn token) that ends the generation.
+    A discrete output modality (a tokenizer): when the LM emits its ``begin_token_id`` (or at once, with
+    ``output_modality=name``), the item's codes are picked one by one with the KV cache, from logits over the
+    modality's codes only (its own head, or the LM head restricted to its code ids), by the same
+    ``strategy`` / ``temperature`` / ``top_k`` / ``top_p``; each code is fed back; then its ``end_token_id``
+    and the text goes on. ``guidance_scale`` != 1: classifier-free guidance, as Janus: a second row whose
+    tokens but the first and the begin token are ``pad_id`` runs beside the prompt, and codes are picked from
+    ``uncond + guidance_scale * (cond - uncond)``. The codes are in ``codes[name]`` and the tokenizer's
+    decoding of them in ``outputs[name]``.
+
+    A continuous output modality (a decoder): when the LM emits its generation token, the rest of that item's
+    generation tokens are fed in and the hidden states at all of them are decoded into the item.
+
+    ``use_cache=False`` recomputes the whole sequence every step (the reference the cache must match).
+    ``eos_id``: the token id (or ids: eos and a chat template's end-of-turn token) that ends the generation.
     """
     from mimo_spec.models.mimo import MimoModel
 
@@ -143,6 +193,7 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
                          hint="build it on a real device (build_model(cfg, device='cpu')) or load a checkpoint")
     check_sampling(strategy, temperature, top_k, top_p, max_new_tokens)
     check_seed(seed)
+    _check_guidance(model, output_modality, guidance_scale, pad_id)
     stop_ids = [] if eos_id is None else list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id]
     vocab = getattr(model.language_model, "vocab_size", None)
     for stop in stop_ids:
@@ -156,8 +207,15 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     model.eval()
     lm = model.language_model
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    outputs_by_token = {m.generation_token_id: (name, m) for name, m in model.modalities.items() if m.has_output}
-    extra = sum(m.num_generation_tokens for _, m in outputs_by_token.values())
+    outputs = {name: m for name, m in model.modalities.items() if m.has_output}
+    continuous = {m.generation_token_id: (name, m) for name, m in outputs.items() if not m.is_discrete}
+    begins = {m.begin_token_id: (name, m) for name, m in outputs.items()
+              if m.is_discrete and m.begin_token_id is not None}
+    # text never picks a code of a vocabulary-mode modality (those ids are the items' own)
+    code_ids = [m.code_token_ids for m in model.modalities.values()
+                if getattr(m, "code_token_ids", None) is not None]
+    code_ids = torch.cat(code_ids).to(input_ids.device) if code_ids else None
+    extra = max((m.num_generation_tokens + 2 for m in outputs.values()), default=0)
     limit = getattr(lm, "max_seq_len", None)
     if getattr(lm, "position_embedding_kind", None) == "learned" and limit is not None \
             and input_ids.shape[1] + max_new_tokens + extra > limit:  # learned positions end at max_seq_len
@@ -173,43 +231,172 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
         from mimo_spec.train.limits import check_generation_memory
 
         check_generation_memory(model, embeds.shape[1] + extra, max_new_tokens, embeds.device)
-    cache = lm.new_kv_cache(1, max_len) if use_cache else None
-    deep = {"layer_additions": additions} if additions else {}
-    hidden = lm(embeds, kv_cache=cache, position_ids=positions, **deep)
+    st = _Decoding(model, lm, embeds, positions, rope_deltas, additions, use_cache, max_len, input_ids)
     result = Generation(tokens=[])
-    while len(result.tokens) < max_new_tokens:
-        next_id = _agree(pick_next(next_token_logits(lm, hidden), strategy, temperature, top_k, top_p, gen))
-        token = int(next_id[0])
-        if token in outputs_by_token:
-            name, mod = outputs_by_token[token]
-            chunk = torch.full((1, mod.num_generation_tokens), token, dtype=torch.long, device=input_ids.device)
-            result.tokens.extend(chunk[0].tolist())
-        else:
-            chunk = next_id.view(1, 1)
-            result.tokens.append(token)
-        new_embeds = lm.embed_tokens(chunk)
-        new_positions = None
-        if positions is not None:  # M-RoPE: text after the prompt counts on from its largest position
-            from mimo_spec.models.mrope import mrope_next_positions
+    pick = lambda logits: _agree(pick_next(logits, strategy, temperature, top_k, top_p, gen))  # noqa: E731
 
-            past = embeds.shape[1] if cache is None else cache.length
-            new_positions = mrope_next_positions(rope_deltas, chunk.shape[1], past_length=past)
-        if cache is not None:
-            hidden = lm(new_embeds, kv_cache=cache, position_ids=new_positions)
+    def item(name, mod):  # a discrete item's codes, then its end token
+        codes, scores = st.codes(mod, pick, guidance_scale, pad_id)
+        result.codes.setdefault(name, []).append(codes)
+        if output_scores:
+            result.scores.setdefault(name, []).append(scores)
+        result.tokens.extend([mod.generation_token_id] * codes.shape[0])
+        if getattr(mod.tokenizer, "can_decode", True):  # Chameleon's VQ holds no decoder: its codes only
+            result.outputs.setdefault(name, []).append(mod.detokenize(codes[None])[0])
+        if mod.end_token_id is not None:
+            st.feed_ids([mod.end_token_id])
+            result.tokens.append(mod.end_token_id)
+
+    if output_modality is not None:  # an item at once
+        mod = outputs[output_modality]
+        if mod.is_discrete:
+            if mod.begin_token_id is not None:
+                st.feed_ids([mod.begin_token_id])
+                result.tokens.append(mod.begin_token_id)
+            item(output_modality, mod)
         else:
-            embeds = torch.cat([embeds, new_embeds], dim=1)
-            if positions is not None:
-                positions = torch.cat([positions, new_positions[None].expand(3, -1, -1)], dim=2)
-            if deep:
-                additions = {i: torch.cat([a, torch.zeros_like(new_embeds)], dim=1) for i, a in additions.items()}
-                deep = {"layer_additions": additions}
-            hidden = lm(embeds, position_ids=positions, **deep)
-        if token in outputs_by_token:
-            states = hidden[:, -chunk.shape[1]:]  # (1, n_gen, H): the item's generation tokens
-            result.outputs.setdefault(name, []).append(mod.decode(states)[0])
+            _continuous_item(st, output_modality, mod, result)
+    while len(result.tokens) < max_new_tokens:
+        logits = next_token_logits(lm, st.hidden)
+        if code_ids is not None:
+            logits = logits.index_fill(-1, code_ids, float("-inf"))
+        token = int(pick(logits)[0])
+        if token in continuous:
+            _continuous_item(st, *continuous[token], result)
+        else:
+            st.feed_ids([token])
+            result.tokens.append(token)
+            if token in begins:
+                item(*begins[token])
         if token in stop_ids:
             break
     return result
+
+
+def _continuous_item(st: "_Decoding", name: str, mod, result: Generation) -> None:
+    """A decoder's item: all its generation tokens fed at once, their hidden states decoded."""
+    n = mod.num_generation_tokens
+    st.feed_ids([mod.generation_token_id] * n)
+    result.tokens.extend([mod.generation_token_id] * n)
+    states = st.hidden[:, -n:]  # (1, n_gen, H): the item's generation tokens
+    result.outputs.setdefault(name, []).append(mod.decode(states)[0])
+
+
+class _Decoding:
+    """One prompt's decoding state: the KV cache (or, without one, the whole sequence, recomputed each step),
+    the ids so far (for guidance's unconditional row) and the last hidden states."""
+
+    def __init__(self, model, lm, embeds, positions, rope_deltas, additions, use_cache, max_len, input_ids):
+        self.lm, self.positions, self.rope_deltas, self.max_len = lm, positions, rope_deltas, max_len
+        self.ids = input_ids.clone()
+        self.device = input_ids.device
+        self.cache = lm.new_kv_cache(1, max_len) if use_cache else None
+        self.deep = {"layer_additions": additions} if additions else {}
+        self.embeds = embeds
+        self.hidden = lm(embeds, kv_cache=self.cache, position_ids=positions, **self.deep)
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def _new_positions(self, n: int):
+        if self.positions is None:
+            return None
+        from mimo_spec.models.mrope import mrope_next_positions  # M-RoPE: text counts on from the prompt's largest
+
+        return mrope_next_positions(self.rope_deltas, n, past_length=self.length)
+
+    def feed(self, new_embeds: torch.Tensor, ids: list[int]) -> None:
+        """Run the LM on ``new_embeds`` (1, n, H) standing at ``ids`` (the ids' own, or a code's placeholder)."""
+        new_positions = self._new_positions(new_embeds.shape[1])
+        if self.cache is not None:
+            self.hidden = self.lm(new_embeds, kv_cache=self.cache, position_ids=new_positions)
+        else:
+            self.embeds = torch.cat([self.embeds, new_embeds], dim=1)
+            if self.positions is not None:
+                self.positions = torch.cat([self.positions, new_positions[None].expand(3, -1, -1)], dim=2)
+            if self.deep:
+                self.deep = {"layer_additions": {i: torch.cat([a, torch.zeros_like(new_embeds)], dim=1)
+                                                 for i, a in self.deep["layer_additions"].items()}}
+            self.hidden = self.lm(self.embeds, position_ids=self.positions, **self.deep)
+        self.ids = torch.cat([self.ids, torch.tensor([ids], dtype=torch.long, device=self.device)], dim=1)
+
+    def feed_ids(self, ids: list[int]) -> None:
+        self.feed(self.lm.embed_tokens(torch.tensor([ids], dtype=torch.long, device=self.device)), ids)
+
+    def codes(self, mod, pick, guidance_scale: float, pad_id: int | None):
+        """One discrete item's codes, picked one by one (with guidance: beside the unconditional row, both in
+        one batch of 2). Returns (codes (positions,), the logits they were picked from (positions, num_codes)); with
+        the delay pattern (positions, K) codes (``codebook_size`` at the pads) and (positions, K, codebook_size)
+        logits."""
+        n = mod.num_generation_tokens
+        lm = self.lm
+        guided = guidance_scale != 1
+        codes, scores = [], []
+        if guided:  # the unconditional row of the sequence so far, then both rows in one batch
+            u_embeds = lm.embed_tokens(unconditional_ids(self.ids, mod.begin_token_id, pad_id))
+            if self.cache is not None:
+                ucache = lm.new_kv_cache(1, self.max_len)
+                u_hidden = lm(u_embeds, kv_cache=ucache)
+                pair = lm.new_kv_cache(2, self.max_len)
+                pair.k, pair.v = torch.cat([self.cache.k, ucache.k], 1), torch.cat([self.cache.v, ucache.v], 1)
+                pair.key_mask = torch.cat([self.cache.key_mask, ucache.key_mask], 0)
+                pair.length = self.cache.length
+                del ucache
+            else:
+                rows = torch.cat([self.embeds, u_embeds], 0)
+                u_hidden = lm(u_embeds)
+            hidden = torch.cat([self.hidden[:, -1:], u_hidden[:, -1:]], 0)
+        else:
+            hidden = self.hidden[:, -1:]
+        delayed = getattr(mod, "delayed", False)
+        if delayed:  # the delay pattern: K codes per position, each from its own codebook, pads outside the item
+            from mimo_spec.models.modality import delay_mask
+
+            valid = delay_mask(n - mod.num_codebooks + 1, mod.num_codebooks, device=self.device)  # (n, K)
+            pad_code = int(mod.tokenizer.codebook_size)
+        for t in range(n):
+            logits = mod.code_logits(hidden[:, -1]).float()  # (rows, num_codes); delay: (rows, K, codebook_size)
+            if guided:
+                logits = logits[1:] + guidance_scale * (logits[:1] - logits[1:])
+            if delayed:  # codebook k's code where its frame t - k exists (each codebook sampled on its own)
+                code = torch.full((mod.num_codebooks,), pad_code, dtype=torch.long, device=self.device)
+                code[valid[t]] = pick(logits[0][valid[t]])
+                codes.append(code[None])
+                scores.append(logits[0])
+                e = mod.embed_codes(code.view(1, 1, -1), start=t).to(self.hidden.dtype)  # (1, 1, H)
+            else:
+                code, e = self._flat_code(mod, logits, t, pick, codes, scores)
+            if not guided:
+                self.feed(e, [mod.generation_token_id])
+                hidden = self.hidden[:, -1:]
+                continue
+            if self.cache is not None:
+                hidden = lm(e.expand(2, -1, -1), kv_cache=pair)
+            else:
+                rows = torch.cat([rows, e.expand(2, -1, -1)], 1)
+                hidden = lm(rows)
+        if guided:  # the conditional row goes on alone
+            if self.cache is not None:
+                self.cache.k, self.cache.v = pair.k[:, :1], pair.v[:, :1]
+                self.cache.key_mask, self.cache.length = pair.key_mask[:1], pair.length
+            else:
+                self.embeds = rows[:1]
+            self.ids = torch.cat([self.ids, torch.full((1, n), mod.generation_token_id, device=self.device)], 1)
+            self.hidden = hidden[:1]
+        return torch.cat(codes), torch.stack(scores)
+
+    def _flat_code(self, mod, logits, t, pick, codes, scores):
+        """One position's code of a flat layout (several codebooks: the position's own codebook) and its
+        embedding (1, 1, H)."""
+        lo, hi = mod.code_range(t)  # several codebooks: this position's own
+        if hi - lo < logits.shape[-1]:
+            logits = torch.full_like(logits, float("-inf")).index_copy(
+                -1, torch.arange(lo, hi, device=logits.device), logits[..., lo:hi])
+        code = pick(logits)  # (1,)
+        codes.append(code)
+        scores.append(logits[0])
+        return code, mod.embed_codes(code.view(1, 1), start=t).to(self.hidden.dtype)
 
 
 def start_parallel_generation(model, parallel):
@@ -240,7 +427,7 @@ def generation_layout(parallel: dict, model) -> dict:
     if not world or world == 1:
         return parallel
     layout = resolve(parallel, model, world)
-    if layout.colocated and all(m.pp == 1 for m in layout.modules.values()):
+    if layout.colocated and all(m.pp == 1 and m.sp == 1 for m in layout.modules.values()):  # sp: no KV cache
         return parallel
     from mimo_spec.parallel.env import read_env
 
@@ -249,6 +436,18 @@ def generation_layout(parallel: dict, model) -> dict:
         print(f"note: layout {layout.name} splits the model over ranks; generating with the whole model "
               "on every rank (as ddp)", file=sys.stderr)
     return {"name": f"{layout.name} (replicated for generation)", "default": {"dp_replicate": -1}}
+
+
+def save_audio(samples: torch.Tensor, sampling_rate: int, path) -> None:
+    """(samples,) floats in [-1, 1] -> a 16-bit mono WAV file."""
+    import wave
+
+    pcm = (samples.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy()
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(sampling_rate))
+        f.writeframes(pcm.tobytes())
 
 
 def save_image(tensor: torch.Tensor, path) -> None:

@@ -138,9 +138,13 @@ def _load_trained(run: RunConfig, key: str):
     _trust_only_this_command(trained_cfg, run, path)
     device = run_device(run.train.device if run.train is not None else None)  # this command's, not the training run's
     # in the dtype it was trained in (a bf16 run's weights stay bf16)
-    model = build_model(trained_cfg, seed=0, device=device, dtype=trained_cfg.get("dtype"),
-                        checks=[layout_check(run.parallel.layout)])
+    from mimo_spec import peft
+
+    # an adapter checkpoint holds no base: the one it was trained on (init_from's, or the training seed's)
+    model = build_model(trained_cfg, seed=peft.training_seed(trained_cfg) if trained_cfg.get("adapters") else 0,
+                        device=device, dtype=trained_cfg.get("dtype"), checks=[layout_check(run.parallel.layout)])
     check_backend_device(model, device)
+    peft.load_trained_base(model, trained_cfg)
     load_checkpoint(path, model)
     trained_data = validate_data_config(trained_cfg["data"])
     tokenizer = build_tokenizer(trained_data, model)
@@ -210,7 +214,7 @@ def _new_tokens(model, prompt_tokens: int, asked: int, device) -> int:
     from mimo_spec.train.limits import check_generation_memory
 
     lm_max = getattr(model.language_model, "max_seq_len", None)
-    extra = sum(m.num_generation_tokens for m in model.modalities.values() if m.has_output)
+    extra = max((m.num_generation_tokens + 2 for m in model.modalities.values() if m.has_output), default=0)
     if lm_max:
         lm_max = int(lm_max)
         if asked > lm_max:
@@ -233,7 +237,7 @@ def _new_tokens(model, prompt_tokens: int, asked: int, device) -> int:
 def _run_generate(run: RunConfig, out_dir: Path) -> int:
     from mimo_spec.data import encode_prompt
     from mimo_spec.data.tokenizer import stop_token_ids
-    from mimo_spec.generation import generate, save_image, start_parallel_generation
+    from mimo_spec.generation import generate, save_audio, save_image, start_parallel_generation
     from mimo_spec.data.batch import to_device
 
     g = run.generate
@@ -249,20 +253,33 @@ def _run_generate(run: RunConfig, out_dir: Path) -> int:
     max_new = _new_tokens(model, int(input_ids.shape[1]), g.max_new_tokens, device)  # before the KV cache
     out = generate(model, input_ids, modality_inputs, max_new_tokens=max_new, strategy=g.strategy,
                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                   eos_id=stop_token_ids(tokenizer, trained_data.template), use_cache=g.kv_cache, seed=g.seed)
+                   eos_id=stop_token_ids(tokenizer, trained_data.template), use_cache=g.kv_cache, seed=g.seed,
+                   output_modality=g.output_modality, guidance_scale=g.guidance_scale, pad_id=tokenizer.pad_id)
     if not main:  # rank 0 prints and writes the outputs
         return 0
-    specials = {m.generation_token_id for m in model.modalities.values() if m.has_output}
+    specials = {t for m in model.modalities.values() if m.has_output
+                for t in (m.generation_token_id, getattr(m, "begin_token_id", None), getattr(m, "end_token_id", None))}
     text = tokenizer.decode([t for t in out.tokens if t not in specials and t < tokenizer.vocab_size])
     print(text)
     record = {"prompt": redact_env_values(str(g.prompt), run.source), "tokens": out.tokens, "text": text, "outputs": {}}
     for name, items in out.outputs.items():
+        mod = model.modalities[name]
         for i, item in enumerate(items):
-            if item.dim() == 3:
+            if item.dim() == 3:  # an image (C, H, W): a tokenizer's range mapped to [0, 1]
                 file = out_dir / f"generated_{name}_{i}.png"
-                save_image(item, file)
-                record["outputs"].setdefault(name, []).append(str(file))
-                print(f"{name}: wrote {file}")
+                from mimo_spec.data.targets import image_range
+
+                low = float(image_range(mod)[0])
+                save_image((item + 1) / 2 if low < 0 else item, file)
+            elif item.dim() == 1:  # an audio clip (samples,)
+                file = out_dir / f"generated_{name}_{i}.wav"
+                save_audio(item, int(getattr(mod.tokenizer, "sampling_rate", 16000)), file)
+            else:
+                continue
+            record["outputs"].setdefault(name, []).append(str(file))
+            print(f"{name}: wrote {file}")
+    if out.codes:
+        record["codes"] = {name: [c.tolist() for c in codes] for name, codes in out.codes.items()}
     write_text_atomic(out_dir / "generation.json", json.dumps(record, indent=2) + "\n")
     return 0
 

@@ -260,16 +260,17 @@ def test_damaged_wav_files_say_what_is_wrong(tmp_path):
 
 def test_output_targets_are_checked():
     cfg = tiny_config()
-    cfg["modalities"]["image_out"] = {"module": "modality", "params": {"generation_token_id": 251},
-                                      "submodules": {"decoder": {"module": "patch_image_decoder", "params": {
-                                          "in_features": 32, "image_size": 8, "patch_size": 4}}}}
+    cfg["modalities"]["image_out"] = {"module": "modality", "params": {"generation_token_id": 251,
+                                                                       "code_token_offset": 200},
+                                      "submodules": {"tokenizer": {"module": "patch_palette", "params": {
+                                          "image_size": 8, "patch_size": 4}}}}
     model = build_model(cfg, seed=0)
     batch = model.example_inputs(2)
     target = batch["output_targets"]["image_out"]
     assert model(**batch).loss is not None  # the good batch runs
     cases = [
-        (target[:, :, :4], "output_targets.image_out", "expected targets of shape (N, 3, 8, 8)", "got (2, 3, 4, 8)"),
-        (target[:, 0], "output_targets.image_out", "expected targets of shape (N, 3, 8, 8)"),
+        (target[:, :, :4], "output_targets.image_out", "expected images (N, 3, 8, 8)", "got (2, 3, 4, 8)"),
+        (target[:, 0], "output_targets.image_out", "expected images (N, 3, 8, 8)"),
         (target[0, 0, 0, 0], "output_targets.image_out", "of shape ()"),
         (target.to("meta"), "output_targets.image_out", "is on meta but input_ids is on cpu"),
         (target[:1], "output_targets.image_out", "input_ids hold 8 generation tokens (id 251) but 4 target tokens",

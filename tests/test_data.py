@@ -192,7 +192,8 @@ def test_synthetic_follows_the_modalities():
             assert int((s["input_ids"] == mods[n].special_token_id).sum()) == s["num_items"][n] * per_item[n]
             assert (s["labels"][s["input_ids"] == mods[n].special_token_id] == -100).all()
         gen = int((s["input_ids"] == mods["image_out"].generation_token_id).sum())
-        assert gen == 16 * len(s["targets"].get("image_out", []))
+        assert gen == 64 * len(s["targets"].get("image_out", []))  # 8 x 8 palette codes per image
+        assert int((s["input_ids"] == mods["image_out"].begin_token_id).sum()) == len(s["targets"].get("image_out", []))
         kinds.add("gen" if gen else "text" if not any(s["num_items"].values()) else "items")
         assert s["input_ids"][0] == tok.bos_id and s["labels"][-1] == tok.eos_id
     assert kinds == {"gen", "text", "items"} and counts == {"images": {0, 1, 2}, "audio": {0, 1, 2}}

@@ -28,7 +28,7 @@ LM_KEYS = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads
 ENC_KEYS = ["image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "feature_layer",
             "feature_select", "class_token", "num_channels", "dynamic_image_size", "bogus"]
 MODULES = st.sampled_from(["gpt", "clip_vit", "whisper_encoder", "mlp", "linear", "identity", "modality",
-                           "pixel_shuffle_mlp", "patch_image_decoder", "nope", "os.system", ""])
+                           "pixel_shuffle_mlp", "patch_palette", "nope", "os.system", ""])
 
 
 def _node_exists(cfg, path: str) -> bool:

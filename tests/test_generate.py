@@ -29,21 +29,3 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert picks == {0, 1}
     picks = {int(pick_next(logits, "sample", top_p=0.5, generator=g)) for _ in range(100)}
     assert picks == {0}
-
-
-def test_output_modality_is_generated():
-    cfg = tiny_config()
-    cfg["modalities"]["image_out"] = {"module": "modality", "params": {"generation_token_id": 251},
-                                      "submodules": {"decoder": {"module": "patch_image_decoder", "params": {
-                                          "in_features": 32, "image_size": 8, "patch_size": 4}}}}
-    model = build_model(cfg, seed=0)
-    lm = model.language_model
-    plain_logits = lm.logits  # make the LM always prefer the generation token
-    lm.logits = lambda h: plain_logits(h).index_fill(-1, torch.tensor([251]), 1e4)
-    ids, inputs = _prompt(model)
-    ids = ids[:, ids[0] != 251]  # the prompt itself has no generation tokens
-    out = generate(model, ids, inputs, max_new_tokens=4)
-    assert out.tokens[:4] == [251] * 4
-    assert out.outputs["image_out"][0].shape == (3, 8, 8)
-    cached = generate(model, ids, inputs, max_new_tokens=4, use_cache=False)
-    torch.testing.assert_close(cached.outputs["image_out"][0], out.outputs["image_out"][0])

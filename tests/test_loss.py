@@ -109,8 +109,10 @@ def test_output_modality_losses_come_from_the_loss_module():
         bare = model(batch["input_ids"], batch["modality_inputs"], output_targets=batch["output_targets"])
     assert bare.loss is not None and bare.lm_loss is None  # no labels: the output modality's loss alone
     losses = mimo_loss(model.modalities, out, labels=batch["labels"], output_targets=batch["output_targets"])
-    mod = model.modalities["image_out"]
-    want = mod.output_loss_fn(out.modality_outputs["image_out"], batch["output_targets"]["image_out"])
+    mod = model.modalities["image_out"]  # a discrete modality: cross entropy of its code logits on the codes
+    codes = mod.tokenizer.encode(batch["output_targets"]["image_out"])
+    torch.testing.assert_close(out.output_codes["image_out"], codes)
+    want = mod.output_loss_fn(out.modality_outputs["image_out"], codes)
     torch.testing.assert_close(losses.modality_losses["image_out"], want)
     torch.testing.assert_close(losses.loss, out.loss)
     assert float(out.lm_loss) == pytest.approx(reference_lm_loss(out.logits, batch["labels"]), rel=1e-5)

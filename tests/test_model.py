@@ -161,30 +161,6 @@ def test_frozen_encoder_builds_no_graph():
     assert model.modalities["images"].input_projections["clip"].layers[0].weight.grad is not None
 
 
-def test_output_modality_decodes_and_adds_its_loss():
-    cfg = tiny_config()
-    cfg["modalities"]["image_out"] = {"module": "modality", "params": {
-        "generation_token_id": 251, "output_loss": "mse", "output_loss_weight": 0.5},
-        "submodules": {"decoder": {"module": "patch_image_decoder", "params": {
-            "in_features": 32, "image_size": 8, "patch_size": 4}}}}
-    model = build_model(cfg, seed=0)
-    batch = model.example_inputs(2)
-    assert batch["output_targets"]["image_out"].shape == (2, 3, 8, 8)
-    assert (batch["input_ids"] == 251).sum() == 8
-    out = model(**batch)
-    assert out.modality_outputs["image_out"].shape == (2, 3, 8, 8)
-    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.modality_losses["image_out"])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(30):
-        opt.zero_grad()
-        o = model(**batch)
-        o.loss.backward()
-        opt.step()
-        first = first if first is not None else o.modality_losses["image_out"].item()
-    assert o.modality_losses["image_out"].item() < 0.5 * first
-
-
 def test_packed_rows_give_the_unpacked_loss():
     model = build_model(tiny_config(), seed=0).eval()
     g = torch.Generator().manual_seed(5)
@@ -218,14 +194,14 @@ def test_any_to_any_example_config_trains_its_output():
     assert batch["output_targets"]["image_out"].shape == (2, 3, 32, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(12):
         opt.zero_grad()
         out = model(**batch)
         out.loss.backward()
         opt.step()
         losses.append(out.modality_losses["image_out"].item())
-    assert out.modality_outputs["image_out"].shape == (2, 3, 32, 32)
-    assert losses[-1] < 0.5 * losses[0]
+    assert out.modality_outputs["image_out"].shape == (2, 64, 7)  # logits over the 7 palette codes
+    assert losses[-1] < 0.5 * losses[0] and float(out.modality_accuracy["image_out"]) > 0.5
 
 
 def test_precomputed_modality_embeddings_replace_the_encoders():

@@ -200,12 +200,27 @@ def test_generate_writes_output_modality_images(tmp_path, monkeypatch):
     from mimo_spec.components.language.gpt import GPT
 
     train(cfg("modality=[vision_clip,image_gen]", "train.steps=2", "train.eval_every=0"), tmp_path / "run")
-    plain = GPT.logits  # make the LM emit the image generation token (id 1002) first
-    monkeypatch.setattr(GPT, "logits", lambda self, h: plain(self, h).index_fill(-1, torch.tensor([1002]), 1e4))
+    plain = GPT.logits  # make the LM open an image (its begin token, id 1003) first
+    monkeypatch.setattr(GPT, "logits", lambda self, h: plain(self, h).index_fill(-1, torch.tensor([1003]), 1e4))
     gen_cfg = compose_config(["action=generate", f"generate.checkpoint={tmp_path / 'run'}",
                               "generate.prompt=draw a red circle", "generate.max_new_tokens=16"])
     assert jobs.run_generate(gen_cfg, tmp_path) == 0
     record = json.loads((tmp_path / "generation.json").read_text())
     png = Path(record["outputs"]["image_out"][0])
-    assert Image.open(png).size == (32, 32) and record["tokens"][:16] == [1002] * 16
+    assert Image.open(png).size == (32, 32) and record["tokens"][:66] == [1003] + [1002] * 64 + [1004]
+    codes = record["codes"]["image_out"][0]
+    assert len(codes) == 64 and all(0 <= c < 7 for c in codes)
+    # the PNG is the tokenizer's painting of those codes
+    from mimo_spec.components.tokenizers.palette import PatchPalette
+
+    painted = (PatchPalette(32, 4).decode(torch.tensor([codes]))[0] * 255).round().byte().permute(1, 2, 0)
+    assert torch.equal(torch.from_numpy(__import__("numpy").asarray(Image.open(png))), painted)
+    # output_modality= starts the item at once, with guidance
+    gen_cfg = compose_config(["action=generate", f"generate.checkpoint={tmp_path / 'run'}", "generate.prompt=draw",
+                              "generate.max_new_tokens=1", "generate.output_modality=image_out",
+                              "generate.guidance_scale=3.0"])
+    monkeypatch.setattr(GPT, "logits", plain)
+    assert jobs.run_generate(gen_cfg, tmp_path) == 0
+    record = json.loads((tmp_path / "generation.json").read_text())
+    assert record["tokens"] == [1003] + [1002] * 64 + [1004] and len(record["codes"]["image_out"][0]) == 64
     assert OmegaConf.is_config(gen_cfg)

@@ -58,12 +58,16 @@ SUPPORTED = {
     "idefics3": "mimo (gpt + SigLIP clip_vit + pixel_shuffle_mlp connector; images as tiles)",
     "smolvlm": "mimo (gpt + SigLIP clip_vit + pixel_shuffle_mlp connector; images as tiles)",
     "qwen2_audio": "mimo (gpt + whisper_encoder with average pooling + linear; audio)",
+    "janus": "mimo (gpt + images: SigLIP clip_vit + mlp aligner; image_gen: janus_vq tokenizer + embedding, "
+             "mlp aligner and mlp head)",
+    "chameleon": "mimo (gpt with per-head q/k LayerNorms; images: chameleon_vq tokenizer, codes in the LM's "
+                 "vocabulary)",
 }
 # model_type -> the module of mimo_spec.interop converting that family: its ``import_conversion(config, where)``
 # returns a _Conversion; its ``export(model, spec, lm_params, dtype, extras)`` (hf_export) writes it back.
 FAMILIES = {"llava_next": "hf_llava_next", "llava_onevision": "hf_llava_next", "llava_next_video": "hf_llava_next",
             "internvl": "hf_internvl", "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3",
-            "qwen2_audio": "hf_qwen2_audio"}
+            "qwen2_audio": "hf_qwen2_audio", "janus": "hf_janus", "chameleon": "hf_chameleon"}
 _LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe")
 _VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 # HF tensors every import may skip: buffers that older checkpoints saved.
@@ -83,6 +87,9 @@ class _Conversion:
     ignore: list[str] = field(default_factory=list)  # regexes of HF tensors deliberately left out
     # (our key prefix, keys -> plan) for components without a PLANS entry (Qwen vision towers)
     extra: list[tuple[str, Any]] = field(default_factory=list)
+    # our buffers the conversion computes from the config (no HF tensor holds them): {our key: tensor}
+    # (Chameleon's code -> vocabulary id map, from config.vocabulary_map)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def plan(self, keys: list[str]) -> hw.Plan:
         plan: hw.Plan = {}
@@ -328,7 +335,11 @@ def import_hf(source: Any, *, dtype: Any = None, device: str | torch.device = "c
     except KeyError as e:  # a component's anchor tensor is absent: nothing to convert from
         raise InputError(f"missing tensors: {e.args[0].split('; pass prefix=')[0]}", path=str(ckpt.path) if ckpt else where,
                          hint="the checkpoint does not match its config.json (or is incomplete)") from None
-    check_plan(plan, available, model.state_dict(), list(_ALWAYS_IGNORED) + conv.ignore,
+    for key, value in conv.constants.items():  # set before loading: the loaders check that nothing is left meta
+        owner, _, name = key.rpartition(".")
+        model.get_submodule(owner).register_buffer(name, value.to(device))
+    expected = {k: v for k, v in model.state_dict().items() if k not in conv.constants}
+    check_plan(plan, available, expected, list(_ALWAYS_IGNORED) + conv.ignore,
                str(ckpt.path) if ckpt is not None else where)
     if ckpt is not None:
         stream_into(model, plan, ckpt, target, device)

@@ -57,6 +57,20 @@ def gather_positions(hidden: torch.Tensor, input_ids: torch.Tensor, token_id: in
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, order)
 
 
+def gather_before(hidden: torch.Tensor, input_ids: torch.Tensor, token_id: int, count: int) -> torch.Tensor:
+    """Hidden states at the positions just before each of the first ``count`` positions holding ``token_id``
+    (row-major): the states that predict those positions (a discrete item's codes). No host sync.
+
+    hidden: (B, S, H) -> (count, H). A row's first position is never such a token (the item's begin token,
+    or text, comes before its codes); where it is, the state of the previous row's last position would be taken,
+    so the count check below and the data path's layout keep it out.
+    """
+    flat = (input_ids == token_id).reshape(-1)
+    order = torch.argsort((~flat).to(torch.int8), stable=True)[:count]
+    torch._assert_async(flat.sum() == count, "generation token count != output target codes")
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, (order - 1).clamp(min=0))
+
+
 def check_placeholder_counts(input_ids: torch.Tensor, expected: dict[str, tuple[int, list[int]]]) -> None:
     """Host-side check that each sample has exactly the placeholders its items produce.
 

@@ -72,8 +72,12 @@ def slice_modality_items(modality, inputs: dict, lo: int, hi: int) -> dict:
 
 
 def _encoders(modality):
-    """The encoders a modality's items go through (its own, or those of the modality it takes them from)."""
-    return getattr(modality, "src", modality).encoders
+    """The encoders a modality's items go through (its own, or those of the modality it takes them from); a
+    discrete modality's raw items go to its tokenizer (``{"tokenizer": {"pixel_values": ...}}``)."""
+    src = getattr(modality, "src", modality)
+    if getattr(src, "tokenizer", None) is not None and not len(src.encoders):
+        return {"tokenizer": src.tokenizer}
+    return src.encoders
 
 
 def check_grid_rows(encoder, kwargs: dict, path: str, what: str = "item") -> None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from mimo_spec.errors import InputError, ParamError
 from mimo_spec.loss import IGNORE_INDEX, mimo_loss
-from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts,
+from mimo_spec.models.alignment import (align_modality_embeddings, check_placeholder_counts, gather_before,
                                         gather_positions, split_items_by_placeholders)
 from mimo_spec.models.inputs import check_devices, check_mapping, check_tensors, check_values, expected_placeholders
 from mimo_spec.registry import register
@@ -25,7 +25,10 @@ class MimoOutput:
     With ``forward(logits_at=positions)`` the logits are ``(K, V)``: only at those K flat positions of the
     ``(B, S)`` sequence (``logits_at`` keeps them; the training step asks for the positions whose next-token
     label counts, so the LM head skips image placeholders and padding).
-    modality_outputs: per output modality, the items decoded at its generation tokens.
+    modality_outputs: per output modality, the items decoded at its generation tokens; for a discrete
+    modality the logits over its codes predicting each code position, (N, positions, num_codes).
+    output_codes: per discrete output modality, the codes of its target items (N, positions) (what the
+    logits are scored against).
     loss / lm_loss / modality_losses: filled by ``forward(labels=..., output_targets=...)``, a convenience
     that calls :func:`mimo_spec.loss.mimo_loss` (the training step calls it itself).
     router: a mixture-of-experts language model's router losses and per-expert token counts of this forward
@@ -42,6 +45,8 @@ class MimoOutput:
     router: object | None = None
     router_aux_loss: torch.Tensor | None = None
     router_z_loss: torch.Tensor | None = None
+    output_codes: dict[str, torch.Tensor] = field(default_factory=dict)
+    modality_accuracy: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _or_empty(value):
@@ -96,7 +101,7 @@ class MimoModel(nn.Module):
         # by item): placeholder, encoder name, grid input names, spatial merge, whether its items are videos
         self.grid_items: dict[str, tuple[int, str, tuple[str, ...], int, bool]] = {}
         for name, mod in self.modalities.items():
-            if not mod.has_input or mod.special_token_id is None:
+            if not mod.has_input or mod.special_token_id is None or not mod.src.encoders:
                 continue
             enc_name, enc = next(iter(mod.src.encoders.items()))
             grids = tuple(getattr(enc, "grid_inputs", None) or {})
@@ -104,6 +109,16 @@ class MimoModel(nn.Module):
             if grids and merge is not None:  # fixed-size items: their placeholders count as text positions
                 self.grid_items[name] = (mod.special_token_id, enc_name, grids, int(merge),
                                           mod.item_kind == "video")
+        vocab = getattr(language_model, "vocab_size", None)
+        for name, mod in self.modalities.items():  # discrete modalities: codes in the LM's vocabulary
+            if getattr(mod, "tokenizer", None) is None:
+                continue
+            mod.link_language_model(language_model)
+            last = None if mod.code_token_offset is None else mod.code_token_offset + mod.num_codes - 1
+            if last is not None and vocab is not None and last >= int(vocab):
+                raise ParamError(f"modalities.{name}.params.code_token_offset",
+                                 f"codes map to LM ids up to {last}, outside the vocabulary [0, {vocab}) "
+                                 f"({mod.num_codes} codes from {mod.code_token_offset})")
         lm_layers = getattr(language_model, "num_layers", None)
         for name, mod in self.modalities.items():
             deep = getattr(mod, "deepstack_lm_layers", None) or []
@@ -147,6 +162,9 @@ class MimoModel(nn.Module):
                                  f"{' of shape ()' if isinstance(target, torch.Tensor) else ''}",
                                  path=f"output_targets.{name}")
             check_devices({name: target}, input_ids.device, "output_targets")
+            if self.modalities[name].is_discrete:
+                self.modalities[name].check_items(target, f"output_targets.{name}")
+                continue
             decoder = self.modalities[name].decoder
             if hasattr(decoder, "example_targets") and not torch.compiler.is_compiling():
                 try:
@@ -238,9 +256,10 @@ class MimoModel(nn.Module):
         """
         return self.embed_with_additions(input_ids, modality_inputs, modality_embeddings)[0]
 
-    def embed_with_additions(self, input_ids, modality_inputs=None, modality_embeddings=None):
+    def embed_with_additions(self, input_ids, modality_inputs=None, modality_embeddings=None, output_codes=None):
         """:meth:`embed_inputs`, and the DeepStack additions: (embeddings (B, S, H), DeepStack additions {LM layer: (B, S, H)}: zeros except at the
-        placeholders of modalities with deepstack_projections)."""
+        placeholders of modalities with deepstack_projections). ``output_codes`` {discrete output modality:
+        (N, positions) codes}: embedded at that modality's generation tokens (teacher forcing)."""
         modality_inputs, modality_embeddings = _or_empty(modality_inputs), _or_empty(modality_embeddings)
         check_tensors(self, input_ids, modality_embeddings=modality_embeddings, modality_inputs=modality_inputs)
         embeds = self.language_model.embed_tokens(input_ids)
@@ -258,6 +277,9 @@ class MimoModel(nn.Module):
                     deep.setdefault(layer, []).append((mod.special_token_id, e))
             else:  # no item of this modality in the batch: there must be no placeholder either
                 merged.append((mod.special_token_id, embeds.new_zeros(0, embeds.shape[-1])))
+        for name, codes in (output_codes or {}).items():
+            mod = self.modalities[name]
+            merged.append((mod.generation_token_id, mod.embed_codes(codes).flatten(0, 1)))
         additions = {layer: align_modality_embeddings(torch.zeros_like(embeds), input_ids, parts)
                      for layer, parts in deep.items()}
         return align_modality_embeddings(embeds, input_ids, merged), additions
@@ -325,7 +347,9 @@ class MimoModel(nn.Module):
             check_values(self, input_ids, labels=labels, position_ids=position_ids,
                          placeholders=expected_placeholders(self, modality_inputs, modality_embeddings, output_targets))
         lm = self.language_model
-        embeds, additions = self.embed_with_additions(input_ids, modality_inputs, modality_embeddings)
+        codes = {name: self.modalities[name].tokenize(target) for name, target in output_targets.items()
+                 if self.modalities[name].is_discrete}  # the targets' codes: read (teacher forcing) and scored
+        embeds, additions = self.embed_with_additions(input_ids, modality_inputs, modality_embeddings, codes)
         if position_ids is None:
             position_ids = self.position_ids(input_ids, modality_inputs, attention_mask=attention_mask,
                                              document_ids=document_ids)
@@ -347,6 +371,12 @@ class MimoModel(nn.Module):
             out.router = lm.router_losses(router_mask if router_mask is not None else attention_mask)
         for name, target in output_targets.items():  # the target only gives the item count here
             mod = self.modalities[name]
+            if mod.is_discrete:  # each code predicted from the position before it
+                c = codes[name]
+                states = gather_before(hidden, input_ids, mod.generation_token_id, c.shape[0] * c.shape[1])
+                out.modality_outputs[name] = mod.code_logits(states).view(*c.shape, mod.num_codes)
+                out.output_codes[name] = c
+                continue
             n_gen = mod.num_generation_tokens
             states = gather_positions(hidden, input_ids, mod.generation_token_id, target.shape[0] * n_gen)
             out.modality_outputs[name] = mod.decode(states.view(target.shape[0], n_gen, -1))
@@ -355,6 +385,7 @@ class MimoModel(nn.Module):
                                output_targets=output_targets)
             out.loss, out.lm_loss, out.modality_losses = losses.loss, losses.lm_loss, losses.modality_losses
             out.router_aux_loss, out.router_z_loss = losses.router_aux_loss, losses.router_z_loss
+            out.modality_accuracy = losses.modality_accuracy
         return out
 
     # ---- smoke-test inputs -----------------------------------------------------------------
@@ -391,7 +422,13 @@ class MimoModel(nn.Module):
         lm = self.language_model
         specials = {m.special_token_id for m in self.modalities.values() if m.special_token_id is not None}
         specials |= {m.generation_token_id for m in self.modalities.values() if m.generation_token_id is not None}
-        allowed = torch.tensor([i for i in range(min(lm.vocab_size, 4096 + len(specials))) if i not in specials])
+        marks = {t for m in self.modalities.values() for t in (getattr(m, "begin_token_id", None),
+                                                              getattr(m, "end_token_id", None)) if t is not None}
+        code_ids = {int(i) for m in self.modalities.values() if getattr(m, "code_token_ids", None) is not None
+                    for i in (range(m.code_token_offset, m.code_token_offset + m.num_codes)
+                              if m.code_token_ids.is_meta else m.code_token_ids.tolist())}
+        avoid = specials | marks | code_ids
+        allowed = torch.tensor([i for i in range(min(lm.vocab_size, 4096 + len(avoid))) if i not in avoid])
 
         def text(n: int) -> torch.Tensor:
             return allowed[torch.randint(len(allowed), (n,), generator=g)]
@@ -404,14 +441,14 @@ class MimoModel(nn.Module):
                 modality_inputs[name] = mod.example_inputs(batch_size, generator=g)
                 per_item = mod.item_tokens(modality_inputs[name])
                 for b in range(batch_size):
-                    pieces[b].append(torch.full((per_item[b],), mod.special_token_id))
+                    pieces[b].append(_wrapped(mod, mod.special_token_id, per_item[b]))
         for b in range(batch_size):
             pieces[b].append(text(text_tokens - text_tokens // 2))
         for name, mod in self.modalities.items():
             if mod.has_output:
-                targets[name] = mod.decoder.example_targets(batch_size, generator=g)
+                targets[name] = mod.example_targets(batch_size, generator=g)
                 for b in range(batch_size):
-                    pieces[b].append(torch.full((mod.num_generation_tokens,), mod.generation_token_id))
+                    pieces[b].append(_wrapped(mod, mod.generation_token_id, mod.num_generation_tokens))
         rows = [torch.cat(p) for p in pieces]
         longest = max(len(r) for r in rows)
         pad = int(allowed[0])  # items of different sizes: shorter rows end in text, with no labels
@@ -434,6 +471,16 @@ class MimoModel(nn.Module):
         dev = device if device is not None else (param.device if param is not None else "cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         return _to(batch, dev, dtype)
+
+
+def _wrapped(mod, token: int, count: int) -> torch.Tensor:
+    """An item's run in input_ids: ``count`` placeholders, between a discrete modality's begin / end tokens."""
+    run = [torch.full((count,), token)]
+    if getattr(mod, "begin_token_id", None) is not None:
+        run.insert(0, torch.tensor([mod.begin_token_id]))
+    if getattr(mod, "end_token_id", None) is not None:
+        run.append(torch.tensor([mod.end_token_id]))
+    return torch.cat(run)
 
 
 def _to(obj, device, dtype):

@@ -11,6 +11,33 @@ import torch.nn.functional as F
 from mimo_spec.errors import InputError, ParamError
 from mimo_spec.registry import register
 
+CODEBOOK_PATTERNS = ("flat", "delay")
+
+
+def delay_codes(codes: torch.Tensor, pad: int) -> torch.Tensor:
+    """MusicGen's delay pattern: codes (N, K, T) -> (N, T + K - 1, K), where codebook ``k`` is shifted ``k``
+    positions later (position ``t`` holds ``codes[:, k, t - k]`` in column ``k``) and ``pad`` fills the entries
+    where ``t - k`` is outside ``[0, T)`` (not yet started / already done)."""
+    n, k, t = codes.shape
+    out = codes.new_full((n, t + k - 1, k), pad)
+    for i in range(k):
+        out[:, i:i + t, i] = codes[:, i]
+    return out
+
+
+def undelay_codes(delayed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`delay_codes`: (N, T + K - 1, K) -> codes (N, K, T) (the pad entries dropped)."""
+    n, p, k = delayed.shape
+    t = p - k + 1
+    return torch.stack([delayed[:, i:i + t, i] for i in range(k)], dim=1)
+
+
+def delay_mask(num_frames: int, num_codebooks: int, device=None) -> torch.Tensor:
+    """(T + K - 1, K) bool: the entries of the delayed layout that hold a code (``0 <= t - k < T``)."""
+    t = torch.arange(num_frames + num_codebooks - 1, device=device).view(-1, 1)
+    k = torch.arange(num_codebooks, device=device).view(1, -1)
+    return (t - k >= 0) & (t - k < num_frames)
+
 
 @register("modality", "modality")
 class Modality(nn.Module):
@@ -46,12 +73,44 @@ class Modality(nn.Module):
             count after it (host data); ``forward(x, tokens_in, encoder, inputs)`` maps the flat projected
             tokens ``(sum(tokens_in), H)`` to ``(sum(item_tokens), H)``. ``encoder`` / ``inputs`` are the
             first encoder and its keyword inputs. A modality with ``inputs_from`` uses its source's.
-        generation_token_id, output_projection, decoder, output_loss, output_loss_weight: the output path.
+        generation_token_id, output_projection, decoder, output_loss, output_loss_weight: the output path
+            (a continuous one: a decoder component of one's own paints the item from the LM hidden states, with
+            an mse / l1 loss; none is built in: the patch decoder that was did not beat drawing the mean image).
+        tokenizer: a discrete modality (Janus, Chameleon, Emu3, AnyGPT): a ``tokenizer`` component turns items
+            into integer codes and back; the LM reads and predicts the codes (teacher-forced cross entropy,
+            ``output_loss: cross_entropy``, weighted by ``output_loss_weight``). An item occupies
+            ``begin_token_id``, one ``generation_token_id`` (output items) or ``special_token_id`` (input items)
+            per code, ``end_token_id`` in ``input_ids``; the model tokenizes the raw items it is given
+            (``output_targets[name]``: embedded and scored; ``modality_inputs[name]`` as
+            ``{"tokenizer": {"pixel_values" | "input_values": items}}``: embedded only) without gradients.
+        begin_token_id / end_token_id: the LM tokens before and after an item's codes (the LM emits the begin
+            token to start an item in generation; the end token follows the codes).
+        code_token_offset: vocabulary mode (Chameleon, Emu3): code ``c`` is LM token ``code_token_offset + c``
+            (the buffer ``code_token_ids``, which an import may overwrite with any map), embedded by the LM's
+            embedding and predicted by its head restricted to those ids.
+        code_embedding / code_projection / output_head: head mode (Janus): codes -> ``code_embedding`` (e.g. an
+            ``embedding`` projector) -> ``code_projection`` (optional, Janus's aligner) into the LM; LM hidden
+            states -> ``output_head`` -> logits over the codes.
+        code_position_embedding: optional, an ``embedding`` projector (positions x LM hidden size) added to the
+            embedding of the code at each position of an item (a learned position within the image, which a
+            small LM finds hard to count from RoPE alone); none in Janus / Chameleon.
+        num_frames: audio tokenizers: code frames per generated item (a multi-codebook codec's K codes of a
+            frame are laid out one after another, frame after frame: K * num_frames positions per item).
+        codebook_pattern: how a multi-codebook tokenizer's K codes per frame are laid out: ``flat`` (one
+            position per code, frame after frame, codebook k's codes offset by k * codebook_size) or ``delay``
+            (MusicGen's delay pattern, head mode only: T + K - 1 positions, codebook k shifted k positions
+            later; a position's input is the sum of its K codes' embeddings (``code_embedding`` with
+            K * (codebook_size + 1) entries: codebook k's code c at ``k * (codebook_size + 1) + c``, its pad at
+            ``k * (codebook_size + 1) + codebook_size``) and the head predicts the next position's K codes at
+            once (``output_head`` out_features K * codebook_size); codes are then (N, positions, K) per-codebook
+            values, ``codebook_size`` where an entry is padding).
     """
 
     submodule_kinds = {"encoders": "encoder", "input_projections": "projector",
                        "output_projection": "projector", "decoder": "decoder",
-                       "deepstack_projections": "projector", "item_layout": "layout"}
+                       "deepstack_projections": "projector", "item_layout": "layout", "tokenizer": "tokenizer",
+                       "code_embedding": "projector", "code_projection": "projector", "output_head": "projector",
+                       "code_position_embedding": "projector"}
 
     def __init__(
         self,
@@ -62,13 +121,23 @@ class Modality(nn.Module):
         generation_token_id: int | None = None,
         output_projection: nn.Module | None = None,
         decoder: nn.Module | None = None,
-        output_loss: Literal["mse", "l1", "cross_entropy"] = "mse",
+        output_loss: Literal["mse", "l1", "cross_entropy"] | None = None,
         output_loss_weight: float = 1.0,
         item_kind: Literal["image", "video", "audio"] | None = None,
         inputs_from: str | None = None,
         deepstack_projections: list[nn.Module] | None = None,
         deepstack_lm_layers: list[int] | None = None,
         item_layout: nn.Module | None = None,
+        tokenizer: nn.Module | None = None,
+        begin_token_id: int | None = None,
+        end_token_id: int | None = None,
+        code_token_offset: int | None = None,
+        code_embedding: nn.Module | None = None,
+        code_projection: nn.Module | None = None,
+        output_head: nn.Module | None = None,
+        num_frames: int | None = None,
+        code_position_embedding: nn.Module | None = None,
+        codebook_pattern: Literal["flat", "delay"] = "flat",
     ):
         super().__init__()
         if inputs_from is not None and (encoders or input_projections or deepstack_projections
@@ -96,8 +165,247 @@ class Modality(nn.Module):
         self.generation_token_id = generation_token_id
         self.output_projection = output_projection
         self.decoder = decoder
-        self.output_loss = output_loss
         self.output_loss_weight = output_loss_weight
+        # ---- a discrete modality (a tokenizer): codes in the LM's vocabulary, or own embedding and head
+        self.tokenizer = tokenizer
+        self.begin_token_id, self.end_token_id = begin_token_id, end_token_id
+        self.code_token_offset = code_token_offset
+        self.code_embedding, self.code_projection, self.output_head = code_embedding, code_projection, output_head
+        self.num_frames = num_frames
+        self.code_position_embedding = code_position_embedding
+        if codebook_pattern not in CODEBOOK_PATTERNS:
+            raise ParamError("codebook_pattern", f"expected one of {', '.join(CODEBOOK_PATTERNS)}, got "
+                             f"{codebook_pattern!r}")
+        self.codebook_pattern = codebook_pattern
+        self._language_model: list[nn.Module] = []  # linked by MimoModel (vocabulary mode embeds with it)
+        if output_loss is None:
+            output_loss = "cross_entropy" if tokenizer is not None else "mse"
+        self.output_loss = output_loss
+        if tokenizer is not None:
+            self._check_discrete(decoder, output_projection, output_loss)
+            if code_token_offset is not None:  # persistent: an import may map codes to any LM ids
+                self.register_buffer("code_token_ids", torch.arange(self.num_codes, dtype=torch.long) + code_token_offset)
+            else:
+                self.code_token_ids = None
+        else:
+            self.code_token_ids = None
+            if output_loss == "cross_entropy" and decoder is not None:
+                raise ParamError("output_loss", "cross_entropy needs codes to score: this modality's decoder paints "
+                                 "continuous items (use mse or l1), or give it a tokenizer (a discrete modality)")
+            for key, value in (("begin_token_id", begin_token_id), ("end_token_id", end_token_id),
+                               ("code_token_offset", code_token_offset), ("code_embedding", code_embedding),
+                               ("output_head", output_head), ("code_projection", code_projection),
+                               ("num_frames", num_frames),
+                               ("codebook_pattern", None if codebook_pattern == "flat" else codebook_pattern)):
+                if value is not None:
+                    raise ParamError(key, f"{key} belongs to a discrete modality: add a tokenizer")
+
+    def _check_discrete(self, decoder, output_projection, output_loss) -> None:
+        tok = self.tokenizer
+        if decoder is not None or output_projection is not None:
+            raise ParamError("decoder", "a modality with a tokenizer predicts codes: it takes no decoder or "
+                             "output_projection (its items are decoded by the tokenizer)")
+        if output_loss != "cross_entropy":
+            raise ParamError("output_loss", f"a discrete modality (a tokenizer) is trained with cross_entropy on "
+                             f"its codes, not {output_loss}")
+        vocab_mode = self.code_token_offset is not None
+        if vocab_mode and (self.code_embedding is not None or self.output_head is not None
+                           or self.code_projection is not None):
+            raise ParamError("code_token_offset", "choose one: code_token_offset (codes are LM tokens) or "
+                             "code_embedding / output_head (a head of the modality's own)")
+        if not vocab_mode and self.code_embedding is None:
+            raise ParamError("code_embedding", "a discrete modality needs code_token_offset (codes as LM tokens) "
+                             "or code_embedding (+ output_head to generate)")
+        if not vocab_mode and self.generation_token_id is not None and self.output_head is None:
+            raise ParamError("output_head", "an output modality in head mode needs output_head (LM hidden -> "
+                             "logits over the codes)")
+        if vocab_mode and self.code_token_offset < 0:
+            raise ParamError("code_token_offset", f"must be >= 0, got {self.code_token_offset}")
+        kind = getattr(tok, "item_kind", "image")
+        if kind == "audio" and self.generation_token_id is not None and (self.num_frames or 0) < 1:
+            raise ParamError("num_frames", "an audio output modality needs num_frames (code frames per generated "
+                             "item) >= 1")
+        if self.item_kind is None:
+            self.item_kind = kind
+        if self.codebook_pattern == "delay":
+            self._check_delay(vocab_mode)
+
+    def _check_delay(self, vocab_mode: bool) -> None:
+        """``codebook_pattern: delay``: several codebooks, head mode, embedding and head sized for K codebooks."""
+        tok = self.tokenizer
+        k, size = int(getattr(tok, "num_codebooks", 1)), int(tok.codebook_size)
+        if k < 2:
+            raise ParamError("codebook_pattern", f"the delay pattern interleaves several codebooks; this tokenizer "
+                             f"has {k} (use codebook_pattern: flat)")
+        if vocab_mode:
+            raise ParamError("codebook_pattern", "the delay pattern predicts K codes per position with a head of "
+                             "the modality's own (head mode: code_embedding + output_head), not with "
+                             "code_token_offset (vocabulary mode); use codebook_pattern: flat there")
+        rows = getattr(self.code_embedding, "in_features", None)
+        if rows is not None and int(rows) != k * (size + 1):
+            raise ParamError("code_embedding", f"code_embedding: with codebook_pattern: delay it holds each "
+                             f"codebook's codes and its pad code: num_embeddings = K * (codebook_size + 1) = "
+                             f"{k} * ({size} + 1) = {k * (size + 1)}, got {rows}")
+        out = getattr(self.output_head, "out_features", None)
+        if out is not None and int(out) != k * size:
+            raise ParamError("output_head", f"output_head: with codebook_pattern: delay it predicts K codebooks at "
+                             f"once: "
+                             f"out_features = K * codebook_size = {k * size}, got {out}")
+
+    # ---- a discrete modality ----------------------------------------------------------------
+    @property
+    def is_discrete(self) -> bool:
+        return self.tokenizer is not None
+
+    @property
+    def delayed(self) -> bool:
+        """Whether the codebooks are laid out by the delay pattern (``codebook_pattern: delay``)."""
+        return self.codebook_pattern == "delay" and self.tokenizer is not None
+
+    @property
+    def num_codebooks(self) -> int:
+        return int(getattr(self.tokenizer, "num_codebooks", 1))
+
+    @property
+    def num_codes(self) -> int:
+        """The modality's code space: codebook_size per codebook, the codebooks one after another (flat); with
+        the delay pattern, one codebook's (each entry of a position is a code of its own codebook)."""
+        tok = self.tokenizer
+        if self.delayed:
+            return int(tok.codebook_size)
+        return int(tok.codebook_size) * int(getattr(tok, "num_codebooks", 1))
+
+    @property
+    def input_key(self) -> str:
+        """The keyword a discrete modality's raw items take in ``modality_inputs[name]["tokenizer"]``."""
+        return "input_values" if getattr(self.tokenizer, "item_kind", "image") == "audio" else "pixel_values"
+
+    def link_language_model(self, lm: nn.Module) -> None:
+        """The LM whose embedding and head a vocabulary-mode modality uses; MimoModel calls this."""
+        self._language_model[:] = [lm]
+
+    def codes_per_item(self, num_samples: int | None = None) -> int:
+        """Code positions of one item: an image tokenizer's num_tokens; audio: K * frames (of ``num_samples``
+        samples, else ``num_frames``)."""
+        tok = self.tokenizer
+        if getattr(tok, "item_kind", "image") == "audio":
+            frames = self.num_frames if num_samples is None else int(tok.num_frames(num_samples))
+            if self.delayed:  # T + K - 1 positions of K codes each
+                return int(frames or 0) + self.num_codebooks - 1
+            return int(getattr(tok, "num_codebooks", 1)) * int(frames or 0)
+        return int(tok.num_tokens)
+
+    def tokenize(self, items: torch.Tensor) -> torch.Tensor:
+        """Raw items -> (N, positions) int64 codes in the modality's code space, without gradients (several
+        codebooks: frame after frame, codebook k's code offset by k * codebook_size)."""
+        with torch.no_grad():
+            codes = self.tokenizer.encode(items)
+        if self.delayed:  # (N, K, T) -> (N, T + K - 1, K), pad = codebook_size
+            return delay_codes(codes.long(), int(self.tokenizer.codebook_size))
+        if codes.dim() == 3:  # (N, K, T) -> (N, T * K): frame-major, codebooks offset
+            k = codes.shape[1]
+            offsets = torch.arange(k, device=codes.device).view(1, k, 1) * int(self.tokenizer.codebook_size)
+            codes = (codes + offsets).transpose(1, 2).reshape(codes.shape[0], -1)
+        return codes.long()
+
+    def detokenize(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, positions) codes (as :meth:`tokenize` gives them) -> decoded items."""
+        k = int(getattr(self.tokenizer, "num_codebooks", 1))
+        if self.delayed:
+            with torch.no_grad():
+                return self.tokenizer.decode(undelay_codes(codes))
+        if getattr(self.tokenizer, "item_kind", "image") == "audio" or k > 1:
+            size = int(self.tokenizer.codebook_size)
+            codes = codes.reshape(codes.shape[0], -1, k).transpose(1, 2)  # (N, K, T)
+            codes = codes - torch.arange(k, device=codes.device).view(1, k, 1) * size
+        with torch.no_grad():
+            return self.tokenizer.decode(codes)
+
+    def code_range(self, position: int) -> tuple[int, int]:
+        """The codes allowed at ``position`` of an item: with K codebooks, codebook ``position % K``'s."""
+        k = int(getattr(self.tokenizer, "num_codebooks", 1))
+        size = int(self.tokenizer.codebook_size)
+        return ((position % k) * size, (position % k + 1) * size) if k > 1 else (0, size)
+
+    def embed_codes(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Codes (..., T) at positions ``start .. start + T - 1`` of their items -> LM input embeddings (..., T, H).
+        With the delay pattern codes are (..., T, K): each position's K codes (pads included) embedded from their
+        codebook's rows and summed."""
+        if self.delayed:
+            k, size = codes.shape[-1], int(self.tokenizer.codebook_size)
+            rows = codes + torch.arange(k, device=codes.device) * (size + 1)
+            x = self.code_embedding(rows).sum(-2)
+            x = self.code_projection(x) if self.code_projection is not None else x
+            if self.code_position_embedding is not None:
+                x = x + self.code_position_embedding(torch.arange(start, start + codes.shape[-2], device=codes.device))
+            return x
+        if self.code_token_offset is not None:
+            x = self._language_model[0].embed_tokens(self.code_token_ids[codes])
+        else:
+            x = self.code_embedding(codes)
+            x = self.code_projection(x) if self.code_projection is not None else x
+        if self.code_position_embedding is not None:
+            x = x + self.code_position_embedding(torch.arange(start, start + codes.shape[-1], device=codes.device))
+        return x
+
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM hidden states (..., H) -> logits over the modality's codes (..., num_codes); with the delay pattern
+        the next position's K codes at once, (..., K, codebook_size)."""
+        if self.delayed:
+            logits = self.output_head(hidden)
+            return logits.view(*logits.shape[:-1], self.num_codebooks, int(self.tokenizer.codebook_size))
+        if self.code_token_offset is not None:
+            logits = self._language_model[0].logits(hidden)
+            if hasattr(logits, "full_tensor"):  # a vocab-sharded DTensor (tensor parallelism): the whole vocabulary
+                logits = logits.full_tensor()
+            return logits.index_select(-1, self.code_token_ids)
+        return self.output_head(hidden)
+
+    def _discrete_items(self, inputs: dict, path: str) -> torch.Tensor:
+        """The raw items of a discrete modality's ``{"tokenizer": {key: items}}`` inputs (checked)."""
+        from mimo_spec.models.inputs import check_mapping
+
+        key = self.input_key
+        if not isinstance(inputs, dict):
+            raise InputError(f"expected {{'tokenizer': {{'{key}': items}}}}, got {type(inputs).__name__}", path=path)
+        check_mapping(inputs, path, "'tokenizer' to keyword tensors")
+        if list(inputs) != ["tokenizer"] or not isinstance(inputs["tokenizer"], dict) \
+                or list(inputs["tokenizer"]) != [key]:
+            got = list(inputs) if list(inputs) != ["tokenizer"] or not isinstance(inputs["tokenizer"], dict) \
+                else list(inputs["tokenizer"])
+            raise InputError(f"expected {{'tokenizer': {{'{key}': items}}}}, got keys {got}", path=path,
+                             hint="a discrete modality tokenizes its raw items itself")
+        items = inputs["tokenizer"][key]
+        if not isinstance(items, torch.Tensor) or items.dim() < 2:
+            raise InputError("expected a tensor with the items first (N, ...)", path=f"{path}.tokenizer.{key}")
+        self.check_items(items, f"{path}.tokenizer.{key}")
+        return items
+
+    def check_items(self, items: torch.Tensor, path: str) -> None:
+        """Raw items of the tokenizer's shape: images (N, C, S, S); audio (N, samples) (shapes only)."""
+        tok = self.tokenizer
+        if getattr(tok, "item_kind", "image") == "audio":
+            if items.dim() != 2:
+                raise InputError(f"expected audio clips (N, samples), got {tuple(items.shape)}", path=path)
+            if path.startswith("output_targets") and int(tok.num_frames(items.shape[1])) != self.num_frames:
+                raise InputError(f"clips of {items.shape[1]} samples make {tok.num_frames(items.shape[1])} code "
+                                 f"frames; this modality generates {self.num_frames}", path=path,
+                                 hint="cut or pad the target clips to num_frames frames of the codec")
+            return
+        size = int(tok.image_size)
+        c = int(getattr(tok, "num_channels", getattr(tok, "in_channels", 3)))
+        if items.dim() != 4 or tuple(items.shape[1:]) != (c, size, size):
+            raise InputError(f"expected images (N, {c}, {size}, {size}), got {tuple(items.shape)}", path=path,
+                             hint="one item per target, at the tokenizer's image_size")
+
+    def example_items(self, num_items: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Raw items for example batches: the tokenizer's, audio cut to ``num_frames`` frames' samples."""
+        tok = self.tokenizer
+        if getattr(tok, "item_kind", "image") == "audio" and self.num_frames:  # clips of num_frames frames
+            hop = int(getattr(tok, "hop_length", 0) or 0)
+            if hop:
+                return tok.example_targets(num_items, generator=generator, num_samples=hop * self.num_frames)
+        return tok.example_targets(num_items, generator=generator)
 
     def link_inputs(self, source: "Modality") -> None:
         """Use ``source``'s encoders and projectors (``inputs_from``); MimoModel calls this."""
@@ -110,15 +418,28 @@ class Modality(nn.Module):
 
     @property
     def has_input(self) -> bool:
+        if self.tokenizer is not None:  # a discrete modality takes input items when it has their placeholder
+            return self.special_token_id is not None
         return len(self.src.encoders) > 0
 
     @property
     def has_output(self) -> bool:
+        if self.tokenizer is not None:
+            return self.generation_token_id is not None
         return self.decoder is not None
 
     @property
     def num_generation_tokens(self) -> int:
+        """Positions one generated item takes in ``input_ids`` (its codes, or its decoder's tokens)."""
+        if self.tokenizer is not None:
+            return self.codes_per_item() if self.generation_token_id is not None else 0
         return int(getattr(self.decoder, "num_tokens", 0)) if self.decoder is not None else 0
+
+    def example_targets(self, num_items: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Items to generate, for example batches (the tokenizer's or the decoder's)."""
+        if self.tokenizer is not None:
+            return self.example_items(num_items, generator=generator)
+        return self.decoder.example_targets(num_items, generator=generator)
 
     # ---- inputs ---------------------------------------------------------------------------
     def validate_inputs(self, inputs: dict, path: str, device: torch.device | None = None) -> int:
@@ -127,6 +448,11 @@ class Modality(nn.Module):
         from mimo_spec.models.inputs import check_devices, check_mapping, key_path
         from mimo_spec.models.items import check_grid_rows, count_items, host_inputs
 
+        if self.tokenizer is not None:
+            items = self._discrete_items(inputs, path)
+            if device is not None:
+                check_devices({"tokenizer": inputs["tokenizer"]}, device, path)
+            return int(items.shape[0])
         encoders = self.src.encoders
         if not isinstance(inputs, dict):
             raise InputError(f"expected a mapping of encoder name to keyword tensors, got {type(inputs).__name__}",
@@ -167,6 +493,10 @@ class Modality(nn.Module):
 
     def item_tokens(self, inputs: dict) -> list[int]:
         """Embeddings each item contributes to the LM sequence (host data: shapes and grids only)."""
+        if self.tokenizer is not None:
+            items = inputs["tokenizer"][self.input_key]
+            per = self.codes_per_item(int(items.shape[-1]) if items.dim() == 2 else None)
+            return [per] * int(items.shape[0])
         tokens = self._projected_tokens(inputs)
         layout = self.src.item_layout
         if layout is None:
@@ -201,6 +531,8 @@ class Modality(nn.Module):
         (native-resolution items: use :meth:`item_tokens`)."""
         from mimo_spec.models.items import modality_item_count
 
+        if self.tokenizer is not None:
+            return self.item_tokens(inputs)[0] if self.item_tokens(inputs) else self.codes_per_item()
         counts = set(self.item_tokens(inputs)) if modality_item_count(self.src, inputs) else set()
         if not counts:  # no item: the count a size-less item would have is that of an example
             return self.item_tokens(self.example_inputs(1))[0]
@@ -212,6 +544,8 @@ class Modality(nn.Module):
     def example_inputs(self, num_items: int, generator: torch.Generator | None = None) -> dict:
         """Valid random items: a video modality taking another modality's encoders gets their
         ``example_videos`` where they have it (else their ``example_inputs``)."""
+        if self.tokenizer is not None:
+            return {"tokenizer": {self.input_key: self.example_items(num_items, generator=generator)}}
         videos = self.item_kind == "video" and self.src is not self
 
         def example(enc):
@@ -237,6 +571,9 @@ class Modality(nn.Module):
         item_tokens, H) per ``deepstack_projections`` entry, in order; [] without DeepStack)."""
         from mimo_spec.models.items import count_items, grid_of
 
+        if self.tokenizer is not None:  # codes of the raw items, embedded (no gradient into the tokenizer)
+            codes = self.tokenize(self._discrete_items(inputs, "modality_inputs"))
+            return self.embed_codes(codes).flatten(0, 1), []
         src = self.src
         first = next(iter(inputs))
         if count_items(src.encoders[first], inputs[first]) == 0:
@@ -307,3 +644,16 @@ class Modality(nn.Module):
         if self.output_loss == "l1":
             return F.l1_loss(prediction.float(), target.float())
         return F.cross_entropy(prediction.float().flatten(0, -2), target.flatten())
+
+    def code_targets(self, codes: torch.Tensor) -> torch.Tensor:
+        """The codes as cross-entropy targets: the delay pattern's pad entries -100 (not scored)."""
+        if self.delayed:
+            return codes.masked_fill(codes >= int(self.tokenizer.codebook_size), -100)
+        return codes
+
+    def code_accuracy(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The fraction of codes whose logits' argmax is the code (teacher forcing; the delay pattern's pads
+        left out)."""
+        targets = self.code_targets(codes)
+        valid = targets != -100
+        return ((logits.argmax(-1) == targets) & valid).float().sum() / valid.float().sum().clamp(min=1.0)

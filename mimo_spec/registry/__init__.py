@@ -40,15 +40,24 @@ BUILTINS: dict[str, dict[str, str]] = {
         "patch_merger": "mimo_spec.components.vision.qwen_vit:PatchMerger",
         "avg_pool": "mimo_spec.components.pooling:AvgPoolProjector",
         "pool2d": "mimo_spec.components.pooling:Pool2dProjector",
+        "embedding": "mimo_spec.components.embedding:EmbeddingProjector",
+        "grid_position_embedding": "mimo_spec.components.grid_position:GridPositionEmbedding",
     },
     "layout": {
         "anyres_layout": "mimo_spec.components.vision.anyres:AnyResLayout",
     },
+    # continuous decoders (LM hidden states -> items): none built in; generation goes through discrete tokenizers
     "decoder": {
-        "patch_image_decoder": "mimo_spec.components.decoders:PatchImageDecoder",
     },
     # discrete tokenizers (VQ image tokenizers, neural audio codecs): items <-> codes
     "tokenizer": {
+        "janus_vq": "mimo_spec.components.tokenizers.vq:JanusVQ",
+        "chameleon_vq": "mimo_spec.components.tokenizers.vq:ChameleonVQ",
+        "emu3_vq": "mimo_spec.components.tokenizers.vq:Emu3VQ",
+        "encodec": "mimo_spec.components.tokenizers.codec:Encodec",
+        "dac": "mimo_spec.components.tokenizers.codec:Dac",
+        "mimi": "mimo_spec.components.tokenizers.codec:Mimi",
+        "patch_palette": "mimo_spec.components.tokenizers.palette:PatchPalette",
     },
     "modality": {
         "modality": "mimo_spec.models.modality:Modality",
