@@ -169,7 +169,7 @@ def test_cli_default_job_then_eval_generate_and_sigterm(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     gen_run = sorted(cli.cwd.glob("outputs/*/*/generation.json"))[-1]
     record = json.loads(gen_run.read_text())
-    assert len(record["tokens"]) >= 1 and record["text"] == r.stdout.strip().splitlines()[0]
+    assert len(record["tokens"]) >= 1 and record["text"].strip() == r.stdout.strip().splitlines()[0].strip()
 
     r = cli("action=eval")
     assert r.returncode == 2 and "eval.checkpoint: missing" in r.stderr and "Traceback" not in r.stderr
