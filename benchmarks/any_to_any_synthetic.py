@@ -93,7 +93,7 @@ def load(run_dir: Path):
     return model, tokenizer, data
 
 
-def judge(model, tokenizer, data, seeds: int, guidance: float) -> dict:
+def judge(model, tokenizer, data, seeds: int, guidance: float, holdout: list[str] = ()) -> dict:
     from mimo_spec.data import encode_prompt
     from mimo_spec.data.tokenizer import stop_token_ids
     from mimo_spec.generation import generate
@@ -139,6 +139,8 @@ def judge(model, tokenizer, data, seeds: int, guidance: float) -> dict:
         "modality": name, "discrete": mod.is_discrete, "prompts": len(greedy),
         "right_greedy": sum(r["right"] for r in greedy) / len(greedy),
         "right_sampled": sum(r["right"] for r in rows if r["seed"]) / max(1, len(rows) - len(greedy)),
+        "right_greedy_seen": _share([r["right"] for r in greedy if r["prompt"][7:] not in holdout]),
+        "right_greedy_held_out": _share([r["right"] for r in greedy if r["prompt"][7:] in holdout]),
         "colour_right": sum(r["colour"] == r["prompt"].split()[2] for r in rows) / len(rows),
         "shape_right": sum(r["shape"] == r["prompt"].split()[3] for r in rows) / len(rows),
         "drew_an_image": sum(r["drew"] for r in rows) / len(rows),
@@ -156,12 +158,18 @@ def judge(model, tokenizer, data, seeds: int, guidance: float) -> dict:
     return result
 
 
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modality", default="[vision_clip,image_gen]", help="the modality list (Hydra syntax)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the train defaults)")
     ap.add_argument("--seeds", type=int, default=2, help="sampled generations per prompt besides the greedy one")
-    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    ap.add_argument("--guidance", default="1,2", help="classifier-free guidance scales, comma-separated: each is judged")
+    ap.add_argument("--holdout", default="", help="drawings left out of training, comma-separated ('red ring,blue "
+                                                  "cross'): judged apart as unseen combinations")
     ap.add_argument("--checkpoint", default=None, help="judge this trained run instead of training one")
     ap.add_argument("--keep", default=None, help="train into this folder (kept) instead of a temporary one")
     ap.add_argument("--override", action="append", default=[], help="more config overrides for training")
@@ -170,12 +178,15 @@ def main() -> int:
     train_s = None
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.checkpoint or args.keep or Path(tmp) / "run")
+        holdout = [h.strip() for h in args.holdout.split(",") if h.strip()]
         if args.checkpoint is None:
-            train_s = train_model([f"modality={args.modality}", *args.override], run_dir, args.steps)
+            extra = [f"data.generation_holdout=[{','.join(holdout)}]"] if holdout else []
+            train_s = train_model([f"modality={args.modality}", *extra, *args.override], run_dir, args.steps)
         model, tokenizer, data = load(run_dir)
         model.eval()
-        result = judge(model, tokenizer, data, args.seeds, args.guidance)
-    result["train_s"] = train_s
+        result = {"train_s": train_s, "held_out_drawings": holdout}
+        for scale in (float(g) for g in args.guidance.split(",")):
+            result[f"guidance_{scale:g}"] = judge(model, tokenizer, data, args.seeds, scale, holdout)
     print(json.dumps(result, indent=2))
     return 0
 

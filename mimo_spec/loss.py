@@ -59,9 +59,68 @@ def counted_positions(labels: torch.Tensor, loss_mask: torch.Tensor | None = Non
     return weight.reshape(-1).nonzero().squeeze(1)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum_i scale_i * CE(hidden_i @ weight.T, target_i)`` without keeping the (K, V) logits: the rows go
+    through the head a chunk at a time, and each chunk's gradients (``scale * (softmax - onehot)`` through the
+    two products of the head's backward) are taken right there, so backward only scales them by the upstream
+    gradient. Saves the logits, their log-softmax and the loss's backward passes over them; holds the
+    hidden states' and the head's gradients (K x H + V x H) from forward to backward instead."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, scale, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t, sc = target[start:start + chunk], scale[start:start + chunk]
+            # under autocast the product runs in autocast's dtype, as F.linear's would
+            logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+            total = total - (logp.gather(1, t[:, None]).squeeze(1) * sc).sum()
+            if not (need_h or need_w):
+                continue
+            g = logp.exp_()  # softmax, in place
+            g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
+            g.mul_(sc[:, None])
+            g = g.to(h.dtype) if not torch.is_autocast_enabled(h.device.type) else g
+            if need_h:
+                grad_h[start:start + chunk] = (g @ weight).to(hidden.dtype)
+            if need_w:
+                part = (g.t() @ h).to(torch.float32)
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        if need_w and grad_w is None:  # no row: a zero gradient still reaches the weight (DDP waits for it)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None, None)
+
+
+LINEAR_CE_CHUNK_ELEMENTS = 2**24  # logits of one chunk (64 MiB in fp32)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """``sum_i scale_i * CE(hidden_i @ weight.T, target_i)`` (hidden (K, H), weight (V, H), target (K,) with
+    -100 for a row that is not scored, scale (K,)): the LM loss of a plain (bias-free, unsharded) head without
+    materialising the (K, V) logits: equal to ``F.cross_entropy`` on ``F.linear(hidden, weight)`` in value and
+    gradients, a chunk of rows (``LINEAR_CE_CHUNK_ELEMENTS`` logits) at a time."""
+    ignored = target == IGNORE_INDEX
+    target = target.masked_fill(ignored, 0)
+    scale = scale.float().masked_fill(ignored, 0.0)
+    chunk = max(1, LINEAR_CE_CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, target, scale, chunk)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
                    document_ids: torch.Tensor | None = None, *, num_tokens: float | None = None,
-                   positions: torch.Tensor | None = None) -> torch.Tensor:
+                   positions: torch.Tensor | None = None, head: tuple | None = None) -> torch.Tensor:
     """Next-token cross entropy over the counted positions (label not -100, loss_mask != 0, not a document start).
 
     logits: (B, S, V) (a vocab-sharded DTensor under tensor parallelism); labels, loss_mask, document_ids:
@@ -73,6 +132,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     if positions is not None:  # logits (K, V) at flat positions of the (B, S) inputs (forward(logits_at=))
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).index_select(0, positions)
         weight = F.pad(token_weights(labels, loss_mask, document_ids), (0, 1)).reshape(-1).index_select(0, positions)
+        if head is not None:  # (hidden (K, H), head weight (V, H)): the head and the loss in one pass
+            denom = weight.sum().clamp(min=1.0) if num_tokens is None else float(num_tokens)
+            return linear_cross_entropy(head[0], head[1], target, weight / denom)
         logits = logits.float()
         per_token = F.cross_entropy(logits, _like_logits(target, logits), ignore_index=IGNORE_INDEX,
                                     reduction="none")
@@ -107,7 +169,8 @@ class Losses:
 def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
               document_ids: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
               num_tokens: float | None = None) -> Losses:
-    """Every loss of one forward pass: the LM loss of ``output.logits`` and each output modality's
+    """Every loss of one forward pass: the LM loss of ``output.logits`` (or, where the model skipped them, of
+    ``output.head_hidden`` through ``output.head_weight`` by :func:`linear_cross_entropy`) and each output modality's
     ``output_loss_fn(prediction, target)`` weighted by its ``output_loss_weight``. A discrete modality (a
     tokenizer) is scored by teacher-forced cross entropy of its code logits against the target items' codes
     (``output.output_codes``; with the delay pattern the mean over its (position, codebook) entries that hold a
@@ -122,8 +185,11 @@ def mimo_loss(modalities, output, *, labels: torch.Tensor | None = None, loss_ma
     out = Losses()
     total = None
     if labels is not None:
+        head = None
+        if getattr(output, "logits", None) is None and getattr(output, "head_hidden", None) is not None:
+            head = (output.head_hidden, output.head_weight)  # forward(skip_logits=True): the head runs here
         out.lm_loss = total = causal_lm_loss(output.logits, labels, loss_mask, document_ids, num_tokens=num_tokens,
-                                             positions=getattr(output, "logits_at", None))
+                                             positions=getattr(output, "logits_at", None), head=head)
     for name, target in (output_targets or {}).items():
         mod = modalities[name]
         pred = output.modality_outputs[name]

@@ -216,6 +216,57 @@ def test_synthetic_draw_samples_and_eval_report_code_loss_and_accuracy():
     torch.testing.assert_close(torch.tensor(result["eval_image_out_loss"]), out.modality_losses["image_out"])
 
 
+def test_condition_dropout_trains_the_unconditional_row_guidance_samples_with_and_holdout_is_kept_out():
+    """data.condition_dropout: that share of the training split's drawings loses its prompt exactly as
+    generation's unconditional row does (every token before the begin token but the first -> pad, not
+    scored); the rest of the sample (codes, targets) and the samples without an item stay as they were; the
+    eval split is never touched. data.generation_holdout: those drawings never appear in training (but in
+    eval), and a drawing that does not exist is refused naming the key."""
+    from omegaconf import OmegaConf
+
+    from mimo_spec.config import compose_config
+    from mimo_spec.data import build_dataset
+    from mimo_spec.data.config import validate_data_config
+    from mimo_spec.data.tokenizer import build_tokenizer
+    from mimo_spec.generation import unconditional_ids
+
+    cfg = compose_config(["modality=[vision_clip,image_gen]", "data.generation_fraction=0.5",
+                          "data.condition_dropout=0.4", "data.num_samples=200", "data.eval_samples=120",
+                          "data.generation_holdout=[red ring,blue cross]"])
+    model = build_model(cfg, seed=0)
+    mod = model.modalities["image_out"]
+    data = validate_data_config(OmegaConf.to_container(cfg.data, resolve=True))
+    tokenizer = build_tokenizer(data, model)
+    train, plain = build_dataset(data, model, tokenizer), build_dataset({**data.model_dump(), "condition_dropout": 0.0},
+                                                                        model, tokenizer)
+    assert len(train) == len(plain) == 200 and train.token_length(3) == plain.token_length(3)
+    dropped = kept = 0
+    for i in range(len(train)):
+        got, ref = train[i], plain[i]
+        assert torch.equal(got["labels"][-70:], ref["labels"][-70:])
+        if not got.get("targets"):
+            assert torch.equal(got["input_ids"], ref["input_ids"])
+            continue
+        torch.testing.assert_close(got["targets"], ref["targets"])
+        b = ref["input_ids"].tolist().index(mod.begin_token_id)
+        assert "red ring" not in tokenizer.decode(ref["input_ids"][:b].tolist())
+        assert "blue cross" not in tokenizer.decode(ref["input_ids"][:b].tolist())
+        if torch.equal(got["input_ids"], ref["input_ids"]):
+            kept += 1
+            continue
+        dropped += 1
+        want = unconditional_ids(ref["input_ids"][None, :b + 1], mod.begin_token_id, tokenizer.pad_id)[0]
+        assert torch.equal(got["input_ids"][:b + 1], want)
+        assert torch.equal(got["input_ids"][b:], ref["input_ids"][b:])
+        assert set(got["labels"][1:b].tolist()) == {-100} and got["labels"][b] == mod.begin_token_id
+    assert dropped + kept > 60 and 0.25 < dropped / (dropped + kept) < 0.55
+    ev = build_dataset(data, model, tokenizer, "eval")
+    prompts = [tokenizer.decode(ev[i]["input_ids"].tolist()) for i in range(len(ev)) if ev[i].get("targets")]
+    assert all("draw a" in p for p in prompts) and any("red ring" in p or "blue cross" in p for p in prompts)
+    with pytest.raises(ConfigError, match=r"data.generation_holdout.*'colour shape'.*'purple ring'"):
+        validate_data_config({**data.model_dump(), "generation_holdout": ["purple ring"]})
+
+
 def test_llava_json_image_targets_are_read_from_files(tmp_path):
     """An assistant turn's <gen:image_out> takes the next file of "output_images": the sample's target is
     that image at the tokenizer's size and range, the run begin, codes, end."""

@@ -76,22 +76,30 @@ def test_logits_only_at_counted_positions_give_the_same_loss_and_gradients(model
                 if batch["labels"][i, t + 1] != -100 and batch["loss_mask"][i, t + 1]
                 and batch["document_ids"][i, t + 1] == batch["document_ids"][i, t]]
     assert at.tolist() == expected and 0 < len(expected) < b * s // 2
-    grads = []
-    for kwargs in ({}, {"logits_at": at}):
+    grads, losses = [], []
+    # full logits; logits at the counted positions; and the default in training with labels: the head run by
+    # the loss itself, chunk by chunk (linear_cross_entropy, no logits returned)
+    for kwargs in ({}, {"logits_at": at, "skip_logits": False}, {"logits_at": at}):
         model.zero_grad()
         out = model(**batch, **kwargs)
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        if kwargs:
+        losses.append(float(out.lm_loss))
+        if kwargs.get("skip_logits") is False:
             assert out.logits.shape == (len(expected), model.language_model.vocab_size)
             assert torch.equal(out.logits_at, at)
+            kept = out.logits.detach()
+        elif kwargs:
+            assert out.logits is None and out.head_hidden.shape[0] == len(expected)
+            torch.testing.assert_close(out.full_logits().detach(), kept)
         else:
             full = out.logits.detach()
     ref = reference_lm_loss(full, batch["labels"], batch["loss_mask"], batch["document_ids"])
-    assert float(out.lm_loss) == pytest.approx(ref, rel=1e-5)
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    assert losses == pytest.approx([ref] * 3, rel=1e-5)
+    for got in grads[1:]:
+        assert got.keys() == grads[0].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(got[name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
     model.zero_grad()
     with pytest.raises(Exception, match=r"logits_at: expected flat int64 positions"):
         model(**batch, logits_at=at.int())
@@ -214,3 +222,54 @@ def test_attention_reads_its_heads_from_the_projection():
         got = half(x, is_causal=True)
     torch.testing.assert_close(got, want)
     assert (half.num_heads, half.num_kv_heads) == (4, 2)
+
+
+@pytest.mark.parametrize("chunk_rows", [1000, 3])
+def test_linear_cross_entropy_equals_the_head_then_cross_entropy(monkeypatch, chunk_rows):
+    """linear_cross_entropy (the head and the loss in one pass, a chunk of rows at a time, gradients taken in
+    the forward) against F.linear + F.cross_entropy: the weighted sum, ignored rows (-100), and the gradients
+    of the hidden states and the weight; a frozen weight gets none; no rows at all gives 0 and a zero
+    weight gradient; under bf16 autocast both agree to bf16's precision."""
+    import mimo_spec.loss as L
+
+    vocab = 37
+    monkeypatch.setattr(L, "LINEAR_CE_CHUNK_ELEMENTS", chunk_rows * vocab)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, 16, generator=g, requires_grad=True)
+    target = torch.randint(0, vocab, (11,), generator=g)
+    target[[2, 7]] = -100
+    scale = torch.rand(11, generator=g)
+
+    def reference(h, w):
+        ce = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), target,
+                                               ignore_index=-100, reduction="none")
+        return (ce * scale).sum()
+
+    ref = reference(hidden, weight)
+    ref_h, ref_w = torch.autograd.grad(ref * 2.5, (hidden, weight))
+    got = L.linear_cross_entropy(hidden, weight, target, scale)
+    got_h, got_w = torch.autograd.grad(got * 2.5, (hidden, weight))
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_h, ref_h)
+    torch.testing.assert_close(got_w, ref_w)
+    assert float(got_h[2].abs().sum()) == 0.0  # an ignored row
+
+    frozen = weight.detach()
+    out = L.linear_cross_entropy(hidden, frozen, target, scale)
+    (h_only,) = torch.autograd.grad(out, (hidden,))
+    torch.testing.assert_close(h_only, torch.autograd.grad(reference(hidden, frozen), (hidden,))[0])
+
+    empty = L.linear_cross_entropy(hidden[:0], weight, target[:0], scale[:0])
+    (w_empty,) = torch.autograd.grad(empty, (weight,))
+    assert float(empty) == 0.0 and w_empty.shape == weight.shape and float(w_empty.abs().sum()) == 0.0
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf = reference(hidden, weight)
+        got_bf = L.linear_cross_entropy(hidden, weight, target, scale)
+    torch.testing.assert_close(got_bf, ref_bf, rtol=2e-2, atol=2e-2)
+    gb = torch.autograd.grad(got_bf, (hidden, weight))
+    rb = torch.autograd.grad(ref_bf, (hidden, weight))
+    for a, b in zip(gb, rb):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)

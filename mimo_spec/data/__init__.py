@@ -55,12 +55,19 @@ def build_dataset(data_cfg, model, tokenizer, split: Literal["train", "eval"] = 
     if cfg.source == "synthetic":
         from mimo_spec.data.synthetic import SyntheticDataset
 
-        return SyntheticDataset(cfg, model, tokenizer, split)
-    from mimo_spec.data.samples import RecordDataset, SampleBuilder
-    from mimo_spec.data.sources import open_source
+        dataset = SyntheticDataset(cfg, model, tokenizer, split)
+    else:
+        from mimo_spec.data.samples import RecordDataset, SampleBuilder
+        from mimo_spec.data.sources import open_source
 
-    # the source only indexes its files here; samples are read, tokenised and decoded when asked for
-    return RecordDataset(open_source(cfg, split), SampleBuilder(cfg, model, tokenizer))
+        # the source only indexes its files here; samples are read, tokenised and decoded when asked for
+        dataset = RecordDataset(open_source(cfg, split), SampleBuilder(cfg, model, tokenizer))
+    if split == "train" and cfg.condition_dropout > 0 and any(
+            getattr(m, "has_output", False) for m in model.modalities.values()):
+        from mimo_spec.data.targets import ConditionDropout
+
+        dataset = ConditionDropout(dataset, model, cfg.condition_dropout, cfg.seed, tokenizer.pad_id)
+    return dataset
 
 
 # ------------------------------------------------------------------------------------- prompts

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD
 from mimo_spec.errors import ConfigError, Problem, did_you_mean
@@ -63,6 +63,9 @@ class CommonDataConfig(BaseModel):
     on_bad_sample: Literal["skip", "error"] = "skip"
     # skipped bad samples above this share of the samples read stop the run (checked once 100 were read)
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # share of training samples with an item to generate whose condition (every token before the item but
+    # the first) becomes pad tokens: the unconditional branch classifier-free guidance asks for (Janus: 0.1)
+    condition_dropout: float = Field(0.0, ge=0.0, le=1.0)
     # the text tags that place an item (each becomes the modality's placeholder run); a tag that is one of
     # the tokenizer's own special tokens must be the modality's special_token_id
     image_token: str = Field("<image>", min_length=1)
@@ -123,11 +126,28 @@ class SyntheticDataConfig(CommonDataConfig):
     text_only_fraction: float = Field(0.2, ge=0.0, le=1.0)
     # share of samples that ask for an output modality (when the model has one)
     generation_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    # "colour shape" drawings never asked for in training (e.g. ["red ring", "blue circle"]): a held-out test
+    # of whether a model composes a colour and a shape it has only seen apart
+    generation_holdout: list[str] = Field(default_factory=list)
     # std of Gaussian noise added to synthetic images and audio features
     noise: float = Field(0.05, ge=0.0)
     # synthetic samples are short and alike: one per row keeps train.batch_size a sample count (packing
     # them into max_seq_len rows multiplies the tokens of a step); set true to train packed rows
     packing: bool = False
+
+    @field_validator("generation_holdout")
+    @classmethod
+    def _known_drawings(cls, v: list[str]) -> list[str]:
+        from mimo_spec.data.synthetic import COLORS, SHAPES
+
+        for entry in v:
+            parts = entry.split()
+            if len(parts) != 2 or parts[0] not in COLORS or parts[1] not in SHAPES:
+                raise ValueError(f"expected 'colour shape' with a colour of {list(COLORS)} and a shape of "
+                                 f"{list(SHAPES)}, got {entry!r}")
+        if len(set(v)) == len(COLORS) * len(SHAPES):
+            raise ValueError("every drawing is held out: nothing is left to train on")
+        return v
 
 
 class FileDataConfig(CommonDataConfig):

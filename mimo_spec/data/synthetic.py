@@ -19,7 +19,8 @@ Every sample is a short chat whose answer is learnable:
 - **generation** (output modalities, ``generation_fraction``): ``draw a red circle``
   answered with the modality's generation tokens (trained, so the LM learns to
   emit them; a discrete modality's begin token, codes and end token), with the rendered image (values
-  in [0, 1], the shape centred) as the target.
+  in [0, 1], the shape centred) as the target. ``generation_holdout`` lists drawings the training split
+  never asks for (a test of composing a colour and a shape seen only apart).
 
 Sample ``i`` of a split depends only on (seed, split, i).
 """
@@ -233,7 +234,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
         name = list(self.outputs)[_pick(g, len(self.outputs))]
         shape = self.outputs[name]["shape"]
         if len(shape) == 3:  # an image (C, H, W)
+            held_out = set(self.cfg.generation_holdout) if self.split == "train" else set()
             color, kind = list(COLORS)[_pick(g, len(COLORS))], SHAPES[_pick(g, len(SHAPES))]
+            while f"{color} {kind}" in held_out:  # never asked for in training
+                color, kind = list(COLORS)[_pick(g, len(COLORS))], SHAPES[_pick(g, len(SHAPES))]
             # the drawing a prompt asks for is centred: one image per prompt, which greedy decoding can match
             target = render_image(color, kind, shape[1], shape[0], generator=g, shift=False)
             prompt = f"draw a {color} {kind}"

@@ -20,6 +20,7 @@ mono, resampled to the tokenizer's rate and cut or zero-padded to ``num_frames``
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -133,3 +134,45 @@ class OutputTargets:
         if got != rate:
             wave = resample(wave, got, rate)
         return torch.nn.functional.pad(wave[:samples], (0, max(0, samples - wave.shape[0])))
+
+
+class ConditionDropout(torch.utils.data.Dataset):
+    """A training set whose samples with an item to generate lose their condition with probability ``p``
+    (``data.condition_dropout``): every token before the first item's begin token (its first generation
+    token where it has none) but the first becomes ``pad_id`` and is not scored, which is the unconditional
+    row ``mimo_spec.generation`` builds for classifier-free guidance (as Janus trains and samples it). The
+    item's codes stay scored. Which samples lose it depends only on (seed, index), so a resumed run sees the
+    same data. Everything else (``order``, ``token_length``, ...) is the wrapped dataset's."""
+
+    def __init__(self, dataset, model, p: float, seed: int, pad_id: int):
+        self.dataset, self.p, self.seed, self.pad_id = dataset, float(p), int(seed), int(pad_id)
+        self.starts = sorted({int(m.begin_token_id if getattr(m, "begin_token_id", None) is not None
+                                  else m.generation_token_id)
+                              for m in model.modalities.values() if getattr(m, "has_output", False)})
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def dropped(self, index: int) -> bool:
+        """Whether sample ``index`` loses its condition (when it has an item to generate)."""
+        digest = hashlib.blake2b(f"{self.seed}:condition:{index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2**64 < self.p
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        if not sample.get("targets") or not self.dropped(index):
+            return sample
+        ids = sample["input_ids"]
+        at = torch.isin(ids, torch.tensor(self.starts, dtype=ids.dtype)).nonzero()
+        if at.numel() == 0:
+            return sample
+        first = int(at[0, 0])
+        ids, labels = ids.clone(), sample["labels"].clone()
+        ids[1:first] = self.pad_id
+        labels[1:first] = -100
+        return {**sample, "input_ids": ids, "labels": labels}

@@ -24,7 +24,11 @@ class MimoOutput:
     the shards; ``mimo_spec.parallel.tp.full_logits`` gathers them where all are needed).
     With ``forward(logits_at=positions)`` the logits are ``(K, V)``: only at those K flat positions of the
     ``(B, S)`` sequence (``logits_at`` keeps them; the training step asks for the positions whose next-token
-    label counts, so the LM head skips image placeholders and padding).
+    label counts, so the LM head skips image placeholders and padding). With ``forward(skip_logits=True)`` (the
+    default when training with labels) and a plain head, ``logits`` is None: ``head_hidden`` (K, H) and
+    ``head_weight`` (V, H) are kept instead and the loss runs the head chunk by chunk
+    (:func:`mimo_spec.loss.linear_cross_entropy`: no (K, V) logits held for backward); ``full_logits()``
+    computes them when they are wanted after all.
     modality_outputs: per output modality, the items decoded at its generation tokens; for a discrete
     modality the logits over its codes predicting each code position, (N, positions, num_codes).
     output_codes: per discrete output modality, the codes of its target items (N, positions) (what the
@@ -36,7 +40,7 @@ class MimoOutput:
     ``loss`` includes their weighted sum. router_aux_loss / router_z_loss: filled with ``loss``.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     modality_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -47,6 +51,14 @@ class MimoOutput:
     router_z_loss: torch.Tensor | None = None
     output_codes: dict[str, torch.Tensor] = field(default_factory=dict)
     modality_accuracy: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_hidden: torch.Tensor | None = None
+    head_weight: torch.Tensor | None = None
+
+    def full_logits(self) -> torch.Tensor:
+        """The logits, also where ``forward(skip_logits=True)`` left them to the loss (computed here then)."""
+        if self.logits is None and self.head_hidden is not None:
+            return torch.nn.functional.linear(self.head_hidden, self.head_weight)
+        return self.logits
 
 
 def _or_empty(value):
@@ -328,14 +340,17 @@ class MimoModel(nn.Module):
                 loss_mask: torch.Tensor | None = None, output_targets: dict[str, torch.Tensor] | None = None,
                 check_inputs: bool | None = None,
                 modality_embeddings: dict[str, torch.Tensor] | None = None,
-                logits_at: torch.Tensor | None = None, router_mask: torch.Tensor | None = None) -> MimoOutput:
+                logits_at: torch.Tensor | None = None, router_mask: torch.Tensor | None = None,
+                skip_logits: bool | None = None) -> MimoOutput:
         """input_ids: (B, S) -> MimoOutput with logits (B, S, V) and, given labels/targets, the loss.
 
         ``router_mask``: (B, S), 1 at the tokens a mixture-of-experts LM's router losses count (default
         ``attention_mask``): the training step gives the batch's padding mask without masking attention.
         ``logits_at``: flat positions into ``(B * S)`` (int64, on the model's device): the LM head runs only
         there and the logits are ``(K, V)`` (see :class:`MimoOutput`); the loss then counts only those
-        positions (pass every position whose next-token label counts, as the training step does)."""
+        positions (pass every position whose next-token label counts, as the training step does).
+        ``skip_logits`` (with ``logits_at``; default: in training mode with ``labels``): leave the head to the
+        loss where it is a plain product on one device (see :class:`MimoOutput`); else the logits as usual."""
         modality_inputs = _or_empty(modality_inputs)
         output_targets = _or_empty(output_targets)
         self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets, document_ids,
@@ -362,8 +377,14 @@ class MimoModel(nn.Module):
             if logits_at.dim() != 1 or logits_at.dtype != torch.long:
                 raise InputError(f"expected flat int64 positions (K,), got {logits_at.dtype} "
                                  f"{tuple(logits_at.shape)}", path="logits_at")
-            out = MimoOutput(logits=lm.logits(hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_at)),
-                             logits_at=logits_at)
+            at = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_at)
+            if skip_logits is None:
+                skip_logits = self.training and labels is not None
+            weight = self._fusable_head(lm) if skip_logits else None
+            if weight is not None:
+                out = MimoOutput(logits=None, logits_at=logits_at, head_hidden=at, head_weight=weight)
+            else:
+                out = MimoOutput(logits=lm.logits(at), logits_at=logits_at)
         else:
             out = MimoOutput(logits=lm.logits(hidden))
         if callable(getattr(lm, "router_losses", None)) and (self.training or labels is not None or output_targets):
@@ -387,6 +408,18 @@ class MimoModel(nn.Module):
             out.router_aux_loss, out.router_z_loss = losses.router_aux_loss, losses.router_z_loss
             out.modality_accuracy = losses.modality_accuracy
         return out
+
+    def _fusable_head(self, lm) -> torch.Tensor | None:
+        """The LM head's weight when the loss may run the head itself: a plain product (the LM's
+        ``fusable_head_weight``) outside FSDP, whose hooks gather and free the weight around module calls."""
+        get = getattr(lm, "fusable_head_weight", None)
+        if get is None:
+            return None
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in (self, lm, getattr(lm, "lm_head", None))):
+            return None
+        return get()
 
     # ---- smoke-test inputs -----------------------------------------------------------------
     MAX_EXAMPLE_BATCH = 1024  # example batches are for smoke tests and tracing, not for training

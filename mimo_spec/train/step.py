@@ -54,6 +54,7 @@ def _loss_of(model, batch: dict, device, precision: str, embeddings=None):
     if labels is not None:  # the LM head only where the loss counts (not at placeholders or padding)
         kwargs["logits_at"] = counted_positions(batch["labels"], batch.get("loss_mask"),
                                                 batch.get("document_ids")).to(device, non_blocking=True)
+        kwargs["skip_logits"] = True  # a plain head runs inside the loss, chunk by chunk (no (K, V) logits kept)
     lm = getattr(getattr(model, "module", model), "language_model", None)
     if getattr(lm, "moe_layer_ids", ()) and batch.get("attention_mask") is not None:
         # padding is not routed for the aux losses (transformers counts the attention mask's tokens); attention

@@ -308,6 +308,18 @@ class GPT(nn.Module):
             return _tied_logits(hidden, self.token_embedding.weight)
         return self.lm_head(hidden)  # a module call, so FSDP/TP hooks see it
 
+    def fusable_head_weight(self) -> torch.Tensor | None:
+        """The head's (V, H) weight when ``logits(h)`` is exactly ``h @ weight.T`` on one device (no bias, hooks,
+        adapters or sharding): then a loss may run the head itself, a chunk at a time
+        (:func:`mimo_spec.loss.linear_cross_entropy`). None otherwise."""
+        head = self.lm_head if self.lm_head is not None else self.token_embedding
+        if head._forward_hooks or head._forward_pre_hooks or any(True for _ in head.children()):
+            return None
+        if getattr(head, "bias", None) is not None:
+            return None
+        weight = head.weight
+        return None if hasattr(weight, "device_mesh") or type(weight) not in (torch.Tensor, nn.Parameter) else weight
+
     def new_kv_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for up to ``max_len`` positions; pass it to every ``forward`` call.
