@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
+from mimo_spec.data.drawings import COLORS, SHAPES
 from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD
 from mimo_spec.errors import ConfigError, Problem, did_you_mean
 
@@ -138,8 +139,6 @@ class SyntheticDataConfig(CommonDataConfig):
     @field_validator("generation_holdout")
     @classmethod
     def _known_drawings(cls, v: list[str]) -> list[str]:
-        from mimo_spec.data.synthetic import COLORS, SHAPES
-
         for entry in v:
             parts = entry.split()
             if len(parts) != 2 or parts[0] not in COLORS or parts[1] not in SHAPES:

@@ -32,12 +32,11 @@ import hashlib
 import torch
 
 from mimo_spec.data.config import max_length
+from mimo_spec.data.drawings import COLORS, SHAPES  # noqa: F401 - also read from here
 from mimo_spec.data.preprocess import modality_kind, normalize
 from mimo_spec.data.tokenizer import Tag, encode_conversation, reserved_token_ids
 from mimo_spec.errors import ConfigError, InputError
 
-COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
-SHAPES = ("square", "circle", "cross", "ring")
 PITCHES = {"low": 0.2, "high": 0.65}  # centre of the energy band, as a fraction of the mel bins
 SOUNDS = ("hum", "beep", "chirp")
 QUESTIONS = {"image": "What is shown?", "audio": "What do you hear?", "video": "What happens?"}
