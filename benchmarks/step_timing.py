@@ -60,3 +60,11 @@ def peak_step_memory(step, device: torch.device) -> int | None:
 
 def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:8.1f} MiB"
+
+
+def adamw(params, lr: float = 1e-4, fused: bool = True) -> torch.optim.Optimizer:
+    """The optimizer both sides of a training-step benchmark use: torch's fused AdamW kernel, which is what
+    mimo-spec's trainer builds (``train/optim.py``) and transformers' Trainer uses by default
+    (``optim="adamw_torch_fused"``); ``fused=False`` (``--optimizer loop``) gives torch's per-tensor loop, which
+    the earlier figures were measured with."""
+    return torch.optim.AdamW(params, lr=lr, fused=True if fused else None)

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from mimo_spec.loss import counted_positions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import adamw  # noqa: E402
 
 VOCAB, IMG_TOKEN, SEQ, BATCH = 4096, 4000, 256, 4
 
@@ -68,6 +73,8 @@ def batch():
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--optimizer", default="fused", choices=["fused", "loop"],
+                    help="AdamW on both sides: fused (both trainers' default) or the per-tensor loop")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--feature-layer", type=int, default=-2, help="LLaVA reads -2; -1 runs every ViT layer in both")
@@ -81,8 +88,8 @@ def main() -> None:
     ids_host, labels_host, px_host = batch()
     ids, labels, px = (t.to(dev) for t in (ids_host, labels_host, px_host))
     m_ours, m_hf = ours(args.feature_layer, args.backend).to(dev), hf(args.feature_layer).to(dev)
-    o_ours = torch.optim.AdamW(m_ours.parameters(), lr=1e-4)
-    o_hf = torch.optim.AdamW(m_hf.parameters(), lr=1e-4)
+    o_ours = adamw(m_ours.parameters(), fused=args.optimizer == "fused")
+    o_hf = adamw(m_hf.parameters(), fused=args.optimizer == "fused")
     f_ours, f_hf = (torch.compile(m_ours), torch.compile(m_hf)) if args.compile else (m_ours, m_hf)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

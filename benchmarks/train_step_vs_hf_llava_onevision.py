@@ -40,7 +40,7 @@ import torch
 from mimo_spec.loss import counted_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import alternate, mib, peak_step_memory  # noqa: E402
+from step_timing import adamw, alternate, mib, peak_step_memory  # noqa: E402
 
 VOCAB, IMG, VID = 4096, 4000, 4001
 SEQ, TILE, PATCH, MAX_TILES = 256, 90, 14, 4
@@ -117,6 +117,8 @@ def top_ops(step, n: int = 12) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--optimizer", default="fused", choices=["fused", "loop"],
+                    help="AdamW on both sides: fused (both trainers' default) or the per-tensor loop")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -159,8 +161,8 @@ def main() -> None:
     tol = 1e-4 if args.precision == "fp32" else 5e-2
     assert abs(l_ours - l_hf) <= tol, f"losses differ: mimo-spec {l_ours:.6f}, HF {l_hf:.6f}"
 
-    o_ours = torch.optim.AdamW(m_ours.parameters(), lr=1e-4)
-    o_hf = torch.optim.AdamW(m_hf.parameters(), lr=1e-4)
+    o_ours = adamw(m_ours.parameters(), fused=args.optimizer == "fused")
+    o_hf = adamw(m_hf.parameters(), fused=args.optimizer == "fused")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step_ours():

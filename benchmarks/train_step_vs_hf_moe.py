@@ -40,7 +40,7 @@ from mimo_spec.loss import counted_positions  # noqa: E402
 from mimo_spec.models.mimo import MimoModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import alternate  # noqa: E402
+from step_timing import adamw, alternate  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV, BATCH, SEQ, AUX = 4096, 256, 4, 8, 4, 4, 256, 0.01
 
@@ -97,6 +97,8 @@ def copy_weights(gpt: GPT, hf) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--optimizer", default="fused", choices=["fused", "loop"],
+                    help="AdamW on both sides: fused (both trainers' default) or the per-tensor loop")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -118,7 +120,7 @@ def main() -> None:
             hf, ours = pair(kind, impl)
             hf, ours = hf.to(dev).train(), ours.to(dev).train()
             if impl == "eager":  # one of ours is enough
-                opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+                opt = adamw(ours.parameters(), fused=args.optimizer == "fused")
 
                 def step_ours(model=ours, opt=opt):
                     opt.zero_grad(set_to_none=True)
@@ -129,7 +131,7 @@ def main() -> None:
                     losses.setdefault("mimo-spec", float(loss.detach()))
 
                 runners["mimo-spec"] = step_ours
-            opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+            opt_hf = adamw(hf.parameters(), fused=args.optimizer == "fused")
 
             def step_hf(model=hf, opt=opt_hf, name=f"HF {impl}"):
                 opt.zero_grad(set_to_none=True)

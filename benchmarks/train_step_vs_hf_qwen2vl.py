@@ -37,7 +37,7 @@ import torch
 from mimo_spec.loss import counted_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import alternate, mib, peak_step_memory  # noqa: E402
+from step_timing import adamw, alternate, mib, peak_step_memory  # noqa: E402
 
 VOCAB, IMG, VID, VSTART, VEND = 4096, 4000, 4001, 4002, 4003
 SEQ, MERGE = 256, 2
@@ -90,6 +90,8 @@ def batch():
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--optimizer", default="fused", choices=["fused", "loop"],
+                    help="AdamW on both sides: fused (both trainers' default) or the per-tensor loop")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -113,8 +115,8 @@ def main() -> None:
     m_ours, m_hf = m_ours.to(dev).train(), m_hf.to(dev).train()
     ids, labels, types, px, grid, pxv, vgrid = batch()
     ids_d, labels_d, types_d, px_d, pxv_d = (t.to(dev) for t in (ids, labels, types, px, pxv))
-    o_ours = torch.optim.AdamW(m_ours.parameters(), lr=1e-4)
-    o_hf = torch.optim.AdamW(m_hf.parameters(), lr=1e-4)
+    o_ours = adamw(m_ours.parameters(), fused=args.optimizer == "fused")
+    o_hf = adamw(m_hf.parameters(), fused=args.optimizer == "fused")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     host_inputs = {"images": {"vit": {"pixel_values": px, "image_grid_thw": grid}},
