@@ -67,8 +67,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     hidden states' and the head's gradients (K x H + V x H) from forward to backward instead."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, scale, chunk):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, target, scale, chunk, grads):
+        # needs_input_grad holds under no_grad too: ``grads`` says whether the caller records a graph
+        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -99,7 +100,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None, None)
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None, None, None)
 
 
 LINEAR_CE_CHUNK_ELEMENTS = 2**24  # logits of one chunk (64 MiB in fp32)
@@ -115,7 +116,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     target = target.masked_fill(ignored, 0)
     scale = scale.float().masked_fill(ignored, 0.0)
     chunk = max(1, LINEAR_CE_CHUNK_ELEMENTS // max(1, weight.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, weight, target, scale, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, target, scale, chunk, torch.is_grad_enabled())
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,

@@ -260,6 +260,14 @@ def test_linear_cross_entropy_equals_the_head_then_cross_entropy(monkeypatch, ch
     (h_only,) = torch.autograd.grad(out, (hidden,))
     torch.testing.assert_close(h_only, torch.autograd.grad(reference(hidden, frozen), (hidden,))[0])
 
+    calls = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or real_mm(a, b))
+    with torch.no_grad():  # evaluation: the head's product only, no gradient products
+        torch.testing.assert_close(L.linear_cross_entropy(hidden, weight, target, scale), ref.detach())
+    assert len(calls) == -(-11 // chunk_rows)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", real_mm)
+
     empty = L.linear_cross_entropy(hidden[:0], weight, target[:0], scale[:0])
     (w_empty,) = torch.autograd.grad(empty, (weight,))
     assert float(empty) == 0.0 and w_empty.shape == weight.shape and float(w_empty.abs().sum()) == 0.0
