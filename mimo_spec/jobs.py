@@ -164,6 +164,9 @@ def run_eval(run: RunConfig | DictConfig, out_dir: Path) -> int:
         return _run_eval(run, out_dir)
 
 
+PAIR_DATA_HINT_EVAL = "check the eval split's records hold a prompt and \"chosen\" / \"rejected\" answers"
+
+
 def _run_eval(run: RunConfig, out_dir: Path) -> int:
     from mimo_spec.parallel.parallelize import start_parallel
     from mimo_spec.data import build_dataset
@@ -174,7 +177,16 @@ def _run_eval(run: RunConfig, out_dir: Path) -> int:
     dataset = build_dataset(trained_data, model, tokenizer, "eval")
     if len(dataset) == 0:
         raise ConfigError("the held-out split is empty", path="data", hint="set data.eval_samples / eval_fraction")
+    objective = None
+    if trained_train.objective == "dpo":  # the DPO loss against the run's reference, as training evaluated it
+        from mimo_spec.train.preference import DPO
+
+        _, trained_cfg = checkpoint_config(run.eval.checkpoint if run.eval is not None else None, "eval")
+        objective = DPO.for_checkpoint(trained_cfg, trained_train, model, dataset,
+                                       device=next(model.parameters()).device)
     drun = start_parallel(run.parallel.layout, trained_train.model_dump(), model)
+    if objective is not None:
+        objective.check_layout(drun)
     # unusable samples (unreadable files, over the length limit) are left out, as in training
     dataset = SkippingDataset(dataset)
     collate_fn = lambda s: collate_skipping(s, tokenizer.pad_id)  # noqa: E731
@@ -183,15 +195,22 @@ def _run_eval(run: RunConfig, out_dir: Path) -> int:
         drun.start_pipeline(model, int(getattr(dataset, "max_len", model_max_len(model))), tokenizer.pad_id)
     device = next(model.parameters()).device
     # every layout (pipeline and split layouts share the batches out over their ranks)
-    result = evaluate(model, dataset, collate_fn, batch_size, batches, trained_train.precision, device, drun=drun)
+    run_eval = evaluate if objective is None else objective.evaluate
+    result = run_eval(model, dataset, collate_fn, batch_size, batches, trained_train.precision, device, drun=drun)
     if drun is not None and drun.rank != 0:
         return 0
+    if not result and objective is not None:
+        raise ConfigError("no usable preference pair in the held-out split", path="data", hint=PAIR_DATA_HINT_EVAL)
     result["checkpoint"] = str(path)
     if drun is not None:
         result["layout"] = drun.layout.name
     write_text_atomic(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.2f}  "
-          f"({result['eval_tokens']} tokens, {path})")
+    if objective is not None:
+        print(f"eval DPO loss {result['eval_loss']:.4f}  reward accuracy {result['eval_reward_accuracy']:.2f}  "
+              f"margin {result['eval_reward_margin']:.4f}  ({path})")
+    else:
+        print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['eval_ppl']:.2f}  "
+              f"({result['eval_tokens']} tokens, {path})")
     return 0
 
 

@@ -283,6 +283,14 @@ def test_dpo_training_grows_the_margin_and_cli_metrics(pairs_dir, cli):
     assert float(rows[-1]["loss"]) < math.log(2) - 0.1
     assert float(rows[-1]["reward_accuracy"]) >= 0.75
     assert rows[-1]["eval_loss"] and float(rows[-1]["eval_reward_margin"]) > 0
+    # action=eval on the checkpoint rebuilds the run's reference (the model it started from) and reports the DPO
+    # numbers the run's last evaluation logged (same weights, same pairs); its perplexity-free line says so
+    ev = cli("action=eval", f"eval.checkpoint={cli.cwd / 'run'}", "eval.batches=2", "hydra.run.dir=ev")
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-4000:]
+    result = json.loads((cli.cwd / "ev" / "eval.json").read_text())
+    for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
+        assert result[key] == pytest.approx(float(rows[-1][key]), rel=1e-4, abs=1e-6), key
+    assert result["eval_loss"] < math.log(2) - 0.05 and "eval DPO loss" in ev.stdout
 
 
 def test_dpo_with_adapters_uses_the_adapter_free_base(pairs_dir, tmp_path):

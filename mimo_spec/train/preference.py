@@ -163,6 +163,35 @@ class DPO:
         tc = run.train
         return cls(tc.dpo.beta, tc.dpo.label_smoothing, Reference.of(model))
 
+    @classmethod
+    def for_checkpoint(cls, cfg, train, model, eval_set, *, device) -> DPO:
+        """The objective of a DPO run's checkpoint, for ``action=eval``: ``eval_set`` switched to pairs and the
+        run's reference rebuilt as training took it: ``model`` with its adapters off (the base they were trained
+        on), else the model the run started from (its training seed's init, then ``init_from``'s weights), so
+        the loss is the one the run reported. ``cfg``: the run's recorded config; ``train``: its train section."""
+        inner = getattr(eval_set, "dataset", eval_set)
+        if not callable(getattr(inner, "use_pairs", None)):
+            raise ConfigError("this checkpoint was trained with train.objective dpo, which needs preference pairs, and "
+                              f"its data.source {cfg['data'].get('source')} has none", path="data", hint=PAIR_DATA_HINT)
+        inner.use_pairs()
+        check_pairs(eval_set)
+        switch = adapter_switch(model)
+        if switch is not None:
+            return cls(train.dpo.beta, train.dpo.label_smoothing, Reference(model, switch=switch))
+        from pathlib import Path
+
+        from mimo_spec.builders import build_model
+        from mimo_spec.peft import training_seed
+
+        start = build_model(cfg, seed=training_seed(cfg), device=device, dtype=cfg.get("dtype"))
+        if cfg.get("init_from"):
+            from mimo_spec.weights import load_weights
+
+            load_weights(start, Path(cfg["init_from"]) / "model.safetensors")
+        start.requires_grad_(False)
+        start.eval()
+        return cls(train.dpo.beta, train.dpo.label_smoothing, Reference(model, frozen=start))
+
     @staticmethod
     def check_layout(drun) -> None:
         """Pipeline stages and split layouts are refused (a ConfigError naming ``parallel``)."""
