@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch import forwarded, launch_layouts  # noqa: E402
+
 A2A_OPS = ("all_to_all", "alltoall")  # the profiler's names of the all-to-all ops (forward and backward)
 WAIT_OPS = ("_c10d_functional::wait_tensor",)  # where a functional all-to-all blocks
 
@@ -120,19 +122,7 @@ def main() -> None:
     args = p.parse_args()
     if args.layout:
         return worker(args)
-    rows = []
-    for layout in args.layouts.split(","):
-        n = 1 if layout == "single" else args.nproc
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
-                                  if n > 1 else []) + [__file__, "--layout", layout] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("layouts", "layout", "nproc")]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("{")), None)
-        if line is None:
-            print(f"{layout}: failed\n{r.stderr[-3000:]}")
-            continue
-        rows.append(json.loads(line) | {"procs": n})
+    rows = launch_layouts(__file__, args.layouts, args.nproc, args.threads, forwarded(args))
     base = next((r["step_s"] for r in rows if r["layout"] == "single"), None)
     print(f"{args.batch} rows x {args.seq} tokens, packed, with images; hidden {args.hidden}, {args.threads} thread(s) "
           "per process")

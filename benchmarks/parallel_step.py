@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch import launch_layouts  # noqa: E402
+
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all",
                "broadcast", "barrier", "all_gather_single", "reduce_scatter_single",
                # point to point: pipeline stages and split layouts
@@ -163,21 +165,9 @@ def main() -> None:
     args = p.parse_args()
     if args.layout:
         return worker(args)
-    rows = []
-    for entry in args.layouts.split(","):
-        layout, _, procs = entry.partition(":")  # e.g. hetero_split:4
-        n = 1 if layout == "single" else int(procs or args.nproc)
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
-                                  if n > 1 else []) + [__file__, "--layout", layout, "--steps", str(args.steps),
-                                                       "--threads", str(args.threads), "--batch", str(args.batch),
-                                                       "--hidden", str(args.hidden)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("{")), None)
-        if line is None:
-            print(f"{layout}: failed\n{r.stderr[-3000:]}")
-            continue
-        rows.append(json.loads(line) | {"procs": n})
+    rows = launch_layouts(__file__, args.layouts, args.nproc, args.threads,
+                          ["--steps", str(args.steps), "--threads", str(args.threads), "--batch", str(args.batch),
+                           "--hidden", str(args.hidden)])
     base = next((r["step_s"] for r in rows if r["layout"] == "single"), None)
     print(f"{'layout':<14} {'procs':>5} {'step ms':>9} {'vs single':>10} {'comm share':>11}")
     for r in rows:

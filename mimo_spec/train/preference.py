@@ -37,7 +37,7 @@ import torch
 from mimo_spec.data.batch import model_kwargs
 from mimo_spec.errors import ConfigError, DataError
 from mimo_spec.loss import counted_positions, dpo_loss, sequence_log_probs
-from mimo_spec.train.step import autocast, train_context
+from mimo_spec.train.step import autocast, eval_samples, train_context
 
 # the metrics columns of a DPO run (CSV, TensorBoard): per step, then evaluation's
 STEP_FIELDS = ["reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected"]
@@ -253,18 +253,11 @@ class DPO:
                  precision: str = "fp32", device="cpu", should_stop=None, drun=None) -> dict[str, float]:
         """The DPO loss, reward accuracy and margin over (the first ``max_batches`` batches of ``batch_size``
         pairs of) ``dataset``; every rank evaluates every batch (one process, ddp, fsdp, tp)."""
-        from mimo_spec.train.limits import StopRequested
-
         stats = PairStats()
         model.eval()
-        n = len(dataset)
         try:
-            for b, start in enumerate(range(0, n, batch_size)):
-                if max_batches and b >= max_batches:
-                    break
-                if should_stop is not None and should_stop():
-                    raise StopRequested()
-                batch = collate_fn([dataset[i] for i in range(start, min(n, start + batch_size))])
+            for samples in eval_samples(dataset, batch_size, max_batches, should_stop):
+                batch = collate_fn(samples)
                 if "pair_valid" not in batch:  # every sample of the batch was unusable
                     continue
                 with torch.no_grad(), train_context(drun):

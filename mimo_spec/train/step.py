@@ -178,6 +178,20 @@ def eval_nll(model, batch: dict, *, device, precision: str = "fp32", drun=None, 
     return _eval_local(model, batch, device, precision, drun, outputs=outputs)
 
 
+def eval_samples(dataset, batch_size: int, max_batches: int | None, should_stop=None):
+    """Each evaluation batch's samples, in order: the first ``max_batches`` (every one when 0 or None) batches of
+    ``batch_size`` of ``dataset``; raises ``StopRequested`` when ``should_stop()`` says so before a batch."""
+    from mimo_spec.train.limits import StopRequested
+
+    n = len(dataset)
+    for b, start in enumerate(range(0, n, batch_size)):
+        if max_batches and b >= max_batches:
+            return
+        if should_stop is not None and should_stop():
+            raise StopRequested()
+        yield [dataset[i] for i in range(start, min(n, start + batch_size))]
+
+
 def _eval_local(model, batch: dict, device, precision: str, drun, embeddings=None, outputs: dict | None = None) -> float:
     with torch.no_grad(), train_context(drun):
         _, losses = _loss_of(model, batch, device, precision, embeddings)
@@ -205,20 +219,13 @@ def evaluate(model, dataset, collate_fn, batch_size: int, max_batches: int | Non
     data-parallel degree: filler samples (no counted token) make up the difference.
     """
     from mimo_spec.data.batch import filler_sample
-    from mimo_spec.train.limits import StopRequested
 
     shared = drun is not None and (drun.split or drun.pipeline) is not None
     model.eval()
     total_nll, total_tokens = 0.0, 0
     outputs: dict = {}  # output modalities' loss and accuracy (layouts where every rank evaluates every batch)
-    n = len(dataset)
     try:
-        for b, start in enumerate(range(0, n, batch_size)):
-            if max_batches and b >= max_batches:
-                break
-            if should_stop is not None and should_stop():
-                raise StopRequested()
-            samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        for samples in eval_samples(dataset, batch_size, max_batches, should_stop):
             if shared:
                 missing = batch_size - len(samples) if drun.pipeline is not None else -len(samples) % drun.dp_size
                 samples += [filler_sample(samples[0])] * missing
