@@ -340,11 +340,12 @@ def test_dpo_layouts_match_one_process(pairs_dir, tmp_path):
     the log-probabilities under loss_parallel) train the same losses, rewards and eval numbers as one process (a
     frozen reference replica on every rank); so does one process accumulating two micro-batches of half the pairs."""
     from conftest import ROOT
-    from test_parallel_run import RTOL, torchrun
+    from ranks import run_ranks
+    from test_parallel_run import RTOL
 
     from mimo_spec.train.loop import train
 
-    r = torchrun(2, ROOT / "tests" / "test_dpo.py", tmp_path, pairs_dir, "ddp,fsdp,tp2")
+    r = run_ranks(2, ROOT / "tests" / "test_dpo.py", tmp_path, pairs_dir, "ddp,fsdp,tp2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(dpo_config(pairs_dir, LAYOUT_RUN), tmp_path / "single")
     want = _rows(tmp_path / "single")

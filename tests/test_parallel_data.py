@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import data_config  # noqa: E402
-from test_parallel_run import RTOL, losses, torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+from test_parallel_run import RTOL, losses  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
@@ -42,7 +43,7 @@ def test_real_data_packed_with_workers_resumes_exactly_under_two_ranks(tmp_path)
 
     bad = write_data(tmp_path / "data")
     scenarios = "data:ddp:full,data:ddp:stop,data:ddp:resume,data:fsdp:full"
-    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
+    r = run_ranks(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(data_config("single", tmp_path), tmp_path / "single")
 

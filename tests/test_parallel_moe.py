@@ -12,7 +12,8 @@ from conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import MOE, config  # noqa: E402
-from test_parallel_run import RTOL, assert_same_weights, losses, torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+from test_parallel_run import RTOL, assert_same_weights, losses  # noqa: E402
 
 
 def moe_weights(run_dir: Path) -> dict:
@@ -35,9 +36,9 @@ def test_expert_parallel_matches_single_process_and_reshards(tmp_path):
     of them is the whole batch's (expert.GlobalRouterStats)."""
     from mimo_spec.train.loop import train
 
-    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, "moe_dispatch,moe:ep2,moe_resume:ep2:fsdp")
+    r = run_ranks(2, ROOT / "tests" / "parallel_worker.py", tmp_path, "moe_dispatch,moe:ep2,moe_resume:ep2:fsdp")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path,
+    r = run_ranks(4, ROOT / "tests" / "parallel_worker.py", tmp_path,
                  "moe:fsdp_ep2,moe:ep2_dp4,moe:split_ep,moe:tp2_fsdp_ep2,moe:tp2_fsdp,moe_resume:ep2:fsdp_ep2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(config("single", MOE), tmp_path / "single")

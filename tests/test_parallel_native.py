@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import NATIVE_LAYOUTS, native_config  # noqa: E402
 from test_parallel_native_split import assert_trains_alike  # noqa: E402
-from test_parallel_run import RTOL, losses, torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+from test_parallel_run import RTOL, losses  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
@@ -22,7 +23,7 @@ def test_native_resolution_model_under_ddp_fsdp_tp_equals_one_process(tmp_path):
     # split on 4 ranks and the refusals: test_parallel_native_split.py
     scenarios = ("native:ddp,native:fsdp,native:tp2,native:pp2,native:pp2_deep,native_deep_late,"
                  "native_split:split2,native_split:bridged")
-    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
+    r = run_ranks(2, ROOT / "tests" / "parallel_worker.py", tmp_path, scenarios, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(native_config("single"), tmp_path / "single")
     single = losses(tmp_path / "single")

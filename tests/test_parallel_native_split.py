@@ -13,7 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import NATIVE_SPLIT, native_config  # noqa: E402
-from test_parallel_run import RTOL, assert_same_weights, torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+from test_parallel_run import RTOL, assert_same_weights  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
@@ -82,7 +83,7 @@ def test_split_over_four_ranks_chunks_items_and_slices_positions(tmp_path):
 
     layout, _ = _layout("split4", 4)
     assert layout.modules["images"].dp == layout.modules["videos"].dp == layout.modules["language"].dp == 2
-    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path, "native_split:split4", timeout=600)
+    r = run_ranks(4, ROOT / "tests" / "parallel_worker.py", tmp_path, "native_split:split4", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(native_config("single"), tmp_path / "single")
     assert_trains_alike(tmp_path / "native_split_split4", tmp_path / "single")

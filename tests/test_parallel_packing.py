@@ -15,7 +15,8 @@ from conftest import ROOT
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import (PACK_LEN, PACK_LOOP, PACK_PAD, PACK_ROWS, config, pack_rows,  # noqa: E402
                              packed_samples, packed_train)
-from test_parallel_run import RTOL, assert_same_weights, torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+from test_parallel_run import RTOL, assert_same_weights  # noqa: E402
 
 # 2-rank cases: every shipped layout that runs on 2 processes, the split layout shrunk to 2 ranks
 # (images on rank 0, the language model on rank 1), the other pipeline schedule, and bridged images
@@ -95,7 +96,7 @@ def reference() -> dict:
 
 def run_group(out: Path, nproc: int, scenarios: list[str]) -> None:
     """One torchrun of ``nproc`` processes running tests/parallel_worker.py's ``scenarios``."""
-    r = torchrun(nproc, ROOT / "tests" / "parallel_worker.py", out, ",".join(scenarios))
+    r = run_ranks(nproc, ROOT / "tests" / "parallel_worker.py", out, ",".join(scenarios))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
 

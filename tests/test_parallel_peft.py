@@ -13,7 +13,8 @@ from conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peft_worker import peft_config  # noqa: E402
-from test_parallel_run import RTOL, assert_same_weights, losses, torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+from test_parallel_run import RTOL, assert_same_weights, losses  # noqa: E402
 
 WORKER = ROOT / "tests" / "peft_worker.py"
 
@@ -35,7 +36,7 @@ def test_adapters_train_under_parallel_layouts_like_one_process(tmp_path):
     from mimo_spec.train.loop import train
 
     scenarios = ["ddp", "fsdp", "tp2", "pp2"]  # every one with packing and activation checkpointing
-    r = torchrun(2, WORKER, tmp_path, ",".join(f"{sc}:packed_ac" for sc in scenarios))
+    r = run_ranks(2, WORKER, tmp_path, ",".join(f"{sc}:packed_ac" for sc in scenarios))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(peft_config("single", True), tmp_path / "single")
     ref_losses, ref_weights = losses(tmp_path / "single"), trained(tmp_path / "single")

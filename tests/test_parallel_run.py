@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from ranks import run_ranks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import MIXED, config  # noqa: E402
@@ -65,7 +66,7 @@ def test_two_rank_layouts_match_single_process_and_checkpoints_reshard(tmp_path)
     mixed = ["ddp", "fsdp", "pp2"]
     scenarios = ",".join(layouts + ["resume:tp2:fsdp", "resume:fsdp:tp2", "resume:tp2:pp2", "resume:pp2:fsdp"]
                          + [f"mixed:{layout}" for layout in mixed])
-    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", out, scenarios)
+    r = run_ranks(2, ROOT / "tests" / "parallel_worker.py", out, scenarios)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     train(config("single"), out / "single")
     train(config("single", ["train.steps=4"]), out / "single4")
@@ -119,7 +120,7 @@ def test_four_ranks_tp_with_data_parallel(tmp_path):
     layouts = ("tp2_fsdp", "tp2", "hetero_colocated", "pp2", "hetero_split")
     mixed = ("pp2", "fsdp", "tp2_fsdp")  # 2 stages x 2 replicas (microbatches without images), FSDP over 4
     # ranks, TP 2 x FSDP 2 (a TP-sharded encoder on a share without images)
-    r = torchrun(4, ROOT / "tests" / "parallel_worker.py", tmp_path,
+    r = run_ranks(4, ROOT / "tests" / "parallel_worker.py", tmp_path,
                  ",".join(list(layouts) + [f"mixed:{layout}" for layout in mixed]))
     assert r.returncode == 0, r.stderr[-6000:]
     from mimo_spec.train.loop import train
@@ -157,8 +158,9 @@ def test_cli_under_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ref = json.loads((tmp_path / "eval1" / "eval.json").read_text())
     for layout in ("fsdp", "pp2"):
-        r = torchrun(2, ROOT / "cli.py", "action=eval", f"eval.checkpoint={tmp_path / 'run'}", f"parallel={layout}",
-                     f"hydra.run.dir={tmp_path / ('eval_' + layout)}", cwd=tmp_path)
+        # the CLI's own main as 2 ranks (tests/ranks.py: torchrun's environment without its start-up cost)
+        r = run_ranks(2, ROOT / "cli.py", "action=eval", f"eval.checkpoint={tmp_path / 'run'}", f"parallel={layout}",
+                      f"hydra.run.dir={tmp_path / ('eval_' + layout)}", cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-4000:]
         got = json.loads((tmp_path / f"eval_{layout}" / "eval.json").read_text())
         assert got["layout"] == layout and got["eval_tokens"] == ref["eval_tokens"] > 0

@@ -16,7 +16,7 @@ from conftest import ROOT
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import PACK_LEN, config, packed_steps  # noqa: E402
 from test_parallel_packing import _model, check_layouts, reference  # noqa: E402,F401  (a fixture)
-from test_parallel_run import torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
 
 
 def _straddling_images(batches: list[dict], boundary: int) -> int:
@@ -31,7 +31,7 @@ def _straddling_images(batches: list[dict], boundary: int) -> int:
 
 def test_sequence_parallel_matches_single_process(tmp_path, reference):  # noqa: F811
     def group(nproc, scenarios):
-        r = torchrun(nproc, ROOT / "tests" / "sp_worker.py", tmp_path, ",".join(scenarios))
+        r = run_ranks(nproc, ROOT / "tests" / "sp_worker.py", tmp_path, ",".join(scenarios))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
     group(2, ["unit", "packed:sp2"])

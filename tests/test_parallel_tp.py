@@ -16,7 +16,8 @@ from conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import config  # noqa: E402
-from test_parallel_run import RTOL, assert_same_weights, losses, torchrun  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+from test_parallel_run import RTOL, assert_same_weights, losses  # noqa: E402
 from tp_worker import TIED  # noqa: E402
 
 WORKER = ROOT / "tests" / "tp_worker.py"
@@ -75,7 +76,7 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
                  "train:tp2:tied", "train:fsdp:tied", "resume:train_tp2_tied:tp2:tied", "train:tp2",
                  "generate:tp2:train_tp2", "generate:fsdp:train_tp2", "generate:ddp:train_tp2", "generate:pp2:train_tp2",
                  "generate:tp2:train_tp2_tied", "generate:fsdp:train_tp2_tied", "plugin", "qv_attention"]
-    r = torchrun(2, WORKER, out, ",".join(scenarios))
+    r = run_ranks(2, WORKER, out, ",".join(scenarios))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
     # 1. the vocab-parallel loss: same loss and gradients (ignored labels, loss mask, packed documents)
@@ -135,7 +136,7 @@ def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):
     from mimo_spec.train.loop import train
 
     # and generation under pp2 on 4 ranks (the model replicated on every rank)
-    r = torchrun(4, WORKER, tmp_path, "train:tp2_fsdp:tied,train:tp2_fsdp,generate:pp2:train_tp2_fsdp")
+    r = run_ranks(4, WORKER, tmp_path, "train:tp2_fsdp:tied,train:tp2_fsdp,generate:pp2:train_tp2_fsdp")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     ref = single_generation(tmp_path, "train_tp2_fsdp")
     assert len(ref) == 12 and len(set(ref)) > 1
