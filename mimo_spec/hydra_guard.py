@@ -437,7 +437,9 @@ def _wrap_source(source) -> None:
                 from mimo_spec.safe_yaml import check_yaml_text, decode_yaml_bytes
 
                 shown = str(res)  # the file inside the installed package
-                check_yaml_text(decode_yaml_bytes(res.read_bytes(), shown), shown)
+                text = decode_yaml_bytes(res.read_bytes(), shown)
+                check_yaml_text(text, shown)
+                check_package_header(text, shown)
             return original_read(res)
 
         source._read_config = read_config
@@ -454,6 +456,7 @@ def _config_result(source, text: str, shown: str):
 
     from mimo_spec.safe_yaml import yaml_error
 
+    check_package_header(text, shown)
     try:
         cfg = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as e:  # e.g. a duplicate key
@@ -462,3 +465,29 @@ def _config_result(source, text: str, shown: str):
         raise ConfigError(Problem(shown, str(e).splitlines()[0], "fix this config file")) from None
     return ConfigResult(config=cfg, path=f"{source.scheme()}://{source.path}", provider=source.provider,
                         header=ConfigSource._get_header_dict(text[:512]))
+
+
+_DIRECTIVE = re.compile(r"^\s*#\s*@")
+_PACKAGE_DIRECTIVE = re.compile(r"^\s*#\s*@package\b")
+_HEADER_CHARS = 512  # Hydra reads a config's header from its first 512 characters
+
+
+def check_package_header(text: str, shown: str) -> None:
+    """ConfigError for a ``# @package`` line Hydra would not read: Hydra takes a config's directives
+    only from the lines at the very top that are directives (``# @package ...``), within its first
+    512 characters, and stops at the first other line, a comment included. A directive below that is
+    silently ignored, so the file's keys land under its group's name (``preset.model``) instead of
+    where it says, and the error Hydra gives later ("Could not override 'model@preset.model'")
+    does not say why."""
+    consumed, in_header = 0, True
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        consumed += len(line)
+        stripped = line.strip()
+        if in_header and stripped and not (_DIRECTIVE.match(stripped) and consumed <= _HEADER_CHARS):
+            in_header = False
+        if not in_header and _PACKAGE_DIRECTIVE.match(line):
+            raise ConfigError(Problem(
+                shown, f"line {number}, {stripped!r}, is not read: Hydra takes the package directive only "
+                "from the lines at the top of the file, before any other line (a comment too)",
+                "make it the file's first line"))
+
