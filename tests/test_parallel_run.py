@@ -138,9 +138,11 @@ def test_four_ranks_tp_with_data_parallel(tmp_path):
 
 def test_a_failing_rank_ends_every_rank(tmp_path):
     t0 = time.monotonic()
-    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, "fail", timeout=120)
+    r = torchrun(2, ROOT / "tests" / "parallel_worker.py", tmp_path, "fail", timeout=200)
     assert r.returncode != 0
-    assert time.monotonic() - t0 < 60
+    # ended by torchrun once rank 1 fails, not by the collectives' 300 s timeout (45 s seen on a loaded machine,
+    # most of it three interpreters importing torch)
+    assert time.monotonic() - t0 < 150
     assert "rank 1 fails on purpose" in r.stderr
 
 
