@@ -1,6 +1,6 @@
 """Mixture-of-experts language models through import_hf / export_hf, against transformers (tiny perturbed
 models, fp32, CPU): Mixtral, Qwen2-MoE (a gated shared expert, dense layers among routed ones) and
-Qwen3-MoE (q/k norms, decoder_sparse_step); logits and loss on a padded batch; export -> from_pretrained
+Qwen3-MoE (q/k norms, decoder_sparse_step) and OLMoE (q/k norms over all heads); logits and loss on a padded batch; export -> from_pretrained
 with nothing missing or unexpected -> the same logits; the released per-expert layout and transformers 5's
 fused one both import; features we do not model are refused by name. Qwen3-VL-MoE with an image."""
 
@@ -36,6 +36,11 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(COMMON, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2, head_dim=16,
                        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2)),
+    # every layer routed, top-2 of 4 not renormalised (OLMoE's default); one RMSNorm over all heads' queries
+    # (32 wide) and one over all keys (16)
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(COMMON, intermediate_size=24, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                   norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
 
 
@@ -94,9 +99,12 @@ def test_import_export_equal_transformers(family, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
     p = cfg["model"]["params"]
     assert p["num_experts"] == 4 and p["num_experts_per_tok"] == 2 and p["router_scoring"] == "softmax"
-    assert p["norm_topk_prob"] is (family != "qwen2_moe")
+    assert p["norm_topk_prob"] is (family not in ("qwen2_moe", "olmoe"))
     routed = [i for i, layer in enumerate(model.language_model.layers) if hasattr(layer.mlp, "router")]
-    assert routed == {"mixtral": [0, 1], "qwen2_moe": [0, 2], "qwen3_moe": [1]}[family]
+    assert routed == {"mixtral": [0, 1], "qwen2_moe": [0, 2], "qwen3_moe": [1], "olmoe": [0, 1]}[family]
+    if family == "olmoe":  # the q / k norms span all heads: 4 x 8 and 2 x 8 wide
+        attn = model.language_model.layers[0].attn
+        assert attn.q_norm.weight.shape == (32,) and attn.k_norm.weight.shape == (16,)
 
     # export: the family's class loads it with nothing missing or unexpected, and computes the same
     out_dir = export_hf(model, cfg, tmp_path / "out")
@@ -162,8 +170,8 @@ def test_unmodelled_moe_features_are_refused(tmp_path):
         _convert(getattr(transformers, config_cls)(**kwargs, router_jitter_noise=0.1), "config.json")
     with pytest.raises(InputError, match="relu6"):  # an expert activation we do not implement
         _convert(getattr(transformers, config_cls)(**{**kwargs, "hidden_act": "relu6"}), "config.json")
-    with pytest.raises(InputError, match="olmoe.*all heads"):  # q/k norms over all heads together
-        _convert(transformers.OlmoeConfig(num_hidden_layers=1), "config.json")
+    with pytest.raises(InputError, match="clip_qkv 8.0: clamping"):  # OLMoE's optional q/k/v clamp
+        _convert(transformers.OlmoeConfig(num_hidden_layers=1, clip_qkv=8.0), "config.json")
     # a released-layout checkpoint with a router bias (a tensor its config does not describe), an expert of
     # the wrong width and one missing: each named before any weight is read
     from mimo_spec.interop.hf_safetensors import read_header, write_safetensors
@@ -264,3 +272,17 @@ def test_qwen3_vl_moe_import_export_equal_transformers(tmp_path):
     cfg2, model2 = import_hf(out_dir)
     assert cfg2 == cfg
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+def test_olmoe_q_k_norms_over_all_heads_refuse_tensor_parallelism():
+    """A tensor-parallel rank holds a share of the heads; OLMoE's norms need all of them: refused by name
+    (the layout check), while ep and fsdp layouts of the same model resolve."""
+    from mimo_spec.parallel.layout import resolve
+
+    _, cfg, _ = _pair("olmoe")
+    meta = build_model({**cfg, "modalities": {}}, device="meta")
+    with pytest.raises(ConfigError) as e:
+        resolve({"default": {"tp": 2}}, meta, 2)
+    problem = {p.path: str(p) for p in e.value.problems}["parallel.default.tp"]
+    assert "qk_norm_kind 'rmsnorm_all_heads'" in problem and "use tp: 1" in problem
+    assert resolve({"default": {"dp_shard": 2}, "modules": {"language": {"ep": 2}}}, meta, 2).modules["language"].ep == 2

@@ -300,7 +300,7 @@ class Attention(nn.Module):
         *,
         te_norm: tuple[str, float] | None = None,
         qk_norm: float | None = None,
-        qk_norm_kind: Literal["rmsnorm", "layernorm_per_head"] = "rmsnorm",
+        qk_norm_kind: Literal["rmsnorm", "layernorm_per_head", "rmsnorm_all_heads"] = "rmsnorm",
     ):
         """``te_norm=(norm, eps)``: transformer-engine projections, the block's pre-attention norm fused
         into ``qkv`` (a ``te.LayerNormLinear``) and ``out`` a ``te.Linear``. ``qk_norm=eps``: an RMSNorm
@@ -308,7 +308,10 @@ class Attention(nn.Module):
         ``qk_norm_kind="layernorm_per_head"``: instead a LayerNorm over each head's queries and keys whose
         affine weight and bias are the head's own (Chameleon): parameters ``q_norm_weight`` /
         ``q_norm_bias`` (num_heads, head_dim) and ``k_norm_weight`` / ``k_norm_bias`` (num_kv_heads,
-        head_dim), sharded with their heads under tensor parallelism."""
+        head_dim), sharded with their heads under tensor parallelism. ``"rmsnorm_all_heads"``: one RMSNorm
+        over all heads' queries together (num_heads * head_dim) and one over all keys (num_kv_heads * head_dim)
+        (OLMoE / OLMo 2): ``q_norm`` / ``k_norm`` of those widths; a share of the heads cannot compute it, so
+        tensor parallelism refuses it."""
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
@@ -341,13 +344,17 @@ class Attention(nn.Module):
         # qkv_bias "qv": the q and v biases, zero-initialised (the qkv Linear holds no bias then)
         self.q_bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if qv_only else None
         self.v_bias = nn.Parameter(torch.zeros(num_kv_heads * head_dim)) if qv_only else None
-        if qk_norm_kind not in ("rmsnorm", "layernorm_per_head"):
-            raise ParamError("qk_norm_kind", f"qk_norm_kind ({qk_norm_kind!r}) must be 'rmsnorm' or "
-                             "'layernorm_per_head'")
+        if qk_norm_kind not in QK_NORM_KINDS:
+            raise ParamError("qk_norm_kind", f"qk_norm_kind ({qk_norm_kind!r}) must be one of "
+                             f"{', '.join(map(repr, QK_NORM_KINDS))}")
         per_head = qk_norm is not None and qk_norm_kind == "layernorm_per_head"
+        # rmsnorm_all_heads: the norms span every head's queries / keys (their flat projections)
+        self.qk_norm_all_heads = qk_norm is not None and qk_norm_kind == "rmsnorm_all_heads"
+        q_width, k_width = (num_heads * head_dim, num_kv_heads * head_dim) if self.qk_norm_all_heads \
+            else (head_dim, head_dim)
         self.qk_norm_eps = qk_norm
-        self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None and not per_head else None
-        self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None and not per_head else None
+        self.q_norm = nn.RMSNorm(q_width, eps=qk_norm) if qk_norm is not None and not per_head else None
+        self.k_norm = nn.RMSNorm(k_width, eps=qk_norm) if qk_norm is not None and not per_head else None
         # layernorm_per_head: each head's own affine weight and bias (rows = heads: sharded with them under TP)
         self.q_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim)) if per_head else None
         self.q_norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim)) if per_head else None
@@ -384,8 +391,14 @@ class Attention(nn.Module):
         h = hkv * group
         # split, not slices: a split's backward is one cat, a slice's a zero-filled full-size buffer per part
         qk, v = qkv.split([(h + hkv) * D, hkv * D], dim=-1)
+        if self.qk_norm_all_heads:  # over the flat projections, before the heads are split
+            if h != self.num_heads:
+                raise RuntimeError(f"qk_norm_kind 'rmsnorm_all_heads' needs all {self.num_heads} heads here, "
+                                   f"this projection holds {h} (tensor parallelism cannot shard it)")
+            q, k = qk.split([h * D, hkv * D], dim=-1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-1)
         qk, v = qk.unflatten(-1, (h + hkv, D)), v.unflatten(-1, (hkv, D))  # (B, S, h+hkv, D), (B, S, hkv, D)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_all_heads:  # each head's D
             q, k = qk.split([h, hkv], dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         elif self.q_norm_weight is not None:  # LayerNorm over each head's D, that head's own weight and bias
@@ -501,6 +514,10 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------- MLP
+
+
+# the q/k norms an attention knows (see Attention.__init__)
+QK_NORM_KINDS = ("rmsnorm", "layernorm_per_head", "rmsnorm_all_heads")
 
 
 class _SiluMul(torch.autograd.Function):

@@ -121,11 +121,13 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
         rope = {"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"], **(scaling or {})}}
     else:
         rope = {"rope_theta": p["rope_theta"], **({"rope_scaling": dict(scaling)} if scaling else {})}
-    if p.get("qk_norm") and p.get("qk_norm_kind", "rmsnorm") != "rmsnorm" or p.get("qk_norm_eps") is not None \
-            or p.get("swin_norm"):
+    all_heads = p.get("qk_norm") and p.get("qk_norm_kind") == "rmsnorm_all_heads"
+    if p.get("qk_norm") and p.get("qk_norm_kind", "rmsnorm") != "rmsnorm" and not (all_heads and p.get("num_experts")) \
+            or p.get("qk_norm_eps") is not None or p.get("swin_norm"):
         raise _refuse(path, f"qk_norm_kind {p.get('qk_norm_kind')!r} / qk_norm_eps {p.get('qk_norm_eps')} / swin_norm "
                             f"{p.get('swin_norm')} match no Hugging Face causal LM (Chameleon's per-head LayerNorms and "
-                            "swin_norm export with its images only)")
+                            "swin_norm export with its images only; q/k norms over all heads as OLMoE, with "
+                            "experts)")
     if p.get("num_experts"):
         return _moe_lm_config(p, dtype, path, common, rope)
     if p.get("qk_norm"):
@@ -143,8 +145,11 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
 
 
 def _moe_family(p: dict[str, Any]) -> str:
-    """The Hugging Face family an MoE gpt exports as: qwen3_moe (q/k norms), qwen2_moe (a shared expert or
-    Qwen2's q/k/v-only bias) or mixtral (the rest; what it cannot express is then refused by name)."""
+    """The Hugging Face family an MoE gpt exports as: olmoe (q/k norms over all heads), qwen3_moe (per-head
+    q/k norms), qwen2_moe (a shared expert or Qwen2's q/k/v-only bias) or mixtral (the rest; what it cannot
+    express is then refused by name)."""
+    if p.get("qk_norm") and p.get("qk_norm_kind") == "rmsnorm_all_heads":
+        return "olmoe"
     if p.get("qk_norm"):
         return "qwen3_moe"
     out_bias = p["attention_bias"] if p.get("attention_out_bias") is None else p["attention_out_bias"]
@@ -165,6 +170,15 @@ def _moe_lm_config(p: dict[str, Any], dtype: torch.dtype, path: str, common: dic
     if family == "mixtral":
         config = _hf_config("MixtralConfig", dtype, "MixtralForCausalLM", num_local_experts=p["num_experts"],
                             sliding_window=None, **{**common, "intermediate_size": moe_ffn}, **router, **rope)
+    elif family == "olmoe":
+        if common["head_dim"] * common["num_attention_heads"] != common["hidden_size"]:  # OLMoE's q_norm is
+            # hidden_size wide: its heads x head_dim must be that
+            raise _refuse(path, f"head_dim {common['head_dim']} with q/k norms over all heads: OLMoE's head_dim is "
+                                "hidden_size / num_heads")
+        olmoe = {k: v for k, v in common.items() if k != "head_dim"}
+        config = _hf_config("OlmoeConfig", dtype, "OlmoeForCausalLM", num_experts=p["num_experts"],
+                            norm_topk_prob=bool(p["norm_topk_prob"]), attention_bias=p["attention_bias"],
+                            clip_qkv=None, **{**olmoe, "intermediate_size": moe_ffn}, **router, **rope)
     else:
         qwen = dict(num_experts=p["num_experts"], moe_intermediate_size=moe_ffn,
                     decoder_sparse_step=p.get("decoder_sparse_step") or 1,
@@ -185,7 +199,8 @@ def _moe_lm_config(p: dict[str, Any], dtype: torch.dtype, path: str, common: dic
         raise _refuse(bad[0].split(":")[0], f"{'; '.join(bad[:6])}" + (f" ... ({len(bad)} in all)" if len(bad) > 6
                                                                        else ""),
                       f"no {config.architectures[0]} computes this model (Mixtral: softmax top-k renormalised, every "
-                      "layer routed, no biases; Qwen2-MoE: a gated shared expert; Qwen3-MoE: qk_norm)")
+                      "layer routed, no biases; Qwen2-MoE: a gated shared expert; Qwen3-MoE: qk_norm; OLMoE: q/k "
+                      "norms over all heads, every layer routed)")
     return config
 
 

@@ -43,6 +43,7 @@ SUPPORTED = {
     "mixtral": "gpt (mixture of experts in every layer)",
     "qwen2_moe": "gpt (mixture of experts with a gated shared expert; decoder_sparse_step / mlp_only_layers)",
     "qwen3_moe": "gpt (mixture of experts; decoder_sparse_step / mlp_only_layers)",
+    "olmoe": "gpt (mixture of experts in every layer; q/k RMSNorms over all heads: qk_norm_kind rmsnorm_all_heads)",
     "clip": "clip_vit", "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
     "siglip2": "siglip2_naflex", "siglip2_vision_model": "siglip2_naflex",
     "whisper": "whisper_encoder",
@@ -68,7 +69,7 @@ SUPPORTED = {
 FAMILIES = {"llava_next": "hf_llava_next", "llava_onevision": "hf_llava_next", "llava_next_video": "hf_llava_next",
             "internvl": "hf_internvl", "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3",
             "qwen2_audio": "hf_qwen2_audio", "janus": "hf_janus", "chameleon": "hf_chameleon"}
-_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe")
+_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 _VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 # HF tensors every import may skip: buffers that older checkpoints saved.
 _ALWAYS_IGNORED = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
@@ -104,10 +105,7 @@ class _Conversion:
 
 
 # model types close to a supported one, and what of theirs we do not model
-_NOT_MODELLED = {
-    "olmoe": "OLMoE's q_norm / k_norm normalise all heads' queries and keys together (mimo-spec's qk_norm is per "
-             "head, as Qwen3's)",
-}
+_NOT_MODELLED: dict[str, str] = {}
 
 
 def _unsupported(model_type: str, arch: str, where: str) -> InputError:

@@ -119,7 +119,7 @@ _QWEN2_VL = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "qwen
              "qwen3_vl_moe": "qwen3_vl_moe_text"}
 _QWEN3 = ("qwen3", "qwen3_vl_text", "qwen3_moe", "qwen3_vl_moe_text")  # q_norm / k_norm on each head, no q/k/v bias
 # Mixture-of-experts language models (the keys of their routed layers: see ``_moe_layer_table``)
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_vl_moe_text")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_vl_moe_text", "olmoe")
 
 
 def _moe_params_from_hf(config: Any) -> dict[str, Any]:
@@ -130,6 +130,9 @@ def _moe_params_from_hf(config: Any) -> dict[str, Any]:
     if jitter:
         raise ValueError(f"router_jitter_noise {jitter}: multiplicative noise on the router input in training "
                          "is not modelled (set it to 0)")
+    if mt == "olmoe" and getattr(config, "clip_qkv", None) is not None:
+        raise ValueError(f"clip_qkv {config.clip_qkv}: clamping the queries, keys and values is not modelled "
+                         "(OLMoE-1B-7B's releases have none)")
     experts = int(config.num_local_experts if mt == "mixtral" else config.num_experts)
     if experts <= 0:  # Qwen2-MoE with num_experts 0: every layer dense
         return {}
@@ -138,6 +141,9 @@ def _moe_params_from_hf(config: Any) -> dict[str, Any]:
                                router_scoring="softmax", router_aux_loss_weight=aux)
     if mt == "mixtral":
         return {**out, "moe_ffn_hidden_size": int(config.intermediate_size), "norm_topk_prob": True}
+    if mt == "olmoe":  # every layer routed; its experts' width is intermediate_size
+        return {**out, "moe_ffn_hidden_size": int(config.intermediate_size),
+                "norm_topk_prob": bool(config.norm_topk_prob)}
     only = sorted(int(i) for i in (getattr(config, "mlp_only_layers", None) or []))
     out.update(moe_ffn_hidden_size=int(config.moe_intermediate_size),
                decoder_sparse_step=int(getattr(config, "decoder_sparse_step", 1) or 1),
@@ -151,7 +157,7 @@ def _moe_params_from_hf(config: Any) -> dict[str, Any]:
 
 def gpt_params_from_hf(config: Any) -> dict[str, Any]:
     """GPT kwargs from a LlamaConfig / MistralConfig / Qwen2Config / Qwen3Config / GPT2Config, a Mixtral /
-    Qwen2-MoE / Qwen3-MoE config (the MoE kwargs included), or the text model of a Qwen2-VL / Qwen2.5-VL /
+    Qwen2-MoE / Qwen3-MoE / OLMoE config (the MoE kwargs included), or the text model of a Qwen2-VL / Qwen2.5-VL /
     Qwen3-VL / Qwen3-VL-MoE config (its text config, or the whole VLM config: then its text_config with the
     VLM's tie_word_embeddings), M-RoPE's ``mrope_section`` included."""
     tie = getattr(config, "tie_word_embeddings", None)
@@ -168,9 +174,10 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
                     attention_bias=True, mlp_bias=True, tie_embeddings=True)
     qwen3 = mt in _QWEN3
     qwen2 = mt in ("qwen2", "qwen2_moe", *_QWEN2_VL.values()) and not qwen3
-    if mt not in ("llama", "mistral", "mixtral") and not qwen2 and not qwen3:
-        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, "
-                         "qwen3_moe, qwen2_vl(_text), qwen2_5_vl(_text), qwen3_vl(_text), qwen3_vl_moe(_text) or gpt2")
+    if mt not in ("llama", "mistral", "mixtral", "olmoe") and not qwen2 and not qwen3:
+        raise ValueError(f"model_type {mt!r} is not supported: use llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, "
+                         "qwen3, qwen3_moe, qwen2_vl(_text), qwen2_5_vl(_text), qwen3_vl(_text), qwen3_vl_moe(_text) "
+                         "or gpt2")
     moe = _moe_params_from_hf(config) if mt in MOE_TYPES else {}
     if mt == "qwen2_moe" and not getattr(config, "qkv_bias", True):
         qwen2 = False  # Qwen2-MoE's q/k/v bias is a config option
@@ -204,6 +211,8 @@ def gpt_params_from_hf(config: Any) -> dict[str, Any]:
         mlp_bias=bool(getattr(config, "mlp_bias", False)), tie_embeddings=bool(tie),
         head_dim=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim,
         **mrope, **({"qk_norm": True} if qwen3 else {}), **({"rope_scaling": scaling} if scaling else {}), **moe,
+        # OLMoE: one RMSNorm over all heads' queries and one over all keys
+        **({"qk_norm": True, "qk_norm_kind": "rmsnorm_all_heads"} if mt == "olmoe" else {}),
     )
 
 

@@ -27,6 +27,12 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
             owner = "model" if name == LANGUAGE else f"modalities.{name}"
             problems.add(m.at("tp"), f"{owner} uses transformer-engine layers (backend te), which mimo-spec does not "
                          "shard with DTensor tensor parallelism", "use tp: 1 (ddp/fsdp layouts), or backend: local")
+        if m.tp > 1 and m.tp_plan != "none" and any(getattr(sub, "qk_norm_all_heads", False)
+                                                     for sub in module.modules()):
+            owner = "model.params" if name == LANGUAGE else f"modalities.{name}"
+            problems.add(m.at("tp"), f"{owner}.qk_norm_kind 'rmsnorm_all_heads' (OLMoE) normalises all heads' "
+                         "queries and keys together, which a tensor-parallel share of the heads cannot compute",
+                         "use tp: 1 (ddp, fsdp or ep layouts) for this model")
         if m.tp > 1 and m.tp_plan != "none":
             for where, attr, value in tp_divisibility(module):
                 if value % m.tp:

@@ -10,7 +10,8 @@ State-dict keys::
     layers.{i}.attn_norm.{weight,bias}
     layers.{i}.attn.qkv.{weight,bias} rows [q; k; v]
     layers.{i}.attn.out.{weight,bias}
-    layers.{i}.attn.{q,k}_norm.weight (D,)                  qk_norm (rmsnorm) only
+    layers.{i}.attn.{q,k}_norm.weight (D,)                  qk_norm (rmsnorm) only; (heads * D,) / (kv_heads * D,)
+                                                            with qk_norm_kind="rmsnorm_all_heads"
     layers.{i}.attn.{q,k}_norm_{weight,bias} (heads, D)     qk_norm_kind="layernorm_per_head" only
     layers.{i}.mlp_norm.{weight,bias}
     layers.{i}.mlp.fc1.{weight,bias}  swiglu: rows [gate; up]
@@ -42,6 +43,7 @@ from mimo_spec.components.layers import (
     ActivationName,
     Backend,
     KVCache,
+    QK_NORM_KINDS,
     RotaryEmbedding,
     TransformerBlock,
     build_attention_mask,
@@ -90,7 +92,9 @@ class GPT(nn.Module):
         qk_norm: an RMSNorm (norm_eps) over each head's queries and keys before RoPE (Qwen3).
         qk_norm_kind: with qk_norm, "rmsnorm" (Qwen3: one (head_dim,) weight shared by the heads) or
             "layernorm_per_head" (Chameleon: a LayerNorm over each head's queries / keys with that head's own
-            weight and bias, keys ``layers.{i}.attn.{q,k}_norm_{weight,bias}`` of shape (heads, head_dim)).
+            weight and bias, keys ``layers.{i}.attn.{q,k}_norm_{weight,bias}`` of shape (heads, head_dim)) or
+            "rmsnorm_all_heads" (OLMoE: one RMSNorm over all heads' queries, (heads * head_dim,), and one over
+            all keys, (kv_heads * head_dim,); not under tensor parallelism).
         qk_norm_eps: the q/k norms' epsilon (None = norm_eps; Chameleon's LayerNorms use 1e-5).
         swin_norm: normalise each sublayer's output before the residual add (``x + attn_norm(attn(x))``, then
             ``x + mlp_norm(mlp(x))``; Chameleon's ``swin_norm``) instead of its input (pre-norm). Local backend.
@@ -143,7 +147,7 @@ class GPT(nn.Module):
         mrope_tokens_per_second: float | None = None,
         mrope_frames_as_items: bool = False,
         qk_norm: bool = False,
-        qk_norm_kind: Literal["rmsnorm", "layernorm_per_head"] = "rmsnorm",
+        qk_norm_kind: Literal["rmsnorm", "layernorm_per_head", "rmsnorm_all_heads"] = "rmsnorm",
         qk_norm_eps: float | None = None,
         swin_norm: bool = False,
         num_experts: int | None = None,
@@ -186,9 +190,9 @@ class GPT(nn.Module):
         if mrope_interleaved and mrope_section is None:
             raise ParamError("mrope_interleaved", "mrope_interleaved needs mrope_section "
                              "(e.g. [24, 20, 20] for Qwen3-VL's head_dim 128)")
-        if qk_norm_kind not in ("rmsnorm", "layernorm_per_head"):
-            raise ParamError("qk_norm_kind", f"qk_norm_kind ({qk_norm_kind!r}) must be 'rmsnorm' or "
-                             "'layernorm_per_head'")
+        if qk_norm_kind not in QK_NORM_KINDS:
+            raise ParamError("qk_norm_kind", f"qk_norm_kind ({qk_norm_kind!r}) must be one of "
+                             f"{', '.join(map(repr, QK_NORM_KINDS))}")
         if (qk_norm_kind != "rmsnorm" or qk_norm_eps is not None) and not qk_norm:
             raise ParamError("qk_norm_kind" if qk_norm_kind != "rmsnorm" else "qk_norm_eps",
                              "needs qk_norm: true", hint="set qk_norm: true (or leave the q/k norm options out)")
