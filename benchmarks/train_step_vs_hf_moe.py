@@ -20,7 +20,10 @@ by wall time at 2 threads 0.67x-0.86x depending on the machine's load (the previ
 the script itself, 2 threads, OMP_WAIT_POLICY=PASSIVE: 0.75x (was 0.80x). What is left is GEMMs both sides
 run alike (the experts' GEMMs are ~2/3 of our MoE layer) and AdamW, so 0.7x is not reliably reached. With the
 head and loss fused and both sides on fused AdamW (the default; ``--optimizer loop`` for the per-tensor loop),
-Mixtral-like at 1 thread: 466-478 vs 607-636 ms, 0.75-0.77x of the eager loop, 0.93-0.97x of grouped_mm. The
+Mixtral-like at 1 thread: 466-478 vs 607-636 ms, 0.75-0.77x of the eager loop, 0.93-0.97x of grouped_mm; the
+next day, on a slower machine, 574 vs 752 ms (0.76x) and 0.91x of grouped_mm. Per-op profiles of the two steps
+interleaved: the GEMMs (46% of ours) and fused AdamW (10%) cost both sides the same; transformers' eager loop
+spends its extra time zero-filling and accumulating each expert's slice of the 3-D weight gradients. The
 script also prints the ratio of process CPU times (steadier on shared cores).
     python benchmarks/train_step_vs_hf_moe.py --device cuda --precision bf16
 """

@@ -20,7 +20,10 @@ returns freed memory), measured on one extra step of each model.
 Measured in one process against the previous code (shared 2-core machine, 1 thread, 15 steps, medians of
 process CPU time): 0.86-0.88x (was 0.90-0.95x); the vision tower alone 0.81x of HF's. With the head and loss
 fused (mimo_spec.loss.linear_cross_entropy) and both sides on fused AdamW (the default; ``--optimizer loop``
-for the per-tensor loop): 0.84x, 0.86x at 1 thread, 0.83x at 2 threads (three runs).
+for the per-tensor loop): 0.84x, 0.86x at 1 thread, 0.83x at 2 threads (three runs). The next day, on the same
+machine running about twice as slow (528 vs 596 ms/step; a loaded host: element-wise passes, which both sides
+run alike, took a larger share): 0.94x and 0.88x at 1 thread. The ratio moves with the machine more than
+with run-to-run noise.
 
     .venv/bin/python benchmarks/train_step_vs_hf_qwen2vl.py --steps 5 --threads 2
     python benchmarks/train_step_vs_hf_qwen2vl.py --device cuda --steps 20
