@@ -25,7 +25,8 @@ processes load other code (``LD_PRELOAD``, ``PYTHONPATH``, ``PATH`` ...), and
 the mode probe, each job of a sweep, ``hydra.compose``) before Hydra builds its
 callbacks, configures logging or creates the launcher and sweeper; the file and
 package config sources check each YAML file with :mod:`mimo_spec.safe_yaml` and
-blame a parse error on that file. Outside :func:`guarded` Hydra is untouched.
+blame a parse error on that file, and refuse a ``# @package`` line below the header, where Hydra
+would silently ignore it (:func:`check_package_header`). Outside :func:`guarded` Hydra is untouched.
 """
 
 from __future__ import annotations
