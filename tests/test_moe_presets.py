@@ -1,4 +1,4 @@
-"""Mixture-of-experts presets: Mixtral-8x7B, Qwen3-30B-A3B and Qwen3-VL-30B-A3B have the released models'
+"""Mixture-of-experts presets: Mixtral-8x7B, Qwen3-30B-A3B, Qwen3-VL-30B-A3B and OLMoE-1B-7B have the released models'
 shapes (parameter counts equal transformers' models built on the meta device from the released config.json
 values, written out below), importing those configs gives the presets' parameters value for value, the
 preset files spell out every gpt parameter, and the summary shows total and active parameters per token."""
@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 # (total, active per token) as transformers' models count them: active = all but the routed experts, plus
 # top-k / num_experts of them
 COUNTS = {"mixtral_8x7b": (46_702_792_704, 12_879_925_248), "qwen3_30b_a3b": (30_532_122_624, 3_353_032_704),
-          "qwen3_vl_30b_a3b": (31_070_754_032, 3_891_664_112)}
+          "qwen3_vl_30b_a3b": (31_070_754_032, 3_891_664_112), "olmoe_1b_7b": (6_919_161_856, 1_282_017_280)}
 
 
 def _released(preset: str):
@@ -39,6 +39,13 @@ def _released(preset: str):
             attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=48,
             router_aux_loss_coef=0.001, output_router_logits=False, tie_word_embeddings=False,
             bos_token_id=151643, eos_token_id=151645)
+    if preset == "olmoe_1b_7b":  # allenai/OLMoE-1B-7B-0924
+        return transformers.OlmoeForCausalLM, transformers.OlmoeConfig(
+            vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+            num_key_value_heads=16, hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, num_experts=64, num_experts_per_tok=8,
+            norm_topk_prob=False, router_aux_loss_coef=0.01, output_router_logits=False, clip_qkv=None,
+            attention_bias=False, tie_word_embeddings=False, pad_token_id=1, eos_token_id=50279)
     assert preset == "qwen3_vl_30b_a3b"  # Qwen/Qwen3-VL-30B-A3B-Instruct
     text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                 num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, hidden_act="silu",
