@@ -120,7 +120,17 @@ class _GatherRows(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         (inv,) = ctx.saved_tensors
-        return g.index_select(0, inv).view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+        return _sum_slots(g.index_select(0, inv).view(-1, ctx.k, g.shape[-1])), None, None, None
+
+
+def _sum_slots(r: torch.Tensor) -> torch.Tensor:
+    """(N, k, H) -> (N, H), the sum over the k slots as k - 1 adds: a reduction would first fill its output."""
+    if r.shape[1] == 1:
+        return r[:, 0].clone()
+    out = torch.add(r[:, 0], r[:, 1])
+    for j in range(2, r.shape[1]):
+        out.add_(r[:, j])
+    return out
 
 
 class _CombineRows(torch.autograd.Function):
@@ -131,7 +141,11 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, y, weights, order, inv):
         n, k = weights.shape
         ctx.save_for_backward(y, weights, order, inv)
-        return (y.index_select(0, inv).view(n, k, -1) * weights.unsqueeze(-1)).sum(1)
+        rows = y.index_select(0, inv).view(n, k, -1)
+        out = rows[:, 0] * weights[:, :1]  # slot by slot: no (N, k, H) product to keep, no reduction's fill
+        for j in range(1, k):
+            out.addcmul_(rows[:, j], weights[:, j:j + 1])
+        return out
 
     @staticmethod
     @once_differentiable
