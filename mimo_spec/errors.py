@@ -147,8 +147,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
         return f"did you mean {best}?"
     if not choices:
         return "nothing is available"
-    shown = ", ".join(choices[:20]) + (" ..." if len(choices) > 20 else "")
+    shown = ", ".join(choices[:_LISTED]) + (f" ... ({len(choices)} in all)" if len(choices) > _LISTED else "")
     return f"available: {shown}"
+
+
+_LISTED = 40  # choices a hint names before eliding the rest (every preset and model of a config group fits)
 
 
 class ProblemCollector:
