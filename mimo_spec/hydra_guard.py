@@ -465,7 +465,7 @@ def _config_result(source, text: str, shown: str):
     except OmegaConfBaseException as e:
         raise ConfigError(Problem(shown, str(e).splitlines()[0], "fix this config file")) from None
     return ConfigResult(config=cfg, path=f"{source.scheme()}://{source.path}", provider=source.provider,
-                        header=ConfigSource._get_header_dict(text[:512]))
+                        header=ConfigSource._get_header_dict(text[:_HEADER_CHARS]))
 
 
 _DIRECTIVE = re.compile(r"^\s*#\s*@")

@@ -274,6 +274,10 @@ def build_attention_mask(
     return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
 
 
+# the q/k norms an attention knows (see Attention.__init__)
+QK_NORM_KINDS = ("rmsnorm", "layernorm_per_head", "rmsnorm_all_heads")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection (MHA / GQA / MQA).
 
@@ -514,10 +518,6 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------- MLP
-
-
-# the q/k norms an attention knows (see Attention.__init__)
-QK_NORM_KINDS = ("rmsnorm", "layernorm_per_head", "rmsnorm_all_heads")
 
 
 class _SiluMul(torch.autograd.Function):

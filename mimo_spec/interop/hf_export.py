@@ -121,9 +121,9 @@ def _lm_config(p: dict[str, Any], dtype: torch.dtype, path: str):
         rope = {"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"], **(scaling or {})}}
     else:
         rope = {"rope_theta": p["rope_theta"], **({"rope_scaling": dict(scaling)} if scaling else {})}
-    all_heads = p.get("qk_norm") and p.get("qk_norm_kind") == "rmsnorm_all_heads"
-    if p.get("qk_norm") and p.get("qk_norm_kind", "rmsnorm") != "rmsnorm" and not (all_heads and p.get("num_experts")) \
-            or p.get("qk_norm_eps") is not None or p.get("swin_norm"):
+    qk_kind = p.get("qk_norm_kind", "rmsnorm") if p.get("qk_norm") else "rmsnorm"
+    qk_exportable = qk_kind == "rmsnorm" or (qk_kind == "rmsnorm_all_heads" and p.get("num_experts"))  # OLMoE
+    if not qk_exportable or p.get("qk_norm_eps") is not None or p.get("swin_norm"):
         raise _refuse(path, f"qk_norm_kind {p.get('qk_norm_kind')!r} / qk_norm_eps {p.get('qk_norm_eps')} / swin_norm "
                             f"{p.get('swin_norm')} match no Hugging Face causal LM (Chameleon's per-head LayerNorms and "
                             "swin_norm export with its images only; q/k norms over all heads as OLMoE, with "

@@ -104,14 +104,8 @@ class _Conversion:
         return plan
 
 
-# model types close to a supported one, and what of theirs we do not model
-_NOT_MODELLED: dict[str, str] = {}
-
-
 def _unsupported(model_type: str, arch: str, where: str) -> InputError:
-    why = _NOT_MODELLED.get(model_type.strip("'"))
-    return InputError(f"unsupported architecture {model_type!r}{f' ({arch})' if arch else ''}"
-                      + (f": {why}" if why else ""), path=where,
+    return InputError(f"unsupported architecture {model_type!r}{f' ({arch})' if arch else ''}", path=where,
                       hint=f"supported model types: {', '.join(SUPPORTED)}")
 
 
