@@ -43,13 +43,54 @@ def check_backend(backend: str, *, activation: str | None = None, gated: bool = 
 # --------------------------------------------------------------------------- norms
 
 
+class _RMSNormRows(torch.autograd.Function):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim with a hand-written backward: torch's CPU
+    RMSNorm is composite, and autograd takes about 14 passes over (N, H) through its pieces; here forward
+    makes 3 (a norm, two products) and backward 4 plus two GEMVs (``sum_h g*w*x`` per row and the weight's
+    ``sum_n g*x*rstd`` read one product)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        width = x.shape[-1]
+        rows = x.reshape(-1, width)
+        rstd = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(width).add_(eps).rsqrt_()
+        ctx.save_for_backward(rows, weight, rstd)
+        return torch.mul(rows, rstd).mul_(weight).view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        rows, weight, rstd = ctx.saved_tensors
+        shape = g.shape
+        g = g.reshape(rows.shape)
+        gx = g * rows
+        dw = (gx.t() @ rstd).view(-1) if ctx.needs_input_grad[1] else None
+        # d rows = rstd * g * w - rows * rstd^3 * sum_h(g * w * rows) / H
+        c = (gx @ weight).unsqueeze(-1).mul_(rstd.pow(3)).div_(-rows.shape[-1])
+        dx = torch.mul(g, weight).mul_(rstd).addcmul_(rows, c) if ctx.needs_input_grad[0] else None
+        return None if dx is None else dx.view(shape), dw, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters and state-dict key), computed by :class:`_RMSNormRows` where that is
+    faster and exact: fp32 CPU tensors outside autocast and the compiler, an affine weight that is a plain
+    tensor (not a DTensor shard). Elsewhere torch's (fused on CUDA)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (w is not None and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+                and type(x) is torch.Tensor and type(w) in (nn.Parameter, torch.Tensor)
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            return _RMSNormRows.apply(x, w, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+        return super().forward(x)
+
+
 def build_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:
     """``"layernorm"`` (optionally without bias) or ``"rmsnorm"`` over the last dim."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
     if kind == "rmsnorm":
-        # torch's RMSNorm dispatches to a fused kernel and accumulates in fp32.
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)  # accumulates in fp32 (torch's on bf16 inputs too)
     raise ParamError("norm", f"norm ({kind!r}) must be 'layernorm' or 'rmsnorm'")
 
 
@@ -357,8 +398,8 @@ class Attention(nn.Module):
         q_width, k_width = (num_heads * head_dim, num_kv_heads * head_dim) if self.qk_norm_all_heads \
             else (head_dim, head_dim)
         self.qk_norm_eps = qk_norm
-        self.q_norm = nn.RMSNorm(q_width, eps=qk_norm) if qk_norm is not None and not per_head else None
-        self.k_norm = nn.RMSNorm(k_width, eps=qk_norm) if qk_norm is not None and not per_head else None
+        self.q_norm = RMSNorm(q_width, eps=qk_norm) if qk_norm is not None and not per_head else None
+        self.k_norm = RMSNorm(k_width, eps=qk_norm) if qk_norm is not None and not per_head else None
         # layernorm_per_head: each head's own affine weight and bias (rows = heads: sharded with them under TP)
         self.q_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim)) if per_head else None
         self.q_norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim)) if per_head else None

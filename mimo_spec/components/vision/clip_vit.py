@@ -38,6 +38,7 @@ from mimo_spec.components.layers import (
     ActivationName,
     Backend,
     NormKind,
+    RMSNorm,
     TransformerBlock,
     check_backend,
     get_activation,
@@ -47,7 +48,7 @@ from mimo_spec.errors import InputError, ParamError
 from mimo_spec.registry import register
 
 
-class HeadsRMSNorm(nn.RMSNorm):
+class HeadsRMSNorm(RMSNorm):
     """RMSNorm over all heads of a (..., heads, head_dim) tensor at once: InternViT-6B's q/k norm, whose
     statistics span the full width (Qwen3's per-head q/k norm is ``Attention(qk_norm=...)``)."""
 
