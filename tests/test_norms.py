@@ -31,6 +31,9 @@ def test_values_and_gradients_match_the_definition(shape):
     y_ref = reference(x_ref, w_ref, 1e-6)
     dx_ref, dw_ref = torch.autograd.grad(y_ref, (x_ref, w_ref), g)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    theirs = torch.nn.RMSNorm(shape[-1], eps=1e-6)
+    theirs.load_state_dict(norm.state_dict())
+    assert torch.equal(y, theirs(x))  # the forward runs torch's (and transformers') ops: the same bits
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
 
