@@ -24,7 +24,12 @@ Mixtral-like at 1 thread: 466-478 vs 607-636 ms, 0.75-0.77x of the eager loop, 0
 next day, on a slower machine, 574 vs 752 ms (0.76x) and 0.91x of grouped_mm. Per-op profiles of the two steps
 interleaved: the GEMMs (46% of ours) and fused AdamW (10%) cost both sides the same; transformers' eager loop
 spends its extra time zero-filling and accumulating each expert's slice of the 3-D weight gradients. The
-script also prints the ratio of process CPU times (steadier on shared cores).
+script also prints the ratio of process CPU times (steadier on shared cores). With RMSNorm's hand-written backward
+and 256-row head/loss chunks on the CPU: Mixtral-like 0.71x, 0.72x at 1 thread (479-499 ms/step), 0.72x, 0.73x at
+~705 ms/step, 0.69x at 2 threads (Qwen3-MoE-like 0.31x); in the host's slow phases (~1000 ms/step and more) 0.71x
+to 0.87x. The eager loop's extra work is memory-bound (zero-fills, adds), so the ratio follows the host's memory
+speed and page-fault cost more than the code; with glibc's heap trimming off (MALLOC_TRIM_THRESHOLD_ etc., for
+both models alike) 0.75x-0.77x in a slow phase.
     python benchmarks/train_step_vs_hf_moe.py --device cuda --precision bf16
 """
 

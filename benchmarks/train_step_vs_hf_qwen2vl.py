@@ -23,7 +23,11 @@ fused (mimo_spec.loss.linear_cross_entropy) and both sides on fused AdamW (the d
 for the per-tensor loop): 0.84x, 0.86x at 1 thread, 0.83x at 2 threads (three runs). The next day, on the same
 machine running about twice as slow (528 vs 596 ms/step; a loaded host: element-wise passes, which both sides
 run alike, took a larger share): 0.94x and 0.88x at 1 thread. The ratio moves with the machine more than
-with run-to-run noise.
+with run-to-run noise. With RMSNorm's hand-written backward (components/layers.py) and 256-row head/loss chunks
+(loss.py), 1 thread, 15 steps: 0.82x, 0.82x, 0.83x while the machine ran ~500 ms/step; 0.85x, 0.83x, 0.79x at
+1300-1950 ms/step. Later the same day, at 700-2700 ms/step (a 1024^2 GEMM at 46-91 GFLOP/s between runs, fresh
+memory written at 0.5-1.3 GB/s: the host's page faults cost ~12 us each), six runs spread from 0.83x to 1.15x:
+figures from such phases say nothing; compare runs taken while ``/proc`` shows the machine quiet.
 
     .venv/bin/python benchmarks/train_step_vs_hf_qwen2vl.py --steps 5 --threads 2
     python benchmarks/train_step_vs_hf_qwen2vl.py --device cuda --steps 20
