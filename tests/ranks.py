@@ -111,3 +111,42 @@ def run_ranks(nproc: int, script, *args, timeout: float = 300, cwd=None) -> subp
     if timed_out:
         raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
     return subprocess.CompletedProcess(cmd, code, stdout, stderr)
+
+
+def _script(script: str, args: list[str], env: dict[str, str], cwd: str | None, out: str, err: str) -> None:
+    """One script run in a forked process, then the interpreter's exit functions, as a fresh ``python``
+    would run them at exit (a forked process otherwise leaves them out)."""
+    import atexit
+
+    # what a fresh interpreter puts on sys.path from PYTHONPATH (the server started with another environment)
+    for entry in reversed([e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]):
+        sys.path.insert(0, os.path.abspath(os.path.join(cwd or ".", entry)))
+    try:
+        _rank(script, args, env, cwd, out, err)
+    finally:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def run_script(script, args, *, env: dict[str, str], cwd, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python script args...`` in ``cwd`` with exactly ``env`` as its environment, forked from the same
+    preloaded server as :func:`run_ranks` (no import of torch and transformers per run); returns its exit code
+    (a ``sys.exit`` code, 1 for an uncaught exception, whose traceback is on stderr) and its output.
+    Raises subprocess.TimeoutExpired past ``timeout`` seconds (the process is killed)."""
+    ctx = _ctx()
+    args = [str(a) for a in args]
+    cmd = [sys.executable, str(script), *args]
+    with tempfile.TemporaryDirectory(prefix="script-") as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        p = ctx.Process(target=_script, args=(str(script), args, dict(env), str(cwd), out, err))
+        p.start()
+        p.join(timeout)
+        timed_out = p.is_alive()
+        if timed_out:
+            p.kill()
+            p.join()
+        stdout, stderr = (Path(f).read_text(errors="replace") if os.path.exists(f) else "" for f in (out, err))
+    if timed_out:
+        raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, p.exitcode, stdout, stderr)
