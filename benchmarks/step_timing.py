@@ -68,3 +68,21 @@ def adamw(params, lr: float = 1e-4, fused: bool = True) -> torch.optim.Optimizer
     (``optim="adamw_torch_fused"``); ``fused=False`` (``--optimizer loop``) gives torch's per-tensor loop, which
     the earlier figures were measured with."""
     return torch.optim.AdamW(params, lr=lr, fused=True if fused else None)
+
+
+def host_speed() -> str:
+    """How fast the machine runs right now, to read a ratio against: a 1024^2 fp32 GEMM and 32 MiB written
+    into freshly allocated memory (a new buffer each time, so the page faults count: on some VMs they cost
+    ~10 us each in slow phases, and a ratio measured then mostly measures who allocates more)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    x = torch.randn(8 * 2**20)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    gemm = (time.perf_counter() - t) / 5
+    t = time.perf_counter()
+    for _ in range(5):
+        x.mul(2.0)
+    fresh = (time.perf_counter() - t) / 5
+    return f"host: 1024^2 GEMM {2 * 1024**3 / gemm / 1e9:.0f} GFLOP/s, fresh 32 MiB written at {x.nbytes / fresh / 1e9:.1f} GB/s"

@@ -24,7 +24,8 @@ Mixtral-like at 1 thread: 466-478 vs 607-636 ms, 0.75-0.77x of the eager loop, 0
 next day, on a slower machine, 574 vs 752 ms (0.76x) and 0.91x of grouped_mm. Per-op profiles of the two steps
 interleaved: the GEMMs (46% of ours) and fused AdamW (10%) cost both sides the same; transformers' eager loop
 spends its extra time zero-filling and accumulating each expert's slice of the 3-D weight gradients. The
-script also prints the ratio of process CPU times (steadier on shared cores). With RMSNorm's hand-written backward
+script also prints the ratio of process CPU times (steadier on shared cores). Each run prints the host's speed (a GEMM and a
+write into fresh memory, whose page faults this VM makes dear in its slow phases) before and after the steps. With RMSNorm's hand-written backward
 and 256-row head/loss chunks on the CPU: Mixtral-like 0.71x, 0.72x at 1 thread (479-499 ms/step), 0.72x, 0.73x at
 ~705 ms/step, 0.69x at 2 threads (Qwen3-MoE-like 0.31x); in the host's slow phases (~1000 ms/step and more) 0.71x
 to 0.87x. The eager loop's extra work is memory-bound (zero-fills, adds), so the ratio follows the host's memory
@@ -50,7 +51,7 @@ from mimo_spec.loss import counted_positions  # noqa: E402
 from mimo_spec.models.mimo import MimoModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import adamw, alternate  # noqa: E402
+from step_timing import adamw, alternate, host_speed  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV, BATCH, SEQ, AUX = 4096, 256, 4, 8, 4, 4, 256, 0.01
 
@@ -152,7 +153,10 @@ def main() -> None:
                 losses.setdefault(name, float(loss.detach()))
 
             runners[f"HF {impl}"] = step_hf
+        before = host_speed() if dev.type == "cpu" else None
         wall, cpu = alternate(runners, args.warmup, args.steps, sync)
+        if before:
+            print(f"\n{kind}: {before} before the steps; after: {host_speed()[6:]}")
         first = {name: losses[name] for name in runners}
         med = {name: statistics.median(ts) for name, ts in wall.items()}
         cmed = {name: statistics.median(ts) for name, ts in cpu.items()}

@@ -28,6 +28,7 @@ with run-to-run noise. With RMSNorm's hand-written backward (components/layers.p
 1300-1950 ms/step. Later the same day, at 700-2700 ms/step (a 1024^2 GEMM at 46-91 GFLOP/s between runs, fresh
 memory written at 0.5-1.3 GB/s: the host's page faults cost ~12 us each), six runs spread from 0.83x to 1.15x:
 figures from such phases say nothing; compare runs taken while ``/proc`` shows the machine quiet.
+Each run prints the host's speed (a GEMM and a write into fresh memory) before and after the steps.
 
     .venv/bin/python benchmarks/train_step_vs_hf_qwen2vl.py --steps 5 --threads 2
     python benchmarks/train_step_vs_hf_qwen2vl.py --device cuda --steps 20
@@ -46,7 +47,7 @@ import torch
 from mimo_spec.loss import counted_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import adamw, alternate, mib, peak_step_memory  # noqa: E402
+from step_timing import adamw, alternate, host_speed, mib, peak_step_memory  # noqa: E402
 
 VOCAB, IMG, VID, VSTART, VEND = 4096, 4000, 4001, 4002, 4003
 SEQ, MERGE = 256, 2
@@ -154,7 +155,10 @@ def main() -> None:
         o_hf.step()
         losses.setdefault("hf", float(loss.detach()))
 
+    before = host_speed() if dev.type == "cpu" else None
     times, cpu = alternate({"mimo-spec": step_ours, "hf": step_hf}, args.warmup, args.steps, sync)
+    if before:
+        print(f"{before} before the steps; after: {host_speed()[6:]}")
     peak = {"mimo-spec": peak_step_memory(step_ours, dev), "hf": peak_step_memory(step_hf, dev)}
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = ids.numel()
