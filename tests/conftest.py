@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
 
 torch = pytest.importorskip("torch")
+from ranks import run_script  # noqa: E402
 # under pytest-xdist each of the two workers gets one core
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
@@ -15,9 +18,6 @@ def run_cli(args, cwd, env=None, timeout=120):
     """Run `python cli.py ARGS` in ``cwd``; returns the CompletedProcess. The process is forked from a server
     that has imported torch and transformers once (tests/ranks.py), not started afresh: the same CLI code,
     environment, working directory, exit code and output, without 5-10 s of imports per call."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from ranks import run_script
-
     full_env = dict(os.environ)
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.update(env or {})

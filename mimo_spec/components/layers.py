@@ -46,7 +46,7 @@ def check_backend(backend: str, *, activation: str | None = None, gated: bool = 
 class _RMSNormRows(torch.autograd.Function):
     """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim with a hand-written backward: torch's CPU
     RMSNorm is composite, and autograd takes about 14 passes over (N, H) through its pieces; here backward
-    takes 5 and a GEMV. The forward runs transformers' Llama RMSNorm ops in their order (the same values)."""
+    takes 6 and a GEMV. The forward runs transformers' Llama RMSNorm ops in their order (the same values)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
