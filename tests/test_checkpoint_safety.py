@@ -366,9 +366,9 @@ def test_a_full_disk_during_a_multi_process_save_is_a_clean_error(tmp_path):
     from conftest import ROOT
 
     with _tmpfs(tmp_path / "disk", CKPT_KB + 2500) as disk:
-        r = subprocess.run([sys.executable, "-c", DCP_SAVE % (SMALL,), str(disk / "ckpts"),
+        r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", DCP_SAVE % (SMALL,), str(disk / "ckpts"),
                             f"file://{tmp_path / 'pg'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         assert "STORAGE ERROR:" in r.stdout and "No space left on device" in r.stdout, r.stdout + r.stderr[-2000:]
         assert f"the last good checkpoint is {disk / 'ckpts' / 'step_000002'}" in r.stdout, r.stdout
         assert [p.name for p in (disk / "ckpts").iterdir()] == ["step_000002"]  # the temporary folder is gone
