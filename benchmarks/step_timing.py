@@ -86,3 +86,55 @@ def host_speed() -> str:
         x.mul(2.0)
     fresh = (time.perf_counter() - t) / 5
     return f"host: 1024^2 GEMM {2 * 1024**3 / gemm / 1e9:.0f} GFLOP/s, fresh 32 MiB written at {x.nbytes / fresh / 1e9:.1f} GB/s"
+
+
+# where a step's time goes, by the self time of torch's ops: work both sides of a comparison run alike
+# (the same products and attention on the same shapes, the same fused AdamW) against everything else
+SHARED_WORK = {
+    "GEMM": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
+             "aten::mkldnn_convolution", "aten::convolution_backward", "aten::linear", "aten::matmul"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_backward",
+                  "aten::_scaled_dot_product_efficient_attention",
+                  "aten::_scaled_dot_product_efficient_attention_backward",
+                  "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_cudnn_attention_backward"),
+    "optimizer": ("aten::_fused_adamw_",),
+}
+
+
+def breakdown(steps: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Per step (CPU self time, seconds) of each of ``steps``, profiled ``repeats`` times after one warm-up:
+    {name: {"GEMM", "attention", "optimizer", "other", "total"}}. On the CPU the shared kinds are what both
+    sides of a comparison run on the same shapes, so ``(GEMM + attention + optimizer of ours) / total of theirs``
+    is the lowest ratio ours could reach by cutting everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kind_of = {op: kind for kind, ops in SHARED_WORK.items() for op in ops}
+    out = {}
+    for name, fn in steps.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                fn()
+        parts = dict.fromkeys((*SHARED_WORK, "other", "total"), 0.0)
+        for e in prof.key_averages():
+            t = e.self_cpu_time_total / 1e6 / repeats
+            parts[kind_of.get(e.key, "other")] += t
+            parts["total"] += t
+        out[name] = parts
+    return out
+
+
+def print_breakdown(parts: dict[str, dict[str, float]], ours: str = "mimo-spec") -> None:
+    """A table of ``breakdown``'s figures in ms/step, and for each other side the ratio's floor: ours' shared
+    work over their total (no change to what ours runs besides could bring the ratio below it)."""
+    cols = (*SHARED_WORK, "other", "total")
+    print(f"\nwhere the step's time goes (profiled CPU self time, ms/step):\n{'':16s}" + "".join(f"{c:>11s}" for c in cols))
+    for name, p in parts.items():
+        print(f"{name:16s}" + "".join(f"{p[c] * 1000:11.1f}" for c in cols))
+    shared = sum(parts[ours][k] for k in SHARED_WORK)
+    for name, p in parts.items():
+        if name != ours:
+            print(f"  ours / {name}: {parts[ours]['total'] / p['total']:.2f}x profiled; floor with no 'other' "
+                  f"time at all {shared / p['total']:.2f}x; 'other' alone {parts[ours]['other'] / p['other']:.2f}x")

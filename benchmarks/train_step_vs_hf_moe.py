@@ -51,7 +51,7 @@ from mimo_spec.loss import counted_positions  # noqa: E402
 from mimo_spec.models.mimo import MimoModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import adamw, alternate, host_speed  # noqa: E402
+from step_timing import adamw, alternate, breakdown, host_speed, print_breakdown  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV, BATCH, SEQ, AUX = 4096, 256, 4, 8, 4, 4, 256, 0.01
 
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--models", default="qwen3_moe,mixtral")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile the steps: GEMM, attention, optimizer and the rest, and the ratio's floor")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -165,6 +167,8 @@ def main() -> None:
             ratio = "" if name == "mimo-spec" else (f"   ours / this: {med['mimo-spec'] / s:.2f}x "
                                                     f"(process CPU time {cmed['mimo-spec'] / cmed[name]:.2f}x)")
             print(f"  {name:<14}{s * 1000:9.1f} ms/step  {BATCH * SEQ / s:9.0f} tokens/s{ratio}")
+        if args.breakdown:
+            print_breakdown(breakdown(runners))
 
 
 if __name__ == "__main__":

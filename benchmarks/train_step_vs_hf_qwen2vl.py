@@ -47,7 +47,7 @@ import torch
 from mimo_spec.loss import counted_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import adamw, alternate, host_speed, mib, peak_step_memory  # noqa: E402
+from step_timing import adamw, alternate, breakdown, host_speed, mib, peak_step_memory, print_breakdown  # noqa: E402
 
 VOCAB, IMG, VID, VSTART, VEND = 4096, 4000, 4001, 4002, 4003
 SEQ, MERGE = 256, 2
@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast for both")
     ap.add_argument("--backend", default="local", choices=["local", "te", "auto"], help="mimo-spec's layers")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile both steps: GEMM, attention, optimizer and the rest, and the ratio's floor")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -176,6 +178,8 @@ def main() -> None:
           + (f", peak memory {peak['mimo-spec'] / peak['hf']:.2f}x" if peak["mimo-spec"] and peak["hf"] else ""))
     print(f"ratio by process CPU time (steadier on shared cores): "
           f"{statistics.median(cpu['mimo-spec']) / statistics.median(cpu['hf']):.2f}x")
+    if args.breakdown:
+        print_breakdown(breakdown({"mimo-spec": step_ours, "HF Qwen2-VL": step_hf}))
 
 
 if __name__ == "__main__":
