@@ -30,7 +30,11 @@ and 256-row head/loss chunks on the CPU: Mixtral-like 0.71x, 0.72x at 1 thread (
 ~705 ms/step, 0.69x at 2 threads (Qwen3-MoE-like 0.31x); in the host's slow phases (~1000 ms/step and more) 0.71x
 to 0.87x. The eager loop's extra work is memory-bound (zero-fills, adds), so the ratio follows the host's memory
 speed and page-fault cost more than the code; with glibc's heap trimming off (MALLOC_TRIM_THRESHOLD_ etc., for
-both models alike) 0.75x-0.77x in a slow phase.
+both models alike) 0.75x-0.77x in a slow phase. On 2026-11-30, the host steady and fast (GEMM 84-98 GFLOP/s, fresh
+writes 1.8-2.0 GB/s), 1 thread: Mixtral-like 0.85x-0.90x of the eager loop (480-493 vs 534-569 ms), Qwen3-MoE-like
+0.48x (486 vs 1009 ms). ``--breakdown`` (profiled self time per step) shows why the Mixtral-like 0.7x is out of
+reach at this shape on the CPU: GEMM 367 vs 353 ms, attention 56 vs 57, AdamW 11 vs 12 (the same work on both
+sides), the rest 71 vs 142 ms; ours' GEMMs, attention and AdamW alone are 0.77x of the loop's whole step.
     python benchmarks/train_step_vs_hf_moe.py --device cuda --precision bf16
 """
 

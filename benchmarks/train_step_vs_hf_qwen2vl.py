@@ -29,6 +29,12 @@ with run-to-run noise. With RMSNorm's hand-written backward (components/layers.p
 memory written at 0.5-1.3 GB/s: the host's page faults cost ~12 us each), six runs spread from 0.83x to 1.15x:
 figures from such phases say nothing; compare runs taken while ``/proc`` shows the machine quiet.
 Each run prints the host's speed (a GEMM and a write into fresh memory) before and after the steps.
+On 2026-11-30, the host steady and fast (GEMM 74-98 GFLOP/s, fresh writes 1.4-2.0 GB/s), 1 thread: 0.90x and
+0.92x (482 vs 525-538 ms/step), 0.93x with glibc's heap trimming off for both: the earlier 0.80-0.85x came
+from phases where transformers' allocations page-faulted more. ``--breakdown`` profiles both steps: GEMM 311 vs
+358 ms, attention 67 vs 69, AdamW 4 vs 4, the rest 72 vs 99, so ours could not go below 0.72-0.78x even with
+no element-wise work at all. With every block under ``torch.compile`` (the layout's ``compile: true``) ours is
+0.85x of transformers' eager step and 0.88x of its compiled blocks.
 
     .venv/bin/python benchmarks/train_step_vs_hf_qwen2vl.py --steps 5 --threads 2
     python benchmarks/train_step_vs_hf_qwen2vl.py --device cuda --steps 20
