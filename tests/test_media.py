@@ -381,3 +381,59 @@ def test_damaged_files_raise_only_data_errors(tmp_path, media):
                 assert "shard.tar:k." in str(e)
                 outcomes["error"] += 1
     assert outcomes["error"] >= len(blobs) * 2
+
+
+@pytest.mark.parametrize("preset", ["chameleon_7b", "janus_1_3b"])
+def test_preset_images_match_the_release_processor(model, preset, tmp_path):
+    """The data settings a preset writes (conf/preset/*.yaml: image_resize, image_resample, image_mean/std) make
+    the pixels of the released model's own processor, transformers' ChameleonImageProcessor (shortest side,
+    lanczos, centre crop, x * 0.0078 - 1) or JanusImageProcessor (longest side, bicubic, padded with the mean
+    colour), here at the test encoder's size, for wide, tall, square and upscaled images; the same settings
+    through a saved processor folder give those pixels too."""
+    data = compose_config([f"preset={preset}"]).data
+    opts = dict(image_mean=list(data.image_mean), image_std=list(data.image_std),
+                image_resize=data.get("image_resize", "pad"), image_resample=data.get("image_resample", "bicubic"))
+    if preset == "chameleon_7b":
+        cls = getattr(transformers, "ChameleonImageProcessorPil", None) or transformers.ChameleonImageProcessor
+        proc = cls(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    else:
+        cls = getattr(transformers, "JanusImageProcessorPil", None) or transformers.JanusImageProcessor
+        proc = cls(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_size=1)
+    mp = MediaProcessor(model, **opts)
+    proc.save_pretrained(tmp_path / "proc")
+    folder = MediaProcessor(model, image_processor=str(tmp_path / "proc"), image_resize="crop")
+    for w, h in ((90, 50), (41, 77), (33, 32), (32, 32), (20, 13), (301, 120)):
+        img = photo(w, h)
+        want = proc(images=img, return_tensors="pt")["pixel_values"]
+        got = mp.image(Media("i.png", data=png_bytes(img)))["clip"]["pixel_values"]
+        assert got.shape == want.shape == (1, 3, SIZE, SIZE), (w, h)
+        assert (got - want).abs().max() <= 2e-6, (preset, w, h, float((got - want).abs().max()))
+        assert torch.allclose(folder.image(Media("i.png", data=png_bytes(img)))["clip"]["pixel_values"], want,
+                              atol=1e-6), (w, h)
+    # the pad layout these presets used before is a different image (so the check above can fail)
+    img = photo(90, 50)
+    before = MediaProcessor(model, **{**opts, "image_resize": "pad", "image_resample": "bicubic"})
+    assert (before.image(Media("i.png", data=png_bytes(img)))["clip"]["pixel_values"]
+            - proc(images=img, return_tensors="pt")["pixel_values"]).abs().max() > 0.1
+
+
+def test_image_resample_and_fit_reach_the_pixels(model, tmp_path):
+    """data.image_resample picks Pillow's filter for every resize the data path makes; fit is the longest side to
+    the size and a centred pad with the mean colour, by hand here; an unknown filter is a config error."""
+    img = photo(90, 50)
+    for name, flt in (("bilinear", Image.BILINEAR), ("lanczos", Image.LANCZOS), ("nearest", Image.NEAREST)):
+        got = MediaProcessor(model, image_resize="squash", image_resample=name).image(
+            Media("i.png", data=png_bytes(img)))["clip"]["pixel_values"]
+        ref = np.asarray(img.resize((SIZE, SIZE), flt)).astype(np.float32) / 255.0
+        ref = (ref - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+        assert torch.allclose(got[0], torch.from_numpy(ref).permute(2, 0, 1), atol=1e-5), name
+    fitted = img.resize((SIZE, round(50 * SIZE / 90)), Image.BICUBIC)  # 32 x 18
+    square = Image.new("RGB", (SIZE, SIZE), tuple(int(m * 255) for m in CLIP_MEAN))
+    square.paste(fitted, (0, (SIZE - fitted.height) // 2))
+    ref = (np.asarray(square).astype(np.float32) / 255.0 - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD,
+                                                                                                       np.float32)
+    got = MediaProcessor(model, image_resize="fit").image(Media("i.png", data=png_bytes(img)))["clip"]["pixel_values"]
+    assert torch.allclose(got[0], torch.from_numpy(ref).permute(2, 0, 1), atol=1e-5)
+    with pytest.raises(ConfigError) as e:
+        MediaProcessor(model, image_resample="cubic")
+    assert e.value.problems[0].path == "data.image_resample" and "bicubic" in str(e.value)

@@ -51,6 +51,12 @@ class CommonDataConfig(BaseModel):
     template: ChatTemplate | None = None
     image_mean: list[float] = Field(default_factory=lambda: list(CLIP_MEAN), min_length=1)
     image_std: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: list(CLIP_STD), min_length=1)
+    # how a fixed-size image encoder's image reaches its size (file sources): pad (LLaVA-1.5: centred on a square
+    # of the mean colour, then resized), crop (CLIP: shortest side to the size, centre crop), squash (resized to
+    # the square), fit (Janus: longest side to the size, then centred on a square of the mean colour)
+    image_resize: Literal["pad", "crop", "squash", "fit"] = "pad"
+    # the filter of those resizes (Chameleon's processor: lanczos; CLIP's, LLaVA's, Janus's: bicubic)
+    image_resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = "bicubic"
     # DataLoader worker processes that build and collate training batches (0: in the training process);
     # the samples and their order do not depend on it
     num_workers: int = Field(0, ge=0)
@@ -157,7 +163,6 @@ class FileDataConfig(CommonDataConfig):
     eval_path: str | list[str] | None = None
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     truncation: Literal["drop", "truncate"] = "drop"
-    image_resize: Literal["pad", "crop", "squash"] = "pad"
     image_modality: str | None = None
     video_modality: str | None = None
     audio_modality: str | None = None

@@ -48,7 +48,7 @@ class MediaProcessor:
     """
 
     def __init__(self, model, *, image_modality: str | None = None, audio_modality: str | None = None,
-                 image_mean=CLIP_MEAN, image_std=CLIP_STD, image_resize: str = "pad",
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD, image_resize: str = "pad", image_resample: str = "bicubic",
                  image_processor: str | None = None, audio_overflow: str = "split",
                  max_audio_items: int = MAX_AUDIO_ITEMS, video_modality: str | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, video_min_pixels: int | None = None,
@@ -147,11 +147,13 @@ class MediaProcessor:
             for name, (size, channels) in self.image_encoders.items():
                 if folder is None:
                     normalize(torch.zeros(channels, 1, 1), self.image_mean, self.image_std)  # mean/std lengths fit
-                    proc = clip_image_processor(size, self.image_mean, self.image_std, image_resize, channels)
+                    proc = clip_image_processor(size, self.image_mean, self.image_std, image_resize, channels,
+                                                image_resample)
                     self.image_transforms[name] = ImageTransform(proc, size, channels, image_resize, "data.image_mean",
-                                                                 presize=True)
+                                                                 presize=True, resample=image_resample)
                 else:
-                    self.image_transforms[name] = ImageTransform(folder, size, channels, image_resize)
+                    self.image_transforms[name] = ImageTransform(folder, size, channels, image_resize,
+                                                                 resample=image_resample)
 
     # ---------------------------------------------------------------------------- images
     def is_native(self, modality: str | None) -> bool:

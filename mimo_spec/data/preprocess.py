@@ -31,7 +31,9 @@ see the same pixels and features.
 Images: Pillow decodes (a fixed list of raster formats); the EXIF orientation is applied, alpha is
 composited on white, 16-bit and float images are scaled to 8 bits; then ``data.image_resize``
 (``pad``: expand to a square with the mean colour, as LLaVA-1.5; ``crop``: the processor's
-shortest-edge resize and centre crop, as CLIP; ``squash``: resize to the square) and the image
+shortest-edge resize and centre crop, as CLIP; ``squash``: resize to the square; ``fit``: the longest side
+to the size, then padded to the square with the mean colour, as Janus), with ``data.image_resample``'s
+filter (bicubic; Chameleon's processor: lanczos), and the image
 processor (``data.image_processor``, a local folder, or a ``CLIPImageProcessor`` built from the
 encoder's size and ``data.image_mean`` / ``data.image_std``; Pillow backend either way, so the
 pixels do not depend on whether torchvision is installed).
@@ -75,7 +77,8 @@ SAMPLING_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 
-IMAGE_RESIZES = ("pad", "crop", "squash")
+IMAGE_RESIZES = ("pad", "crop", "squash", "fit")
+IMAGE_RESAMPLES = ("bicubic", "bilinear", "lanczos", "nearest")  # Pillow's filters of those names
 AUDIO_OVERFLOWS = ("split", "truncate")
 # audio_overflow "split": at most this many items from one file (64 windows: 32 minutes at Whisper's 30 s,
 # 41 s at 0.64 s); the rest of a longer file is cut, as with "truncate", and reported by audio_items()
@@ -161,6 +164,8 @@ def _require_image_fits(need: int, name, where: str, doing: str) -> None:
 
 def resize_pixels(width: int, height: int, size: int, resize: str = "pad") -> int:
     """Pixels of the largest intermediate image the resize makes from a width x height image."""
+    if resize == "fit":
+        return max(width * height, size * size)
     if resize == "pad" and width != height:
         return max(width, height) ** 2
     if resize == "crop" and width != height:
@@ -182,10 +187,21 @@ def expand_to_square(img, fill):
     return canvas
 
 
-def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD, resize: str = "crop", num_channels: int = 3):
+def pil_filter(resample: str):
+    """Pillow's resampling filter named ``resample`` (one of :data:`IMAGE_RESAMPLES`)."""
+    from PIL import Image
+
+    if resample not in IMAGE_RESAMPLES:
+        raise ConfigError(f"unknown image_resample {resample!r}", path="data.image_resample",
+                          hint=f"one of {', '.join(IMAGE_RESAMPLES)}")
+    return getattr(Image.Resampling, resample.upper())
+
+
+def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD, resize: str = "crop", num_channels: int = 3,
+                         resample: str = "bicubic"):
     """A ``CLIPImageProcessor`` (Pillow backend) making ``size`` x ``size`` inputs: shortest-edge
-    resize and centre crop, or (``resize="squash"``) a resize to the square; bicubic, then
-    rescale to 0..1 and normalise with ``mean`` / ``std``."""
+    resize and centre crop, or (``resize="squash"``) a resize to the square; with the ``resample`` filter
+    (bicubic as CLIP's), then rescale to 0..1 and normalise with ``mean`` / ``std``."""
     try:
         import transformers
     except ImportError:
@@ -196,7 +212,7 @@ def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD, resize: str = 
     squash = resize == "squash"
     return cls(
         size={"height": size, "width": size} if squash else {"shortest_edge": size},
-        crop_size={"height": size, "width": size}, do_center_crop=not squash,
+        crop_size={"height": size, "width": size}, do_center_crop=not squash, resample=int(pil_filter(resample)),
         image_mean=list(mean), image_std=list(std), do_convert_rgb=num_channels == 3)
 
 
@@ -237,17 +253,20 @@ class ImageTransform:
     """One image encoder's preprocessing: a decoded RGB image -> pixel values (1, C, size, size).
 
     ``resize`` is applied first ("pad": expand to a square with the processor's mean colour;
-    "squash": resize to the square when the processor would crop), then the processor.
-    ``presize``: the processor's own resize is a bicubic shortest-edge one to ``size`` (as
-    :func:`clip_image_processor`'s), so it is done here, in Pillow, to the size the processor would
-    compute (its resize then has nothing to do): the same pixels, without the processor's array
-    round trip of a large image.
+    "squash": resize to the square when the processor would crop; "fit": the longest side to ``size``,
+    then centred on a ``size`` square of the mean colour, as Janus's processor), then the processor.
+    ``presize``: the processor's own resize is a shortest-edge one to ``size`` with the ``resample``
+    filter (as :func:`clip_image_processor`'s), so it is done here, in Pillow, to the size the processor
+    would compute (its resize then has nothing to do): the same pixels, without the processor's array
+    round trip of a large image. Resizes made here use ``resample``.
     """
 
     def __init__(self, processor, size: int, num_channels: int, resize: str, key: str = "data.image_processor",
-                 presize: bool = False):
+                 presize: bool = False, resample: str = "bicubic"):
         self.processor, self.size, self.num_channels, self.resize = processor, int(size), int(num_channels), resize
         self.presize = presize
+        self.resample = resample
+        pil_filter(resample)
         mean = getattr(processor, "image_mean", None) or CLIP_MEAN
         mean = [float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean])]
         self.fill = tuple(int(m * 255) for m in mean)  # LLaVA's background: int(), not round()
@@ -269,6 +288,12 @@ class ImageTransform:
 
         if self.resize == "pad":
             img = expand_to_square(img, self.fill)
+        elif self.resize == "fit":  # Janus: the longest side to size (the other rounded), then padded
+            w, h = img.size
+            scale = self.size / max(w, h)
+            fitted = (max(round(w * scale), 1), max(round(h * scale), 1))
+            img = expand_to_square(img if img.size == fitted else img.resize(fitted, pil_filter(self.resample)),
+                                   self.fill)
         if self.pre_squash or (self.presize and (img.width == img.height or self.resize == "squash")):
             target = (self.size, self.size)
         elif self.presize and self.resize == "crop":
@@ -279,7 +304,7 @@ class ImageTransform:
         else:
             target = img.size
         if img.size != target:
-            img = img.resize(target, Image.BICUBIC)
+            img = img.resize(target, pil_filter(self.resample))
         skip = {}
         if self.presize:  # its resize (and, on the square, its crop) would change nothing: skip the round trips
             skip = {"do_resize": False, "do_center_crop": img.size != (self.size, self.size)}

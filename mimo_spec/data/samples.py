@@ -656,6 +656,7 @@ def media_options(cfg) -> dict:
                                if getattr(cfg, f"image_{k}", None) is not None},
             "image_mean": cfg.image_mean,
             "image_std": cfg.image_std, "image_resize": getattr(cfg, "image_resize", "pad"),
+            "image_resample": getattr(cfg, "image_resample", "bicubic"),
             **({"image_processor": cfg.image_processor} if cfg.image_processor else {}),
             **({"audio_overflow": cfg.audio_overflow} if cfg.audio_overflow != "split" else {})}
 
