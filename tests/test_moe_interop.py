@@ -274,6 +274,49 @@ def test_qwen3_vl_moe_import_export_equal_transformers(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
 
+@torch.no_grad()
+def test_qwen3_vl_moe_expert_orientation_read_as_transformers_reads_it(tmp_path):
+    """transformers loads Qwen3-VL-MoE's fused experts either way round (transposed when the stored shape is not
+    the in-memory one) and its own save_pretrained writes them untransposed: a directory it wrote imports with
+    its numbers. With square experts (hidden = 2 x expert width) the shapes cannot tell: export writes them as
+    transformers holds them, so from_pretrained computes our numbers, and reading such a directory warns."""
+    hf, cfg, model = _vl_pair()
+    hf_kw, ours, labels = _vl_batch()
+    ref = hf(**hf_kw, labels=labels)
+    hf.save_pretrained(tmp_path / "saved")
+    from mimo_spec.interop.hf_safetensors import read_header
+
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert read_header(tmp_path / "saved" / "model.safetensors")[key].shape == (4, 24, 32)  # not the release's
+    _, imported = import_hf(tmp_path / "saved")
+    out = imported.eval()(hf_kw["input_ids"], ours, attention_mask=hf_kw["attention_mask"], labels=labels)
+    assert _err(out.logits, ref.logits, hf_kw["attention_mask"]) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), imported.state_dict().values()))
+
+    text = dict(COMMON, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=1, head_dim=16,
+                num_experts=3, num_experts_per_tok=2, rope_parameters={
+                    "rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    torch.manual_seed(1)
+    square = _perturb(transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS,
+        vision_end_token_id=VS + 1, tie_word_embeddings=False))).eval()
+    assert 2 * 16 == COMMON["hidden_size"]  # the gate/up tensor is (E, 32, 32)
+    cfg_sq, ours_sq = import_hf(square)  # in memory: nothing ambiguous, no warning
+    ref_sq = square(**hf_kw).logits
+    with pytest.warns(UserWarning, match="square"):
+        out_dir = export_hf(ours_sq, cfg_sq, tmp_path / "square")
+    back, info = type(square).from_pretrained(out_dir, output_loading_info=True)
+    assert not any(info.values()), info
+    assert _err(back.eval()(**hf_kw).logits, ref_sq, hf_kw["attention_mask"]) <= TOL
+    with pytest.warns(UserWarning, match="orientation cannot be told from their shapes"):
+        _, again = import_hf(out_dir)
+    assert _err(again.eval()(hf_kw["input_ids"], ours, attention_mask=hf_kw["attention_mask"]).logits, ref_sq,
+                hf_kw["attention_mask"]) <= TOL
+
+
 def test_olmoe_q_k_norms_over_all_heads_refuse_tensor_parallelism():
     """A tensor-parallel rank holds a share of the heads; OLMoE's norms need all of them: refused by name
     (the layout check), while ep and fsdp layouts of the same model resolve."""

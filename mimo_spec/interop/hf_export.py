@@ -17,7 +17,8 @@ What can be exported (anything else is a ConfigError that says why):
   at most one video modality reading it (``inputs_from``) -> Qwen2VLForConditionalGeneration
   (Qwen2-VL tower), Qwen2_5_VLForConditionalGeneration (SwiGLU/RMSNorm tower with
   windows), Qwen3VLForConditionalGeneration (position table, DeepStack) or, with an MoE gpt,
-  Qwen3VLMoeForConditionalGeneration (fused experts stored transposed, as released). The HF
+  Qwen3VLMoeForConditionalGeneration (fused experts stored transposed, as released, except
+  square ones, which transformers could not tell apart: those as it holds them). The HF
   config is read back with the importer's own functions and must give every parameter
   again, else the parameter that differs is named. config.json ids our model does not
   use come from the run config's ``hf_config`` (``import_hf`` fills it):
@@ -44,6 +45,7 @@ import importlib
 
 import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -565,8 +567,18 @@ def _qwen_vl(model: nn.Module, spec, lm_p: dict[str, Any], dtype: torch.dtype, e
                                                                        else ""),
                       f"no {arch} computes this model: {hint}")
 
-    # model.* + lm_head: the Hub layout of Qwen2(.5)-VL; Qwen3-VL-MoE's experts fused and transposed, as released
-    tensors = _lm_tensors(model.language_model, lm_p, moe_layout="fused_t" if moe else None)
+    # model.* + lm_head: the Hub layout of Qwen2(.5)-VL; Qwen3-VL-MoE's experts fused and transposed, as released,
+    # unless they are square (hidden = 2 x expert width): transformers tells a transposed tensor by its shape, so
+    # those are written as it holds them, the orientation it loads as stored
+    layout = None
+    if moe:
+        _, two_f, h = hw.fused_expert_shapes(lm_p)["experts.gate_up_proj"]
+        layout = "fused" if two_f == h else "fused_t"
+        if layout == "fused":
+            warnings.warn(f"export_hf: the fused expert tensors are square (hidden size {h} = 2 x expert width), "
+                          "so they are written as transformers holds them, (E, 2F, H) and (E, H, F), which it "
+                          "loads unambiguously; Qwen's releases store them transposed", stacklevel=2)
+    tensors = _lm_tensors(model.language_model, lm_p, moe_layout=layout)
     visual = "visual."
     if kind == "qwen3_vl":  # Qwen3-VL checkpoints are published in transformers 5's layout
         tensors = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v

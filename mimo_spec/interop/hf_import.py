@@ -92,12 +92,26 @@ class _Conversion:
     # (Chameleon's code -> vocabulary id map, from config.vocabulary_map)
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def plan(self, keys: list[str]) -> hw.Plan:
+    # (our key prefix, gpt params) of a gpt whose fused experts are read tensor by tensor as transformers reads
+    # them (Qwen3-VL-MoE: transposed when the stored shape is not the in-memory one)
+    experts_by_shape: tuple[str, dict[str, Any]] | None = None
+
+    def plan(self, keys: list[str], shapes: dict[str, tuple[int, ...]] | None = None, where: str = "",
+             on_disk: bool = False) -> hw.Plan:
         plan: hw.Plan = {}
         for prefix, name, params in self.parts:
             plan.update({prefix + k: v for k, v in hw.PLANS[name](keys, params).items()})
         for prefix, make in self.extra:
             plan.update({prefix + k: v for k, v in make(keys).items()})
+        if self.experts_by_shape is not None:
+            prefix, lm = self.experts_by_shape
+            flipped, square = hw.transposed_experts(shapes or {}, lm)
+            if square and on_disk:  # (a model in memory holds them as transformers does: nothing to tell)
+                warnings.warn(f"{where}: the fused expert tensors ({square[0]}, ...) are square, so their orientation "
+                              "cannot be told from their shapes; they are read as stored, as transformers reads "
+                              "them (a checkpoint storing them transposed, as Qwen's releases do, loads wrongly in "
+                              "both)", stacklevel=3)
+            plan.update({prefix + k: v for k, v in hw.gpt_import_plan(keys, lm, transposed=flipped).items()})
         if self.projector is not None:
             prefix, bias = self.projector
             plan.update({prefix + k: v for k, v in hw.llava_projector_import_plan(keys, bias).items()})
@@ -250,9 +264,8 @@ def _qwen_vl(config: Any, where: str) -> _Conversion:
     extra = [(f"{base}encoders.vit.", vision(0)), (f"{base}input_projections.vit.", vision(1))]
     if deep:
         extra.append((f"{base}deepstack_projections.", vision(2)))
-    if mt == "qwen3_vl_moe":  # its releases store the fused experts transposed, (E, H, 2F) and (E, F, H)
-        extra.append(("language_model.", lambda keys: hw.gpt_import_plan(keys, lm, moe_layout="fused_t")))
-        return _Conversion(cfg, True, [], ignore=ignore, extra=extra)
+    if mt == "qwen3_vl_moe":  # its releases store the fused experts transposed, transformers' saves do not
+        return _Conversion(cfg, True, [], ignore=ignore, extra=extra, experts_by_shape=("language_model.", lm))
     return _Conversion(cfg, True, [("language_model.", "gpt", lm)], ignore=ignore, extra=extra)
 
 
@@ -274,10 +287,7 @@ def _open(source: Any) -> tuple[Any, HFCheckpoint | None, dict[str, torch.Tensor
     if isinstance(source, nn.Module) and config is not None and hasattr(config, "model_type"):
         if config.model_type not in SUPPORTED:
             raise _unsupported(config.model_type, type(source).__name__, type(source).__name__)
-        state = source.state_dict()
-        if config.model_type == "qwen3_vl_moe":  # in memory (E, 2F, H); its checkpoints, read as such: (E, H, 2F)
-            state = {k: v.transpose(1, 2) if k.endswith(hw.FUSED_T) else v for k, v in state.items()}
-        return config, None, state, type(source).__name__
+        return config, None, source.state_dict(), type(source).__name__
     raise InputError(f"cannot import a {type(source).__name__}", path="source",
                      hint="pass a Hugging Face checkpoint directory or a transformers model (PreTrainedModel)")
 
@@ -323,7 +333,8 @@ def import_hf(source: Any, *, dtype: Any = None, device: str | torch.device = "c
         with _skip_init(True):
             model = build_module(conv.cfg, kind="encoder", device="meta")
     try:
-        plan = conv.plan(list(available))
+        plan = conv.plan(list(available), {k: tuple(v.shape) for k, v in available.items()},
+                         str(ckpt.path) if ckpt is not None else where, on_disk=ckpt is not None)
     except KeyError as e:  # a component's anchor tensor is absent: nothing to convert from
         raise InputError(f"missing tensors: {e.args[0].split('; pass prefix=')[0]}", path=str(ckpt.path) if ckpt else where,
                          hint="the checkpoint does not match its config.json (or is incomplete)") from None

@@ -64,8 +64,12 @@ Part = tuple[str | None, int | None, bool]
 Plan = dict[str, list[Part]]
 
 
-def _plan(table: Table, prefix: str, transposed: tuple[str, ...] = ()) -> Plan:
-    return {ours: [(None if h is None else prefix + h, rows, h is not None and h.endswith(transposed))
+def _plan(table: Table, prefix: str, transposed: tuple[str, ...] | frozenset[str] = ()) -> Plan:
+    """``transposed``: HF key endings stored transposed, or (a frozenset) the full HF keys that are."""
+    def flip(h: str) -> bool:
+        return (prefix + h) in transposed if isinstance(transposed, frozenset) else h.endswith(transposed)
+
+    return {ours: [(None if h is None else prefix + h, rows, h is not None and flip(h))
                    for h, rows in parts] for ours, parts in table.items()}
 
 
@@ -257,6 +261,31 @@ def moe_layout_of(hf_keys: Iterable[str], transposed: bool = False) -> str:
     return "fused_t" if transposed else "fused"
 
 
+def fused_expert_shapes(p: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """The fused expert tensors' shapes as transformers 5 holds them: {key ending: (E, 2F, H) / (E, H, F)}."""
+    h, e = p["hidden_size"], p["num_experts"]
+    f = p.get("moe_ffn_hidden_size") or p.get("ffn_hidden_size") or 4 * h
+    return {"experts.gate_up_proj": (e, 2 * f, h), "experts.down_proj": (e, h, f)}
+
+
+def transposed_experts(shapes: Mapping[str, tuple[int, ...]], p: Mapping[str, Any]) -> tuple[frozenset[str], list[str]]:
+    """Which fused expert tensors of a checkpoint (``shapes``: HF key -> shape) are stored transposed, read as
+    transformers 5 reads them (Qwen3-VL-MoE's ``Transpose(check_dims=True)``): a tensor whose shape is not the
+    in-memory one is transposed. Qwen's releases store (E, H, 2F) / (E, F, H); transformers' own
+    ``save_pretrained`` writes the in-memory shapes. Returns (those keys, the keys whose shape cannot tell:
+    square, so read as stored, as transformers does)."""
+    want = fused_expert_shapes(p)
+    flipped, square = set(), []
+    for key, shape in shapes.items():
+        for end, w in want.items():
+            if key.endswith(end):
+                if tuple(shape) != w:
+                    flipped.add(key)
+                elif w[1] == w[2]:
+                    square.append(key)
+    return frozenset(flipped), square
+
+
 def _moe_layer_table(p: Mapping[str, Any], layout: str) -> Table:
     """Our keys under ``layers.{i}.`` -> HF's for a routed layer."""
     h, e = p["hidden_size"], p["num_experts"]
@@ -338,17 +367,18 @@ def _gpt2_table(p: Mapping[str, Any]) -> Table:
 
 
 def gpt_import_plan(hf_keys: Iterable[str], params: Mapping[str, Any], prefix: str | None = None,
-                    moe_layout: str | None = None) -> Plan:
+                    moe_layout: str | None = None, transposed: frozenset[str] | None = None) -> Plan:
     """Which HF tensors make each GPT tensor (see ``gpt_state_dict_from_hf``). ``moe_layout`` (see
     ``MOE_LAYOUTS``): how the experts are stored; None: found from the key names (fused experts taken as
-    transformers 5 holds them, (E, 2F, H))."""
+    transformers 5 holds them, (E, 2F, H)). ``transposed``: the full HF keys of fused expert tensors stored
+    transposed, tensor by tensor (see ``transposed_experts``); it overrides what the layout says."""
     keys = list(hf_keys)
     if params.get("position_embedding") == "learned":
         plan = _plan(_gpt2_table(params), _find_prefix(keys, "wte.weight", prefix), _GPT2_TRANSPOSED)
     else:
         layout = moe_layout or moe_layout_of(keys)
         plan = _plan(_llama_table(params, layout), _find_prefix(keys, "embed_tokens.weight", prefix),
-                     FUSED_T if layout == "fused_t" else ())
+                     transposed if transposed is not None else FUSED_T if layout == "fused_t" else ())
     if not params.get("tie_embeddings", False):
         heads = [k for k in keys if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
         if len(heads) > 1:
