@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import perturb  # noqa: E402
-from mimo_spec.errors import ConfigError  # noqa: E402
+from mimo_spec.errors import ConfigError, InputError  # noqa: E402
 from mimo_spec.generation import generate  # noqa: E402
 from mimo_spec.interop import export_hf, import_hf  # noqa: E402
 
@@ -150,6 +150,39 @@ def test_export_loads_in_transformers_with_the_same_logits(kind, tmp_path):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_encoded_items_need_their_positions_and_deepstack_needs_the_items():
+    """modality_embeddings= (already-encoded items) on an M-RoPE model: with the positions model.position_ids
+    computes from the grids, the logits equal the pixel path's; without them an InputError names the argument
+    and what to pass (the positions would silently be a text run's); a text-only batch with no rows needs
+    nothing. A DeepStack modality (Qwen3-VL) cannot come in encoded: its inner-layer features would be lost."""
+    _, _, model = _pair("2")
+    hf_kw, ours, _ = _batch("2")
+    ids, mask = hf_kw["input_ids"], hf_kw["attention_mask"]
+    ref = model(ids, ours, attention_mask=mask).logits
+    emb = {name: model.modalities[name].encode(ours[name]) for name in ("images", "videos")}
+    grids = {name: {"vit": {k: v for k, v in ours[name]["vit"].items() if "grid" in k}} for name in ours}
+    pos = model.position_ids(ids, grids, attention_mask=mask)
+    out = model(ids, modality_embeddings=emb, position_ids=pos, attention_mask=mask).logits
+    assert _err(out, ref, mask) <= 1e-5
+    with pytest.raises(InputError) as e:
+        model(ids, modality_embeddings=emb, attention_mask=mask)
+    assert e.value.problems[0].path == "modality_embeddings.images", str(e.value)
+    assert "M-RoPE" in str(e.value) and "model.position_ids(input_ids" in str(e.value) and "image_grid_thw" in str(e.value)
+    text = torch.tensor([[5, 6, 7, 8]])
+    empty = {"images": torch.zeros(0, model.language_model.hidden_size)}
+    assert torch.equal(model(text, modality_embeddings=empty).logits, model(text).logits)
+
+    _, _, model3 = _pair("3")
+    hf_kw, ours, _ = _batch("3")
+    emb = model3.modalities["images"].encode(ours["images"])
+    pos = model3.position_ids(hf_kw["input_ids"], ours, attention_mask=hf_kw["attention_mask"])
+    with pytest.raises(InputError) as e:
+        model3(hf_kw["input_ids"], {"videos": ours["videos"]}, modality_embeddings={"images": emb}, position_ids=pos,
+               attention_mask=hf_kw["attention_mask"])
+    assert e.value.problems[0].path == "modality_embeddings.images" and "DeepStack" in str(e.value), str(e.value)
+
+
 def test_export_without_hf_config_uses_qwens_token_layout(tmp_path):
     """Without the run config's hf_config (cfg=None: model.spec), vision start/end are image_token_id - 3 / - 2
     (Qwen's tokenizers); a tied LM exports without lm_head and loads tied."""

@@ -278,6 +278,11 @@ class MimoModel(nn.Module):
         merged, deep = [], {}
         for name, mod in self.modalities.items():
             if name in modality_embeddings:
+                if mod.has_input and mod.src.deepstack_projections is not None and modality_embeddings[name].shape[0]:
+                    raise InputError(f"this modality also feeds language-model layers {mod.src.deepstack_lm_layers} "
+                                     "from inner encoder layers (DeepStack); encoded items carry only its input "
+                                     "embeddings", path=f"modality_embeddings.{name}",
+                                     hint="pass the items themselves in modality_inputs")
                 merged.append((mod.special_token_id, modality_embeddings[name].to(embeds.dtype)))
                 continue
             if not mod.has_input:
@@ -366,6 +371,7 @@ class MimoModel(nn.Module):
                  if self.modalities[name].is_discrete}  # the targets' codes: read (teacher forcing) and scored
         embeds, additions = self.embed_with_additions(input_ids, modality_inputs, modality_embeddings, codes)
         if position_ids is None:
+            self._refuse_grid_embeddings(modality_embeddings)
             position_ids = self.position_ids(input_ids, modality_inputs, attention_mask=attention_mask,
                                              document_ids=document_ids)
         if document_ids is not None and position_ids is None:
@@ -408,6 +414,20 @@ class MimoModel(nn.Module):
             out.router_aux_loss, out.router_z_loss = losses.router_aux_loss, losses.router_z_loss
             out.modality_accuracy = losses.modality_accuracy
         return out
+
+    def _refuse_grid_embeddings(self, modality_embeddings) -> None:
+        """M-RoPE positions follow each item's grid; encoded items of a grid modality carry none, so without
+        ``position_ids`` their positions would silently be a text run's: an InputError says what to pass."""
+        if not modality_embeddings or getattr(self.language_model, "mrope_section", None) is None:
+            return
+        for name, emb in modality_embeddings.items():
+            if name in self.grid_items and emb.shape[0]:
+                _, enc, grids, _, _ = self.grid_items[name]
+                raise InputError("the language model's M-RoPE positions follow each item's grid, and encoded items "
+                                 "carry none", path=f"modality_embeddings.{name}",
+                                 hint=f"pass position_ids=model.position_ids(input_ids, {{'{name}': {{'{enc}': "
+                                      f"{{'{grids[0]}': <the items' grids>}}}}}}), or the items themselves in "
+                                      "modality_inputs")
 
     def _fusable_head(self, lm) -> torch.Tensor | None:
         """The LM head's weight when the loss may run the head itself: a plain product (the LM's
