@@ -218,8 +218,19 @@ def test_tiling_options_are_checked(tmp_path):
     for options, key in bad:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             dataset(tmp_path, byte, model, turns, **options)
-    with pytest.raises(ConfigError, match="takes image_sizes"):  # an anyres encoder needs its tiles
+    with pytest.raises(ConfigError) as e:  # an anyres encoder needs its tiles
         dataset(tmp_path, byte, anyres_stand_in(1000, 1001), turns, image_tiling="none")
+    assert e.value.problems[0].path == "data.image_tiling" and "takes image_sizes" in str(e.value)
+    assert "data.image_tiling is none" in str(e.value) and "image_grid_thw" not in str(e.value), str(e.value)
+    # one image_mean / image_std value serves every channel, in every scheme; two for RGB tiles name the key
+    for scheme in ("none", "internvl", "idefics3"):
+        one, _ = dataset(tmp_path, byte, model, turns, image_tiling=scheme, image_mean=[0.4], image_std=[0.2])
+        three, _ = dataset(tmp_path, byte, model, turns, image_tiling=scheme, image_mean=[0.4] * 3,
+                           image_std=[0.2] * 3)
+        a, b = one[0]["items"]["images"]["clip"]["pixel_values"], three[0]["items"]["images"]["clip"]["pixel_values"]
+        assert torch.equal(a, b), scheme
+        with pytest.raises(ConfigError, match=r"data\.image_mean: image_mean needs 1 or 3 values"):
+            dataset(tmp_path, byte, model, turns, image_tiling=scheme, image_mean=[0.4, 0.5], image_std=[0.2])[0][0]
     # a saved processor of another scheme, or for another tile size
     transformers.Idefics3ImageProcessorPil(max_image_size={"longest_edge": 48}).save_pretrained(tmp_path / "p48")
     with pytest.raises(ConfigError, match="48-pixel tiles"):

@@ -14,7 +14,8 @@ from mimo_spec.data.preprocess import (AUDIO_OVERFLOWS, CLIP_MEAN, CLIP_STD, HOP
                                         _check_naflex_tokens, _grid_encoder, _mono_blocks, _naflex_encoder,
                                         _no_frames, _open_sound, _require_audio_fits, _takes_spatial_shapes, as_media,
                                         audio_info, clip_image_processor, find_modality, image_size, load_image,
-                                        load_image_processor, log_mel, modality_encoders, normalize, timestamp_text)
+                                        load_image_processor, log_mel, modality_encoders, normalize, per_channel,
+                                        timestamp_text)
 from mimo_spec.data.tiling import AnyResVideo, TiledImage, choose_tiling, make_tiling, takes_image_sizes
 from mimo_spec.errors import ConfigError, DataError
 
@@ -84,7 +85,7 @@ class MediaProcessor:
         mean, std = self.image_mean, self.image_std
         if self.qwen3 and mean == tuple(CLIP_MEAN) and std == tuple(CLIP_STD):
             mean, std = QWEN3_MEAN, QWEN3_STD  # the data config's defaults: Qwen3-VL's own normalisation
-        options = dict(**pixels, mean=mean, std=std, processor=image_processor, fps=video_fps,
+        options = dict(**pixels, processor=image_processor, fps=video_fps,
                        min_frames=video_min_frames, max_frames=video_max_frames, qwen3=self.qwen3)
         # tiled images (data.image_tiling, mimo_spec.data.tiling): the scheme, and the processor folder's processor
         self.image_tiling, tile_processor = choose_tiling(model, self.image_modality, image_tiling, image_processor)
@@ -102,14 +103,16 @@ class MediaProcessor:
                 continue  # a fixed-size image encoder: below
             if kind == "image" and _takes_spatial_shapes(mod):  # SigLIP2 NaFlex: padded items, (h, w) grids
                 enc_name, enc = _naflex_encoder(mod, name)
-                naflex = NaFlexVision(enc, mean=self.image_mean, std=self.image_std, processor=image_processor,
+                rgb_mean, rgb_std = per_channel(self.image_mean, self.image_std, 3)
+                naflex = NaFlexVision(enc, mean=rgb_mean, std=rgb_std, processor=image_processor,
                                       where="data.image_modality")
                 _check_naflex_tokens(mod, name, enc_name, naflex)
                 self.native[name] = (enc_name, "spatial_shapes", "pixel_values", naflex)
                 continue
             enc_name, enc = _grid_encoder(mod, name, grid, kind)
             packed = tuple(enc.grid_inputs[grid])[0]
-            vision = QwenVision(enc, where=f"data.{kind}_modality", **options)
+            vision = QwenVision(enc, where=f"data.{kind}_modality", **options, **dict(zip(("mean", "std"),
+                                                                                            per_channel(mean, std, 3))))
             _check_item_tokens(mod, name, enc_name, grid, packed, vision, 1 if kind == "image" else 2)
             self.native[name] = (enc_name, grid, packed, vision)
         if (self.video_modality in self.native and getattr(lm, "mrope_section", None) is not None

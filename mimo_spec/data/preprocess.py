@@ -210,6 +210,7 @@ def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD, resize: str = 
     # transformers 5 names the Pillow backend CLIPImageProcessorPil; in 4.x CLIPImageProcessor is that one
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     squash = resize == "squash"
+    mean, std = per_channel(mean, std, num_channels)
     return cls(
         size={"height": size, "width": size} if squash else {"shortest_edge": size},
         crop_size={"height": size, "width": size}, do_center_crop=not squash, resample=int(pil_filter(resample)),
@@ -323,14 +324,23 @@ class ImageTransform:
         return x
 
 
+def per_channel(mean, std, channels: int) -> tuple[list[float], list[float]]:
+    """``data.image_mean`` / ``image_std`` as one value per channel: a single value serves every channel."""
+    out = []
+    for name, values in (("image_mean", mean), ("image_std", std)):
+        values = [float(v) for v in values]
+        if len(values) not in (1, channels):
+            raise ConfigError(f"{name} needs 1 or {channels} values (one per channel of the encoder's images), "
+                              f"got {len(values)}", path=f"data.{name}")
+        out.append(values * channels if len(values) == 1 else values)
+    return out[0], out[1]
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """(C, H, W) values in [0, 1] -> (x - mean) / std per channel (mean/std of length C or 1)."""
-    c = x.shape[0]
-    m = torch.tensor(list(mean), dtype=x.dtype)
-    s = torch.tensor(list(std), dtype=x.dtype)
-    if m.numel() not in (1, c) or s.numel() not in (1, c):
-        raise ConfigError(f"image_mean/image_std need 1 or {c} values, got {m.numel()} and {s.numel()}",
-                          path="data.image_mean")
+    mean, std = per_channel(mean, std, x.shape[0])
+    m = torch.tensor(mean, dtype=x.dtype)
+    s = torch.tensor(std, dtype=x.dtype)
     return (x - m.view(-1, 1, 1)) / s.view(-1, 1, 1)
 
 

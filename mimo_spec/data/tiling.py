@@ -103,14 +103,11 @@ def _size_of(value) -> int | None:
 
 
 def _mean_std(mean, std, own) -> tuple[list[float], list[float]]:
-    from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD
+    from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD, per_channel
 
     if tuple(mean) == tuple(CLIP_MEAN) and tuple(std) == tuple(CLIP_STD):
         mean, std = own  # the data config's defaults: the scheme's own normalisation
-    if len(mean) not in (1, 3) or len(std) not in (1, 3):
-        raise ConfigError(f"image_mean/image_std need 1 or 3 values, got {len(mean)} and {len(std)}",
-                          path="data.image_mean")
-    return [float(m) for m in mean], [float(s) for s in std]
+    return per_channel(mean, std, 3)
 
 
 class Tiling(abc.ABC):
@@ -360,7 +357,7 @@ def choose_tiling(model, modality: str | None, requested: str = "auto", folder: 
         raise ConfigError(f"data.image_tiling is {scheme}, but the image processor in {folder} is a "
                           f"{type(processor).__name__}" + (f" ({own} tiling)" if own else " (no tiling)"),
                           path="data.image_tiling", hint=f"image_tiling: {own or 'none'}, or the model's own processor")
-    if anyres and scheme not in ("llava_next", "none"):
+    if anyres and scheme != "llava_next":
         raise ConfigError(f"the encoder of modality {modality!r} takes image_sizes (anyres tiling), but "
                           f"data.image_tiling is {scheme}", path="data.image_tiling", hint="auto or llava_next")
     from mimo_spec.data.preprocess import modality_encoders
