@@ -321,9 +321,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _first_line(text: Any) -> str:
-    """A one-line error for the table: the first problem of a config error, or the exception."""
+    """A one-line error for the table: the first problem of a mimo-spec error (config, data, checkpoint,
+    storage, input ...: its ``mimo-spec: <kind> error:`` header line says only the kind), or the exception."""
     lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("mimo-spec: config error"):
+    if len(lines) > 1 and re.fullmatch(r"mimo-spec: [\w ]+ errors?:?", lines[0]):
         lines = lines[1:]
     return lines[0] if lines else ""
 

@@ -421,7 +421,7 @@ def test_bad_input_is_named_with_file_sample_and_path(vlm, fixture_dir):
     with pytest.raises(InputError, match=r"data.json: sample 0 \(id 'x'\): cannot read image .*broken.png"):
         ds[0]
     write_json(fixture_dir, [{"id": "y", "audio": "tone.wav", "conversations": [human("<audio>"), gpt("?")]}])
-    with pytest.raises(InputError, match=r"sample 0 \(id 'y'\): the sample has audio input but the model has no "
+    with pytest.raises(ConfigError, match=r"sample 0 \(id 'y'\): the sample has audio input but the model has no "
                                          r"audio modality \(add one, e.g. modality=\[audio_whisper\]"):
         llava(vlm, fixture_dir)[0][0]
 
@@ -602,3 +602,60 @@ def test_training_skips_and_logs_bad_samples_and_reports_padding(fixture_dir, ca
     assert 0.0 < metrics["padding_fraction"] < 1.0 and metrics["packing"] is True
     out = capsys.readouterr().out
     assert f"skipped {len(logged)}" in out and "pad " in out, out
+
+
+def test_user_mistakes_in_data_are_named(fixture_dir, tmp_path, vlm):
+    """What a user gets wrong is said where it is: llava_json lays chats out with the tokenizer's own template
+    (as every source does, data.template unset); a template that is not Jinja is a config error naming
+    data.tokenizer before any sample is read; a record that cannot be parsed, or whose media field is wrong, is
+    logged with its file, line and id; a sample needing a modality the model lacks is a config error even under
+    on_bad_sample=skip; a short unpacked run on data of which nothing is usable is a data error, not a run that
+    trained on fillers; a sweep's table shows the reason of every kind of error, not its header."""
+    from test_templates import CHATML, CHATML_SPECIALS, save_bpe
+
+    from mimo_spec.data.config import validate_data_config
+    from mimo_spec.data.sources import open_source
+    from mimo_spec.data.tokenizer import HFTokenizer, resolve_template
+    from mimo_spec.errors import DataError
+    from mimo_spec.sweep import _first_line
+    from mimo_spec.train.loop import train
+
+    save_bpe(tmp_path / "chatml", CHATML_SPECIALS, CHATML)
+    for source in ("llava_json", "parquet", "webdataset"):
+        data = validate_data_config(compose_config([f"data={source}", "data.path=x"]).data)
+        assert resolve_template(data.template, HFTokenizer(tmp_path / "chatml")) == CHATML, source
+    save_bpe(tmp_path / "broken", CHATML_SPECIALS, "{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(ConfigError) as e:
+        llava(vlm, fixture_dir, tokenizer=str(tmp_path / "broken"))
+    assert e.value.problems[0].path.startswith("data.tokenizer") and "not valid Jinja" in str(e.value), str(e.value)
+
+    lines = [json.dumps({"id": "ok", "conversations": [human("Hi"), gpt("Hello.")]}), '{"id": "cut", "conv',
+             json.dumps({"id": "num", "image": 5, "conversations": [human("<image>"), gpt("?")]})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    src = open_source(validate_data_config({"source": "llava_json", "path": str(tmp_path / "d.jsonl"),
+                                            "eval_fraction": 0.0}), "train")
+    infos = []
+    for k in (1, 2):
+        with pytest.raises(DataError) as e:
+            src.record(k)
+        infos.append(e.value.record_info)
+    assert infos[0] == {"where": "d.jsonl: line 2", "file": str(tmp_path / "d.jsonl"), "id": None}
+    assert infos[1] == {"where": "d.jsonl: line 3 (id 'num')", "file": str(tmp_path / "d.jsonl"), "id": "num"}
+
+    base = ["data=llava_json", f"data.path={fixture_dir / 'data.json'}", f"data.image_folder={fixture_dir / 'img'}",
+            f"data.audio_folder={fixture_dir / 'wav'}", "data.eval_fraction=0", "train.eval_every=0",
+            "train.checkpoint.every=0", "train.log_every=1000"]
+    with pytest.raises(ConfigError, match="audio input but the model has no audio modality"):  # vision only
+        train(compose_config([*base, "data.max_bad_fraction=0.9", "train.steps=4"]), tmp_path / "no_audio")
+    bad = [{"id": f"b{k}", "image": "gone.png", "conversations": [human("<image>"), gpt("?")]} for k in range(40)]
+    (fixture_dir / "bad.json").write_text(json.dumps(bad))
+    for packing in ("true", "false"):
+        with pytest.raises(DataError, match="none of the .* samples read could be used"):
+            train(compose_config([*base, f"data.path={fixture_dir / 'bad.json'}", f"data.packing={packing}",
+                                  "train.batch_size=2", "train.steps=3"]), tmp_path / f"bad_{packing}")
+
+    for kind in ("data", "checkpoint", "config"):
+        assert _first_line(f"mimo-spec: {kind} error:\n  data.path: it is gone\n      hint: x") == \
+            "data.path: it is gone"
+    assert _first_line("mimo-spec: config errors:\n  a: one\n  b: two") == "a: one"
+    assert _first_line("RuntimeError: boom") == "RuntimeError: boom"

@@ -395,7 +395,7 @@ def test_video_longer_than_the_limit_is_dropped_and_model_without_videos_refuses
     with pytest.raises(Dropped, match="too long"):
         ds.encoded(0)
     ds = RecordDataset(open_source(cfg, "train"), SampleBuilder(cfg, tiny_model(video=False), ByteTokenizer()))
-    with pytest.raises(DataError, match="video input but the model has no video modality"):
+    with pytest.raises(ConfigError, match="video input but the model has no video modality"):
         ds.encoded(0)
 
 

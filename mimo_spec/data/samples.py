@@ -194,9 +194,9 @@ class SampleBuilder:
                                 (self.cfg.audio_token, record.audios, "audio")):
             kind, name = self.kinds[tag]
             n_tags = sum(t[1].count(tag) for t in turns)
-            if (items or n_tags) and name is None:
+            if (items or n_tags) and name is None:  # the model's fault, not the sample's: never skipped
                 example = {"image": "vision_clip", "audio": "audio_whisper", "video": "a video modality"}[one]
-                raise DataError(f"the sample has {one} input but the model has no {one} modality", path=where,
+                raise ConfigError(f"the sample has {one} input but the model has no {one} modality", path=where,
                                 hint=f"add one, e.g. modality=[{example}], or remove the {one} samples"
                                 if one != "video" else "add a modality with item_kind: video (it may share the "
                                                        "image tower), or remove the video samples")

@@ -134,7 +134,17 @@ class _FileSource(RecordSource):
             raise IndexError(f"record {index} of {len(self)}")
         g = int(self.selected[index]) if self.selected is not None else int(index)
         file_no = int(np.searchsorted(self.starts, g, side="right")) - 1
-        return self._read(file_no, g - int(self.starts[file_no]))
+        local = g - int(self.starts[file_no])
+        try:
+            return self._read(file_no, local)
+        except DataError as e:  # what bad_samples.jsonl says of it: the file, and where in it
+            if getattr(e, "record_info", None) is None:
+                path = self.paths[file_no]
+                where = e.problems[0].path if e.problems else ""
+                if not where or where.startswith("data."):  # a config key: name the record instead
+                    where = f"{path.name}: record {local + 1}"
+                e.record_info = {"where": where, "file": str(path), "id": None}
+            raise
 
     @abc.abstractmethod
     def _count(self, file_no: int) -> int:
@@ -177,13 +187,17 @@ def llava_record(rec, where: str, file: Path, image_root: Path, audio_root: Path
     rid = None if rid is None else str(rid)
     if "id" in rec:
         where += f" (id {_short(rec['id'], 40)})"
-    if not images:
-        images = [Media(name=n, path=image_root / n) for n in _media_list(rec, "image", "images", where)]
-    if not audios:
-        audios = [Media(name=n, path=audio_root / n) for n in _media_list(rec, "audio", "audios", where)]
-    if not videos:
-        root = video_root if video_root is not None else file.parent
-        videos = [Media(name=n, path=root / n) for n in _media_list(rec, "video", "videos", where)]
+    try:
+        if not images:
+            images = [Media(name=n, path=image_root / n) for n in _media_list(rec, "image", "images", where)]
+        if not audios:
+            audios = [Media(name=n, path=audio_root / n) for n in _media_list(rec, "audio", "audios", where)]
+        if not videos:
+            root = video_root if video_root is not None else file.parent
+            videos = [Media(name=n, path=root / n) for n in _media_list(rec, "video", "videos", where)]
+    except DataError as e:
+        e.record_info = {"where": where, "file": str(file), "id": rid}
+        raise
     extra = {k: v for k, v in rec.items() if k not in ("conversations", "id") + _MEDIA_KEYS}
     return Record(conversations=rec.get("conversations"), images=images, audios=audios, id=rid, where=where,
                   file=str(file), extra=extra, videos=videos)
@@ -229,7 +243,11 @@ class JsonSource(_FileSource):
         start, end = int(index["start"][local]), int(index["end"][local])
         line = int(index["line"][local]) if "line" in index else None
         where = f"{p.name}: line {line}" if line is not None else f"{p.name}: sample {local}"
-        rec = parse_json(self._files.read(str(p), start, end - start), p, self.key, where, line)
+        try:
+            rec = parse_json(self._files.read(str(p), start, end - start), p, self.key, where, line)
+        except DataError as e:
+            e.record_info = {"where": where, "file": str(p), "id": None}
+            raise
         return llava_record(rec, where, p, self._root(self.cfg.image_folder, p), self._root(self.cfg.audio_folder, p),
                             video_root=self._root(self.cfg.video_folder, p))
 

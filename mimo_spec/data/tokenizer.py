@@ -305,11 +305,30 @@ def tokenizer_chat_template(tokenizer) -> str | None:
     if hf is None or not getattr(hf, "chat_template", None):
         return None
     try:
-        return hf.get_chat_template()
+        template = hf.get_chat_template()
     except ValueError as e:  # several named templates, none of them "default"
         raise ConfigError(f"the tokenizer's chat template cannot be chosen: {e}", path="data.template",
                           hint="set data.template (user_prefix, assistant_prefix ...) to lay conversations "
                                "out") from None
+    _check_jinja(template, getattr(tokenizer, "path", None))
+    return template
+
+
+def _check_jinja(template: str, where) -> None:
+    """A chat template that is not valid Jinja is the tokenizer folder's fault, not every sample's: compiled
+    now as transformers compiles it (its sandbox and extensions), a syntax error is a ConfigError."""
+    try:
+        from jinja2.exceptions import TemplateSyntaxError
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # another transformers: the first sample's rendering says it instead
+        return
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"the tokenizer's chat template is not valid Jinja: {e.message} (template line {e.lineno})",
+                          path="data.tokenizer" + (f" ({where})" if where else ""),
+                          hint="fix chat_template in the tokenizer folder (tokenizer_config.json or "
+                               "chat_template.jinja), or set data.template to lay conversations out") from None
 
 
 def resolve_template(template: ChatTemplate | None, tokenizer) -> ChatTemplate | str:

@@ -64,6 +64,16 @@ class SkipLog:
                             hint="fix the data (action=data lists the bad samples; the run dir's bad_samples.jsonl "
                                  "has each), or raise data.max_bad_fraction")
 
+    def require_some_used(self) -> None:
+        """At the end of a run: a DataError when samples were read and none could be used (a run shorter than
+        the checks in :meth:`update` need, with unpacked rows, which keep a skipped sample's row as a filler
+        that trains nothing)."""
+        if self.read and self.bad + self.dropped >= self.read:
+            shown = "; ".join(f"{e['where'] or e['sample']}: {e['reason']}" for e in self.examples[:3])
+            raise DataError(f"none of the {self.read} samples read could be used" + (f" (e.g. {shown})" if shown else
+                                                                                      ""), path="data",
+                            hint="check the data and data.max_seq_len (action=data shows what is wrong)")
+
     def _gathered(self, mine: list) -> list:
         import torch
         import torch.distributed as dist

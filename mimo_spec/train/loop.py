@@ -443,6 +443,8 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     with stop.phase("training", defer=True), progress:
         try:
             status = _loop()
+            if status == "completed":
+                skips.require_some_used()  # a short run on unusable data trained on fillers only
         except Diverged as e:
             status, failure = "failed", e
             say(console, f"error: {e}")
