@@ -659,3 +659,15 @@ def test_user_mistakes_in_data_are_named(fixture_dir, tmp_path, vlm):
             "data.path: it is gone"
     assert _first_line("mimo-spec: config errors:\n  a: one\n  b: two") == "a: one"
     assert _first_line("RuntimeError: boom") == "RuntimeError: boom"
+
+
+def test_an_empty_training_file_is_named(tmp_path, vlm):
+    from mimo_spec.data.loader import TrainBatches
+    from mimo_spec.errors import DataError
+
+    (tmp_path / "data.json").write_text("[]")
+    ds, tok = llava(vlm, tmp_path)
+    with pytest.raises(DataError) as e:
+        TrainBatches(ds, tok.pad_id, seed=0, batch_size=2)
+    assert e.value.problems[0].path == "data.path" and str(tmp_path / "data.json") in str(e.value), str(e.value)
+    assert "num_samples" not in str(e.value)  # a synthetic-data key: not this source's

@@ -324,8 +324,13 @@ def test_webdataset_shards(tmp_path):
     with pytest.raises(DataError, match=r"data.path: data file not found: .*shard-0002.tar \(from '.*\{0000..0002\}"):
         open_source(validate_data_config({**cfg, "path": str(d / "shard-{0000..0002}.tar")}), "train")
     (d / "bad.tar").write_bytes(b"x" * 1000)
-    with pytest.raises(DataError, match=r"bad.tar: not an uncompressed tar shard"):
+    with pytest.raises(DataError, match=r"bad.tar: cannot be read as a tar shard"):
         open_source(validate_data_config({**cfg, "path": str(d / "bad.tar")}), "train")
+    whole = (d / "shard-0000.tar").read_bytes()  # a shard cut off in the middle of a member: its hint says so
+    (d / "cut.tar").write_bytes(whole[:len(whole) // 2 + 100])
+    with pytest.raises(DataError) as e:
+        open_source(validate_data_config({**cfg, "path": str(d / "cut.tar")}), "train")
+    assert "cut.tar: cannot be read as a tar shard" in str(e.value) and "cut-off" in str(e.value), str(e.value)
 
 
 # ------------------------------------------------------------------------------------ parquet

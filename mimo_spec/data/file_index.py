@@ -307,8 +307,9 @@ def scan_shard(path: Path) -> dict[str, np.ndarray]:
                     m_offset.append(info.offset_data)
                     m_size.append(info.size)
     except tarfile.ReadError as e:
-        raise DataError(f"{path}: not an uncompressed tar shard ({e})", path="data.path",
-                        hint="WebDataset shards are plain .tar files (compressed ones cannot be indexed)") from None
+        raise DataError(f"{path}: cannot be read as a tar shard ({e})", path="data.path",
+                        hint="WebDataset shards are whole, uncompressed .tar files (a compressed or cut-off one "
+                             "cannot be indexed)") from None
     return {"key": _utf8(keys), "dup": np.array(dup, dtype=bool),
             "m_sample": np.array(m_sample, dtype=np.int64), "m_ext": _utf8(m_ext),
             "m_offset": np.array(m_offset, dtype=np.int64), "m_size": np.array(m_size, dtype=np.int64)}

@@ -34,6 +34,17 @@ from mimo_spec.data.packing import LoaderState, Planner, collate_rows, skipped_f
 from mimo_spec.errors import DataError, MimoError
 
 
+def _empty(dataset) -> DataError:
+    """The error for a training set without samples, naming the files it was read from."""
+    files = getattr(getattr(dataset, "source", None), "files", None)
+    files = files() if callable(files) else []
+    if files:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        return DataError(f"the training set is empty: no sample in {shown}", path="data.path",
+                         hint="check the files (and data.eval_fraction / data.max_samples)")
+    return DataError("the training set is empty", path="data", hint="check data.path / data.num_samples")
+
+
 class SampleOrder:
     """The dataset index at each global position: epoch ``e`` is a permutation seeded by (seed, e)."""
 
@@ -201,9 +212,9 @@ class TrainBatches:
                  state: LoaderState | dict | int = LoaderState(), share: tuple[int, int] | None = None,
                  num_workers: int = 0, prefetch: int = 2, on_bad_sample: str = "skip",
                  check: Callable[[], None] | None = None, pin_memory: bool = False):
-        order = dataset.order(seed) if hasattr(dataset, "order") else SampleOrder(len(dataset), seed)
         if len(dataset) == 0:
-            raise DataError("the training set is empty", path="data", hint="check data.path / data.num_samples")
+            raise _empty(dataset)
+        order = dataset.order(seed) if hasattr(dataset, "order") else SampleOrder(len(dataset), seed)
         self.planner = Planner(dataset, order, batch_size, seq_len or 0, seq_len is not None, on_bad_sample)
         self.dataset, self.pad_id, self.seed, self.seq_len = dataset, int(pad_id), int(seed), seq_len
         self.batch_size, self.share, self.num_workers = int(batch_size), share, int(num_workers)
