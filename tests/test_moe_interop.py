@@ -215,19 +215,24 @@ def test_export_refuses_what_no_transformers_moe_computes(tmp_path):
 IMG, VID, VS = 110, 111, 112
 
 
-@functools.lru_cache(maxsize=None)
-def _vl_pair():
-    text = dict(COMMON, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=2, head_dim=16,
-                num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+def _vl_hf(moe_width: int = 12, experts: int = 4, layers: int = 2, depth: int = 2, seed: int = 0):
+    """A tiny Qwen3-VL-MoE (perturbed random weights), LM hidden size 32."""
+    text = dict(COMMON, intermediate_size=40, moe_intermediate_size=moe_width, num_hidden_layers=layers, head_dim=16,
+                num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1,
                 rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True,
                                  "rope_theta": 10000.0})
-    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4,
+    vision = dict(depth=depth, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4,
                   temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
                   deepstack_visual_indexes=[0])
-    torch.manual_seed(0)
-    hf = _perturb(transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(
+    torch.manual_seed(seed)
+    return _perturb(transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(
         text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS,
         vision_end_token_id=VS + 1, tie_word_embeddings=False)))
+
+
+@functools.lru_cache(maxsize=None)
+def _vl_pair():
+    hf = _vl_hf()
     cfg, model = import_hf(hf)
     return hf, cfg, model.eval()
 
@@ -293,16 +298,7 @@ def test_qwen3_vl_moe_expert_orientation_read_as_transformers_reads_it(tmp_path)
     assert _err(out.logits, ref.logits, hf_kw["attention_mask"]) <= TOL
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), imported.state_dict().values()))
 
-    text = dict(COMMON, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=1, head_dim=16,
-                num_experts=3, num_experts_per_tok=2, rope_parameters={
-                    "rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True})
-    vision = dict(depth=1, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4,
-                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
-                  deepstack_visual_indexes=[0])
-    torch.manual_seed(1)
-    square = _perturb(transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(
-        text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS,
-        vision_end_token_id=VS + 1, tie_word_embeddings=False))).eval()
+    square = _vl_hf(moe_width=16, experts=3, layers=1, depth=1, seed=1).eval()
     assert 2 * 16 == COMMON["hidden_size"]  # the gate/up tensor is (E, 32, 32)
     cfg_sq, ours_sq = import_hf(square)  # in memory: nothing ambiguous, no warning
     ref_sq = square(**hf_kw).logits
