@@ -666,8 +666,13 @@ def test_an_empty_training_file_is_named(tmp_path, vlm):
     from mimo_spec.errors import DataError
 
     (tmp_path / "data.json").write_text("[]")
+    (tmp_path / "img").mkdir(), (tmp_path / "wav").mkdir()
     ds, tok = llava(vlm, tmp_path)
     with pytest.raises(DataError) as e:
         TrainBatches(ds, tok.pad_id, seed=0, batch_size=2)
     assert e.value.problems[0].path == "data.path" and str(tmp_path / "data.json") in str(e.value), str(e.value)
     assert "num_samples" not in str(e.value)  # a synthetic-data key: not this source's
+    for key in ("image_folder", "audio_folder"):  # a folder that is not there: one config error, not bad samples
+        with pytest.raises(ConfigError) as e:
+            llava(vlm, tmp_path, **{key: str(tmp_path / "nowhere")})
+        assert e.value.problems[0].path == f"data.{key}" and str(tmp_path / "nowhere") in str(e.value)

@@ -51,7 +51,7 @@ from mimo_spec.data.samples import short as _short
 from mimo_spec.data.loader import SampleOrder
 from mimo_spec.data.records import Media, Record
 from mimo_spec.data.local import resolve_path
-from mimo_spec.errors import DataError, Problem, did_you_mean
+from mimo_spec.errors import ConfigError, DataError, Problem, did_you_mean
 
 
 # ----------------------------------------------------------------------------------------- base
@@ -122,6 +122,12 @@ class _FileSource(RecordSource):
         self._n = total if cfg.max_samples is None else min(total, cfg.max_samples)
         self.selected = split_indices(self._n, cfg, split) if cfg.eval_path is None else None
         self._files = Files()
+        for key in ("image_folder", "audio_folder", "video_folder"):  # a wrong folder: said once, not per sample
+            folder = getattr(cfg, key, None)
+            if folder and not resolve_path(folder).is_dir():
+                raise ConfigError(f"no such folder: {resolve_path(folder)}", path=f"data.{key}",
+                                  hint="the folder relative media paths resolve against; null: each data "
+                                       "file's own folder")
 
     def __len__(self) -> int:
         return self._n if self.selected is None else len(self.selected)
