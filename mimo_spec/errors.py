@@ -161,6 +161,8 @@ class ProblemCollector:
         self.problems: list[Problem] = []
 
     def add(self, path: str, message: str, hint: str = "") -> None:
+        if any(p.path == path and p.message == message for p in self.problems):
+            return  # the same problem found twice (e.g. one default setting checked for every module)
         self.problems.append(Problem(path, message, hint))
 
     def extend(self, err: MimoError) -> None:

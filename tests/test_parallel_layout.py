@@ -193,6 +193,14 @@ def test_pipeline_checks(meta_model):
                  meta_model, 2)
     assert "runs in its first stage" in p["parallel.default"].message
     assert "pp=2, dp_replicate=1, dp_shard=1, tp=1" in p["parallel.default"].message
+    # a default setting that fails for every module: named where it was set, once
+    with pytest.raises(ConfigError) as e:
+        resolve({"default": {"pp": 2, "microbatches": 3}}, meta_model, 2, train={"batch_size": 8})
+    assert [p.path for p in e.value.problems] == ["parallel.default.microbatches"], e.value.problems
+    assert e.value.problems[0].message == "the per-rank batch of 8 does not split into 3 microbatches"
+    assert e.value.problems[0].hint == "make train.batch_size a multiple of 3"
+    one = build_model(compose_config(["model.params.num_layers=1"]), device="meta")
+    assert problems({"default": {"pp": 2}}, one, 2)["parallel.default.pp"].message.endswith("has 1 layer")
     p = problems({"default": {"pp": 2, "microbatches": 2, "pp_schedule": "1f1f"}}, meta_model, 2)
     assert "unknown pipeline schedule '1f1f'" in p["parallel.default.pp_schedule"].message
     assert "did you mean 1f1b" in p["parallel.default.pp_schedule"].hint

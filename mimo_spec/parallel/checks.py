@@ -59,7 +59,7 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
             if layers == 0:
                 problems.add(m.at("pp"), "pipeline stages split a language model's layers; this one has none")
             elif m.pp > layers:
-                problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layers",
+                problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layer{'s' if layers != 1 else ''}",
                              f"use pp <= {layers}")
             if m.microbatches < m.pp:
                 problems.add(m.at("microbatches"), f"{m.microbatches} microbatches cannot fill {m.pp} stages",
@@ -157,7 +157,7 @@ def check_batch(layout, batch_size: int, grad_accum: int, problems: ProblemColle
             problems.add("train.batch_size", f"{batch_size} samples do not split over {where}",
                          f"use a multiple of {shares}")
         elif m.pp > 1 and (batch_size // m.dp) % m.microbatches:
-            problems.add(f"parallel.modules.{name}.microbatches", f"the per-rank batch of {batch_size // m.dp} "
+            problems.add(m.at("microbatches"), f"the per-rank batch of {batch_size // m.dp} "
                          f"does not split into {m.microbatches} microbatches",
                          f"make train.batch_size a multiple of {m.dp * m.microbatches}")
 
