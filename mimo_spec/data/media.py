@@ -111,8 +111,8 @@ class MediaProcessor:
                 continue
             enc_name, enc = _grid_encoder(mod, name, grid, kind)
             packed = tuple(enc.grid_inputs[grid])[0]
-            vision = QwenVision(enc, where=f"data.{kind}_modality", **options, **dict(zip(("mean", "std"),
-                                                                                            per_channel(mean, std, 3))))
+            rgb_mean, rgb_std = per_channel(mean, std, 3)
+            vision = QwenVision(enc, where=f"data.{kind}_modality", mean=rgb_mean, std=rgb_std, **options)
             _check_item_tokens(mod, name, enc_name, grid, packed, vision, 1 if kind == "image" else 2)
             self.native[name] = (enc_name, grid, packed, vision)
         if (self.video_modality in self.native and getattr(lm, "mrope_section", None) is not None

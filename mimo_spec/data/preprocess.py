@@ -164,8 +164,6 @@ def _require_image_fits(need: int, name, where: str, doing: str) -> None:
 
 def resize_pixels(width: int, height: int, size: int, resize: str = "pad") -> int:
     """Pixels of the largest intermediate image the resize makes from a width x height image."""
-    if resize == "fit":
-        return max(width * height, size * size)
     if resize == "pad" and width != height:
         return max(width, height) ** 2
     if resize == "crop" and width != height:
@@ -266,8 +264,7 @@ class ImageTransform:
                  presize: bool = False, resample: str = "bicubic"):
         self.processor, self.size, self.num_channels, self.resize = processor, int(size), int(num_channels), resize
         self.presize = presize
-        self.resample = resample
-        pil_filter(resample)
+        self.filter = pil_filter(resample)  # checked now; Pillow's enum for every resize made here
         mean = getattr(processor, "image_mean", None) or CLIP_MEAN
         mean = [float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean])]
         self.fill = tuple(int(m * 255) for m in mean)  # LLaVA's background: int(), not round()
@@ -293,7 +290,7 @@ class ImageTransform:
             w, h = img.size
             scale = self.size / max(w, h)
             fitted = (max(round(w * scale), 1), max(round(h * scale), 1))
-            img = expand_to_square(img if img.size == fitted else img.resize(fitted, pil_filter(self.resample)),
+            img = expand_to_square(img if img.size == fitted else img.resize(fitted, self.filter),
                                    self.fill)
         if self.pre_squash or (self.presize and (img.width == img.height or self.resize == "squash")):
             target = (self.size, self.size)
@@ -305,7 +302,7 @@ class ImageTransform:
         else:
             target = img.size
         if img.size != target:
-            img = img.resize(target, pil_filter(self.resample))
+            img = img.resize(target, self.filter)
         skip = {}
         if self.presize:  # its resize (and, on the square, its crop) would change nothing: skip the round trips
             skip = {"do_resize": False, "do_center_crop": img.size != (self.size, self.size)}

@@ -59,7 +59,8 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
             if layers == 0:
                 problems.add(m.at("pp"), "pipeline stages split a language model's layers; this one has none")
             elif m.pp > layers:
-                problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layer{'s' if layers != 1 else ''}",
+                plural = "s" if layers != 1 else ""
+                problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layer{plural}",
                              f"use pp <= {layers}")
             if m.microbatches < m.pp:
                 problems.add(m.at("microbatches"), f"{m.microbatches} microbatches cannot fill {m.pp} stages",

@@ -53,9 +53,7 @@ class SkipLog:
                 for s in new:
                     f.write(json.dumps(s.to_dict(), ensure_ascii=False) + "\n")
         if self.read >= self.min_read and self.bad + self.dropped >= self.read:
-            shown = "; ".join(f"{s.where or s.index}: {s.reason}" for s in new[:3])
-            raise DataError(f"none of the {self.read} samples read could be used (e.g. {shown})", path="data",
-                            hint="check the data and data.max_seq_len (action=data shows what is wrong)")
+            raise self._none_usable("; ".join(f"{s.where or s.index}: {s.reason}" for s in new[:3]))
         if self.read >= self.min_read and self.bad > self.max_bad_fraction * self.read:
             shown = "; ".join(f"{e['where'] or e['sample']}: {e['reason']}" for e in self.examples[:3])
             raise DataError(f"{self.bad} of {self.read} samples read could not be used, more than "
@@ -69,10 +67,11 @@ class SkipLog:
         the checks in :meth:`update` need, with unpacked rows, which keep a skipped sample's row as a filler
         that trains nothing)."""
         if self.read and self.bad + self.dropped >= self.read:
-            shown = "; ".join(f"{e['where'] or e['sample']}: {e['reason']}" for e in self.examples[:3])
-            raise DataError(f"none of the {self.read} samples read could be used" + (f" (e.g. {shown})" if shown else
-                                                                                      ""), path="data",
-                            hint="check the data and data.max_seq_len (action=data shows what is wrong)")
+            raise self._none_usable("; ".join(f"{e['where'] or e['sample']}: {e['reason']}" for e in self.examples[:3]))
+
+    def _none_usable(self, shown: str) -> DataError:
+        return DataError(f"none of the {self.read} samples read could be used" + (f" (e.g. {shown})" if shown else ""),
+                         path="data", hint="check the data and data.max_seq_len (action=data shows what is wrong)")
 
     def _gathered(self, mine: list) -> list:
         import torch
