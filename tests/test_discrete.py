@@ -323,6 +323,69 @@ def test_llava_json_image_targets_are_read_from_files(tmp_path):
     assert torch.equal(s["targets"]["image_out"], target) and s["items"] == {}
 
 
+def test_image_targets_follow_the_data_image_resize_and_filter(tmp_path):
+    """A non-square image to generate is brought to the tokenizer's square the way the data's input images
+    are (data.image_resize with data.image_resample): crop as transformers' CLIP processor crops, pad and fit
+    with the mean colour as LLaVA's / Janus's processors do, squash; each checked against an independent
+    reference, and the modes differ from one another (so the test can fail)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from mimo_spec.data import build_dataset
+    from mimo_spec.data.config import validate_data_config
+    from mimo_spec.data.targets import OutputTargets, image_range
+    from mimo_spec.data.tokenizer import build_tokenizer
+    from mimo_spec.errors import ConfigError
+
+    cfg = discrete_config()
+    cfg["model"]["params"]["vocab_size"] = 512
+    cfg["modalities"]["images"]["params"]["special_token_id"] = 510
+    cfg["modalities"]["image_out"]["params"].update(generation_token_id=GEN + 260, begin_token_id=BEGIN + 260,
+                                                    end_token_id=END + 260, code_token_offset=460)
+    model = build_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (10, 26, 3), dtype=np.uint8))  # 26 x 10: non-square
+    wide.save(tmp_path / "wide.png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"id": "0", "output_images": ["wide.png"], "conversations": [
+        {"from": "human", "value": "draw"}, {"from": "gpt", "value": "<gen:image_out>"}]}))
+    low, high = image_range(model.modalities["image_out"])
+    mean = (0.25, 0.5, 0.75)
+
+    def target(resize, resample):
+        data = validate_data_config({"source": "llava_json", "path": str(tmp_path / "data.jsonl"),
+                                     "eval_fraction": 0.0, "packing": False, "image_resize": resize,
+                                     "image_resample": resample, "image_mean": list(mean)})
+        t = build_dataset(data, model, build_tokenizer(data, model))[0]["targets"]["image_out"][0]
+        return (t - low) / (high - low)  # back to [0, 1]
+
+    def pixels(img):
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+    fill = tuple(int(m * 255) for m in mean)
+    crop = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, do_normalize=False,
+                              resample=Image.Resampling.LANCZOS)(images=wide, return_tensors="pt")["pixel_values"][0]
+    square = Image.new("RGB", (26, 26), fill)
+    square.paste(wide, (0, 8))
+    fitted = Image.new("RGB", (8, 8), fill)
+    fitted.paste(wide.resize((8, 3), Image.Resampling.BILINEAR), (0, 2))
+    want = {("crop", "lanczos"): crop,
+            ("pad", "bicubic"): pixels(square.resize((8, 8), Image.Resampling.BICUBIC)),
+            ("fit", "bilinear"): pixels(fitted),
+            ("squash", "nearest"): pixels(wide.resize((8, 8), Image.Resampling.NEAREST))}
+    got = {key: target(*key) for key in want}
+    for key in want:
+        assert (got[key] - want[key]).abs().max() < 1e-5, key
+    keys = list(want)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert (got[a] - got[b]).abs().max() > 0.05, (a, b)
+    with pytest.raises(ConfigError, match="data.image_resample"):
+        OutputTargets(model, image_resample="box")
+
+
 def test_audio_codec_modality_flattens_its_codebooks_and_generates_a_clip(tmp_path):
     """A text-to-speech modality over a 2-codebook EnCodec: the K codes of each frame one after another,
     codebook k's offset by k * codebook_size; generated codes decode through the codec and save as a WAV."""

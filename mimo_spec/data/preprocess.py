@@ -195,6 +195,34 @@ def pil_filter(resample: str):
     return getattr(Image.Resampling, resample.upper())
 
 
+def square_image(img, size: int, resize: str = "squash", resample: str = "bicubic", fill=(0, 0, 0)):
+    """``img`` (Pillow) as a ``size`` x ``size`` image by ``data.image_resize``'s geometry, each resize with
+    ``resample``'s filter: "pad" (centred on a square of colour ``fill``, then resized), "fit" (the longest
+    side to ``size``, then centred on the square), "crop" (transformers' shortest-edge resize, the long side
+    truncated, then its centre crop) or "squash". The pixels :class:`ImageTransform` hands its processor,
+    without the processor's rescale and normalisation (images to generate: :mod:`mimo_spec.data.targets`)."""
+    if resize not in IMAGE_RESIZES:
+        raise ConfigError(f"unknown image_resize {resize!r}", path="data.image_resize",
+                          hint=f"one of {', '.join(IMAGE_RESIZES)}")
+    filt = pil_filter(resample)
+    w, h = img.size
+    if resize == "pad":
+        img = expand_to_square(img, fill)
+    elif resize == "fit":
+        scale = size / max(w, h)
+        fitted = (max(round(w * scale), 1), max(round(h * scale), 1))
+        img = expand_to_square(img if img.size == fitted else img.resize(fitted, filt), fill)
+    elif resize == "crop" and w != h:
+        short, long = sorted(img.size)
+        scaled = int(size * long / short)
+        target = (size, scaled) if w <= h else (scaled, size)
+        if img.size != target:
+            img = img.resize(target, filt)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    return img if img.size == (size, size) else img.resize((size, size), filt)
+
+
 def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD, resize: str = "crop", num_channels: int = 3,
                          resample: str = "bicubic"):
     """A ``CLIPImageProcessor`` (Pillow backend) making ``size`` x ``size`` inputs: shortest-edge

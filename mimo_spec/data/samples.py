@@ -132,7 +132,10 @@ class SampleBuilder:
         from pathlib import Path
 
         folder = lambda key: Path(getattr(cfg, key)) if getattr(cfg, key, None) else None  # noqa: E731
-        self.outputs = OutputTargets(model, folder("image_folder"), folder("audio_folder"))
+        self.outputs = OutputTargets(model, folder("image_folder"), folder("audio_folder"),
+                                     image_resize=getattr(cfg, "image_resize", "pad"),
+                                     image_resample=getattr(cfg, "image_resample", "bicubic"),
+                                     image_mean=cfg.image_mean)
         self.tags.update(self.outputs.tags)
 
     # ------------------------------------------------------------------------------ text

@@ -14,8 +14,10 @@ In WebDataset shards the files may instead be members of the sample: ``key.out.p
 
 A tag becomes the modality's run (a discrete modality: its begin token, one generation token per code, its
 end token; the codes are scored by the modality's loss, the begin and end tokens by the LM's). Images are
-decoded, squashed to the tokenizer's (or decoder's) square size and scaled to its pixel range; audio is read
-mono, resampled to the tokenizer's rate and cut or zero-padded to ``num_frames`` frames.
+decoded, brought to the tokenizer's (or decoder's) square size the way the data's input images are
+(``data.image_resize``: pad / fit with ``data.image_mean``'s colour, crop or squash, with ``data.image_resample``'s
+filter: a model generates what it is shown) and scaled to its pixel range; audio is read mono, resampled to the
+tokenizer's rate and cut or zero-padded to ``num_frames`` frames.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from mimo_spec.data.tokenizer import Tag
-from mimo_spec.errors import DataError
+from mimo_spec.errors import ConfigError, DataError
 
 KEYS = {"image": "output_images", "audio": "output_audios"}
 
@@ -62,7 +64,18 @@ class OutputTargets:
     """The output modalities' target files of records, found at encoding and decoded when a sample is built.
     Holds only shapes and ranges (pickles into DataLoader workers)."""
 
-    def __init__(self, model, image_root: Path | None = None, audio_root: Path | None = None):
+    def __init__(self, model, image_root: Path | None = None, audio_root: Path | None = None, *,
+                 image_resize: str = "squash", image_resample: str = "bicubic", image_mean=(0.5, 0.5, 0.5)):
+        from mimo_spec.data.preprocess import IMAGE_RESIZES, pil_filter
+
+        if image_resize not in IMAGE_RESIZES:
+            raise ConfigError(f"unknown image_resize {image_resize!r}", path="data.image_resize",
+                              hint=f"one of {', '.join(IMAGE_RESIZES)}")
+        pil_filter(image_resample)  # an unknown filter is a config error now, not at the first sample
+        mean = [float(m) for m in (image_mean if isinstance(image_mean, (list, tuple)) else [image_mean])]
+        mean = mean * 3 if len(mean) == 1 else mean
+        # pad / fit: the background LLaVA's and Janus's processors use, int() of the mean colour
+        self.image_geometry = (image_resize, image_resample, tuple(int(m * 255) for m in mean[:3]))
         self.tags = output_tags(model)
         self.spec = {}
         for name, mod in model.modalities.items():
@@ -120,10 +133,15 @@ class OutputTargets:
         if kind == "image":
             import numpy as np
 
-            from mimo_spec.data.preprocess import load_image
+            from mimo_spec.data.preprocess import load_image, pil_filter, square_image
 
             c, h, w = shape
-            img = load_image(media, where).convert("RGB").resize((w, h))
+            resize, resample, fill = self.image_geometry
+            img = load_image(media, where).convert("RGB")
+            if h == w:
+                img = square_image(img, h, resize, resample, fill)
+            else:  # a tokenizer of non-square images: resized to its shape
+                img = img.resize((w, h), pil_filter(resample))
             x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[:c]
             low, high = value_range
             return x * (high - low) + low
