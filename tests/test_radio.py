@@ -313,3 +313,29 @@ def test_without_cpe_the_table_is_windowed_not_resized():
     big = enc.position_embeddings(20, 16)  # the table is 16 x 16: its 16 rows stretched to 20
     assert big.shape == (1, 320, 8)
     assert big[0, ::16, 0].max() <= 15 + 1e-5 and big[0, -1, 0] > 14
+
+
+def test_a_frozen_encoder_runs_as_at_inference_in_training_mode():
+    """A frozen RADIO tower (freeze: [modalities.*.encoders.*], as train=llava_stage1 / stage2) in a model put in
+    training mode gives the features inference gives, every step: no random CPE crop (Megatron's force_eval_mode
+    for a frozen ViT). Unfrozen, the same model still crops (so the check can fail), and its mode is kept."""
+    from mimo_spec.builders.build import build_model
+    from mimo_spec.config import compose_config
+
+    p = "modalities.images.submodules.encoders.radio.params"
+    small = ["modality=[radio_h]", f"{p}.hidden_size=32", f"{p}.num_layers=1", f"{p}.num_heads=2",
+             f"{p}.ffn_hidden_size=64", f"{p}.image_size=32", f"{p}.max_img_size=64"]
+    x = {"radio": {"pixel_values": pixels((2, 3, 32, 32))}}
+    for frozen in (True, False):
+        model = build_model(compose_config(small + (["freeze=[modalities.*.encoders.*]"] if frozen else [])), seed=0)
+        images = model.modalities["images"]
+        with torch.no_grad():
+            at_inference = images.eval().encode(x)
+            model.train()
+            torch.manual_seed(0)
+            first, second = images.encode(x), images.encode(x)
+        assert images.encoders["radio"].training  # the encoder's own mode is left as the model set it
+        if frozen:
+            assert torch.equal(first, at_inference) and torch.equal(second, at_inference)
+        else:
+            assert (first - at_inference).abs().max() > 1e-3 and (first - second).abs().max() > 1e-3

@@ -558,8 +558,15 @@ class Modality(nn.Module):
     def _encode_one(self, name: str, inputs: dict):
         encoder = self.src.encoders[name]
         if not any(p.requires_grad for p in encoder.parameters()):
-            with torch.no_grad():  # frozen: no autograd graph for the encoder
-                return encoder(**inputs)
+            # frozen: no autograd graph, and run as at inference (Megatron's force_eval_mode for a frozen ViT):
+            # no dropout, no training-time random crops (RADIO's position table), the features inference sees
+            was_training = encoder.training
+            encoder.train(False)
+            try:
+                with torch.no_grad():
+                    return encoder(**inputs)
+            finally:
+                encoder.train(was_training)
         return encoder(**inputs)
 
     def encode(self, inputs: dict) -> torch.Tensor:
