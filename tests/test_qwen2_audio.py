@@ -379,3 +379,37 @@ def test_whisper_without_key_bias_is_transformers_whisper_encoder(tmp_path):
         Attention(32, 4, qkv_bias="k")
     with pytest.raises(ParamError, match="transformer-engine"):
         WhisperEncoder(hidden_size=32, num_layers=1, num_heads=4, ffn_hidden_size=48, key_bias=False, backend="te")
+
+
+def test_a_pooling_whisper_tower_exports_alone_as_qwen2_audio_encoder(tmp_path):
+    """Qwen2-Audio's tower alone (whisper_encoder, pool_stride 2) exports as transformers' Qwen2AudioEncoder,
+    which from_pretrained loads whole and which computes what ours computes (a plain WhisperConfig would drop
+    the pooling: twice the frames); import_hf reads it back with the pooling; another stride is refused by name."""
+    from transformers import Qwen2AudioEncoder
+
+    from mimo_spec.builders.build import build_module
+    from mimo_spec.errors import ConfigError
+
+    node = {"module": "whisper_encoder", "params": dict(num_mel_bins=MEL, hidden_size=36, num_layers=2, num_heads=3,
+                                                        ffn_hidden_size=50, max_source_positions=12, pool_stride=2,
+                                                        key_bias=False)}
+    ours = build_module(node, kind="encoder").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    x = torch.randn(3, MEL, 24, generator=g)
+    want = ours(x)
+    assert want.shape == (3, 6, 36)
+    out = export_hf(ours, node, tmp_path / "tower")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2AudioEncoder"]
+    back, info = Qwen2AudioEncoder.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert (back.eval()(x).last_hidden_state - want).abs().max().item() <= TOL
+    cfg, again = import_hf(out)
+    assert cfg["module"] == "whisper_encoder" and cfg["params"]["pool_stride"] == 2
+    assert (again.eval()(x) - want).abs().max().item() <= TOL
+    node3 = {"module": "whisper_encoder", "params": {**node["params"], "pool_stride": 3}}
+    with pytest.raises(ConfigError, match=r"params.pool_stride.*3"):
+        export_hf(build_module(node3, kind="encoder"), node3, tmp_path / "three")

@@ -263,8 +263,18 @@ def _vit_tensors(vit: nn.Module, p: dict[str, Any], prefix: str) -> dict[str, to
 
 
 def _whisper_config(p: dict[str, Any], dtype: torch.dtype, path: str):
+    """WhisperConfig (a WhisperEncoder), or for ``pool_stride`` 2 Qwen2AudioEncoderConfig: Qwen2-Audio's tower,
+    a Whisper encoder with a stride-2 average pool before its last LayerNorm, holds the same tensors."""
     if p["layer_norm_eps"] != 1e-5:
         raise _refuse(path, f"layer_norm_eps {p['layer_norm_eps']}: Hugging Face's Whisper uses 1e-5")
+    if p["pool_stride"] == 2:
+        return _hf_config("Qwen2AudioEncoderConfig", dtype, "Qwen2AudioEncoder", d_model=p["hidden_size"],
+                          encoder_layers=p["num_layers"], encoder_attention_heads=p["num_heads"],
+                          encoder_ffn_dim=p["ffn_hidden_size"], num_mel_bins=p["num_mel_bins"],
+                          max_source_positions=p["max_source_positions"], activation_function=_HF_ACT[p["activation"]])
+    if p["pool_stride"] != 1:
+        raise _refuse(f"{path}.pool_stride", f"{p['pool_stride']}: Hugging Face's Whisper encoder does not pool, "
+                                             "and Qwen2-Audio's pools by 2", "pool_stride 1 or 2")
     return _hf_config("WhisperConfig", dtype, "WhisperEncoder", d_model=p["hidden_size"],
                       encoder_layers=p["num_layers"], encoder_attention_heads=p["num_heads"],
                       encoder_ffn_dim=p["ffn_hidden_size"], decoder_layers=p["num_layers"],

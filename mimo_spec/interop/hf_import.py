@@ -46,7 +46,7 @@ SUPPORTED = {
     "olmoe": "gpt (mixture of experts in every layer; q/k RMSNorms over all heads: qk_norm_kind rmsnorm_all_heads)",
     "clip": "clip_vit", "clip_vision_model": "clip_vit", "siglip": "clip_vit", "siglip_vision_model": "clip_vit",
     "siglip2": "siglip2_naflex", "siglip2_vision_model": "siglip2_naflex",
-    "whisper": "whisper_encoder",
+    "whisper": "whisper_encoder", "qwen2_audio_encoder": "whisper_encoder (pool_stride 2: Qwen2-Audio's tower)",
     "llava": "mimo (gpt + clip_vit + mlp)",
     "qwen2_vl": "mimo (gpt with M-RoPE + qwen_vit + patch_merger; images and videos)",
     "qwen2_5_vl": "mimo (gpt with M-RoPE + qwen_vit with window attention + patch_merger; images and videos)",
@@ -180,6 +180,12 @@ def _convert(config: Any, where: str) -> _Conversion:
         ignore = [r"(^|\.)decoder\.", r"(^|\.)proj_out\."]
         return _Conversion({"module": "whisper_encoder", "params": params}, False,
                            [("", "whisper_encoder", params)], ignore=ignore)
+    if mt == "qwen2_audio_encoder":  # Qwen2-Audio's tower alone: a Whisper encoder pooling by 2
+        from mimo_spec.interop.hf_qwen2_audio import audio_params_from_hf
+
+        params = _feature(audio_params_from_hf, config, where=where)
+        return _Conversion({"module": "whisper_encoder", "params": params}, False,
+                           [("", "whisper_encoder", params)])
     if mt == "llava":
         return _llava(config, where)
     if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
