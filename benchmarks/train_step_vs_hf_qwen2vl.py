@@ -56,48 +56,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_timing import adamw, alternate, breakdown, host_speed, mib, peak_step_memory, print_breakdown  # noqa: E402
 
 VOCAB, IMG, VID, VSTART, VEND = 4096, 4000, 4001, 4002, 4003
-SEQ, MERGE = 256, 2
-IMAGES = [(1, 16, 16), (1, 12, 12), (1, 8, 20), (1, 20, 8), (1, 6, 10)]  # (t, h, w) patch grids, in token order
-VIDEOS = [(2, 8, 12)]
-# each row: the items it holds, in order ("i", k) = image k, ("v", k) = video k
-ROWS = [[("i", 0), ("i", 1)], [("i", 2), ("v", 0)], [("i", 3)], [("i", 4)]]
+MERGE = 2
+# (t, h, w) patch grids of the images and videos, in token order; each row: the items it holds, in order
+# ("i", k) = image k, ("v", k) = video k
+SHAPES = {
+    # the original toy: a vision tower half the LM's width, a quarter of the positions image/video tokens
+    "small": dict(seq=256, lm=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2),
+                  vision=dict(depth=4, embed_dim=128, mlp_ratio=4, num_heads=4),
+                  images=[(1, 16, 16), (1, 12, 12), (1, 8, 20), (1, 20, 8), (1, 6, 10)], videos=[(2, 8, 12)],
+                  rows=[[("i", 0), ("i", 1)], [("i", 2), ("v", 0)], [("i", 3)], [("i", 4)]]),
+    # Qwen2-VL-2B's proportions scaled down: vision width / LM width 1280/1536, vision depth / LM depth 32/28,
+    # FFN 5.83x the LM width, head dims 80 (vision) and 64, and half the positions image/video tokens, as in
+    # the image-heavy SFT batches such models train on (the vision tower is then most of the step, as there)
+    "2b": dict(seq=320, lm=dict(hidden_size=384, intermediate_size=2240, num_hidden_layers=4, num_attention_heads=6,
+                                num_key_value_heads=2),
+               vision=dict(depth=5, embed_dim=320, mlp_ratio=4, num_heads=4),
+               images=[(1, 20, 20), (1, 16, 24), (1, 24, 16), (1, 28, 20), (1, 12, 36), (1, 10, 14)],
+               videos=[(2, 12, 16)],
+               rows=[[("i", 0), ("i", 1)], [("i", 2), ("v", 0)], [("i", 3)], [("i", 4), ("i", 5)]]),
+}
 
 
-def hf_model():
+def hf_model(shape: dict):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+    text = dict(vocab_size=VOCAB, **shape["lm"], max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=0,
+                eos_token_id=1,
                 rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0})
-    vision = dict(depth=4, embed_dim=128, hidden_size=256, mlp_ratio=4, num_heads=4, patch_size=14,
-                  temporal_patch_size=2, spatial_merge_size=MERGE)
+    vision = dict(**shape["vision"], hidden_size=shape["lm"]["hidden_size"], patch_size=14, temporal_patch_size=2,
+                  spatial_merge_size=MERGE)
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=VID,
                         vision_start_token_id=VSTART, vision_end_token_id=VEND, tie_word_embeddings=True)
     torch.manual_seed(0)
     return Qwen2VLForConditionalGeneration(cfg).train()
 
 
-def batch():
+def batch(shape: dict):
     """(input_ids, labels, mm_token_type_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)."""
     g = torch.Generator().manual_seed(0)
     patch = 3 * 2 * 14 * 14
-    ids = torch.randint(0, 3900, (len(ROWS), SEQ), generator=g)
-    for r, items in enumerate(ROWS):
+    seq, images, videos = shape["seq"], shape["images"], shape["videos"]
+    ids = torch.randint(0, 3900, (len(shape["rows"]), seq), generator=g)
+    for r, items in enumerate(shape["rows"]):
         pos = 5
         for kind, k in items:
-            t, h, w = (IMAGES if kind == "i" else VIDEOS)[k]
+            t, h, w = (images if kind == "i" else videos)[k]
             n = t * h * w // MERGE**2
             ids[r, pos] = VSTART
             ids[r, pos + 1:pos + 1 + n] = IMG if kind == "i" else VID
             ids[r, pos + 1 + n] = VEND
             pos += n + 2 + 7
-        assert pos < SEQ - 16
+        assert pos < seq - 16
     labels = ids.clone()
     labels[(ids == IMG) | (ids == VID) | (ids == VSTART) | (ids == VEND)] = -100
     types = torch.zeros_like(ids)
     types[ids == IMG], types[ids == VID] = 1, 2
-    grid = torch.tensor(IMAGES)
-    vgrid = torch.tensor(VIDEOS)
+    grid = torch.tensor(images)
+    vgrid = torch.tensor(videos)
     px = torch.randn(int(grid.prod(1).sum()), patch, generator=g)
     pxv = torch.randn(int(vgrid.prod(1).sum()), patch, generator=g)
     return ids, labels, types, px, grid, pxv, vgrid
@@ -113,6 +129,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast for both")
     ap.add_argument("--backend", default="local", choices=["local", "te", "auto"], help="mimo-spec's layers")
+    ap.add_argument("--shape", default="small", choices=sorted(SHAPES),
+                    help="small: the original toy; 2b: Qwen2-VL-2B's vision/LM proportions, image-heavy rows")
     ap.add_argument("--breakdown", action="store_true",
                     help="also profile both steps: GEMM, attention, optimizer and the rest, and the ratio's floor")
     args = ap.parse_args()
@@ -121,7 +139,8 @@ def main() -> None:
 
     from mimo_spec.interop import import_hf
 
-    m_hf = hf_model()
+    shape = SHAPES[args.shape]
+    m_hf = hf_model(shape)
     cfg, m_ours = import_hf(m_hf)
     if args.backend != "local":
         from mimo_spec import build_model
@@ -131,7 +150,7 @@ def main() -> None:
         m_ours = build_model(cfg)
         m_ours.load_state_dict(state)
     m_ours, m_hf = m_ours.to(dev).train(), m_hf.to(dev).train()
-    ids, labels, types, px, grid, pxv, vgrid = batch()
+    ids, labels, types, px, grid, pxv, vgrid = batch(shape)
     ids_d, labels_d, types_d, px_d, pxv_d = (t.to(dev) for t in (ids, labels, types, px, pxv))
     o_ours = adamw(m_ours.parameters(), fused=args.optimizer == "fused")
     o_hf = adamw(m_hf.parameters(), fused=args.optimizer == "fused")
@@ -173,7 +192,7 @@ def main() -> None:
     n_ours = sum(p.numel() for p in m_ours.parameters())
     n_hf = sum(p.numel() for p in m_hf.parameters())
     print(f"device={dev} precision={args.precision} backend={m_ours.language_model.backend} threads={args.threads} "
-          f"steps={args.steps} batch={tuple(ids.shape)} images={len(IMAGES)} videos={len(VIDEOS)} "
+          f"steps={args.steps} shape={args.shape} batch={tuple(ids.shape)} images={len(grid)} videos={len(vgrid)} "
           f"vision patches={px.shape[0] + pxv.shape[0]}")
     print(f"first-step loss: mimo-spec {losses['mimo-spec']:.6f}  HF {losses['hf']:.6f}  "
           f"(|diff| {abs(losses['mimo-spec'] - losses['hf']):.1e})")
