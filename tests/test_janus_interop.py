@@ -13,12 +13,12 @@ TOL = 2e-5
 IMG, BOS, BOI, EOI, PAD = 100, 1, 101, 102, 0
 
 
-def _tiny_janus():
+def _tiny_janus(**vision_kw):
     text = dict(model_type="llama", vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, rms_norm_eps=1e-6,
                 bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD)
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-                  mlp_ratio=2.0, projection_dim=32, depth=2, num_image_tokens=16, hidden_act="gelu")
+                  mlp_ratio=2.0, projection_dim=32, depth=2, num_image_tokens=16, hidden_act="gelu", **vision_kw)
     vq = dict(embed_dim=8, num_embeddings=48, latent_channels=32, base_channels=32, channel_multiplier=[1, 2],
               num_res_blocks=1, num_patches=4, projection_dim=32, image_token_embed_dim=32, num_hidden_layers=2,
               hidden_act="gelu")
@@ -186,3 +186,31 @@ def test_janus_1_3b_preset_is_the_release():
     assert gen.tokenizer.num_tokens == 576 and gen.tokenizer.grid == (24, 24) and gen.num_codes == 16384
     assert sum(p.numel() for p in gen.tokenizer.parameters()) == 71_883_403
     assert ours.modalities["images"].special_token_id == 100581
+
+
+def test_janus_vision_tower_without_attention_bias_imports_and_exports(tmp_path):
+    """vision_config.attention_bias: false (q/k/v without biases) imports with the tower's qkv_bias off and
+    exports back to a checkpoint from_pretrained loads whole, with the same understanding logits."""
+    from mimo_spec.interop import export_hf
+
+    hf = _tiny_janus(attention_bias=False).eval()
+    assert hf.model.vision_model.encoder.layers[0].self_attn.q_proj.bias is None
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 90, (1, 24), generator=g)
+    ids[0, 0], ids[0, 4:20] = BOS, IMG
+    px = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits
+    hf.save_pretrained(tmp_path / "hf")
+    for source in (hf, tmp_path / "hf"):
+        cfg, model = import_hf(source)
+        assert cfg["modalities"]["images"]["submodules"]["encoders"]["siglip"]["params"]["qkv_bias"] is False
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(ids, {"images": {"siglip": {"pixel_values": px}}}).logits, ref,
+                                       atol=TOL, rtol=TOL)
+    back, info = tf.JanusForConditionalGeneration.from_pretrained(export_hf(model, cfg, tmp_path / "out"),
+                                                                  output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=ids, pixel_values=px).logits, ref, atol=TOL, rtol=TOL)

@@ -317,3 +317,34 @@ def test_greedy_generation_with_a_video_and_an_image_cached_equals_recomputed_an
     theirs = hf.generate(input_ids=ids, pixel_values=pv, image_sizes=image_sizes, pixel_values_videos=pvv,
                          max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert theirs[0, ids.shape[1]:].tolist() == cached.tokens
+
+
+@pytest.mark.parametrize("family", ["llava", "next", "video"])
+def test_the_head_is_tied_by_the_vlm_config_as_transformers_ties_it(family, tmp_path):
+    """transformers 5 ties a LLaVA-family head by the top-level tie_word_embeddings, whatever the text config
+    says (LlavaNextConfig never copies the text value up). Import follows it, in memory and from the folder
+    save_pretrained writes: the same parameter count, tying and text logits; export writes it back."""
+    classes = {"llava": ("LlavaConfig", "LlavaForConditionalGeneration"), **CLASSES}
+    config_cls, model_cls = (getattr(transformers, n) for n in classes[family])
+    extra = {} if family == "llava" else {"image_grid_pinpoints": NEXT_PINS}
+    if family == "video":
+        extra["video_token_index"] = VID
+    ids = torch.randint(0, 240, (2, 12), generator=torch.Generator().manual_seed(0))
+    for text_tie, top in ((True, None), (False, True), (True, False)):
+        kw = {} if top is None else {"tie_word_embeddings": top}
+        config = config_cls(vision_config=CLIP, text_config=dict(TEXT, model_type="llama", tie_word_embeddings=text_tie),
+                            image_token_index=IMG, vision_feature_layer=-2, **extra, **kw)
+        torch.manual_seed(0)
+        hf = perturb(model_cls(config)).eval()
+        tied = hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+        hf.save_pretrained(tmp_path / "hf")
+        with torch.no_grad():
+            want = hf(input_ids=ids).logits
+        for source in (hf, tmp_path / "hf"):
+            cfg, model = import_hf(source)
+            assert cfg["model"]["params"]["tie_embeddings"] is tied, (text_tie, top, source)
+            assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+            with torch.no_grad():
+                assert (model.eval()(ids).logits - want).abs().max().item() <= TOL
+        out = export_hf(model, cfg, tmp_path / "back", overwrite=True)
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied

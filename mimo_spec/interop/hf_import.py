@@ -152,6 +152,15 @@ def _lm(config: Any, where: str) -> tuple[dict[str, Any], list[str]]:
     return params, ignore
 
 
+def _tie_by_top_level(config: Any, lm: dict[str, Any], ignore: list[str]) -> list[str]:
+    """A vision-language model's head is tied by its own ``tie_word_embeddings``, as transformers 5 ties it,
+    not by its text config's (LlavaNextConfig never copies the text value up; save_pretrained writes both and
+    they may disagree): ``lm["tie_embeddings"]`` set from it, and the ignore list to match."""
+    lm["tie_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+    head = r"(^|\.)lm_head\.weight$"
+    return [r for r in ignore if r != head] + ([head] if lm["tie_embeddings"] else [])
+
+
 def _convert(config: Any, where: str) -> _Conversion:
     mt = config.model_type
     if mt in _LM_TYPES:
@@ -211,6 +220,7 @@ def _llava(config: Any, where: str) -> _Conversion:
                          f"{vision.model_type} tower", path=where,
                          hint="'default' drops the class token (CLIP); 'full' keeps every token")
     lm, ignore = _lm(text, where)
+    ignore = _tie_by_top_level(config, lm, ignore)
     vit = _feature(hw.clip_vit_params_from_hf, vision, feature_layer=layer,
                    feature_select="patch" if strategy == "default" else "all", keep_unused_layers=True, where=where)
     vit["post_norm"] = False  # LLaVA reads hidden_states[layer], before any post-norm (kept, unused)

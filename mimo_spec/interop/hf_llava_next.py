@@ -63,6 +63,7 @@ def import_conversion(config: Any, where: str):
                          hint="AnyRes tiles need a square token grid: 'default' for CLIP (class token dropped), "
                               "'full' for SigLIP (no class token)")
     lm, ignore = hi._lm(text, where)
+    ignore = hi._tie_by_top_level(config, lm, ignore)
     vit = hi._feature(hw.clip_vit_params_from_hf, vision, feature_layer=layer, feature_select="patch",
                       keep_unused_layers=True, where=where)
     vit["post_norm"] = False  # LLaVA reads hidden_states[layer], before any post-norm (kept, unused)

@@ -441,7 +441,8 @@ def _vit_table(p: Mapping[str, Any]) -> Table:
     layer: Table = {}
     for leaf in ("weight", "bias"):
         layer[f"attn_norm.{leaf}"] = _one(f"layer_norm1.{leaf}")
-        layer[f"attn.qkv.{leaf}"] = [(f"self_attn.{x}_proj.{leaf}", h) for x in "qkv"]
+        if leaf == "weight" or p.get("qkv_bias", True):  # Janus's attention_bias: false has no q/k/v biases
+            layer[f"attn.qkv.{leaf}"] = [(f"self_attn.{x}_proj.{leaf}", h) for x in "qkv"]
         layer[f"attn.out.{leaf}"] = _one(f"self_attn.out_proj.{leaf}")
         layer[f"mlp_norm.{leaf}"] = _one(f"layer_norm2.{leaf}")
         layer[f"mlp.fc1.{leaf}"] = _one(f"mlp.fc1.{leaf}")
