@@ -293,39 +293,69 @@ def test_dpo_training_grows_the_margin_and_cli_metrics(pairs_dir, cli):
     assert result["eval_loss"] < math.log(2) - 0.05 and "eval DPO loss" in ev.stdout
 
 
-def test_dpo_with_adapters_uses_the_adapter_free_base(pairs_dir, tmp_path):
-    """With LoRA adapters the reference is the same model with its adapters switched off (no copy): once B moves off
-    zero the policy's log-probabilities differ from the reference's, which equal the adapters-off model's. A short
-    run trains the adapters only; its first loss is log 2."""
+def test_dpo_reference_is_the_starting_model_with_adapters_trainable_modules_and_dropout(pairs_dir, tmp_path):
+    """The reference is the model as training starts, whatever trains:
+    - LoRA adapters alone: the same model with its adapters switched off (no copy);
+    - adapters plus trainable modules (a projector): a frozen copy, since switching the adapters off would keep
+      the projector's trained weights (the reference moved with training);
+    and it runs in eval mode, so with model dropout its log-probabilities do not vary; the policy's dropout is
+    off under DPO (train.dpo.disable_dropout, TRL's default), so a run's first loss is log 2 in every case."""
     from mimo_spec.builders import build_model
     from mimo_spec.data.batch import collate
     from mimo_spec.peft import adapters_disabled, adapters_of
     from mimo_spec.train.loop import train
     from mimo_spec.train.preference import Reference, row_log_probs
 
-    adapters = ["adapters=[{modules: 'language_model.layers.*.attn.*', type: lora, rank: 4, alpha: 8}]",
-                "trainable=['modalities.*.input_projections.*']"]
-    cfg = dpo_config(pairs_dir, adapters)
-    model = build_model(cfg, seed=0)
-    ref = Reference.of(model)
-    assert ref.frozen is None and ref.switch is not None
-    ds, tok = _dataset(cfg, model)
-    batch = collate([ds[0], ds[1]], tok.pad_id)
-    with torch.no_grad():
-        for _, _, ad in adapters_of(model):
-            for name, p in ad.named_parameters():
-                p.add_(torch.randn_like(p) * 0.2)
-        policy = row_log_probs(model, batch, "cpu", "fp32")[0]
-        base = ref.log_probs(model, batch, "cpu", "fp32")
-        with adapters_disabled(model):
-            want = row_log_probs(model, batch, "cpu", "fp32")[0]
-    assert torch.equal(base, want) and not torch.allclose(policy, base, atol=1e-3)
-    assert next(adapters_of(model))[2].enabled  # switched back on
+    lora = "adapters=[{modules: 'language_model.layers.*.attn.*', type: lora, rank: 4, alpha: 8}]"
+    projector = "trainable=['modalities.*.input_projections.*']"
+    for extra in ([lora], [lora, projector]):
+        cfg = dpo_config(pairs_dir, extra)
+        model = build_model(cfg, seed=0)
+        ds, tok = _dataset(cfg, model)
+        batch = collate([ds[0], ds[1]], tok.pad_id)
+        with torch.no_grad():
+            start = row_log_probs(model, batch, "cpu", "fp32")[0]
+        ref = Reference.of(model)
+        assert (ref.frozen is None) == (len(extra) == 1)
+        with torch.no_grad():  # training moves every trained tensor
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.2)
+            policy = row_log_probs(model, batch, "cpu", "fp32")[0]
+            base = ref.log_probs(model, batch, "cpu", "fp32")
+            with adapters_disabled(model):
+                adapters_off = row_log_probs(model, batch, "cpu", "fp32")[0]
+        torch.testing.assert_close(base, start, rtol=0, atol=1e-5)
+        assert not torch.allclose(policy, base, atol=1e-3)
+        if len(extra) == 2:  # the adapters-off model is not the start any more: its projector moved
+            assert not torch.allclose(adapters_off, start, atol=1e-3)
+        assert next(adapters_of(model))[2].enabled  # switched back on
 
-    result = train(dpo_config(pairs_dir, [*adapters, "train.steps=2", "train.lr=0.01"]), tmp_path / "lora")
-    rows = _rows(tmp_path / "lora")
-    assert float(rows[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
-    assert result["trainable_parameters"] < result["parameters"] / 4
+    # dropout: the reference is deterministic in a training-mode model, the policy's dropout goes off
+    from mimo_spec.train.preference import disable_dropout
+
+    for extra in ([lora], []):
+        cfg = dpo_config(pairs_dir, [*extra, "+model.params.dropout=0.3"])
+        model = build_model(cfg, seed=0).train()
+        ds, tok = _dataset(cfg, model)
+        batch = collate([ds[0], ds[1]], tok.pad_id)
+        ref = Reference.of(model)
+        first, second = (ref.log_probs(model, batch, "cpu", "fp32") for _ in range(2))
+        assert torch.equal(first, second) and model.training
+        with torch.no_grad():
+            noisy = [row_log_probs(model, batch, "cpu", "fp32")[0] for _ in range(2)]
+            assert not torch.allclose(*noisy, atol=1e-3)  # the dropout is real
+            assert disable_dropout(model) > 0
+            torch.testing.assert_close(row_log_probs(model, batch, "cpu", "fp32")[0], first, rtol=0, atol=1e-5)
+
+    for name, extra in (("lora", [lora]), ("lora_projector", [lora, projector]), ("dropout", ["+model.params.dropout=0.3"])):
+        result = train(dpo_config(pairs_dir, [*extra, "train.steps=2", "train.lr=0.01"]), tmp_path / name)
+        rows = _rows(tmp_path / name)
+        assert float(rows[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6), name
+        if name != "dropout":
+            assert result["trainable_parameters"] < result["parameters"] / 4
+    # with adapters and a trainable projector the run learns (the reference stays put): the loss moves off log 2
+    assert float(_rows(tmp_path / "lora_projector")[-1]["loss"]) < math.log(2) - 1e-4
 
 
 def dpo_config_args(data_dir: Path) -> list[str]:

@@ -14,8 +14,9 @@ divided by the step's global pair count (``num_tokens`` of a pair batch), so mic
 data-parallel ranks add up to the single-process gradient, as the token-weighted SFT loss does.
 
 The reference (:class:`Reference`) is the model at the start of training: the same model with its adapters
-switched off when it trains adapters (``mimo_spec.peft``), else a frozen copy taken before the layout
-wraps the model (a full replica on each rank, also under FSDP). A resumed run rebuilds it the same way
+switched off when it trains adapters only (``mimo_spec.peft``), else a frozen copy taken before the layout
+wraps the model (a full replica on each rank, also under FSDP; also for adapters plus ``trainable`` modules,
+whose weights move). It runs in eval mode; the policy's dropout is off (``train.dpo.disable_dropout``). A resumed run rebuilds it the same way
 (from the seed or ``init_from``), so it never moves.
 
 Logged per step: ``reward_chosen`` / ``reward_rejected`` (``beta * (policy - reference)`` log-probability of
@@ -30,6 +31,7 @@ of their own), and data without pairs (``data.source: synthetic``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -62,33 +64,60 @@ def adapter_switch(model):
     return None
 
 
+def trains_beyond_adapters(model) -> bool:
+    """Whether ``model`` trains parameters besides its ``mimo_spec.peft`` adapters (``trainable`` modules such
+    as a projector): switching the adapters off then is not the model training started from."""
+    from mimo_spec.peft import is_adapter_key
+
+    return any(p.requires_grad and not is_adapter_key(name) for name, p in model.named_parameters())
+
+
+def disable_dropout(model) -> int:
+    """Dropout off in ``model`` (``nn.Dropout`` modules and the layers' own ``dropout`` rates), as TRL's DPO
+    does by default (``disable_dropout``): the policy's first log-probabilities are the reference's, the first
+    loss log 2. Returns how many were switched off."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, n = 0.0, n + 1
+        elif isinstance(getattr(module, "dropout", None), float) and module.dropout > 0:
+            module.dropout, n = 0.0, n + 1
+    return n
+
+
 class Reference:
     """The frozen reference model of DPO: ``model`` with its adapters switched off (``switch``), or a frozen
-    copy (``frozen``: no gradients, eval mode)."""
+    copy (``frozen``: no gradients, eval mode; its own adapters, if any, switched off by ``switch``). Both run
+    in eval mode (no dropout: the reference's log-probabilities do not vary)."""
 
     def __init__(self, model, frozen=None, switch=None):
-        if (frozen is None) == (switch is None):
-            raise ValueError("a reference is a frozen copy or the adapter-free model, exactly one of them")
+        if frozen is None and switch is None:
+            raise ValueError("a reference is a frozen copy or the adapter-free model")
         self.frozen, self.switch = frozen, switch
 
     @classmethod
     def of(cls, model) -> Reference:
-        """The reference of ``model`` as it is now (call before training and before a layout wraps it)."""
+        """The reference of ``model`` as it is now (call before training and before a layout wraps it): the
+        adapter-free model when only adapters train, else a frozen copy (adapters plus ``trainable`` modules:
+        those modules move, so switching the adapters off would not give the starting model back)."""
         switch = adapter_switch(model)
-        if switch is not None:
+        if switch is not None and not trains_beyond_adapters(model):
             return cls(model, switch=switch)
         frozen = copy.deepcopy(model)
         frozen.requires_grad_(False)
         frozen.eval()
-        return cls(model, frozen=frozen)
+        return cls(model, frozen=frozen, switch=adapter_switch(frozen))
 
     def log_probs(self, model, batch: dict, device, precision: str) -> torch.Tensor:
-        """Each row's answer log-probability (2P,) under the reference (no gradient)."""
-        with torch.no_grad():
-            if self.frozen is not None:
-                return row_log_probs(self.frozen, batch, device, precision)[0]
-            with self.switch():
-                return row_log_probs(model, batch, device, precision)[0]
+        """Each row's answer log-probability (2P,) under the reference (no gradient, eval mode)."""
+        target = self.frozen if self.frozen is not None else model
+        was_training = target.training
+        target.eval()
+        try:
+            with torch.no_grad(), (self.switch() if self.switch is not None else contextlib.nullcontext()):
+                return row_log_probs(target, batch, device, precision)[0]
+        finally:
+            target.train(was_training)
 
 
 def row_log_probs(model, batch: dict, device, precision: str):
@@ -161,6 +190,8 @@ class DPO:
             inner.use_pairs()
         check_pairs(train_set)
         tc = run.train
+        if tc.dpo.disable_dropout:
+            disable_dropout(model)
         return cls(tc.dpo.beta, tc.dpo.label_smoothing, Reference.of(model))
 
     @classmethod
@@ -176,7 +207,7 @@ class DPO:
         inner.use_pairs()
         check_pairs(eval_set)
         switch = adapter_switch(model)
-        if switch is not None:
+        if switch is not None and not cfg.get("trainable"):
             return cls(train.dpo.beta, train.dpo.label_smoothing, Reference(model, switch=switch))
         from pathlib import Path
 

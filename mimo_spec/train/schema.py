@@ -43,6 +43,8 @@ class DPOConfig(_Strict):
     beta: pydantic.PositiveFloat = 0.1
     # conservative DPO: the share of pairs assumed mislabelled (0: plain DPO)
     label_smoothing: float = Field(0.0, ge=0.0, le=0.5)
+    # the policy's dropout off (TRL's default): its first log-probabilities equal the reference's (loss log 2)
+    disable_dropout: bool = True
 
 
 class TrainConfig(_Strict):
