@@ -89,8 +89,63 @@ def _env_allowed(name: str) -> bool:
     return name.startswith(_ENV_ALLOWED_PREFIXES) and not any(part in name for part in _ENV_UNSAFE_PARTS)
 
 
-def check_hydra_config(cfg) -> None:
-    """ConfigError (naming each key) for anything Hydra would instantiate that is not allowed."""
+# launcher options submitit runs as shell lines (before srun, or as srun's arguments in the sbatch script)
+_SHELL_LINES = ("setup", "srun_args")
+_SBATCH_VALUE = re.compile(r"^[\w.,:@%/+=\-]*$")  # an sbatch option's value a config file may set: no shell syntax
+
+
+def _override_keys(overrides) -> set[str]:
+    """The dotted keys the command-line overrides set (``+`` / ``++`` / ``~`` prefixes dropped)."""
+    keys = set()
+    for text in overrides or ():
+        key = str(text).split("=", 1)[0].lstrip("+~").strip()
+        if key:
+            keys.add(key)
+    return keys
+
+
+def _check_launcher_shell(launcher: dict, overrides, problems: ProblemCollector) -> None:
+    """Shell lines the launcher runs (``setup``, ``srun_args``) only from the command line, where the person
+    starting the run typed them: a config file (a shared preset, a search-path folder) may not run commands.
+    A line break in any launcher string is refused (it would start a shell line in the sbatch script), and a
+    config file's ``additional_parameters`` must be plain option values."""
+    given = _override_keys(overrides)
+
+    def strings(node, keys):
+        if isinstance(node, str):
+            yield keys, node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                yield from strings(v, [*keys, str(k)])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from strings(v, [*keys, str(i)])
+
+    for keys, text in strings(launcher, ["hydra", "launcher"]):
+        if "\n" in text or "\r" in text:
+            problems.add(".".join(keys), "a line break in a launcher option would start a shell line in the job "
+                         "script", "give the value on one line")
+    for name in _SHELL_LINES:
+        value = launcher.get(name)
+        if value in (None, "", [], {}) or f"hydra.launcher.{name}" in given:
+            continue
+        problems.add(f"hydra.launcher.{name}", f"{value!r}: shell lines the launcher runs may be given only on the "
+                     "command line, not by a config file (a config must not run commands)",
+                     f"pass it when you start the sweep: 'hydra.launcher.{name}=[...]', or set it up in your shell")
+    extra = launcher.get("additional_parameters")
+    if isinstance(extra, dict) and "hydra.launcher.additional_parameters" not in given:
+        for k, v in extra.items():
+            if f"hydra.launcher.additional_parameters.{k}" in given:
+                continue
+            if not re.fullmatch(r"[\w\-]+", str(k)) or not _SBATCH_VALUE.match(str(v)):
+                problems.add(f"hydra.launcher.additional_parameters.{k}", f"{v!r}: an sbatch option set by a config "
+                             "file must be a plain value (letters, digits, . , : @ % / + = -)",
+                             "pass it on the command line if you mean it")
+
+
+def check_hydra_config(cfg, overrides=None) -> None:
+    """ConfigError (naming each key) for anything Hydra would instantiate that is not allowed. ``overrides``:
+    the command line's overrides (what the user typed may set the launcher's shell lines)."""
     from omegaconf import OmegaConf
 
     from mimo_spec.safe_yaml import check_expansion
@@ -109,6 +164,9 @@ def check_hydra_config(cfg) -> None:
         for section in ("job_logging", "hydra_logging"):
             if isinstance(hydra.get(section), dict):
                 _check_logging(cfg, hydra[section], ["hydra", section], allow, problems)
+        launcher = hydra.get("launcher")
+        if isinstance(launcher, dict):
+            _check_launcher_shell(launcher, overrides, problems)
         sweeper = hydra.get("sweeper")
         if isinstance(sweeper, dict) and sweeper.get("custom_search_space") is not None:
             _check_target(cfg, ["hydra", "sweeper", "custom_search_space"], sweeper["custom_search_space"],
@@ -381,7 +439,8 @@ def install() -> None:
     def checked_load_configuration(self, *args, **kwargs):
         cfg = load_configuration(self, *args, **kwargs)
         if _state["active"]:
-            check_hydra_config(cfg)
+            overrides = kwargs.get("overrides", args[1] if len(args) > 1 else None)
+            check_hydra_config(cfg, overrides)
             _no_hydra_subdir_for_single_runs(cfg)
         return cfg
 

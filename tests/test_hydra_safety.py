@@ -253,6 +253,42 @@ def test_the_shipped_hydra_configs_pass_the_check(tmp_path):
         compose_config([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hydra/job_logging=mine"])
 
 
+def test_launcher_shell_lines_come_only_from_the_command_line(tmp_path):
+    """submitit runs hydra.launcher.setup (and srun_args) as shell lines: a config file (a search-path preset)
+    setting them is refused, naming the key, before anything runs; typed on the command line they stand. A line
+    break in any launcher string (a new line of the sbatch script) is refused; a config file's sbatch options
+    must be plain values."""
+    from mimo_spec.config import compose_config
+
+    conf = tmp_path / "conf"
+    (conf / "hydra" / "launcher").mkdir(parents=True)
+    (conf / "extra").mkdir()
+    marker = tmp_path / "m_setup"
+    (conf / "hydra" / "launcher" / "mine.yaml").write_text(yaml.safe_dump({
+        "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+        "submitit_folder": "${hydra.sweep.dir}/.submitit/%j", "timeout_min": 5, "tasks_per_node": 1, "nodes": 1,
+        "name": "${hydra.job.name}", "setup": [f"touch {marker}"]}))
+    (conf / "extra" / "fast.yaml").write_text("# @package _global_\ndefaults:\n  - override /hydra/launcher: mine\n"
+                                              "hydra:\n  mode: MULTIRUN\n")
+    search = f"hydra.searchpath=[file://{conf}]"
+    before = _files(tmp_path)
+    code, out, err = run_cli_in_process([search, "+extra=fast", "action=validate", "seed=1",
+                                         f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    _refused(code, err, tmp_path, before, ["hydra.launcher.setup", "only on the command line"])
+    assert not marker.exists()
+    # typed by the user, the same lines stand (the shipped SLURM launcher's documented option)
+    compose_config(["hydra/launcher=slurm", "hydra.launcher.setup=[module load cuda/12.4]",  # no error
+                    "+hydra.launcher.additional_parameters.mail-type=END"])
+    with pytest.raises(ConfigError, match=r"hydra.launcher.partition: a line break"):
+        compose_config(["hydra/launcher=slurm", "hydra.launcher.partition='gpu\ntouch x'"])
+    (conf / "hydra" / "launcher" / "cluster.yaml").write_text(
+        "defaults:\n  - slurm\nadditional_parameters:\n  mail-type: END\n  comment: 'a;touch x'\n")
+    with pytest.raises(ConfigError) as e:
+        compose_config([search, "hydra/launcher=cluster"])
+    assert "hydra.launcher.additional_parameters.comment" in str(e.value)
+    assert "mail-type" not in str(e.value)  # a plain sbatch value from a file is fine
+
+
 # --- YAML: bounded, and every fault named by its file ----------------------------------------------------------
 BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
                for p, c in zip([None, *"abcdefgh"], "abcdefghi"))
