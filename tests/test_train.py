@@ -134,6 +134,72 @@ def test_resume_refuses_a_changed_config_and_skips_a_damaged_checkpoint(tmp_path
     assert "resumed from" in out.stdout and "step_000004" in out.stdout
 
 
+def _damage_newest(run: Path, how: str) -> None:
+    """One kind of damage (or crafting) of the newest checkpoint's optimizer state or state.json."""
+    from safetensors.torch import load_file, save_file
+
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    opt = newest / "optimizer.safetensors"
+    state_file = newest / "state.json"
+    state = json.loads(state_file.read_text())
+    if how in ("moment_shape", "step_values"):
+        tensors = load_file(str(opt))
+        key = "0.exp_avg" if how == "moment_shape" else "0.step"
+        tensors[key] = torch.zeros(3) if how == "moment_shape" else torch.zeros(5)
+        save_file(tensors, str(opt))
+        return
+    if how == "scalars":
+        state["optimizer"]["scalars"] = []
+    elif how == "betas":
+        state["optimizer"]["param_groups"][0]["betas"] = "ab"
+    elif how == "data_state":
+        state["data_state"] = [1]
+    elif how == "deferred":
+        state["data_state"]["deferred"] = [["x"]]
+    elif how == "position":
+        state["data_state"]["position"] = state["data_position"] + 5
+    elif how == "skipped":
+        state["data_skipped"] = "x"
+    state_file.write_text(json.dumps(state))
+
+
+def test_a_damaged_or_crafted_optimizer_state_or_state_json_falls_back_and_pruning_keeps_the_new_save(tmp_path,
+                                                                                                       capsys):
+    """Optimizer moments of the wrong shape (the fused AdamW kernel would write past them), a multi-value step,
+    and state.json fields of the wrong type are a damaged checkpoint: the resume falls back to the previous
+    one instead of crashing (or corrupting memory). A backup copy (step_000004.bak) is not a checkpoint. After
+    such a fall-back, pruning keeps the checkpoint just written even though a newer (damaged) one is there."""
+    import shutil
+
+    base = tmp_path / "base"
+    common = ["train.checkpoint.every=2", "train.checkpoint.keep_last=3", "train.eval_every=0"]
+    train(cfg("train.steps=4", *common), base)
+    for how in ("moment_shape", "step_values", "scalars", "betas", "data_state", "deferred", "position", "skipped"):
+        run = tmp_path / how
+        shutil.copytree(base, run)
+        _damage_newest(run, how)
+        capsys.readouterr()
+        result = train(cfg("train.steps=5", *common, "train.resume=auto"), run)
+        out = capsys.readouterr().out
+        assert result["status"] == "completed", how
+        assert f"skipping damaged checkpoint {run / 'checkpoints' / 'step_000004'}" in out, (how, out)
+        assert f"resumed from {run / 'checkpoints' / 'step_000002'}" in out, (how, out)
+    run = tmp_path / "bak"
+    shutil.copytree(base, run)
+    shutil.copytree(run / "checkpoints" / "step_000004", run / "checkpoints" / "step_000004.bak")
+    capsys.readouterr()
+    train(cfg("train.steps=5", *common, "train.resume=auto"), run)
+    assert f"resumed from {run / 'checkpoints' / 'step_000004'}" in capsys.readouterr().out
+    # keep_last=1 after falling back past a damaged newest checkpoint: the new step 3 stays
+    run = tmp_path / "prune"
+    shutil.copytree(base, run)
+    _damage_newest(run, "moment_shape")
+    train(cfg("train.steps=5", "train.checkpoint.every=1", "train.checkpoint.keep_last=1", "train.eval_every=0",
+              "train.resume=auto", "train.stop_after_steps=1"), run)
+    names = [c.name for c in list_checkpoints(run / "checkpoints")]
+    assert names == ["step_000003", "step_000004"], names
+
+
 def test_checkpoint_from_a_different_model_names_the_tensors(tmp_path):
     train(cfg("train.steps=2", "train.eval_every=0"), tmp_path)
     other = build_model(cfg("model.params.num_layers=3"))

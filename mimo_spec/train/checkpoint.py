@@ -79,7 +79,48 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
         raise CheckpointError(f"checkpoint has {len(groups)} optimizer parameter groups, this run has "
                          f"{len(optimizer.param_groups)}", path="checkpoint.optimizer",
                          hint="resume with the same freeze and train.param_groups settings")
+    _check_optimizer_state(optimizer, state, groups)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Any]], groups: list) -> None:
+    """Each saved state belongs to a parameter of this optimizer and its tensors fit that parameter (a moment
+    of the parameter's shape, a one-value ``step``); the groups' hyperparameters are numbers. The optimizers'
+    fused kernels trust the shapes and would write past a short buffer: a damaged or crafted file is a
+    CheckpointError, and the resume falls back to an earlier checkpoint."""
+    where = "checkpoint.optimizer"
+    damaged = "the checkpoint is damaged; resume from an earlier one"
+    param_of: dict[int, torch.Tensor] = {}
+    for k, (saved, current) in enumerate(zip(groups, optimizer.param_groups)):
+        ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids) or len(ids) != len(current["params"]):
+            raise CheckpointError(f"optimizer group {k} lists {len(ids) if isinstance(ids, list) else ids!r} "
+                                  f"parameters, this run's has {len(current['params'])}", path=where,
+                                  hint="resume with the same freeze, adapters and train.param_groups settings")
+        for key, value in saved.items():
+            if key in ("lr", "eps", "weight_decay") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise CheckpointError(f"optimizer group {k}'s {key} is {value!r}, not a number", path=where,
+                                      hint=damaged)
+            if key == "betas" and not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) for b in value)):
+                raise CheckpointError(f"optimizer group {k}'s betas are {value!r}, not two numbers", path=where,
+                                      hint=damaged)
+        param_of.update(zip(ids, current["params"]))
+    for idx, values in state.items():
+        param = param_of.get(idx)
+        if param is None:
+            raise CheckpointError(f"optimizer state {idx} belongs to no parameter of this run", path=where,
+                                  hint=damaged)
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name == "step":
+                if value.numel() != 1:
+                    raise CheckpointError(f"optimizer state {idx}.step holds {value.numel()} values, expected one",
+                                          path=where, hint=damaged)
+            elif tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"optimizer state {idx}.{name} has shape {tuple(value.shape)}, its parameter "
+                                      f"{tuple(param.shape)}", path=where, hint=damaged)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str, Any], keep_last: int) -> Path:
@@ -119,9 +160,19 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str
         if why is None:  # a bug or an interrupt: not the disk's answer
             raise
         raise write_error(ckpt_dir, final, why) from None
-    for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(ckpt_dir, step, keep_last)
     return final
+
+
+def prune(ckpt_dir: Path, step: int, keep_last: int) -> None:
+    """After saving ``step``: the checkpoints before it beyond the last ``keep_last`` (it included) go. Never the
+    one just written, nor a newer one (a resume that fell back past a damaged checkpoint leaves it, and the run
+    re-saves its step when it gets there): sorting newer ones in would delete what was just written."""
+    if keep_last <= 0:
+        return
+    older = [c for c in list_checkpoints(ckpt_dir) if int(c.name[len(PREFIX):]) < step]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _adapter_record(model) -> dict[str, Any] | None:
@@ -177,7 +228,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are ignored)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists()]
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and (p / "state.json").exists()]  # not a step_000004.bak copy
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -228,6 +280,24 @@ def _resume_fields(path: Path, state: dict[str, Any], fmt: str) -> None:
     if fmt == "safetensors" and not (isinstance(state.get("optimizer"), dict)
                                      and isinstance(state["optimizer"].get("param_groups"), list)):
         bad.append("optimizer has no param_groups list")
+    elif fmt == "safetensors":
+        scalars = state["optimizer"].get("scalars", {})
+        if not (isinstance(scalars, dict) and all(isinstance(v, dict) and str(k).isdigit() for k, v in scalars.items())):
+            bad.append("optimizer.scalars is not a mapping of parameter numbers to values")
+    data_state = state.get("data_state")
+    if data_state is not None:
+        ok = isinstance(data_state, dict) and set(data_state) <= {"position", "deferred"}
+        position = data_state.get("position", 0) if ok else None
+        deferred = data_state.get("deferred", []) if ok else None
+        if not (ok and type(position) is int and position >= 0 and isinstance(deferred, list)
+                and all(type(i) is int and i >= 0 for i in deferred)):
+            bad.append(f"data_state is {data_state!r}, expected {{position: int >= 0, deferred: [int >= 0]}}")
+        elif type(state.get("data_position")) is int and position != state["data_position"]:
+            bad.append(f"data_state.position {position} disagrees with data_position {state['data_position']}")
+    skipped = state.get("data_skipped")
+    if skipped is not None and not (isinstance(skipped, dict) and all(
+            type(v) is int and v >= 0 for v in skipped.values())):
+        bad.append(f"data_skipped is {skipped!r}, expected counts (whole numbers >= 0)")
     if bad:
         raise CheckpointError("corrupt state.json: " + "; ".join(bad), path=str(Path(path) / "state.json"),
                               hint="the checkpoint is damaged; resume from an earlier one")
@@ -417,8 +487,7 @@ def save_distributed_checkpoint(ckpt_dir: Path, step: int, model, optimizer, ext
             why = refused(e)
     _agree(why, drun, ckpt_dir, final, tmp)
     if drun.rank == 0:
-        for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_dir, step, keep_last)
     return final
 
 
