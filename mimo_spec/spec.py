@@ -177,6 +177,10 @@ def load_config(cfg: Any, problems: ProblemCollector | None = None) -> dict[str,
         cfg = OmegaConf.create(cfg)
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"expected a DictConfig, dict, YAML path or MimoSpec, got {type(cfg).__name__}")
+    from mimo_spec.safe_yaml import check_expansion
+
+    # every route, not only YAML files: a dict or a checkpoint's recorded config (state.json) may hold a bomb
+    check_expansion(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False))
     cfg = cfg.copy()
     for _ in range(100):
         try:

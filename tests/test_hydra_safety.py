@@ -7,6 +7,7 @@ blocklist lets each of them run; the other tests show that mimo-spec refuses the
 before Hydra instantiates anything, on every route a config reaches Hydra by.
 """
 
+import json
 import pickle
 import sys
 import time
@@ -447,6 +448,29 @@ def test_interpolation_bombs_are_refused_in_seconds(tmp_path):
         took = time.monotonic() - start
         assert code == 2 and where in err and what in err and "Traceback" not in err, err
         assert took < 10, (args[-1], took)
+    # the routes that skip YAML files: a dict to build_model, a checkpoint's recorded config (state.json)
+    from mimo_spec import build_model
+    from mimo_spec.config import compose_config
+    from omegaconf import OmegaConf
+
+    bomb = {"b0": [1] * 10, **{f"b{i}": [f"${{b{i - 1}}}"] * 10 for i in range(1, 10)}}
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"b4: expands to more than 50,000 values"):
+        build_model({**OmegaConf.to_container(compose_config([]), resolve=True), **bomb})
+    assert time.monotonic() - start < 10
+    run = tmp_path / "run"
+    code, _, err = run_cli_in_process(["train.steps=2", "train.checkpoint.every=2", "train.eval_every=0",
+                                       "data.num_samples=16", "data.eval_samples=4", f"hydra.run.dir={run}"], tmp_path)
+    assert code == 0, err
+    state = run / "checkpoints" / "step_000002" / "state.json"
+    recorded = json.loads(state.read_text())
+    recorded["config"].update(bomb)
+    state.write_text(json.dumps(recorded))
+    start = time.monotonic()
+    code, _, err = run_cli_in_process(["action=eval", f"eval.checkpoint={run}", f"hydra.run.dir={tmp_path / 'ev'}"],
+                                      tmp_path)
+    assert code == 2 and "b4: expands to more than 50,000 values" in err and "Traceback" not in err, err
+    assert time.monotonic() - start < 20
 
 
 def test_expansion_counts_references_without_resolving():
