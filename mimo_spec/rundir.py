@@ -385,7 +385,8 @@ def run_started(run_dir: Path) -> None:
 def run_dir_error(e: BaseException) -> ConfigError | None:
     """Hydra could not create the run (or sweep) directory: a ConfigError naming the key, else None."""
     if not isinstance(e, OSError) or e.errno not in (errno.EEXIST, errno.ENOTDIR, errno.EACCES, errno.EROFS,
-                                                    errno.ENOSPC, errno.EPERM, errno.EDQUOT):
+                                                    errno.ENOSPC, errno.EPERM, errno.EDQUOT, errno.ENAMETOOLONG,
+                                                    errno.ELOOP, errno.ENOENT, errno.EINVAL):
         return None
     where = str(e.filename or "")
     key = _dir_key(where)
@@ -395,6 +396,10 @@ def run_dir_error(e: BaseException) -> ConfigError | None:
         blocker = next((p for p in [Path(where), *Path(where).parents] if p.exists() and not p.is_dir()), Path(where))
         return ConfigError(f"{where} cannot be the {key.split('.')[1]} directory: {blocker} is a file, not a directory",
                            path=key, hint=f"set {key} to a directory path (one that is absent or a folder)")
+    if e.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EINVAL):  # the path itself cannot be a folder
+        return ConfigError(f"cannot create the run directory {where}: {e.strerror or e}", path=key,
+                           hint=f"set {key} to a folder path that can exist (shorter names, no symlink loop, on a "
+                                "file system that takes folders)")
     from mimo_spec.errors import StorageError
 
     return StorageError(f"cannot create the run directory {where}: {e.strerror or e}", path=key,

@@ -187,9 +187,18 @@ def test_a_damaged_or_crafted_optimizer_state_or_state_json_falls_back_and_pruni
     run = tmp_path / "bak"
     shutil.copytree(base, run)
     shutil.copytree(run / "checkpoints" / "step_000004", run / "checkpoints" / "step_000004.bak")
+    # leftovers of saves killed midway: a gone process's, an earlier distributed save's; a live process's stays
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftovers = [run / "checkpoints" / f".tmp-step_000003-{gone.pid}", run / "checkpoints" / ".tmp-step_000001"]
+    live = run / "checkpoints" / ".tmp-step_000003-1"
+    for d in (*leftovers, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
     capsys.readouterr()
-    train(cfg("train.steps=5", *common, "train.resume=auto"), run)
+    train(cfg("train.steps=6", *common, "train.resume=auto"), run)
     assert f"resumed from {run / 'checkpoints' / 'step_000004'}" in capsys.readouterr().out
+    assert not any(d.exists() for d in leftovers) and live.exists()
     # keep_last=1 after falling back past a damaged newest checkpoint: the new step 3 stays
     run = tmp_path / "prune"
     shutil.copytree(base, run)

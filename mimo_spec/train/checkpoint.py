@@ -161,7 +161,24 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict[str
             raise
         raise write_error(ckpt_dir, final, why) from None
     prune(ckpt_dir, step, keep_last)
+    remove_leftovers(ckpt_dir, step)
     return final
+
+
+def remove_leftovers(ckpt_dir: Path, step: int) -> None:
+    """Temporary folders of saves that never finished (a killed process): ``.tmp-step_N-<pid>`` of a process that
+    is gone, and a distributed save's ``.tmp-step_N`` of an earlier step. The run directory's lock makes this run
+    its only writer, so nothing removed here is being written."""
+    from mimo_spec.rundir import _alive
+
+    for tmp in ckpt_dir.glob(f".tmp-{PREFIX}*"):
+        rest = tmp.name[len(f".tmp-{PREFIX}"):]
+        number, _, pid = rest.partition("-")
+        if not number.isdigit() or not tmp.is_dir():
+            continue
+        stale = (pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))) if pid else int(number) < step
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prune(ckpt_dir: Path, step: int, keep_last: int) -> None:
@@ -488,6 +505,7 @@ def save_distributed_checkpoint(ckpt_dir: Path, step: int, model, optimizer, ext
     _agree(why, drun, ckpt_dir, final, tmp)
     if drun.rank == 0:
         prune(ckpt_dir, step, keep_last)
+        remove_leftovers(ckpt_dir, step)
     return final
 
 
