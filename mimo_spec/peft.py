@@ -365,9 +365,11 @@ def add_adapters(model: nn.Module, adapters: Iterable[Any], trainable: Iterable[
                          or "globs match module names such as modalities.images.input_projections.clip")
         trainable_hits += hits
     problems.raise_if_any()
+    # a later call keeps what earlier ones left training (their adapters and their trainable modules)
+    kept = [p for p in model.parameters() if p.requires_grad] if has_adapters(model) else []
     model.requires_grad_(False)
-    for _, _, ad in adapters_of(model):  # adapters an earlier call added keep training
-        ad.requires_grad_(True)
+    for p in kept:
+        p.requires_grad_(True)
     for n, (i, entry) in plan.items():
         mod = named[n]
         parent_name, _, child = n.rpartition(".")

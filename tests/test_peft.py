@@ -120,6 +120,35 @@ def test_fused_adapters_equal_peft_on_separate_projections(tmp_path):
         assert projectors <= set(targets if projector else config["modules_to_save"]), config
 
 
+@torch.no_grad()
+def test_adapters_on_a_projection_hugging_face_fuses_too_export_as_one_peft_adapter(tmp_path):
+    """Qwen2-VL's vision blocks hold one fused qkv Linear in transformers as in ours: our per-part adapters (q, k,
+    v, each rank r) export as one PEFT adapter of rank 3r whose B is block-diagonal (each row sees only its part's
+    A), alpha scaled with the rank, exactly ours, for LoRA and DoRA; the LM's qkv still splits into q/k/v_proj."""
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=4),
+        image_token_id=250, video_token_id=251)
+    torch.manual_seed(0)
+    hf = _perturb(transformers.Qwen2VLForConditionalGeneration(config))
+    g = torch.Generator().manual_seed(2)
+    grid = torch.tensor([[1, 4, 6], [1, 6, 4]])
+    ids = torch.tensor([[1, 2] + [250] * 6 + [3] + [250] * 6 + [4]])
+    px = torch.randn(48, 3 * 2 * 4 * 4, generator=g)
+    inputs = {"input_ids": ids, "pixel_values": px, "image_grid_thw": grid, "mm_token_type_ids": (ids == 250).long()}
+    ours = (ids, {"images": {"vit": {"pixel_values": px, "image_grid_thw": grid}}})
+    for adapter in ("lora", "dora"):
+        entries = [{"modules": ["modalities.images.encoders.vit.layers.*.attn.qkv", "language_model.layers.*.attn.qkv"],
+                    "type": adapter, "rank": 2, "alpha": 6}]
+        cfg, model = _check_peft_export(hf, entries, inputs, ours, tmp_path, f"qwen2vl_{adapter}")
+        vision = [t for t in cfg["target_modules"] if "visual" in t]
+        assert vision and all(t.endswith("attn.qkv") for t in vision)
+        assert {cfg["rank_pattern"][t] for t in vision} == {6} and {cfg["alpha_pattern"][t] for t in vision} == {18}
+        assert any(t.endswith("k_proj") for t in cfg["target_modules"])  # the LM's are separate in transformers
+
+
 def test_adapter_only_checkpoints_resume_exactly_and_check_their_base(tmp_path):
     """Training with adapters on an init_from base: checkpoints hold the adapters (+ the projector) and their
     optimizer state only; 4 steps straight equal 2 steps, a resume and 2 more; a changed base is refused."""
@@ -211,3 +240,19 @@ def test_bad_adapter_configs_summary_and_disabling():
         mixed = build_model(tiny_config(adapters=[{"modules": "*.attn.qkv", "rank": 2},
                                                   {"modules": "*.attn.out", "type": "dora", "rank": 2}]), seed=0)
         export_hf(mixed, None, "/nonexistent/never", adapters="peft")
+
+
+def test_adding_adapters_again_keeps_what_earlier_calls_left_training():
+    """A second add_adapters call (more modules) freezes the base again but keeps the first call's adapters and
+    its trainable modules training; only the new adapters are added."""
+    from mimo_spec.config import compose_config
+
+    model = build_model(compose_config(["model.params.num_layers=1"]), seed=0)
+    peft.add_adapters(model, [{"modules": "language_model.layers.*.attn.*", "rank": 2}],
+                      trainable=["modalities.*.input_projections.*"])
+    first = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("input_projections" in n for n in first) and any(peft.is_adapter_key(n) for n in first)
+    peft.add_adapters(model, [{"modules": "modalities.images.encoders.clip.layers.*.attn.qkv", "rank": 2}])
+    second = {n for n, p in model.named_parameters() if p.requires_grad}
+    added = second - first
+    assert first <= second and added and all(peft.is_adapter_key(n) and ".encoders.clip." in n for n in added)

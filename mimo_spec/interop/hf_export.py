@@ -752,22 +752,42 @@ def _export_adapted(model: nn.Module, cfg: Any, out_dir: str | Path, overwrite: 
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dropouts = set()
+    by_hub: dict[str, list] = {}  # Hugging Face Linear -> the adapter parts whose rows it holds
     for name, lin, ad in peft.adapters_of(model):
         dropouts.add(ad.dropout.p if isinstance(ad.dropout, nn.Dropout) else 0.0)
         for part in ad.parts:
-            hub, perm = names[(name, part)]
-            target = module_names(hub)
-            if target is None:
-                raise ConfigError(f"{name}{'.' + part if part else ''}: Hugging Face's {hub} is no Linear module of "
-                                  f"{type(config).__name__}'s model", path="adapters")
-            prefix = f"base_model.model.{target}"
-            a, b = peft._full(ad.tensor("lora_A", part)).detach(), peft._full(ad.tensor("lora_B", part)).detach()
-            tensors[f"{prefix}.lora_A.weight"] = a.contiguous().cpu()
-            tensors[f"{prefix}.lora_B.weight"] = b[perm].contiguous().cpu()
+            hub, index, positions = names[(name, part)]
+            by_hub.setdefault(hub, []).append((name, part, ad, index, positions))
+    for hub, parts in by_hub.items():
+        name, part, ad = parts[0][:3]
+        target = module_names(hub)
+        if target is None:
+            raise ConfigError(f"{name}{'.' + part if part else ''}: Hugging Face's {hub} is no Linear module of "
+                              f"{type(config).__name__}'s model", path="adapters")
+        prefix = f"base_model.model.{target}"
+        # one adapter per Hugging Face Linear: the parts it fuses (each rank r, its own A and B) side by side, a
+        # rank sum(r) adapter with a block-diagonal B, exactly ours (each row sees only its part's A); DoRA's
+        # magnitudes are per row either way. The scaling alpha / r stays: alpha grows with the rank.
+        rows = sum(len(x[4]) for x in parts)
+        a_all, b_all, m_all = [], torch.zeros(0), None
+        rank = sum(x[2].rank for x in parts)
+        for name_, part_, ad_, index, positions in parts:
+            a = peft._full(ad_.tensor("lora_A", part_)).detach()
+            b = peft._full(ad_.tensor("lora_B", part_)).detach()
+            if not a_all:
+                b_all = b.new_zeros(rows, rank)
+                if ad.dora:
+                    m_all = b.new_zeros(rows)
+            offset = sum(x.shape[0] for x in a_all)
+            a_all.append(a)
+            b_all[positions, offset:offset + a.shape[0]] = b[index]
             if ad.dora:
-                m = peft._full(ad.tensor("magnitude", part)).detach()
-                tensors[f"{prefix}.lora_magnitude_vector"] = m[perm].contiguous().cpu()
-            ranks[target], alphas[target] = ad.rank, float(ad.alpha)
+                m_all[positions] = peft._full(ad_.tensor("magnitude", part_)).detach()[index]
+        tensors[f"{prefix}.lora_A.weight"] = torch.cat(a_all).contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = b_all.contiguous().cpu()
+        if ad.dora:
+            tensors[f"{prefix}.lora_magnitude_vector"] = m_all.contiguous().cpu()
+        ranks[target], alphas[target] = rank, float(ad.alpha) * rank / ad.rank
     if len(dropouts) > 1:
         raise ConfigError("adapters='peft': PEFT's LoRA config has one dropout, the entries differ", path="adapters")
     modules_to_save = set()
@@ -865,17 +885,19 @@ def _probe_hf_rows(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str,
         if not any(hits):
             continue
         owners = {(h[0], h[1]) for h in hits if h is not None}
-        if len(owners) != 1 or any(h is None for h in hits):
+        if len({o[0] for o in owners}) != 1 or any(h is None for h in hits):
             raise ConfigError(f"adapters='peft': Hugging Face's {key} mixes rows of {sorted(owners)} and others: no "
                               "separate adapter can equal ours", path="adapters", hint="export adapters='merge'")
-        owner = owners.pop()
-        index = torch.tensor([h[2] for h in hits])
-        first = t[int((index == 0).nonzero()[0])] if (index == 0).any() else None
+        # one Linear's rows; several of its parts when Hugging Face fuses them too (Qwen2-VL's vision qkv)
         cols = t.shape[1]
-        if first is None or cols > 1 and not torch.equal(first[1:].float().cpu(), -torch.arange(1, cols).float()):
-            raise ConfigError(f"adapters='peft': Hugging Face's {key} reorders the inputs of {owner[0]}",
-                              path="adapters", hint="export adapters='merge'")
-        found[owner] = (key[: -len(".weight")], index)
+        for owner in owners:
+            positions = [j for j, h in enumerate(hits) if (h[0], h[1]) == owner]
+            index = torch.tensor([hits[j][2] for j in positions])
+            first = t[positions[int((index == 0).nonzero()[0])]] if (index == 0).any() else None
+            if first is None or cols > 1 and not torch.equal(first[1:].float().cpu(), -torch.arange(1, cols).float()):
+                raise ConfigError(f"adapters='peft': Hugging Face's {key} reorders the inputs of {owner[0]}",
+                                  path="adapters", hint="export adapters='merge'")
+            found[owner] = (key[: -len(".weight")], index, torch.tensor(positions))
     for name, _, ad in adapted:
         for part in ad.parts:
             if (name, part) not in found:
