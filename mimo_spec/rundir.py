@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mimo_spec.atomic import write_text_atomic
+from mimo_spec.atomic import pid_alive, write_text_atomic
 from mimo_spec.errors import ConfigError
 
 __all__ = ["write_text_atomic"]  # re-exported: the run record and the job outputs are written with it
@@ -51,7 +51,7 @@ def remove_stale_temporaries(path: Path) -> None:
     path = Path(path)
     for tmp in path.parent.glob(f".{path.name}.tmp*"):
         pid = tmp.name[len(f".{path.name}.tmp"):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
@@ -86,18 +86,6 @@ def _parse_holder(text: str) -> dict[str, Any]:
     if host is None and len(words) >= 2 and words[0].isdigit():
         host = words[1]
     return {"pid": pid, "host": host}
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -222,7 +210,7 @@ class RunLock:
             return
         if host not in (None, socket.gethostname()):
             raise _busy(self.run_dir, self.path, holder, " (a process of another host cannot be checked)")
-        if _alive(pid):
+        if pid_alive(pid):
             raise _busy(self.run_dir, self.path, holder)
         self.note = (f"note: took over the lock of {self.run_dir} from process {pid} "
                      f"{'on host ' + host + ' ' if host else ''}(that process is gone; it stopped without releasing it)")

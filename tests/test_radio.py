@@ -339,3 +339,115 @@ def test_a_frozen_encoder_runs_as_at_inference_in_training_mode():
             assert torch.equal(first, at_inference) and torch.equal(second, at_inference)
         else:
             assert (first - at_inference).abs().max() > 1e-3 and (first - second).abs().max() > 1e-3
+
+
+def _naflex(images, patch, rows):
+    """Images (C, H, W) -> NaFlex inputs as SigLIP2's processor lays them out: each patch (p, p, C), row-major,
+    padded to ``rows``."""
+    xs, masks, shapes = [], [], []
+    for img in images:
+        c, h, w = img.shape
+        gh, gw = h // patch, w // patch
+        x = img.reshape(c, gh, patch, gw, patch).permute(1, 3, 2, 4, 0).reshape(gh * gw, patch * patch * c)
+        xs.append(torch.cat([x, x.new_zeros(rows - gh * gw, x.shape[1])]))
+        masks.append(torch.arange(rows) < gh * gw)
+        shapes.append((gh, gw))
+    return {"pixel_values": torch.stack(xs), "pixel_attention_mask": torch.stack(masks).int(),
+            "spatial_shapes": torch.tensor(shapes)}
+
+
+@pytest.mark.parametrize("feature_select", ["patch", "all"])
+def test_images_at_their_own_sizes_equal_each_image_alone(feature_select):
+    """With max_num_patches, images of different sizes in one call (NaFlex inputs, padded) give, per image,
+    exactly what that image alone gives as an (1, C, H, W) batch: its own CPE crop, class tokens and attention
+    kept inside it; the output is flat, image after image (class tokens first under "all")."""
+    torch.manual_seed(0)
+    enc = RadioViT(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=48, patch_size=4, image_size=16,
+                   max_img_size=32, class_token_len=3, feature_select=feature_select, max_num_patches=40,
+                   pre_norm=True, patch_bias=True).eval()
+    with torch.no_grad():
+        for p_ in enc.parameters():
+            p_.add_(torch.randn_like(p_) * 0.05)
+    images = [pixels((3, 12, 20), seed=1), pixels((3, 28, 4), seed=2), pixels((3, 16, 16), seed=3),
+              pixels((3, 40, 16), seed=4)]  # 40 patches: the budget, a grid past the 8 x 8 table
+    inputs = _naflex(images, 4, 40)
+    enc.validate_inputs(inputs, "images.radio")
+    prefix = 3 if feature_select == "all" else 0
+    assert enc.item_tokens(inputs) == [15 + prefix, 7 + prefix, 16 + prefix, 40 + prefix]
+    with torch.no_grad():
+        out = enc(**inputs)
+        want = torch.cat([enc(img[None])[0] for img in images])
+    assert out.shape == (78 + 4 * prefix, 32)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=ATOL)
+    # training: one random crop per image, differentiable
+    enc.train()
+    torch.manual_seed(0)
+    trained = enc(**inputs)
+    assert not torch.allclose(trained, want, atol=1e-3)
+    trained.square().mean().backward()
+    assert enc.pos_embed.grad.abs().sum() > 0
+    # bad inputs name the image and both numbers; spatial_shapes on an encoder of one size is refused
+    bad = dict(inputs, spatial_shapes=torch.tensor([[3, 5], [7, 1], [4, 4], [9, 5]]))
+    with pytest.raises(InputError, match=r"image 3's grid \(9, 5\) makes 45 patches but pixel_values holds 40"):
+        enc.validate_inputs(bad, "images.radio")
+    with pytest.raises(InputError, match="max_num_patches"):
+        RadioViT(hidden_size=32, num_layers=1, num_heads=4, ffn_hidden_size=48, patch_size=4, image_size=16,
+                 max_img_size=32)(**inputs)
+    with pytest.raises(ParamError, match="max_num_patches"):
+        RadioViT(hidden_size=32, num_layers=1, num_heads=4, ffn_hidden_size=48, max_num_patches=0)
+
+
+def test_radio_images_keep_their_sizes_through_the_data_path(tmp_path):
+    """modality=[radio_h] with max_num_patches: llava_json images of different sizes and aspect ratios come out
+    as transformers' SigLIP2 processor makes them (with CLIP's mean / std, RADIO's conditioner, not SigLIP's
+    0.5), one placeholder run of h*w per image, and a tiny model trains on them."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from transformers import Siglip2ImageProcessorPil
+
+    from mimo_spec.config import compose_config
+    from mimo_spec.data import build_dataset
+    from mimo_spec.data.batch import collate
+    from mimo_spec.data.preprocess import CLIP_MEAN, CLIP_STD
+    from mimo_spec.data.tokenizer import build_tokenizer
+    from mimo_spec.builders.build import build_model
+    from mimo_spec.train.loop import train
+
+    rng = np.random.default_rng(0)
+    sizes = [(64, 32), (48, 96), (20, 20)]  # (w, h): wide, tall, small (grown to the budget)
+    for k, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    records = [{"id": "a", "images": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "Two."}]},
+        {"id": "b", "image": "2.png", "conversations": [{"from": "human", "value": "<image> what?"},
+                                                        {"from": "gpt", "value": "Noise."}]}] * 2
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    e = "modalities.images.submodules.encoders.radio.params."
+    overrides = ["modality=[radio_h]", "modalities.images.params.special_token_id=1000", f"{e}hidden_size=32",
+                 f"{e}num_layers=1", f"{e}num_heads=2", f"{e}ffn_hidden_size=64", f"{e}patch_size=8",
+                 f"{e}image_size=32", f"{e}max_img_size=64", f"{e}max_num_patches=24",
+                 "data=llava_json", f"data.path={tmp_path / 'data.jsonl'}", "data.eval_fraction=0",
+                 "data.max_seq_len=256", "data.packing=false", "train.batch_size=2", "train.steps=2",
+                 "train.log_every=1", "train.eval_every=0", "train.checkpoint.every=0"]
+    cfg = compose_config(overrides)
+    model = build_model(cfg, seed=0)
+    ds = build_dataset(cfg.data, model, build_tokenizer(cfg.data, model), "train")
+    proc = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=24, image_mean=list(CLIP_MEAN),
+                                    image_std=list(CLIP_STD))
+    sample = ds[0]
+    got = sample["items"]["images"]["radio"]
+    want = [proc(images=Image.open(tmp_path / f"{k}.png").convert("RGB"), return_tensors="pt") for k in (0, 1)]
+    for key in ("pixel_values", "spatial_shapes"):
+        assert torch.equal(got[key], torch.cat([w[key] for w in want]).to(got[key].dtype)), key
+    grids = [tuple(w["spatial_shapes"][0].tolist()) for w in want]
+    assert grids[0] != grids[1] and grids[0][1] > grids[0][0] and grids[1][0] > grids[1][1]  # aspect kept
+    ids = sample["input_ids"].tolist()
+    runs = [len(list(g)) for k, g in __import__("itertools").groupby(ids) if k == 1000]
+    assert runs == [h * w for h, w in grids]
+    batch = collate([ds[0], ds[1]], 0)
+    out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "labels", "modality_inputs")})
+    assert torch.isfinite(out.loss)
+    result = train(cfg, tmp_path / "run")
+    assert result["status"] == "completed" and result["steps"] == 2

@@ -1237,11 +1237,13 @@ class NaFlexVision:
             self.budget = int(have["max_num_patches"])
         else:
             self.budget = encoder_budget if encoder_budget is not None else int(encoder.num_patches)
-            if tuple(mean) == tuple(CLIP_MEAN) and tuple(std) == tuple(CLIP_STD):
+            if getattr(encoder, "siglip_normalisation", False) and tuple(mean) == tuple(CLIP_MEAN) \
+                    and tuple(std) == tuple(CLIP_STD):
                 mean, std = SIGLIP_MEAN, SIGLIP_STD  # the data config's defaults: SigLIP's own normalisation
             normalize(torch.zeros(self.channels, 1, 1), mean, std)  # mean/std lengths fit
             self.processor = siglip2_image_processor(self.patch, self.budget, mean, std)
         self._size_rule = _siglip2_size_rule()
+        self.prefix = int(getattr(encoder, "prefix_tokens", 0) or 0)  # RADIO's class tokens (feature_select all)
 
     @property
     def row_width(self) -> int:
@@ -1249,9 +1251,9 @@ class NaFlexVision:
         return self.channels * self.patch * self.patch
 
     def tokens(self, grid) -> int:
-        """Tokens of an image with patch grid (h, w): h*w."""
+        """Tokens of an image with patch grid (h, w): h*w (and the encoder's prefix tokens, if it keeps them)."""
         h, w = (int(x) for x in grid)
-        return h * w
+        return h * w + self.prefix
 
     def image_grid(self, width: int, height: int, name: str = "", where: str = "") -> tuple[int, int]:
         """The (h, w) patch grid a width x height image gets (the processor's rule, from the size alone)."""
@@ -1299,7 +1301,7 @@ def _check_naflex_tokens(mod, name: str, enc_name: str, vision: NaFlexVision) ->
     probe = {enc_name: {"pixel_values": torch.zeros(1, 1, vision.row_width).expand(2, vision.budget, -1),
                         "pixel_attention_mask": mask, "spatial_shapes": shapes}}
     got = [int(x) for x in item_tokens(probe)]
-    want = [h * w for h, w in grids]
+    want = [vision.tokens(g) for g in grids]
     if got != want:
         raise ConfigError(f"modality {name!r} makes {got} tokens for images of patch grids {grids}, but the data path "
                           f"gives a SigLIP2 NaFlex image h*w placeholders ({want})", path=f"modalities.{name}",

@@ -68,7 +68,7 @@ SUPPORTED = {
 # returns a _Conversion; its ``export(model, spec, lm_params, dtype, extras)`` (hf_export) writes it back.
 FAMILIES = {"llava_next": "hf_llava_next", "llava_onevision": "hf_llava_next", "llava_next_video": "hf_llava_next",
             "internvl": "hf_internvl", "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3",
-            "qwen2_audio": "hf_qwen2_audio", "janus": "hf_janus", "chameleon": "hf_chameleon"}
+            "qwen2_audio": "hf_qwen2_audio", "qwen2_audio_encoder": "hf_qwen2_audio", "janus": "hf_janus", "chameleon": "hf_chameleon"}
 _LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 _VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 # HF tensors every import may skip: buffers that older checkpoints saved.
@@ -189,12 +189,6 @@ def _convert(config: Any, where: str) -> _Conversion:
         ignore = [r"(^|\.)decoder\.", r"(^|\.)proj_out\."]
         return _Conversion({"module": "whisper_encoder", "params": params}, False,
                            [("", "whisper_encoder", params)], ignore=ignore)
-    if mt == "qwen2_audio_encoder":  # Qwen2-Audio's tower alone: a Whisper encoder pooling by 2
-        from mimo_spec.interop.hf_qwen2_audio import audio_params_from_hf
-
-        params = _feature(audio_params_from_hf, config, where=where)
-        return _Conversion({"module": "whisper_encoder", "params": params}, False,
-                           [("", "whisper_encoder", params)])
     if mt == "llava":
         return _llava(config, where)
     if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):

@@ -50,6 +50,9 @@ def import_conversion(config: Any, where: str):
     pooling whisper_encoder and a linear projector."""
     from mimo_spec.interop.hf_import import _Conversion, _feature, _lm
 
+    if config.model_type == "qwen2_audio_encoder":  # the tower alone: a Whisper encoder pooling by 2
+        params = _feature(audio_params_from_hf, config, where=where)
+        return _Conversion({"module": "whisper_encoder", "params": params}, False, [("", "whisper_encoder", params)])
     text = config.text_config
     if text.model_type != "qwen2":
         raise InputError(f"text_config model_type {text.model_type!r}: Qwen2-Audio's language model is qwen2",

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from mimo_spec.atomic import replace_dir
+from mimo_spec.atomic import pid_alive, replace_dir
 
 from mimo_spec.components.te_backend import te_parameter_renames
 from mimo_spec.errors import CheckpointError, StorageError
@@ -169,14 +169,12 @@ def remove_leftovers(ckpt_dir: Path, step: int) -> None:
     """Temporary folders of saves that never finished (a killed process): ``.tmp-step_N-<pid>`` of a process that
     is gone, and a distributed save's ``.tmp-step_N`` of an earlier step. The run directory's lock makes this run
     its only writer, so nothing removed here is being written."""
-    from mimo_spec.rundir import _alive
-
     for tmp in ckpt_dir.glob(f".tmp-{PREFIX}*"):
         rest = tmp.name[len(f".tmp-{PREFIX}"):]
         number, _, pid = rest.partition("-")
         if not number.isdigit() or not tmp.is_dir():
             continue
-        stale = (pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))) if pid else int(number) < step
+        stale = (pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))) if pid else int(number) < step
         if stale:
             shutil.rmtree(tmp, ignore_errors=True)
 

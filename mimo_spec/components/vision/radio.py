@@ -98,6 +98,12 @@ class RadioViT(nn.Module):
         separate_video_embedder: video patches get their own projection (Hugging Face's layout);
             false: one projection over T frames, an image's patch repeated T times (Megatron's).
         feature_select: "patch" drops the class_token_len prefix tokens, "all" keeps them first.
+        max_num_patches: null: items are (N, C, H, W) images of one size per call. A number: the encoder
+            also takes images at their own sizes, SigLIP2 NaFlex's way (the data path's native resolution):
+            ``{"pixel_values": (N, S, C*p*p), "pixel_attention_mask": (N, S), "spatial_shapes": (N, 2)}``,
+            each image's patches (p, p, C each, row-major) padded to S <= max_num_patches rows, its (h, w)
+            grid in spatial_shapes (host data); each image gets its own CPE crop and class tokens, attention
+            stays inside it, and the output is flat: (sum of h*w (+ class_token_len with "all"), hidden).
         backend: "local", "te" or "auto".
     """
 
@@ -127,9 +133,14 @@ class RadioViT(nn.Module):
         video_temporal_patch_size: int | None = None,
         separate_video_embedder: bool = True,
         feature_select: Literal["patch", "all"] = "patch",
+        max_num_patches: int | None = None,
         backend: Backend = "local",
     ):
         super().__init__()
+        if max_num_patches is not None and (isinstance(max_num_patches, bool) or not isinstance(max_num_patches, int)
+                                            or max_num_patches < 1):
+            raise ParamError("max_num_patches", f"max_num_patches ({max_num_patches!r}) must be an integer >= 1 or "
+                             "null (images of one size per call)")
         for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
                             ("ffn_hidden_size", ffn_hidden_size), ("patch_size", patch_size),
                             ("image_size", image_size), ("max_img_size", max_img_size),
@@ -169,6 +180,10 @@ class RadioViT(nn.Module):
         self.temporal_patch = video_temporal_patch_size
         self.separate_video_embedder = separate_video_embedder
         self.feature_select = feature_select
+        self.max_num_patches = max_num_patches
+        self.patch_dim = num_channels * patch_size**2
+        # images at their own sizes (NaFlex inputs): spatial_shapes is the items' grid, kept on the host
+        self.grid_inputs = {"spatial_shapes": ()} if max_num_patches is not None else {}
 
         patch_dim = num_channels * patch_size**2
         frames = video_temporal_patch_size or 1
@@ -203,14 +218,38 @@ class RadioViT(nn.Module):
 
     # -------------------------------------------------------- framework hooks
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Class and register tokens each item's output starts with (feature_select "all"), else 0."""
+        return self.class_token_len if self.feature_select == "all" else 0
+
     def tokens_per_item(self, pixel_values_shape: tuple) -> int:
-        """Output tokens per item for an input of this shape (only H, W, the last two, are read)."""
+        """Output tokens per item for an input of this shape: (N, C, H, W) images (H and W read), or NaFlex
+        patches (N, S, C*p*p), at most S (+ the prefix) per item (the exact count: :meth:`item_tokens`)."""
+        if len(pixel_values_shape) == 3:
+            return int(pixel_values_shape[1]) + self.prefix_tokens
         h, w = pixel_values_shape[-2:]
-        prefix = self.class_token_len if self.feature_select == "all" else 0
-        return (h // self.patch_size) * (w // self.patch_size) + prefix
+        return (h // self.patch_size) * (w // self.patch_size) + self.prefix_tokens
+
+    def rows_per_item(self, grid_name: str, grid: torch.Tensor) -> list[int]:
+        """h*w per image of NaFlex inputs (items first and padded: no input is packed by the grid)."""
+        from mimo_spec.components.vision.siglip2 import _grid_list
+
+        return [h * w for h, w in _grid_list(grid)]
+
+    def item_tokens(self, inputs) -> list[int]:
+        """Output tokens per image of NaFlex inputs: h*w from ``spatial_shapes`` (host), + the prefix."""
+        from mimo_spec.components.vision.siglip2 import _grid_list
+
+        return [h * w + self.prefix_tokens for h, w in _grid_list(inputs["spatial_shapes"])]
 
     def example_inputs(self, num_items: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Random images at image_size: {"pixel_values": (N, C, image_size, image_size)}."""
+        """Random images at image_size: {"pixel_values": (N, C, image_size, image_size)}; with max_num_patches,
+        images of different grids as NaFlex inputs padded to max_num_patches."""
+        if self.max_num_patches is not None:
+            from mimo_spec.components.vision.siglip2 import example_naflex_inputs
+
+            return example_naflex_inputs(num_items, self.max_num_patches, self.patch_dim, generator)
         shape = (num_items, self.num_channels, self.image_size, self.image_size)
         return {"pixel_values": torch.randn(shape, generator=generator)}
 
@@ -246,7 +285,13 @@ class RadioViT(nn.Module):
 
     def validate_inputs(self, inputs: dict, path: str) -> None:
         """Raise InputError (naming ``path``) unless ``inputs`` is {"pixel_values": (N, C, H, W)}
-        (or a video batch) with H and W multiples of patch_size."""
+        (or a video batch) with H and W multiples of patch_size, or (with max_num_patches) NaFlex inputs."""
+        if self.max_num_patches is not None and "spatial_shapes" in inputs:
+            from mimo_spec.components.vision.siglip2 import validate_naflex_inputs
+
+            validate_naflex_inputs(inputs, path, self.patch_dim, self.num_channels, self.patch_size,
+                                   self.max_num_patches)
+            return
         expected = self._expected()
         x, where = the_only_input(inputs, "pixel_values", path, expected,
                                   hint="pass images as float tensors, e.g. pixel_values.float() / 255")
@@ -307,9 +352,13 @@ class RadioViT(nn.Module):
         x = pixel_values.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(n, (h // p) * (w // p), c * p * p)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None,
+                spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
         """pixel_values (N, C, H, W), or a video batch (N, T*C, H, W) / (N, T, C, H, W) ->
-        (N, tokens_per_item, hidden_size)."""
+        (N, tokens_per_item, hidden_size); with ``spatial_shapes`` (max_num_patches): NaFlex inputs ->
+        (sum of item_tokens, hidden_size), see the class docstring."""
+        if spatial_shapes is not None:
+            return self._forward_naflex(pixel_values, spatial_shapes)
         shape = tuple(pixel_values.shape)
         problem = self._channel_problem(shape)
         if problem is not None:
@@ -342,6 +391,46 @@ class RadioViT(nn.Module):
         if self.feature_select == "patch" and self.class_token_len:
             x = x[:, self.class_token_len:]
         return x
+
+    def _forward_naflex(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """Images at their own (h, w) grids, padded to S patches each -> flat features of their real patches
+        (with the prefix tokens first under feature_select "all"), image after image."""
+        from mimo_spec.components.vision.siglip2 import _grid_list
+
+        if self.max_num_patches is None:
+            raise InputError("spatial_shapes given, but this encoder takes images of one size per call",
+                             path="spatial_shapes", hint="set max_num_patches to take images at their own sizes")
+        grids = _grid_list(spatial_shapes)  # host data
+        n, rows, dim = pixel_values.shape
+        p, c, prefix = self.patch_size, self.num_channels, self.class_token_len
+        if dim != self.patch_dim or len(grids) != n:
+            raise InputError(f"pixel_values {tuple(pixel_values.shape)} with {len(grids)} grids: expected (N, S, "
+                             f"{self.patch_dim}) and one (h, w) per image", path="pixel_values")
+        proj = self.patch_embed
+        # the processor's patches are (p, p, C) each; ours are channel-major (C, p, p) as the conv's weight
+        patches = pixel_values.to(proj.weight.dtype).unflatten(-1, (p, p, c)).permute(0, 1, 4, 2, 3).flatten(2)
+        if self.temporal_patch and not self.separate_video_embedder:
+            patches = patches.repeat(1, 1, self.temporal_patch)  # an image is T equal frames
+        x = proj(patches)  # (N, S, H)
+        pos = [F.pad(self.position_embeddings(h, w, 1)[0], (0, 0, 0, rows - h * w)) for h, w in grids]
+        x = x + torch.stack(pos).to(x.dtype)
+        lengths = [h * w for h, w in grids]
+        if self.class_token is not None:
+            x = torch.cat((self.class_token.to(x.dtype).expand(n, -1, -1), x), dim=1)
+        attn_mask = None
+        if any(length != rows for length in lengths):  # padding: each image attends to its prefix and real patches
+            keys = torch.arange(prefix + rows)[None, :] < (torch.tensor(lengths)[:, None] + prefix)
+            attn_mask = keys.to(x.device, non_blocking=True)[:, None, None, :]
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for layer in self.layers:
+            x = layer(x, attn_mask=attn_mask)
+        if self.post_norm is not None:
+            x = self.post_norm(x)
+        start = 0 if self.feature_select == "all" else prefix
+        index = torch.cat([torch.arange(start, prefix + length) + i * (prefix + rows)
+                           for i, length in enumerate(lengths)]).to(x.device, non_blocking=True)
+        return x.flatten(0, 1).index_select(0, index)
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -93,6 +93,94 @@ class PoolingHead(nn.Module):
         self.mlp = MLP(hidden_size, ffn_hidden_size, "gelu", activation, bias=True)
 
 
+def example_grids(num_items: int, budget: int) -> list[tuple[int, int]]:
+    """(h, w) patch grids of different aspect ratios, each within ``budget`` patches (example items)."""
+    ratios = ((1, 1), (1, 2), (3, 2), (2, 5), (4, 3), (3, 1))
+    grids = []
+    for i in range(num_items):
+        a, b = ratios[i % len(ratios)]
+        k = max(1, math.isqrt(budget // (a * b))) - i // len(ratios)
+        h, w = (max(1, k) * a, max(1, k) * b) if a * b <= budget else (1, 1)
+        grids.append((h, w) if h * w <= budget else (1, 1))
+    return grids
+
+
+def example_naflex_inputs(num_items: int, budget: int, patch_dim: int,
+                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Random images of :func:`example_grids`, padded to ``budget`` patches: {"pixel_values": (N, budget,
+    patch_dim), "pixel_attention_mask": (N, budget), "spatial_shapes": (N, 2)}; spatial_shapes is on the CPU
+    even under a ``torch.device`` context (grids are host data)."""
+    grids = example_grids(num_items, budget)
+    lengths = torch.tensor([h * w for h, w in grids], dtype=torch.long).reshape(num_items)
+    mask = (torch.arange(budget)[None, :] < lengths[:, None]).to(torch.int32)
+    pixels = torch.randn((num_items, budget, patch_dim), generator=generator) * mask[..., None]
+    shapes = torch.tensor(grids, dtype=torch.long, device="cpu").reshape(num_items, 2)  # host data, always
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+def validate_naflex_inputs(inputs: dict, path: str, patch_dim: int, num_channels: int, patch_size: int,
+                           max_num_patches: int | None) -> None:
+    """Raise InputError (naming ``path``, the image and both numbers) unless ``inputs`` are
+    Siglip2ImageProcessor's {"pixel_values", "pixel_attention_mask", "spatial_shapes"} for an encoder of
+    ``patch_size`` and ``num_channels`` (rows of ``patch_dim`` values, at most ``max_num_patches`` of them).
+    The mask's values are checked only when it is on the CPU (no device sync)."""
+    for key in inputs:
+        if key not in INPUT_NAMES:
+            raise InputError(f"unexpected input {key!r}", path=join_path(path, key),
+                             hint=f"this encoder takes {', '.join(INPUT_NAMES)}")
+    for key in INPUT_NAMES:
+        if key not in inputs:
+            raise InputError(f"missing input {key!r}", path=join_path(path, key),
+                             hint="pass Siglip2ImageProcessor's output: " + ", ".join(INPUT_NAMES))
+        if not isinstance(inputs[key], torch.Tensor):
+            raise InputError(f"expected a tensor, got {type(inputs[key]).__name__}", path=join_path(path, key))
+    x, mask, shapes = (inputs[k] for k in INPUT_NAMES)
+    px, pm, ps = (join_path(path, k) for k in INPUT_NAMES)
+    expected = f"expected shape (N, max_patches, {patch_dim})"
+    if not x.is_floating_point():
+        raise InputError(f"{expected} as a floating-point tensor, got {x.dtype}", path=px,
+                         hint="pass the processor's normalised pixel values")
+    if x.dim() != 3:
+        raise InputError(f"{expected}, got {tuple(x.shape)}", path=px,
+                         hint="patches as Siglip2ImageProcessor returns them: items first, padded")
+    n, rows, dim = x.shape
+    if dim != patch_dim:
+        raise InputError(f"each patch holds {dim} values but this encoder takes num_channels x patch_size^2 = "
+                         f"{num_channels} x {patch_size}^2 = {patch_dim}", path=px,
+                         hint="process the images with this encoder's patch_size and num_channels")
+    if max_num_patches is not None and rows > max_num_patches:
+        raise InputError(f"images are padded to {rows} patches, more than max_num_patches "
+                         f"({max_num_patches})", path=px,
+                         hint=f"process the images with max_num_patches={max_num_patches}")
+    if mask.is_floating_point() or mask.is_complex() or tuple(mask.shape) != (n, rows):
+        raise InputError(f"expected an integer or bool tensor of shape ({n}, {rows}) (pixel_values' first two "
+                         f"dims), got {tuple(mask.shape)} of {mask.dtype}", path=pm)
+    if shapes.is_floating_point() or shapes.is_complex() or shapes.dtype == torch.bool \
+            or tuple(shapes.shape) != (n, 2):
+        raise InputError(f"expected an integer tensor of shape ({n}, 2) (h, w patches per image), got "
+                         f"{tuple(shapes.shape)} of {shapes.dtype}", path=ps)
+    grids = _grid_list(shapes)
+    for i, (h, w) in enumerate(grids):
+        if h < 1 or w < 1:
+            raise InputError(f"image {i}'s grid ({h}, {w}) is empty: h and w must be >= 1",
+                             path=f"{ps}[{i}]")
+        if h * w > rows:
+            raise InputError(f"image {i}'s grid ({h}, {w}) makes {h * w} patches but pixel_values holds "
+                             f"{rows} rows for it", path=f"{ps}[{i}]",
+                             hint="pass spatial_shapes and pixel_values from the same processor call")
+    if mask.device.type == "cpu":
+        counts = mask.ne(0).sum(1).tolist()
+        for i, ((h, w), count) in enumerate(zip(grids, counts)):
+            if count != h * w:
+                raise InputError(f"image {i}'s pixel_attention_mask marks {count} real patches but its grid "
+                                 f"({h}, {w}) makes {h * w}", path=f"{pm}[{i}]",
+                                 hint="pass spatial_shapes and pixel_attention_mask from the same processor call")
+            if count and not bool(mask[i, :count].ne(0).all()):
+                raise InputError(f"image {i}'s pixel_attention_mask does not mark its first {count} rows: the "
+                                 "real patches must come first, padding last", path=f"{pm}[{i}]",
+                                 hint="Siglip2ImageProcessor pads at the end")
+
+
 @register("encoder", "siglip2_naflex")
 class Siglip2NaFlex(nn.Module):
     """SigLIP2 NaFlex image encoder: images at their own patch grids -> flat patch features.
@@ -123,6 +211,8 @@ class Siglip2NaFlex(nn.Module):
             parameter count matches Siglip2VisionModel. They are frozen and never run.
         backend: "local", "te" or "auto".
     """
+
+    siglip_normalisation = True  # the data path's default mean / std: SigLIP's 0.5 / 0.5
 
     input_name = "pixel_values"
     grid_inputs = {"spatial_shapes": ()}
@@ -217,87 +307,19 @@ class Siglip2NaFlex(nn.Module):
 
     def example_grids(self, num_items: int, budget: int | None = None) -> list[tuple[int, int]]:
         """(h, w) patch grids of different aspect ratios, each within ``budget`` patches."""
-        budget = budget or self.max_num_patches or self.num_patches
-        ratios = ((1, 1), (1, 2), (3, 2), (2, 5), (4, 3), (3, 1))
-        grids = []
-        for i in range(num_items):
-            a, b = ratios[i % len(ratios)]
-            k = max(1, math.isqrt(budget // (a * b))) - i // len(ratios)
-            h, w = (max(1, k) * a, max(1, k) * b) if a * b <= budget else (1, 1)
-            grids.append((h, w) if h * w <= budget else (1, 1))
-        return grids
+        return example_grids(num_items, budget or self.max_num_patches or self.num_patches)
 
     def example_inputs(self, num_items: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random images of different grids, padded to max_num_patches (or num_patches):
         {"pixel_values": (N, S, C*p*p), "pixel_attention_mask": (N, S), "spatial_shapes": (N, 2)};
         spatial_shapes is on the CPU even under a ``torch.device`` context (grids are host data)."""
-        budget = self.max_num_patches or self.num_patches
-        grids = self.example_grids(num_items, budget)
-        lengths = torch.tensor([h * w for h, w in grids], dtype=torch.long).reshape(num_items)
-        mask = (torch.arange(budget)[None, :] < lengths[:, None]).to(torch.int32)
-        pixels = torch.randn((num_items, budget, self.patch_dim), generator=generator) * mask[..., None]
-        shapes = torch.tensor(grids, dtype=torch.long, device="cpu").reshape(num_items, 2)  # host data, always
-        return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+        return example_naflex_inputs(num_items, self.max_num_patches or self.num_patches, self.patch_dim, generator)
 
     def validate_inputs(self, inputs: dict, path: str) -> None:
         """Raise InputError (naming ``path``, the image and both numbers) unless ``inputs`` are
         Siglip2ImageProcessor's {"pixel_values", "pixel_attention_mask", "spatial_shapes"} for this
         encoder. The mask's values are checked only when it is on the CPU (no device sync)."""
-        for key in inputs:
-            if key not in INPUT_NAMES:
-                raise InputError(f"unexpected input {key!r}", path=join_path(path, key),
-                                 hint=f"this encoder takes {', '.join(INPUT_NAMES)}")
-        for key in INPUT_NAMES:
-            if key not in inputs:
-                raise InputError(f"missing input {key!r}", path=join_path(path, key),
-                                 hint="pass Siglip2ImageProcessor's output: " + ", ".join(INPUT_NAMES))
-            if not isinstance(inputs[key], torch.Tensor):
-                raise InputError(f"expected a tensor, got {type(inputs[key]).__name__}", path=join_path(path, key))
-        x, mask, shapes = (inputs[k] for k in INPUT_NAMES)
-        px, pm, ps = (join_path(path, k) for k in INPUT_NAMES)
-        expected = f"expected shape (N, max_patches, {self.patch_dim})"
-        if not x.is_floating_point():
-            raise InputError(f"{expected} as a floating-point tensor, got {x.dtype}", path=px,
-                             hint="pass the processor's normalised pixel values")
-        if x.dim() != 3:
-            raise InputError(f"{expected}, got {tuple(x.shape)}", path=px,
-                             hint="patches as Siglip2ImageProcessor returns them: items first, padded")
-        n, rows, dim = x.shape
-        if dim != self.patch_dim:
-            raise InputError(f"each patch holds {dim} values but this encoder takes num_channels x patch_size^2 = "
-                             f"{self.num_channels} x {self.patch_size}^2 = {self.patch_dim}", path=px,
-                             hint="process the images with this encoder's patch_size and num_channels")
-        if self.max_num_patches is not None and rows > self.max_num_patches:
-            raise InputError(f"images are padded to {rows} patches, more than max_num_patches "
-                             f"({self.max_num_patches})", path=px,
-                             hint=f"process the images with max_num_patches={self.max_num_patches}")
-        if mask.is_floating_point() or mask.is_complex() or tuple(mask.shape) != (n, rows):
-            raise InputError(f"expected an integer or bool tensor of shape ({n}, {rows}) (pixel_values' first two "
-                             f"dims), got {tuple(mask.shape)} of {mask.dtype}", path=pm)
-        if shapes.is_floating_point() or shapes.is_complex() or shapes.dtype == torch.bool \
-                or tuple(shapes.shape) != (n, 2):
-            raise InputError(f"expected an integer tensor of shape ({n}, 2) (h, w patches per image), got "
-                             f"{tuple(shapes.shape)} of {shapes.dtype}", path=ps)
-        grids = _grid_list(shapes)
-        for i, (h, w) in enumerate(grids):
-            if h < 1 or w < 1:
-                raise InputError(f"image {i}'s grid ({h}, {w}) is empty: h and w must be >= 1",
-                                 path=f"{ps}[{i}]")
-            if h * w > rows:
-                raise InputError(f"image {i}'s grid ({h}, {w}) makes {h * w} patches but pixel_values holds "
-                                 f"{rows} rows for it", path=f"{ps}[{i}]",
-                                 hint="pass spatial_shapes and pixel_values from the same processor call")
-        if mask.device.type == "cpu":
-            counts = mask.ne(0).sum(1).tolist()
-            for i, ((h, w), count) in enumerate(zip(grids, counts)):
-                if count != h * w:
-                    raise InputError(f"image {i}'s pixel_attention_mask marks {count} real patches but its grid "
-                                     f"({h}, {w}) makes {h * w}", path=f"{pm}[{i}]",
-                                     hint="pass spatial_shapes and pixel_attention_mask from the same processor call")
-                if count and not bool(mask[i, :count].ne(0).all()):
-                    raise InputError(f"image {i}'s pixel_attention_mask does not mark its first {count} rows: the "
-                                     "real patches must come first, padding last", path=f"{pm}[{i}]",
-                                     hint="Siglip2ImageProcessor pads at the end")
+        validate_naflex_inputs(inputs, path, self.patch_dim, self.num_channels, self.patch_size, self.max_num_patches)
 
     # ----------------------------------------------------------------- model
 
