@@ -134,6 +134,24 @@ def test_resume_refuses_a_changed_config_and_skips_a_damaged_checkpoint(tmp_path
     assert "resumed from" in out.stdout and "step_000004" in out.stdout
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_default(tmp_path, capsys):
+    """A run saved by an older mimo-spec lacks keys added since (train.dpo.disable_dropout, data.max_bad_fraction):
+    resuming it with those keys at their defaults is the same run; set to something else, it is a change."""
+    run = tmp_path / "run"
+    common = ["train.checkpoint.every=2", "train.eval_every=0"]
+    train(cfg("train.steps=2", *common), run)
+    state_file = list_checkpoints(run / "checkpoints")[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["train"]["dpo"]["disable_dropout"]
+    del state["config"]["data"]["max_bad_fraction"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"train.dpo.disable_dropout: '<absent>' -> False"):
+        train(cfg("train.steps=3", *common, "train.dpo.disable_dropout=false"), run)
+    capsys.readouterr()
+    result = train(cfg("train.steps=3", *common), run)
+    assert result["status"] == "completed" and "resumed from" in capsys.readouterr().out
+
+
 def _damage_newest(run: Path, how: str) -> None:
     """One kind of damage (or crafting) of the newest checkpoint's optimizer state or state.json."""
     from safetensors.torch import load_file, save_file

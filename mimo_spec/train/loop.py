@@ -100,8 +100,43 @@ def _step_of(ckpt: Path) -> int:
     return int(digits) if digits.isdigit() else -1
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two configs (ignoring RESUMABLE_CHANGES)."""
+_NO_DEFAULT = object()
+
+
+def schema_default(path: str, new: dict) -> object:
+    """The default a ``train.*`` / ``data.*`` key takes when a config leaves it out (its schema's), or
+    _NO_DEFAULT: a checkpoint written before the key existed ran with that default."""
+    import pydantic
+    from pydantic_core import PydanticUndefined
+
+    from mimo_spec.train.schema import TrainConfig
+
+    parts = path.split(".")
+    if parts[0] == "train":
+        cls = TrainConfig
+    elif parts[0] == "data":
+        from mimo_spec.data.config import _CONFIG_CLASSES
+
+        cls = _CONFIG_CLASSES.get(str((new.get("data") or {}).get("source", "synthetic")))
+    else:
+        return _NO_DEFAULT
+    for i, name in enumerate(parts[1:], 1):
+        field = getattr(cls, "model_fields", {}).get(name) if cls is not None else None
+        if field is None:
+            return _NO_DEFAULT
+        if i == len(parts) - 1:
+            value = field.get_default(call_default_factory=True)
+            return _NO_DEFAULT if value is PydanticUndefined else (
+                value.model_dump() if isinstance(value, pydantic.BaseModel) else value)
+        cls = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation,
+                                                                                     pydantic.BaseModel) else None
+    return _NO_DEFAULT
+
+
+def config_changes(old: dict, new: dict, prefix: str = "", root: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two configs (ignoring RESUMABLE_CHANGES). A key the old config
+    lacks (a checkpoint from before the key existed) whose new value is its schema default is no change."""
+    root = new if root is None else root
     out = []
     for key in sorted(set(old) | set(new), key=str):
         path = f"{prefix}{key}"
@@ -109,7 +144,9 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
             continue
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, path + ".")
+            out += config_changes(a, b, path + ".", root)
+        elif a == "<absent>" and b == schema_default(path, root):
+            continue
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
