@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -71,9 +72,20 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _finite(data: Any) -> Any:
+    """``data`` with every NaN / infinity as None: strict JSON, which other tools (jq, JavaScript) can read."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
-    """``data`` as JSON (plus a newline), complete or absent."""
-    write_text_atomic(path, json.dumps(data, indent=indent, default=str) + "\n")
+    """``data`` as strict JSON (plus a newline; NaN and infinities as null), complete or absent."""
+    write_text_atomic(path, json.dumps(_finite(data), indent=indent, default=str, allow_nan=False) + "\n")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

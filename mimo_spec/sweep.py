@@ -114,6 +114,9 @@ def _run_locked_sweep_job(cfg, overrides: list[str], out_dir: Path, run: Callabl
         _write_json(out_dir / JOB_RECORD, {**record, "action": action, "wall_time_s": time.perf_counter() - start})
         return None
     metrics = _read_json(out_dir / "metrics.json") or {}
+    if action == "eval" and not record:  # an eval job's numbers (eval_loss, ...): rankable like a run's
+        metrics.update({k: v for k, v in (_read_json(out_dir / "eval.json") or {}).items()
+                        if k.startswith("eval_") or k == "status"})
     metrics.update(record)
     metrics.setdefault("status", "valid" if action == "validate" else "completed")
     metrics["action"] = action
@@ -146,7 +149,10 @@ class SweepSummary(Callback):
             objective, direction = objective_and_direction(config)
         except ConfigError:  # every job reports it; sort somehow
             objective, direction = str(config.sweep.objective), "minimize"
-        _running = {"dir": str(config.hydra.sweep.dir), "objective": objective, "direction": direction}
+        sweep_dir = str(config.hydra.sweep.dir)
+        # the job folders an earlier sweep left in this sweep dir: left out of this one's summary unless re-run
+        _running = {"dir": sweep_dir, "objective": objective, "direction": direction,
+                    "earlier": job_markers(Path(sweep_dir))}
 
     def on_multirun_end(self, config, **kwargs) -> None:
         global _running
@@ -159,7 +165,8 @@ def _summarize_running() -> None:
     # Hydra turns a callback's exception into a warning, so a failure here must set the exit code itself.
     global _last_summary
     try:
-        _last_summary = summarize(Path(_running["dir"]), _running["objective"], _running["direction"])
+        _last_summary = summarize(Path(_running["dir"]), _running["objective"], _running["direction"],
+                                  earlier=_running.get("earlier"))
         print(_last_summary["text"])
     except Exception as e:
         _last_summary = {"failed": [{"status": "failed"}], "text": ""}
@@ -205,13 +212,30 @@ def sweep_exit_code() -> int:
     return EXIT_CONFIG_ERROR if statuses == {"invalid"} else EXIT_JOB_FAILED
 
 
-def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job directory (a folder with .hydra/overrides.yaml) under ``sweep_dir``."""
+def job_markers(sweep_dir: Path) -> dict[str, tuple[int, int]]:
+    """Each job folder's ``.hydra/overrides.yaml`` under ``sweep_dir`` -> its (mtime_ns, size): Hydra rewrites
+    it whenever a job runs there, so a folder whose marker is unchanged at the end was no job of this sweep."""
+    out = {}
+    for marker in sweep_dir.glob("**/.hydra/overrides.yaml") if sweep_dir.is_dir() else ():
+        try:
+            st = marker.stat()
+        except OSError:
+            continue
+        out[str(marker)] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def collect_jobs(sweep_dir: Path, earlier: dict[str, tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    """One row per job directory (a folder with .hydra/overrides.yaml) under ``sweep_dir``; given ``earlier``
+    (:func:`job_markers` when the sweep started), only the folders a job of this sweep ran in."""
     rows = []
+    now = job_markers(sweep_dir) if earlier else {}
     for marker in sweep_dir.glob("**/.hydra/overrides.yaml"):
         job_dir = marker.parent.parent
         if ".submitit" in job_dir.parts:
             continue
+        if earlier and earlier.get(str(marker)) is not None and earlier.get(str(marker)) == now.get(str(marker)):
+            continue  # an earlier sweep's job that this one did not re-run
         metrics = _read_json(job_dir / JOB_RECORD) or _read_json(job_dir / "metrics.json")
         if metrics is None:  # killed before it could write anything (out of memory, time limit, ...)
             metrics = {"status": "failed", "error": "no metrics.json: the job did not finish (see its log)"}
@@ -221,9 +245,11 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(sweep_dir: Path, objective: str = "final_loss", direction: str = "minimize") -> dict[str, Any]:
-    """Write sweep_summary.csv / .md into ``sweep_dir``; returns rows, failures, best and the text."""
-    rows = collect_jobs(sweep_dir)
+def summarize(sweep_dir: Path, objective: str = "final_loss", direction: str = "minimize",
+              earlier: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Write sweep_summary.csv / .md into ``sweep_dir``; returns rows, failures, best and the text. ``earlier``:
+    the job markers when the sweep started (folders of an earlier sweep it did not re-run are left out)."""
+    rows = collect_jobs(sweep_dir, earlier)
     sign = 1.0 if direction == "minimize" else -1.0
     ok = [r for r in rows if r.get("status") in OK_STATUSES]
     failed = [r for r in rows if r.get("status") not in OK_STATUSES]
@@ -259,7 +285,7 @@ def summarize(sweep_dir: Path, objective: str = "final_loss", direction: str = "
     if best is not None:
         lines.append(f"best: job {best['job']} ({' '.join(best['overrides']) or 'no overrides'}) "
                      f"{objective}={_fmt(best[objective])}")
-    elif any(r.get("action", "train") == "train" for r in ok):
+    elif any(r.get("action", "train") in ("train", "eval") for r in ok):
         known = sorted({k for r in ok for k, v in r.items() if _is_number(v)})
         lines.append(f"no job reported {objective!r} (sweep.objective); "
                      f"{did_you_mean(objective, known)}")

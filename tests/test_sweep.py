@@ -280,3 +280,29 @@ def test_hydra_mode_multirun_still_sweeps_without_dash_m(cli, tmp_path):
     r = cli("--config-dir", str(extra), "preset=swept", "action=validate")
     assert r.returncode == 0, r.stderr
     assert len(list(cli.cwd.glob("multirun/*/*/*/resolved_config.yaml"))) == 4
+
+
+def test_a_sweep_rerun_in_its_dir_summarises_its_own_jobs_and_eval_sweeps_rank_by_eval_loss(cli, tmp_path):
+    """The same sweep dir again with fewer points: the summary holds this sweep's jobs only (the earlier
+    sweep's third folder is left out), and a job that had already finished keeps its final loss (re-running a
+    completed run reported NaN and dropped it from the ranking). A sweep of action=eval over two checkpoints
+    ranks them by eval_loss (read from each job's eval.json)."""
+    sweep = tmp_path / "sweep"
+    r = cli("-m", "train.lr=1e-3,3e-4,1e-4", *FAST, "train.checkpoint.every=3", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    first = {row["train.lr"]: float(row["final_loss"]) for row in _summary(sweep)}
+    assert len(first) == 3
+    r = cli("-m", "train.lr=1e-3,3e-4", *FAST, "train.checkpoint.every=3", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    rows = _summary(sweep)
+    assert {row["job"] for row in rows} == {"0", "1"} and all(row["rank"] for row in rows)
+    assert {row["train.lr"]: float(row["final_loss"]) for row in rows} == pytest.approx(
+        {k: v for k, v in first.items() if k != "0.0001"}, abs=1e-4)
+    assert "2 jobs, 2 ok" in r.stdout
+    evals = tmp_path / "evals"
+    r = cli("-m", "action=eval", f"eval.checkpoint={sweep / '0'},{sweep / '1'}", "sweep.objective=eval_loss",
+            f"hydra.sweep.dir={evals}")
+    assert r.returncode == 0, r.stderr
+    rows = _summary(evals)
+    assert [row["rank"] for row in rows] == ["1", "2"] and float(rows[0]["eval_loss"]) <= float(rows[1]["eval_loss"])
+    assert "best: job" in r.stdout

@@ -152,6 +152,26 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_d
     assert result["status"] == "completed" and "resumed from" in capsys.readouterr().out
 
 
+def test_running_a_completed_run_again_keeps_its_numbers_and_metrics_json_is_strict(tmp_path):
+    """The same command again resumes at the last step and runs none: metrics.json keeps the run's final loss,
+    speed and padding (it became final_loss NaN, tokens_per_s 0), and is strict JSON (no bare NaN)."""
+    run = tmp_path / "run"
+    first = train(cfg("train.steps=4", "train.checkpoint.every=2", "train.eval_every=0"), run)
+    again = train(cfg("train.steps=4", "train.checkpoint.every=2", "train.eval_every=0"), run)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    written = strict((run / "metrics.json").read_text())
+    assert again["final_loss"] == pytest.approx(first["final_loss"], abs=1e-5)
+    assert written["final_loss"] == pytest.approx(first["final_loss"], abs=1e-5)
+    assert written["tokens_per_s"] > 0 and written["padding_fraction"] is not None
+    from mimo_spec.atomic import write_json_atomic
+
+    write_json_atomic(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5]})
+    assert strict((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5]}
+
+
 def _damage_newest(run: Path, how: str) -> None:
     """One kind of damage (or crafting) of the newest checkpoint's optimizer state or state.json."""
     from safetensors.torch import load_file, save_file

@@ -497,16 +497,20 @@ def _train(run: RunConfig, out_dir: Path, console, stop) -> dict[str, Any]:
     if main:
         plot_loss(metrics.path, out_dir / "loss.png")
     rows = read_metrics(metrics.path) if main else metrics.rows
+    if not positions_seen and rows:  # no step ran here (the run was already complete): its own last numbers
+        last_loss = float(rows[-1]["loss"])
     result = {
         "status": status, "steps": int(rows[-1]["step"]) if rows else start_step,
         "final_loss": last_loss, "first_loss": float(rows[0]["loss"]) if rows else float("nan"),
         "eval_loss": next((float(r["eval_loss"]) for r in reversed(rows) if r.get("eval_loss")), None),
-        "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
+        "tokens_per_s": (tokens_seen / max(time.perf_counter() - t_start, 1e-9) if positions_seen or not rows
+                         else float(rows[-1].get("tokens_per_s") or 0.0)),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "wall_time_s": time.perf_counter() - t_start, "bad_samples": skips.bad, "dropped_samples": skips.dropped,
         "samples_read": skips.read,
-        "padding_fraction": round(1.0 - tokens_seen / positions_seen, 4) if positions_seen else None,
+        "padding_fraction": (round(1.0 - tokens_seen / positions_seen, 4) if positions_seen else
+                             float(rows[-1]["padding_fraction"]) if rows and rows[-1].get("padding_fraction") else None),
         "packing": bool(run.data.packing),
     }
     if failure is not None:  # metrics.json says why the run failed, and which checkpoint is still good
