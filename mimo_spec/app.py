@@ -117,6 +117,7 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         _record_if_new(record, out_dir)
         return 0
     run_cfg = RunConfig.from_config(cfg, spec=model.spec)  # every section checked, once
+    run_cfg.command_overrides = tuple(str(o) for o in overrides or ())
     if action == "validate":
         from mimo_spec.jobs import check_run_resources
 

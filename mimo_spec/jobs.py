@@ -117,6 +117,66 @@ def _trust_only_this_command(trained_cfg: DictConfig, run: RunConfig, path: Path
         trained_cfg.allow_imports = list(mine)
 
 
+# overrides that would change the model a checkpoint's run built: eval and generate build that run's model
+_MODEL_KEYS = ("model", "modality", "modalities", "preset", "dtype", "adapters", "trainable", "freeze")
+# data keys tied to the model's inputs: an eval on other data keeps the checkpoint's unless set explicitly
+_MODEL_BOUND_DATA = ("tokenizer", "template", "special_tokens_start", "image_mean", "image_std", "image_resize",
+                     "image_resample", "image_processor")
+
+
+def _override_keys(run: RunConfig) -> list[str]:
+    """The dotted keys (or group names) the command line set."""
+    keys = []
+    for text in run.command_overrides:
+        key = text.split("=", 1)[0].lstrip("+~").strip()
+        if key:
+            keys.append(key)
+    return keys
+
+
+def _check_checkpoint_overrides(run: RunConfig, key: str) -> list[str]:
+    """The data keys the command sets (eval takes them); a ConfigError for overrides the job would ignore: the
+    model comes from the checkpoint's run, and so does generate's data."""
+    keys = _override_keys(run)
+    ignored = [k for k in keys if k.split(".")[0].split("/")[0] in _MODEL_KEYS]
+    data = [k for k in keys if k == "data" or k.startswith("data.")]
+    if key == "generate":
+        ignored += data
+    if ignored:
+        what = "model" + (" and data" if key == "generate" else "")
+        raise ConfigError(f"action={key} uses the {what} the checkpoint was trained with: {', '.join(ignored)} "
+                          "would be ignored", path=ignored[0],
+                          hint="drop it" + (" (to evaluate on other data, action=eval takes data.* overrides)"
+                                            if key == "generate" else "; to change the model, train or import one"))
+    return data
+
+
+def _eval_data(trained_cfg: DictConfig, run: RunConfig, data_keys: list[str]):
+    """The data action=eval reads: the checkpoint's run's, or with ``data.*`` / ``data=`` on the command line
+    those values (a whole other data group keeps the checkpoint's tokenizer, template and image processing
+    unless those are set too)."""
+    from mimo_spec.data.config import validate_data_config
+
+    trained = OmegaConf.to_container(trained_cfg["data"], resolve=True)
+    if not data_keys:
+        return validate_data_config(trained)
+    command = OmegaConf.to_container(run.source["data"], resolve=True) if run.source is not None else {}
+    explicit = {k.split(".")[1] for k in data_keys if "." in k}
+    if "data" in data_keys:  # another data group: its values, the model-bound ones kept
+        merged = dict(command)
+        for k in _MODEL_BOUND_DATA:
+            if k not in explicit and k in trained:
+                merged[k] = trained[k]
+    else:
+        merged = dict(trained)
+        for k in explicit:
+            if k in command:
+                merged[k] = command[k]
+            else:
+                merged.pop(k, None)
+    return validate_data_config(merged)
+
+
 def _load_trained(run: RunConfig, key: str):
     """The checkpoint's model (built from the config it was trained with, on this command's device), its
     train and data sections (typed) and its tokenizer.
@@ -133,6 +193,7 @@ def _load_trained(run: RunConfig, key: str):
     from mimo_spec.train.loop import check_backend_device
     from mimo_spec.train.schema import TrainConfig, validate_section
 
+    data_keys = _check_checkpoint_overrides(run, key)
     section = getattr(run, key)
     path, trained_cfg = checkpoint_config(section.checkpoint if section is not None else None, key)
     _trust_only_this_command(trained_cfg, run, path)
@@ -146,7 +207,7 @@ def _load_trained(run: RunConfig, key: str):
     check_backend_device(model, device)
     peft.load_trained_base(model, trained_cfg)
     load_checkpoint(path, model)
-    trained_data = validate_data_config(trained_cfg["data"])
+    trained_data = _eval_data(trained_cfg, run, data_keys) if key == "eval" else validate_data_config(trained_cfg["data"])
     tokenizer = build_tokenizer(trained_data, model)
     trained_train = validate_section("train", trained_cfg.get("train"), TrainConfig)
     return path, trained_train, trained_data, model, tokenizer

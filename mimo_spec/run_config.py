@@ -64,6 +64,8 @@ class RunConfig:
     init_from: str | None = None
     allow_imports: list[str] = field(default_factory=list)
     source: Any = field(default=None, repr=False)  # the composed config (DictConfig or dict) it was made from
+    # the command line's overrides (the CLI's): eval / generate check which of them a checkpoint's run can take
+    command_overrides: tuple[str, ...] = ()
 
     @cached_property
     def recorded(self) -> dict[str, Any]:

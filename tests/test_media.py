@@ -437,3 +437,13 @@ def test_image_resample_and_fit_reach_the_pixels(model, tmp_path):
     with pytest.raises(ConfigError) as e:
         MediaProcessor(model, image_resample="cubic")
     assert e.value.problems[0].path == "data.image_resample" and "bicubic" in str(e.value)
+
+
+def test_every_file_source_takes_the_image_keys_on_the_command_line(tmp_path):
+    """data.image_resize and data.image_resample are keys of every file source's YAML, so a command line sets
+    them without a '+' (image_resample was missing from all of them: 'unknown key')."""
+    from mimo_spec.config import compose_config
+
+    for source in ("llava_json", "webdataset", "parquet", "mixture"):
+        cfg = compose_config([f"data={source}", "data.image_resize=fit", "data.image_resample=lanczos"])
+        assert (cfg.data.image_resize, cfg.data.image_resample) == ("fit", "lanczos"), source

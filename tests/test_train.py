@@ -270,6 +270,17 @@ def test_cli_default_job_then_eval_generate_and_sigterm(cli, tmp_path):
     r = cli("action=eval", f"eval.checkpoint={run}")
     assert r.returncode == 0, r.stderr
     assert "eval loss" in r.stdout and "perplexity" in r.stdout
+    # data overrides take effect (another eval split); model overrides would be ignored: refused by name
+    tokens = lambda out: int(out.rsplit("(", 1)[1].split()[0])  # noqa: E731 - "(N tokens, path)"
+    r2 = cli("action=eval", f"eval.checkpoint={run}", "data.eval_samples=4", "data.seed=7")
+    assert r2.returncode == 0, r2.stderr
+    assert tokens(r2.stdout) < tokens(r.stdout)
+    for bad, key in (("model.params.num_layers=1", "model.params.num_layers"), ("dtype=bfloat16", "dtype")):
+        r2 = cli("action=eval", f"eval.checkpoint={run}", bad)
+        assert r2.returncode == 2 and f"{key}: action=eval uses the model the checkpoint was trained with" in r2.stderr
+        assert "Traceback" not in r2.stderr
+    r2 = cli("action=generate", f"generate.checkpoint={run}", "data.eval_samples=4", "generate.prompt=Hi")
+    assert r2.returncode == 2 and "data.eval_samples: action=generate uses the model and data" in r2.stderr
 
     from mimo_spec.data.synthetic import render_image
     from PIL import Image
@@ -337,3 +348,26 @@ def test_generate_writes_output_modality_images(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "generation.json").read_text())
     assert record["tokens"] == [1003] + [1002] * 64 + [1004] and len(record["codes"]["image_out"][0]) == 64
     assert OmegaConf.is_config(gen_cfg)
+
+
+def test_eval_on_another_data_group_keeps_the_checkpoints_tokenizer_and_image_processing(tmp_path):
+    """action=eval with data=<another group> reads that data, but with the tokenizer, template and image
+    processing the checkpoint was trained with unless the command sets them too; single data.* keys change only
+    themselves."""
+    from omegaconf import OmegaConf
+
+    from mimo_spec.jobs import _eval_data
+    from mimo_spec.run_config import RunConfig, build_meta_model
+
+    (tmp_path / "d.jsonl").write_text("")
+    trained_data = compose_config(["data=llava_json", f"data.path={tmp_path / 'd.jsonl'}", "data.image_resize=crop",
+                                   "data.image_mean=[0.5,0.5,0.5]"]).data
+    trained = OmegaConf.create({"data": OmegaConf.to_container(trained_data, resolve=True)})
+    overrides = ["action=eval", "data=webdataset", f"data.path={tmp_path / 's.tar'}", "data.image_resample=lanczos"]
+    command = compose_config(overrides)
+    run = RunConfig.from_config(command, spec=build_meta_model(command).spec)
+    data = _eval_data(trained, run, ["data", "data.path", "data.image_resample"])
+    assert data.source == "webdataset" and str(tmp_path / "s.tar") in str(data.path)
+    assert data.image_resize == "crop" and list(data.image_mean) == [0.5] * 3 and data.image_resample == "lanczos"
+    data = _eval_data(trained, run, ["data.image_resample"])
+    assert data.source == "llava_json" and data.image_resample == "lanczos" and data.image_resize == "crop"
