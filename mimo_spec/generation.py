@@ -256,10 +256,18 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
             item(output_modality, mod)
         else:
             _continuous_item(st, output_modality, mod, result)
+    # the tokens an output item takes (its begin token, codes or generation tokens, end token): one is started
+    # only while it fits in what is left of max_new_tokens, so the limit holds
+    item_sizes = {**{t: m.num_generation_tokens + 1 + (m.end_token_id is not None) for t, (_, m) in begins.items()},
+                  **{t: m.num_generation_tokens for t, (_, m) in continuous.items()}}
     while len(result.tokens) < max_new_tokens:
         logits = next_token_logits(lm, st.hidden)
         if code_ids is not None:
             logits = logits.index_fill(-1, code_ids, float("-inf"))
+        room = max_new_tokens - len(result.tokens)
+        too_big = [t for t, size in item_sizes.items() if size > room]
+        if too_big:
+            logits = logits.index_fill(-1, torch.tensor(too_big, device=logits.device), float("-inf"))
         token = int(pick(logits)[0])
         if token in continuous:
             _continuous_item(st, *continuous[token], result)

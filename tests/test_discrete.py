@@ -422,3 +422,28 @@ def test_audio_codec_modality_flattens_its_codebooks_and_generates_a_clip(tmp_pa
     save_audio(clip, 8000, tmp_path / "a.wav")
     with wave.open(str(tmp_path / "a.wav")) as f:
         assert (f.getframerate(), f.getnframes(), f.getnchannels()) == (8000, 12, 1)
+
+
+def test_an_output_item_starts_only_while_it_fits_in_max_new_tokens(monkeypatch):
+    """A model that always prefers the image's begin token: the first item (begin, 4 codes, end) fits and is
+    generated; after it the begin token is masked once an item would pass max_new_tokens, so the generation
+    stops at exactly max_new_tokens (an item started near the limit ran past it, 132 tokens for 80)."""
+    import mimo_spec.generation as generation
+    from mimo_spec.generation import generate
+
+    model = build_model(discrete_config(), seed=0)
+    mod = model.modalities["image_out"]
+    size = mod.num_generation_tokens + 2
+    real = generation.next_token_logits
+
+    def prefer_begin(lm, hidden):
+        logits = real(lm, hidden)
+        return logits.index_fill(-1, torch.tensor([BEGIN]), 1e4)
+
+    monkeypatch.setattr(generation, "next_token_logits", prefer_begin)
+    ids = torch.tensor([[1, 5, 9]])
+    for max_new in (size + 3, 2 * size, 2 * size + 1):
+        out = generate(model, ids, max_new_tokens=max_new)
+        assert len(out.tokens) == max_new, (max_new, out.tokens)
+        assert len(out.codes["image_out"]) == max_new // size  # as many whole items as fit
+        assert out.tokens[:size][0] == BEGIN and out.tokens[size - 1] == END
