@@ -148,6 +148,7 @@ def test_launch_environment_torchrun_and_slurm():
     assert 20000 <= env.master_port < 40000
     assert read_env({}) is None
     assert first_slurm_host("cpu1,cpu2") == "cpu1" and first_slurm_host("a[10-12]") == "a10"
+    assert first_slurm_host("n[1,3-4]-ib,m2") == "n1-ib" and first_slurm_host("gpu[07-09].cluster") == "gpu07.cluster"
 
 
 def test_fused_projection_is_sharded_part_by_part():

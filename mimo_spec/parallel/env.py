@@ -24,14 +24,15 @@ class DistEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``gpu[003-005,007],cpu1`` -> ``gpu003``."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    """The first host of a SLURM node list: ``gpu[003-005,007],cpu1`` -> ``gpu003``; text after the brackets is
+    part of each name: ``n[1,3-4]-ib`` -> ``n1-ib``."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\]([^,\[]*))?", nodelist.strip())
     if head is None:
         return nodelist
-    prefix, ranges = head.group(1), head.group(3)
+    prefix, ranges, suffix = head.group(1), head.group(3), head.group(4) or ""
     if not ranges:
         return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
 def read_env(environ: dict | None = None) -> DistEnv | None:
