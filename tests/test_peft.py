@@ -256,3 +256,20 @@ def test_adding_adapters_again_keeps_what_earlier_calls_left_training():
     second = {n for n, p in model.named_parameters() if p.requires_grad}
     added = second - first
     assert first <= second and added and all(peft.is_adapter_key(n) and ".encoders.clip." in n for n in added)
+
+
+def test_peft_export_of_gpt2_conv1d_layers_is_refused_by_name(tmp_path):
+    """GPT-2's Conv1D layers hold their weights transposed: PEFT's adapter files for them are refused naming
+    that (it said 'mixes rows'); the merged export still equals ours."""
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    hf = _perturb(transformers.GPT2LMHeadModel(config))
+    cfg, model = import_hf(hf)
+    peft.add_adapters(model, [{"modules": "language_model.layers.*.mlp.*", "rank": 2}])
+    _perturb(model, seed=3, scale=0.1, only=peft.is_adapter_key)
+    with pytest.raises(ConfigError, match=r"mlp.c_fc.weight stores its weight transposed .*GPT-2's Conv1D"):
+        export_hf(model, cfg, tmp_path / "peft", adapters="peft")
+    ids = torch.randint(0, 120, (1, 10), generator=torch.Generator().manual_seed(1))
+    merged = transformers.GPT2LMHeadModel.from_pretrained(export_hf(model, cfg, tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - model(ids).logits).abs().max() <= TOL

@@ -884,6 +884,12 @@ def _probe_hf_rows(model: nn.Module, spec, dtype: torch.dtype, extras: dict[str,
         hits = [where.get(int(c)) if c > 0 and float(c).is_integer() else None for c in col.tolist()]
         if not any(hits):
             continue
+        row = t[0].detach().float().cpu().tolist()
+        if t.shape[0] > 1 and hits[0] is not None and all(h is None for h in hits[1:]) and all(
+                c > 0 and float(c).is_integer() and where.get(int(c)) for c in row):
+            raise ConfigError(f"adapters='peft': Hugging Face's {key} stores its weight transposed (in x out, as "
+                              "GPT-2's Conv1D does), which this export does not write PEFT adapters for",
+                              path="adapters", hint="export adapters='merge'")
         owners = {(h[0], h[1]) for h in hits if h is not None}
         if len({o[0] for o in owners}) != 1 or any(h is None for h in hits):
             raise ConfigError(f"adapters='peft': Hugging Face's {key} mixes rows of {sorted(owners)} and others: no "
