@@ -186,6 +186,52 @@ def test_llama3_layout_strips_text_and_trains_eot(tmp_path):
     assert (got.input_ids, got.labels, got.runs) == (ids, labels, runs)
 
 
+# Llama-3's layout with generation marks around each answer (content|trim + <|eot_id|>): transformers' own mask
+LLAMA3_MARKED = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+                 "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim + '<|eot_id|>' }}"
+                 "{% endgeneration %}{% else %}{{ m['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def test_trimming_template_labels_equal_transformers_assistant_mask_with_odd_whitespace(tmp_path):
+    """A template that trims every message (Llama 3's): messages padded with whitespace, a user turn whose text
+    recurs later, answers that are whitespace only or empty. The labels equal transformers' assistant-token mask
+    of the same layout with generation marks (a padded user turn made valid samples unusable; a whitespace-only
+    answer trained the next header's newlines instead of its <|eot_id|>)."""
+    import random
+
+    tok = save_bpe(tmp_path / "tok", LLAMA3_SPECIALS + ["<|endoftext|>"], LLAMA3, bos="<|begin_of_text|>",
+                   eos="<|eot_id|>")
+    marked = save_bpe(tmp_path / "marked", LLAMA3_SPECIALS + ["<|endoftext|>"], LLAMA3_MARKED,
+                      bos="<|begin_of_text|>", eos="<|eot_id|>")
+
+    def reference(turns):
+        out = marked.tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), [i if m else IGNORE for i, m in zip(out["input_ids"], out["assistant_masks"])]
+
+    cases = [[("user", "Describe it. "), ("assistant", "A dog on grass."), ("user", "Describe it. Then the colours."),
+              ("assistant", "Green and brown.")],
+             [("user", "Is it red? "), ("assistant", "Yes"), ("user", "Is it red? Yes or no?"), ("assistant", "Yes")],
+             [("user", "Hi"), ("assistant", "\n"), ("user", "What is it?"), ("assistant", "A cat.")],
+             [("system", "  Be brief.\n"), ("user", " Hello "), ("assistant", ""), ("user", "again"),
+              ("assistant", " \tThe cat sits. ")]]
+    rng = random.Random(0)
+    words = ["the", "cat", "red", "Hello", "picture", "?", "today", "assistant"]
+    pads = ["", " ", "  ", "\n", " \n"]
+    for _ in range(60):
+        turns = [("system", rng.choice(pads) + "You are helpful." + rng.choice(pads))] if rng.random() < 0.3 else []
+        for k in range(rng.randint(1, 3)):
+            for role in ("user", "assistant"):
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 4)))
+                turns.append((role, rng.choice(pads) + text + rng.choice(pads)))
+        cases.append(turns)
+    for turns in cases:
+        enc = encode_conversation(tok, turns, {}, where="s")
+        ids, labels = reference(turns)
+        assert (enc.input_ids, enc.labels) == (ids, labels), turns
+
+
 def test_explicit_template_wins_and_what_is_chosen(tmp_path):
     tok = save_bpe(tmp_path / "tok", CHATML_SPECIALS, CHATML)
     plain = save_bpe(tmp_path / "plain", CHATML_SPECIALS)  # no chat template of its own

@@ -552,24 +552,33 @@ class ConversationEncoder:
         glue = self._glue_for(tuple(r for r, _ in turns), add_generation_prompt)
         starts: list[int] = []
         ends: list[int] = []
-        if glue is not None and len(text) == sum(map(len, glue)) + sum(map(len, contents)):
+        # the template's glue around the messages as written, or as it trims them (Llama 3's content|trim)
+        for shown in ((contents, [c.strip() for c in contents]) if glue is not None else ()):
+            if len(text) != sum(map(len, glue)) + sum(map(len, shown)) or \
+                    "".join(x for pair in zip(glue, shown + [""]) for x in pair) != text:
+                continue
             pos = 0
-            for g, c in zip(glue, contents):
+            for g, c in zip(glue, shown):
                 starts.append(pos + len(g))
                 pos = starts[-1] + len(c)
                 ends.append(pos)
-            if "".join(x for pair in zip(glue, contents + [""]) for x in pair) != text:
-                starts, ends = [], []
-        if not starts and contents:  # the template changes some text (strips it, say): find each in order
+            break
+        if not starts and contents:  # the template changes some text: find each message in order
             pos = 0
             for k, (role, c) in enumerate(turns):
+                anchored = False
                 if glue is not None and glue[k]:
                     i = text.find(glue[k], pos)
-                    pos = i + len(glue[k]) if i >= 0 else pos
-                i, c2 = text.find(c, pos), c
-                if i < 0:
-                    c2 = c.strip()
-                    i = text.find(c2, pos)
+                    if i >= 0:
+                        pos, anchored = i + len(glue[k]), True
+                if anchored:  # right after its glue: as written, trimmed, or nothing (whitespace only)
+                    c2 = c if text.startswith(c, pos) else c.strip()
+                    i = pos if text.startswith(c2, pos) else -1
+                else:
+                    i, c2 = text.find(c, pos), c
+                    if i < 0:
+                        c2 = c.strip()
+                        i = text.find(c2, pos) if c2 else pos
                 if i < 0:
                     if role == "assistant":
                         raise InputError(f"the tokenizer's chat template does not show assistant message {k} as "
