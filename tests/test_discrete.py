@@ -424,6 +424,47 @@ def test_audio_codec_modality_flattens_its_codebooks_and_generates_a_clip(tmp_pa
         assert (f.getframerate(), f.getnframes(), f.getnchannels()) == (8000, 12, 1)
 
 
+def test_condition_dropout_takes_the_conditions_input_images_with_it(tmp_path):
+    """An image-editing record (an input image in the prompt, an image to generate): a dropped sample loses the
+    image with its placeholders (the unconditional row has none), so the batch trains; a record with another
+    input image after the item keeps its condition (its items cannot be split); kept samples keep theirs."""
+    import json
+
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from mimo_spec.config import compose_config
+    from mimo_spec.data import build_dataset, collate, model_kwargs
+    from mimo_spec.data.config import validate_data_config
+    from mimo_spec.data.synthetic import render_image
+    from mimo_spec.data.tokenizer import build_tokenizer
+
+    for name, (colour, shape) in {"in.png": ("red", "ring"), "out.png": ("blue", "ring")}.items():
+        img = render_image(colour, shape, 32)
+        Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / name)
+    edit = {"image": "in.png", "output_images": ["out.png"], "conversations": [
+        {"from": "human", "value": "<image>\nmake it blue"}, {"from": "gpt", "value": "<gen:image_out>"}]}
+    after = {"images": ["in.png", "in.png"], "output_images": ["out.png"], "conversations": [
+        {"from": "human", "value": "<image>\nmake it blue"}, {"from": "gpt", "value": "<gen:image_out> like <image>"}]}
+    (tmp_path / "data.jsonl").write_text(json.dumps({"id": "0", **edit}) + "\n" + json.dumps({"id": "1", **after}))
+    for p, dropped_items in ((1.0, 0), (0.0, 1)):
+        cfg = compose_config(["modality=[vision_clip,image_gen]", "data=llava_json", f"data.path={tmp_path}/data.jsonl",
+                              f"data.image_folder={tmp_path}", "data.eval_fraction=0", f"data.condition_dropout={p}",
+                              "data.packing=false"])
+        model = build_model(cfg, seed=0)
+        data = validate_data_config(OmegaConf.to_container(cfg.data, resolve=True))
+        tok = build_tokenizer(data, model)
+        ds = build_dataset(data, model, tok)
+        order = sorted(range(len(ds)), key=lambda i: len(ds[i]["input_ids"]))
+        first, second = ds[order[0]], ds[order[1]]
+        image = model.modalities["images"].special_token_id
+        assert first["num_items"]["images"] == dropped_items
+        assert int((first["input_ids"] == image).sum()) == (16 if dropped_items else 0)
+        assert second["num_items"]["images"] == 2 and int((second["input_ids"] == image).sum()) == 32
+        out = model(**model_kwargs(collate([first, second], tok.pad_id), "cpu", model))
+        assert torch.isfinite(out.loss)
+
+
 def test_an_output_item_starts_only_while_it_fits_in_max_new_tokens(monkeypatch):
     """A model that always prefers the image's begin token: the first item (begin, 4 codes, end) fits and is
     generated; after it the begin token is masked once an item would pass max_new_tokens, so the generation

@@ -158,8 +158,8 @@ class ConditionDropout(torch.utils.data.Dataset):
     """A training set whose samples with an item to generate lose their condition with probability ``p``
     (``data.condition_dropout``): every token before the first item's begin token (its first generation
     token where it has none) but the first becomes ``pad_id`` and is not scored, which is the unconditional
-    row ``mimo_spec.generation`` builds for classifier-free guidance (as Janus trains and samples it). The
-    item's codes stay scored. Which samples lose it depends only on (seed, index), so a resumed run sees the
+    row ``mimo_spec.generation`` builds for classifier-free guidance (as Janus trains and samples it), and the
+    condition's input items (an image to edit) go with their placeholders. The item's codes stay scored. Which samples lose it depends only on (seed, index), so a resumed run sees the
     same data. Everything else (``order``, ``token_length``, ...) is the wrapped dataset's."""
 
     def __init__(self, dataset, model, p: float, seed: int, pad_id: int):
@@ -167,6 +167,9 @@ class ConditionDropout(torch.utils.data.Dataset):
         self.starts = sorted({int(m.begin_token_id if getattr(m, "begin_token_id", None) is not None
                                   else m.generation_token_id)
                               for m in model.modalities.values() if getattr(m, "has_output", False)})
+        # input modalities' placeholder ids: a condition's items (an image to edit) go with it
+        self.placeholders = {name: int(m.special_token_id) for name, m in model.modalities.items()
+                             if getattr(m, "special_token_id", None) is not None}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -190,7 +193,21 @@ class ConditionDropout(torch.utils.data.Dataset):
         if at.numel() == 0:
             return sample
         first = int(at[0, 0])
+        # the condition's input items go too (the unconditional row generation builds has none): every item of
+        # a modality whose placeholders are all in the condition; a modality with items on both sides (an item
+        # after the one to generate) cannot be split here, and the sample keeps its condition
+        gone = []
+        for name, token in self.placeholders.items():
+            before, after = bool((ids[1:first] == token).any()), bool((ids[first:] == token).any())
+            if before and after:
+                return sample
+            if before:
+                gone.append(name)
         ids, labels = ids.clone(), sample["labels"].clone()
         ids[1:first] = self.pad_id
         labels[1:first] = -100
-        return {**sample, "input_ids": ids, "labels": labels}
+        out = {**sample, "input_ids": ids, "labels": labels}
+        if gone:
+            out["items"] = {k: v for k, v in (sample.get("items") or {}).items() if k not in gone}
+            out["num_items"] = {k: (0 if k in gone else v) for k, v in (sample.get("num_items") or {}).items()}
+        return out
