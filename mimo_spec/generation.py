@@ -209,8 +209,10 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     outputs = {name: m for name, m in model.modalities.items() if m.has_output}
     continuous = {m.generation_token_id: (name, m) for name, m in outputs.items() if not m.is_discrete}
+    # begin tokens that start an item when the LM picks one: a tokenizer that cannot turn codes into pixels
+    # (Chameleon's VQ) starts none, its begin token is text as in transformers (output_modality still asks it)
     begins = {m.begin_token_id: (name, m) for name, m in outputs.items()
-              if m.is_discrete and m.begin_token_id is not None}
+              if m.is_discrete and m.begin_token_id is not None and getattr(m.tokenizer, "can_decode", True)}
     # text never picks a code of a vocabulary-mode modality (those ids are the items' own)
     code_ids = [m.code_token_ids for m in model.modalities.values()
                 if getattr(m, "code_token_ids", None) is not None]

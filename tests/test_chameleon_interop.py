@@ -138,6 +138,30 @@ def test_chameleon_greedy_image_codes_equal_a_transformers_greedy_loop(chameleon
 
 
 @torch.no_grad()
+def test_chameleon_text_that_picks_racm3_break_equals_transformers_greedy():
+    """<racm3:break> (the image's begin token) picked in text is text, as transformers' generate treats it:
+    Chameleon's VQ cannot turn codes into pixels, so no image is started (it was masked while an image did
+    not fit, or started an undecodable one, and the text left transformers')."""
+    from mimo_spec.generation import generate
+
+    hf = _tiny_chameleon()
+    hf.lm_head.weight[BOI] += 0.5 * hf.lm_head.weight.mean(0)  # the break token comes up in text
+    _, model = import_hf(hf)
+    model.eval()
+    found = 0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(13, 64, (1, 6), generator=g)
+        prompt[0, 0] = BOS
+        ref = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                          do_sample=False, eos_token_id=None, min_new_tokens=10)[0, prompt.shape[1]:].tolist()
+        found += BOI in ref
+        out = generate(model, prompt, max_new_tokens=10)
+        assert out.tokens == ref and not out.codes, seed
+    assert found >= 2
+
+
+@torch.no_grad()
 def test_chameleon_export_loads_in_transformers_and_imports_back(chameleon, tmp_path):
     """export_hf writes a ChameleonForConditionalGeneration checkpoint (safetensors) that transformers loads with
     every tensor, computing the same logits and image tokens; import_hf of that folder gives the model again."""
