@@ -214,3 +214,19 @@ def test_janus_vision_tower_without_attention_bias_imports_and_exports(tmp_path)
     assert not any(info.values()), info
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(input_ids=ids, pixel_values=px).logits, ref, atol=TOL, rtol=TOL)
+
+
+def test_an_in_memory_janus_reads_its_begin_of_image_token_from_generation_config():
+    """The releases keep <begin_of_image> in generation_config's generation_kwargs, not config.json: import_hf
+    of the model object reads it there as it does beside a folder's config.json (it fell back to the default
+    id, absent in a small vocabulary, so generation started with a code instead of the begin token)."""
+    from mimo_spec.generation import generate
+
+    hf = _tiny_janus().eval()
+    del hf.config.boi_token_id
+    hf.generation_config.generation_kwargs = {"boi_token_id": BOI}
+    cfg, model = import_hf(hf)
+    assert cfg["modalities"]["image_gen"]["params"]["begin_token_id"] == BOI
+    out = generate(model.eval(), torch.tensor([[BOS, 5, 6, 7]]), output_modality="image_gen", max_new_tokens=18)
+    assert out.tokens[0] == BOI and len(out.codes["image_gen"][0]) == 16
+    assert not hasattr(hf.config, "mimo_generation_kwargs")  # the caller's config is left as it was

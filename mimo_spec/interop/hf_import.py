@@ -297,6 +297,12 @@ def _open(source: Any) -> tuple[Any, HFCheckpoint | None, dict[str, torch.Tensor
     if isinstance(source, nn.Module) and config is not None and hasattr(config, "model_type"):
         if config.model_type not in SUPPORTED:
             raise _unsupported(config.model_type, type(source).__name__, type(source).__name__)
+        kwargs = getattr(getattr(source, "generation_config", None), "generation_kwargs", None)
+        if isinstance(kwargs, dict) and kwargs:  # a release's token ids live there (Janus's boi_token_id)
+            import copy
+
+            config = copy.copy(config)
+            config.mimo_generation_kwargs = dict(kwargs)
         return config, None, source.state_dict(), type(source).__name__
     raise InputError(f"cannot import a {type(source).__name__}", path="source",
                      hint="pass a Hugging Face checkpoint directory or a transformers model (PreTrainedModel)")

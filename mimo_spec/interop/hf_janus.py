@@ -121,7 +121,8 @@ def import_conversion(config: Any, where: str):
     head = {"in_features": vq.image_token_embed_dim, "out_features": vq.num_embeddings,
             "hidden_features": vq.projection_dim, "num_layers": 2, "activation": gen_act}
 
-    generation = _generation_kwargs(where)
+    # generation_config.json's generation_kwargs beside a folder's config.json, or an in-memory model's own
+    generation = {**_generation_kwargs(where), **(getattr(config, "mimo_generation_kwargs", None) or {})}
 
     def token(name: str, default: int) -> int | None:
         v = getattr(config, name, None)
