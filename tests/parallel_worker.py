@@ -98,6 +98,8 @@ def main() -> None:
                   out / f"moe_resume_{source}_{layout}")
         elif sc == "moe_dispatch":  # ExpertDispatch against the local path, rows and gradients (raises if not)
             moe_dispatch()
+        elif sc.startswith("moe_prompt_share:"):  # a rank whose share counts no token (raises if not one process)
+            moe_prompt_share(sc.split(":", 1)[1])
         elif sc.startswith("packed:"):  # hand-packed rows (document_ids) through the layout's training step
             name = sc.split(":")[1]
             layout, extra = PACK_VARIANTS.get(name, (name, []))
@@ -175,6 +177,62 @@ def moe_dispatch() -> None:
             assert torch.allclose(full[rank * per:(rank + 1) * per], got, atol=1e-6), (skew, name)
         if skew:
             assert int(ref.routing.counts[2:].sum()) == 0
+
+
+def moe_prompt_share(layout: str) -> None:
+    """Two SGD steps of an MoE LM (router aux and z losses on) on a global batch whose second half, the last
+    rank's share, has every label -100 (prompts only): under ``layout`` the losses and weights equal one process,
+    which routes (and counts in its router losses) every real token whatever its label."""
+    import torch
+
+    from mimo_spec.builders import build_model
+    from mimo_spec.config import compose_config
+    from mimo_spec.loss import token_weights
+    from mimo_spec.parallel.parallelize import start_parallel
+    from mimo_spec.run_config import RunConfig
+    from mimo_spec.train.optim import build_optimizer, set_lr
+    from mimo_spec.train.step import clip_grads, forward_backward
+
+    def batch(step):
+        g = torch.Generator().manual_seed(100 + step)
+        ids = torch.randint(3, 64, (4, 12), generator=g)
+        mask = torch.zeros(4, 12, dtype=torch.long)
+        for i, n in enumerate((12, 9, 5, 7)):
+            mask[i, :n] = 1
+        ids[mask == 0] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[2:] = -100
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "modality_inputs": {},
+                "items_per_sample": {}, "num_tokens": int(token_weights(labels, None, None).sum())}
+
+    def run(name):
+        cfg = compose_config([f"parallel={name}", "modality=[]", "model.params.num_layers=2",
+                              "model.params.vocab_size=64", "++model.params.num_experts=4",
+                              "++model.params.num_experts_per_tok=2", "++model.params.moe_ffn_hidden_size=24",
+                              "++model.params.router_aux_loss_weight=0.5", "++model.params.router_z_loss_weight=0.1",
+                              "train.optimizer=sgd", "train.lr=0.05", "train.warmup_steps=0", "train.weight_decay=0.0"])
+        rc = RunConfig.from_config(cfg)
+        model = build_model(cfg, seed=0)
+        drun = None if name == "single" else start_parallel(rc.parallel.layout, rc.train.model_dump(), model)
+        model.train()
+        opt = build_optimizer(model, rc.train)
+        out = []
+        for step in range(2):
+            set_lr(opt, step, rc.train)
+            opt.zero_grad(set_to_none=True)
+            b = batch(step)
+            loss = forward_backward(model, b, b["num_tokens"], device="cpu", drun=drun)
+            out.append(drun.all_sum(loss) if drun is not None else loss)
+            clip_grads(model, None, drun)
+            opt.step()
+        weights = drun.full_state_dict(model) if drun is not None else model.state_dict()
+        return out, {k: v.detach().clone() for k, v in weights.items()}
+
+    ref, ref_w = run("single")
+    got, got_w = run(layout)
+    assert all(abs(a - b) < 1e-5 for a, b in zip(ref, got)), (layout, ref, got)
+    worst = max((ref_w[k].float() - got_w[k].float()).abs().max().item() for k in ref_w)
+    assert worst < 1e-5, (layout, worst)
 
 
 def native_config(layout: str, extra=()):

@@ -33,10 +33,12 @@ def test_expert_parallel_matches_single_process_and_reshards(tmp_path):
     (encoders FSDP on ranks 0-1, the LM on ranks 2-3 with EP 2), TP 2 x FSDP 2 with and without EP 2 (the
     experts split over the data-parallel ranks; the shared expert TP-sharded), and the 2-rank EP checkpoint
     resumed under FSDP 4 x EP 2. The router's load-balancing and z losses count (weights > 0): each rank's share
-    of them is the whole batch's (expert.GlobalRouterStats)."""
+    of them is the whole batch's (expert.GlobalRouterStats), also when a rank's share counts no token (prompts
+    only: moe_prompt_share, EP 2 and DDP against one process)."""
     from mimo_spec.train.loop import train
 
-    r = run_ranks(2, ROOT / "tests" / "parallel_worker.py", tmp_path, "moe_dispatch,moe:ep2,moe_resume:ep2:fsdp")
+    r = run_ranks(2, ROOT / "tests" / "parallel_worker.py", tmp_path,
+                  "moe_dispatch,moe_prompt_share:ep2,moe_prompt_share:ddp,moe:ep2,moe_resume:ep2:fsdp")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     r = run_ranks(4, ROOT / "tests" / "parallel_worker.py", tmp_path,
                  "moe:fsdp_ep2,moe:ep2_dp4,moe:split_ep,moe:tp2_fsdp_ep2,moe:tp2_fsdp,moe_resume:ep2:fsdp_ep2")

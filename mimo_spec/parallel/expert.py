@@ -139,12 +139,14 @@ class GlobalRouterStats:
     the data-parallel ranks and ``scale = w / w_r`` (w: the micro-batch's weight, the sum of its ranks'
     ``w_r``), rank r's ``aux_r = scale * E * sum_e (A_e / N) * (P^r_e / N)`` and ``z_r = scale * Z^r / N``
     sum, weighted, to the whole batch's losses, in value and in gradient. ``tokens`` (this rank's counted
-    tokens of the micro-batch, T_r) is set by ``ParallelContext.local_batch``; a rank whose share counts no
-    token contributes nothing (its loss weight is 0)."""
+    tokens of the micro-batch, T_r) is set by ``ParallelContext.local_batch``. A rank whose share counts no
+    token (every label -100: prompts only) still routed its tokens, as one process does: its terms are unscaled
+    and the step weights its loss by the micro-batch's share of the step (``micro_tokens`` / T) instead of 0."""
 
     def __init__(self, group):
         self.group = group
         self.tokens = 0
+        self.micro_tokens = 0  # the micro-batch's counted tokens over the group (set by reduce)
 
     def reduce(self, assigned: torch.Tensor, rows: torch.Tensor):
         import torch.distributed as dist
@@ -154,7 +156,8 @@ class GlobalRouterStats:
         local_tokens = float(self.tokens)
         dist.all_reduce(buf, group=self.group)
         total_tokens = float(buf[-1])
-        scale = total_tokens / local_tokens if local_tokens > 0 else 0.0
+        self.micro_tokens = total_tokens
+        scale = total_tokens / local_tokens if local_tokens > 0 else 1.0
         return buf[:-2].to(torch.float32), buf[-2].to(torch.float32), scale
 
 

@@ -131,6 +131,10 @@ def _lm_step(model, batch: dict, total_tokens: int, device, precision: str, drun
     with train_context(drun):
         _, losses = _loss_of(model, batch, device, precision, embeddings)
         weight = int(batch["num_tokens"]) / total_tokens
+        stats = getattr(drun, "router_stats", None) if drun is not None else None
+        if weight == 0 and losses.router_aux_loss is not None and getattr(stats, "micro_tokens", 0):
+            # a share that counts no token still routed its tokens (parallel/expert.py: GlobalRouterStats)
+            weight = float(stats.micro_tokens) / total_tokens
         (losses.loss * weight).backward()
     if router_stats is not None:
         router_stats.add(losses, weight)
