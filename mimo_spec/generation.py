@@ -167,7 +167,8 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
              seed: int = 0, output_modality: str | None = None, guidance_scale: float = 1.0,
              pad_id: int | None = None, output_scores: bool = False) -> Generation:
     """Continue one prompt (input_ids (1, S)) by up to ``max_new_tokens`` tokens, text and output items
-    interleaved.
+    interleaved (an item the LM begins is started only if it fits in what is left; ``output_modality``'s item
+    is generated whole).
 
     A discrete output modality (a tokenizer): when the LM emits its ``begin_token_id`` (or at once, with
     ``output_modality=name``), the item's codes are picked one by one with the KV cache, from logits over the

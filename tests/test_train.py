@@ -327,7 +327,7 @@ def test_generate_writes_output_modality_images(tmp_path, monkeypatch):
     plain = GPT.logits  # make the LM open an image (its begin token, id 1003) first
     monkeypatch.setattr(GPT, "logits", lambda self, h: plain(self, h).index_fill(-1, torch.tensor([1003]), 1e4))
     gen_cfg = compose_config(["action=generate", f"generate.checkpoint={tmp_path / 'run'}",
-                              "generate.prompt=draw a red circle", "generate.max_new_tokens=16"])
+                              "generate.prompt=draw a red circle", "generate.max_new_tokens=70"])  # 66: an item
     assert jobs.run_generate(gen_cfg, tmp_path) == 0
     record = json.loads((tmp_path / "generation.json").read_text())
     png = Path(record["outputs"]["image_out"][0])
