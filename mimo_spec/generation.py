@@ -128,11 +128,16 @@ def next_token_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return full_logits(lm.logits(hidden[:, -1]))
 
 
-def unconditional_ids(ids: torch.Tensor, begin_token_id: int | None, pad_id: int) -> torch.Tensor:
-    """The unconditional row of classifier-free guidance, as Janus builds it: every token of ``ids`` (1, L)
-    but the first (bos) and the item's begin tokens replaced by ``pad_id``."""
+def unconditional_ids(ids: torch.Tensor, begin_token_id: int | None, pad_id: int,
+                      bos_id: int | None = None) -> torch.Tensor:
+    """The unconditional row of classifier-free guidance, as Janus builds it: every token of ``ids`` (B, L)
+    but the BOS tokens (``bos_id``; without one, the first token) and the item's begin tokens replaced by
+    ``pad_id``."""
     keep = torch.zeros_like(ids, dtype=torch.bool)
-    keep[:, 0] = True
+    if bos_id is None:
+        keep[:, 0] = True
+    else:
+        keep |= ids == bos_id
     if begin_token_id is not None:
         keep |= ids == begin_token_id
     return torch.where(keep, ids, torch.full_like(ids, pad_id))
@@ -165,7 +170,7 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
              strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | list[int] | tuple[int, ...] | None = None, use_cache: bool = True,
              seed: int = 0, output_modality: str | None = None, guidance_scale: float = 1.0,
-             pad_id: int | None = None, output_scores: bool = False) -> Generation:
+             pad_id: int | None = None, output_scores: bool = False, bos_id: int | None = None) -> Generation:
     """Continue one prompt (input_ids (1, S)) by up to ``max_new_tokens`` tokens, text and output items
     interleaved (an item the LM begins is started only if it fits in what is left; ``output_modality``'s item
     is generated whole).
@@ -175,7 +180,8 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     modality's codes only (its own head, or the LM head restricted to its code ids), by the same
     ``strategy`` / ``temperature`` / ``top_k`` / ``top_p``; each code is fed back; then its ``end_token_id``
     and the text goes on. ``guidance_scale`` != 1: classifier-free guidance, as Janus: a second row whose
-    tokens but the first and the begin token are ``pad_id`` runs beside the prompt, and codes are picked from
+    tokens but the BOS tokens (``bos_id``; without one, the first token) and the begin token are ``pad_id`` runs
+    beside the prompt, and codes are picked from
     ``uncond + guidance_scale * (cond - uncond)``. The codes are in ``codes[name]`` and the tokenizer's
     decoding of them in ``outputs[name]``.
 
@@ -239,7 +245,7 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
     pick = lambda logits: _agree(pick_next(logits, strategy, temperature, top_k, top_p, gen))  # noqa: E731
 
     def item(name, mod):  # a discrete item's codes, then its end token
-        codes, scores = st.codes(mod, pick, guidance_scale, pad_id)
+        codes, scores = st.codes(mod, pick, guidance_scale, pad_id, bos_id)
         result.codes.setdefault(name, []).append(codes)
         if output_scores:
             result.scores.setdefault(name, []).append(scores)
@@ -335,7 +341,7 @@ class _Decoding:
     def feed_ids(self, ids: list[int]) -> None:
         self.feed(self.lm.embed_tokens(torch.tensor([ids], dtype=torch.long, device=self.device)), ids)
 
-    def codes(self, mod, pick, guidance_scale: float, pad_id: int | None):
+    def codes(self, mod, pick, guidance_scale: float, pad_id: int | None, bos_id: int | None = None):
         """One discrete item's codes, picked one by one (with guidance: beside the unconditional row, both in
         one batch of 2). Returns (codes (positions,), the logits they were picked from (positions, num_codes)); with
         the delay pattern (positions, K) codes (``codebook_size`` at the pads) and (positions, K, codebook_size)
@@ -345,7 +351,7 @@ class _Decoding:
         guided = guidance_scale != 1
         codes, scores = [], []
         if guided:  # the unconditional row of the sequence so far, then both rows in one batch
-            u_embeds = lm.embed_tokens(unconditional_ids(self.ids, mod.begin_token_id, pad_id))
+            u_embeds = lm.embed_tokens(unconditional_ids(self.ids, mod.begin_token_id, pad_id, bos_id))
             if self.cache is not None:
                 ucache = lm.new_kv_cache(1, self.max_len)
                 u_hidden = lm(u_embeds, kv_cache=ucache)

@@ -334,7 +334,8 @@ def _run_generate(run: RunConfig, out_dir: Path) -> int:
     out = generate(model, input_ids, modality_inputs, max_new_tokens=max_new, strategy=g.strategy,
                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                    eos_id=stop_token_ids(tokenizer, trained_data.template), use_cache=g.kv_cache, seed=g.seed,
-                   output_modality=g.output_modality, guidance_scale=g.guidance_scale, pad_id=tokenizer.pad_id)
+                   output_modality=g.output_modality, guidance_scale=g.guidance_scale, pad_id=tokenizer.pad_id,
+                   bos_id=tokenizer.bos_id)
     if not main:  # rank 0 prints and writes the outputs
         return 0
     specials = {t for m in model.modalities.values() if m.has_output

@@ -230,3 +230,26 @@ def test_an_in_memory_janus_reads_its_begin_of_image_token_from_generation_confi
     out = generate(model.eval(), torch.tensor([[BOS, 5, 6, 7]]), output_modality="image_gen", max_new_tokens=18)
     assert out.tokens[0] == BOI and len(out.codes["image_gen"][0]) == 16
     assert not hasattr(hf.config, "mimo_generation_kwargs")  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("layout", ["no_bos_first", "bos_twice"])
+def test_guided_codes_equal_transformers_when_bos_is_not_only_first(janus, layout):
+    """The unconditional row keeps every BOS token (and the begin token), as transformers' Janus builds it, when
+    generate is given bos_id: a prompt whose first token is not BOS, or that holds BOS twice (two turns)."""
+    from mimo_spec.generation import generate
+
+    hf, _, model = janus
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(3, 90, (1, 9), generator=g)
+    if layout == "bos_twice":
+        prompt[0, 0] = prompt[0, 5] = BOS
+    hf.generation_config.bos_token_id, hf.generation_config.pad_token_id = BOS, PAD
+    hf.generation_config.generation_kwargs = {"boi_token_id": BOI}
+    with torch.no_grad():
+        ref = hf.generate(torch.cat([prompt, torch.tensor([[BOI]])], 1), generation_mode="image", guidance_scale=3.0,
+                          do_sample=False, max_new_tokens=16, attention_mask=torch.ones(1, 10, dtype=torch.long))
+    out = generate(model, prompt, output_modality="image_gen", guidance_scale=3.0, pad_id=PAD, max_new_tokens=18,
+                   bos_id=BOS)
+    assert torch.equal(out.codes["image_gen"][0], ref[0])
+    plain = generate(model, prompt, output_modality="image_gen", guidance_scale=3.0, pad_id=PAD, max_new_tokens=18)
+    assert not torch.equal(plain.codes["image_gen"][0], ref[0])  # without bos_id: the first token is kept

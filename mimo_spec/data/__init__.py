@@ -66,7 +66,8 @@ def build_dataset(data_cfg, model, tokenizer, split: Literal["train", "eval"] = 
             getattr(m, "has_output", False) for m in model.modalities.values()):
         from mimo_spec.data.targets import ConditionDropout
 
-        dataset = ConditionDropout(dataset, model, cfg.condition_dropout, cfg.seed, tokenizer.pad_id)
+        dataset = ConditionDropout(dataset, model, cfg.condition_dropout, cfg.seed, tokenizer.pad_id,
+                                   getattr(tokenizer, "bos_id", None))
     return dataset
 
 

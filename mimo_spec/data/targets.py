@@ -157,13 +157,15 @@ class OutputTargets:
 class ConditionDropout(torch.utils.data.Dataset):
     """A training set whose samples with an item to generate lose their condition with probability ``p``
     (``data.condition_dropout``): every token before the first item's begin token (its first generation
-    token where it has none) but the first becomes ``pad_id`` and is not scored, which is the unconditional
+    token where it has none) but the BOS tokens (the first token when the tokenizer has no BOS) becomes ``pad_id``
+    and is not scored, which is the unconditional
     row ``mimo_spec.generation`` builds for classifier-free guidance (as Janus trains and samples it), and the
     condition's input items (an image to edit) go with their placeholders. The item's codes stay scored. Which samples lose it depends only on (seed, index), so a resumed run sees the
     same data. Everything else (``order``, ``token_length``, ...) is the wrapped dataset's."""
 
-    def __init__(self, dataset, model, p: float, seed: int, pad_id: int):
+    def __init__(self, dataset, model, p: float, seed: int, pad_id: int, bos_id: int | None = None):
         self.dataset, self.p, self.seed, self.pad_id = dataset, float(p), int(seed), int(pad_id)
+        self.bos_id = None if bos_id is None else int(bos_id)  # kept in the row, as generation keeps it
         self.starts = sorted({int(m.begin_token_id if getattr(m, "begin_token_id", None) is not None
                                   else m.generation_token_id)
                               for m in model.modalities.values() if getattr(m, "has_output", False)})
@@ -204,8 +206,10 @@ class ConditionDropout(torch.utils.data.Dataset):
             if before:
                 gone.append(name)
         ids, labels = ids.clone(), sample["labels"].clone()
-        ids[1:first] = self.pad_id
-        labels[1:first] = -100
+        head = ids[:first]  # as mimo_spec.generation.unconditional_ids: BOS (else the first token) stays
+        keep = head == self.bos_id if self.bos_id is not None else torch.arange(first) == 0
+        labels[:first][~keep] = -100
+        ids[:first] = torch.where(keep, head, torch.full_like(head, self.pad_id))
         out = {**sample, "input_ids": ids, "labels": labels}
         if gone:
             out["items"] = {k: v for k, v in (sample.get("items") or {}).items() if k not in gone}
