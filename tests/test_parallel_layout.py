@@ -85,6 +85,24 @@ def test_more_pipeline_stages_than_layers(meta_model):
     p = problems({"default": {"dp_replicate": -1}, "modules": {"language": {"pp": 4, "microbatches": 4}}},
                  meta_model, 4)
     assert "4 pipeline stages but the language model has 2 layers" in p["parallel.modules.language.pp"].message
+    assert "model.params.num_layers" in p["parallel.modules.language.pp"].hint
+
+
+def test_a_vision_q_k_norm_over_all_heads_refuses_tensor_parallelism():
+    """A clip_vit with qk_norm and RMSNorm normalises all heads' width at once (InternViT-6B's): a TP share of
+    the heads cannot compute it, so tp on the images module is a config error naming it (it passed the check and
+    crashed in the first forward); the same tower under ddp resolves."""
+    from mimo_spec import build_model
+    from mimo_spec.config import compose_config
+    from mimo_spec.parallel.layout import resolve
+
+    e = "modalities.images.submodules.encoders.clip.params"
+    meta = build_model(compose_config([f"+{e}.qk_norm=true", f"+{e}.norm=rmsnorm", f"+{e}.qkv_bias=false"]),
+                       device="meta")
+    p = problems({"default": {"tp": 2}}, meta, 2)
+    message = p["parallel.default.tp"].message
+    assert "modalities.images's encoders.clip.layers.0.attn.q_norm" in message and "all heads" in message
+    assert resolve({"default": {"dp_replicate": 2}}, meta, 2).modules["images"].tp == 1
 
 
 def test_unknown_tp_plan_module_and_key(meta_model):

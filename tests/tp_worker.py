@@ -6,7 +6,7 @@ Scenarios:
   loss:<layout>[:tied][:gather]  one forward/backward of a batch with ignored labels, a loss mask and
                                  packed documents, against an unsharded copy on the same rank; writes
                                  loss_<...>.json (losses, gradient and logits differences, collectives)
-  train:<layout>[:tied]          train 3 steps (tests/parallel_worker.py's config) into OUT_DIR/train_<...>
+  train:<layout>[:tied][:qknorm] train 3 steps (tests/parallel_worker.py's config) into OUT_DIR/train_<...>
   resume:<run>:<layout>[:tied]   one more step (4 in all) from OUT_DIR/<run>'s checkpoint,
                                  into OUT_DIR/resume_<run>_<layout>
   generate:<layout>:<run>        action=generate from OUT_DIR/<run>'s checkpoint,
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from parallel_worker import config  # noqa: E402
 
 TIED = "model.params.tie_embeddings=true"
+QK_NORM = "++model.params.qk_norm=true"  # Qwen3's per-head q/k RMSNorms: one weight shared by all heads
 
 
 def packed_batch(model) -> dict:
@@ -214,7 +215,8 @@ def run_qv_attention(out: Path) -> None:
 def run_train(out: Path, layout: str, flags: list[str]) -> None:
     from mimo_spec.train.loop import train
 
-    train(config(layout, [TIED] if "tied" in flags else []), out / ("train_" + "_".join([layout, *flags])))
+    extra = ([TIED] if "tied" in flags else []) + ([QK_NORM] if "qknorm" in flags else [])
+    train(config(layout, extra), out / ("train_" + "_".join([layout, *flags])))
 
 
 def run_resume(out: Path, source: str, layout: str, flags: list[str]) -> None:

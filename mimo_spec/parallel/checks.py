@@ -27,12 +27,15 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
             owner = "model" if name == LANGUAGE else f"modalities.{name}"
             problems.add(m.at("tp"), f"{owner} uses transformer-engine layers (backend te), which mimo-spec does not "
                          "shard with DTensor tensor parallelism", "use tp: 1 (ddp/fsdp layouts), or backend: local")
-        if m.tp > 1 and m.tp_plan != "none" and any(getattr(sub, "qk_norm_all_heads", False)
-                                                     for sub in module.modules()):
-            owner = "model.params" if name == LANGUAGE else f"modalities.{name}"
-            problems.add(m.at("tp"), f"{owner}.qk_norm_kind 'rmsnorm_all_heads' (OLMoE) normalises all heads' "
-                         "queries and keys together, which a tensor-parallel share of the heads cannot compute",
-                         "use tp: 1 (ddp, fsdp or ep layouts) for this model")
+        all_heads = next((n for n, sub in module.named_modules() if getattr(sub, "qk_norm_all_heads", False)), None)
+        if m.tp > 1 and m.tp_plan != "none" and all_heads is not None:
+            if name == LANGUAGE:
+                what = "model.params.qk_norm_kind 'rmsnorm_all_heads' (OLMoE)"
+            else:  # a vision tower's q/k norm over the full width (InternViT-6B's, clip_vit qk_norm with rmsnorm)
+                what = f"modalities.{name}'s {all_heads} (a q/k norm over all heads' width, qk_norm)"
+            problems.add(m.at("tp"), f"{what} normalises all heads' queries and keys together, which a "
+                         "tensor-parallel share of the heads cannot compute",
+                         "use tp: 1 (ddp, fsdp or ep layouts) for this module")
         if m.tp > 1 and m.tp_plan != "none":
             for where, attr, value in tp_divisibility(module):
                 if value % m.tp:
@@ -61,7 +64,7 @@ def check_model(layout, model, problems: ProblemCollector) -> None:
             elif m.pp > layers:
                 plural = "s" if layers != 1 else ""
                 problems.add(m.at("pp"), f"{m.pp} pipeline stages but the language model has {layers} layer{plural}",
-                             f"use pp <= {layers}")
+                             f"use pp <= {layers}, or raise model.params.num_layers")
             if m.microbatches < m.pp:
                 problems.add(m.at("microbatches"), f"{m.microbatches} microbatches cannot fill {m.pp} stages",
                              f"use microbatches >= {m.pp}")

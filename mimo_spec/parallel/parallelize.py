@@ -205,6 +205,8 @@ class ParallelContext:
         self.fused: dict[str, torch.Tensor] = {}
         self.bridges: dict[str, Any] = {}  # modalities whose data-parallel layout differs from the LM's
         self.router_stats = None  # an MoE LM's router losses over the data-parallel batch (expert.GlobalRouterStats)
+        # per module: the names of TP-replicated parameters whose gradients are summed over the TP ranks
+        self.tp_partial: dict[str, list[str]] = {}
         # expert parallelism (ep > 1): module -> its (pp, edp, ep, tp) mesh, and its replicated expert parameters
         # (gradients summed by sync_grads over edp; FSDP-sharded ones are not listed)
         self.ep_meshes: dict[str, Any] = {}
@@ -261,6 +263,10 @@ class ParallelContext:
                 from mimo_spec.parallel.tp import apply_tp
 
                 self.fused.update(apply_tp(module, mesh["tp"], prefix, loss_parallel=m.loss_parallel))
+                from mimo_spec.parallel.tp import tp_partial_params
+
+                ids = {id(p) for p in tp_partial_params(module)}
+                self.tp_partial[name] = [n for n, p in module.named_parameters() if id(p) in ids]
             experts: set[nn.Parameter] = set()
             if m.ep > 1:  # this rank's experts only, as DTensors over the EP group; tokens dispatched by all-to-all
                 from mimo_spec.parallel.expert import shard_experts
@@ -380,6 +386,16 @@ class ParallelContext:
             module = self._module(model, name)
             if module is None or self.rank not in m.ranks:
                 continue
+            partial = [module.get_parameter(n).grad for n in self.tp_partial.get(name, ())]
+            partial = [g for g in partial if g is not None]
+            if partial:  # per-head q/k norms: each TP rank's gradient covers its heads only
+                local = [g.to_local() if isinstance(g, DTensor) else g for g in partial]
+                flat = torch.cat([g.reshape(-1) for g in local])
+                dist.all_reduce(flat, group=self.meshes[name]["tp"].get_group())
+                offset = 0
+                for g in local:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
             experts = {id(p) for p in self.expert_params.get(name, ())}
             if experts and m.dp > m.ep:  # expert weights: summed over the ranks holding the same experts
                 from mimo_spec.parallel.expert import sum_expert_grads

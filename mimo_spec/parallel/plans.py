@@ -30,12 +30,15 @@ class TPPlan:
     """``styles``: child name -> TP style; ``divides``: the module's attributes that must divide by tp;
     ``fused``: module -> {child: [rows of each part]} for projections that concatenate several outputs;
     ``sharded``: the module's own parameters (not a child's) split by rows, rank r holding chunk r (None
-    ones are skipped); the module reads its share with ``to_local()``."""
+    ones are skipped); the module reads its share with ``to_local()``. ``partial``: children whose parameters
+    stay whole on every TP rank but see only that rank's heads (Qwen3's per-head q/k RMSNorms): their gradients
+    are summed over the TP ranks (``ParallelContext.sync_grads``)."""
 
     styles: Mapping[str, str]
     divides: tuple[str, ...] = ()
     fused: Callable[[nn.Module], dict[str, list[int]]] | None = field(default=None, compare=False)
     sharded: tuple[str, ...] = ()
+    partial: tuple[str, ...] = ()
 
 
 # how a child is sharded: colwise / rowwise linear, vocabulary-sharded embedding, a column-sharded linear
@@ -105,7 +108,8 @@ def _load_builtins() -> None:
     # q and v biases apart from it (qkv_bias "qv") and per-head q/k norm weights (Chameleon) go with their heads
     _PLANS.setdefault(Attention, TPPlan({"qkv": "colwise", "out": "rowwise"}, ("num_heads", "num_kv_heads"),
                                         _attention_parts, sharded=("q_bias", "v_bias", "q_norm_weight", "q_norm_bias",
-                                                                   "k_norm_weight", "k_norm_bias")))
+                                                                   "k_norm_weight", "k_norm_bias"),
+                                        partial=("q_norm", "k_norm")))
     _PLANS.setdefault(MLP, TPPlan({"fc1": "colwise", "fc2": "rowwise"}, ("ffn_hidden_size",), _mlp_parts))
     # vocabulary-sharded embedding and head (the logits stay sharded for the loss; a tied head multiplies
     # by the sharded embedding weight); the KV cache holds this rank's kv heads only

@@ -101,6 +101,21 @@ def apply_tp(module: nn.Module, tp_mesh, prefix: str, loss_parallel: bool = True
     return fused
 
 
+def tp_partial_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` whose gradients each TP rank holds only in part (its heads' share): the
+    children a plan names ``partial`` (per-head q/k norms, shared by all heads), summed over the TP ranks."""
+    from mimo_spec.parallel.plans import tp_plan_for
+
+    out = []
+    for sub in module.modules():
+        plan = tp_plan_for(sub)
+        for child in plan.partial if plan is not None else ():
+            part = getattr(sub, child, None)
+            if isinstance(part, nn.Module):
+                out += [p for p in part.parameters() if p.requires_grad]
+    return out
+
+
 def canonical(fqn: str, tensor: torch.Tensor, fused: dict[str, torch.Tensor]) -> torch.Tensor:
     """A full, plain tensor in the single-process layout (gathers DTensors, undoes interleaving)."""
     from torch.distributed.tensor import DTensor

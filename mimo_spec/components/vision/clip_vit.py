@@ -52,6 +52,8 @@ class HeadsRMSNorm(RMSNorm):
     """RMSNorm over all heads of a (..., heads, head_dim) tensor at once: InternViT-6B's q/k norm, whose
     statistics span the full width (Qwen3's per-head q/k norm is ``Attention(qk_norm=...)``)."""
 
+    qk_norm_all_heads = True  # a tensor-parallel share of the heads cannot compute it (parallel/checks.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] * x.shape[-1] != self.normalized_shape[0]:  # shapes only: no host sync
             raise RuntimeError(f"qk_norm spans all {self.normalized_shape[0]} channels of the heads, but this "
