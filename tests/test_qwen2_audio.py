@@ -413,3 +413,17 @@ def test_a_pooling_whisper_tower_exports_alone_as_qwen2_audio_encoder(tmp_path):
     node3 = {"module": "whisper_encoder", "params": {**node["params"], "pool_stride": 3}}
     with pytest.raises(ConfigError, match=r"params.pool_stride.*3"):
         export_hf(build_module(node3, kind="encoder"), node3, tmp_path / "three")
+
+
+def test_whisper_towers_run_in_bfloat16_weights():
+    """dtype=bfloat16 builds every weight in bf16, the Whisper tower's sinusoidal position table included (it
+    stayed fp32, promoted the activations and crashed the first bf16 LayerNorm): the Qwen2-Audio preset and the
+    plain audio_whisper modality run forward and backward."""
+    for overrides in (["preset=qwen2_audio_tiny"], ["modality=[audio_whisper]"]):
+        model = build_model(compose_config(overrides), seed=0, dtype="bfloat16")
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, overrides
+        batch = model.example_inputs(batch_size=2, seed=0)
+        out = model(**batch)
+        loss = out.loss if getattr(out, "loss", None) is not None else out.logits.float().square().mean()
+        assert torch.isfinite(loss), overrides
+        loss.backward()

@@ -60,11 +60,12 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     # and meta arange goes through torch's slow reference kernels
     target = torch.empty(0).device
     cpu = torch.device("cpu")
+    dtype = torch.get_default_dtype()  # the model's (built under dtype=bfloat16: bf16, as every other weight)
     if target.type == "meta":
-        return torch.empty(length, channels, dtype=torch.float32, device=target)
+        return torch.empty(length, channels, dtype=dtype, device=target)
     inv_timescales = torch.exp(-log_increment * torch.arange(half, dtype=torch.float32, device=cpu))
     scaled_time = torch.arange(length, dtype=torch.float32, device=cpu)[:, None] * inv_timescales[None, :]
-    return torch.cat((scaled_time.sin(), scaled_time.cos()), dim=1).to(target)
+    return torch.cat((scaled_time.sin(), scaled_time.cos()), dim=1).to(device=target, dtype=dtype)
 
 
 @register("encoder", "whisper_encoder")
@@ -273,7 +274,7 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(self.conv1(x))  # the front end is always exact GELU, whatever the MLP uses
         x = F.gelu(self.conv2(x))  # (N, H, T): over every frame given, padding included (as HF)
         x = x.transpose(1, 2)  # (N, T, H)
-        x = x + self.pos_embed[: x.shape[1]]
+        x = x + self.pos_embed[: x.shape[1]].to(x.dtype)
         if feature_attention_mask is None:
             for layer in self.layers:
                 x = layer(x)
