@@ -197,8 +197,8 @@ def _diverged(what: str, step: int, ckpt_dir: Path) -> Diverged:
     kept = list_checkpoints(ckpt_dir)
     last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved before it"
     return Diverged(f"{what} at step {step}: the training diverged; nothing from step {step} on was saved ({last})",
-                    path="train", hint="lower train.lr, set train.grad_clip (e.g. 1.0) or use train.precision=fp32, "
-                    "then start again in a new run directory")
+                    path="train", hint="lower train.lr, set train.grad_clip (e.g. 1.0), use train.precision=fp32 "
+                    "or fp32 weights (dtype), then start again in a new run directory")
 
 
 def _weights_finite(model, drun=None) -> bool:
@@ -246,6 +246,14 @@ def train(run: RunConfig | DictConfig | dict, out_dir: Path, *, console=None) ->
         missing = "train" if run.train is None else "data"
         raise ConfigError(f"missing: the {missing} section", path=missing, hint=f"see conf/config.yaml for the "
                           f"{missing} section")
+    from mimo_spec.builders.build import parse_dtype
+
+    if parse_dtype(run.dtype) == torch.float16:
+        # AdamW's moments would live in fp16 (small squared gradients round to 0) and nothing scales the loss
+        raise ConfigError("float16 weights do not train here: the optimizer's state would be fp16 and there is no "
+                          "loss scaling, so the run diverges within a few steps", path="dtype",
+                          hint="use dtype=bfloat16, or fp32 weights with train.precision=bf16 (eval and generate "
+                               "take float16)")
     with JobSignals("building the model and the data") as stop:
         return _train(run, out_dir, console, stop)
 
