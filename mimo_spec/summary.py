@@ -52,12 +52,22 @@ def summary_rows(model: nn.Module, depth: int = 3) -> list[tuple[str, str, int, 
         if level + 1 >= depth:
             return
         children = list(module.named_children())
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and children:
-            kinds = {type(c) for _, c in children}
-            if len(kinds) == 1 and len(children) > 1:  # collapse repeated blocks
-                t1, f1 = _counts(children[0][1])
-                rows.append(("  " * (level + 1) + f"[0..{len(children) - 1}]",
-                             f"{len(children)} x {_label(children[0][1])}", t1, f1))
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) > 1:
+            # runs of equal blocks (same component, same trainable / frozen counts) collapse into one row each,
+            # with one block's counts: an MoE LM's dense first layer, a frozen layer or one with adapters keeps a
+            # row of its own
+            runs: list[list] = []
+            for child_name, child in children:
+                key = (_label(child), _counts(child))
+                if runs and runs[-1][0] == key:
+                    runs[-1][2] = child_name
+                    runs[-1][3] += 1
+                else:
+                    runs.append([key, child_name, child_name, 1])
+            if len(runs) < len(children):
+                for (label, (t1, f1)), first, last, n in runs:
+                    name_ = f"[{first}..{last}]" if n > 1 else f"[{first}]"
+                    rows.append(("  " * (level + 1) + name_, f"{n} x {label}" if n > 1 else label, t1, f1))
                 return
         for child_name, child in children:
             if isinstance(child, nn.ModuleDict):  # show dict entries directly: encoders.clip

@@ -117,3 +117,36 @@ def test_freeze_globs_freeze_modules():
     from mimo_spec.errors import ConfigError
     with pytest.raises(ConfigError, match="freeze.0: 'modalities.*.encoderz' matches no module"):
         build_model(tiny_config(freeze=["modalities.*.encoderz"]))
+
+
+def test_summary_collapses_only_runs_of_equal_blocks():
+    """A layer list collapses into runs of blocks with the same component and counts: an MoE LM's dense first
+    layer, a frozen layer and a layer with adapters each keep a row of their own (one row of 3 blocks showed the
+    first block's counts for all); every row's counts are its blocks' own."""
+    from mimo_spec.config import compose_config
+    from mimo_spec.summary import summary_rows
+
+    def layer_rows(*overrides):
+        model = build_model(compose_config(["model.params.num_layers=3", *overrides]), device="meta")
+        rows = summary_rows(model, depth=3)
+        start = next(i for i, r in enumerate(rows) if r[0].strip() == "layers")
+        blocks = model.language_model.layers
+        counts = [(sum(p.numel() for p in b.parameters() if p.requires_grad),
+                   sum(p.numel() for p in b.parameters() if not p.requires_grad)) for b in blocks]
+        depth = len(rows[start][0]) - len(rows[start][0].lstrip()) + 2  # the rows right under "layers"
+        below = []
+        for r in rows[start + 1:]:
+            if len(r[0]) - len(r[0].lstrip()) < depth:
+                break
+            if len(r[0]) - len(r[0].lstrip()) == depth:
+                below.append((r[0].strip(), r[2], r[3]))
+        return below, counts
+
+    rows, counts = layer_rows()
+    assert rows == [("[0..2]", *counts[0])]
+    rows, counts = layer_rows("+model.params.num_experts=4", "+model.params.mlp_only_layers=[0]")
+    assert rows == [("[0]", *counts[0]), ("[1..2]", *counts[1])] and counts[0] != counts[1]
+    rows, counts = layer_rows("freeze=[language_model.layers.0]")
+    assert rows == [("[0]", *counts[0]), ("[1..2]", *counts[1])] and counts[0][0] == 0
+    rows, counts = layer_rows("adapters=[{modules: 'language_model.layers.1.attn.*', rank: 4}]")
+    assert rows == [(str(i), *counts[i]) for i in range(3)] and counts[1] != counts[0] == counts[2]
