@@ -167,7 +167,7 @@ def _world(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
-def layout_check(parallel: Any, world_size: int | None = None) -> Callable:
+def layout_check(parallel: Any, world_size: int | None = None, train: Any = None) -> Callable:
     """A check for :func:`~mimo_spec.builders.build_model`'s ``checks``: the ``parallel`` layout against
     the modules built on the meta device, its problems joining the model's in one ConfigError.
 
@@ -189,8 +189,12 @@ def layout_check(parallel: Any, world_size: int | None = None) -> Callable:
             problems.add("parallel", f"expected a parallel layout (a mapping), got {plain!r}",
                          "choose one with parallel=<layout>, e.g. parallel=single")
         elif plain:
+            try:
+                train_plain = _resolved(train) if train is not None else None
+            except OmegaConfBaseException:  # the train section's own check reports it
+                train_plain = None
             check_parallel_config(SimpleNamespace(parallel=plain, modalities=spec.modalities), lm, modalities,
-                                  problems, world_size)
+                                  problems, world_size, train=train_plain if isinstance(train_plain, dict) else None)
 
     return check
 
@@ -200,4 +204,6 @@ def build_meta_model(cfg: Any):
     layout: one ConfigError lists the model's problems and the layout's."""
     from mimo_spec.builders import build_model
 
-    return build_model(cfg, device="meta", dtype=cfg.get("dtype"), checks=[layout_check(cfg.get("parallel"))])
+    # the batch and microbatch checks and world_size= (as action=layout takes it) as a launched run meets them
+    check = layout_check(cfg.get("parallel"), _world(cfg.get("world_size")), train=cfg.get("train"))
+    return build_model(cfg, device="meta", dtype=cfg.get("dtype"), checks=[check])

@@ -451,7 +451,7 @@ def world_size_from_env() -> int | None:
 
 
 def check_parallel_config(spec, lm, modalities: dict, problems: ProblemCollector,
-                          world_size: int | None = None) -> Layout | None:
+                          world_size: int | None = None, train: dict | None = None) -> Layout | None:
     """The hook ``build_model`` runs on the meta-built modules: layout problems join the other config problems.
 
     The world size is the launcher's (torchrun/SLURM) when there is one, else the layout's own.
@@ -468,6 +468,16 @@ def check_parallel_config(spec, lm, modalities: dict, problems: ProblemCollector
 
         found = ProblemCollector()
         check_model(layout, SimpleNamespace(language_model=lm, modalities=modalities), found)
+        if train is not None:  # the per-rank batch and microbatches, the objective under the layout
+            from mimo_spec.parallel.checks import check_batch, check_train
+
+            try:
+                batch, accum = int(train.get("batch_size", 1)), int(train.get("grad_accum", 1))
+            except (TypeError, ValueError):  # the train section's own check reports it
+                batch = accum = None
+            if batch is not None:
+                check_batch(layout, batch, accum, found)
+                check_train(layout, train, found)
         _dedupe(found)
         problems.problems.extend(found.problems)
     return layout
