@@ -504,11 +504,27 @@ def run_layout_action(cfg) -> int:
 
 def _compile_backend(name: str, path: str, problems) -> str | bool:
     """A torch.compile backend name, checked against the registered ones (dynamo loads only here)."""
-    from torch._dynamo import list_backends
+    from torch._dynamo import list_backends, lookup_backend
 
-    known = list_backends(exclude_tags=())
+    known = [b for b in list_backends(exclude_tags=()) if not b.endswith("TESTING_ONLY")]  # torch's own test hooks
     if name not in known:
         problems.add(path, f"unknown torch.compile backend {name!r}: expected true, false or one of "
                      f"{', '.join(sorted(known))}", did_you_mean(name, known))
+        return False
+    import importlib.util
+
+    # registered is not installed: these backends import their package only when they first compile
+    package = {"tvm": "tvm", "openxla": "torch_xla", "openxla_eval": "torch_xla", "onnxrt": "onnxruntime",
+               "tensorrt": "torch_tensorrt", "torch_tensorrt": "torch_tensorrt",
+               "ipex": "intel_extension_for_pytorch"}.get(name)
+    try:
+        lookup_backend(name)
+        missing = package is not None and importlib.util.find_spec(package) is None
+    except Exception:  # noqa: BLE001 - whatever the backend's registration raises
+        missing = True
+    if missing:
+        problems.add(path, f"torch.compile backend {name!r} cannot run here: "
+                     f"{'its package ' + repr(package) + ' is not installed' if package else 'it does not load'}",
+                     "install it, or use compile: true (inductor)")
         return False
     return name
