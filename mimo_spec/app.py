@@ -102,7 +102,20 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         build_meta_model(cfg)  # first the model's and its layout's own problems, as for every action
         return run_layout_action(cfg)
 
-    model = build_meta_model(cfg)  # the model's checks and the parallel layout's, in one error
+    try:
+        model = build_meta_model(cfg)  # the model's checks and the parallel layout's, in one error
+    except ConfigError as model_error:  # every problem at once: the other sections' too
+        extra = []
+        try:
+            RunConfig.from_config(cfg)
+        except ConfigError as section_error:
+            seen = {(p.path, p.message) for p in model_error.problems}
+            extra = [p for p in section_error.problems if (p.path, p.message) not in seen]
+        except Exception:  # noqa: BLE001 - a section that cannot even be read: the model's error says enough
+            extra = []
+        if extra:
+            raise ConfigError([*model_error.problems, *extra]) from None
+        raise
 
     def record() -> None:
         if out_dir is not None:
