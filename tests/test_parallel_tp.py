@@ -142,11 +142,12 @@ def test_two_ranks_vocab_parallel_loss_tied_embeddings_and_generation(tmp_path):
 def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):
     """2-D mesh: TP 2 x FSDP 2 with tied embeddings (the embedding is vocab-sharded over TP and
     sharded again by FSDP, the head reads it through the language model's FSDP unit); generation
-    under pp2 x dp2 from a TP 2 x FSDP 2 checkpoint."""
+    under pp2 x dp2 from a TP 2 x FSDP 2 checkpoint; per-head q/k norms under TP 2 x FSDP 2 equal one process."""
     from mimo_spec.train.loop import train
 
     # and generation under pp2 on 4 ranks (the model replicated on every rank)
-    r = run_ranks(4, WORKER, tmp_path, "train:tp2_fsdp:tied,train:tp2_fsdp,generate:pp2:train_tp2_fsdp")
+    r = run_ranks(4, WORKER, tmp_path,
+                  "train:tp2_fsdp:tied,train:tp2_fsdp,generate:pp2:train_tp2_fsdp,train:tp2_fsdp:qknorm")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     ref = single_generation(tmp_path, "train_tp2_fsdp")
     assert len(ref) == 12 and len(set(ref)) > 1
@@ -156,6 +157,13 @@ def test_four_ranks_tied_embeddings_under_tp_and_fsdp(tmp_path):
     assert losses(tmp_path / "train_tp2_fsdp_tied") == pytest.approx(losses(tmp_path / "single_tied"), rel=RTOL)
     assert_same_weights(final_weights(tmp_path / "train_tp2_fsdp_tied", [TIED]),
                         final_weights(tmp_path / "single_tied", [TIED]))
+    # per-head q/k RMSNorms under TP 2 x FSDP 2: their FSDP shards' gradients summed over the TP peers
+    from tp_worker import QK_NORM
+
+    train(config("single", [QK_NORM]), tmp_path / "single_qknorm")
+    assert losses(tmp_path / "train_tp2_fsdp_qknorm") == pytest.approx(losses(tmp_path / "single_qknorm"), rel=RTOL)
+    assert_same_weights(final_weights(tmp_path / "train_tp2_fsdp_qknorm", [QK_NORM]),
+                        final_weights(tmp_path / "single_qknorm", [QK_NORM]))
 
 
 def test_loss_parallel_key_and_tied_embeddings_in_layouts():
