@@ -91,7 +91,6 @@ def _env_allowed(name: str) -> bool:
 
 # launcher options submitit runs as shell lines (before srun, or as srun's arguments in the sbatch script)
 _SHELL_LINES = ("setup", "srun_args")
-_SBATCH_VALUE = re.compile(r"^[\w.,:@%/+=\-]*$")  # an sbatch option's value a config file may set: no shell syntax
 
 
 def _override_keys(overrides) -> set[str]:
@@ -107,8 +106,8 @@ def _override_keys(overrides) -> set[str]:
 def _check_launcher_shell(launcher: dict, overrides, problems: ProblemCollector) -> None:
     """Shell lines the launcher runs (``setup``, ``srun_args``) only from the command line, where the person
     starting the run typed them: a config file (a shared preset, a search-path folder) may not run commands.
-    A line break in any launcher string is refused (it would start a shell line in the sbatch script), and a
-    config file's ``additional_parameters`` must be plain option values."""
+    A line break in any launcher string is refused (it would start a shell line in the sbatch script), and an
+    ``additional_parameters`` key must be an option name (its value is shell-quoted by submitit)."""
     given = _override_keys(overrides)
 
     def strings(node, keys):
@@ -133,14 +132,11 @@ def _check_launcher_shell(launcher: dict, overrides, problems: ProblemCollector)
                      "command line, not by a config file (a config must not run commands)",
                      f"pass it when you start the sweep: 'hydra.launcher.{name}=[...]', or set it up in your shell")
     extra = launcher.get("additional_parameters")
-    if isinstance(extra, dict) and "hydra.launcher.additional_parameters" not in given:
-        for k, v in extra.items():
-            if f"hydra.launcher.additional_parameters.{k}" in given:
-                continue
-            if not re.fullmatch(r"[\w\-]+", str(k)) or not _SBATCH_VALUE.match(str(v)):
-                problems.add(f"hydra.launcher.additional_parameters.{k}", f"{v!r}: an sbatch option set by a config "
-                             "file must be a plain value (letters, digits, . , : @ % / + = -)",
-                             "pass it on the command line if you mean it")
+    if isinstance(extra, dict):  # values are shell-quoted on #SBATCH lines; an option's name is not
+        for k in extra:
+            if not re.fullmatch(r"[\w\-]+", str(k)):
+                problems.add(f"hydra.launcher.additional_parameters.{k}", f"{k!r} is not an sbatch option name "
+                             "(letters, digits, _ and -)", "name the option as sbatch spells it, e.g. mail-type")
 
 
 def check_hydra_config(cfg, overrides=None) -> None:

@@ -118,7 +118,10 @@ def _trust_only_this_command(trained_cfg: DictConfig, run: RunConfig, path: Path
 
 
 # overrides that would change the model a checkpoint's run built: eval and generate build that run's model
-_MODEL_KEYS = ("model", "modality", "modalities", "preset", "dtype", "adapters", "trainable", "freeze")
+_MODEL_KEYS = ("model", "modality", "modalities", "preset", "dtype", "adapters", "trainable", "freeze", "backend",
+               "init_from")
+# a group override stands for these config paths
+_GROUP_PATHS = {"preset": ("model", "modalities"), "modality": ("modalities",)}
 # data keys tied to the model's inputs: an eval on other data keeps the checkpoint's unless set explicitly
 _MODEL_BOUND_DATA = ("tokenizer", "template", "special_tokens_start", "image_mean", "image_std", "image_resize",
                      "image_resample", "image_processor")
@@ -134,11 +137,33 @@ def _override_keys(run: RunConfig) -> list[str]:
     return keys
 
 
-def _check_checkpoint_overrides(run: RunConfig, key: str) -> list[str]:
+def _same_as_trained(run: RunConfig, trained_cfg: DictConfig, key: str) -> bool:
+    """Whether override ``key`` leaves the config as the checkpoint's run recorded it (naming the run's own
+    model, as a layout check of the command's model may need: ``model=llama3_8b parallel=tp8``)."""
+    if run.source is None:
+        return False
+    top = key.split(".")[0].split("/")[0]
+    paths = _GROUP_PATHS.get(top, (key if "." in key else top,))
+    try:
+        for path in paths:
+            mine = OmegaConf.select(OmegaConf.create(run.source) if not OmegaConf.is_config(run.source)
+                                    else run.source, path)
+            theirs = OmegaConf.select(trained_cfg, path)
+            plain = [OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x for x in (mine, theirs)]
+            if plain[0] != plain[1]:
+                return False
+    except Exception:  # noqa: BLE001 - an unresolvable value cannot be shown to be the same
+        return False
+    return True
+
+
+def _check_checkpoint_overrides(run: RunConfig, key: str, trained_cfg: DictConfig) -> list[str]:
     """The data keys the command sets (eval takes them); a ConfigError for overrides the job would ignore: the
-    model comes from the checkpoint's run, and so does generate's data."""
+    model comes from the checkpoint's run, and so does generate's data. An override that names what the run
+    recorded anyway is fine."""
     keys = _override_keys(run)
-    ignored = [k for k in keys if k.split(".")[0].split("/")[0] in _MODEL_KEYS]
+    ignored = [k for k in keys if k.split(".")[0].split("/")[0] in _MODEL_KEYS
+               and not _same_as_trained(run, trained_cfg, k)]
     data = [k for k in keys if k == "data" or k.startswith("data.")]
     if key == "generate":
         ignored += data
@@ -193,9 +218,9 @@ def _load_trained(run: RunConfig, key: str):
     from mimo_spec.train.loop import check_backend_device
     from mimo_spec.train.schema import TrainConfig, validate_section
 
-    data_keys = _check_checkpoint_overrides(run, key)
     section = getattr(run, key)
     path, trained_cfg = checkpoint_config(section.checkpoint if section is not None else None, key)
+    data_keys = _check_checkpoint_overrides(run, key, trained_cfg)
     _trust_only_this_command(trained_cfg, run, path)
     device = run_device(run.train.device if run.train is not None else None)  # this command's, not the training run's
     # in the dtype it was trained in (a bf16 run's weights stay bf16)

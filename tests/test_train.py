@@ -145,11 +145,19 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_d
     del state["config"]["train"]["dpo"]["disable_dropout"]
     del state["config"]["data"]["max_bad_fraction"]
     state_file.write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match=r"train.dpo.disable_dropout: '<absent>' -> False"):
-        train(cfg("train.steps=3", *common, "train.dpo.disable_dropout=false"), run)
+    with pytest.raises(ConfigError, match=r"data.max_bad_fraction: '<absent>' -> 0.5"):
+        train(cfg("train.steps=3", *common, "data.max_bad_fraction=0.5"), run)
     capsys.readouterr()
-    result = train(cfg("train.steps=3", *common), run)
+    result = train(cfg("train.steps=3", *common), run)  # an SFT run: train.dpo.* does nothing, whatever its value
     assert result["status"] == "completed" and "resumed from" in capsys.readouterr().out
+    # a key whose absence meant the run did not do it (a DPO run's dropout was not turned off before
+    # disable_dropout existed): the new default is a change, the old behaviour is not
+    from mimo_spec.train.loop import config_changes
+
+    old_dpo = {"train": {"objective": "dpo", "dpo": {"beta": 0.1}}}
+    assert config_changes(old_dpo, {"train": {"objective": "dpo", "dpo": {"beta": 0.1, "disable_dropout": True}}}) \
+        == ["train.dpo.disable_dropout: '<absent>' -> True"]
+    assert config_changes(old_dpo, {"train": {"objective": "dpo", "dpo": {"beta": 0.1, "disable_dropout": False}}}) == []
 
 
 def test_running_a_completed_run_again_keeps_its_numbers_and_metrics_json_is_strict(tmp_path):
@@ -279,6 +287,9 @@ def test_cli_default_job_then_eval_generate_and_sigterm(cli, tmp_path):
         r2 = cli("action=eval", f"eval.checkpoint={run}", bad)
         assert r2.returncode == 2 and f"{key}: action=eval uses the model the checkpoint was trained with" in r2.stderr
         assert "Traceback" not in r2.stderr
+    # naming the run's own model (as a layout check of the command's model may need) is no change: it runs
+    r2 = cli("action=eval", f"eval.checkpoint={run}", "model=llama_tiny", "modality=[vision_clip]", "dtype=float32")
+    assert r2.returncode == 0 and tokens(r2.stdout) == tokens(r.stdout), r2.stderr
     r2 = cli("action=generate", f"generate.checkpoint={run}", "data.eval_samples=4", "generate.prompt=Hi")
     assert r2.returncode == 2 and "data.eval_samples: action=generate uses the model and data" in r2.stderr
 

@@ -101,6 +101,8 @@ def _step_of(ckpt: Path) -> int:
 
 
 _NO_DEFAULT = object()
+# keys whose absence from an older record means another value than today's default: the run did not do it
+_BEFORE_THE_KEY = {"train.dpo.disable_dropout": False}
 
 
 def schema_default(path: str, new: dict) -> object:
@@ -111,6 +113,8 @@ def schema_default(path: str, new: dict) -> object:
 
     from mimo_spec.train.schema import TrainConfig
 
+    if path in _BEFORE_THE_KEY:
+        return _BEFORE_THE_KEY[path]
     parts = path.split(".")
     if parts[0] == "train":
         cls = TrainConfig
@@ -142,6 +146,8 @@ def config_changes(old: dict, new: dict, prefix: str = "", root: dict | None = N
         path = f"{prefix}{key}"
         if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
             continue
+        if path == "train.dpo" and ((root.get("train") or {}).get("objective", "sft") != "dpo"):
+            continue  # DPO's settings do nothing in an SFT run
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_changes(a, b, path + ".", root)
