@@ -162,6 +162,20 @@ def check_executable(layout: Layout) -> None:
     problems.raise_if_any()
 
 
+def _sum_flat(grads: list[torch.Tensor], group) -> None:
+    """Sum ``grads`` (plain tensors, changed in place) over ``group``: one all-reduce of one flat buffer."""
+    import torch.distributed as dist
+
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 class ParallelContext:
     """One rank's view of a running layout: meshes per module, and how to shard and sync."""
 
@@ -379,23 +393,16 @@ class ParallelContext:
         losses need a sum, reduces on every micro-batch of an accumulated step, and renames the
         parameters (``module.``), which checkpoints and parameter-group globs see.
         """
-        import torch.distributed as dist
         from torch.distributed.tensor import DTensor
 
         for name, m in self.layout.modules.items():
             module = self._module(model, name)
             if module is None or self.rank not in m.ranks:
                 continue
-            partial = [module.get_parameter(n).grad for n in self.tp_partial.get(name, ())]
-            partial = [g for g in partial if g is not None]
-            if partial:  # per-head q/k norms: each TP rank's gradient covers its heads only
-                local = [g.to_local() if isinstance(g, DTensor) else g for g in partial]
-                flat = torch.cat([g.reshape(-1) for g in local])
-                dist.all_reduce(flat, group=self.meshes[name]["tp"].get_group())
-                offset = 0
-                for g in local:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
+            if self.tp_partial.get(name):  # per-head q/k norms: each TP rank's gradient covers its heads only
+                partial = [module.get_parameter(n).grad for n in self.tp_partial[name]]
+                _sum_flat([g.to_local() if isinstance(g, DTensor) else g for g in partial if g is not None],
+                          self.meshes[name]["tp"].get_group())
             experts = {id(p) for p in self.expert_params.get(name, ())}
             if experts and m.dp > m.ep:  # expert weights: summed over the ranks holding the same experts
                 from mimo_spec.parallel.expert import sum_expert_grads
@@ -405,14 +412,7 @@ class ParallelContext:
                 continue
             grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                      for p in module.parameters() if p.grad is not None and id(p) not in experts]
-            if not grads:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.meshes[name]["dp_replicate"].get_group())
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            _sum_flat(grads, self.meshes[name]["dp_replicate"].get_group())
 
     @staticmethod
     def _module(model: nn.Module, name: str) -> nn.Module | None:
