@@ -93,13 +93,13 @@ def _env_allowed(name: str) -> bool:
 _SHELL_LINES = ("setup", "srun_args")
 
 
-def _override_keys(overrides) -> set[str]:
-    """The dotted keys the command-line overrides set (``+`` / ``++`` / ``~`` prefixes dropped)."""
-    keys = set()
+def override_keys(overrides) -> list[str]:
+    """The dotted keys (or group names) command-line overrides set, in order (``+`` / ``++`` / ``~`` dropped)."""
+    keys = []
     for text in overrides or ():
         key = str(text).split("=", 1)[0].lstrip("+~").strip()
-        if key:
-            keys.add(key)
+        if key and key not in keys:
+            keys.append(key)
     return keys
 
 
@@ -108,7 +108,7 @@ def _check_launcher_shell(launcher: dict, overrides, problems: ProblemCollector)
     starting the run typed them: a config file (a shared preset, a search-path folder) may not run commands.
     A line break in any launcher string is refused (it would start a shell line in the sbatch script), and an
     ``additional_parameters`` key must be an option name (its value is shell-quoted by submitit)."""
-    given = _override_keys(overrides)
+    given = set(override_keys(overrides))
 
     def strings(node, keys):
         if isinstance(node, str):

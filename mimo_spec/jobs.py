@@ -127,16 +127,6 @@ _MODEL_BOUND_DATA = ("tokenizer", "template", "special_tokens_start", "image_mea
                      "image_resample", "image_processor")
 
 
-def _override_keys(run: RunConfig) -> list[str]:
-    """The dotted keys (or group names) the command line set."""
-    keys = []
-    for text in run.command_overrides:
-        key = text.split("=", 1)[0].lstrip("+~").strip()
-        if key:
-            keys.append(key)
-    return keys
-
-
 def _same_as_trained(run: RunConfig, trained_cfg: DictConfig, key: str) -> bool:
     """Whether override ``key`` leaves the config as the checkpoint's run recorded it (naming the run's own
     model, as a layout check of the command's model may need: ``model=llama3_8b parallel=tp8``)."""
@@ -144,10 +134,10 @@ def _same_as_trained(run: RunConfig, trained_cfg: DictConfig, key: str) -> bool:
         return False
     top = key.split(".")[0].split("/")[0]
     paths = _GROUP_PATHS.get(top, (key if "." in key else top,))
+    source = run.source if OmegaConf.is_config(run.source) else OmegaConf.create(run.source)
     try:
         for path in paths:
-            mine = OmegaConf.select(OmegaConf.create(run.source) if not OmegaConf.is_config(run.source)
-                                    else run.source, path)
+            mine = OmegaConf.select(source, path)
             theirs = OmegaConf.select(trained_cfg, path)
             plain = [OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x for x in (mine, theirs)]
             if plain[0] != plain[1]:
@@ -161,7 +151,9 @@ def _check_checkpoint_overrides(run: RunConfig, key: str, trained_cfg: DictConfi
     """The data keys the command sets (eval takes them); a ConfigError for overrides the job would ignore: the
     model comes from the checkpoint's run, and so does generate's data. An override that names what the run
     recorded anyway is fine."""
-    keys = _override_keys(run)
+    from mimo_spec.hydra_guard import override_keys
+
+    keys = override_keys(run.command_overrides)
     ignored = [k for k in keys if k.split(".")[0].split("/")[0] in _MODEL_KEYS
                and not _same_as_trained(run, trained_cfg, k)]
     data = [k for k in keys if k == "data" or k.startswith("data.")]

@@ -66,16 +66,15 @@ class OutputTargets:
 
     def __init__(self, model, image_root: Path | None = None, audio_root: Path | None = None, *,
                  image_resize: str = "squash", image_resample: str = "bicubic", image_mean=(0.5, 0.5, 0.5)):
-        from mimo_spec.data.preprocess import IMAGE_RESIZES, pil_filter
+        from mimo_spec.data.preprocess import IMAGE_RESIZES, per_channel, pil_filter
 
         if image_resize not in IMAGE_RESIZES:
             raise ConfigError(f"unknown image_resize {image_resize!r}", path="data.image_resize",
                               hint=f"one of {', '.join(IMAGE_RESIZES)}")
         pil_filter(image_resample)  # an unknown filter is a config error now, not at the first sample
-        mean = [float(m) for m in (image_mean if isinstance(image_mean, (list, tuple)) else [image_mean])]
-        mean = mean * 3 if len(mean) == 1 else mean
+        mean, _ = per_channel(image_mean if isinstance(image_mean, (list, tuple)) else [image_mean], [1.0], 3)
         # pad / fit: the background LLaVA's and Janus's processors use, int() of the mean colour
-        self.image_geometry = (image_resize, image_resample, tuple(int(m * 255) for m in mean[:3]))
+        self.image_geometry = (image_resize, image_resample, tuple(int(m * 255) for m in mean))
         self.tags = output_tags(model)
         self.spec = {}
         for name, mod in model.modalities.items():

@@ -103,22 +103,6 @@ def shard_experts(module: nn.Module, ep_mesh, index: int) -> list[nn.Parameter]:
     return params
 
 
-def sum_expert_grads(params: list[nn.Parameter], group) -> None:
-    """Sum the (local shards of the) gradients of replicated expert weights over ``group``: the ranks holding
-    the same experts. One all-reduce of one flat buffer."""
-    import torch.distributed as dist
-
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def ep_groups(m) -> list[list[int]]:
     """The EP groups of a module layout ``m`` (ranks holding different experts of one copy), each ascending."""
     groups = []

@@ -162,10 +162,12 @@ def check_executable(layout: Layout) -> None:
     problems.raise_if_any()
 
 
-def _sum_flat(grads: list[torch.Tensor], group) -> None:
-    """Sum ``grads`` (plain tensors, changed in place) over ``group``: one all-reduce of one flat buffer."""
+def _sum_grads(params, group) -> None:
+    """Sum the gradients (their local shards) of ``params`` over ``group``, in place: one all-reduce of one
+    flat buffer (parameters without a gradient are left out)."""
     import torch.distributed as dist
 
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -393,26 +395,20 @@ class ParallelContext:
         losses need a sum, reduces on every micro-batch of an accumulated step, and renames the
         parameters (``module.``), which checkpoints and parameter-group globs see.
         """
-        from torch.distributed.tensor import DTensor
-
         for name, m in self.layout.modules.items():
             module = self._module(model, name)
             if module is None or self.rank not in m.ranks:
                 continue
             if self.tp_partial.get(name):  # per-head q/k norms: each TP rank's gradient covers its heads only
-                partial = [module.get_parameter(n).grad for n in self.tp_partial[name]]
-                _sum_flat([g.to_local() if isinstance(g, DTensor) else g for g in partial if g is not None],
-                          self.meshes[name]["tp"].get_group())
+                _sum_grads([module.get_parameter(n) for n in self.tp_partial[name]],
+                           self.meshes[name]["tp"].get_group())
             experts = {id(p) for p in self.expert_params.get(name, ())}
             if experts and m.dp > m.ep:  # expert weights: summed over the ranks holding the same experts
-                from mimo_spec.parallel.expert import sum_expert_grads
-
-                sum_expert_grads(self.expert_params[name], self.ep_meshes[name]["edp"].get_group())
+                _sum_grads(self.expert_params[name], self.ep_meshes[name]["edp"].get_group())
             if m.dp_shard > 1 or m.dp_replicate == 1:
                 continue
-            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                     for p in module.parameters() if p.grad is not None and id(p) not in experts]
-            _sum_flat(grads, self.meshes[name]["dp_replicate"].get_group())
+            _sum_grads([p for p in module.parameters() if id(p) not in experts],
+                       self.meshes[name]["dp_replicate"].get_group())
 
     @staticmethod
     def _module(model: nn.Module, name: str) -> nn.Module | None:
