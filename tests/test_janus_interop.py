@@ -34,6 +34,14 @@ def _tiny_janus(**vision_kw):
     return perturb(hf, scale=0.05, louder=lambda n: "language_model" in n or "generation_" in n, louder_scale=0.5)
 
 
+def _understanding_prompt():
+    """(ids (1, 24), pixels, the generator drawn from): text, 16 image placeholders, text; one image of 32 px."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 90, (1, 24), generator=g)
+    ids[0, 0], ids[0, 4:20] = BOS, IMG
+    return ids, torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, g
+
+
 @pytest.fixture(scope="module")
 def janus():
     hf = _tiny_janus()
@@ -48,11 +56,7 @@ def test_janus_import_understanding_logits_and_vq_codes_equal_transformers(janus
                              "item_kind": "image"}
     assert gen["submodules"]["tokenizer"]["module"] == "janus_vq"
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
-    g = torch.Generator().manual_seed(1)
-    # understanding: text, 16 image placeholders, text; one image of 32 px
-    ids = torch.randint(3, 90, (1, 24), generator=g)
-    ids[0, 0], ids[0, 4:20] = BOS, IMG
-    px = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    ids, px, g = _understanding_prompt()
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=px).logits
         out = model(ids, {"images": {"siglip": {"pixel_values": px}}}).logits
@@ -195,10 +199,7 @@ def test_janus_vision_tower_without_attention_bias_imports_and_exports(tmp_path)
 
     hf = _tiny_janus(attention_bias=False).eval()
     assert hf.model.vision_model.encoder.layers[0].self_attn.q_proj.bias is None
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 90, (1, 24), generator=g)
-    ids[0, 0], ids[0, 4:20] = BOS, IMG
-    px = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    ids, px, _ = _understanding_prompt()
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=px).logits
     hf.save_pretrained(tmp_path / "hf")
