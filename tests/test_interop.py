@@ -401,3 +401,25 @@ def test_llama3_rope_scaling_imports_and_exports_exactly(tmp_path):
     bad["model"]["params"]["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
     with pytest.raises(ConfigError, match=r"model\.params\.rope_scaling.*missing low_freq_factor"):
         build_model(bad, device="meta")
+
+
+@pytest.mark.parametrize("preset, text, count", [
+    ("llava_1_5_7b", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+     7_063_427_072),
+    ("llava_1_5_13b", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+     13_351_494_656)])
+def test_llava_1_5_presets_are_the_releases(preset, text, count):
+    """llava-hf/llava-1.5-{7b,13b}-hf's configs (Vicuna v1.5, CLIP ViT-L/14-336 at layer -2, vocabulary 32064,
+    image token 32000): transformers' model on meta has the preset's parameter count (the preset leaves the
+    LM's and tower's defaults unwritten, so its values are not compared key by key here; LLaVA's import is
+    checked against transformers' logits and loss in test_llava_end_to_end_with_loss)."""
+    from conftest import check_preset_is_the_release
+
+    vision = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=dict(model_type="llama", vocab_size=32064, max_position_embeddings=4096,
+                                               rms_norm_eps=1e-5, **text),
+        image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False)
+    check_preset_is_the_release(preset, transformers.LlavaForConditionalGeneration, config, count, keys=())
