@@ -84,14 +84,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = logp.exp_()  # softmax, in place
             g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
             g.mul_(sc[:, None])
-            g = g.to(h.dtype) if not torch.is_autocast_enabled(h.device.type) else g
+            if torch.is_autocast_enabled(h.device.type):
+                # both products in autocast's dtype, as F.linear's backward runs them; by hand, since the
+                # in-place addmm_ below is not autocast and would run a full-precision GEMM (on a GPU 10x
+                # slower: half of Qwen2-VL-2B's head on an H200)
+                dtype = torch.get_autocast_dtype(h.device.type)
+                g, h = g.to(dtype), h.to(dtype)
+            else:
+                g = g.to(h.dtype)
             if need_h:
                 grad_h[start:start + chunk] = (g @ weight).to(hidden.dtype)
             if need_w and grad_w is not None and g.dtype == h.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), h)  # the GEMM adds into the sum: no (V, H) temporary and add per chunk
-            elif need_w:
-                part = (g.t() @ h).to(torch.float32)
-                grad_w = part if grad_w is None else grad_w.add_(part)
+            elif need_w:  # a low-precision part, summed in fp32
+                part = g.t() @ h
+                grad_w = part.to(torch.float32) if grad_w is None else grad_w.add_(part)
         if need_w and grad_w is None:  # no row: a zero gradient still reaches the weight (DDP waits for it)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
@@ -106,6 +113,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 LINEAR_CE_CHUNK_ELEMENTS = 2**24  # logits of one chunk at most (64 MiB in fp32)
+# on a GPU a chunk may hold 16x more (1 GiB of fp32 logits; transformers' unfused head holds all of them, several
+# times over): with a large vocabulary the 64 MiB chunk is ~100 rows, too few for the head's GEMMs to run at
+# full rate, and under autocast each chunk adds a (V, H) fp32 part into the head's gradient. Qwen2-VL-2B's
+# 151,936-token head at 8,192 rows on an H200: 75 chunks made the training step 1.4x transformers'
+LINEAR_CE_CHUNK_ELEMENTS_GPU = 2**28
 # on the CPU a chunk holds at most this many rows: enough for the head's GEMMs to run at full rate, and with a
 # small vocabulary the chunk's logits stay cache-sized for the soft-max passes and the two backward GEMMs that
 # read them (5% off the Mixtral-like training step of benchmarks/train_step_vs_hf_moe.py, vocabulary 4096)
@@ -117,12 +129,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     """``sum_i scale_i * CE(hidden_i @ weight.T, target_i)`` (hidden (K, H), weight (V, H), target (K,) with
     -100 for a row that is not scored, scale (K,)): the LM loss of a plain (bias-free, unsharded) head without
     materialising the (K, V) logits: equal to ``F.cross_entropy`` on ``F.linear(hidden, weight)`` in value and
-    gradients, a chunk of rows (``LINEAR_CE_CHUNK_ELEMENTS`` logits at most; ``LINEAR_CE_CHUNK_ROWS_CPU`` rows at
-    most on the CPU) at a time."""
+    gradients, a chunk of rows (``LINEAR_CE_CHUNK_ELEMENTS`` logits at most, ``LINEAR_CE_CHUNK_ELEMENTS_GPU`` on
+    an accelerator; ``LINEAR_CE_CHUNK_ROWS_CPU`` rows at most on the CPU) at a time."""
     ignored = target == IGNORE_INDEX
     target = target.masked_fill(ignored, 0)
     scale = scale.float().masked_fill(ignored, 0.0)
-    chunk = max(1, LINEAR_CE_CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    budget = LINEAR_CE_CHUNK_ELEMENTS if hidden.device.type in ("cpu", "meta") else LINEAR_CE_CHUNK_ELEMENTS_GPU
+    chunk = max(1, budget // max(1, weight.shape[0]))
     if hidden.device.type == "cpu":
         chunk = min(chunk, LINEAR_CE_CHUNK_ROWS_CPU)
     return _LinearCrossEntropy.apply(hidden, weight, target, scale, chunk, torch.is_grad_enabled())
