@@ -126,8 +126,9 @@ def test_te_unavailable_is_a_config_error_naming_the_node():
 def test_run_device_defaults_to_the_local_ranks_gpu(monkeypatch):
     from mimo_spec.parallel.env import run_device
 
-    assert run_device("cpu") == torch.device("cpu") and run_device(None) == torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    # with a GPU, the current one by index (cuda:0, not the index-less cuda, which compares unequal)
+    assert run_device("cpu") == torch.device("cpu") and run_device(None) == (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
