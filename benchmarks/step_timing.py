@@ -138,3 +138,25 @@ def print_breakdown(parts: dict[str, dict[str, float]], ours: str = "mimo-spec")
         if name != ours:
             print(f"  ours / {name}: {parts[ours]['total'] / p['total']:.2f}x profiled; floor with no 'other' "
                   f"time at all {shared / p['total']:.2f}x; 'other' alone {parts[ours]['other'] / p['other']:.2f}x")
+
+
+def print_device_profile(steps: dict[str, Callable[[], object]], repeats: int = 3, rows: int = 14) -> None:
+    """On a GPU: for each of ``steps``, the ops that take the most device time (profiled ``repeats`` steps after
+    one warm-up; self time per step) and the step's total kernel time, to read two sides' steps against."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, fn in steps.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        ops = sorted((e for e in events if e.device_type == DeviceType.CPU and e.self_device_time_total > 0),
+                     key=lambda e: -e.self_device_time_total)
+        print(f"\n{name}: kernels {kernels / 1000 / repeats:.1f} ms/step; ops by device self time (ms/step, calls/step):")
+        for e in ops[:rows]:
+            print(f"  {e.self_device_time_total / 1000 / repeats:8.2f}  {e.count / repeats:6.0f}  {e.key}")
