@@ -5,6 +5,8 @@
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 ...`.
 # Writes its log to ${OUT:-/tmp/gpu_check}/log.
 # Each step has its own time limit, so one that hangs costs only its share; the whole runs in ~5 minutes.
+# `bash benchmarks/gpu_check.sh [all|bench|cli]`: cli runs only the command-line jobs on the GPU (train with
+# bf16 autocast, eval, generate; a native-resolution VLM; an MoE LM), bench only the test and the benchmarks.
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -12,10 +14,21 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+what=${1:-all}
 {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 python3 -c "import transformer_engine.pytorch as te; print('transformer-engine', te.__version__)" 2>&1 | tail -1
+job() { local limit=$1; shift; echo "== cli.py $*"; timeout "$limit" python3 cli.py "$@" 2>&1 | grep -v Warning | tail -3; echo "(rc $?)"; }
+if [ "$what" != bench ]; then
+  job 90 train.steps=60 train.precision=bf16 hydra.run.dir=/tmp/gpu_run
+  job 60 action=eval eval.checkpoint=/tmp/gpu_run
+  job 60 action=generate generate.checkpoint=/tmp/gpu_run
+  job 90 preset=qwen2_vl_tiny train.steps=30 train.precision=bf16 hydra.run.dir=/tmp/gpu_qwen2vl
+  job 90 +model.params.num_experts=4 +model.params.num_experts_per_tok=2 train.steps=30 train.precision=bf16 \
+    hydra.run.dir=/tmp/gpu_moe
+  [ "$what" = cli ] && exit 0
+fi
 echo "== tests/test_te_backend.py"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rs tests/test_te_backend.py 2>&1 | tail -6
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" python3 "$@" 2>&1 | grep -v Warning | tail -12; echo "(rc $?)"; }

@@ -136,3 +136,22 @@ def test_summary_names_each_modalitys_placeholders_per_item():
     assert "modalities.videos" in text and "modality -> images" in text
     llava = render_summary(build_model(compose_config(["preset=llava_1_5_7b"]), device="meta"))
     assert "modalities.images: 576 placeholders per item" in llava
+
+
+def test_build_time_example_item_is_drawn_on_the_host(monkeypatch):
+    """The projector check draws one example item of a native-resolution encoder with a CPU generator. The
+    model is built under its device's context (on a GPU, CUDA's), where such a draw fails ("Expected a
+    'cuda' device type for generator"): the example must be drawn under the host's, whatever the model's
+    device. A build on meta records the default device the example was drawn under."""
+    from mimo_spec.components.vision.qwen_vit import QwenViT
+
+    seen = []
+    original = QwenViT.example_inputs
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_default_device())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenViT, "example_inputs", recording)
+    build_model(compose_config(["preset=qwen2_vl_tiny"]), device="meta")
+    assert seen and all(d == torch.device("cpu") for d in seen), seen

@@ -132,7 +132,10 @@ def _check_token_counts(p: str, mod: nn.Module, problems: ProblemCollector) -> N
         if not hasattr(enc, "example_inputs") or not hasattr(proj, "tokens_out"):
             continue
         if getattr(enc, "grid_inputs", None):  # items of any size: an example item's count, from its grid
-            tokens = int(enc.item_tokens(enc.example_inputs(1, generator=torch.Generator()))[0])
+            # drawn on the host, where its generator is: the model may be built under a GPU device context,
+            # where a CPU generator cannot draw (seen on an H200: preset=qwen2_vl_tiny could not be built)
+            with torch.device("cpu"):
+                tokens = int(enc.item_tokens(enc.example_inputs(1, generator=torch.Generator()))[0])
         elif hasattr(enc, "tokens_per_item"):
             with torch.device("meta"), _random_as_empty():  # shapes only, nothing allocated
                 shape = tuple(next(iter(enc.example_inputs(1).values())).shape)

@@ -592,7 +592,8 @@ class Modality(nn.Module):
                 encoder = src.encoders[enc]
                 given = grid_of(encoder, kws)
                 if given is not None:  # an example item under the given names (grids stay on the host)
-                    example = encoder.example_inputs(1, generator=torch.Generator())
+                    with torch.device("cpu"):  # on the host with its generator (the caller may hold a GPU context)
+                        example = encoder.example_inputs(1, generator=torch.Generator())
                     made = grid_of(encoder, example)
                     names = {made[0]: given[0], **dict(zip(made[1], given[1]))}
                     example = {names.get(k, k): v for k, v in example.items()}
