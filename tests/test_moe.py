@@ -325,3 +325,61 @@ def test_the_training_step_routes_no_padding_into_the_aux_loss():
     torch.testing.assert_close(losses.router_z_loss, masked.router_z_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(losses.lm_loss, unmasked.lm_loss, rtol=1e-6, atol=1e-7)
     assert abs(float(unmasked.router_z_loss) - float(masked.router_z_loss)) > 1e-4  # the padding would count
+
+
+def test_grouped_gemm_only_where_torchs_kernel_takes_the_products(monkeypatch):
+    """The "auto" dispatch picks torch's grouped GEMM only where torch takes the four products (two forward,
+    the two weight gradients) on that device: on CUDA (checked by torch's own shape rules on fake CUDA
+    tensors, no GPU needed) bf16 with 16-byte aligned rows, never fp32 or fp16; toy widths that run on the
+    CPU go through the loop there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mimo_spec.components.moe import _grouped_mm, _grouped_mm_runs
+
+    if _grouped_mm is None:
+        pytest.skip("this torch has no grouped GEMM")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    def torch_takes(dtype, hidden, ffn):
+        with FakeTensorMode():
+            x = torch.empty(10, hidden, dtype=dtype, device="cuda")
+            w1 = torch.empty(2, 2 * ffn, hidden, dtype=dtype, device="cuda")
+            w2 = torch.empty(2, hidden, ffn, dtype=dtype, device="cuda")
+            a = torch.empty(10, ffn, dtype=dtype, device="cuda")
+            offs = torch.empty(2, dtype=torch.int32, device="cuda")
+            try:
+                _grouped_mm(x, w1.transpose(1, 2), offs=offs)
+                _grouped_mm(a, w2.transpose(1, 2), offs=offs)
+                _grouped_mm(x.t(), a, offs=offs)  # the weight gradients' (K-grouped) products
+                _grouped_mm(torch.empty(10, 2 * ffn, dtype=dtype, device="cuda").t(), x, offs=offs)
+            except RuntimeError:
+                return False
+        return True
+
+    cuda = torch.device("cuda")
+    seen = set()
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        for hidden, ffn in ((36, 20), (40, 24), (32, 12), (64, 96), (30, 16)):
+            ours = _grouped_mm_runs(cuda, dtype, (hidden, ffn))
+            assert ours == torch_takes(dtype, hidden, ffn), (dtype, hidden, ffn)
+            seen.add(ours)
+    assert seen == {True, False}  # both answers occur in the grid
+    # the CPU runs every dtype eagerly
+    assert _grouped_mm_runs(torch.device("cpu"), torch.float32, (36, 20))
+
+
+def test_compiled_fp32_moe_equals_eager():
+    """torch.compile refuses fp32 grouped GEMMs (its shape rules take bf16 only), so a compiled fp32 MoE
+    takes the loop dispatch: the same loss and gradients as eager (it failed to compile before)."""
+    torch.manual_seed(0)
+    model = MimoModel(GPT(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                          ffn_hidden_size=48, num_experts=4, num_experts_per_tok=2, max_seq_len=32))
+    ids = torch.randint(0, 64, (2, 16))
+    ref = model(ids, labels=ids).loss
+    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters()])
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(ids, labels=ids).loss
+    grads = torch.autograd.grad(out, [p for p in model.parameters()])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)

@@ -16,9 +16,10 @@ State-dict keys (under the block's ``mlp.``)::
     router_bias          (E,)         a buffer, with bias balancing only
 
 Dispatch is dropless: the (token, slot) pairs are sorted by expert and every expert multiplies its
-contiguous slice: both GEMMs are torch's grouped GEMMs (``grouped_mm``, no host sync) on the CPU and on
-CUDA with compute capability 8.0+; elsewhere a loop over the experts' slices (one ``.tolist()`` of the
-counts per layer). Measured on 2 CPU cores (training step, 8-128 experts, even and skewed loads), the
+contiguous slice: both GEMMs are torch's grouped GEMMs (``grouped_mm``, no host sync) where torch's kernel
+takes them (the CPU; CUDA with compute capability 8.0+ in bf16 with widths that are multiples of 8; under
+torch.compile bf16 only: see :func:`_grouped_mm_runs`); elsewhere a loop over the experts' slices (one
+``.tolist()`` of the counts per layer). Measured on 2 CPU cores (training step, 8-128 experts, even and skewed loads), the
 grouped GEMM was as fast as that loop and faster than a batched GEMM over a padded (E, max load, H) layout,
 which loses as soon as the load is uneven.
 
@@ -53,13 +54,19 @@ Dispatch = Literal["auto", "grouped_mm", "loop"]
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _has_grouped_mm(device: torch.device) -> bool:
-    """torch's grouped GEMM runs here: the CPU (torch 2.9+) or CUDA with compute capability 8.0+."""
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]) -> bool:
+    """torch's grouped GEMM takes these products: on the CPU (torch 2.9+) any dtype eagerly, but bf16 only
+    under torch.compile (its shape rules refuse fp32 there); on CUDA (compute capability 8.0+) bf16 only,
+    with every row 16-byte aligned (``sizes``, the hidden and expert widths, multiples of 8): toy widths
+    that run on the CPU would be refused there, and fp32 would take a fallback that syncs per GEMM."""
     if _grouped_mm is None:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu"
+        return (torch.cuda.get_device_capability(device) >= (8, 0) and dtype == torch.bfloat16
+                and all(n % 8 == 0 for n in sizes))
+    if device.type == "cpu":
+        return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    return False
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -185,8 +192,11 @@ class Experts(nn.Module):
             w1, w2 = self._weights()  # weights' graph, so every rank's backward runs the same collectives
             return (x.sum(-1, keepdim=True) * 0).expand(0, self.hidden_size) + (w1.sum() + w2.sum()).to(x.dtype) * 0
         how = self.dispatch
-        if how == "auto":
-            how = "grouped_mm" if _has_grouped_mm(x.device) else "loop"
+        if how == "auto":  # the products' dtype: autocast's where it is on (as _grouped casts them)
+            dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                     else self.gate_up.dtype)
+            sizes = (self.hidden_size, self.ffn_hidden_size)
+            how = "grouped_mm" if _grouped_mm_runs(x.device, dtype, sizes) else "loop"
         if how == "grouped_mm":
             return self._grouped(x, counts)
         if how == "loop":
