@@ -335,7 +335,7 @@ def _run_generate(run: RunConfig, out_dir: Path) -> int:
     from mimo_spec.data import encode_prompt
     from mimo_spec.data.tokenizer import stop_token_ids
     from mimo_spec.generation import generate, save_audio, save_image, start_parallel_generation
-    from mimo_spec.data.batch import to_device
+    from mimo_spec.data.batch import host_keys, to_device
 
     g = run.generate
     path, _, trained_data, model, tokenizer = _load_trained(run, "generate")
@@ -346,7 +346,8 @@ def _run_generate(run: RunConfig, out_dir: Path) -> int:
     drun = start_parallel_generation(model, run.parallel.layout)  # under torchrun: every rank generates
     main = drun is None or drun.rank == 0
     device = next(model.parameters()).device
-    input_ids, modality_inputs = to_device(input_ids, device), to_device(modality_inputs, device)
+    # the items' grids stay on the host, as in training: the towers read them there without a device sync
+    input_ids, modality_inputs = to_device(input_ids, device), to_device(modality_inputs, device, host_keys(model))
     max_new = _new_tokens(model, int(input_ids.shape[1]), g.max_new_tokens, device)  # before the KV cache
     out = generate(model, input_ids, modality_inputs, max_new_tokens=max_new, strategy=g.strategy,
                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,

@@ -136,3 +136,35 @@ def test_generate_from_a_native_resolution_model_with_an_image_and_a_video(cli, 
     record = json.loads((out / "generation.json").read_text())
     assert len(record["tokens"]) == 3 and record["prompt"] == "<image> then <video>: what changes?"
 
+
+
+def test_generate_keeps_the_items_grids_on_the_host(tmp_path, monkeypatch):
+    """action=generate moves the prompt's inputs to the model's device but leaves the items' grids on the host,
+    as training does (data.batch.host_keys): the towers read them there, so on a GPU a grid moved to the device
+    would cost a device read-back per use and skip the host-side input checks."""
+    from PIL import Image
+
+    import mimo_spec.data.batch as batch_module
+    from mimo_spec import jobs
+    from mimo_spec.config import compose_config
+    from mimo_spec.train.loop import train
+
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "red.png")
+    run = tmp_path / "run"
+    train(compose_config(["preset=qwen2_vl_tiny", "train.steps=1", "train.eval_every=0", "data.num_samples=8",
+                          "data.eval_samples=2"]), run)
+    kept = []
+    plain = batch_module.to_device
+
+    def recording(x, device, keep=frozenset()):
+        if isinstance(x, dict):
+            kept.append(set(keep))
+        return plain(x, device, keep)
+
+    monkeypatch.setattr(batch_module, "to_device", recording)
+    gen = compose_config(["action=generate", f"generate.checkpoint={run}", f"generate.images=[{tmp_path / 'red.png'}]",
+                          'generate.prompt="<image> what colour?"', "generate.max_new_tokens=2"])
+    (tmp_path / "gen").mkdir()  # the run directory Hydra makes
+    assert jobs.run_generate(gen, tmp_path / "gen") == 0
+    assert kept and all("image_grid_thw" in k and "video_grid_thw" in k for k in kept), kept
+    assert len(json.loads((tmp_path / "gen" / "generation.json").read_text())["tokens"]) == 2
