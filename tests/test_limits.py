@@ -305,3 +305,20 @@ def test_media_files_that_would_decode_to_too_much_are_data_errors(tmp_path):
     with pytest.raises(DataError) as e:
         media.image(thin, "sample 7")
     assert e.value.problems[0].path == "sample 7" and "thin.png" in str(e.value) and "needs at least" in str(e.value)
+
+
+def test_weights_finite_checks_every_weight_in_one_read():
+    """The save-time check (one flag per weight, one read back) finds a single inf or nan in any weight."""
+    from mimo_spec.train.loop import _weights_finite
+
+    model = build_model(compose_config(TINY), seed=0)
+    assert _weights_finite(model)
+    names = [n for n, p in model.named_parameters()]
+    for name, bad in ((names[0], float("nan")), (names[-1], float("inf"))):
+        p = dict(model.named_parameters())[name]
+        with torch.no_grad():
+            keep = p.view(-1)[0].clone()
+            p.view(-1)[0] = bad
+            assert not _weights_finite(model), name
+            p.view(-1)[0] = keep
+    assert _weights_finite(model)

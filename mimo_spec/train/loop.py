@@ -209,12 +209,11 @@ def _diverged(what: str, step: int, ckpt_dir: Path) -> Diverged:
 
 def _weights_finite(model, drun=None) -> bool:
     """True when every weight is finite (on every rank: all ranks agree)."""
-    bad = False
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
-            bad = True
-            break
+    # one flag per weight, read back once: a read per weight is a device sync each (thousands for a 7B model)
+    flags = [torch.isfinite(local).all() for p in model.parameters()
+             for local in [p.to_local() if hasattr(p, "to_local") else p]
+             if local.is_floating_point() and local.numel()]
+    bad = bool(flags) and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
     if drun is not None:
         bad = drun.any_rank(bad)
     return not bad
