@@ -134,7 +134,9 @@ def translate_hydra_error(e: Exception, overrides: Sequence[str] = ()) -> Config
         bad = _unparsable_override(overrides)
         where = f"cannot parse {bad!r}: " if bad else ""
         detail = text.splitlines()[-1] if text else "syntax error"
-        if "LexerNoViableAlt" in text or "LexerNoViableAlt" in type(e).__name__ + type(cause).__name__:
+        if bad and ("\n" in bad or "\r" in bad):  # e.g. a quoted list continued on the next shell line
+            detail = "a line break inside the override (it must be on one line)"
+        elif "LexerNoViableAlt" in text or "LexerNoViableAlt" in type(e).__name__ + type(cause).__name__:
             detail = "a character Hydra's override syntax does not allow here (such as '<' or '%')"
         return ConfigError(Problem("overrides", where + detail,
                                    "write overrides as key=value, e.g. model.params.num_layers=4; quote values "
