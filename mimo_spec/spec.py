@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
+from mimo_spec.errors import ConfigError, ProblemCollector, closest, did_you_mean
 
 NODE_KEYS = ("module", "params", "submodules")
 # Top-level keys that describe the model; the rest of a run config (action,
@@ -93,6 +93,9 @@ class MimoSpec:
     # LoRA / DoRA adapter entries and the modules kept trainable beside them (checked by mimo_spec.peft)
     adapters: list[Any] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
+    # the config's top-level ``dtype`` (build_model's when it is given none); a run-level setting, so
+    # not part of :meth:`to_dict`
+    dtype: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -264,11 +267,22 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
     trainable = data.get("trainable") or []
     if isinstance(trainable, str):
         trainable = [trainable]
+    for key in data:  # a misspelt model key would otherwise be skipped, and the model built without it
+        near = None if key in MODEL_KEYS or key in RUN_KEYS else closest(str(key), MODEL_KEYS)
+        if near is not None:
+            problems.add(str(key), f"unknown top-level key; the model is read from {near!r}", f"did you mean {near}?")
     if not collect or lm is None:
         problems.raise_if_any()
     return MimoSpec(lm, modalities, list(freeze), list(allow), backend,  # adapters: checked by mimo_spec.peft
                     adapters if isinstance(adapters, list) else [adapters],
-                    trainable if isinstance(trainable, list) else [trainable])
+                    trainable if isinstance(trainable, list) else [trainable], dtype=data.get("dtype"))
+
+
+# the top-level keys build_model reads, and the rest of a run's config (which it ignores): any other key is
+# the user's own (e.g. a value their YAML interpolates), unless it is a near-miss of a model key
+MODEL_KEYS = ("model", "modalities", "freeze", "adapters", "trainable", "allow_imports", "backend", "dtype")
+RUN_KEYS = ("action", "world_size", "seed", "init_from", "debug", "summary", "data_scan", "eval", "generate",
+            "import_hf", "sweep", "hydra", "train", "data", "parallel", "defaults", "preset")
 
 
 BACKENDS = ("local", "te", "auto")

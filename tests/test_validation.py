@@ -155,3 +155,26 @@ def test_te_backend_where_it_cannot_run_is_a_config_error_naming_the_node():
     assert set(probs) == {"model.params.backend"}
     message = probs["model.params.backend"].message
     assert "backend 'te'" in message and "use backend: local or auto" in message
+
+
+def test_build_model_refuses_a_misspelt_model_key_and_reads_the_configs_dtype():
+    """build_model(dict) reads the model keys of a whole run's config: a near-miss of one (``modalites``) would
+    build a model without it, so it is refused naming the key it resembles; keys of the user's own (values
+    their YAML interpolates) and the run's other sections pass. The config's top-level dtype is the weights'
+    when build_model is given none (an explicit dtype= wins)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_config([]), resolve=True)
+    typo = dict(cfg)
+    typo["modalites"] = typo.pop("modalities")
+    with pytest.raises(ConfigError) as e:
+        build_model(typo, device="meta")
+    problem = e.value.problems[0]
+    assert problem.path == "modalites" and problem.hint == "did you mean modalities?"
+    assert build_model(dict(cfg, my_width=512), device="meta").modalities  # the user's own key: fine
+
+    model = build_model(compose_config(["dtype=bfloat16"]), device="meta")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model = build_model(compose_config(["dtype=bfloat16"]), device="meta", dtype="float32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

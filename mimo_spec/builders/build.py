@@ -187,6 +187,8 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
         spec = cfg
     else:
         spec = from_config(cfg, problems)
+    if dtype is None and spec is not None:  # none given: the config's own top-level dtype
+        dtype = spec.dtype
     failed = _bind_all(spec, problems)
     backend = spec.backend
     if backend == "te":
