@@ -8,6 +8,7 @@ Pipeline and split layouts hold no whole model on a rank, so generation replicat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import math
@@ -165,6 +166,23 @@ def _check_guidance(model, output_modality, guidance_scale, pad_id) -> None:
                              hint="use guidance_scale=1")
 
 
+def _restores_mode(fn):
+    """``fn(model, ...)`` runs the model in eval mode and hands it back in the mode it was given in (a sample
+    taken inside a training loop must not leave dropout off for the steps after it)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was = getattr(model, "training", None)
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            if isinstance(model, torch.nn.Module) and was is not None:
+                model.train(was)
+
+    return wrapper
+
+
+@_restores_mode
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None, *, max_new_tokens: int = 32,
              strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

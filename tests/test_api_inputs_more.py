@@ -294,3 +294,48 @@ def test_damaged_images_say_what_is_wrong(tmp_path):
         (tmp_path / name).write_bytes(data)
         _raises(lambda: load_image(tmp_path / name, "sample 0"), DataError, "sample 0",
                 f"cannot read image {tmp_path / name}: ", reason)
+
+
+def test_negative_loss_mask_meta_weights_and_an_empty_moe_batch(tmp_path):
+    """A negative loss weight would turn the loss's sign; a model whose weights are (partly) still on the meta
+    device computes with uninitialised memory (F.linear of a CPU and a meta tensor returns garbage): both are
+    InputErrors naming the argument. An MoE LM takes an empty batch as the dense one does (loss 0), where its
+    combine step raised a reshape error."""
+    from mimo_spec.config import compose_config
+    from mimo_spec.weights import load_weights
+
+    model = build_model(tiny_config(), seed=0)
+    ids = torch.randint(0, 200, (2, 12))
+    mask = torch.ones(2, 12)
+    mask[1, 3] = -1.0
+    _raises(lambda: model(ids, labels=ids, loss_mask=mask), InputError, "loss_mask", "negative weight (min -1)")
+    assert torch.isfinite(model(ids, labels=ids, loss_mask=mask.clamp(min=0)).loss)
+
+    meta = build_model(tiny_config(), device="meta")
+    _raises(lambda: meta(ids, labels=ids), InputError, "model", "weights are on the meta device")
+    # a partial file loaded with strict=False leaves the missing weight on meta: named when the model runs
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "language_model.lm_head.weight"}
+    save_file(state, str(tmp_path / "part.safetensors"))
+    load_weights(meta, tmp_path / "part.safetensors", strict=False)
+    _raises(lambda: meta(ids, labels=ids), InputError, "model", "meta device", "language_model.lm_head.weight")
+
+    moe = build_model(compose_config(["+model.params.num_experts=4", "+model.params.num_experts_per_tok=2"]), seed=0)
+    for empty in (torch.zeros(0, 5, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)):
+        out = moe(empty, labels=empty)
+        assert float(out.loss) == 0.0
+        out.loss.backward()
+
+
+def test_generate_hands_the_model_back_in_its_mode():
+    """generate runs in eval mode and restores the caller's mode: sampling inside a training loop must not
+    leave dropout off for the steps after it (it used to return the model in eval mode)."""
+    from mimo_spec.generation import generate
+
+    model = build_model(tiny_config(), seed=0).train()
+    generate(model, torch.randint(0, 200, (1, 6)), max_new_tokens=2)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    generate(model, torch.randint(0, 200, (1, 6)), max_new_tokens=2)
+    assert not model.training

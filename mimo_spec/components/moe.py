@@ -148,7 +148,7 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, y, weights, order, inv):
         n, k = weights.shape
         ctx.save_for_backward(y, weights, order, inv)
-        rows = y.index_select(0, inv).view(n, k, -1)
+        rows = y.index_select(0, inv).view(n, k, y.shape[-1])  # (N=0 has no -1)
         out = rows[:, 0] * weights[:, :1]  # slot by slot: no (N, k, H) product to keep, no reduction's fill
         for j in range(1, k):
             out.addcmul_(rows[:, j], weights[:, j:j + 1])
@@ -332,7 +332,7 @@ class MoE(nn.Module):
         order = top_k.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
         if torch.compiler.is_compiling():  # plain ops (the compiler fuses them)
             y = self.experts(x.index_select(0, order // k), counts)
-            y = torch.empty_like(y).index_copy(0, order, y).view(n, k, -1)  # back to (token, slot)
+            y = torch.empty_like(y).index_copy(0, order, y).view(n, k, y.shape[-1])  # back to (token, slot)
             return (y * weights.to(y.dtype).unsqueeze(-1)).sum(1).to(x.dtype)
         inv = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
         rows = _GatherRows.apply(x, order // k, inv, k)

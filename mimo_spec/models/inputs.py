@@ -95,6 +95,11 @@ def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any =
         if weight is not None and not weight.is_meta:
             raise InputError("input_ids is a meta tensor (a shape without values)", path="input_ids",
                              hint="pass real tensors, on the model's device")
+    if device.type != "meta" and not torch.compiler.is_compiling() and any(p.is_meta for p in model.parameters()):
+        missing = next(n for n, p in model.named_parameters() if p.is_meta)
+        raise InputError(f"the model's weights are on the meta device (shapes without values), e.g. {missing}",
+                         path="model", hint="build it on a real device (build_model(cfg, device='cpu')) or load "
+                                            "every weight (mimo_spec.weights.load_weights) before calling it")
     checks = (("labels", labels, "int64"), ("loss_mask", loss_mask, "mask"), ("document_ids", document_ids, "int"),
               ("attention_mask", attention_mask, "mask"), ("position_ids", position_ids, "int"))
     for name, value, kind in checks:
@@ -160,7 +165,8 @@ def expected_placeholders(model, modality_inputs: dict, modality_embeddings: dic
 
 def check_values(model, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None,
-                 placeholders: dict[str, tuple[int, int]] | None = None) -> None:
+                 placeholders: dict[str, tuple[int, int]] | None = None,
+                 loss_mask: torch.Tensor | None = None) -> None:
     """Raise InputError for ids outside the vocabulary, labels outside it (other than -100), negative
     positions (or past max_seq_len with learned positions) and placeholder counts that do not match
     the items. Eager mode only: one host sync for all of it; nothing while compiling."""
@@ -174,7 +180,12 @@ def check_values(model, input_ids: torch.Tensor, *, labels: torch.Tensor | None 
         stats += torch.aminmax(position_ids)
     placeholders = placeholders or {}
     stats += [(input_ids == token).sum() for token, _ in placeholders.values()]
+    if loss_mask is not None and loss_mask.numel():  # a negative weight would turn the loss's sign
+        stats.append((loss_mask < 0).any())
     values = torch.stack([s.to(torch.int64) for s in stats]).tolist()  # the one host sync
+    if loss_mask is not None and loss_mask.numel() and values.pop():
+        raise InputError(f"loss_mask holds a negative weight (min {float(loss_mask.min()):g})", path="loss_mask",
+                         hint="weights are 0 (no loss) or positive: 1 counts a position once")
     vocab = getattr(lm, "vocab_size", None)
     low, high = values[0], values[1]
     if low < 0 or (vocab is not None and high >= vocab):

@@ -364,7 +364,7 @@ class MimoModel(nn.Module):
         if check_inputs if check_inputs is not None else self.check_inputs:
             self.prepare_inputs(input_ids, modality_inputs)  # per sample; before the totals below
         if not torch.compiler.is_compiling():  # value checks: one host sync, eager mode only
-            check_values(self, input_ids, labels=labels, position_ids=position_ids,
+            check_values(self, input_ids, labels=labels, position_ids=position_ids, loss_mask=loss_mask,
                          placeholders=expected_placeholders(self, modality_inputs, modality_embeddings, output_targets))
         lm = self.language_model
         codes = {name: self.modalities[name].tokenize(target) for name, target in output_targets.items()
