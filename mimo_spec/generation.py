@@ -94,6 +94,9 @@ def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float
     """logits (B, V) -> next token ids (B,)."""
     if strategy not in STRATEGIES:
         check_sampling(strategy, temperature, top_k, top_p)
+    if bool(torch.isnan(logits).any()):  # greedy would pick id 0 and sampling fail deep in multinomial
+        raise InputError("the next-token logits are NaN", path="model",
+                         hint="NaN or inf in the inputs (pixel values, audio features, embeddings) or the weights")
     if strategy == "greedy":
         return logits.argmax(dim=-1)
     logits = logits.float() / max(temperature, 1e-5)

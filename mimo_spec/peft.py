@@ -85,7 +85,7 @@ def parse_adapters(raw: Any, problems: ProblemCollector, path: str = "adapters")
         raw = [raw]
     if not isinstance(raw, (list, tuple)):
         problems.add(path, f"expected a list of adapter entries, got {type(raw).__name__} {raw!r}",
-                     "e.g. adapters: [{modules: 'language_model.blocks.*.attn.qkv', type: lora, rank: 16}]")
+                     "e.g. adapters: [{modules: 'language_model.layers.*.attn.qkv', type: lora, rank: 16}]")
         return []
     out = []
     for i, entry in enumerate(raw):
@@ -105,7 +105,7 @@ def parse_adapters(raw: Any, problems: ProblemCollector, path: str = "adapters")
             modules = [modules]
         if not modules or not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
             problems.add(f"{where}.modules", f"expected a module glob or a list of them, got {entry.get('modules')!r}",
-                         "e.g. modules: 'language_model.blocks.*.attn.qkv'")
+                         "e.g. modules: 'language_model.layers.*.attn.qkv'")
         kind = entry.get("type", "lora")
         if kind not in TYPES:
             problems.add(f"{where}.type", f"unknown adapter type {kind!r}: expected lora or dora",
@@ -316,6 +316,10 @@ def add_adapters(model: nn.Module, adapters: Iterable[Any], trainable: Iterable[
     ``trainable``: module globs that stay trainable. Returns ``model``; one ConfigError lists every
     problem (a glob matching nothing, a non-Linear module, a rank above the layer's size)."""
     problems = ProblemCollector()
+    if isinstance(adapters, str):  # a glob string, not a list of entries (it would read as one entry per letter)
+        problems.add(path, f"expected a list of adapter entries, got the string {adapters!r}",
+                     f"e.g. [{{'modules': {adapters!r}, 'type': 'lora', 'rank': 16}}]")
+        adapters = []
     entries = parse_adapters(list(adapters) if not isinstance(adapters, dict) else adapters, problems, path)
     trainable = [trainable] if isinstance(trainable, str) else list(trainable or ())
     if not all(isinstance(t, str) and t for t in trainable):

@@ -339,3 +339,37 @@ def test_generate_hands_the_model_back_in_its_mode():
     model.eval()
     generate(model, torch.randint(0, 200, (1, 6)), max_new_tokens=2)
     assert not model.training
+
+
+def test_python_api_refusals_name_the_argument():
+    """Bad device names, an adapter glob given as a bare string, a wrong-shaped router_mask, integer image
+    targets and NaN logits in generation: each an error naming the argument (they raised bare torch errors,
+    produced one error per letter of the glob, or generated from garbage)."""
+    from mimo_spec.config import compose_config
+    from mimo_spec.errors import ConfigError
+    from mimo_spec.generation import pick_next
+    from mimo_spec.peft import add_adapters
+
+    model = build_model(tiny_config(), seed=0)
+    _raises(lambda: model.example_inputs(2, device="gpu"), InputError, "device", "not a torch device: 'gpu'")
+    with pytest.raises(ConfigError) as e:
+        add_adapters(build_model(tiny_config(), seed=0), "language_model.layers.*.attn.qkv")
+    assert len(e.value.problems) == 1 and "got the string 'language_model.layers.*.attn.qkv'" in str(e.value)
+
+    moe = build_model(compose_config(["+model.params.num_experts=4", "+model.params.num_experts_per_tok=2"]), seed=0)
+    ids = torch.randint(0, 200, (2, 12))
+    _raises(lambda: moe(ids, labels=ids, router_mask=torch.ones(2, 11)), InputError, "router_mask",
+            "expected shape (2, 12)")
+
+    gen = build_model(compose_config(["modality=[vision_clip,image_gen]"]), seed=0)
+    batch = gen.example_inputs(1)
+    targets = batch["output_targets"]
+    name = next(iter(targets))
+    bad = {name: {"tokenizer": {k: (v * 255).to(torch.uint8) for k, v in targets[name]["tokenizer"].items()}}} \
+        if isinstance(targets[name], dict) else {name: (targets[name] * 255).to(torch.uint8)}
+    _raises(lambda: gen(**{**batch, "output_targets": bad}), InputError, f"output_targets.{name}", "floating-point items")
+
+    logits = torch.zeros(1, 8)
+    logits[0, 3] = float("nan")
+    for strategy in ("greedy", "sample"):
+        _raises(lambda: pick_next(logits, strategy), InputError, "model", "logits are NaN")

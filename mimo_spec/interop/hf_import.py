@@ -336,8 +336,9 @@ def import_hf(source: Any, *, dtype: Any = None, device: str | torch.device = "c
     config.json, an unsupported architecture, missing or unexpected tensors,
     shape mismatches and truncated files, before any weight is read.
     """
-    from mimo_spec.builders.build import _skip_init, build_model, build_module, parse_dtype
+    from mimo_spec.builders.build import _check_device, _skip_init, build_model, build_module, parse_dtype
 
+    device = _check_device(device) or torch.device("cpu")  # a bad name refused before the import's work
     config, ckpt, state, where = _open(source)
     conv = _convert(config, where)
     available = ckpt.meta() if ckpt is not None else {k: v.to("meta") for k, v in state.items()}

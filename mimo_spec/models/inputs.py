@@ -81,7 +81,7 @@ def _check_position_shape(model, position_ids: torch.Tensor, shape: tuple[int, .
 
 def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any = None, document_ids: Any = None,
                   position_ids: Any = None, attention_mask: Any = None, modality_embeddings: Any = None,
-                  modality_inputs: dict | None = None) -> None:
+                  modality_inputs: dict | None = None, router_mask: Any = None) -> None:
     """Raise InputError unless every batch tensor has a type, dtype, shape and device the model takes."""
     input_ids = _tensor(input_ids, "input_ids", "token ids (batch, seq)")
     if input_ids.dtype not in _INDEX_DTYPES:
@@ -101,7 +101,8 @@ def check_tensors(model, input_ids: Any, *, labels: Any = None, loss_mask: Any =
                          path="model", hint="build it on a real device (build_model(cfg, device='cpu')) or load "
                                             "every weight (mimo_spec.weights.load_weights) before calling it")
     checks = (("labels", labels, "int64"), ("loss_mask", loss_mask, "mask"), ("document_ids", document_ids, "int"),
-              ("attention_mask", attention_mask, "mask"), ("position_ids", position_ids, "int"))
+              ("attention_mask", attention_mask, "mask"), ("position_ids", position_ids, "int"),
+              ("router_mask", router_mask, "mask"))
     for name, value, kind in checks:
         if value is None:
             continue

@@ -141,12 +141,13 @@ class MimoModel(nn.Module):
     # ---- input preparation (host side, cheap) ---------------------------------------------
     def _validate(self, input_ids, modality_inputs, labels, loss_mask, output_targets,
                   document_ids=None, *, position_ids=None, attention_mask=None,
-                  modality_embeddings=None) -> dict[str, int]:
+                  modality_embeddings=None, router_mask=None) -> dict[str, int]:
         """Check the batch's structure (types, dtypes, shapes, devices: no host sync); returns each
         input modality's item count."""
         check_tensors(self, input_ids, labels=labels, loss_mask=loss_mask, document_ids=document_ids,
                       position_ids=position_ids, attention_mask=attention_mask,
-                      modality_embeddings=modality_embeddings, modality_inputs=modality_inputs)
+                      modality_embeddings=modality_embeddings, modality_inputs=modality_inputs,
+                      router_mask=router_mask)
         seq = input_ids.shape[1]
         max_len = getattr(self.language_model, "max_seq_len", None)
         if max_len is not None and seq > max_len:
@@ -360,7 +361,7 @@ class MimoModel(nn.Module):
         output_targets = _or_empty(output_targets)
         self._validate(input_ids, modality_inputs, labels, loss_mask, output_targets, document_ids,
                        position_ids=position_ids, attention_mask=attention_mask,
-                       modality_embeddings=modality_embeddings)
+                       modality_embeddings=modality_embeddings, router_mask=router_mask)
         if check_inputs if check_inputs is not None else self.check_inputs:
             self.prepare_inputs(input_ids, modality_inputs)  # per sample; before the totals below
         if not torch.compiler.is_compiling():  # value checks: one host sync, eager mode only
@@ -471,6 +472,12 @@ class MimoModel(nn.Module):
         modalities, one item to generate. Placeholders get label -100.
         """
         self._check_example_args(batch_size, text_tokens, seed)
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, ValueError, TypeError):
+                raise InputError(f"not a torch device: {device!r}", path="device",
+                                 hint="e.g. 'cpu', 'cuda' or 'cuda:1'") from None
         g = torch.Generator().manual_seed(seed)
         lm = self.language_model
         specials = {m.special_token_id for m in self.modalities.values() if m.special_token_id is not None}

@@ -382,8 +382,13 @@ class Modality(nn.Module):
         return items
 
     def check_items(self, items: torch.Tensor, path: str) -> None:
-        """Raw items of the tokenizer's shape: images (N, C, S, S); audio (N, samples) (shapes only)."""
+        """Raw items of the tokenizer's shape: images (N, C, S, S); audio (N, samples); floating point (shapes
+        and dtype only: no values read)."""
         tok = self.tokenizer
+        if not items.is_floating_point():  # uint8 pixels would be read as values up to 255, not [-1, 1] / [0, 1]
+            raise InputError(f"expected floating-point items, got {items.dtype}", path=path,
+                             hint="images as floats in the tokenizer's range (the data pipeline's), audio as "
+                                  "float samples in [-1, 1]")
         if getattr(tok, "item_kind", "image") == "audio":
             if items.dim() != 2:
                 raise InputError(f"expected audio clips (N, samples), got {tuple(items.shape)}", path=path)
