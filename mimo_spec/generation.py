@@ -277,15 +277,20 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
             st.feed_ids([mod.end_token_id])
             result.tokens.append(mod.end_token_id)
 
+    # a prompt that ends with an item's begin token (Janus's <begin_of_image> after the chat template) has begun
+    # that item: its codes come next, and the begin token is not fed a second time
+    last = int(input_ids[0, -1]) if input_ids.shape[1] else None
     if output_modality is not None:  # an item at once
         mod = outputs[output_modality]
         if mod.is_discrete:
-            if mod.begin_token_id is not None:
+            if mod.begin_token_id is not None and last != mod.begin_token_id:
                 st.feed_ids([mod.begin_token_id])
                 result.tokens.append(mod.begin_token_id)
             item(output_modality, mod)
         else:
             _continuous_item(st, output_modality, mod, result)
+    elif last in begins:
+        item(*begins[last])
     # the tokens an output item takes (its begin token, codes or generation tokens, end token): one is started
     # only while it fits in what is left of max_new_tokens, so the limit holds
     item_sizes = {**{t: m.num_generation_tokens + 1 + (m.end_token_id is not None) for t, (_, m) in begins.items()},
