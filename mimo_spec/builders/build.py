@@ -158,7 +158,8 @@ def build_model(cfg: Any, *, device: Any = None, dtype: Any = None, seed: int | 
     """Build a MimoModel from a DictConfig, dict, YAML path or MimoSpec.
 
     Everything is validated before any weight is allocated; ``device="meta"``
-    allocates nothing. The same ``seed`` gives the same weights. On any other device the
+    allocates nothing. The same ``seed`` gives the same weights on the same kind of device (they are
+    drawn where they are built: a GPU's generator draws other values than the CPU's). On any other device the
     model is first sized on the meta device and refused (a ConfigError at ``model``) when
     its weights, plus for training (``train``: the train section, a TrainConfig) its gradients
     and optimizer state spread over ``world_size`` processes, cannot fit in the device's memory.
