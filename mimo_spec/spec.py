@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from mimo_spec.errors import ConfigError, ProblemCollector, closest, did_you_mean
+from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 
 NODE_KEYS = ("module", "params", "submodules")
 # Top-level keys that describe the model; the rest of a run config (action,
@@ -95,7 +95,7 @@ class MimoSpec:
     trainable: list[str] = field(default_factory=list)
     # the config's top-level ``dtype`` (build_model's when it is given none); a run-level setting, so
     # not part of :meth:`to_dict`
-    dtype: Any = None
+    dtype: Any = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -268,7 +268,7 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
     if isinstance(trainable, str):
         trainable = [trainable]
     for key in data:  # a misspelt model key would otherwise be skipped, and the model built without it
-        near = None if key in MODEL_KEYS or key in RUN_KEYS else closest(str(key), MODEL_KEYS)
+        near = None if key in MODEL_KEYS or key in RUN_KEYS else _near_miss(str(key))
         if near is not None:
             problems.add(str(key), f"unknown top-level key; the model is read from {near!r}", f"did you mean {near}?")
     if not collect or lm is None:
@@ -276,6 +276,15 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
     return MimoSpec(lm, modalities, list(freeze), list(allow), backend,  # adapters: checked by mimo_spec.peft
                     adapters if isinstance(adapters, list) else [adapters],
                     trainable if isinstance(trainable, list) else [trainable], dtype=data.get("dtype"))
+
+
+def _near_miss(key: str) -> str | None:
+    """The model key ``key`` looks like a misspelling of (``modalites``, ``modality``), or None: a stricter match
+    than a hint's, since a user's own keys (``extra_files``) must pass."""
+    import difflib
+
+    found = difflib.get_close_matches(key, MODEL_KEYS, n=1, cutoff=0.75)
+    return found[0] if found else None
 
 
 # the top-level keys build_model reads, and the rest of a run's config (which it ignores): any other key is
