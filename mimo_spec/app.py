@@ -138,9 +138,8 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         found, warnings = [], []
         if run_cfg.data is not None:  # the tokenizer must fit the LM's vocabulary and miss the placeholders
             from mimo_spec.data.stats import validate_run_data
-            from mimo_spec.data.tokenizer import build_tokenizer
 
-            tokenizer = build_tokenizer(run_cfg.data, model)
+            tokenizer = _data_tokenizer(run_cfg.data, model)
             # the data: every record read, its files there, a sample decoded (DataError past max_bad_fraction)
             found, warnings = validate_run_data(run_cfg, model, tokenizer, cfg.get("data_scan"), _err_console())
         _record_if_new(record, out_dir)
@@ -152,15 +151,35 @@ def run(cfg, overrides: list[str], out_dir: Path | None) -> int:
         return 0
     if action == "data":  # the data's statistics (data_stats.json, token_lengths.png in the run dir)
         from mimo_spec.data.stats import run_data_action
-        from mimo_spec.data.tokenizer import build_tokenizer
 
         if run_cfg.data is None or run_cfg.train is None:
             raise ConfigError("action=data needs the data and train sections", path="data")
-        tokenizer = build_tokenizer(run_cfg.data, model)
+        tokenizer = _data_tokenizer(run_cfg.data, model)
         code = run_data_action(run_cfg, model, tokenizer, cfg.get("data_scan"), out_dir, _err_console())
         _record_if_new(record, out_dir)
         return code
     return _run_job(action, run_cfg, out_dir, record)
+
+
+def _data_tokenizer(data, model):
+    """The data's tokenizer, after the sample length limit is checked against the model: a problem with each
+    is reported together (one ConfigError), not the tokenizer's alone."""
+    from mimo_spec.data.config import max_length
+    from mimo_spec.data.tokenizer import build_tokenizer
+    from mimo_spec.errors import ProblemCollector
+
+    problems = ProblemCollector()
+    try:
+        max_length(data, model)
+    except ConfigError as e:
+        problems.extend(e)
+    tokenizer = None
+    try:
+        tokenizer = build_tokenizer(data, model)
+    except ConfigError as e:
+        problems.extend(e)
+    problems.raise_if_any()
+    return tokenizer
 
 
 def _record_if_new(record, out_dir: Path | None) -> None:
