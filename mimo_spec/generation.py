@@ -94,9 +94,6 @@ def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float
     """logits (B, V) -> next token ids (B,)."""
     if strategy not in STRATEGIES:
         check_sampling(strategy, temperature, top_k, top_p)
-    if bool(torch.isnan(logits).any()):  # greedy would pick id 0 and sampling fail deep in multinomial
-        raise InputError("the next-token logits are NaN", path="model",
-                         hint="NaN or inf in the inputs (pixel values, audio features, embeddings) or the weights")
     if strategy == "greedy":
         return logits.argmax(dim=-1)
     logits = logits.float() / max(temperature, 1e-5)
@@ -110,7 +107,14 @@ def pick_next(logits: torch.Tensor, strategy: str = "greedy", temperature: float
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()  # the seeded generator lives on the CPU, whatever the model's device
+    if bool(torch.isnan(probs).any()):  # on the host already: multinomial would fail with a bare error
+        raise _nan_logits()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _nan_logits() -> InputError:
+    return InputError("the next-token logits are NaN", path="model",
+                      hint="NaN or inf in the inputs (pixel values, audio features, embeddings) or the weights")
 
 
 def _agree(next_id: torch.Tensor) -> torch.Tensor:
@@ -303,7 +307,10 @@ def generate(model, input_ids: torch.Tensor, modality_inputs: dict | None = None
         too_big = [t for t, size in item_sizes.items() if size > room]
         if too_big:
             logits = logits.index_fill(-1, torch.tensor(too_big, device=logits.device), float("-inf"))
-        token = int(pick(logits)[0])
+        # the token and whether the logits held NaN (greedy would pick one of them), in one read-back
+        token, nan = torch.stack([pick(logits)[0].long(), torch.isnan(logits).any().long()]).tolist()
+        if nan:
+            raise _nan_logits()
         if token in continuous:
             _continuous_item(st, *continuous[token], result)
         else:
@@ -427,7 +434,10 @@ class _Decoding:
                 self.embeds = rows[:1]
             self.ids = torch.cat([self.ids, torch.full((1, n), mod.generation_token_id, device=self.device)], 1)
             self.hidden = hidden[:1]
-        return torch.cat(codes), torch.stack(scores)
+        scores = torch.stack(scores)
+        if bool(torch.isnan(scores).any()):  # once per item: the codes stay on the device while they are picked
+            raise _nan_logits()
+        return torch.cat(codes), scores
 
     def _flat_code(self, mod, logits, t, pick, codes, scores):
         """One position's code of a flat layout (several codebooks: the position's own codebook) and its

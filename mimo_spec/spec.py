@@ -21,9 +21,9 @@ from typing import Any, Union
 from mimo_spec.errors import ConfigError, ProblemCollector, did_you_mean
 
 NODE_KEYS = ("module", "params", "submodules")
-# Top-level keys that describe the model; the rest of a run config (action,
-# train, data, parallel, hydra, ...) is ignored by from_config.
-MODEL_KEYS = ("model", "modalities", "freeze", "allow_imports", "backend", "adapters", "trainable")
+# Top-level keys that describe the model (dtype: the weights' when build_model is given none); the rest of a
+# run config (action, train, data, parallel, hydra, ...) is ignored by from_config
+MODEL_KEYS = ("model", "modalities", "freeze", "allow_imports", "backend", "adapters", "trainable", "dtype")
 
 SubmoduleValue = Union["ModuleSpec", list["ModuleSpec"], dict[str, "ModuleSpec"]]
 
@@ -279,17 +279,33 @@ def from_config(cfg: Any, problems: ProblemCollector | None = None) -> MimoSpec:
 
 
 def _near_miss(key: str) -> str | None:
-    """The model key ``key`` looks like a misspelling of (``modalites``, ``modality``), or None: a stricter match
-    than a hint's, since a user's own keys (``extra_files``) must pass."""
-    import difflib
+    """The model key ``key`` is a typo of (one letter added, dropped, changed, or two swapped: ``modalites``,
+    ``freze``), or None. Stricter than a hint's match, since a user's own keys must pass: short keys
+    (``mode``), a model key with a suffix or plural (``model_id``, ``models``) and other words (``trainer``)."""
+    if len(key) < 5:
+        return None
+    for known in MODEL_KEYS:
+        if key.startswith(known) and len(key) > len(known):  # model_id, models, dtypes: the user's own
+            continue
+        if _one_edit(key, known):
+            return known
+    return None
 
-    found = difflib.get_close_matches(key, MODEL_KEYS, n=1, cutoff=0.75)
-    return found[0] if found else None
+
+def _one_edit(a: str, b: str) -> bool:
+    """``a`` and ``b`` differ by one inserted, deleted or replaced letter, or two adjacent letters swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
-# the top-level keys build_model reads, and the rest of a run's config (which it ignores): any other key is
-# the user's own (e.g. a value their YAML interpolates), unless it is a near-miss of a model key
-MODEL_KEYS = ("model", "modalities", "freeze", "adapters", "trainable", "allow_imports", "backend", "dtype")
+# the rest of a run's config (which build_model ignores): any other top-level key is the user's own (e.g. a
+# value their YAML interpolates), unless it is a typo of a model key
 RUN_KEYS = ("action", "world_size", "seed", "init_from", "debug", "summary", "data_scan", "eval", "generate",
             "import_hf", "sweep", "hydra", "train", "data", "parallel", "defaults", "preset")
 

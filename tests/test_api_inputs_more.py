@@ -371,5 +371,16 @@ def test_python_api_refusals_name_the_argument():
 
     logits = torch.zeros(1, 8)
     logits[0, 3] = float("nan")
-    for strategy in ("greedy", "sample"):
-        _raises(lambda: pick_next(logits, strategy), InputError, "model", "logits are NaN")
+    _raises(lambda: pick_next(logits, "sample"), InputError, "model", "logits are NaN")
+    from mimo_spec.generation import generate
+
+    # NaN weights: the text loop (greedy would pick the NaN's id) and an image item's codes (checked once per item)
+    for where, kwargs in (("language_model.lm_head.weight", {}), ("modalities.image_out", {"output_modality": "image_out"})):
+        broken = build_model(compose_config(["modality=[vision_clip,image_gen]"]), seed=0).eval()
+        with torch.no_grad():
+            if where.startswith("language_model"):
+                broken.get_parameter(where)[5, 0] = float("nan")
+            else:
+                next(p for n, p in broken.named_parameters() if n.startswith(where) and p.dim() == 2).fill_(float("nan"))
+        _raises(lambda: generate(broken, torch.tensor([[5, 17, 42]]), max_new_tokens=3, **kwargs), InputError,
+                "model", "logits are NaN")

@@ -172,7 +172,13 @@ def test_build_model_refuses_a_misspelt_model_key_and_reads_the_configs_dtype():
         build_model(typo, device="meta")
     problem = e.value.problems[0]
     assert problem.path == "modalites" and problem.hint == "did you mean modalities?"
-    assert build_model(dict(cfg, my_width=512), device="meta").modalities  # the user's own key: fine
+    # the user's own keys pass (short words, a model key with a suffix or plural, other words); typos do not
+    assert build_model(dict(cfg, my_width=512, mode=1, model_id="x", models=[], trainer={}, extra_files=[]),
+                       device="meta").modalities
+    for typo, key in (("freze", "freeze"), ("trainabel", "trainable"), ("backnd", "backend"), ("dtpye", "dtype")):
+        with pytest.raises(ConfigError) as e:
+            build_model(dict(cfg, **{typo: cfg.get(key)}), device="meta")
+        assert e.value.problems[0].path == typo and e.value.problems[0].hint == f"did you mean {key}?"
 
     model = build_model(compose_config(["dtype=bfloat16"]), device="meta")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
