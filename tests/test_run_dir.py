@@ -311,3 +311,15 @@ def test_a_secret_quoted_by_an_error_stays_out_of_a_sweeps_files(tmp_path, monke
     assert any(p.name == "sweep_summary.md" for p in files)
     assert "${oc.env:MIMO_TEST_SECRET}" in (tmp_path / "sw" / "sweep_summary.md").read_text()
     assert not [p for p in files if "hunter2" in p.read_text(errors="replace")]
+
+
+def test_rerunning_a_finished_run_shows_no_empty_progress_line(tmp_path):
+    """A run re-started in its finished run dir resumes at its last step and runs none: it says so and prints
+    the record's figures, not a progress line of 'loss nan 0 tok/s' (what it showed before)."""
+    run = tmp_path / "run"
+    args = [*SMALL, "train.steps=2", "train.checkpoint.every=1", f"hydra.run.dir={run}"]
+    code, first, err = run_cli_in_process(args, tmp_path)
+    assert code in (0, None), err
+    code, out, err = run_cli_in_process(args, tmp_path)
+    assert code in (0, None) and "resumed from" in out and "completed: 2 steps" in out, err
+    assert "nan" not in out + err and "0 tok/s" not in out + err, out + err

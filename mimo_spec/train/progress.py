@@ -76,6 +76,7 @@ class _RichProgress:
 
 
 def progress_display(console, total: int, start: int):
-    if console is None or isinstance(console, Silent):
+    # a run resumed at its last step has nothing to show (the bar would read "loss nan 0 tok/s")
+    if console is None or isinstance(console, Silent) or start >= total:
         return _NoProgress()
     return _RichProgress(console, total, start)
