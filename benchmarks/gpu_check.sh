@@ -27,6 +27,14 @@ if [ "$what" != bench ]; then
   job 90 preset=qwen2_vl_tiny train.steps=30 train.precision=bf16 hydra.run.dir=/tmp/gpu_qwen2vl
   job 90 +model.params.num_experts=4 +model.params.num_experts_per_tok=2 train.steps=30 train.precision=bf16 \
     hydra.run.dir=/tmp/gpu_moe
+  python3 -c "from PIL import Image; Image.new('RGB', (56, 84), (200, 30, 30)).save('/tmp/gpu_red.png')"
+  job 60 action=generate generate.checkpoint=/tmp/gpu_qwen2vl "generate.images=[/tmp/gpu_red.png]" \
+    'generate.prompt="<image> what colour?"' generate.max_new_tokens=4
+  job 90 dtype=bfloat16 train.steps=30 hydra.run.dir=/tmp/gpu_bf16           # bf16 weights
+  job 150 train.steps=30 train.precision=bf16 +parallel.default.compile=true hydra.run.dir=/tmp/gpu_compile
+  echo "== torchrun --nproc-per-node 1 cli.py parallel=fsdp (NCCL)"
+  timeout 120 python3 -m torch.distributed.run --nproc-per-node 1 cli.py parallel=fsdp train.steps=30 \
+    train.precision=bf16 hydra.run.dir=/tmp/gpu_fsdp 2>&1 | grep -v Warning | tail -3; echo "(rc $?)"
   [ "$what" = cli ] && exit 0
 fi
 echo "== tests/test_te_backend.py"
